@@ -1,0 +1,114 @@
+#!/usr/bin/env python
+"""Decode throughput of the jitted generate program on random weights of a named shape, built on the device.
+
+Runs the same `Generator` that `svdsparse generate` uses (prefill + lax.while_loop decode in one program) and
+reports, per shape: end-to-end tokens/s (prefill included, as the CLI prints), decode-only tokens/s
+((N-1) new tokens over the time beyond a 1-token call), bytes read per decode step (weights + the KV cache
+slots) and the bandwidth that implies, against a measured device copy bandwidth.
+
+  python scripts/bench_decode.py --shape llama2-7b --new-tokens 128 --prompt-len 64 [--json-out F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from svdsparse_jax.config import NAMED_SHAPES, named_config  # noqa: E402
+from svdsparse_jax.convert import parse_dtype  # noqa: E402
+from svdsparse_jax.generate import Generator, bucket  # noqa: E402
+from svdsparse_jax.model import Transformer  # noqa: E402
+from svdsparse_jax.weights import init_weights, weight_specs  # noqa: E402
+
+
+def copy_bandwidth(n_bytes: int = 2 << 30, repeats: int = 10) -> float:
+    """Bytes read + written per second by a jitted elementwise pass over n_bytes of bf16."""
+    x = jax.random.normal(jax.random.key(0), (n_bytes // 2,), jnp.bfloat16)
+    f = jax.jit(lambda a: a * jnp.bfloat16(1.0001))
+    f(x).block_until_ready()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 2 * n_bytes / statistics.median(times)
+
+
+def bench_shape(shape: str, batch: int, prompt_len: int, new_tokens: int, dtype, repeats: int) -> dict:
+    cfg = named_config(shape)
+    weights = init_weights(cfg, jax.random.key(0), dtype)
+    jax.block_until_ready(weights)
+    gen = Generator(Transformer(cfg, weights))
+    rng = np.random.default_rng(0)
+    prompts = [rng.integers(0, cfg.vocab_size, prompt_len).tolist() for _ in range(batch)]
+
+    def timed(n: int) -> tuple[float, float]:
+        first = gen.generate(prompts, n, eos_ids=())  # compiles (once per bucket)
+        runs = [gen.generate(prompts, n, eos_ids=()).run_s for _ in range(repeats)]
+        assert all(len(t) == n for t in first.tokens)
+        return statistics.median(runs), first.compile_s
+
+    full_s, compile_s = timed(new_tokens)
+    one_s, _ = timed(1)
+    step_s = (full_s - one_s) / (new_tokens - 1)
+    itemsize = jnp.dtype(dtype).itemsize
+    weight_bytes = sum(int(np.prod(s.shape)) * itemsize for s in weight_specs(cfg))
+    if cfg.tie_embeddings:  # the head is the embedding, read once more per token
+        weight_bytes += cfg.vocab_size * cfg.d_model * itemsize
+    slots = bucket(prompt_len) + bucket(new_tokens)
+    kv_bytes = 2 * cfg.n_layers * batch * cfg.n_kv_heads * slots * cfg.head_dim * itemsize
+    del gen, weights
+    return {
+        "shape": shape, "dtype": jnp.dtype(dtype).name, "batch": batch, "prompt_len": prompt_len,
+        "new_tokens": new_tokens, "compile_s": round(compile_s, 2),
+        "end_to_end_tokens_per_s": round(batch * new_tokens / full_s, 1),
+        "decode_tokens_per_s": round(batch / step_s, 1), "decode_step_ms": round(step_s * 1e3, 3),
+        "prefill_plus_first_token_ms": round(one_s * 1e3, 2),
+        "weight_gb": round(weight_bytes / 1e9, 3), "kv_gb_per_step": round(kv_bytes / 1e9, 4),
+        "decode_tb_per_s": round((weight_bytes + kv_bytes) / step_s / 1e12, 3),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", nargs="+", default=["llama2-7b"], choices=sorted(NAMED_SHAPES))
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--json-out")
+    args = ap.parse_args()
+    dev = jax.devices()[0]
+    copy_bw = copy_bandwidth()
+    rows = []
+    for shape in args.shape:
+        row = bench_shape(shape, args.batch, args.prompt_len, args.new_tokens, parse_dtype(args.dtype), args.repeats)
+        row["fraction_of_copy_bw"] = round(row["decode_tb_per_s"] * 1e12 / copy_bw, 3)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    report = {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
+              "date": time.strftime("%Y-%m-%d"), "copy_tb_per_s": round(copy_bw / 1e12, 3), "runs": rows,
+              "command": " ".join(["python", "scripts/bench_decode.py"] + sys.argv[1:])}
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\n{dev.device_kind}  copy {report['copy_tb_per_s']} TB/s")
+    print(f"{'shape':<12}{'e2e tok/s':>10}{'decode tok/s':>14}{'step ms':>9}{'TB/s':>7}{'of copy':>9}{'compile s':>11}")
+    for r in rows:
+        print(f"{r['shape']:<12}{r['end_to_end_tokens_per_s']:>10}{r['decode_tokens_per_s']:>14}"
+              f"{r['decode_step_ms']:>9}{r['decode_tb_per_s']:>7}{r['fraction_of_copy_bw']:>9}{r['compile_s']:>11}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

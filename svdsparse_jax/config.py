@@ -1,0 +1,214 @@
+"""ModelConfig: a static, hashable description of a ReGLU transformer, read from a Hugging Face config.json.
+
+The config is a frozen dataclass, so it can be passed to `jax.jit` as a static argument and used as a cache key.
+Both the transformers 4.x keys (`torch_dtype`, `rope_theta`, `rope_scaling`) and the 5.x keys (`dtype`,
+`rope_parameters`) are read.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from svdsparse_jax.errors import SvdsparseError
+
+# Activations the sparse method applies to: the FFN output is exactly zero for most neurons.
+SPARSE_ACTIVATIONS = ("relu", "fatrelu", "drelu")
+# Activations allowed only when the user asks for dense-only use (no predictors, no sparse kernels).
+DENSE_ONLY_ACTIVATIONS = ("silu",)
+SUPPORTED_MODEL_TYPES = ("llama", "sparsellama", "mistral", "qwen2")
+# HF spellings of the same activation.
+_ACT_ALIASES = {"swish": "silu", "fat_relu": "fatrelu", "shifted_relu": "fatrelu", "d_relu": "drelu"}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shapes and numerics of one decoder-only ReGLU transformer.
+
+    FFN: y = W_down (act(W_gate x) * (W_up x)), with act one of
+      relu:    max(g, 0)
+      fatrelu: g if g >= act_threshold else 0
+      drelu:   max(g, 0) * max(u, 0)  (ReLU on gate AND up)
+      silu:    dense-only models (not sparse, predictors refuse them)
+    """
+
+    vocab_size: int
+    d_model: int
+    d_ff: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    activation: str = "relu"
+    act_threshold: float = 0.0
+    rms_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scale: float = 1.0  # "linear" RoPE scaling divides positions by this factor
+    max_seq_len: int = 4096
+    qkv_bias: bool = False
+    o_bias: bool = False
+    tie_embeddings: bool = False
+    sliding_window: int | None = None
+    bos_id: int | None = None
+    eos_ids: tuple[int, ...] = ()
+    pad_id: int | None = None
+    model_type: str = "llama"
+
+    def __post_init__(self) -> None:
+        if self.activation not in SPARSE_ACTIVATIONS + DENSE_ONLY_ACTIVATIONS:
+            raise SvdsparseError(f"activation {self.activation!r} is not supported; expected one of "
+                                 f"{SPARSE_ACTIVATIONS + DENSE_ONLY_ACTIVATIONS}")
+        if self.n_heads % self.n_kv_heads:
+            raise SvdsparseError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
+        for name in ("vocab_size", "d_model", "d_ff", "n_layers", "n_heads", "n_kv_heads", "head_dim", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                raise SvdsparseError(f"config field {name} must be positive, got {getattr(self, name)}")
+
+    @property
+    def q_dim(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    @property
+    def is_sparse_activation(self) -> bool:
+        return self.activation in SPARSE_ACTIVATIONS
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["eos_ids"] = list(self.eos_ids)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise SvdsparseError(f"unknown ModelConfig fields {unknown}")
+        d = dict(d)
+        d["eos_ids"] = tuple(d.get("eos_ids", ()))
+        return cls(**d)
+
+
+def _rope(hf: dict[str, Any], where: str) -> tuple[float, float]:
+    """(theta, linear scale) from either `rope_parameters` (5.x) or `rope_theta` + `rope_scaling` (4.x)."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or {}
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if rope_type == "default":
+        return float(theta), 1.0
+    if rope_type == "linear":
+        factor = params.get("factor", scaling.get("factor"))
+        return float(theta), float(factor)
+    raise SvdsparseError(f"{where}: rope_type {rope_type!r} is not supported; expected 'default' or 'linear'")
+
+
+def _eos_ids(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+def from_hf_config(hf: dict[str, Any], *, where: str = "config.json", activation: str | None = None,
+                   act_threshold: float | None = None, dense_only: bool = False,
+                   max_seq_len: int | None = None) -> ModelConfig:
+    """Builds a ModelConfig from a parsed HF config.json.
+
+    Args:
+      hf: the parsed config.json.
+      where: how to name the source in errors (the file path).
+      activation: overrides `hidden_act` (e.g. "drelu" for TurboSparse / SparseQwen2 checkpoints whose config
+        says "relu" but whose modelling code applies ReLU to up too).
+      act_threshold: overrides `hidden_act_param` (the FATReLU threshold).
+      dense_only: allow activations that are not sparse (silu); such a model can only run dense.
+      max_seq_len: overrides `max_position_embeddings`.
+    """
+    model_type = hf.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise SvdsparseError(f"{where}: model_type {model_type!r} is not supported; expected one of "
+                             f"{SUPPORTED_MODEL_TYPES}")
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads") if k not in hf]
+    if missing:
+        raise SvdsparseError(f"{where}: missing keys {missing}")
+    act = activation or str(hf.get("hidden_act", "silu")).lower()
+    act = _ACT_ALIASES.get(act, act)
+    if act not in SPARSE_ACTIVATIONS:
+        if act in DENSE_ONLY_ACTIVATIONS and dense_only:
+            pass
+        elif act in DENSE_ONLY_ACTIVATIONS:
+            raise SvdsparseError(
+                f"{where}: hidden_act {act!r} gives no activation sparsity; the sparse method supports "
+                f"{list(SPARSE_ACTIVATIONS)}. Pass dense_only=True (CLI: --dense-only) to run it dense.")
+        else:
+            raise SvdsparseError(f"{where}: hidden_act {act!r} is not supported; expected one of "
+                                 f"{list(SPARSE_ACTIVATIONS)} (or {list(DENSE_ONLY_ACTIVATIONS)} with dense_only)")
+    threshold = act_threshold if act_threshold is not None else float(hf.get("hidden_act_param") or 0.0)
+    if act != "fatrelu":
+        threshold = 0.0
+    if hf.get("mlp_bias"):
+        raise SvdsparseError(f"{where}: mlp_bias=true is not supported (ReGLU FFNs here have no biases)")
+    n_heads = int(hf["num_attention_heads"])
+    head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
+    theta, scale = _rope(hf, where)
+    if model_type == "qwen2":
+        qkv_bias, o_bias = True, False
+        if hf.get("use_sliding_window"):
+            raise SvdsparseError(f"{where}: Qwen2 with use_sliding_window=true is not supported")
+        window = None
+    else:
+        qkv_bias = o_bias = bool(hf.get("attention_bias", False))
+        window = hf.get("sliding_window") if model_type == "mistral" else None
+    max_len = max_seq_len or int(hf.get("max_position_embeddings", 4096))
+    if window is not None and window >= max_len:
+        window = None  # never binds
+    return ModelConfig(
+        vocab_size=int(hf["vocab_size"]), d_model=int(hf["hidden_size"]), d_ff=int(hf["intermediate_size"]),
+        n_layers=int(hf["num_hidden_layers"]), n_heads=n_heads,
+        n_kv_heads=int(hf.get("num_key_value_heads") or n_heads), head_dim=int(head_dim),
+        activation=act, act_threshold=float(threshold), rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        rope_theta=theta, rope_scale=scale, max_seq_len=max_len, qkv_bias=qkv_bias, o_bias=o_bias,
+        tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        sliding_window=int(window) if window is not None else None,
+        bos_id=hf.get("bos_token_id"), eos_ids=_eos_ids(hf.get("eos_token_id")), pad_id=hf.get("pad_token_id"),
+        model_type=model_type)
+
+
+def read_hf_config(model_dir: str | Path, **overrides: Any) -> ModelConfig:
+    """Reads `model_dir/config.json` (see `from_hf_config` for the overrides)."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise SvdsparseError(f"{path}: not found (expected a Hugging Face model directory)")
+    try:
+        hf = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise SvdsparseError(f"{path}: not valid JSON ({e})") from None
+    return from_hf_config(hf, where=str(path), **overrides)
+
+
+# Named shapes of the model table in REFERENCE.md, for benchmarks and random-weight models.
+NAMED_SHAPES: dict[str, dict[str, Any]] = {
+    "tiny": dict(vocab_size=256, d_model=64, d_ff=256, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16),
+    "llama2-7b": dict(vocab_size=32000, d_model=4096, d_ff=11008, n_layers=32, n_heads=32, n_kv_heads=32,
+                      head_dim=128, activation="fatrelu", act_threshold=0.01, rms_eps=1e-5),
+    "llama2-13b": dict(vocab_size=32000, d_model=5120, d_ff=13824, n_layers=40, n_heads=40, n_kv_heads=40,
+                       head_dim=128, activation="fatrelu", act_threshold=0.01, rms_eps=1e-5),
+    "mistral-7b": dict(vocab_size=32000, d_model=4096, d_ff=14336, n_layers=32, n_heads=32, n_kv_heads=8,
+                       head_dim=128, activation="drelu", rms_eps=1e-5, model_type="mistral"),
+    "qwen2-7b": dict(vocab_size=152064, d_model=3584, d_ff=18944, n_layers=28, n_heads=28, n_kv_heads=4,
+                     head_dim=128, activation="drelu", rope_theta=1e6, qkv_bias=True, model_type="qwen2"),
+}
+
+
+def named_config(name: str, **overrides: Any) -> ModelConfig:
+    """A ModelConfig of one of NAMED_SHAPES (e.g. "llama2-7b"), with field overrides."""
+    if name not in NAMED_SHAPES:
+        raise SvdsparseError(f"unknown shape {name!r}; expected one of {sorted(NAMED_SHAPES)}")
+    return ModelConfig(**{**NAMED_SHAPES[name], **overrides})

@@ -1,0 +1,318 @@
+"""Hugging Face checkpoint -> params, and the converted-directory format (orbax params + configs + tokenizer).
+
+Reading is tensor by tensor (safetensors opened lazily, each tensor cast to the target dtype as it arrives),
+so a 7B model never needs two full copies in host memory. Every expected tensor is checked for presence and
+shape BEFORE any data is read, and all problems are reported in one error. Writing goes to a temporary
+directory beside the output that is renamed at the end: an interrupted conversion leaves no output directory.
+
+Converted directory layout:
+  svdsparse.json   format version, ModelConfig, dtype, source
+  config.json      the HF config, copied (so tools that expect an HF directory still find it)
+  tokenizer files  copied when present
+  params/          orbax checkpoint of the weights, nested by spec path
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path as FsPath
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from svdsparse_jax.config import ModelConfig, read_hf_config
+from svdsparse_jax.errors import SvdsparseError
+from svdsparse_jax.weights import Path, WeightSpec, weight_specs
+
+FORMAT_VERSION = 1
+MARKER = "svdsparse.json"
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+                   "vocab.json", "merges.txt", "added_tokens.json", "generation_config.json", "chat_template.jinja")
+# Tensors an HF checkpoint may hold that carry no weights of ours.
+_IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
+DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
+
+
+def parse_dtype(name: str) -> jnp.dtype:
+    if name not in DTYPES:
+        raise SvdsparseError(f"dtype {name!r} is not supported; expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
+# ----------------------------------------------------------------------------------------------- reading HF
+
+def _checkpoint_index(hf_dir: FsPath, allow_pickle: bool) -> dict[str, FsPath]:
+    """Maps every tensor name of the checkpoint to the file that holds it."""
+    st_index = hf_dir / "model.safetensors.index.json"
+    if st_index.is_file() or (hf_dir / "model.safetensors").is_file() or list(hf_dir.glob("*.safetensors")):
+        return _safetensors_index(hf_dir, st_index)
+    if list(hf_dir.glob("pytorch_model*.bin")):
+        if not allow_pickle:
+            raise SvdsparseError(f"{hf_dir}: only pickle (.bin) weights found; they are not loaded unless you pass "
+                                 "allow_pickle=True (CLI: --allow-pickle), or convert them to safetensors first")
+        return _bin_index(hf_dir)
+    raise SvdsparseError(f"{hf_dir}: no model.safetensors, model.safetensors.index.json or *.safetensors found")
+
+
+def _safetensors_index(hf_dir: FsPath, index_path: FsPath) -> dict[str, FsPath]:
+    from safetensors import safe_open
+
+    if index_path.is_file():
+        try:
+            weight_map = json.loads(index_path.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise SvdsparseError(f"{index_path}: not a valid safetensors index ({e})") from None
+        missing_files = sorted({f for f in weight_map.values() if not (hf_dir / f).is_file()})
+        if missing_files:
+            raise SvdsparseError(f"{index_path}: shard files listed in the index are missing: {missing_files}")
+        return {name: hf_dir / f for name, f in weight_map.items()}
+    files = sorted(hf_dir.glob("*.safetensors"))
+    if len(files) > 1 and not (hf_dir / "model.safetensors").is_file():
+        raise SvdsparseError(f"{hf_dir}: {len(files)} safetensors shards but no model.safetensors.index.json")
+    path = hf_dir / "model.safetensors" if (hf_dir / "model.safetensors").is_file() else files[0]
+    with safe_open(str(path), framework="flax") as f:
+        return {name: path for name in f.keys()}
+
+
+def _bin_index(hf_dir: FsPath) -> dict[str, FsPath]:
+    index_path = hf_dir / "pytorch_model.bin.index.json"
+    if index_path.is_file():
+        weight_map = json.loads(index_path.read_text())["weight_map"]
+        missing_files = sorted({f for f in weight_map.values() if not (hf_dir / f).is_file()})
+        if missing_files:
+            raise SvdsparseError(f"{index_path}: shard files listed in the index are missing: {missing_files}")
+        return {name: hf_dir / f for name, f in weight_map.items()}
+    path = hf_dir / "pytorch_model.bin"
+    return {name: path for name in _torch_load(path)}
+
+
+def _torch_load(path: FsPath) -> dict[str, Any]:
+    try:
+        import torch
+    except ImportError:
+        raise SvdsparseError(f"{path}: reading .bin checkpoints needs torch (pip install torch)") from None
+    return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+
+
+class _TensorReader:
+    """Opens each checkpoint file once and hands out tensors lazily, by HF name."""
+
+    def __init__(self, index: dict[str, FsPath]):
+        self.index = index
+        self._open: dict[FsPath, Any] = {}
+
+    def _file(self, path: FsPath):
+        if path not in self._open:
+            if path.suffix == ".safetensors":
+                from safetensors import safe_open
+                self._open[path] = safe_open(str(path), framework="flax")
+            else:
+                self._open[path] = _torch_load(path)
+        return self._open[path]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        f = self._file(self.index[name])
+        if isinstance(f, dict):
+            return tuple(f[name].shape)
+        if name not in f.keys():
+            raise SvdsparseError(f"{self.index[name]}: tensor {name} is listed in the index but not in the file")
+        return tuple(f.get_slice(name).get_shape())
+
+    def get(self, name: str, dtype: jnp.dtype) -> jax.Array:
+        f = self._file(self.index[name])
+        if isinstance(f, dict):  # a torch tensor from a .bin file
+            return jnp.asarray(f[name].float().numpy(), dtype)
+        return f.get_tensor(name).astype(dtype)
+
+    def close(self) -> None:
+        for f in self._open.values():
+            if hasattr(f, "__exit__"):
+                f.__exit__(None, None, None)
+        self._open.clear()
+
+
+def _hf_shape(spec: WeightSpec) -> tuple[int, ...]:
+    return spec.shape[::-1] if spec.hf_transposed else spec.shape
+
+
+def check_hf_tensors(cfg: ModelConfig, reader: _TensorReader, where: FsPath) -> None:
+    """Raises one SvdsparseError naming every missing, extra and misshapen tensor."""
+    specs = weight_specs(cfg)
+    expected = {s.hf_name: s for s in specs}
+    present = set(reader.index)
+    ignorable = {n for n in present if n.endswith(_IGNORED_SUFFIXES)}
+    if cfg.tie_embeddings:
+        ignorable.add("lm_head.weight")  # some tied checkpoints still write the (identical) head
+    missing = sorted(set(expected) - present)
+    extra = sorted(present - set(expected) - ignorable)
+    misshapen = [f"{n}: {reader.shape(n)} (expected {_hf_shape(s)})" for n, s in expected.items()
+                 if n in present and reader.shape(n) != _hf_shape(s)]
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {missing}")
+    if extra:
+        problems.append(f"unexpected tensors {extra}")
+    if misshapen:
+        problems.append(f"misshapen tensors [{'; '.join(misshapen)}]")
+    if problems:
+        raise SvdsparseError(f"{where}: checkpoint does not match config.json: " + "; ".join(problems))
+
+
+def read_hf_weights(hf_dir: str | os.PathLike, cfg: ModelConfig, dtype: jnp.dtype = jnp.bfloat16,
+                    allow_pickle: bool = False) -> dict[Path, jax.Array]:
+    """Reads an HF checkpoint into {spec path: array in `dtype`}, one tensor at a time, after checking it."""
+    hf_dir = FsPath(hf_dir)
+    reader = _TensorReader(_checkpoint_index(hf_dir, allow_pickle))
+    try:
+        check_hf_tensors(cfg, reader, hf_dir)
+        out = {}
+        for spec in weight_specs(cfg):
+            t = reader.get(spec.hf_name, dtype)
+            out[spec.path] = t.T if spec.hf_transposed else t
+        return out
+    finally:
+        reader.close()
+
+
+# ------------------------------------------------------------------------------------- converted directories
+
+def _nest(flat: dict[Path, Any]) -> dict[str, Any]:
+    """{('layers', 0, 'attn', 'wq'): a} -> {'layers': {'0': {'attn': {'wq': a}}}} (string keys for orbax)."""
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = tree
+        for p in path[:-1]:
+            node = node.setdefault(str(p), {})
+        node[str(path[-1])] = value
+    return tree
+
+
+def _unnest(tree: dict[str, Any], cfg: ModelConfig) -> dict[Path, Any]:
+    out = {}
+    for spec in weight_specs(cfg):
+        node = tree
+        for p in spec.path:
+            node = node[str(p)]
+        out[spec.path] = node
+    return out
+
+
+def _checkpointer():
+    import orbax.checkpoint as ocp
+    return ocp.StandardCheckpointer()
+
+
+def save_converted(out_dir: str | os.PathLike, cfg: ModelConfig, weights: dict[Path, jax.Array],
+                   source_dir: str | os.PathLike | None = None, *, source: str = "") -> FsPath:
+    """Writes a converted directory atomically: everything goes to a temporary sibling that is renamed to
+    out_dir only when complete. Refuses to overwrite an existing out_dir."""
+    out_dir = FsPath(out_dir).absolute()
+    if out_dir.exists():
+        raise SvdsparseError(f"{out_dir}: already exists; remove it or choose another output directory")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = FsPath(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        dtype = next(iter(weights.values())).dtype
+        ckpt = _checkpointer()
+        ckpt.save(tmp / "params", _nest(weights))
+        ckpt.wait_until_finished()
+        if source_dir is not None:
+            for name in ("config.json",) + TOKENIZER_FILES:
+                if (FsPath(source_dir) / name).is_file():
+                    shutil.copy2(FsPath(source_dir) / name, tmp / name)
+        meta = {"format": FORMAT_VERSION, "config": cfg.to_dict(), "dtype": jnp.dtype(dtype).name,
+                "source": source or (str(source_dir) if source_dir else "")}
+        (tmp / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def read_converted(model_dir: str | os.PathLike, dtype: jnp.dtype | None = None
+                   ) -> tuple[ModelConfig, dict[Path, jax.Array]]:
+    """Loads a converted directory: (config, weights), weights cast to `dtype` if given."""
+    model_dir = FsPath(model_dir).absolute()
+    meta_path = model_dir / MARKER
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SvdsparseError(f"{meta_path}: cannot read ({e})") from None
+    if meta.get("format") != FORMAT_VERSION:
+        raise SvdsparseError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT_VERSION}")
+    cfg = ModelConfig.from_dict(meta["config"])
+    saved_dtype = jnp.dtype(meta["dtype"])
+    target = _nest({s.path: jax.ShapeDtypeStruct(s.shape, saved_dtype) for s in weight_specs(cfg)})
+    try:
+        restored = _checkpointer().restore(model_dir / "params", target)
+    except Exception as e:  # orbax raises several types for a damaged or mismatched checkpoint
+        raise SvdsparseError(f"{model_dir / 'params'}: cannot restore the parameters ({type(e).__name__}: {e})") \
+            from None
+    weights = _unnest(restored, cfg)
+    if dtype is not None and jnp.dtype(dtype) != saved_dtype:
+        weights = {k: v.astype(dtype) for k, v in weights.items()}
+    return cfg, weights
+
+
+def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: jnp.dtype = jnp.bfloat16, *,
+            allow_pickle: bool = False, **config_overrides: Any) -> FsPath:
+    """HF directory -> converted directory (see the module docstring). Returns the output path."""
+    cfg = read_hf_config(hf_dir, **config_overrides)
+    weights = read_hf_weights(hf_dir, cfg, dtype, allow_pickle=allow_pickle)
+    return save_converted(out_dir, cfg, weights, hf_dir, source=str(FsPath(hf_dir).absolute()))
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+@dataclasses.dataclass
+class LoadedModel:
+    """A model ready to run: its config, weights keyed by spec path, and its tokenizer (None if the directory
+    has no tokenizer files; then only token ids can be used)."""
+
+    cfg: ModelConfig
+    weights: dict[Path, jax.Array]
+    tokenizer: Any
+    path: FsPath
+
+
+def is_converted(model_dir: str | os.PathLike) -> bool:
+    return (FsPath(model_dir) / MARKER).is_file()
+
+
+def load_tokenizer(model_dir: str | os.PathLike):
+    """transformers' tokenizer for the directory, or None when it has no tokenizer files."""
+    model_dir = FsPath(model_dir)
+    if not any((model_dir / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        return None
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+def load_model(model_dir: str | os.PathLike, dtype: jnp.dtype | None = None, *, allow_pickle: bool = False,
+               **config_overrides: Any) -> LoadedModel:
+    """Loads a converted directory, or an HF directory converted in memory (bf16 unless `dtype` says)."""
+    model_dir = FsPath(model_dir)
+    if not model_dir.is_dir():
+        raise SvdsparseError(f"{model_dir}: not a directory (expected a converted or Hugging Face model)")
+    if is_converted(model_dir):
+        if config_overrides:
+            raise SvdsparseError(f"{model_dir}: config overrides {sorted(config_overrides)} apply to HF "
+                                 "directories only; this one is already converted")
+        cfg, weights = read_converted(model_dir, dtype)
+    else:
+        cfg = read_hf_config(model_dir, **config_overrides)
+        weights = read_hf_weights(model_dir, cfg, dtype or jnp.bfloat16, allow_pickle=allow_pickle)
+    return LoadedModel(cfg, weights, load_tokenizer(model_dir), model_dir)
+
+
+def weights_equal(a: dict[Path, jax.Array], b: dict[Path, jax.Array]) -> bool:
+    """True when both hold the same paths with identical dtypes and values."""
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype and np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)

@@ -1,0 +1,156 @@
+"""Generation: one jitted program per call, prefill followed by a `lax.while_loop` of decode steps.
+
+Prompts of a batch are left-padded to a bucketed length (a power of two, at least 16) and the number of new
+tokens is bucketed the same way, so a new prompt of similar length reuses the compiled program: only
+(batch size, prompt bucket, new-token bucket) are static. Sampling parameters, the seed, the real number of
+new tokens and the EOS ids are traced values. Weights are passed in (never captured as constants) and reused
+across calls; the KV cache lives only inside the program. No host round trip happens per token.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from svdsparse_jax import kv_cache
+from svdsparse_jax.errors import SvdsparseError
+from svdsparse_jax.model import Transformer
+
+MIN_BUCKET = 16
+
+
+def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
+    """The smallest power of two >= max(n, minimum)."""
+    return max(minimum, 1 << max(0, n - 1).bit_length())
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+    """How the next token is chosen from the logits. temperature <= 0 means greedy (argmax); top_k <= 0 and
+    top_p >= 1 switch those filters off. Applied in HF's order: temperature, top-k, top-p. The fields are
+    traced (pytree leaves), so changing them never recompiles."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __call__(self, logits: jax.Array, key: jax.Array) -> jax.Array:
+        """logits [B, V] f32 -> tokens [B] int32."""
+        def greedy():
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+        def stochastic():
+            order = jnp.argsort(-logits, axis=-1)
+            ranked = jnp.take_along_axis(logits, order, axis=-1) / jnp.maximum(self.temperature, 1e-6)
+            rank = jnp.arange(logits.shape[-1])[None, :]
+            ranked = jnp.where((self.top_k <= 0) | (rank < self.top_k), ranked, -jnp.inf)
+            probs = jax.nn.softmax(ranked, axis=-1)
+            mass_before = jnp.cumsum(probs, axis=-1) - probs
+            ranked = jnp.where((rank == 0) | (mass_before < self.top_p), ranked, -jnp.inf)
+            pick = jax.random.categorical(key, ranked, axis=-1)
+            return jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+        return jax.lax.cond(self.temperature <= 0, greedy, stochastic)
+
+
+def _generate_program(graphdef, state, tokens, pad, max_new, sampler, key, eos_ids, *, new_bucket):
+    """tokens [B, P] left-padded prompts, pad [B]; returns out [B, new_bucket] int32 (-1 where not generated)
+    and the number of decode steps run."""
+    model: Transformer = nnx.merge(graphdef, state)
+    batch, prompt_len = tokens.shape
+    cache = kv_cache.init_cache(model.cfg, pad, prompt_len + new_bucket, model.dtype)
+
+    h, cache = model(tokens, cache, jnp.int32(0))
+    first = sampler(model.logits(h[:, -1]), jax.random.fold_in(key, 0))
+    out = jnp.full((batch, new_bucket), -1, jnp.int32).at[:, 0].set(first)
+    done = jnp.isin(first, eos_ids)
+
+    def cond(carry):
+        i, _, _, _, done = carry
+        return (i < max_new) & ~jnp.all(done)
+
+    def step(carry):
+        i, token, cache, out, done = carry
+        h, cache = model(token[:, None], cache, prompt_len + i - 1)
+        nxt = sampler(model.logits(h[:, 0]), jax.random.fold_in(key, i))
+        nxt = jnp.where(done, -1, nxt)
+        out = out.at[:, i].set(nxt)
+        return i + 1, jnp.where(done, token, nxt), cache, out, done | jnp.isin(nxt, eos_ids)
+
+    steps, _, _, out, _ = jax.lax.while_loop(cond, step, (jnp.int32(1), first, cache, out, done))
+    return out, steps
+
+
+@dataclasses.dataclass
+class GenerateResult:
+    """tokens: the new tokens of each prompt, through its first EOS (included) or max_new_tokens.
+    compile_s: time spent compiling in this call (0 when the program was cached); run_s: time of the
+    program itself (prefill + decode, device synchronised)."""
+
+    tokens: list[list[int]]
+    compile_s: float
+    run_s: float
+
+
+class Generator:
+    """Compiles and runs the generate program for one model; keeps compiled programs by static shape."""
+
+    def __init__(self, model: Transformer):
+        self.cfg = model.cfg
+        self.graphdef, self.state = nnx.split(model)
+        self._jitted = jax.jit(_generate_program, static_argnums=(0,), static_argnames=("new_bucket",))
+        self.compiled: dict[tuple[int, int, int], object] = {}
+
+    def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampler: Sampler = Sampler(),
+                 seed: int = 0, eos_ids: Sequence[int] | None = None) -> GenerateResult:
+        """Generates up to max_new_tokens for each prompt (lists of token ids). eos_ids defaults to the
+        config's; pass () to never stop early."""
+        cfg = self.cfg
+        if not prompts:
+            raise SvdsparseError("no prompts given")
+        if max_new_tokens < 1:
+            raise SvdsparseError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        for i, p in enumerate(prompts):
+            if len(p) == 0:
+                raise SvdsparseError(f"prompt {i} is empty")
+            bad = [t for t in p if not 0 <= t < cfg.vocab_size]
+            if bad:
+                raise SvdsparseError(f"prompt {i}: token ids {bad[:5]} outside the vocabulary [0, {cfg.vocab_size})")
+            if len(p) + max_new_tokens > cfg.max_seq_len:
+                raise SvdsparseError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that "
+                                     f"exceeds the model's context of {cfg.max_seq_len} tokens")
+        longest = max(len(p) for p in prompts)
+        prompt_len, new_bucket = bucket(longest), bucket(max_new_tokens)
+        tokens = np.zeros((len(prompts), prompt_len), np.int32)
+        pad = np.zeros(len(prompts), np.int32)
+        for i, p in enumerate(prompts):
+            pad[i] = prompt_len - len(p)
+            tokens[i, pad[i]:] = p
+        eos = np.asarray(cfg.eos_ids if eos_ids is None else eos_ids, np.int32).reshape(-1)
+        if eos.size == 0:
+            eos = np.full(1, -2, np.int32)  # matches no token
+        args = (self.graphdef, self.state, jnp.asarray(tokens), jnp.asarray(pad), jnp.int32(max_new_tokens),
+                jax.tree.map(jnp.asarray, sampler), jax.random.key(seed), jnp.asarray(eos))
+        key = (len(prompts), prompt_len, new_bucket, eos.size)
+        compile_s = 0.0
+        if key not in self.compiled:
+            t0 = time.perf_counter()
+            self.compiled[key] = self._jitted.lower(*args, new_bucket=new_bucket).compile()
+            compile_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        out, _ = self.compiled[key](*args[1:])
+        out = np.asarray(jax.block_until_ready(out))
+        t2 = time.perf_counter()
+        results = []
+        for row in out:
+            row = row[row >= 0][:max_new_tokens].tolist()
+            stop = next((j for j, t in enumerate(row) if t in set(eos.tolist())), None)
+            results.append(row if stop is None else row[: stop + 1])
+        return GenerateResult(results, compile_s=compile_s, run_s=t2 - t1)

@@ -1,0 +1,72 @@
+"""The CLI contracts: generate/score/convert outputs, and one-line errors without tracebacks."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import make_hf_checkpoint
+from svdsparse_jax.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def tiny_with_tokenizer(tmp_path):
+    out = tmp_path / "tiny"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_checkpoint.py"), str(out),
+                    "--seed", str(np.random.default_rng().integers(1000))], check=True, capture_output=True)
+    return out
+
+
+def test_convert_then_generate_json_matches_transformers(tmp_path, capsys):
+    ckpt = make_hf_checkpoint(tmp_path / "hf", "mistral_gqa", seed=int(np.random.default_rng().integers(1000)))
+    assert main(["convert", str(ckpt.path), str(tmp_path / "conv"), "--dtype", "float32"]) == 0
+    capsys.readouterr()
+    prompt = [3, 17, 40, 99, 5]
+    assert main(["generate", str(tmp_path / "conv"), "--prompt-ids", ",".join(map(str, prompt)),
+                 "--max-new-tokens", "32", "--greedy", "--dtype", "float32", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    with torch.no_grad():
+        ref = ckpt.torch_model.generate(torch.tensor([prompt]), max_new_tokens=32, do_sample=False)
+    assert out["prompt_ids"] == prompt and out["output_ids"] == ref[0, len(prompt):].tolist()
+    assert out["text"] is None and out["tokens_per_s"] > 0
+
+
+def test_generate_and_score_text(tiny_with_tokenizer, tmp_path, capsys):
+    from transformers import AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(tiny_with_tokenizer)
+    assert main(["generate", str(tiny_with_tokenizer), "--prompt", "import os", "--max-new-tokens", "8",
+                 "--temperature", "0.8", "--top-k", "40", "--top-p", "0.9", "--seed", "3", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["prompt_ids"] == tok("import os")["input_ids"] and len(out["output_ids"]) == 8
+    assert out["text"] == tok.decode(out["output_ids"], skip_special_tokens=True)
+    text = tmp_path / "t.txt"
+    text.write_text("def f(x):\n    return os.path.join(x, 'y')\n")
+    assert main(["score", str(tiny_with_tokenizer), "--text-file", str(text), "--dtype", "float32", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    n = len(tok(text.read_text())["input_ids"])
+    assert s["tokens"] == n and len(s["logprobs"]) == n - 1
+    assert np.isclose(s["ppl"], np.exp(s["nll"])) and np.isclose(s["nll"], -np.mean(s["logprobs"]))
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "/no/such/dir", "--prompt-ids", "1,2"], "/no/such/dir: not a directory"),
+    (["score", "MODEL", "--text-file", "/no/such/file"], "/no/such/file: cannot read"),
+    (["generate", "MODEL", "--prompt-ids", "1,2", "--max-new-tokens", "1000"], "exceeds the model's context"),
+    (["generate", "MODEL", "--prompt", "hi"], "has no tokenizer files"),
+    (["convert", "MODEL", "MODEL"], "already exists"),
+])
+def test_errors_are_one_line(tmp_path, argv, message):
+    ckpt = make_hf_checkpoint(tmp_path / "hf", "llama_relu")
+    argv = [str(ckpt.path) if a == "MODEL" else a for a in argv]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, "-m", "svdsparse_jax.cli", *argv], capture_output=True, text=True, env=env)
+    assert r.returncode != 0
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert lines and message in lines[-1] and "Traceback" not in r.stderr, r.stderr
