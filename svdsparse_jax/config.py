@@ -212,3 +212,25 @@ def named_config(name: str, **overrides: Any) -> ModelConfig:
     if name not in NAMED_SHAPES:
         raise SvdsparseError(f"unknown shape {name!r}; expected one of {sorted(NAMED_SHAPES)}")
     return ModelConfig(**{**NAMED_SHAPES[name], **overrides})
+
+
+def to_hf_config(cfg: ModelConfig, dtype: str = "bfloat16") -> dict[str, Any]:
+    """The HF config.json of a LLaMA-family ModelConfig (inverse of `from_hf_config`; 4.x and 5.x RoPE keys)."""
+    if cfg.model_type not in ("llama", "sparsellama") or cfg.rope_scale != 1.0 or cfg.sliding_window:
+        raise SvdsparseError(f"to_hf_config writes plain LLaMA configs only (got model_type {cfg.model_type!r}, "
+                             f"rope_scale {cfg.rope_scale}, sliding_window {cfg.sliding_window})")
+    hf: dict[str, Any] = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": cfg.vocab_size,
+        "hidden_size": cfg.d_model, "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.n_layers,
+        "num_attention_heads": cfg.n_heads, "num_key_value_heads": cfg.n_kv_heads, "head_dim": cfg.head_dim,
+        "hidden_act": cfg.activation, "rms_norm_eps": cfg.rms_eps, "max_position_embeddings": cfg.max_seq_len,
+        "rope_theta": cfg.rope_theta, "rope_parameters": {"rope_type": "default", "rope_theta": cfg.rope_theta},
+        "attention_bias": cfg.qkv_bias, "mlp_bias": False, "tie_word_embeddings": cfg.tie_embeddings,
+        "bos_token_id": cfg.bos_id, "eos_token_id": list(cfg.eos_ids) if len(cfg.eos_ids) != 1 else cfg.eos_ids[0],
+        "pad_token_id": cfg.pad_id, "dtype": dtype, "torch_dtype": dtype,
+    }
+    if cfg.qkv_bias != cfg.o_bias:
+        raise SvdsparseError("a LLaMA config has one attention_bias for q, k, v and o")
+    if cfg.activation == "fatrelu":
+        hf["hidden_act_param"] = cfg.act_threshold
+    return hf

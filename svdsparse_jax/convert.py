@@ -269,6 +269,39 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: jnp.dt
     return save_converted(out_dir, cfg, weights, hf_dir, source=str(FsPath(hf_dir).absolute()))
 
 
+def write_hf_checkpoint(out_dir: str | os.PathLike, cfg: ModelConfig, weights: dict[Path, jax.Array],
+                        tokenizer_dir: str | os.PathLike | None = None, extra_files: dict[str, str] | None = None,
+                        dtype: jnp.dtype = jnp.bfloat16) -> FsPath:
+    """Writes an HF-format directory (config.json, model.safetensors in `dtype`, tokenizer files, extra text
+    files such as a README card), atomically like `save_converted`. Inverse of `read_hf_weights`."""
+    from safetensors.flax import save_file
+
+    from svdsparse_jax.config import to_hf_config
+
+    out_dir = FsPath(out_dir).absolute()
+    if out_dir.exists():
+        raise SvdsparseError(f"{out_dir}: already exists; remove it or choose another output directory")
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = FsPath(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    try:
+        tensors = {s.hf_name: (weights[s.path].T if s.hf_transposed else weights[s.path]).astype(dtype)
+                   for s in weight_specs(cfg)}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        hf = to_hf_config(cfg, jnp.dtype(dtype).name)
+        (tmp / "config.json").write_text(json.dumps(hf, indent=2) + "\n")
+        if tokenizer_dir is not None:
+            for name in TOKENIZER_FILES:
+                if (FsPath(tokenizer_dir) / name).is_file():
+                    shutil.copy2(FsPath(tokenizer_dir) / name, tmp / name)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
 # ------------------------------------------------------------------------------------------------ loading
 
 @dataclasses.dataclass

@@ -118,8 +118,12 @@ class FFN(nnx.Module):
         """h = act(gate) * up, [..., d_ff] f32: the input of down_proj (zero for inactive neurons)."""
         return ffn_hidden(self.cfg, linear(x, self.w_gate[...]), linear(x, self.w_up[...]))
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        h = self.hidden(x).astype(x.dtype)
+    def __call__(self, x: jax.Array, collect: list | None = None) -> jax.Array:
+        """x [..., d] -> y [..., d]; appends h (f32) to `collect` when given (training, statistics)."""
+        h = self.hidden(x)
+        if collect is not None:
+            collect.append(h)
+        h = h.astype(x.dtype)
         return einsum("...f,fd->...d", h, self.w_down_t[...]).astype(x.dtype)
 
 
@@ -130,10 +134,10 @@ class Block(nnx.Module):
         self.ffn_norm = RMSNorm(w("ffn_norm.scale"), cfg.rms_eps)
         self.ffn = FFN(cfg, lambda n: w(f"ffn.{n}"))
 
-    def __call__(self, x, k_cache, v_cache, start, pos, mask):
+    def __call__(self, x, k_cache, v_cache, start, pos, mask, collect=None):
         a, k_cache, v_cache = self.attn(self.attn_norm(x), k_cache, v_cache, start, pos, mask)
         x = x + a
-        x = x + self.ffn(self.ffn_norm(x))
+        x = x + self.ffn(self.ffn_norm(x), collect)
         return x, k_cache, v_cache
 
 
@@ -155,19 +159,20 @@ class Transformer(nnx.Module):
     def dtype(self) -> jnp.dtype:
         return self.embed[...].dtype
 
-    def __call__(self, tokens: jax.Array, cache: kv_cache.KVCache, start: jax.Array
-                 ) -> tuple[jax.Array, kv_cache.KVCache]:
+    def __call__(self, tokens: jax.Array, cache: kv_cache.KVCache, start: jax.Array,
+                 ffn_hidden: list | None = None) -> tuple[jax.Array, kv_cache.KVCache]:
         """Runs tokens [B, T] int32 that occupy cache slots [start, start + T).
 
         Returns (the final-normed hidden states [B, T, d], the updated cache). Prefill is a call with the whole
-        left-padded prompt at start=0; a decode step is a call with T=1."""
+        left-padded prompt at start=0; a decode step is a call with T=1. If `ffn_hidden` is a list, each
+        layer appends its FFN hidden activations h = act(gate) * up, [B, T, d_ff] f32, to it."""
         t = tokens.shape[1]
         pos = kv_cache.positions(cache.pad, start, t)
         mask = kv_cache.attention_bias(self.cfg, cache.pad, start, t, cache.slots)
         x = self.embed[...][tokens]
         ks, vs = [], []
         for i, layer in enumerate(self.layers):
-            x, k, v = layer(x, cache.k[i], cache.v[i], start, pos, mask)
+            x, k, v = layer(x, cache.k[i], cache.v[i], start, pos, mask, ffn_hidden)
             ks.append(k)
             vs.append(v)
         return self.final_norm(x), kv_cache.KVCache(k=ks, v=vs, pad=cache.pad)

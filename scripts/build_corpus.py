@@ -1,0 +1,84 @@
+#!/usr/bin/env python
+"""Builds the offline training corpus: the running interpreter's standard-library sources split by module
+(rule in svdsparse_jax/corpus.py), a byte-level BPE tokenizer trained on the train split only, and the token
+arrays (uint16, documents separated by the EOS token) of each split.
+
+  python scripts/build_corpus.py [--out data/corpus] [--vocab-size 8192]
+
+Writes OUT/{train,calib,heldout}.npy, OUT/tokenizer/ (loads with AutoTokenizer.from_pretrained) and
+OUT/manifest.json (Python version, split rule, module lists with content hashes, token counts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import platform
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from svdsparse_jax.corpus import SPLITS, list_modules, read_source, stdlib_dir  # noqa: E402
+
+SPECIAL = ["<s>", "</s>", "<unk>"]
+
+
+def train_tokenizer(texts: list[str], vocab_size: int):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="data/corpus")
+    ap.add_argument("--vocab-size", type=int, default=8192)
+    args = ap.parse_args()
+    out = Path(args.out)
+    if out.exists():
+        print(f"{out}: already exists; remove it to rebuild", file=sys.stderr)
+        return 2
+    if args.vocab_size > 65535:
+        print("--vocab-size must fit uint16", file=sys.stderr)
+        return 2
+    modules = list_modules()
+    texts = {s: [read_source(p) for _, p in modules[s]] for s in SPLITS}
+    tok = train_tokenizer(texts["train"], args.vocab_size)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent if out.parent.exists() else None))
+    try:
+        tok.save_pretrained(tmp / "tokenizer")
+        manifest = {"python": platform.python_version(), "stdlib": str(stdlib_dir()),
+                    "split_rule": "sha256(module)[:8] % 100: 0-89 train, 90-94 calib, 95-99 heldout",
+                    "vocab_size": len(tok), "eos_id": tok.eos_token_id, "splits": {}}
+        for s in SPLITS:
+            ids = tok(texts[s], add_special_tokens=False)["input_ids"]
+            flat = np.concatenate([np.asarray(x + [tok.eos_token_id], np.uint16) for x in ids])
+            np.save(tmp / f"{s}.npy", flat)
+            manifest["splits"][s] = {
+                "tokens": int(flat.size), "modules": len(modules[s]),
+                "files": {m: hashlib.sha256(t.encode()).hexdigest()[:16] for (m, _), t in zip(modules[s], texts[s])}}
+            print(f"{s:8s} {len(modules[s]):5d} modules {flat.size:10d} tokens")
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(str(tmp), str(out))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
