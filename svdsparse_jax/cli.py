@@ -1,4 +1,4 @@
-"""The `svdsparse` command: convert, generate, score.
+"""The `svdsparse` command: convert, generate, score, build-predictors, eval, demo.
 
 Every command exits non-zero with a one-line error on bad input (add --debug for the traceback). With --json,
 a command prints exactly one JSON object on stdout.
@@ -12,9 +12,12 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
+
 from svdsparse_jax.errors import SvdsparseError
 
 BUNDLED_MODEL = Path(__file__).parent / "assets" / "default_model"
+DEFAULT_S = 0.7
 
 
 def _ids(text: str) -> list[int]:
@@ -61,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--predictors", help="predictor directory: decode with the predictor-guarded FFN")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("score", help="per-token log-probabilities, NLL and perplexity of a text")
@@ -70,6 +74,36 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompt-ids", type=_ids)
     p.add_argument("--window", type=int, help="score in windows of this many tokens (default: the context)")
     p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("build-predictors", help="build and calibrate contextual-sparsity predictors")
+    _model_options(p)
+    p.add_argument("--calib-text", nargs="+", metavar="FILE",
+                   help="calibration text files (default for the bundled model: its calibration split)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--method", default="whitened", choices=["whitened", "plain", "signbit", "mlp", "oracle"])
+    p.add_argument("--rank", type=_ids, help="rank, or one rank per layer (comma-separated); default d_model/4")
+    target = p.add_mutually_exclusive_group()
+    target.add_argument("--s", type=float, help="predicted sparsity = s x true sparsity (s-0.1 on layers 0-1); "
+                                                f"default {DEFAULT_S}")
+    target.add_argument("--target-sparsity", type=float, help="absolute predicted sparsity per layer")
+    target.add_argument("--target-recall", type=float, help="minimum recall per layer")
+    p.add_argument("--tokens", type=int, default=16384, help="calibration tokens (half build, half calibrate)")
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("eval", help="evaluate predictors against the dense model")
+    _model_options(p)
+    p.add_argument("--predictors", required=True)
+    p.add_argument("--text-file", help="held-out text (default for the bundled model: its held-out split)")
+    p.add_argument("--window", type=int, default=512)
+    p.add_argument("--max-windows", type=int, default=32)
+    p.add_argument("--plots", help="directory for PNG plots")
+    p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("demo", help="the whole pipeline on the bundled model, offline")
+    p.add_argument("--out", help="keep the predictors here (default: a temporary directory)")
+    p.add_argument("--dtype", default="float32", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--debug", action="store_true")
     return parser
 
 
@@ -124,7 +158,9 @@ def cmd_generate(args: argparse.Namespace) -> None:
     else:
         prompts = args.prompt_ids
     sampler = Sampler(temperature=args.temperature or 0.0, top_k=args.top_k, top_p=args.top_p)
-    result = Generator(Transformer(lm.cfg, lm.weights)).generate(prompts, args.max_new_tokens, sampler, args.seed)
+    preds = _load_predictors(args.predictors, lm).layers if args.predictors else None
+    result = Generator(Transformer(lm.cfg, lm.weights), preds).generate(prompts, args.max_new_tokens, sampler,
+                                                                         args.seed)
     n_new = sum(len(t) for t in result.tokens)
     tps = n_new / result.run_s if result.run_s > 0 else float("nan")
     rows = [{"prompt_ids": list(p), "output_ids": out,
@@ -164,7 +200,166 @@ def cmd_score(args: argparse.Namespace) -> None:
         print(f"tokens {len(ids)}  nll {r.nll:.4f}  ppl {r.ppl:.3f}")
 
 
-COMMANDS = {"convert": cmd_convert, "generate": cmd_generate, "score": cmd_score}
+def _load_predictors(path: str, lm):
+    from svdsparse_jax.predictors import load_predictors, model_fingerprint
+    return load_predictors(path, lm.cfg, model_fingerprint(lm.cfg, lm.weights))
+
+
+def _is_bundled(lm) -> bool:
+    return Path(lm.path).resolve() == BUNDLED_MODEL.resolve()
+
+
+def _read_texts(files: Sequence[str]) -> list[str]:
+    texts = []
+    for f in files:
+        try:
+            texts.append(Path(f).read_text())
+        except OSError as e:
+            raise SvdsparseError(f"{f}: cannot read ({e.strerror})") from None
+    return texts
+
+
+def _token_stream(texts: list[str], lm) -> np.ndarray:
+    """Tokenizes texts into one stream, documents separated by the EOS token (as the bundled corpus)."""
+    if lm.tokenizer is None:
+        raise SvdsparseError(f"{lm.path}: the model has no tokenizer files")
+    eos = lm.cfg.eos_ids[:1]
+    ids = lm.tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return np.concatenate([np.asarray(list(x) + list(eos), np.int64) for x in ids])
+
+
+def _corpus_split(name: str) -> np.ndarray:
+    return np.load(BUNDLED_MODEL.parent / "corpus" / f"{name}.npy")
+
+
+def _target(args) -> tuple[str, float]:
+    if args.target_sparsity is not None:
+        return "sparsity", args.target_sparsity
+    if args.target_recall is not None:
+        return "recall", args.target_recall
+    return "s", args.s if args.s is not None else DEFAULT_S
+
+
+def cmd_build_predictors(args: argparse.Namespace) -> None:
+    from svdsparse_jax.model import Transformer
+    from svdsparse_jax.predictors import BuildConfig, build_predictors, model_fingerprint, save_predictors
+
+    if Path(args.out).exists():
+        raise SvdsparseError(f"{args.out}: already exists; remove it or choose another output directory")
+    texts = _read_texts(args.calib_text) if args.calib_text else None
+    lm = _load(args)
+    if texts is not None:
+        calib = _token_stream(texts, lm)
+    elif _is_bundled(lm):
+        calib = _corpus_split("calib")
+    else:
+        raise SvdsparseError("--calib-text is required for a model other than the bundled one")
+    rule, value = _target(args)
+    ranks = args.rank or [max(1, lm.cfg.d_model // 4)]
+    bc = BuildConfig(method=args.method, ranks=ranks[0] if len(ranks) == 1 else tuple(ranks), rule=rule,
+                     value=value, tokens=args.tokens, window=args.window)
+    pset = build_predictors(Transformer(lm.cfg, lm.weights), calib, bc)
+    out = save_predictors(args.out, pset, lm.cfg, model_fingerprint(lm.cfg, lm.weights))
+    if args.json:
+        print(json.dumps({"out": str(out), "config": pset.config, "timings": pset.timings, "layers": pset.info}))
+        return
+    print(f"{'layer':>5} {'true sp':>8} {'target':>16} {'pred sp':>8} {'recall':>7}   (calibration half)")
+    for r in pset.info:
+        t = r["target"]
+        note = "" if r["target_met"] or args.method == "oracle" else "  target not met (1% guard)"
+        print(f"{r['layer']:>5} {r['true_sparsity']:>8.4f} {t['kind'] + ' ' + format(t['value'], '.4f'):>16} "
+              f"{r['calib_predicted_sparsity']:>8.4f} {r['calib_recall']:>7.4f}{note}")
+    print(f"saved {out}; seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in pset.timings.items()))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from svdsparse_jax.evaluate import evaluate_predictors, write_plots
+    from svdsparse_jax.model import Transformer
+
+    texts = _read_texts([args.text_file]) if args.text_file else None
+    lm = _load(args)
+    pset = _load_predictors(args.predictors, lm)
+    if texts is not None:
+        tokens = _token_stream(texts, lm)
+    elif _is_bundled(lm):
+        tokens = _corpus_split("heldout")
+    else:
+        raise SvdsparseError("--text-file is required for a model other than the bundled one")
+    report = evaluate_predictors(Transformer(lm.cfg, lm.weights), {pset.method: pset}, tokens, args.window,
+                                 args.max_windows)[pset.method]
+    if args.plots:
+        report["plots"] = write_plots({pset.method: report}, args.plots)
+    if args.json:
+        print(json.dumps(report))
+        return
+    print(_layer_table(report["layers"]))
+    print(_summary_line(pset.method, report["summary"]))
+
+
+def _layer_table(layers: list[dict]) -> str:
+    cols = ("true_sparsity", "predicted_sparsity", "recall", "precision", "auroc", "ffn_rel_error")
+    lines = [f"{'layer':>5} " + " ".join(f"{c[:12]:>12}" for c in cols)]
+    lines += [f"{r['layer']:>5} " + " ".join(f"{r[c]:>12.4f}" for c in cols) for r in layers]
+    return "\n".join(lines)
+
+
+def _summary_line(name: str, s: dict) -> str:
+    return (f"{name}: ppl dense {s['ppl_dense']:.4f} sparse {s['ppl_sparse']:.4f} ({100 * s['ppl_increase']:+.2f}%), "
+            f"top-1 agreement {s['top1_agreement']:.4f}, recall {s['recall']:.4f}, AUROC {s['auroc']:.4f}, "
+            f"rows read {s['rows_read_fraction']:.4f} (effective sparsity {s['effective_sparsity']:.4f}), "
+            f"predictor cost {s['predictor_cost']:.4f} of the FFN")
+
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    """Build whitened-SVD predictors for the bundled model on its calibration split, evaluate dense vs sparse
+    on held-out text, and generate a sample both ways."""
+    import tempfile
+    import time
+
+    from svdsparse_jax.convert import load_model, parse_dtype
+    from svdsparse_jax.evaluate import evaluate_predictors
+    from svdsparse_jax.generate import Generator
+    from svdsparse_jax.model import Transformer
+    from svdsparse_jax.predictors import BuildConfig, build_predictors, model_fingerprint, save_predictors
+
+    t0 = time.perf_counter()
+    lm = load_model(BUNDLED_MODEL, parse_dtype(args.dtype))
+    model = Transformer(lm.cfg, lm.weights)
+    bc = BuildConfig(method="whitened", ranks=lm.cfg.d_model // 4, rule="s", value=DEFAULT_S, tokens=8192)
+    pset = build_predictors(model, _corpus_split("calib"), bc, progress=False)
+    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="svdsparse-demo-")) / "predictors"
+    save_predictors(out, pset, lm.cfg, model_fingerprint(lm.cfg, lm.weights))
+    t_build = time.perf_counter() - t0
+    report = evaluate_predictors(model, {"whitened": pset}, _corpus_split("heldout"), 512, max_windows=8,
+                                 auroc_tokens=2048)["whitened"]
+    s = report["summary"]
+    prompt = "def read_config(path):\n"
+    ids = lm.tokenizer(prompt)["input_ids"]
+    dense = Generator(model).generate([ids], 48).tokens[0]
+    sparse = Generator(model, pset.layers).generate([ids], 48).tokens[0]
+    same = next((i for i, (a, b) in enumerate(zip(dense, sparse)) if a != b), min(len(dense), len(sparse)))
+    print(f"svdsparse demo: bundled model ({lm.cfg.n_layers} layers, d_model {lm.cfg.d_model}, d_ff {lm.cfg.d_ff}, "
+          f"{lm.cfg.activation}), whitened SVD rank {bc.ranks}, s = {bc.value}; predictors in {out}")
+    print(f"built in {t_build:.1f} s from {pset.config['calibration_tokens']} calibration tokens; "
+          f"evaluated on {s['tokens']} held-out tokens\n")
+    rows = [("perplexity", f"{s['ppl_dense']:.4f}", f"{s['ppl_sparse']:.4f}"),
+            ("top-1 agreement with dense", "1", f"{s['top1_agreement']:.4f}"),
+            ("FFN sparsity (true / predicted)", f"{s['true_sparsity']:.4f}", f"{s['predicted_sparsity']:.4f}"),
+            ("recall / precision / AUROC", "", f"{s['recall']:.4f} / {s['precision']:.4f} / {s['auroc']:.4f}"),
+            ("W_gate rows read", "1", f"{s['gate_rows_read']:.4f}"),
+            ("W_up, W_down rows read", "1", f"{s['up_down_rows_read']:.4f}"),
+            ("FFN bytes read (+ predictor)", "1", f"{s['rows_read_fraction']:.4f} (+{s['predictor_cost']:.4f})")]
+    print(f"{'':34}{'dense':>12}{'sparse':>24}")
+    for name, a, b in rows:
+        print(f"{name:34}{a:>12}{b:>24}")
+    print(f"\nprompt: {prompt!r}")
+    print(f"dense : {lm.tokenizer.decode(dense, skip_special_tokens=True)!r}")
+    print(f"sparse: {lm.tokenizer.decode(sparse, skip_special_tokens=True)!r}")
+    print(f"(greedy; the two agree on the first {same} of {len(dense)} tokens; total {time.perf_counter() - t0:.0f} s)")
+
+
+COMMANDS = {"convert": cmd_convert, "generate": cmd_generate, "score": cmd_score,
+            "build-predictors": cmd_build_predictors, "eval": cmd_eval, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -27,11 +27,11 @@ def _window_stats(graphdef, state, tokens: jax.Array, pad: jax.Array) -> tuple[j
     the number of zero FFN activations per layer over the non-padding tokens [n_layers] f32)."""
     model: Transformer = nnx.merge(graphdef, state)
     cache = kv_cache.init_cache(model.cfg, pad, tokens.shape[1], model.dtype)
-    hidden: list[jax.Array] = []
-    h, _ = model(tokens, cache, jnp.int32(0), hidden)
+    collect: dict[str, list] = {}
+    h, _ = model(tokens, cache, jnp.int32(0), collect=collect)
     logp = jax.nn.log_softmax(model.logits(h[:, :-1]), axis=-1)
     real = (jnp.arange(tokens.shape[1])[None, :] >= pad[:, None])[..., None]
-    zeros = jnp.stack([jnp.sum((a == 0) & real, dtype=jnp.float32) for a in hidden])
+    zeros = jnp.stack([jnp.sum((a == 0) & real, dtype=jnp.float32) for a in collect["hidden"]])
     return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0], zeros
 
 
@@ -111,3 +111,156 @@ def evaluate_stream(model: Transformer, stream: np.ndarray, window: int = 512, b
     nll = -total_lp / (count * (window - 1))
     return StreamResult(count * window, nll, math.exp(nll),
                         (zeros / (count * window * model.cfg.d_ff)).tolist())
+
+
+# ------------------------------------------------------------------------------------ predictor evaluation
+
+def auroc(scores: jax.Array, labels: jax.Array) -> jax.Array:
+    """Exact rank-based AUROC per column (ties get average ranks). scores [n, f], labels [n, f] bool ->
+    [f] f32, NaN where a column has only one class."""
+    s = jnp.asarray(scores, jnp.float32)
+    sorted_s = jnp.sort(s, axis=0)
+    rank = jax.vmap(lambda col_sorted, col: (jnp.searchsorted(col_sorted, col, "left")
+                                            + jnp.searchsorted(col_sorted, col, "right") + 1) / 2.0,
+                    in_axes=(1, 1), out_axes=1)(sorted_s, s)
+    y = labels.astype(jnp.float32)
+    n_pos = jnp.sum(y, 0)
+    n_neg = y.shape[0] - n_pos
+    u = jnp.sum(rank * y, 0) - n_pos * (n_pos + 1) / 2
+    return jnp.where((n_pos > 0) & (n_neg > 0), u / jnp.maximum(n_pos * n_neg, 1), jnp.nan)
+
+
+def _layer_metrics(pred, x, w_gate, w_up, w_down_t, cfg_act, auroc_tokens):
+    """Per-layer metrics of one predictor on dense FFN inputs x [n, d] (AUROC on the first auroc_tokens)."""
+    from svdsparse_jax.model import ffn_hidden, linear  # noqa: F811
+    gate, up = linear(x, w_gate), linear(x, w_up)
+    h = ffn_hidden(cfg_act, gate, up)
+    active = h != 0
+    predicted = pred.predict(x, gate)
+    hit = jnp.sum(predicted & active)
+    dt = w_down_t.dtype
+    y = jnp.einsum("nf,fd->nd", h.astype(dt), w_down_t, preferred_element_type=jnp.float32)
+    y_sparse = jnp.einsum("nf,fd->nd", jnp.where(predicted, h, 0).astype(dt), w_down_t,
+                          preferred_element_type=jnp.float32)
+    return {"true_sparsity": 1 - jnp.mean(active), "predicted_sparsity": 1 - jnp.mean(predicted),
+            "recall": hit / jnp.maximum(jnp.sum(active), 1), "precision": hit / jnp.maximum(jnp.sum(predicted), 1),
+            "auroc": jnp.nanmean(auroc(pred.scores(x[:auroc_tokens], gate[:auroc_tokens]), active[:auroc_tokens])),
+            "ffn_rel_error": jnp.linalg.norm(y_sparse - y) / jnp.maximum(jnp.linalg.norm(y), 1e-30)}
+
+
+_layer_metrics = jax.jit(_layer_metrics, static_argnums=(5, 6))
+
+
+@jax.jit(static_argnums=(0,))
+def _model_pass(graphdef, state, predictors, tokens: jax.Array):
+    """Teacher-forced pass over windows [B, W] (every token through the guarded FFN when predictors are given).
+    Returns (log p of each next token [B, W-1], argmax [B, W-1], candidates per layer [L], active per layer [L])."""
+    model: Transformer = nnx.merge(graphdef, state)
+    cache = kv_cache.init_cache(model.cfg, jnp.zeros(tokens.shape[0], jnp.int32), tokens.shape[1], model.dtype)
+    collect: dict[str, list] = {}
+    h, _ = model(tokens, cache, jnp.int32(0), predictors, collect)
+    logp = jax.nn.log_softmax(model.logits(h[:, :-1]), axis=-1)
+    lp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    f = model.cfg.d_ff
+    cands = jnp.stack([jnp.sum(c, dtype=jnp.float32) for c in collect["candidates"]]) if predictors is not None \
+        else jnp.full(model.cfg.n_layers, tokens.size * f, jnp.float32)
+    active = jnp.stack([jnp.sum(a != 0, dtype=jnp.float32) for a in collect["hidden"]])
+    return lp, jnp.argmax(logp, -1), cands, active
+
+
+def evaluate_predictors(model: Transformer, predictor_sets: dict, tokens: np.ndarray, window: int = 512,
+                        max_windows: int | None = None, batch: int = 4, auroc_tokens: int = 4096
+                        ) -> dict[str, dict]:
+    """Evaluates predictor sets (name -> predictors.PredictorSet) on a held-out token stream cut into windows.
+
+    Per layer (on the dense model's FFN inputs): true and predicted sparsity, recall and precision over (token,
+    neuron) pairs, mean per-neuron AUROC (exact, on the first `auroc_tokens` tokens: a column sort of every
+    token is the costliest step on a CPU), and the FFN output's relative error. Whole model (every token through
+    the guarded FFNs, teacher-forced): perplexity dense vs sparse, top-1 next-token agreement with the dense
+    model, and the fraction of W_gate / W_up / W_down rows read (gate: candidates; up and down: active
+    candidates). Returns {name: {"summary": {...}, "layers": [...]}}.
+    """
+    from svdsparse_jax.calibration import layer_inputs
+    from svdsparse_jax.predictors.base import ffn_bytes
+
+    cfg = model.cfg
+    window = min(window, cfg.max_seq_len, len(tokens))
+    n = len(tokens) // window
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n < 1 or window < 2:
+        raise SvdsparseError(f"{len(tokens)} tokens: too few to evaluate (need at least one window of 2)")
+    windows = np.asarray(tokens[: n * window], np.int32).reshape(n, window)
+    layers: dict[str, list[dict]] = {name: [] for name in predictor_sets}
+    for i, ffn_in in layer_inputs(model, windows):
+        ffn = model.layers[i].ffn
+        x = ffn_in.reshape(-1, cfg.d_model)
+        for name, ps in predictor_sets.items():
+            m = _layer_metrics(ps.layers[i], x, ffn.w_gate[...], ffn.w_up[...], ffn.w_down_t[...], cfg, auroc_tokens)
+            layers[name].append({"layer": i} | {k: float(v) for k, v in m.items()})
+
+    graphdef, state = nnx.split(model)
+
+    def run(preds):
+        out = [_model_pass(graphdef, state, preds, jnp.asarray(windows[s:s + batch]))
+               for s in range(0, n, batch)]
+        lp = np.concatenate([np.asarray(o[0], np.float64) for o in out])
+        top = np.concatenate([np.asarray(o[1]) for o in out])
+        cands = sum(np.asarray(o[2], np.float64) for o in out)
+        active = sum(np.asarray(o[3], np.float64) for o in out)
+        return lp, top, cands / (n * window * cfg.d_ff), active / (n * window * cfg.d_ff)
+
+    dense_lp, dense_top, _, _ = run(None)
+    ppl_dense = math.exp(-dense_lp.mean())
+    reports = {}
+    itemsize = jnp.dtype(model.dtype).itemsize
+    from svdsparse_jax.predictors.base import OraclePredictor, predictor_cost
+    for name, ps in predictor_sets.items():
+        lp, top, gate_rows, updown_rows = run(ps.layers)
+        # the oracle's candidates come from the full gate: every W_gate row is read
+        gate_rows = np.where([isinstance(p, OraclePredictor) for p in ps.layers], 1.0, gate_rows)
+        for rec, g, u in zip(layers[name], gate_rows, updown_rows):
+            rec.update(gate_rows_read=float(g), up_down_rows_read=float(u),
+                       predictor_cost=predictor_cost(ps.layers[rec["layer"]], cfg, itemsize))
+        rows_read = float(np.mean((gate_rows + 2 * updown_rows) / 3))
+        per = layers[name]
+        summary = {k: float(np.mean([r[k] for r in per])) for k in
+                   ("true_sparsity", "predicted_sparsity", "recall", "precision", "auroc", "ffn_rel_error",
+                    "predictor_cost")}
+        summary.update(ppl_dense=ppl_dense, ppl_sparse=math.exp(-lp.mean()),
+                       top1_agreement=float(np.mean(top == dense_top)), rows_read_fraction=rows_read,
+                       effective_sparsity=1 - rows_read, gate_rows_read=float(np.mean(gate_rows)),
+                       up_down_rows_read=float(np.mean(updown_rows)), tokens=int(n * window))
+        summary["ppl_increase"] = summary["ppl_sparse"] / ppl_dense - 1
+        reports[name] = {"method": ps.method, "config": ps.config, "summary": summary, "layers": per,
+                         "ffn_bytes_per_layer": ffn_bytes(cfg, itemsize)}
+    return reports
+
+
+def write_plots(reports: dict[str, dict], out_dir: str) -> list[str]:
+    """PNG plots of per-layer predicted vs true sparsity, recall and AUROC, one line per report."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from pathlib import Path
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for key, label in (("predicted_sparsity", "predicted sparsity"), ("recall", "recall"), ("auroc", "AUROC")):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, rep in reports.items():
+            ax.plot([r["layer"] for r in rep["layers"]], [r[key] for r in rep["layers"]], marker="o", label=name)
+        if key == "predicted_sparsity":
+            first = next(iter(reports.values()))
+            ax.plot([r["layer"] for r in first["layers"]], [r["true_sparsity"] for r in first["layers"]], "k--",
+                    label="true sparsity")
+        ax.set_xlabel("layer")
+        ax.set_ylabel(label)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+        path = out / f"{key}.png"
+        fig.savefig(path, dpi=120, bbox_inches="tight")
+        plt.close(fig)
+        written.append(str(path))
+    return written

@@ -60,9 +60,10 @@ class Sampler:
         return jax.lax.cond(self.temperature <= 0, greedy, stochastic)
 
 
-def _generate_program(graphdef, state, tokens, pad, max_new, sampler, key, eos_ids, *, new_bucket):
+def _generate_program(graphdef, state, predictors, tokens, pad, max_new, sampler, key, eos_ids, *, new_bucket):
     """tokens [B, P] left-padded prompts, pad [B]; returns out [B, new_bucket] int32 (-1 where not generated)
-    and the number of decode steps run."""
+    and the number of decode steps run. Prefill is dense; with predictors (one per layer) every decode step
+    runs the predictor-guarded FFN."""
     model: Transformer = nnx.merge(graphdef, state)
     batch, prompt_len = tokens.shape
     cache = kv_cache.init_cache(model.cfg, pad, prompt_len + new_bucket, model.dtype)
@@ -78,7 +79,7 @@ def _generate_program(graphdef, state, tokens, pad, max_new, sampler, key, eos_i
 
     def step(carry):
         i, token, cache, out, done = carry
-        h, cache = model(token[:, None], cache, prompt_len + i - 1)
+        h, cache = model(token[:, None], cache, prompt_len + i - 1, predictors)
         nxt = sampler(model.logits(h[:, 0]), jax.random.fold_in(key, i))
         nxt = jnp.where(done, -1, nxt)
         out = out.at[:, i].set(nxt)
@@ -100,10 +101,14 @@ class GenerateResult:
 
 
 class Generator:
-    """Compiles and runs the generate program for one model; keeps compiled programs by static shape."""
+    """Compiles and runs the generate program for one model (dense, or sparse decoding with one predictor per
+    layer); keeps compiled programs by static shape."""
 
-    def __init__(self, model: Transformer):
+    def __init__(self, model: Transformer, predictors: list | None = None):
         self.cfg = model.cfg
+        if predictors is not None and len(predictors) != model.cfg.n_layers:
+            raise SvdsparseError(f"{len(predictors)} predictors for {model.cfg.n_layers} layers")
+        self.predictors = predictors
         self.graphdef, self.state = nnx.split(model)
         self._jitted = jax.jit(_generate_program, static_argnums=(0,), static_argnames=("new_bucket",))
         self.compiled: dict[tuple[int, int, int], object] = {}
@@ -136,7 +141,7 @@ class Generator:
         eos = np.asarray(cfg.eos_ids if eos_ids is None else eos_ids, np.int32).reshape(-1)
         if eos.size == 0:
             eos = np.full(1, -2, np.int32)  # matches no token
-        args = (self.graphdef, self.state, jnp.asarray(tokens), jnp.asarray(pad), jnp.int32(max_new_tokens),
+        args = (self.graphdef, self.state, self.predictors, jnp.asarray(tokens), jnp.asarray(pad), jnp.int32(max_new_tokens),
                 jax.tree.map(jnp.asarray, sampler), jax.random.key(seed), jnp.asarray(eos))
         key = (len(prompts), prompt_len, new_bucket, eos.size)
         compile_s = 0.0

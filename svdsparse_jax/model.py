@@ -108,7 +108,12 @@ class Attention(nnx.Module):
 
 
 class FFN(nnx.Module):
-    """The dense ReGLU FFN: y = (act(x W_gate^T) * (x W_up^T)) W_down_t, with W_down_t [d_ff, d]."""
+    """The ReGLU FFN: y = (act(x W_gate^T) * (x W_up^T)) W_down_t, with W_down_t [d_ff, d].
+
+    Dense, or predictor-guarded (REFERENCE.md section 3): the predictor picks the candidate neurons C, the
+    activation is kept on C only, and up / down count only for the truly active T = {i in C : h_i != 0}. This
+    XLA version computes every row and masks (exactly the dense result when C is everything); the Pallas
+    kernels read only the rows of C and T."""
 
     def __init__(self, cfg: ModelConfig, w: Callable[[str], jax.Array]):
         self.cfg = cfg
@@ -118,13 +123,20 @@ class FFN(nnx.Module):
         """h = act(gate) * up, [..., d_ff] f32: the input of down_proj (zero for inactive neurons)."""
         return ffn_hidden(self.cfg, linear(x, self.w_gate[...]), linear(x, self.w_up[...]))
 
-    def __call__(self, x: jax.Array, collect: list | None = None) -> jax.Array:
-        """x [..., d] -> y [..., d]; appends h (f32) to `collect` when given (training, statistics)."""
-        h = self.hidden(x)
+    def __call__(self, x: jax.Array, predictor=None, collect: dict | None = None) -> jax.Array:
+        """x [..., d] -> y [..., d]. With a predictor (predictors.LayerPredictor), only its candidates count.
+        `collect` (a dict of lists), when given, receives 'hidden' (h, f32, zero outside the candidates) and,
+        when guarded, 'candidates' (bool [..., d_ff])."""
+        gate, up = linear(x, self.w_gate[...]), linear(x, self.w_up[...])
+        h = ffn_hidden(self.cfg, gate, up)
+        if predictor is not None:
+            candidates = predictor.predict(x, gate)
+            h = jnp.where(candidates, h, 0.0)
+            if collect is not None:
+                collect.setdefault("candidates", []).append(candidates)
         if collect is not None:
-            collect.append(h)
-        h = h.astype(x.dtype)
-        return einsum("...f,fd->...d", h, self.w_down_t[...]).astype(x.dtype)
+            collect.setdefault("hidden", []).append(h)
+        return einsum("...f,fd->...d", h.astype(x.dtype), self.w_down_t[...]).astype(x.dtype)
 
 
 class Block(nnx.Module):
@@ -134,10 +146,10 @@ class Block(nnx.Module):
         self.ffn_norm = RMSNorm(w("ffn_norm.scale"), cfg.rms_eps)
         self.ffn = FFN(cfg, lambda n: w(f"ffn.{n}"))
 
-    def __call__(self, x, k_cache, v_cache, start, pos, mask, collect=None):
+    def __call__(self, x, k_cache, v_cache, start, pos, mask, predictor=None, collect=None):
         a, k_cache, v_cache = self.attn(self.attn_norm(x), k_cache, v_cache, start, pos, mask)
         x = x + a
-        x = x + self.ffn(self.ffn_norm(x), collect)
+        x = x + self.ffn(self.ffn_norm(x), predictor, collect)
         return x, k_cache, v_cache
 
 
@@ -160,19 +172,22 @@ class Transformer(nnx.Module):
         return self.embed[...].dtype
 
     def __call__(self, tokens: jax.Array, cache: kv_cache.KVCache, start: jax.Array,
-                 ffn_hidden: list | None = None) -> tuple[jax.Array, kv_cache.KVCache]:
+                 predictors: list | None = None, collect: dict | None = None
+                 ) -> tuple[jax.Array, kv_cache.KVCache]:
         """Runs tokens [B, T] int32 that occupy cache slots [start, start + T).
 
         Returns (the final-normed hidden states [B, T, d], the updated cache). Prefill is a call with the whole
-        left-padded prompt at start=0; a decode step is a call with T=1. If `ffn_hidden` is a list, each
-        layer appends its FFN hidden activations h = act(gate) * up, [B, T, d_ff] f32, to it."""
+        left-padded prompt at start=0; a decode step is a call with T=1. `predictors` (one per layer) makes
+        every FFN predictor-guarded. `collect` (a dict of lists) receives each layer's FFN hidden activations
+        h = act(gate) * up [B, T, d_ff] f32 under 'hidden' (and the candidate masks under 'candidates')."""
         t = tokens.shape[1]
         pos = kv_cache.positions(cache.pad, start, t)
         mask = kv_cache.attention_bias(self.cfg, cache.pad, start, t, cache.slots)
         x = self.embed[...][tokens]
         ks, vs = [], []
         for i, layer in enumerate(self.layers):
-            x, k, v = layer(x, cache.k[i], cache.v[i], start, pos, mask, ffn_hidden)
+            x, k, v = layer(x, cache.k[i], cache.v[i], start, pos, mask,
+                            None if predictors is None else predictors[i], collect)
             ks.append(k)
             vs.append(v)
         return self.final_norm(x), kv_cache.KVCache(k=ks, v=vs, pad=cache.pad)

@@ -76,8 +76,9 @@ def loss_fn(weights, tokens, l1, cfg: ModelConfig, tc: TrainConfig):
     model = Transformer(cfg, {k: v.astype(dtype) for k, v in _unnest(weights, cfg).items()})
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     cache = kv_cache.init_cache(cfg, jnp.zeros(inputs.shape[0], jnp.int32), inputs.shape[1], dtype)
-    hidden: list[jax.Array] = []
-    h, _ = model(inputs, cache, jnp.int32(0), hidden)
+    collect: dict[str, list] = {}
+    h, _ = model(inputs, cache, jnp.int32(0), collect=collect)
+    hidden = collect["hidden"]
     logits = model.logits(h)
     ce = jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0])
     l1_term = jnp.mean(jnp.stack([jnp.mean(jnp.abs(a)) for a in hidden]))

@@ -70,3 +70,32 @@ def test_errors_are_one_line(tmp_path, argv, message):
     assert r.returncode != 0
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert lines and message in lines[-1] and "Traceback" not in r.stderr, r.stderr
+
+
+def test_build_predictors_eval_and_sparse_generate_on_the_bundled_model(tmp_path, capsys):
+    out = tmp_path / "preds"
+    assert main(["build-predictors", "--out", str(out), "--rank", "32", "--s", "0.6", "--tokens", "2048",
+                 "--dtype", "float32", "--json"]) == 0
+    built = json.loads(capsys.readouterr().out)
+    assert built["config"]["method"] == "whitened" and len(built["layers"]) == 8
+    assert main(["eval", "--predictors", str(out), "--max-windows", "2", "--dtype", "float32", "--json",
+                 "--plots", str(tmp_path / "plots")]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    for key in ("true_sparsity", "predicted_sparsity", "recall", "precision", "auroc", "ppl_dense", "ppl_sparse",
+                "top1_agreement", "rows_read_fraction"):
+        assert 0 <= rep["summary"][key] < float("inf"), key
+    assert len(rep["layers"]) == 8 and len(list((tmp_path / "plots").glob("*.png"))) == 3
+    assert rep["summary"]["recall"] > 0.9 and rep["summary"]["auroc"] > 0.9
+    assert main(["generate", "--predictors", str(out), "--prompt", "import os\n", "--max-new-tokens", "8",
+                 "--dtype", "float32", "--json"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["output_ids"]) <= 8
+    # predictors of another model are refused
+    other = make_hf_checkpoint(tmp_path / "hf", "llama_relu")
+    code = main(["generate", str(other.path), "--predictors", str(out), "--prompt-ids", "1,2"])
+    assert code == 2 and "predictors for" in capsys.readouterr().err
+
+
+def test_demo_runs(capsys):
+    assert main(["demo"]) == 0
+    out = capsys.readouterr().out
+    assert "perplexity" in out and "top-1 agreement" in out and "sparse:" in out

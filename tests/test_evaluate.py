@@ -1,5 +1,7 @@
 """Scoring against torch log-softmax, including windows that restart the context."""
 
+import math
+
 import jax.numpy as jnp
 import numpy as np
 import torch
@@ -30,3 +32,46 @@ def test_score_matches_torch(llama_checkpoint):
     ref_w = np.concatenate([_torch_logprobs(llama_checkpoint.torch_model, ids[s:s + 16]) for s in starts])
     assert len(w.logprobs) == len(ids) - 1
     np.testing.assert_allclose(w.logprobs, ref_w, rtol=1e-4, atol=1e-5)
+
+
+def test_auroc_matches_pairwise_counting_with_ties():
+    from svdsparse_jax.evaluate import auroc
+    rng = np.random.default_rng()
+    scores = np.round(rng.normal(size=(60, 7)) * 2)  # integer scores: many ties
+    labels = rng.random((60, 7)) < 0.3
+    labels[:, 6] = False  # one class only: undefined
+    got = np.asarray(auroc(jnp.asarray(scores), jnp.asarray(labels)))
+    for j in range(6):
+        pos, neg = scores[labels[:, j], j], scores[~labels[:, j], j]
+        ref = ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (pos.size * neg.size)
+        assert abs(got[j] - ref) < 1e-6
+    assert np.isnan(got[6])
+
+
+def test_evaluate_oracle_and_all_active(llama_checkpoint):
+    """The oracle and an all-active predictor leave the model exactly dense; the report's numbers say so."""
+    import dataclasses
+    from svdsparse_jax.evaluate import evaluate_predictors
+    from svdsparse_jax.predictors import LowRankPredictor, OraclePredictor, PredictorSet
+    lm = load_model(llama_checkpoint.path, jnp.float32)
+    cfg = lm.cfg
+    model = Transformer(cfg, lm.weights)
+    everything = LowRankPredictor(jnp.zeros((2, cfg.d_model)), jnp.zeros((cfg.d_ff, 2)), jnp.ones(cfg.d_ff))
+    nothing = dataclasses.replace(everything, bias=-jnp.ones(cfg.d_ff))
+    sets = {name: PredictorSet(name, [p] * cfg.n_layers, {}) for name, p in
+            (("oracle", OraclePredictor()), ("all", everything), ("none", nothing))}
+    tokens = np.random.default_rng().integers(0, cfg.vocab_size, 200)
+    rep = evaluate_predictors(model, sets, tokens, window=64)
+    dense_ppl = math.exp(-np.mean(score_tokens(model, tokens[:64].tolist()).logprobs
+                                  + score_tokens(model, tokens[64:128].tolist()).logprobs
+                                  + score_tokens(model, tokens[128:192].tolist()).logprobs))
+    for name in ("oracle", "all"):
+        s = rep[name]["summary"]
+        assert s["ppl_sparse"] == s["ppl_dense"] and s["top1_agreement"] == 1.0 and s["recall"] == 1.0
+        assert abs(s["ppl_dense"] / dense_ppl - 1) < 1e-5 and s["ffn_rel_error"] == 0.0
+    assert rep["all"]["summary"]["rows_read_fraction"] > rep["oracle"]["summary"]["up_down_rows_read"]
+    assert rep["oracle"]["summary"]["gate_rows_read"] == 1.0
+    assert rep["oracle"]["summary"]["auroc"] == 1.0
+    none = rep["none"]["summary"]
+    assert none["predicted_sparsity"] == 1.0 and none["recall"] == 0.0 and none["rows_read_fraction"] == 0.0
+    assert none["ffn_rel_error"] == 1.0

@@ -90,3 +90,16 @@ def test_prompt_longer_than_context_is_refused(llama_checkpoint):
 
 def test_bucket():
     assert [bucket(n) for n in (1, 16, 17, 100, 128, 129)] == [16, 16, 32, 128, 128, 256]
+
+
+def test_sparse_decoding_with_an_all_active_predictor_equals_dense(llama_checkpoint):
+    from svdsparse_jax.predictors import LowRankPredictor, OraclePredictor
+    lm = load_model(llama_checkpoint.path, jnp.float32)
+    cfg, model = lm.cfg, Transformer(lm.cfg, lm.weights)
+    everything = LowRankPredictor(jnp.zeros((4, cfg.d_model)), jnp.zeros((cfg.d_ff, 4)), jnp.ones(cfg.d_ff))
+    prompts = [[3, 4, 5], [9, 10, 11, 12, 13]]
+    dense = Generator(model).generate(prompts, 32).tokens
+    assert Generator(model, [everything] * cfg.n_layers).generate(prompts, 32).tokens == dense
+    assert Generator(model, [OraclePredictor()] * cfg.n_layers).generate(prompts, 32).tokens == dense
+    with pytest.raises(SvdsparseError, match="predictors for"):
+        Generator(model, [everything])

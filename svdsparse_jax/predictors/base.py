@@ -1,0 +1,134 @@
+"""The predictor types behind one interface: `predict(x, gate) -> bool [..., d_ff]` (which neurons to compute)
+and `scores(x, gate) -> f32 [..., d_ff]` (higher = more likely active; used for AUROC). `gate` is the
+pre-activation W_gate x, which only the oracle reads (the XLA path computes it anyway; a sparse kernel
+computes it on the candidates only, so the oracle has no savings on W_gate).
+
+All are pytrees (arrays are leaves, shapes and flags are static), so a list of them, one per layer, passes
+through `jax.jit` next to the model's weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from svdsparse_jax.config import ModelConfig
+
+F32 = jnp.float32
+
+
+def _dot(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [..., in] @ w [out, in]^T -> [..., out] f32."""
+    return jnp.einsum("...i,oi->...o", x.astype(w.dtype), w, preferred_element_type=F32)
+
+
+@dataclasses.dataclass(frozen=True)
+class LowRankPredictor:
+    """score = B relu?(A x + hidden_bias) + bias: the SVD predictors (A [r, d], B [d_ff, r], no hidden bias, no
+    ReLU; REFERENCE.md section 2) and the trained MLP baseline (Deja Vu / PowerInfer style, with both)."""
+
+    a: jax.Array
+    b: jax.Array
+    bias: jax.Array
+    hidden_bias: jax.Array | None = None
+    relu: bool = False
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+    def scores(self, x: jax.Array, gate: jax.Array | None = None) -> jax.Array:
+        z = _dot(x, self.a)
+        if self.hidden_bias is not None:
+            z = z + self.hidden_bias.astype(F32)
+        if self.relu:
+            z = jnp.maximum(z, 0.0)
+        return _dot(z.astype(self.b.dtype), self.b) + self.bias.astype(F32)
+
+    def predict(self, x: jax.Array, gate: jax.Array | None = None) -> jax.Array:
+        return self.scores(x) > 0
+
+    def nbytes(self) -> int:
+        return sum(t.size * t.dtype.itemsize for t in (self.a, self.b, self.bias, self.hidden_bias) if t is not None)
+
+
+jax.tree_util.register_dataclass(LowRankPredictor, data_fields=["a", "b", "bias", "hidden_bias"],
+                                 meta_fields=["relu"])
+
+
+def pack_signs(v: jax.Array) -> jax.Array:
+    """Sign bits (1 where v < 0) of [..., d] packed into [..., ceil(d/32)] uint32 (zero padding = positive)."""
+    d = v.shape[-1]
+    words = -(-d // 32)
+    neg = jnp.pad(v < 0, [(0, 0)] * (v.ndim - 1) + [(0, words * 32 - d)])
+    neg = neg.reshape(*v.shape[:-1], words, 32).astype(jnp.uint32)
+    return jnp.sum(neg << jnp.arange(32, dtype=jnp.uint32), axis=-1, dtype=jnp.uint32)
+
+
+@dataclasses.dataclass(frozen=True)
+class SignBitPredictor:
+    """SparseInfer (DATE 2025): N_neg = popcount(sign(w_i) XOR sign(x)) negative products, N_pos = d - N_neg;
+    neuron i is predicted inactive iff N_neg > alpha * N_pos. bits: [d_ff, ceil(d/32)] uint32; alpha: scalar."""
+
+    bits: jax.Array
+    alpha: jax.Array
+    d: int
+
+    def counts(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        xb = pack_signs(x)[..., None, :]  # [..., 1, words]
+        n_neg = jnp.sum(jax.lax.population_count(self.bits ^ xb), axis=-1).astype(F32)
+        return n_neg, self.d - n_neg
+
+    def ratio(self, x: jax.Array) -> jax.Array:
+        """c = N_neg / N_pos (f32): the neuron is predicted inactive iff c > alpha."""
+        n_neg, n_pos = self.counts(x)
+        return n_neg / jnp.maximum(n_pos, 1e-9)
+
+    def scores(self, x: jax.Array, gate: jax.Array | None = None) -> jax.Array:
+        return self.alpha - self.ratio(x)
+
+    def predict(self, x: jax.Array, gate: jax.Array | None = None) -> jax.Array:
+        # the same f32 ratio alpha was chosen on (baselines.signbit_predictor), so the calibration is exact
+        return self.ratio(x) <= self.alpha
+
+    def nbytes(self) -> int:
+        return self.bits.size * 4 + 4
+
+
+jax.tree_util.register_dataclass(SignBitPredictor, data_fields=["bits", "alpha"], meta_fields=["d"])
+
+
+@dataclasses.dataclass(frozen=True)
+class OraclePredictor:
+    """The exact gate: candidates are exactly the neurons whose activation is non-zero (upper bound on accuracy,
+    no saving on W_gate). threshold: FATReLU's (0 for relu / drelu)."""
+
+    threshold: float = 0.0
+
+    def scores(self, x: jax.Array, gate: jax.Array | None = None) -> jax.Array:
+        return gate - self.threshold
+
+    def predict(self, x: jax.Array, gate: jax.Array | None = None) -> jax.Array:
+        return gate >= self.threshold if self.threshold > 0 else gate > 0
+
+    def nbytes(self) -> int:
+        return 0
+
+
+jax.tree_util.register_dataclass(OraclePredictor, data_fields=[], meta_fields=["threshold"])
+
+LayerPredictor = LowRankPredictor | SignBitPredictor | OraclePredictor
+
+
+def ffn_bytes(cfg: ModelConfig, itemsize: int = 2) -> int:
+    """Bytes of one layer's three FFN matrices."""
+    return 3 * cfg.d_ff * cfg.d_model * itemsize
+
+
+def predictor_cost(pred: LayerPredictor, cfg: ModelConfig, itemsize: int = 2) -> float:
+    """Bytes the predictor reads per token, as a fraction of the dense FFN (the oracle reads all of W_gate)."""
+    if isinstance(pred, OraclePredictor):
+        return 1 / 3
+    return pred.nbytes() / ffn_bytes(cfg, itemsize)

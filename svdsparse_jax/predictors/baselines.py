@@ -1,0 +1,71 @@
+"""Baseline predictors: SparseInfer's sign bits (alpha calibrated per layer), a trained low-rank MLP (Deja Vu /
+PowerInfer style, d -> r -> ReLU -> d_ff, trained with optax on recorded activation labels), and the oracle."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from svdsparse_jax.predictors.base import LowRankPredictor, SignBitPredictor, pack_signs
+from svdsparse_jax.predictors.thresholds import Target
+
+
+def signbit_predictor(w_gate: jax.Array, x2: jax.Array, active2: jax.Array, target: Target) -> SignBitPredictor:
+    """Packs the sign bits of w_gate [d_ff, d] and picks the layer's alpha on calibration inputs x2 [n, d].
+
+    Neuron i is inactive on a token iff alpha < c = N_neg / N_pos. The counts are integers, so c has ties; alpha
+    is chosen so the target is met, as the SVD calibration does: for a predicted-sparsity target, the largest c
+    value below the one that must be switched off (so at least `value` of the (token, neuron) pairs are off);
+    for a recall target, the smallest alpha keeping at least `value` of the truly active pairs (active2)."""
+    d = w_gate.shape[1]
+    pred = SignBitPredictor(pack_signs(w_gate), jnp.float32(1.0), d)
+    ratio = np.asarray(jax.jit(SignBitPredictor.ratio)(pred, x2))
+    if target.kind == "sparsity":
+        ordered = np.sort(ratio.reshape(-1))
+        off = int(np.ceil(target.value * ordered.size))
+        below = ordered[ordered < ordered[ordered.size - off]] if off else ordered
+        alpha = below[-1] if below.size else -1.0  # ratios are >= 0: alpha = -1 switches every pair off
+    else:
+        kept = np.sort(ratio[np.asarray(active2)])
+        need = int(np.ceil(target.value * kept.size))
+        alpha = kept[need - 1] if need else -1.0
+    return SignBitPredictor(pred.bits, jnp.float32(alpha), d)
+
+
+@functools.partial(jax.jit, static_argnames=("rank", "steps", "batch", "dtype"))
+def _train_mlp(x, labels, key, *, rank: int, steps: int, batch: int, lr: float, dtype):
+    n, d = x.shape
+    f = labels.shape[1]
+    k1, k2, k3 = jax.random.split(key, 3)
+    params = {"a": jax.random.normal(k1, (rank, d)) / jnp.sqrt(d), "hb": jnp.zeros(rank),
+              "b": jax.random.normal(k2, (f, rank)) / jnp.sqrt(rank), "bias": jnp.zeros(f)}
+    opt = optax.adam(optax.cosine_decay_schedule(lr, steps))
+
+    def loss(p, xb, yb):
+        z = jnp.maximum(xb @ p["a"].T + p["hb"], 0.0)
+        logits = z @ p["b"].T + p["bias"]
+        return jnp.mean(optax.sigmoid_binary_cross_entropy(logits, yb))
+
+    def step(carry, k):
+        p, s = carry
+        idx = jax.random.randint(k, (batch,), 0, n)
+        g = jax.grad(loss)(p, x[idx].astype(jnp.float32), labels[idx].astype(jnp.float32))
+        upd, s = opt.update(g, s, p)
+        return (optax.apply_updates(p, upd), s), None
+
+    (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), jax.random.split(k3, steps))
+    return LowRankPredictor(params["a"].astype(dtype), params["b"].astype(dtype), params["bias"].astype(dtype),
+                            params["hb"].astype(dtype), relu=True)
+
+
+def mlp_predictor(x1: jax.Array, active1: jax.Array, rank: int, *, steps: int = 400, batch: int = 1024,
+                  lr: float = 3e-3, seed: int = 0, dtype=jnp.bfloat16) -> LowRankPredictor:
+    """Trains d -> rank -> ReLU -> d_ff with binary cross-entropy on the activity labels active1 [n, d_ff] of
+    the calibration inputs x1 [n, d] (Adam, cosine decay). Its output bias is recalibrated afterwards with the
+    same penalty objective as the SVD predictors, so every method shares one threshold rule."""
+    return _train_mlp(x1, active1, jax.random.key(seed), rank=rank, steps=steps, batch=min(batch, x1.shape[0]),
+                      lr=lr, dtype=dtype)

@@ -1,0 +1,152 @@
+"""Building predictors for every layer: calibration statistics -> factors (or baseline) -> biases.
+
+One pass over the layers (calibration.layer_statistics); each layer's statistics are used and dropped before
+the next layer is computed. Stage times are accumulated so the slowest stage can be named.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from svdsparse_jax.calibration import LayerStats, calibration_windows, layer_statistics
+from svdsparse_jax.config import ModelConfig
+from svdsparse_jax.errors import SvdsparseError
+from svdsparse_jax.model import Block, Transformer
+from svdsparse_jax.predictors.base import LayerPredictor, LowRankPredictor, OraclePredictor
+from svdsparse_jax.predictors.baselines import mlp_predictor, signbit_predictor
+from svdsparse_jax.predictors.svd import whitened_svd
+from svdsparse_jax.predictors.thresholds import Target, calibrate_bias, layer_target
+
+METHODS = ("whitened", "plain", "signbit", "mlp", "oracle")
+RULES = ("s", "sparsity", "recall")
+
+
+@dataclasses.dataclass(frozen=True)
+class BuildConfig:
+    """method: one of METHODS. ranks: one rank for all layers or one per layer (SVD and MLP methods).
+    rule/value: the per-layer target ('s': s x true sparsity with s - 0.1 on layers 0-1; 'sparsity': absolute;
+    'recall': minimum recall). tokens: calibration tokens used at most (split in two halves); window: tokens
+    per context window. dtype: storage dtype of the factors (the model's by default)."""
+
+    method: str = "whitened"
+    ranks: int | tuple[int, ...] = 256
+    rule: str = "s"
+    value: float = 0.5
+    tokens: int = 16384
+    window: int = 512
+    ridge: float = 1e-3
+    dtype: str | None = None
+    mlp_steps: int = 400
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise SvdsparseError(f"method {self.method!r}: expected one of {METHODS}")
+        if self.rule not in RULES:
+            raise SvdsparseError(f"target rule {self.rule!r}: expected one of {RULES}")
+
+    def rank_of(self, layer: int, n_layers: int) -> int:
+        ranks = (self.ranks,) * n_layers if isinstance(self.ranks, int) else tuple(self.ranks)
+        if len(ranks) != n_layers:
+            raise SvdsparseError(f"{len(ranks)} ranks given for {n_layers} layers")
+        return ranks[layer]
+
+
+@dataclasses.dataclass
+class PredictorSet:
+    """One predictor per layer plus what built them. info: per-layer build facts (true sparsity on the
+    calibration half, target, predicted sparsity there); timings: seconds per stage."""
+
+    method: str
+    layers: list[LayerPredictor]
+    config: dict
+    info: list[dict] = dataclasses.field(default_factory=list)
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def layer_factors(st: LayerStats, block: Block, cfg: ModelConfig, bc: BuildConfig, target: Target,
+                  dtype) -> LayerPredictor:
+    """One layer's predictor before bias calibration (for SVD and MLP: zero output bias)."""
+    i = st.layer
+    w_gate = block.ffn.w_gate[...]
+    if bc.method in ("whitened", "plain"):
+        a, b = whitened_svd(w_gate, st.gram if bc.method == "whitened" else None, bc.rank_of(i, cfg.n_layers),
+                            bc.ridge)
+        return LowRankPredictor(a.astype(dtype), b.astype(dtype), jnp.zeros(cfg.d_ff, dtype))
+    if bc.method == "mlp":
+        active1 = block.ffn.hidden(st.x1) != 0
+        return mlp_predictor(st.x1, active1, bc.rank_of(i, cfg.n_layers), steps=bc.mlp_steps, seed=bc.seed + i,
+                             dtype=dtype)
+    if bc.method == "signbit":
+        return signbit_predictor(w_gate, st.x2, st.h2 != 0, target)
+    return OraclePredictor(cfg.act_threshold if cfg.activation == "fatrelu" else 0.0)
+
+
+def calibrate_layer(pred: LayerPredictor, st: LayerStats, block: Block, target: Target
+                    ) -> tuple[LayerPredictor, dict]:
+    """Sets a low-rank predictor's biases by the penalty objective (other types pass through) and returns it
+    with its facts on the calibration half."""
+    active2 = st.h2 != 0
+    if isinstance(pred, LowRankPredictor):
+        raw = dataclasses.replace(pred, bias=jnp.zeros_like(pred.bias)).scores(st.x2)
+        bias, _ = calibrate_bias(raw, st.importance, active2, target)
+        pred = dataclasses.replace(pred, bias=bias.astype(pred.bias.dtype))
+    gate = jnp.einsum("nd,fd->nf", st.x2, block.ffn.w_gate[...], preferred_element_type=jnp.float32)
+    predicted = pred.predict(st.x2, gate)
+    sparsity = float(1 - jnp.mean(predicted))
+    recall = float(jnp.sum(predicted & active2) / jnp.maximum(jnp.sum(active2), 1))
+    # False when the 1% guard stopped the calibration short (or, for the oracle, by construction)
+    met = sparsity >= target.value - 1e-6 if target.kind == "sparsity" else recall >= target.value - 1e-6
+    info = {"layer": st.layer, "true_sparsity": st.true_sparsity, "target": dataclasses.asdict(target),
+            "calib_predicted_sparsity": sparsity, "calib_recall": recall, "target_met": met}
+    return pred, info
+
+
+def check_build(cfg: ModelConfig, bc: BuildConfig) -> None:
+    if not cfg.is_sparse_activation:
+        raise SvdsparseError(f"activation {cfg.activation!r} has no sparsity to predict; expected one of relu, "
+                             "fatrelu, drelu")
+    for i in range(cfg.n_layers):
+        r = bc.rank_of(i, cfg.n_layers)
+        if bc.method in ("whitened", "plain", "mlp") and not 1 <= r <= min(cfg.d_model, cfg.d_ff):
+            raise SvdsparseError(f"rank {r} for layer {i}: expected 1 <= rank <= {min(cfg.d_model, cfg.d_ff)}")
+
+
+def build_predictors(model: Transformer, calib_tokens: np.ndarray, bc: BuildConfig,
+                     progress: bool = True) -> PredictorSet:
+    """Builds one predictor per layer from calibration tokens (a 1-D token stream)."""
+    cfg = model.cfg
+    check_build(cfg, bc)
+    window = min(bc.window, cfg.max_seq_len)
+    windows = calibration_windows(calib_tokens, window, bc.tokens)
+    dtype = jnp.dtype(bc.dtype) if bc.dtype else model.dtype
+    timings = {"statistics": 0.0, "factors": 0.0, "bias calibration": 0.0}
+    layers, info = [], []
+    stats_iter = layer_statistics(model, windows)
+    if progress:
+        from tqdm import tqdm
+        stats_iter = tqdm(stats_iter, total=cfg.n_layers, desc=f"build {bc.method}", leave=False)
+    t = time.perf_counter()
+    for st in stats_iter:
+        jax.block_until_ready(st.h2)
+        timings["statistics"] += time.perf_counter() - t
+        t = time.perf_counter()
+        block = model.layers[st.layer]
+        target = layer_target(bc.rule, bc.value, st.layer, st.true_sparsity)
+        pred = jax.block_until_ready(layer_factors(st, block, cfg, bc, target, dtype))
+        timings["factors"] += time.perf_counter() - t
+        t = time.perf_counter()
+        pred, facts = calibrate_layer(pred, st, block, target)
+        layers.append(pred)
+        info.append(facts)
+        timings["bias calibration"] += time.perf_counter() - t
+        t = time.perf_counter()
+    config = dataclasses.asdict(bc) | {"calibration_tokens": int(windows.size), "window": window,
+                                       "dtype": jnp.dtype(dtype).name}
+    return PredictorSet(bc.method, layers, config, info, timings)

@@ -1,0 +1,183 @@
+"""Per-neuron bias (threshold) calibration: the penalty-curve objective of the reference, solved exactly.
+
+For neuron i, sort the calibration tokens by predictor score p ascending. Placing the threshold above the k
+lowest scores predicts those k tokens inactive and costs the penalty P_i(k) = sum of m^2 over them, with
+m = |h| * ||W_down[:, i]|| the damage of dropping the neuron on that token. P_i is sampled on a grid of G
+quantile points k_j = floor(j n / G), j = 0..G. Each neuron starts at the largest grid point with zero penalty
+(capped at `start_cap` of the grid); the reference then repeatedly advances by one grid step the neuron whose
+next step adds the least penalty, until a budget is met (mean predicted sparsity, or recall), stopping early
+once more than `guard` of the neurons have been switched off entirely (advanced to j = G; the step that
+crosses the limit is taken, as in the reference's code).
+
+That Python loop of argmins (hundreds of thousands of steps per layer) is replaced by one sort. Let a neuron's
+step key be the running maximum of its marginal penalties from its start. The argmin loop takes steps in
+ascending key order (ties: lower neuron index, then earlier step): a step cheaper than the neuron's current
+head waits behind the head, and once the head is taken the cheaper steps behind it follow at once. So a
+stable argsort of the keys (laid out neuron-major) gives the loop's exact order, and cumulative sums along it
+give the stopping point. `greedy_reference` is the loop itself, in float64 NumPy, for tests.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from svdsparse_jax.errors import SvdsparseError
+
+GRID = 256
+START_CAP = 0.95
+GUARD = 0.01
+NO_THRESHOLD = 3e38  # bias of a neuron whose threshold sits below every score: always predicted active
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """The budget of one layer. kind: 'sparsity' (stop once the mean predicted sparsity over the calibration
+    tokens reaches `value`) or 'recall' (take steps while the recall of truly active (token, neuron) pairs
+    stays >= `value`)."""
+
+    kind: str
+    value: float
+
+    def __post_init__(self):
+        if self.kind not in ("sparsity", "recall"):
+            raise SvdsparseError(f"target kind {self.kind!r}: expected 'sparsity' or 'recall'")
+        if not 0.0 <= self.value <= 1.0:
+            raise SvdsparseError(f"target {self.kind} {self.value}: expected a value in [0, 1]")
+
+
+def layer_target(rule: str, value: float, layer: int, true_sparsity: float) -> Target:
+    """The reference's rules. 's': predicted sparsity = s x true sparsity (s - 0.1 on layers 0 and 1);
+    'sparsity': an absolute predicted sparsity; 'recall': a minimum recall."""
+    if rule == "s":
+        s = value - 0.1 if layer < 2 else value
+        return Target("sparsity", max(0.0, s) * true_sparsity)
+    if rule == "sparsity":
+        return Target("sparsity", value)
+    if rule == "recall":
+        return Target("recall", value)
+    raise SvdsparseError(f"target rule {rule!r}: expected 's', 'sparsity' or 'recall'")
+
+
+def _grid(n: int, grid: int) -> np.ndarray:
+    return (np.arange(grid + 1) * n) // grid
+
+
+@functools.partial(jax.jit, static_argnames=("grid", "start_cap", "guard", "kind"))
+def _calibrate(scores, importance, active, value, *, kind: str, grid: int, start_cap: float, guard: float):
+    n, f = scores.shape
+    dtype = scores.dtype
+    k = jnp.asarray(_grid(n, grid))  # [G+1] tokens below threshold at each grid point
+    # One sort along each neuron's tokens (rows of the transposes are contiguous) carrying m^2 and activity.
+    sorted_scores, m2, act_sorted = jax.lax.sort(
+        (scores.T, importance.T.astype(dtype) ** 2, active.T.astype(dtype)), dimension=1, num_keys=1)
+    sorted_scores = sorted_scores.T
+    zero = jnp.zeros((1, f), dtype)
+    cum_pen = jnp.concatenate([zero, jnp.cumsum(m2.T, 0)])
+    cum_act = jnp.concatenate([zero, jnp.cumsum(act_sorted.T, 0)])
+    pen, act = cum_pen[k], cum_act[k]  # [G+1, f]
+    j_idx = jnp.arange(grid + 1)[:, None]
+    start = jnp.max(jnp.where(pen == 0, j_idx, 0), axis=0)
+    start = jnp.minimum(start, int(start_cap * grid))  # [f]
+
+    steps = jnp.arange(grid)[:, None]  # step j: grid point j -> j+1
+    valid = steps >= start[None, :]
+    delta = pen[1:] - pen[:-1]
+    key = jax.lax.cummax(jnp.where(valid, delta, -jnp.inf), axis=0)
+    key = jnp.where(valid, key, jnp.inf)
+    flat_key = key.T.reshape(-1)  # neuron-major, then step: the argmin loop's tie order
+    perm = jnp.argsort(flat_key, stable=True)
+    neuron, step = perm // grid, perm % grid
+    taken_ok = jnp.isfinite(flat_key[perm])
+
+    tokens_step = (k[1:] - k[:-1]).astype(dtype)[step]
+    if kind == "sparsity":
+        base = jnp.sum(k[start]).astype(dtype)
+        progress = (base + jnp.cumsum(tokens_step)) / (n * f)
+        reached = progress >= value
+        first_reach = jnp.argmax(reached)  # the step that reaches the target is taken, then the loop stops
+        budget_end = jnp.where(base / (n * f) >= value, 0, jnp.where(jnp.any(reached), first_reach + 1, perm.size))
+    else:
+        total_active = jnp.maximum(jnp.sum(active).astype(dtype), 1)
+        lost0 = jnp.sum(act[start, jnp.arange(f)])
+        lost = lost0 + jnp.cumsum((act[1:] - act[:-1]).T.reshape(-1)[perm])
+        ok = 1 - lost / total_active >= value  # a step is taken only if recall stays at or above the target
+        budget_end = jnp.where(1 - lost0 / total_active >= value, jnp.argmin(ok), 0)
+        budget_end = jnp.where(jnp.all(ok), perm.size, budget_end)
+    finishing = (step == grid - 1).astype(jnp.int32)
+    over_guard = jnp.cumsum(finishing) > guard * f  # this step switches off one neuron too many: the last one
+    guard_end = jnp.where(jnp.any(over_guard), jnp.argmax(over_guard) + 1, perm.size)
+    end = jnp.minimum(jnp.minimum(budget_end, guard_end), jnp.sum(taken_ok))
+    taken = jnp.arange(perm.size) < end
+    chosen = start + jnp.zeros(f, jnp.int32).at[neuron].add(taken.astype(jnp.int32))
+    kk = k[chosen]  # tokens predicted inactive
+    tau = jnp.take_along_axis(sorted_scores, jnp.maximum(kk - 1, 0)[None, :], axis=0)[0]
+    bias = jnp.where(kk > 0, -tau, NO_THRESHOLD).astype(scores.dtype)
+    return bias, chosen
+
+
+def calibrate_bias(scores: jax.Array, importance: jax.Array, active: jax.Array, target: Target, *,
+                   grid: int = GRID, start_cap: float = START_CAP, guard: float = GUARD
+                   ) -> tuple[jax.Array, jax.Array]:
+    """Per-neuron biases b such that neuron i is predicted active iff score_i + b_i > 0.
+
+    Args:
+      scores: [n, d_ff] predictor scores of the calibration tokens WITHOUT bias (float32 or float64).
+      importance: [n, d_ff] m = |h| * ||W_down[:, i]||.
+      active: [n, d_ff] bool, the true activity (h != 0); used by the recall target.
+      target: the layer's budget.
+    Returns:
+      (bias [d_ff], chosen grid index per neuron [d_ff] int32).
+    """
+    if scores.shape != importance.shape or scores.shape != active.shape or scores.ndim != 2:
+        raise SvdsparseError(f"scores {scores.shape}, importance {importance.shape}, active {active.shape}: "
+                             "expected three [n, d_ff] arrays")
+    if scores.shape[0] < grid:
+        raise SvdsparseError(f"{scores.shape[0]} calibration tokens for a grid of {grid}: need at least {grid}")
+    return _calibrate(scores, importance, active, jnp.asarray(target.value, scores.dtype), kind=target.kind,
+                      grid=grid, start_cap=start_cap, guard=guard)
+
+
+def greedy_reference(scores: np.ndarray, importance: np.ndarray, active: np.ndarray, target: Target, *,
+                     grid: int = GRID, start_cap: float = START_CAP, guard: float = GUARD) -> np.ndarray:
+    """The reference's loop, one argmin per grid step, in float64 NumPy. Returns the chosen grid index per
+    neuron. Slow by design: the test oracle for `calibrate_bias`."""
+    scores, importance = np.asarray(scores, np.float64), np.asarray(importance, np.float64)
+    n, f = scores.shape
+    k = _grid(n, grid)
+    order = np.argsort(scores, axis=0, kind="stable")
+    pen = np.vstack([np.zeros(f), np.cumsum(np.take_along_axis(importance ** 2, order, 0), 0)])[k]
+    act = np.vstack([np.zeros(f), np.cumsum(np.take_along_axis(np.asarray(active, np.float64), order, 0), 0)])[k]
+    j = np.array([np.max(np.nonzero(pen[:, i] == 0)[0]) for i in range(f)])
+    j = np.minimum(j, int(start_cap * grid))
+    total_active = max(np.asarray(active).sum(), 1)
+    off = 0
+    while True:
+        if target.kind == "sparsity" and k[j].sum() / (n * f) >= target.value:
+            break
+        nxt = np.where(j < grid, pen[np.minimum(j + 1, grid), np.arange(f)] - pen[j, np.arange(f)], np.inf)
+        i = int(np.argmin(nxt))
+        if not np.isfinite(nxt[i]):
+            break
+        if target.kind == "recall":
+            lost = act[j, np.arange(f)].sum() + act[j[i] + 1, i] - act[j[i], i]
+            if 1 - lost / total_active < target.value:
+                break
+        j[i] += 1
+        off += int(j[i] == grid)
+        if off > guard * f:  # as the reference: the step is taken, then the loop stops
+            break
+    return j
+
+
+def penalty(scores: np.ndarray, importance: np.ndarray, chosen: np.ndarray, grid: int = GRID) -> float:
+    """Total penalty sum_i P_i(k_{chosen_i}) in float64."""
+    scores, importance = np.asarray(scores, np.float64), np.asarray(importance, np.float64)
+    n, f = scores.shape
+    order = np.argsort(scores, axis=0, kind="stable")
+    pen = np.vstack([np.zeros(f), np.cumsum(np.take_along_axis(importance ** 2, order, 0), 0)])
+    return float(pen[_grid(n, grid)[np.asarray(chosen)], np.arange(f)].sum())

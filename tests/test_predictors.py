@@ -1,0 +1,146 @@
+"""Baselines, the guarded FFN, calibration statistics, the build pipeline and predictor storage."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from svdsparse_jax import kv_cache
+from svdsparse_jax.calibration import layer_statistics
+from svdsparse_jax.config import named_config
+from svdsparse_jax.errors import SvdsparseError
+from svdsparse_jax.model import Transformer
+from svdsparse_jax.predictors import (BuildConfig, LowRankPredictor, OraclePredictor, build_predictors,
+                                      load_predictors, model_fingerprint, save_predictors)
+from svdsparse_jax.predictors.base import SignBitPredictor, pack_signs
+from svdsparse_jax.predictors.baselines import mlp_predictor, signbit_predictor
+from svdsparse_jax.predictors.thresholds import Target
+from svdsparse_jax.weights import init_weights
+
+CFG = named_config("tiny", activation="fatrelu", act_threshold=0.02, max_seq_len=128, vocab_size=64)
+
+
+def _model(seed=None):
+    seed = int(np.random.default_rng().integers(1 << 30)) if seed is None else seed
+    return Transformer(CFG, init_weights(CFG, jax.random.key(seed), jnp.float32, std=0.2))
+
+
+def _tokens(n):
+    return np.random.default_rng().integers(0, CFG.vocab_size, n)
+
+
+def test_sign_bits_count_negative_products():
+    rng = np.random.default_rng()
+    w, x = rng.normal(size=(50, 70)), rng.normal(size=(40, 70))
+    p = SignBitPredictor(pack_signs(jnp.asarray(w)), jnp.float32(1.0), 70)
+    n_neg, n_pos = p.counts(jnp.asarray(x))
+    ref = ((w[None] < 0) != (x[:, None] < 0)).sum(-1)
+    np.testing.assert_array_equal(np.asarray(n_neg), ref)
+    np.testing.assert_array_equal(np.asarray(n_pos), 70 - ref)
+    target = Target("sparsity", 0.6)
+    fitted = signbit_predictor(jnp.asarray(w), jnp.asarray(x), jnp.ones((40, 50), bool), target)
+    # the rule, in f32 as the predictor computes it: inactive iff N_neg / N_pos > alpha
+    inactive = (ref.astype(np.float32) / (70 - ref).astype(np.float32)) > np.float32(fitted.alpha)
+    np.testing.assert_array_equal(~np.asarray(fitted.predict(jnp.asarray(x))), inactive)
+    assert 0.6 <= inactive.mean() < 0.7  # at least the target, and the next tie group up would undershoot it
+    active = rng.random((40, 50)) < 0.3
+    fitted = signbit_predictor(jnp.asarray(w), jnp.asarray(x), jnp.asarray(active), Target("recall", 0.9))
+    kept = np.asarray(fitted.predict(jnp.asarray(x)))[active].mean()
+    assert 0.9 <= kept < 0.97
+
+
+def test_mlp_learns_the_labels():
+    rng = np.random.default_rng()
+    x = rng.normal(size=(2048, 16)).astype(np.float32)
+    w = rng.normal(size=(32, 4)) @ rng.normal(size=(4, 16)) / 2  # labels a rank-8 ReLU MLP can represent
+    labels = x @ w.T > 1.0
+    p = mlp_predictor(jnp.asarray(x), jnp.asarray(labels), 8, steps=1000, dtype=jnp.float32)
+    accuracy = np.mean(np.asarray(p.scores(jnp.asarray(x)) > 0) == labels)
+    assert accuracy > 0.9
+
+
+def test_guarded_ffn_equals_dense_when_all_active_and_zero_when_none():
+    model = _model()
+    ffn = model.layers[0].ffn
+    x = jnp.asarray(np.random.default_rng().normal(size=(5, CFG.d_model)), jnp.float32)
+    r = 4
+    everything = LowRankPredictor(jnp.zeros((r, CFG.d_model)), jnp.zeros((CFG.d_ff, r)), jnp.ones(CFG.d_ff))
+    nothing = dataclasses.replace(everything, bias=-jnp.ones(CFG.d_ff))
+    np.testing.assert_array_equal(np.asarray(ffn(x, everything)), np.asarray(ffn(x)))
+    np.testing.assert_array_equal(np.asarray(ffn(x, nothing)), 0.0)
+    oracle = OraclePredictor(CFG.act_threshold)
+    np.testing.assert_array_equal(np.asarray(ffn(x, oracle)), np.asarray(ffn(x)))
+
+
+def test_layer_statistics_match_a_full_forward():
+    model = _model()
+    windows = _tokens(4 * 32).reshape(4, 32)
+    cache = kv_cache.init_cache(CFG, jnp.zeros(2, jnp.int32), 32, jnp.float32)
+    collect = {}
+    model(jnp.asarray(windows[2:], jnp.int32), cache, jnp.int32(0), collect=collect)
+    for st in layer_statistics(model, windows):
+        np.testing.assert_allclose(np.asarray(st.h2), np.asarray(collect["hidden"][st.layer]).reshape(-1, CFG.d_ff),
+                                   rtol=1e-4, atol=1e-5)
+        x1 = np.asarray(st.x1, np.float64)
+        np.testing.assert_allclose(np.asarray(st.gram), x1.T @ x1, rtol=1e-4, atol=1e-4)
+        norms = np.linalg.norm(np.asarray(model.layers[st.layer].ffn.w_down_t[...]), axis=1)
+        np.testing.assert_allclose(np.asarray(st.down_norms), norms, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["whitened", "plain", "signbit", "mlp", "oracle"])
+def test_build_reaches_the_targets_on_the_calibration_half(method):
+    model = _model()
+    bc = BuildConfig(method=method, ranks=16, rule="sparsity", value=0.3, tokens=4096, window=128, mlp_steps=300)
+    ps = build_predictors(model, _tokens(4096), bc, progress=False)
+    assert len(ps.layers) == CFG.n_layers
+    for info in ps.info:
+        assert info["target_met"] or method == "oracle"
+        if method == "oracle":
+            assert info["calib_recall"] == 1.0
+        elif method == "signbit":  # integer counts: the target is met up to one tie group
+            assert 0.3 <= info["calib_predicted_sparsity"] < 0.4
+        else:
+            assert info["calib_predicted_sparsity"] >= 0.3 - 1e-6
+
+
+def test_store_round_trip_and_refusals(tmp_path):
+    model = _model(seed=1)
+    fp = model_fingerprint(CFG, {s: v for s, v in _weights(model).items()})
+    for method in ("whitened", "mlp", "signbit", "oracle"):
+        ps = build_predictors(model, _tokens(4096), BuildConfig(method=method, ranks=8, rule="s", value=0.6,
+                                                                tokens=4096, window=128, mlp_steps=20),
+                              progress=False)
+        save_predictors(tmp_path / method, ps, CFG, fp)
+        loaded = load_predictors(tmp_path / method, CFG, fp)
+        assert loaded.method == method and loaded.config == json_round(ps.config)
+        for a, b in zip(ps.layers, loaded.layers):
+            la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
+            assert type(a) is type(b) and len(la) == len(lb)
+            assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+    other = _model(seed=2)
+    with pytest.raises(SvdsparseError, match="fingerprint"):
+        load_predictors(tmp_path / "whitened", CFG, model_fingerprint(CFG, _weights(other)))
+    with pytest.raises(SvdsparseError, match=r"\(layers, d_model, d_ff\)"):
+        load_predictors(tmp_path / "whitened", dataclasses.replace(CFG, n_layers=3), None)
+    with pytest.raises(SvdsparseError, match="already exists"):
+        save_predictors(tmp_path / "whitened", ps, CFG, fp)
+    from safetensors.numpy import load_file, save_file
+    path = tmp_path / "whitened" / "predictors.safetensors"
+    tensors = load_file(path)
+    del tensors["layers.1.b"]
+    save_file(tensors, path)
+    with pytest.raises(SvdsparseError, match="layers.1.b is missing"):
+        load_predictors(tmp_path / "whitened", CFG, fp)
+
+
+def _weights(model):
+    from flax import nnx
+    state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    return {tuple(k.key for k in path): v for path, v in jax.tree_util.tree_flatten_with_path(state)[0]}
+
+
+def json_round(d):
+    import json
+    return json.loads(json.dumps(d))

@@ -1,0 +1,66 @@
+"""The jitted threshold calibration against the reference's greedy loop (float64 NumPy)."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from svdsparse_jax.errors import SvdsparseError
+from svdsparse_jax.predictors.thresholds import (Target, calibrate_bias, greedy_reference, layer_target,
+                                                 penalty)
+
+GRID = 64
+
+
+def _problem(rng, n=512, f=300, dead=0):
+    z = rng.normal(size=(n, f))
+    scores = z + 0.7 * rng.normal(size=(n, f))
+    h = np.where(z > rng.uniform(0.8, 1.6, f), rng.normal(size=(n, f)), 0.0)
+    h[:, :dead] = 0
+    importance = np.abs(h) * rng.uniform(0.5, 2.0, f)
+    # float32, as predictor scores are: the bias check below then compares like with like
+    return scores.astype(np.float32), importance.astype(np.float32), h != 0
+
+
+@pytest.mark.parametrize("target", [Target("sparsity", 0.5), Target("sparsity", 0.75), Target("recall", 0.97),
+                                    Target("recall", 0.85), Target("sparsity", 0.999)])
+def test_matches_the_greedy_loop(target):
+    rng = np.random.default_rng()
+    scores, importance, active = _problem(rng)
+    ref = greedy_reference(scores, importance, active, target, grid=GRID)
+    bias, chosen = calibrate_bias(jnp.asarray(scores, jnp.float32), jnp.asarray(importance, jnp.float32),
+                                  jnp.asarray(active), target, grid=GRID)
+    chosen = np.asarray(chosen)
+    p_ref, p_got = penalty(scores, importance, ref, GRID), penalty(scores, importance, chosen, GRID)
+    assert p_got <= p_ref * (1 + 1e-6) + 1e-12
+    n = scores.shape[0]
+    k = (np.arange(GRID + 1) * n) // GRID
+    sparsity = k[chosen].mean() / n
+    predicted_active = scores + np.asarray(bias)[None, :] > 0
+    # the biases realise the chosen grid points: neuron i is off on exactly k[chosen_i] calibration tokens
+    np.testing.assert_array_equal((~predicted_active).sum(0), k[chosen])
+    guard_hit = (chosen == GRID).sum() > 0.01 * scores.shape[1]
+    if target.kind == "sparsity" and not guard_hit:
+        assert sparsity >= target.value
+    if target.kind == "recall":
+        assert (predicted_active & active).sum() / active.sum() >= target.value
+
+
+def test_guard_stops_when_too_many_neurons_switch_off():
+    rng = np.random.default_rng()
+    scores, importance, active = _problem(rng, dead=12)  # 4% of the neurons never fire: free to switch off
+    target = Target("sparsity", 0.9)
+    ref = greedy_reference(scores, importance, active, target, grid=GRID)
+    _, chosen = calibrate_bias(jnp.asarray(scores, jnp.float32), jnp.asarray(importance, jnp.float32),
+                               jnp.asarray(active), target, grid=GRID)
+    np.testing.assert_array_equal(np.asarray(chosen), ref)
+    assert (np.asarray(chosen) == GRID).sum() == int(0.01 * 300) + 1  # the crossing step is taken, then stop
+
+
+def test_target_rules_and_errors():
+    assert layer_target("s", 0.6, 0, 0.9) == Target("sparsity", 0.5 * 0.9)
+    assert layer_target("s", 0.6, 2, 0.9) == Target("sparsity", 0.6 * 0.9)
+    assert layer_target("recall", 0.95, 5, 0.9) == Target("recall", 0.95)
+    with pytest.raises(SvdsparseError):
+        Target("sparsity", 1.5)
+    with pytest.raises(SvdsparseError, match="calibration tokens"):
+        calibrate_bias(jnp.zeros((10, 4)), jnp.zeros((10, 4)), jnp.zeros((10, 4), bool), Target("sparsity", 0.5))
