@@ -70,34 +70,50 @@ def pack_signs(v: jax.Array) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class SignBitPredictor:
     """SparseInfer (DATE 2025): N_neg = popcount(sign(w_i) XOR sign(x)) negative products, N_pos = d - N_neg;
-    neuron i is predicted inactive iff N_neg > alpha * N_pos. bits: [d_ff, ceil(d/32)] uint32; alpha: scalar."""
+    neuron i is predicted inactive iff N_neg > alpha * N_pos. bits: [d_ff, ceil(d/32)] uint32. alpha is kept as
+    an exact fraction alpha_num / alpha_den (int32 scalars) and the rule is evaluated in integers,
+    N_neg * den > num * N_pos, so it is the same on every backend (alpha = +inf: num 1, den 0)."""
 
     bits: jax.Array
-    alpha: jax.Array
+    alpha_num: jax.Array
+    alpha_den: jax.Array
     d: int
 
+    @property
+    def alpha(self) -> float:
+        return float(self.alpha_num) / float(self.alpha_den) if int(self.alpha_den) else float("inf")
+
     def counts(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
-        xb = pack_signs(x)[..., None, :]  # [..., 1, words]
-        n_neg = jnp.sum(jax.lax.population_count(self.bits ^ xb), axis=-1).astype(F32)
+        """(N_neg, N_pos) int32 [..., d_ff]. Decode-sized inputs XOR packed bits and count them; larger batches
+        use the same counts through an exact +-1 matmul, N_neg = (d - sign(w) . sign(x)) / 2, which needs no
+        [tokens, d_ff, words] intermediate."""
+        rows = x.size // x.shape[-1]
+        if rows <= 16:
+            xb = pack_signs(x)[..., None, :]  # [..., 1, words]
+            n_neg = jnp.sum(jax.lax.population_count(self.bits ^ xb), axis=-1, dtype=jnp.int32)
+        else:
+            shifts = jnp.arange(32, dtype=jnp.uint32)
+            neg_w = ((self.bits[..., None] >> shifts) & 1).reshape(self.bits.shape[0], -1)[:, : self.d]
+            sw = (1 - 2 * neg_w.astype(jnp.int32)).astype(jnp.bfloat16)  # +-1, exact in bf16
+            sx = jnp.where(x < 0, -1.0, 1.0).astype(jnp.bfloat16)
+            dot = jnp.einsum("...i,fi->...f", sx, sw, preferred_element_type=F32)  # |dot| <= d < 2^24: exact
+            n_neg = ((self.d - dot) / 2).astype(jnp.int32)
         return n_neg, self.d - n_neg
 
-    def ratio(self, x: jax.Array) -> jax.Array:
-        """c = N_neg / N_pos (f32): the neuron is predicted inactive iff c > alpha."""
-        n_neg, n_pos = self.counts(x)
-        return n_neg / jnp.maximum(n_pos, 1e-9)
-
     def scores(self, x: jax.Array, gate: jax.Array | None = None) -> jax.Array:
-        return self.alpha - self.ratio(x)
+        """-N_neg / N_pos (f32): higher = more likely active (the rule itself is exact, in `predict`)."""
+        n_neg, n_pos = self.counts(x)
+        return -n_neg.astype(F32) / jnp.maximum(n_pos, 1).astype(F32)
 
     def predict(self, x: jax.Array, gate: jax.Array | None = None) -> jax.Array:
-        # the same f32 ratio alpha was chosen on (baselines.signbit_predictor), so the calibration is exact
-        return self.ratio(x) <= self.alpha
+        n_neg, n_pos = self.counts(x)
+        return n_neg * self.alpha_den <= self.alpha_num * n_pos
 
     def nbytes(self) -> int:
-        return self.bits.size * 4 + 4
+        return self.bits.size * 4 + 8
 
 
-jax.tree_util.register_dataclass(SignBitPredictor, data_fields=["bits", "alpha"], meta_fields=["d"])
+jax.tree_util.register_dataclass(SignBitPredictor, data_fields=["bits", "alpha_num", "alpha_den"], meta_fields=["d"])
 
 
 @dataclasses.dataclass(frozen=True)

@@ -17,23 +17,30 @@ from svdsparse_jax.predictors.thresholds import Target
 def signbit_predictor(w_gate: jax.Array, x2: jax.Array, active2: jax.Array, target: Target) -> SignBitPredictor:
     """Packs the sign bits of w_gate [d_ff, d] and picks the layer's alpha on calibration inputs x2 [n, d].
 
-    Neuron i is inactive on a token iff alpha < c = N_neg / N_pos. The counts are integers, so c has ties; alpha
-    is chosen so the target is met, as the SVD calibration does: for a predicted-sparsity target, the largest c
-    value below the one that must be switched off (so at least `value` of the (token, neuron) pairs are off);
-    for a recall target, the smallest alpha keeping at least `value` of the truly active pairs (active2)."""
+    Neuron i is inactive on a token iff N_neg > alpha N_pos, i.e. iff alpha < c = N_neg / N_pos. The counts
+    are integers, so c has ties, and alpha is taken as one of the observed fractions (exact): for a
+    predicted-sparsity target, the largest c below the smallest one that must be switched off (so at least
+    `value` of the (token, neuron) pairs are off); for a recall target, the smallest c keeping at least
+    `value` of the truly active pairs (active2 [n, d_ff]) on. Fractions are ordered in float64 on the host,
+    which separates any two distinct ones with denominators up to d."""
     d = w_gate.shape[1]
-    pred = SignBitPredictor(pack_signs(w_gate), jnp.float32(1.0), d)
-    ratio = np.asarray(jax.jit(SignBitPredictor.ratio)(pred, x2))
+    probe = SignBitPredictor(pack_signs(w_gate), jnp.int32(1), jnp.int32(0), d)
+    n_neg, n_pos = (np.asarray(c).reshape(-1) for c in jax.jit(SignBitPredictor.counts)(probe, x2))
+    ratio = n_neg / np.maximum(n_pos, 1e-300)  # N_pos = 0 gives +inf: always off unless alpha is +inf
+    order = np.argsort(ratio, kind="stable")
     if target.kind == "sparsity":
-        ordered = np.sort(ratio.reshape(-1))
-        off = int(np.ceil(target.value * ordered.size))
-        below = ordered[ordered < ordered[ordered.size - off]] if off else ordered
-        alpha = below[-1] if below.size else -1.0  # ratios are >= 0: alpha = -1 switches every pair off
+        off = int(np.ceil(target.value * ratio.size))
+        if off == 0:
+            num, den = 1, 0  # +inf: every pair on
+        else:
+            first_off = ratio[order[ratio.size - off]]
+            below = order[: np.searchsorted(ratio[order], first_off, "left")]
+            num, den = (int(n_neg[below[-1]]), int(n_pos[below[-1]])) if below.size else (-1, 1)
     else:
-        kept = np.sort(ratio[np.asarray(active2)])
-        need = int(np.ceil(target.value * kept.size))
-        alpha = kept[need - 1] if need else -1.0
-    return SignBitPredictor(pred.bits, jnp.float32(alpha), d)
+        keep = order[np.asarray(active2).reshape(-1)[order]]  # truly active pairs, by ratio
+        need = int(np.ceil(target.value * keep.size))
+        num, den = (int(n_neg[keep[need - 1]]), int(n_pos[keep[need - 1]])) if need else (-1, 1)
+    return SignBitPredictor(probe.bits, jnp.int32(num), jnp.int32(den), d)
 
 
 @functools.partial(jax.jit, static_argnames=("rank", "steps", "batch", "dtype"))

@@ -43,7 +43,7 @@ def _layer_entry(i: int, p) -> tuple[dict, dict]:
         return {"type": "lowrank", "relu": p.relu, "rank": p.rank}, tensors
     if isinstance(p, SignBitPredictor):
         return {"type": "signbit", "d": p.d}, {f"layers.{i}.bits": p.bits.view(jnp.int32),
-                                               f"layers.{i}.alpha": p.alpha.reshape(1)}
+                                               f"layers.{i}.alpha": jnp.stack([p.alpha_num, p.alpha_den])}
     return {"type": "oracle", "threshold": p.threshold}, {}
 
 
@@ -111,7 +111,7 @@ def load_predictors(pred_dir: str | os.PathLike, cfg: ModelConfig, fingerprint: 
             if bad:
                 raise SvdsparseError(f"{pred_dir / TENSORS}: layer {i}: misshapen tensors {bad}")
         elif e["type"] == "signbit":
-            p = SignBitPredictor(t("bits").view(jnp.uint32), t("alpha").reshape(()), e["d"])
+            p = SignBitPredictor(t("bits").view(jnp.uint32), t("alpha")[0], t("alpha")[1], e["d"])
         elif e["type"] == "oracle":
             p = OraclePredictor(e["threshold"])
         else:
