@@ -67,7 +67,6 @@ def bench_shape(shape: str, batch: int, prompt_len: int, new_tokens: int, dtype,
         weight_bytes += cfg.vocab_size * cfg.d_model * itemsize
     slots = bucket(prompt_len) + bucket(new_tokens)
     kv_bytes = 2 * cfg.n_layers * batch * cfg.n_kv_heads * slots * cfg.head_dim * itemsize
-    del gen, weights
     return {
         "shape": shape, "dtype": jnp.dtype(dtype).name, "batch": batch, "prompt_len": prompt_len,
         "new_tokens": new_tokens, "compile_s": round(compile_s, 2),

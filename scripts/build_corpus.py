@@ -15,32 +15,15 @@ import argparse
 import hashlib
 import json
 import platform
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from svdsparse_jax.corpus import SPLITS, list_modules, read_source, stdlib_dir  # noqa: E402
-
-SPECIAL = ["<s>", "</s>", "<unk>"]
-
-
-def train_tokenizer(texts: list[str], vocab_size: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-
+from svdsparse_jax.corpus import SPLITS, list_modules, read_source, stdlib_dir, train_bpe_tokenizer  # noqa: E402
+from svdsparse_jax.fsutil import atomic_directory  # noqa: E402
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -56,9 +39,8 @@ def main() -> int:
         return 2
     modules = list_modules()
     texts = {s: [read_source(p) for _, p in modules[s]] for s in SPLITS}
-    tok = train_tokenizer(texts["train"], args.vocab_size)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent if out.parent.exists() else None))
-    try:
+    tok = train_bpe_tokenizer(texts["train"], args.vocab_size)
+    with atomic_directory(out) as tmp:
         tok.save_pretrained(tmp / "tokenizer")
         manifest = {"python": platform.python_version(), "stdlib": str(stdlib_dir()),
                     "split_rule": "sha256(module)[:8] % 100: 0-89 train, 90-94 calib, 95-99 heldout",
@@ -72,11 +54,6 @@ def main() -> int:
                 "files": {m: hashlib.sha256(t.encode()).hexdigest()[:16] for (m, _), t in zip(modules[s], texts[s])}}
             print(f"{s:8s} {len(modules[s]):5d} modules {flat.size:10d} tokens")
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(str(tmp), str(out))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return 0
 
 

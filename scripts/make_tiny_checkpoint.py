@@ -24,16 +24,12 @@ def main() -> int:
         return 2
 
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaConfig, LlamaForCausalLM
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=args.vocab_size, special_tokens=["<s>", "</s>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator([inspect.getsource(os)], trainer)
-    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from svdsparse_jax.corpus import train_bpe_tokenizer
+
+    hf_tok = train_bpe_tokenizer([inspect.getsource(os)], args.vocab_size)
 
     torch.manual_seed(args.seed)
     cfg = LlamaConfig(vocab_size=len(hf_tok), hidden_size=64, intermediate_size=256, num_hidden_layers=2,

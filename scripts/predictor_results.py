@@ -19,7 +19,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from svdsparse_jax.calibration import calibration_windows, layer_statistics  # noqa: E402

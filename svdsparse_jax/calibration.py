@@ -68,10 +68,8 @@ def _ffn_norm(graphdef, state, x):
 
 @jax.jit(static_argnums=(0,))
 def _ffn_part(graphdef, state, x_mid, ffn_in):
-    """Returns (the residual stream after the FFN, h f32)."""
-    block: Block = nnx.merge(graphdef, state)
-    collect: dict[str, list] = {}
-    return x_mid + block.ffn(ffn_in, collect=collect), collect["hidden"][0]
+    """The residual stream after the FFN."""
+    return x_mid + nnx.merge(graphdef, state).ffn(ffn_in)
 
 
 @jax.jit
@@ -93,7 +91,7 @@ def layer_inputs(model: Transformer, windows: np.ndarray, batch: int = 8) -> Ite
         ffn_in = jnp.concatenate(ffn_ins)
         yield i, ffn_in
         for s, mid in zip(range(0, x.shape[0], batch), mids):
-            outs.append(_ffn_part(graphdef, state, mid, ffn_in[s:s + batch])[0])
+            outs.append(_ffn_part(graphdef, state, mid, ffn_in[s:s + batch]))
         x = jnp.concatenate(outs)
 
 

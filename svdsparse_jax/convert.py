@@ -18,7 +18,6 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path as FsPath
 from typing import Any
 
@@ -28,6 +27,7 @@ import numpy as np
 
 from svdsparse_jax.config import ModelConfig, read_hf_config
 from svdsparse_jax.errors import SvdsparseError
+from svdsparse_jax.fsutil import atomic_directory
 from svdsparse_jax.weights import Path, WeightSpec, weight_specs
 
 FORMAT_VERSION = 1
@@ -182,7 +182,7 @@ def read_hf_weights(hf_dir: str | os.PathLike, cfg: ModelConfig, dtype: jnp.dtyp
 
 # ------------------------------------------------------------------------------------- converted directories
 
-def _nest(flat: dict[Path, Any]) -> dict[str, Any]:
+def nest_weights(flat: dict[Path, Any]) -> dict[str, Any]:
     """{('layers', 0, 'attn', 'wq'): a} -> {'layers': {'0': {'attn': {'wq': a}}}} (string keys for orbax)."""
     tree: dict[str, Any] = {}
     for path, value in flat.items():
@@ -193,7 +193,7 @@ def _nest(flat: dict[Path, Any]) -> dict[str, Any]:
     return tree
 
 
-def _unnest(tree: dict[str, Any], cfg: ModelConfig) -> dict[Path, Any]:
+def unnest_weights(tree: dict[str, Any], cfg: ModelConfig) -> dict[Path, Any]:
     out = {}
     for spec in weight_specs(cfg):
         node = tree
@@ -212,15 +212,10 @@ def save_converted(out_dir: str | os.PathLike, cfg: ModelConfig, weights: dict[P
                    source_dir: str | os.PathLike | None = None, *, source: str = "") -> FsPath:
     """Writes a converted directory atomically: everything goes to a temporary sibling that is renamed to
     out_dir only when complete. Refuses to overwrite an existing out_dir."""
-    out_dir = FsPath(out_dir).absolute()
-    if out_dir.exists():
-        raise SvdsparseError(f"{out_dir}: already exists; remove it or choose another output directory")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = FsPath(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         dtype = next(iter(weights.values())).dtype
         ckpt = _checkpointer()
-        ckpt.save(tmp / "params", _nest(weights))
+        ckpt.save(tmp / "params", nest_weights(weights))
         ckpt.wait_until_finished()
         if source_dir is not None:
             for name in ("config.json",) + TOKENIZER_FILES:
@@ -229,11 +224,7 @@ def save_converted(out_dir: str | os.PathLike, cfg: ModelConfig, weights: dict[P
         meta = {"format": FORMAT_VERSION, "config": cfg.to_dict(), "dtype": jnp.dtype(dtype).name,
                 "source": source or (str(source_dir) if source_dir else "")}
         (tmp / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return FsPath(out_dir).absolute()
 
 
 def read_converted(model_dir: str | os.PathLike, dtype: jnp.dtype | None = None
@@ -249,13 +240,13 @@ def read_converted(model_dir: str | os.PathLike, dtype: jnp.dtype | None = None
         raise SvdsparseError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT_VERSION}")
     cfg = ModelConfig.from_dict(meta["config"])
     saved_dtype = jnp.dtype(meta["dtype"])
-    target = _nest({s.path: jax.ShapeDtypeStruct(s.shape, saved_dtype) for s in weight_specs(cfg)})
+    target = nest_weights({s.path: jax.ShapeDtypeStruct(s.shape, saved_dtype) for s in weight_specs(cfg)})
     try:
         restored = _checkpointer().restore(model_dir / "params", target)
     except Exception as e:  # orbax raises several types for a damaged or mismatched checkpoint
         raise SvdsparseError(f"{model_dir / 'params'}: cannot restore the parameters ({type(e).__name__}: {e})") \
             from None
-    weights = _unnest(restored, cfg)
+    weights = unnest_weights(restored, cfg)
     if dtype is not None and jnp.dtype(dtype) != saved_dtype:
         weights = {k: v.astype(dtype) for k, v in weights.items()}
     return cfg, weights
@@ -278,12 +269,7 @@ def write_hf_checkpoint(out_dir: str | os.PathLike, cfg: ModelConfig, weights: d
 
     from svdsparse_jax.config import to_hf_config
 
-    out_dir = FsPath(out_dir).absolute()
-    if out_dir.exists():
-        raise SvdsparseError(f"{out_dir}: already exists; remove it or choose another output directory")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = FsPath(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         tensors = {s.hf_name: (weights[s.path].T if s.hf_transposed else weights[s.path]).astype(dtype)
                    for s in weight_specs(cfg)}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
@@ -295,11 +281,7 @@ def write_hf_checkpoint(out_dir: str | os.PathLike, cfg: ModelConfig, weights: d
                     shutil.copy2(FsPath(tokenizer_dir) / name, tmp / name)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return FsPath(out_dir).absolute()
 
 
 # ------------------------------------------------------------------------------------------------ loading

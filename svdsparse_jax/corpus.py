@@ -46,3 +46,18 @@ def list_modules(root: Path | None = None) -> dict[str, list[tuple[str, Path]]]:
 def read_source(path: Path) -> str:
     """A file's text; the few stdlib files that are not valid UTF-8 (test data) are decoded with replacement."""
     return path.read_bytes().decode("utf-8", errors="replace")
+
+
+def train_bpe_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE tokenizer (the `tokenizers` library) trained on texts, wrapped so that
+    `save_pretrained` / `AutoTokenizer.from_pretrained` round-trip it. Special tokens: <s>, </s>, <unk>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<unk>"],
+                                  show_progress=False, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")

@@ -18,7 +18,7 @@ from flax import nnx
 from svdsparse_jax import kv_cache
 from svdsparse_jax.errors import SvdsparseError
 from svdsparse_jax.generate import bucket
-from svdsparse_jax.model import Transformer
+from svdsparse_jax.model import Transformer, ffn_hidden, linear
 
 
 @jax.jit(static_argnums=(0,))
@@ -132,7 +132,6 @@ def auroc(scores: jax.Array, labels: jax.Array) -> jax.Array:
 
 def _layer_metrics(pred, x, w_gate, w_up, w_down_t, cfg_act, auroc_tokens):
     """Per-layer metrics of one predictor on dense FFN inputs x [n, d] (AUROC on the first auroc_tokens)."""
-    from svdsparse_jax.model import ffn_hidden, linear  # noqa: F811
     gate, up = linear(x, w_gate), linear(x, w_up)
     h = ffn_hidden(cfg_act, gate, up)
     active = h != 0

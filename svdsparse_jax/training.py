@@ -24,7 +24,7 @@ import optax
 
 from svdsparse_jax import kv_cache
 from svdsparse_jax.config import ModelConfig
-from svdsparse_jax.convert import DTYPES, _nest, _unnest
+from svdsparse_jax.convert import DTYPES, nest_weights, unnest_weights
 from svdsparse_jax.model import Transformer
 from svdsparse_jax.weights import init_weights
 
@@ -57,7 +57,7 @@ def optimizer(tc: TrainConfig) -> optax.GradientTransformation:
 
 
 def init_state(cfg: ModelConfig, tc: TrainConfig) -> dict[str, Any]:
-    weights = _nest(init_weights(cfg, jax.random.key(tc.seed), jnp.float32))
+    weights = nest_weights(init_weights(cfg, jax.random.key(tc.seed), jnp.float32))
     return {"weights": weights, "opt_state": optimizer(tc).init(weights), "step": jnp.int32(0),
             "l1": jnp.float32(0.0), "sparsity_ema": jnp.float32(0.0)}
 
@@ -73,7 +73,7 @@ def loss_fn(weights, tokens, l1, cfg: ModelConfig, tc: TrainConfig):
     """Next-token cross-entropy + l1 * mean |h| (mean over layers, tokens and neurons).
     Returns (loss, (cross-entropy, per-layer sparsity [n_layers]))."""
     dtype = DTYPES[tc.compute_dtype]
-    model = Transformer(cfg, {k: v.astype(dtype) for k, v in _unnest(weights, cfg).items()})
+    model = Transformer(cfg, {k: v.astype(dtype) for k, v in unnest_weights(weights, cfg).items()})
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     cache = kv_cache.init_cache(cfg, jnp.zeros(inputs.shape[0], jnp.int32), inputs.shape[1], dtype)
     collect: dict[str, list] = {}
@@ -108,7 +108,7 @@ def train_step(state: dict[str, Any], tokens: jax.Array, cfg: ModelConfig, tc: T
 
 def bf16_weights(state: dict[str, Any], cfg: ModelConfig, dtype=jnp.bfloat16):
     """The trained weights keyed by spec path, cast for inference/export."""
-    return {k: v.astype(dtype) for k, v in _unnest(state["weights"], cfg).items()}
+    return {k: v.astype(dtype) for k, v in unnest_weights(state["weights"], cfg).items()}
 
 
 def save_checkpoint(path, state: dict[str, Any]) -> None:

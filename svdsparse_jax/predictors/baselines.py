@@ -7,7 +7,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from svdsparse_jax.predictors.base import LowRankPredictor, SignBitPredictor, pack_signs
@@ -18,29 +17,38 @@ def signbit_predictor(w_gate: jax.Array, x2: jax.Array, active2: jax.Array, targ
     """Packs the sign bits of w_gate [d_ff, d] and picks the layer's alpha on calibration inputs x2 [n, d].
 
     Neuron i is inactive on a token iff N_neg > alpha N_pos, i.e. iff alpha < c = N_neg / N_pos. The counts
-    are integers, so c has ties, and alpha is taken as one of the observed fractions (exact): for a
+    are integers, so c has ties, and alpha is taken as one of the observed fractions, kept exact: for a
     predicted-sparsity target, the largest c below the smallest one that must be switched off (so at least
-    `value` of the (token, neuron) pairs are off); for a recall target, the smallest c keeping at least
-    `value` of the truly active pairs (active2 [n, d_ff]) on. Fractions are ordered in float64 on the host,
-    which separates any two distinct ones with denominators up to d."""
+    `value` of the (token, neuron) pairs are off); for a recall target, the smallest c keeping at least `value`
+    of the truly active pairs (active2 [n, d_ff]) on. The pairs are ordered on the device by c in float32
+    (two distinct fractions closer than float32 can resolve may swap, which moves the result by those pairs)."""
     d = w_gate.shape[1]
     probe = SignBitPredictor(pack_signs(w_gate), jnp.int32(1), jnp.int32(0), d)
-    n_neg, n_pos = (np.asarray(c).reshape(-1) for c in jax.jit(SignBitPredictor.counts)(probe, x2))
-    ratio = n_neg / np.maximum(n_pos, 1e-300)  # N_pos = 0 gives +inf: always off unless alpha is +inf
-    order = np.argsort(ratio, kind="stable")
-    if target.kind == "sparsity":
-        off = int(np.ceil(target.value * ratio.size))
-        if off == 0:
-            num, den = 1, 0  # +inf: every pair on
-        else:
-            first_off = ratio[order[ratio.size - off]]
-            below = order[: np.searchsorted(ratio[order], first_off, "left")]
-            num, den = (int(n_neg[below[-1]]), int(n_pos[below[-1]])) if below.size else (-1, 1)
+    num, den = _signbit_alpha(probe, x2, active2, target.kind == "sparsity", jnp.float32(target.value))
+    return SignBitPredictor(probe.bits, num, den, d)
+
+
+@functools.partial(jax.jit, static_argnames=("by_sparsity",))
+def _signbit_alpha(probe: SignBitPredictor, x, active, by_sparsity: bool, value):
+    n_neg, n_pos = (c.reshape(-1) for c in probe.counts(x))
+    ratio = jnp.where(n_pos > 0, n_neg / jnp.maximum(n_pos, 1).astype(jnp.float32), jnp.inf)
+    if by_sparsity:
+        order = jnp.argsort(ratio)
+        ordered = ratio[order]
+        off = jnp.ceil(value * ratio.size).astype(jnp.int32)
+        first_off = ordered[jnp.clip(ratio.size - off, 0, ratio.size - 1)]
+        n_below = jnp.searchsorted(ordered, first_off, side="left")
+        pick = order[jnp.maximum(n_below - 1, 0)]
+        num = jnp.where(off == 0, 1, jnp.where(n_below > 0, n_neg[pick], -1))
+        den = jnp.where(off == 0, 0, jnp.where(n_below > 0, n_pos[pick], 1))
     else:
-        keep = order[np.asarray(active2).reshape(-1)[order]]  # truly active pairs, by ratio
-        need = int(np.ceil(target.value * keep.size))
-        num, den = (int(n_neg[keep[need - 1]]), int(n_pos[keep[need - 1]])) if need else (-1, 1)
-    return SignBitPredictor(probe.bits, jnp.int32(num), jnp.int32(den), d)
+        keyed = jnp.where(active.reshape(-1), ratio, jnp.inf)  # inactive pairs sort last
+        order = jnp.argsort(keyed)
+        need = jnp.ceil(value * jnp.sum(active)).astype(jnp.int32)
+        pick = order[jnp.maximum(need - 1, 0)]
+        num = jnp.where(need > 0, n_neg[pick], -1)
+        den = jnp.where(need > 0, n_pos[pick], 1)
+    return num.astype(jnp.int32), den.astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("rank", "steps", "batch", "dtype"))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -17,7 +16,7 @@ import numpy as np
 from svdsparse_jax.calibration import LayerStats, calibration_windows, layer_statistics
 from svdsparse_jax.config import ModelConfig
 from svdsparse_jax.errors import SvdsparseError
-from svdsparse_jax.model import Block, Transformer
+from svdsparse_jax.model import Block, Transformer, linear
 from svdsparse_jax.predictors.base import LayerPredictor, LowRankPredictor, OraclePredictor
 from svdsparse_jax.predictors.baselines import mlp_predictor, signbit_predictor
 from svdsparse_jax.predictors.svd import whitened_svd
@@ -97,7 +96,7 @@ def calibrate_layer(pred: LayerPredictor, st: LayerStats, block: Block, target: 
         raw = dataclasses.replace(pred, bias=jnp.zeros_like(pred.bias)).scores(st.x2)
         bias, _ = calibrate_bias(raw, st.importance, active2, target)
         pred = dataclasses.replace(pred, bias=bias.astype(pred.bias.dtype))
-    gate = jnp.einsum("nd,fd->nf", st.x2, block.ffn.w_gate[...], preferred_element_type=jnp.float32)
+    gate = linear(st.x2, block.ffn.w_gate[...])  # as the FFN computes it (full f32 precision on GPUs too)
     predicted = pred.predict(st.x2, gate)
     sparsity = float(1 - jnp.mean(predicted))
     recall = float(jnp.sum(predicted & active2) / jnp.maximum(jnp.sum(active2), 1))

@@ -7,16 +7,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 from svdsparse_jax.config import ModelConfig
 from svdsparse_jax.errors import SvdsparseError
+from svdsparse_jax.fsutil import atomic_directory
 from svdsparse_jax.predictors.base import LowRankPredictor, OraclePredictor, SignBitPredictor
 from svdsparse_jax.predictors.build import PredictorSet
 
@@ -50,10 +48,6 @@ def _layer_entry(i: int, p) -> tuple[dict, dict]:
 def save_predictors(out_dir: str | os.PathLike, pset: PredictorSet, cfg: ModelConfig, fingerprint: str) -> Path:
     from safetensors.flax import save_file
 
-    out_dir = Path(out_dir).absolute()
-    if out_dir.exists():
-        raise SvdsparseError(f"{out_dir}: already exists; remove it or choose another output directory")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
     entries, tensors = [], {}
     for i, p in enumerate(pset.layers):
         e, t = _layer_entry(i, p)
@@ -62,16 +56,11 @@ def save_predictors(out_dir: str | os.PathLike, pset: PredictorSet, cfg: ModelCo
     manifest = {"format": FORMAT, "method": pset.method, "config": pset.config, "n_layers": cfg.n_layers,
                 "d_model": cfg.d_model, "d_ff": cfg.d_ff, "fingerprint": fingerprint, "layers": entries,
                 "info": pset.info, "timings": pset.timings}
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
-    try:
+    with atomic_directory(out_dir) as tmp:
         if tensors:
             save_file({k: jnp.asarray(v) for k, v in tensors.items()}, str(tmp / TENSORS))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out_dir
+    return Path(out_dir).absolute()
 
 
 def load_predictors(pred_dir: str | os.PathLike, cfg: ModelConfig, fingerprint: str | None) -> PredictorSet:
