@@ -71,6 +71,8 @@ def main() -> int:
         sets[name] = PredictorSet(method, layers, {"method": method, "rank": rank, "s": s}, info)
         print(f"built {name} ({time.time() - t0:.0f} s)", flush=True)
     reports = evaluate_predictors(model, sets, np.load(corpus / "heldout.npy"), 512, args.max_windows)
+    for name, ps in sets.items():  # layers whose calibration reached its target (the 1% guard can stop it)
+        reports[name]["targets_met"] = sum(i["target_met"] for i in ps.info)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"model": "bundled default model", "dtype": args.dtype, "calibration_tokens": int(windows.size),
