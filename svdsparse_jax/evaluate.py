@@ -1,7 +1,11 @@
-"""Evaluation of a model on text: per-token log-probabilities, negative log-likelihood and perplexity.
+"""Evaluation: a model on text, and predictors against the dense model.
 
-Texts longer than the window are scored in windows that overlap by one token, so every token after the first
-is predicted exactly once; each window restarts the context (no state carries across windows).
+- `score_tokens`: per-token log-probabilities, NLL and perplexity. Texts longer than the window are scored in
+  windows that overlap by one token, so every token after the first is predicted once; each window restarts
+  the context.
+- `evaluate_stream`: perplexity and per-layer FFN sparsity of a token stream in non-overlapping windows.
+- `evaluate_predictors`: per-layer predictor metrics (sparsity, recall, precision, exact AUROC, FFN error) and
+  whole-model ones (perplexity dense vs sparse, top-1 agreement, rows read), plus `write_plots`.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from flax import nnx
 from svdsparse_jax import kv_cache
 from svdsparse_jax.errors import SvdsparseError
 from svdsparse_jax.generate import bucket
-from svdsparse_jax.model import Transformer, ffn_hidden, linear
+from svdsparse_jax.model import Transformer, einsum, ffn_hidden, linear
 
 
 @jax.jit(static_argnums=(0,))
@@ -130,17 +134,16 @@ def auroc(scores: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.where((n_pos > 0) & (n_neg > 0), u / jnp.maximum(n_pos * n_neg, 1), jnp.nan)
 
 
-def _layer_metrics(pred, x, w_gate, w_up, w_down_t, cfg_act, auroc_tokens):
+def _layer_metrics(pred, x, w_gate, w_up, w_down_t, cfg, auroc_tokens):
     """Per-layer metrics of one predictor on dense FFN inputs x [n, d] (AUROC on the first auroc_tokens)."""
     gate, up = linear(x, w_gate), linear(x, w_up)
-    h = ffn_hidden(cfg_act, gate, up)
+    h = ffn_hidden(cfg, gate, up)
     active = h != 0
     predicted = pred.predict(x, gate)
     hit = jnp.sum(predicted & active)
     dt = w_down_t.dtype
-    y = jnp.einsum("nf,fd->nd", h.astype(dt), w_down_t, preferred_element_type=jnp.float32)
-    y_sparse = jnp.einsum("nf,fd->nd", jnp.where(predicted, h, 0).astype(dt), w_down_t,
-                          preferred_element_type=jnp.float32)
+    y = einsum("nf,fd->nd", h.astype(dt), w_down_t)
+    y_sparse = einsum("nf,fd->nd", jnp.where(predicted, h, 0).astype(dt), w_down_t)
     return {"true_sparsity": 1 - jnp.mean(active), "predicted_sparsity": 1 - jnp.mean(predicted),
             "recall": hit / jnp.maximum(jnp.sum(active), 1), "precision": hit / jnp.maximum(jnp.sum(predicted), 1),
             "auroc": jnp.nanmean(auroc(pred.scores(x[:auroc_tokens], gate[:auroc_tokens]), active[:auroc_tokens])),

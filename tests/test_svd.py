@@ -1,5 +1,6 @@
 """Whitened and plain SVD predictors against float64 NumPy references."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -29,9 +30,12 @@ def test_whitened_matches_float64_reference():
     ref = b_ref @ a_ref
     got = np.asarray(b, np.float64) @ np.asarray(a, np.float64)
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 2e-3
-    # float64 inputs take the float64 path and agree to round-off
-    a64, b64 = whitened_svd(jnp.asarray(w, jnp.float32), jnp.asarray(gram, jnp.float32).astype(jnp.float32), r)
-    assert a64.shape == (r, w.shape[1]) and b64.shape == (w.shape[0], r)
+    # float64 inputs (where x64 is on) take the float64 path and agree to round-off
+    with jax.enable_x64(True):
+        a64, b64 = whitened_svd(jnp.asarray(w, jnp.float64), jnp.asarray(gram, jnp.float64), r, ridge)
+        assert a64.dtype == jnp.float64
+        got64 = np.asarray(b64) @ np.asarray(a64)
+    assert np.linalg.norm(got64 - ref) / np.linalg.norm(ref) < 1e-8
 
 
 def test_plain_is_the_truncated_svd():
