@@ -27,7 +27,7 @@ import numpy as np
 
 from svdsparse_jax.config import ModelConfig, read_hf_config
 from svdsparse_jax.errors import SvdsparseError
-from svdsparse_jax.fsutil import atomic_directory
+from svdsparse_jax.fsutil import atomic_directory, read_versioned_json
 from svdsparse_jax.weights import Path, WeightSpec, weight_specs
 
 FORMAT_VERSION = 1
@@ -231,13 +231,7 @@ def read_converted(model_dir: str | os.PathLike, dtype: jnp.dtype | None = None
                    ) -> tuple[ModelConfig, dict[Path, jax.Array]]:
     """Loads a converted directory: (config, weights), weights cast to `dtype` if given."""
     model_dir = FsPath(model_dir).absolute()
-    meta_path = model_dir / MARKER
-    try:
-        meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SvdsparseError(f"{meta_path}: cannot read ({e})") from None
-    if meta.get("format") != FORMAT_VERSION:
-        raise SvdsparseError(f"{meta_path}: format {meta.get('format')!r}, expected {FORMAT_VERSION}")
+    meta = read_versioned_json(model_dir / MARKER, FORMAT_VERSION, "a converted-model description")
     cfg = ModelConfig.from_dict(meta["config"])
     saved_dtype = jnp.dtype(meta["dtype"])
     target = nest_weights({s.path: jax.ShapeDtypeStruct(s.shape, saved_dtype) for s in weight_specs(cfg)})

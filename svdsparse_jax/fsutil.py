@@ -27,3 +27,16 @@ def atomic_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_versioned_json(path: Path, version: int, what: str) -> dict:
+    """Reads a JSON file whose "format" field must equal `version`; errors name the file and say what it is."""
+    import json
+
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise SvdsparseError(f"{path}: cannot read {what} ({e})") from None
+    if data.get("format") != version:
+        raise SvdsparseError(f"{path}: {what} format {data.get('format')!r}, expected {version}")
+    return data

@@ -14,7 +14,7 @@ import numpy as np
 
 from svdsparse_jax.config import ModelConfig
 from svdsparse_jax.errors import SvdsparseError
-from svdsparse_jax.fsutil import atomic_directory
+from svdsparse_jax.fsutil import atomic_directory, read_versioned_json
 from svdsparse_jax.predictors.base import LowRankPredictor, OraclePredictor, SignBitPredictor
 from svdsparse_jax.predictors.build import PredictorSet
 
@@ -68,12 +68,7 @@ def load_predictors(pred_dir: str | os.PathLike, cfg: ModelConfig, fingerprint: 
     model."""
     pred_dir = Path(pred_dir)
     mpath = pred_dir / MANIFEST
-    try:
-        m = json.loads(mpath.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SvdsparseError(f"{mpath}: cannot read a predictor manifest ({e})") from None
-    if m.get("format") != FORMAT:
-        raise SvdsparseError(f"{mpath}: format {m.get('format')!r}, expected {FORMAT}")
+    m = read_versioned_json(mpath, FORMAT, "a predictor manifest")
     shape = (m["n_layers"], m["d_model"], m["d_ff"])
     if shape != (cfg.n_layers, cfg.d_model, cfg.d_ff):
         raise SvdsparseError(f"{mpath}: predictors for (layers, d_model, d_ff) = {shape}, but the model has "
