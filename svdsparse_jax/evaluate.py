@@ -26,17 +26,41 @@ from svdsparse_jax.model import Transformer, einsum, ffn_hidden, linear
 
 
 @jax.jit(static_argnums=(0,))
-def _window_stats(graphdef, state, tokens: jax.Array, pad: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """tokens [B, L] left-padded -> (log p(tokens[:, j+1] | tokens[:, :j+1]) [B, L-1] f32,
-    the number of zero FFN activations per layer over the non-padding tokens [n_layers] f32)."""
+def _forward_stats(graphdef, state, predictors, tokens: jax.Array, pad: jax.Array):
+    """Teacher-forced pass over left-padded windows tokens [B, L] (every token through the guarded FFNs when
+    predictors are given). Returns (log p(tokens[:, j+1] | tokens[:, :j+1]) [B, L-1] f32, the argmax next
+    token [B, L-1], and per layer, over the non-padding tokens, the number of candidate neurons [n_layers] and
+    of non-zero FFN activations [n_layers], f32)."""
     model: Transformer = nnx.merge(graphdef, state)
     cache = kv_cache.init_cache(model.cfg, pad, tokens.shape[1], model.dtype)
     collect: dict[str, list] = {}
-    h, _ = model(tokens, cache, jnp.int32(0), collect=collect)
+    h, _ = model(tokens, cache, jnp.int32(0), predictors, collect)
     logp = jax.nn.log_softmax(model.logits(h[:, :-1]), axis=-1)
+    lp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
     real = (jnp.arange(tokens.shape[1])[None, :] >= pad[:, None])[..., None]
-    zeros = jnp.stack([jnp.sum((a == 0) & real, dtype=jnp.float32) for a in collect["hidden"]])
-    return jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0], zeros
+    candidates = collect.get("candidates", [jnp.ones_like(real)] * model.cfg.n_layers)
+    count = lambda masks: jnp.stack([jnp.sum(m & real, dtype=jnp.float32) for m in masks])  # noqa: E731
+    return lp, jnp.argmax(logp, -1), count(candidates) * (1 if predictors else model.cfg.d_ff), \
+        count([a != 0 for a in collect["hidden"]])
+
+
+def _stream_pass(model: Transformer, predictors, windows: np.ndarray, batch: int):
+    """_forward_stats over windows [n, W] in batches of `batch` (a short last batch is filled with all-padding
+    rows, so one program serves every batch). Returns (log-probs [n, W-1] f64, argmax [n, W-1], candidate and
+    active fractions per layer [n_layers])."""
+    graphdef, state = nnx.split(model)
+    n, window = windows.shape
+    lps, tops, cands, active = [], [], 0.0, 0.0
+    for i in range(0, n, batch):
+        chunk, real = windows[i:i + batch], min(batch, n - i)
+        chunk = np.concatenate([chunk, np.zeros((batch - real, window), np.int32)])
+        pad = np.asarray([0] * real + [window] * (batch - real), np.int32)
+        lp, top, c, a = _forward_stats(graphdef, state, predictors, jnp.asarray(chunk), jnp.asarray(pad))
+        lps.append(np.asarray(lp, np.float64)[:real])
+        tops.append(np.asarray(top)[:real])
+        cands, active = cands + np.asarray(c, np.float64), active + np.asarray(a, np.float64)
+    total = n * window * model.cfg.d_ff
+    return np.concatenate(lps), np.concatenate(tops), cands / total, active / total
 
 
 @dataclasses.dataclass
@@ -69,7 +93,7 @@ def score_tokens(model: Transformer, ids: Sequence[int], window: int | None = No
         tokens = np.zeros((1, length), np.int32)
         tokens[0, length - len(chunk):] = chunk
         pad = np.array([length - len(chunk)], np.int32)
-        lp = np.asarray(_window_stats(graphdef, state, jnp.asarray(tokens), jnp.asarray(pad))[0])[0]
+        lp = np.asarray(_forward_stats(graphdef, state, None, jnp.asarray(tokens), jnp.asarray(pad))[0])[0]
         logprobs += lp[length - len(chunk):].tolist()
         start += len(chunk) - 1
     nll = -float(np.mean(logprobs))
@@ -101,20 +125,9 @@ def evaluate_stream(model: Transformer, stream: np.ndarray, window: int = 512, b
     if n == 0:
         raise SvdsparseError(f"the stream has {len(stream)} tokens, fewer than one window of {window}")
     windows = np.asarray(stream[: n * window], np.int32).reshape(n, window)
-    graphdef, state = nnx.split(model)
-    total_lp, zeros, count = 0.0, np.zeros(model.cfg.n_layers), 0
-    for i in range(0, n, batch):
-        chunk, real = windows[i:i + batch], min(batch, n - i)
-        # Keep one compiled shape: fill a short last batch with rows that are all padding (never counted).
-        chunk = np.concatenate([chunk, np.zeros((batch - real, window), np.int32)])
-        pad = np.asarray([0] * real + [window] * (batch - real), np.int32)
-        lp, z = _window_stats(graphdef, state, jnp.asarray(chunk), jnp.asarray(pad))
-        total_lp += np.asarray(lp, np.float64)[:real].sum()
-        zeros += np.asarray(z, np.float64)
-        count += real
-    nll = -total_lp / (count * (window - 1))
-    return StreamResult(count * window, nll, math.exp(nll),
-                        (zeros / (count * window * model.cfg.d_ff)).tolist())
+    lp, _, _, active = _stream_pass(model, None, windows, batch)
+    nll = -float(lp.mean())
+    return StreamResult(n * window, nll, math.exp(nll), (1 - active).tolist())
 
 
 # ------------------------------------------------------------------------------------ predictor evaluation
@@ -153,23 +166,6 @@ def _layer_metrics(pred, x, w_gate, w_up, w_down_t, cfg, auroc_tokens):
 _layer_metrics = jax.jit(_layer_metrics, static_argnums=(5, 6))
 
 
-@jax.jit(static_argnums=(0,))
-def _model_pass(graphdef, state, predictors, tokens: jax.Array):
-    """Teacher-forced pass over windows [B, W] (every token through the guarded FFN when predictors are given).
-    Returns (log p of each next token [B, W-1], argmax [B, W-1], candidates per layer [L], active per layer [L])."""
-    model: Transformer = nnx.merge(graphdef, state)
-    cache = kv_cache.init_cache(model.cfg, jnp.zeros(tokens.shape[0], jnp.int32), tokens.shape[1], model.dtype)
-    collect: dict[str, list] = {}
-    h, _ = model(tokens, cache, jnp.int32(0), predictors, collect)
-    logp = jax.nn.log_softmax(model.logits(h[:, :-1]), axis=-1)
-    lp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
-    f = model.cfg.d_ff
-    cands = jnp.stack([jnp.sum(c, dtype=jnp.float32) for c in collect["candidates"]]) if predictors is not None \
-        else jnp.full(model.cfg.n_layers, tokens.size * f, jnp.float32)
-    active = jnp.stack([jnp.sum(a != 0, dtype=jnp.float32) for a in collect["hidden"]])
-    return lp, jnp.argmax(logp, -1), cands, active
-
-
 def evaluate_predictors(model: Transformer, predictor_sets: dict, tokens: np.ndarray, window: int = 512,
                         max_windows: int | None = None, batch: int = 4, auroc_tokens: int = 4096
                         ) -> dict[str, dict]:
@@ -201,16 +197,8 @@ def evaluate_predictors(model: Transformer, predictor_sets: dict, tokens: np.nda
             m = _layer_metrics(ps.layers[i], x, ffn.w_gate[...], ffn.w_up[...], ffn.w_down_t[...], cfg, auroc_tokens)
             layers[name].append({"layer": i} | {k: float(v) for k, v in m.items()})
 
-    graphdef, state = nnx.split(model)
-
     def run(preds):
-        out = [_model_pass(graphdef, state, preds, jnp.asarray(windows[s:s + batch]))
-               for s in range(0, n, batch)]
-        lp = np.concatenate([np.asarray(o[0], np.float64) for o in out])
-        top = np.concatenate([np.asarray(o[1]) for o in out])
-        cands = sum(np.asarray(o[2], np.float64) for o in out)
-        active = sum(np.asarray(o[3], np.float64) for o in out)
-        return lp, top, cands / (n * window * cfg.d_ff), active / (n * window * cfg.d_ff)
+        return _stream_pass(model, preds, windows, batch)
 
     dense_lp, dense_top, _, _ = run(None)
     ppl_dense = math.exp(-dense_lp.mean())

@@ -61,8 +61,8 @@ class Sampler:
 
 
 def _generate_program(graphdef, state, predictors, tokens, pad, max_new, sampler, key, eos_ids, *, new_bucket):
-    """tokens [B, P] left-padded prompts, pad [B]; returns out [B, new_bucket] int32 (-1 where not generated)
-    and the number of decode steps run. Prefill is dense; with predictors (one per layer) every decode step
+    """tokens [B, P] left-padded prompts, pad [B]; returns out [B, new_bucket] int32, -1 where nothing was
+    generated (after a sequence's first EOS, and past max_new). Prefill is dense; with predictors (one per layer) every decode step
     runs the predictor-guarded FFN."""
     model: Transformer = nnx.merge(graphdef, state)
     batch, prompt_len = tokens.shape
@@ -85,8 +85,8 @@ def _generate_program(graphdef, state, predictors, tokens, pad, max_new, sampler
         out = out.at[:, i].set(nxt)
         return i + 1, jnp.where(done, token, nxt), cache, out, done | jnp.isin(nxt, eos_ids)
 
-    steps, _, _, out, _ = jax.lax.while_loop(cond, step, (jnp.int32(1), first, cache, out, done))
-    return out, steps
+    _, _, _, out, _ = jax.lax.while_loop(cond, step, (jnp.int32(1), first, cache, out, done))
+    return out
 
 
 @dataclasses.dataclass
@@ -150,12 +150,8 @@ class Generator:
             self.compiled[key] = self._jitted.lower(*args, new_bucket=new_bucket).compile()
             compile_s = time.perf_counter() - t0
         t1 = time.perf_counter()
-        out, _ = self.compiled[key](*args[1:])
+        out = self.compiled[key](*args[1:])
         out = np.asarray(jax.block_until_ready(out))
         t2 = time.perf_counter()
-        results = []
-        for row in out:
-            row = row[row >= 0][:max_new_tokens].tolist()
-            stop = next((j for j, t in enumerate(row) if t in set(eos.tolist())), None)
-            results.append(row if stop is None else row[: stop + 1])
-        return GenerateResult(results, compile_s=compile_s, run_s=t2 - t1)
+        # The program writes -1 after a sequence's first EOS and past max_new_tokens: what remains is the answer.
+        return GenerateResult([row[row >= 0].tolist() for row in out], compile_s=compile_s, run_s=t2 - t1)
