@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--predictors", help="predictor directory: decode with the predictor-guarded FFN")
+    p.add_argument("--kernels", choices=["auto", "pallas", "interpret", "xla"],
+                   help="Pallas kernels or XLA for the decode GEMVs and the guarded FFN (default: auto = Pallas on "
+                        "a GPU; also SVDSPARSE_KERNELS)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("score", help="per-token log-probabilities, NLL and perplexity of a text")
@@ -140,6 +143,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    from pallas_kernels.dispatch import kernel_mode, requested_mode
     from svdsparse_jax.generate import Generator, Sampler
     from svdsparse_jax.model import Transformer
 
@@ -159,8 +163,12 @@ def cmd_generate(args: argparse.Namespace) -> None:
         prompts = args.prompt_ids
     sampler = Sampler(temperature=args.temperature or 0.0, top_k=args.top_k, top_p=args.top_p)
     preds = _load_predictors(args.predictors, lm).layers if args.predictors else None
-    result = Generator(Transformer(lm.cfg, lm.weights), preds).generate(prompts, args.max_new_tokens, sampler,
-                                                                         args.seed)
+    with kernel_mode(args.kernels or requested_mode()):
+        try:
+            result = Generator(Transformer(lm.cfg, lm.weights), preds).generate(prompts, args.max_new_tokens,
+                                                                                 sampler, args.seed)
+        except RuntimeError as e:  # e.g. --kernels pallas without a GPU
+            raise SvdsparseError(str(e)) from e
     n_new = sum(len(t) for t in result.tokens)
     tps = n_new / result.run_s if result.run_s > 0 else float("nan")
     rows = [{"prompt_ids": list(p), "output_ids": out,

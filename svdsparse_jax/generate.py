@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from pallas_kernels import dispatch
 from svdsparse_jax import kv_cache
 from svdsparse_jax.errors import SvdsparseError
 from svdsparse_jax.model import Transformer
@@ -102,7 +103,8 @@ class GenerateResult:
 
 class Generator:
     """Compiles and runs the generate program for one model (dense, or sparse decoding with one predictor per
-    layer); keeps compiled programs by static shape."""
+    layer); keeps compiled programs by static shape and kernel mode (`pallas_kernels.dispatch`: on a GPU the
+    guarded FFN and the predictors' GEMVs run as Pallas kernels inside the same program)."""
 
     def __init__(self, model: Transformer, predictors: list | None = None):
         self.cfg = model.cfg
@@ -111,7 +113,7 @@ class Generator:
         self.predictors = predictors
         self.graphdef, self.state = nnx.split(model)
         self._jitted = jax.jit(_generate_program, static_argnums=(0,), static_argnames=("new_bucket",))
-        self.compiled: dict[tuple[int, int, int], object] = {}
+        self.compiled: dict[tuple, object] = {}
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampler: Sampler = Sampler(),
                  seed: int = 0, eos_ids: Sequence[int] | None = None) -> GenerateResult:
@@ -143,7 +145,7 @@ class Generator:
             eos = np.full(1, -2, np.int32)  # matches no token
         args = (self.graphdef, self.state, self.predictors, jnp.asarray(tokens), jnp.asarray(pad), jnp.int32(max_new_tokens),
                 jax.tree.map(jnp.asarray, sampler), jax.random.key(seed), jnp.asarray(eos))
-        key = (len(prompts), prompt_len, new_bucket, eos.size)
+        key = (len(prompts), prompt_len, new_bucket, eos.size, dispatch.mode())  # kernels or XLA: traced in
         compile_s = 0.0
         if key not in self.compiled:
             t0 = time.perf_counter()

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels.sparse_ffn import sparse_ffn
+from pallas_kernels.reference import Activation
 from svdsparse_jax import kv_cache
 from svdsparse_jax.config import ModelConfig
 from svdsparse_jax.weights import Path
@@ -37,17 +39,14 @@ def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
     return y if b is None else y + b.astype(F32)
 
 
+def activation(cfg: ModelConfig) -> Activation:
+    """The model's FFN nonlinearity as the kernels' static description."""
+    return Activation(cfg.activation, cfg.act_threshold if cfg.activation == "fatrelu" else 0.0)
+
+
 def ffn_hidden(cfg: ModelConfig, gate: jax.Array, up: jax.Array) -> jax.Array:
     """The input of down_proj, h = act(gate) * up (dReLU: relu(gate) * relu(up)); f32 in, f32 out."""
-    if cfg.activation == "relu":
-        return jnp.maximum(gate, 0.0) * up
-    if cfg.activation == "fatrelu":
-        return jnp.where(gate >= cfg.act_threshold, gate, 0.0) * up
-    if cfg.activation == "drelu":
-        return jnp.maximum(gate, 0.0) * jnp.maximum(up, 0.0)
-    if cfg.activation == "silu":
-        return jax.nn.silu(gate) * up
-    raise ValueError(cfg.activation)
+    return activation(cfg).hidden(gate, up)
 
 
 def rope(x: jax.Array, pos: jax.Array, cfg: ModelConfig) -> jax.Array:
@@ -111,9 +110,10 @@ class FFN(nnx.Module):
     """The ReGLU FFN: y = (act(x W_gate^T) * (x W_up^T)) W_down_t, with W_down_t [d_ff, d].
 
     Dense, or predictor-guarded (REFERENCE.md section 3): the predictor picks the candidate neurons C, the
-    activation is kept on C only, and up / down count only for the truly active T = {i in C : h_i != 0}. This
-    XLA version computes every row and masks (exactly the dense result when C is everything); the Pallas
-    kernels read only the rows of C and T."""
+    activation is kept on C only, and up / down count only for the truly active T = {i in C : h_i != 0}.
+    Guarded calls go through `pallas_kernels.sparse_ffn`: on a GPU, decode-sized inputs run the Pallas kernels,
+    which read only the rows of C (W_gate) and T (W_up, W_down_t); elsewhere, and for many tokens, XLA computes
+    every row and masks (exactly the dense result when C is everything)."""
 
     def __init__(self, cfg: ModelConfig, w: Callable[[str], jax.Array]):
         self.cfg = cfg
@@ -127,6 +127,12 @@ class FFN(nnx.Module):
         """x [..., d] -> y [..., d]. With a predictor (predictors.LayerPredictor), only its candidates count.
         `collect` (a dict of lists), when given, receives 'hidden' (h, f32, zero outside the candidates) and,
         when guarded, 'candidates' (bool [..., d_ff])."""
+        if predictor is not None and collect is None:
+            flat = x.reshape(-1, x.shape[-1])
+            gate = linear(flat, self.w_gate[...]) if predictor.needs_gate else None  # the oracle's
+            y = sparse_ffn(flat, predictor.predict(flat, gate), self.w_gate[...], self.w_up[...],
+                           self.w_down_t[...], activation(self.cfg))
+            return y.astype(x.dtype).reshape(x.shape)
         gate, up = linear(x, self.w_gate[...]), linear(x, self.w_up[...])
         h = ffn_hidden(self.cfg, gate, up)
         if predictor is not None:

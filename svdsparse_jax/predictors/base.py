@@ -14,14 +14,16 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.gemv import gemv
 from svdsparse_jax.config import ModelConfig
 
 F32 = jnp.float32
 
 
 def _dot(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [..., in] @ w [out, in]^T -> [..., out] f32."""
-    return jnp.einsum("...i,oi->...o", x.astype(w.dtype), w, preferred_element_type=F32)
+    """x [..., in] @ w [out, in]^T -> [..., out] f32 (decode-sized inputs through the dispatched GEMV)."""
+    flat = x.reshape(-1, x.shape[-1])
+    return gemv(flat, w).reshape(*x.shape[:-1], w.shape[0])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +36,8 @@ class LowRankPredictor:
     bias: jax.Array
     hidden_bias: jax.Array | None = None
     relu: bool = False
+
+    needs_gate = False
 
     @property
     def rank(self) -> int:
@@ -79,6 +83,8 @@ class SignBitPredictor:
     alpha_den: jax.Array
     d: int
 
+    needs_gate = False
+
     @property
     def alpha(self) -> float:
         return float(self.alpha_num) / float(self.alpha_den) if int(self.alpha_den) else float("inf")
@@ -122,6 +128,7 @@ class OraclePredictor:
     no saving on W_gate). threshold: FATReLU's (0 for relu / drelu)."""
 
     threshold: float = 0.0
+    needs_gate = True  # it reads the exact gate, so it saves nothing on W_gate
 
     def scores(self, x: jax.Array, gate: jax.Array | None = None) -> jax.Array:
         return gate - self.threshold

@@ -1,0 +1,86 @@
+"""Kernel-versus-reference checks shared by the CPU tests (interpret mode) and scripts/gpu_check.py (compiled
+on a GPU): fresh random inputs every call, a float64 NumPy oracle, outputs started as NaN so an element the
+kernel never wrote cannot pass, and the relative error ||out - ref|| / ||ref||.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import gemv as gemv_mod
+from pallas_kernels import sparse_ffn as sf
+from pallas_kernels.reference import Activation, sparse_ffn_float64
+
+TOLERANCE = {"bfloat16": 1e-2, "float16": 1e-2, "float32": 1e-5}
+
+
+@dataclasses.dataclass
+class CheckResult:
+    name: str
+    rel_error: float
+    finite: bool
+    tolerance: float
+
+    @property
+    def ok(self) -> bool:
+        return self.finite and self.rel_error <= self.tolerance
+
+
+def _rel(out: np.ndarray, ref: np.ndarray) -> float:
+    scale = np.linalg.norm(ref)
+    return float(np.linalg.norm(out - ref) / scale) if scale > 0 else float(np.linalg.norm(out))
+
+
+def random_weights(rng: np.random.Generator, d: int, d_ff: int, dtype) -> list[jax.Array]:
+    """W_gate, W_up, W_down_t [d_ff, d] with entries of std 1/sqrt(d), in dtype."""
+    return [jnp.asarray(rng.standard_normal((d_ff, d), np.float32) / np.sqrt(d), dtype) for _ in range(3)]
+
+
+def candidate_mask(rng: np.random.Generator, batch: int, d_ff: int, count: int) -> np.ndarray:
+    """bool [batch, d_ff] whose union has exactly `count` neurons (each sequence keeps a random 70-100% of the
+    union, so sequences differ)."""
+    union = np.zeros(d_ff, bool)
+    union[rng.choice(d_ff, count, replace=False)] = True
+    if batch == 1:
+        return union[None]
+    own = union[None] & (rng.random((batch, d_ff)) < rng.uniform(0.7, 1.0, (batch, 1)))
+    own[0] |= union & ~own.any(0)  # keep the union exact
+    return own
+
+
+def check_sparse_ffn(d: int, d_ff: int, dtype, count: int, *, batch: int = 1, act: Activation = Activation(),
+                     cfg: sf.SparseFFNConfig = sf.DEFAULT, interpret: bool, seed: int | None = None,
+                     weights: list[jax.Array] | None = None) -> CheckResult:
+    """The kernels through `sparse_ffn_indexed` (with NaN-started buffers) against the float64 oracle.
+    For FATReLU the threshold is applied as given; with relu about half the candidates are active."""
+    rng = np.random.default_rng(seed)
+    wg, wu, wd = weights if weights is not None else random_weights(rng, d, d_ff, dtype)
+    x = jnp.asarray(rng.standard_normal((batch, d), np.float32), dtype)
+    cand = candidate_mask(rng, batch, d_ff, count)
+    idx, cnt = sf.compact(jnp.asarray(cand), sf.list_length(d_ff, cfg))
+    own = None if batch == 1 else jnp.asarray(cand)[:, idx] & (jnp.arange(idx.shape[0]) < cnt)[None, :]
+    y, h = sf.sparse_ffn_indexed(x, idx, cnt, wg, wu, wd, own, act=act, cfg=cfg, interpret=interpret,
+                                 poison=True)
+    y = np.asarray(y, np.float64)
+    finite = bool(np.isfinite(y).all()) and (h is None or bool(np.isfinite(np.asarray(h)).all()))
+    if h is not None:  # the hidden buffer must be exactly zero past the count (programs that exited early)
+        finite &= bool((np.asarray(h)[:, count:] == 0).all())
+    name = (f"sparse_ffn {cfg.variant} d={d} d_ff={d_ff} {jnp.dtype(dtype).name} count={count} batch={batch} "
+            f"{act.kind}")
+    ref = sparse_ffn_float64(x, cand, wg, wu, wd, act)
+    return CheckResult(name, _rel(y, ref), finite, TOLERANCE[jnp.dtype(dtype).name])
+
+
+def check_gemv(n: int, k: int, dtype, *, batch: int = 1, interpret: bool, seed: int | None = None,
+               **tuning) -> CheckResult:
+    rng = np.random.default_rng(seed)
+    w = jnp.asarray(rng.standard_normal((n, k), np.float32), dtype)
+    x = jnp.asarray(rng.standard_normal((batch, k), np.float32), dtype)
+    y = np.asarray(gemv_mod.gemv_pallas(x, w, interpret=interpret, poison=True, **tuning), np.float64)
+    ref = np.asarray(x.astype(jnp.float32), np.float64) @ np.asarray(w.astype(jnp.float32), np.float64).T
+    return CheckResult(f"gemv n={n} k={k} {jnp.dtype(dtype).name} batch={batch}", _rel(y, ref),
+                       bool(np.isfinite(y).all()), TOLERANCE[jnp.dtype(dtype).name])

@@ -1,0 +1,139 @@
+"""Matrix-vector products for decode: y [B, n] = x [B, k] @ w [n, k]^T with B a handful of sequences.
+
+One program per block of `rows` consecutive rows of w; it loops over k in chunks of `chunk` columns, and for
+each chunk multiplies the [rows, chunk] tile by every sequence's x chunk and sums along the row, in f32. The
+tile is loaded once for all B sequences, so a batch costs little more than one sequence. Triton wants
+power-of-two tiles: `chunk` is the largest power of two up to the requested size that divides k, and `rows` the
+largest that divides n, so no tile ever reads past the matrix and no column mask is needed.
+
+The same row-dot loop is the gate / up stage of the sparse FFN (`sparse_ffn.py`), there over a gathered list
+of rows instead of a contiguous block: `dot_rows` serves both.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from pallas_kernels import dispatch, reference
+
+F32 = jnp.float32
+
+
+def pow2_divisor(n: int, cap: int) -> int:
+    """The largest power of two <= cap that divides n."""
+    p = 1
+    while p * 2 <= cap and n % (p * 2) == 0:
+        p *= 2
+    return p
+
+
+def column_chunk(k: int, cap: int, what: str = "matrix") -> int:
+    """The column chunk for a k-wide matrix: a power of two dividing k, at least 16 (Triton's smallest useful
+    tile width); k must therefore be a multiple of 16, as every model dimension here is."""
+    c = pow2_divisor(k, cap)
+    if c < 16:
+        raise ValueError(f"{what}: {k} columns is not a multiple of 16, which the GPU kernels need")
+    return c
+
+
+def compiler_params(num_warps: int, num_stages: int):
+    return plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
+def load_rows(ref, rows: jax.Array, live: jax.Array, cols, interpret: bool) -> jax.Array:
+    """ref[rows, cols] with the rows where `live` is False read as zero. On the GPU those rows are masked out
+    of the load, so they cost no memory traffic; interpret mode cannot run a masked gather, so there the
+    (clamped, in-bounds) rows are read and zeroed afterwards. `rows` must be in bounds everywhere."""
+    if interpret:
+        return jnp.where(live[:, None], ref[rows, cols], 0)
+    mask = jnp.broadcast_to(live[:, None], (rows.shape[0], cols.size))
+    return plt.load(ref.at[rows, cols], mask=mask, other=0)
+
+
+def dot_rows(x_ref, w_ref, rows: jax.Array, live: jax.Array, *, chunk: int, batch: int,
+             interpret: bool) -> list[jax.Array]:
+    """For each sequence b < batch: [w[rows[r]] . x[b] for r] as f32 [len(rows)], rows where `live` is False
+    giving 0 and costing no reads on the GPU. x_ref [>=batch, k], w_ref [n, k]."""
+    k = x_ref.shape[1]
+
+    def body(c, accs):
+        cols = pl.ds(pl.multiple_of(c * chunk, chunk), chunk)
+        w = load_rows(w_ref, rows, live, cols, interpret).astype(F32)
+        return tuple(acc + jnp.sum(w * x_ref[b, cols].astype(F32)[None, :], axis=1) for b, acc in enumerate(accs))
+
+    zeros = tuple(jnp.zeros(rows.shape, F32) for _ in range(batch))
+    return list(jax.lax.fori_loop(0, k // chunk, body, zeros))
+
+
+def call(kernel, *, out_shape: jax.ShapeDtypeStruct, grid: tuple[int, ...], in_specs: list, out_specs,
+         num_warps: int, num_stages: int, interpret: bool, poison: bool = False,
+         init: jax.Array | None = None):
+    """pl.pallas_call with this package's conventions: Triton compiler parameters on the GPU, and the output
+    buffer optionally given its starting contents, `init` (a kernel that accumulates into it) or, with
+    `poison`, NaN (checks then prove that the kernel wrote every element, also where it exited early)."""
+    if poison and init is None:
+        init = jnp.full(out_shape.shape, jnp.nan, out_shape.dtype)
+    extra = [] if init is None else [init]
+
+    def body(*refs):  # the aliased starting buffer arrives as an input ref the kernel does not read
+        return kernel(*refs[:-2], refs[-1]) if extra else kernel(*refs)
+
+    def run(*args):
+        return pl.pallas_call(
+            body, out_shape=out_shape, grid=grid, in_specs=in_specs + [pl.no_block_spec] * len(extra),
+            out_specs=out_specs, input_output_aliases={len(args): 0} if extra else {},
+            compiler_params=None if interpret else compiler_params(num_warps, num_stages),
+            interpret=interpret)(*args, *extra)
+
+    return run
+
+
+def _gemv_kernel(x_ref, w_ref, y_ref, *, rows: int, chunk: int, interpret: bool):
+    start = pl.program_id(0) * rows
+    idx = start + jnp.arange(rows, dtype=jnp.int32)
+    live = jnp.ones((rows,), jnp.bool_)
+    accs = dot_rows(x_ref, w_ref, idx, live, chunk=chunk, batch=y_ref.shape[0], interpret=interpret)
+    for b, acc in enumerate(accs):
+        y_ref[b, :] = acc
+
+
+def pad_batch(x: jax.Array) -> jax.Array:
+    """x [B, k] padded with zero rows to a power-of-two B (Triton tiles)."""
+    b = x.shape[0]
+    return jnp.pad(x, ((0, pl.next_power_of_2(b) - b), (0, 0)))
+
+
+@functools.partial(jax.jit, static_argnames=("rows", "chunk", "num_warps", "num_stages", "interpret", "poison"))
+def gemv_pallas(x: jax.Array, w: jax.Array, *, rows: int = 8, chunk: int = 1024, num_warps: int = 4,
+                num_stages: int = 3, interpret: bool = False, poison: bool = False) -> jax.Array:
+    """The Pallas GEMV: x [B, k] @ w [n, k]^T -> [B, n] f32. rows / chunk are upper bounds (see module doc)."""
+    b, k = x.shape
+    n = w.shape[0]
+    if w.shape[1] != k:
+        raise ValueError(f"gemv: x has {k} columns, w {w.shape}")
+    rows, chunk = pow2_divisor(n, rows), column_chunk(k, chunk, f"gemv weight {w.shape}")
+    xp = pad_batch(x.astype(w.dtype))
+    bp = xp.shape[0]
+    y = call(functools.partial(_gemv_kernel, rows=rows, chunk=chunk, interpret=interpret),
+             out_shape=jax.ShapeDtypeStruct((bp, n), F32), grid=(n // rows,),
+             in_specs=[pl.no_block_spec] * 2, out_specs=pl.BlockSpec((bp, rows), lambda i: (0, i)),
+             num_warps=num_warps, num_stages=num_stages, interpret=interpret, poison=poison)(xp, w)
+    return y[:b]
+
+
+MAX_BATCH = 8  # more rows than this are a matrix product, XLA's job
+
+
+def gemv(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [B, k] @ w [n, k]^T -> [B, n] f32, by the mode in effect (`dispatch.mode()`): the Pallas kernel, the
+    same kernel interpreted, or XLA's dot (also for B > MAX_BATCH and for f32, whose full-precision products
+    the model keeps on XLA)."""
+    m = dispatch.mode()
+    if m == "xla" or x.shape[0] > MAX_BATCH or w.dtype == F32:
+        return reference.gemv(x, w)
+    return gemv_pallas(x, w, interpret=m == "interpret")

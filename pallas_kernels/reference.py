@@ -1,0 +1,86 @@
+"""XLA implementations of what the kernels compute: the fallback on CPU and unsupported backends, and the
+oracle of the tests.
+
+Every function here is plain `jax.numpy`, accumulates in f32 and reads whole matrices (XLA has no cheap
+data-dependent row skipping); the Pallas versions in `sparse_ffn.py` and `gemv.py` compute the same values
+while reading only the rows that matter.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+F32 = jnp.float32
+ACTIVATIONS = ("relu", "fatrelu", "drelu", "silu")
+
+
+@dataclasses.dataclass(frozen=True)
+class Activation:
+    """The FFN gate nonlinearity, static (hashable) so kernels specialise on it.
+
+    relu: h = max(g, 0) * u; fatrelu: h = g * u where g >= threshold, else 0; drelu: h = max(g, 0) * max(u, 0);
+    silu (dense models only; never sparse): h = silu(g) * u."""
+
+    kind: str = "relu"
+    threshold: float = 0.0
+
+    def __post_init__(self):
+        if self.kind not in ACTIVATIONS:
+            raise ValueError(f"activation {self.kind!r}: expected one of {ACTIVATIONS}")
+
+    def gate(self, g: jax.Array) -> jax.Array:
+        """act(g), f32 -> f32. A neuron whose act(g) is zero needs neither its up nor its down row."""
+        if self.kind == "fatrelu":
+            return jnp.where(g >= self.threshold, g, 0.0)
+        if self.kind == "silu":
+            return jax.nn.silu(g)
+        return jnp.maximum(g, 0.0)
+
+    def up(self, u: jax.Array) -> jax.Array:
+        """What multiplies act(g): u, or relu(u) for dReLU."""
+        return jnp.maximum(u, 0.0) if self.kind == "drelu" else u
+
+    def hidden(self, g: jax.Array, u: jax.Array) -> jax.Array:
+        """h = act(g) * u (dReLU: relu(g) * relu(u)), f32 in, f32 out."""
+        return self.gate(g) * self.up(u)
+
+
+def gemv(x: jax.Array, w: jax.Array) -> jax.Array:
+    """x [B, k] @ w [n, k]^T -> [B, n] f32 (f32 operands at full precision)."""
+    precision = jax.lax.Precision.HIGHEST if x.dtype == F32 and w.dtype == F32 else None
+    return jnp.einsum("bk,nk->bn", x.astype(w.dtype), w, preferred_element_type=F32, precision=precision)
+
+
+def sparse_ffn(x: jax.Array, candidates: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down_t: jax.Array,
+               act: Activation) -> jax.Array:
+    """The predictor-guarded FFN, REFERENCE.md section 3, for decode-sized inputs.
+
+    x [B, d] (the weights' dtype), candidates bool [B, d_ff] (one mask per sequence; the kernels read the union
+    of the batch's rows, and a neuron counts for a sequence only where its own mask is set), w_gate and w_up
+    [d_ff, d], w_down_t [d_ff, d]. Returns y [B, d] f32 = sum over neurons i in C_b of h_bi * w_down_t[i]."""
+    h = act.hidden(gemv(x, w_gate), gemv(x, w_up))
+    h = jnp.where(candidates, h, 0.0)
+    return jnp.einsum("bf,fd->bd", h.astype(w_down_t.dtype), w_down_t, preferred_element_type=F32,
+                      precision=jax.lax.Precision.HIGHEST if w_down_t.dtype == F32 else None)
+
+
+def sparse_ffn_float64(x, candidates, w_gate, w_up, w_down_t, act: Activation):
+    """The guarded FFN in float64 NumPy, written independently of the jax code as the checks' oracle: same
+    arguments as `sparse_ffn` (any array type), returns y float64 [B, d]. h is rounded to the weights' dtype
+    before W_down_t, as the model and the kernels round it."""
+    import numpy as np
+
+    x64, wg, wu, wd = (np.asarray(jnp.asarray(a).astype(F32), np.float64) for a in (x, w_gate, w_up, w_down_t))
+    g, u = x64 @ wg.T, x64 @ wu.T
+    if act.kind == "fatrelu":
+        a = np.where(g >= act.threshold, g, 0.0)
+    elif act.kind == "silu":
+        a = g / (1.0 + np.exp(-g))
+    else:
+        a = np.maximum(g, 0.0)
+    h = np.where(np.asarray(candidates), a * (np.maximum(u, 0.0) if act.kind == "drelu" else u), 0.0)
+    h = np.asarray(jnp.asarray(h, F32).astype(jnp.asarray(w_down_t).dtype).astype(F32), np.float64)
+    return h @ wd

@@ -1,0 +1,227 @@
+"""The predictor-guarded FFN for decode (REFERENCE.md section 3) as Pallas kernels that read only the rows of
+the candidate neurons (W_gate) and of the truly active ones (W_up, W_down_t).
+
+Steps, for x [B, d] (B a handful of sequences sharing one union of candidates):
+1. `compact` (XLA): the union of the B candidate masks becomes a list of neuron indices, padded to a multiple
+   of the block size, and a count. Everything after works on dense blocks of that list, so no program
+   spends its lanes on rows that are not candidates.
+2. gate / up kernel: one program per block of `rows` listed neurons (programs past the count write zeros and
+   exit). It gathers those rows of W_gate chunk by chunk and dots them with x, applies the activation, then
+   gathers the W_up rows of the neurons that are active for some sequence only (the others are masked out of
+   the load: no memory traffic) and writes h = act(g) * u for the block.
+3. down: y[b] = sum_k h[b, k] * W_down_t[idx[k]], again reading only the rows with some h != 0.
+
+Two ways to do step 3 were built and timed on the H100 (scripts/bench_ffn.py, docs/BENCHMARKS.md):
+- "split": a second kernel, parallel over column blocks of y and over `splits` interleaved slices of the list,
+  each program looping over its rows and writing a partial [B, cols] sum; XLA adds the `splits` partials
+  (fused with the residual add that follows anyway). Deterministic; every program does an equal share.
+- "fused": the gate / up program goes on to the down rows of its own block and adds its [B, d] contribution
+  into y with f32 atomics: one launch, no h round trip, but B x d atomics per program and a y that must be
+  zeroed first.
+`DEFAULT` holds the variant and block sizes that measured fastest; the reason is written next to it.
+
+Interpret mode (CPU tests) runs the same kernel bodies; there gathers read clamped rows and zero them instead
+of masking the load (`gemv.load_rows`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plt
+
+from pallas_kernels import dispatch, reference
+from pallas_kernels.gemv import MAX_BATCH, call, column_chunk, dot_rows, load_rows, pad_batch
+from pallas_kernels.reference import Activation
+
+F32 = jnp.float32
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseFFNConfig:
+    """Static kernel choices. rows: listed neurons per gate / up program; chunk: columns per gate / up tile;
+    down_rows x down_cols: the down kernel's tile; splits: slices of the list per column block (split variant).
+    Sizes are upper bounds: each is cut to a power of two that divides its dimension."""
+
+    variant: str = "split"
+    rows: int = 8
+    chunk: int = 1024
+    num_warps: int = 4
+    num_stages: int = 3
+    down_rows: int = 32
+    down_cols: int = 256
+    splits: int = 8
+    down_warps: int = 4
+
+    def __post_init__(self):
+        if self.variant not in ("split", "fused"):
+            raise ValueError(f"sparse FFN variant {self.variant!r}: expected 'split' or 'fused'")
+
+
+# Chosen on the H100 (docs/BENCHMARKS.md, "FFN layer alone"): see the note there for the measured alternatives.
+DEFAULT = SparseFFNConfig()
+
+
+def list_length(d_ff: int, cfg: SparseFFNConfig) -> int:
+    """Length of the padded neuron list: d_ff rounded up to a multiple of both block sizes."""
+    block = max(cfg.rows, cfg.down_rows)
+    return pl.cdiv(d_ff, block) * block
+
+
+def compact(candidates: jax.Array, length: int) -> tuple[jax.Array, jax.Array]:
+    """candidates bool [B, d_ff] -> (idx int32 [length]: the neurons in any sequence's mask, ascending, then
+    zeros; count int32 [1])."""
+    union = jnp.any(candidates, axis=0)
+    pos = jnp.cumsum(union, dtype=jnp.int32) - 1
+    d_ff = union.shape[0]
+    idx = jnp.zeros(length, jnp.int32).at[jnp.where(union, pos, length)].set(
+        jnp.arange(d_ff, dtype=jnp.int32), mode="drop")
+    return idx, pos[-1:] + 1
+
+
+def _block(count_ref, idx_ref, start: jax.Array, rows: int) -> tuple[jax.Array, jax.Array]:
+    """The list positions [start, start + rows): (neuron indices clamped to 0 where past the count, valid)."""
+    valid = start + jnp.arange(rows, dtype=jnp.int32) < count_ref[0]
+    return jnp.where(valid, idx_ref[pl.ds(start, rows)], 0), valid
+
+
+def _gate_up(count_ref, idx_ref, own_ref, x_ref, wg_ref, wu_ref, start, *, act: Activation, rows: int,
+             chunk: int, batch: int, interpret: bool):
+    """h [batch] x f32 [rows] for the list block at `start` (zero where past the count or inactive), rounded to
+    the weights' dtype as the dense FFN rounds it before W_down_t; plus (neuron indices, any h != 0)."""
+    neurons, valid = _block(count_ref, idx_ref, start, rows)
+    gate = dot_rows(x_ref, wg_ref, neurons, valid, chunk=chunk, batch=batch, interpret=interpret)
+    a = [act.gate(g) for g in gate]
+    if own_ref is not None:  # a neuron in the union counts for sequence b only where b's own mask has it
+        a = [jnp.where(own_ref[b, pl.ds(start, rows)] != 0, ab, 0.0) for b, ab in enumerate(a)]
+    any_a = functools.reduce(jnp.logical_or, [ab != 0 for ab in a])
+    up = dot_rows(x_ref, wu_ref, neurons, valid & any_a, chunk=chunk, batch=batch, interpret=interpret)
+    h = [(ab * act.up(ub)).astype(wg_ref.dtype).astype(F32) for ab, ub in zip(a, up)]
+    return h, neurons, valid & functools.reduce(jnp.logical_or, [hb != 0 for hb in h])
+
+
+def _gate_up_kernel(count_ref, idx_ref, *refs, act, rows, chunk, batch, has_own, interpret):
+    own_ref, (x_ref, wg_ref, wu_ref, h_ref) = (refs[0], refs[1:]) if has_own else (None, refs)
+    start = pl.program_id(0) * rows
+
+    @pl.when(start >= count_ref[0])
+    def _():  # past the list: write this block's zeros (the down kernel may read them) and stop
+        h_ref[...] = jnp.zeros(h_ref.shape, F32)
+
+    @pl.when(start < count_ref[0])
+    def _():
+        h, _, _ = _gate_up(count_ref, idx_ref, own_ref, x_ref, wg_ref, wu_ref, start, act=act, rows=rows,
+                           chunk=chunk, batch=batch, interpret=interpret)
+        for b in range(h_ref.shape[0]):
+            h_ref[b, :] = h[b] if b < batch else jnp.zeros((rows,), F32)
+
+
+def _down_kernel(count_ref, idx_ref, h_ref, wd_ref, out_ref, *, rows, cols, splits, batch, interpret):
+    """Program (j, s): columns [j*cols, (j+1)*cols) of y, list blocks s, s + splits, s + 2*splits, ..."""
+    j, s = pl.program_id(0), pl.program_id(1)
+    n_blocks = pl.cdiv(count_ref[0], rows)
+    mine = jnp.maximum(n_blocks - s + splits - 1, 0) // splits
+    col = pl.ds(pl.multiple_of(j * cols, cols), cols)
+
+    def body(t, accs):
+        start = (s + t * splits) * rows
+        neurons, valid = _block(count_ref, idx_ref, start, rows)
+        h = [h_ref[b, pl.ds(start, rows)] for b in range(batch)]
+        live = valid & functools.reduce(jnp.logical_or, [hb != 0 for hb in h])
+        w = load_rows(wd_ref, neurons, live, col, interpret).astype(F32)
+        return tuple(acc + jnp.sum(w * hb[:, None], axis=0) for acc, hb in zip(accs, h))
+
+    accs = jax.lax.fori_loop(0, mine, body, tuple(jnp.zeros((cols,), F32) for _ in range(batch)))
+    for b in range(out_ref.shape[1]):
+        out_ref[0, b, :] = accs[b] if b < batch else jnp.zeros((cols,), F32)
+
+
+def _fused_kernel(count_ref, idx_ref, *refs, act, rows, chunk, batch, has_own, interpret):
+    own_ref, (x_ref, wg_ref, wu_ref, wd_ref, y_ref) = (refs[0], refs[1:]) if has_own else (None, refs)
+    start = pl.program_id(0) * rows
+
+    @pl.when(start < count_ref[0])
+    def _():
+        h, neurons, live = _gate_up(count_ref, idx_ref, own_ref, x_ref, wg_ref, wu_ref, start, act=act,
+                                    rows=rows, chunk=chunk, batch=batch, interpret=interpret)
+
+        def body(c, carry):
+            cols = pl.ds(pl.multiple_of(c * chunk, chunk), chunk)
+            w = load_rows(wd_ref, neurons, live, cols, interpret).astype(F32)
+            for b in range(batch):
+                plt.atomic_add(y_ref, (jnp.int32(b), cols), jnp.sum(w * h[b][:, None], axis=0))
+            return carry
+
+        jax.lax.fori_loop(0, wd_ref.shape[1] // chunk, body, 0)
+
+
+def _check_shapes(x, w_gate, w_up, w_down_t):
+    d = x.shape[-1]
+    for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down_t", w_down_t)):
+        if w.shape != w_gate.shape or w.shape[1] != d:
+            raise ValueError(f"sparse FFN: {name} has shape {w.shape}; expected [d_ff, {d}] like w_gate "
+                             f"{w_gate.shape}")
+
+
+@functools.partial(jax.jit, static_argnames=("act", "cfg", "interpret", "poison"))
+def sparse_ffn_indexed(x: jax.Array, idx: jax.Array, count: jax.Array, w_gate: jax.Array, w_up: jax.Array,
+                       w_down_t: jax.Array, own: jax.Array | None = None, *, act: Activation,
+                       cfg: SparseFFNConfig = DEFAULT, interpret: bool = False,
+                       poison: bool = False) -> tuple[jax.Array, jax.Array | None]:
+    """The kernels on an explicit neuron list: x [B, d]; idx int32 [list_length(d_ff, cfg)] (the first `count`
+    entries are distinct neurons < d_ff); count int32 [1]; weights [d_ff, d]; own (B > 1 only) bool
+    [B, list length]: whether list entry k is in sequence b's own mask (None: in all).
+
+    Returns (y [B, d] f32, h): h is the split variant's hidden buffer f32 [B', list length] (B' = B padded to a
+    power of two; zero past the count), None for the fused variant. poison: start the kernels' output buffers
+    as NaN (the checks' way to prove every element gets written)."""
+    _check_shapes(x, w_gate, w_up, w_down_t)
+    batch, d = x.shape
+    length, rows = idx.shape[0], cfg.rows
+    chunk = column_chunk(d, cfg.chunk, f"sparse FFN weights {w_gate.shape}")
+    if length % max(rows, cfg.down_rows):
+        raise ValueError(f"sparse FFN: neuron list of {length} entries; expected a multiple of "
+                         f"{max(rows, cfg.down_rows)} (use list_length)")
+    xp = pad_batch(x.astype(w_gate.dtype))
+    bp = xp.shape[0]
+    own_in = [] if own is None else [pad_batch(own.astype(jnp.int32))]
+    static = dict(act=act, rows=rows, chunk=chunk, batch=batch, has_own=own is not None, interpret=interpret)
+    tuning = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, interpret=interpret)
+    full = pl.no_block_spec
+    inputs = [count, idx, *own_in, xp, w_gate, w_up]
+    if cfg.variant == "fused":
+        y = call(functools.partial(_fused_kernel, **static), out_shape=jax.ShapeDtypeStruct((bp, d), F32),
+                 grid=(length // rows,), in_specs=[full] * (len(inputs) + 1), out_specs=full,
+                 init=jnp.zeros((bp, d), F32), **tuning)(*inputs, w_down_t)
+        return y[:batch], None
+    h = call(functools.partial(_gate_up_kernel, **static), out_shape=jax.ShapeDtypeStruct((bp, length), F32),
+             grid=(length // rows,), in_specs=[full] * len(inputs),
+             out_specs=pl.BlockSpec((bp, rows), lambda i: (0, i)), poison=poison, **tuning)(*inputs)
+    cols = column_chunk(d, cfg.down_cols, f"sparse FFN weights {w_down_t.shape}")
+    partial = call(functools.partial(_down_kernel, rows=cfg.down_rows, cols=cols, splits=cfg.splits, batch=batch,
+                                     interpret=interpret),
+                   out_shape=jax.ShapeDtypeStruct((cfg.splits, bp, d), F32), grid=(d // cols, cfg.splits),
+                   in_specs=[full] * 4, out_specs=pl.BlockSpec((1, bp, cols), lambda j, s: (s, 0, j)),
+                   poison=poison, num_warps=cfg.down_warps, num_stages=cfg.num_stages,
+                   interpret=interpret)(count, idx, h, w_down_t)
+    return jnp.sum(partial[:, :batch], axis=0), h
+
+
+def sparse_ffn(x: jax.Array, candidates: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down_t: jax.Array,
+               act: Activation, cfg: SparseFFNConfig = DEFAULT) -> jax.Array:
+    """The guarded FFN for decode: x [B, d], candidates bool [B, d_ff] (the predictor's), weights [d_ff, d]
+    (w_down_t is down_proj transposed). Returns y [B, d] f32. Runs the kernels or the XLA reference by
+    `dispatch.mode()` (XLA also for more than MAX_BATCH rows: prefill and evaluation); both give sum over i in C_b of (act(g_i) * u_i) * w_down_t[i]."""
+    m = dispatch.mode()
+    if m == "xla" or x.shape[0] > MAX_BATCH:
+        return reference.sparse_ffn(x, candidates, w_gate, w_up, w_down_t, act)
+    if act.kind == "silu":
+        raise ValueError("sparse FFN: silu is never zero, so a predictor cannot skip rows; run it dense")
+    idx, count = compact(candidates, list_length(w_gate.shape[0], cfg))
+    own = None if x.shape[0] == 1 else candidates[:, idx] & (jnp.arange(idx.shape[0]) < count)[None, :]
+    return sparse_ffn_indexed(x, idx, count, w_gate, w_up, w_down_t, own, act=act, cfg=cfg,
+                              interpret=m == "interpret")[0]

@@ -1,0 +1,265 @@
+#!/usr/bin/env python
+"""One FFN layer at decode (batch 1, bf16): dense XLA vs the predictor-guarded Pallas kernels, on the GPU.
+
+For each shape and true sparsity s, random weights for `--layers` separate layers (so the timed loop streams
+from device memory, not from the 50 MB L2), x ~ N(0, 1) and a FATReLU threshold at the s-quantile of each
+layer's gate, so exactly a fraction 1 - s of neurons is active; the candidates are the active ones plus random
+inactive ones, `--extra` of d_ff (the predictor's false positives). Timed, per layer (median of repeats of
+one jitted program over all layers, block_until_ready):
+  dense    the model's XLA FFN (gate, up, act, down)
+  kernels  the sparse kernels on a given neuron list (what the goal counts)
+  +compact candidate mask -> list (XLA) + kernels: the guarded FFN as decode runs it
+  +pred    + a rank-r SVD predictor's two GEMVs (XLA) and the comparison, from x
+Useful bytes = candidate rows of W_gate + active rows of W_up and W_down_t; their rate is given as a fraction
+of a device copy measured in the same run (torch when importable, else a JAX elementwise pass).
+
+  python scripts/bench_ffn.py --shape llama2-7b qwen2-7b --sparsity 0.5 0.8 0.9 0.95 [--sweep] [--json-out F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import itertools
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from pallas_kernels import sparse_ffn as sf  # noqa: E402
+from pallas_kernels.reference import Activation  # noqa: E402
+from svdsparse_jax.config import named_config  # noqa: E402
+
+F32 = jnp.float32
+
+
+def copy_bandwidth() -> tuple[float, str]:
+    """Bytes read + written per second by a 2 GiB device copy: torch's copy_ when torch has CUDA, else JAX."""
+    n = 1 << 30  # bf16 elements
+    try:
+        import torch
+        if torch.cuda.is_available():
+            a = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+            b = torch.empty_like(a)
+            for _ in range(3):
+                b.copy_(a)
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            times = []
+            for _ in range(10):
+                start.record()
+                b.copy_(a)
+                end.record()
+                torch.cuda.synchronize()
+                times.append(start.elapsed_time(end) / 1e3)
+            del a, b
+            torch.cuda.empty_cache()
+            return 4 * n / statistics.median(times), "torch copy_"
+    except ImportError:
+        pass
+    x = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
+    f = jax.jit(lambda a: a * jnp.bfloat16(1.0001))
+    f(x).block_until_ready()
+    times = []
+    for _ in range(10):
+        t = time.perf_counter()
+        f(x).block_until_ready()
+        times.append(time.perf_counter() - t)
+    return 4 * n / statistics.median(times), "jax elementwise"
+
+
+def timeit(fn, *args, repeats: int) -> float:
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+@dataclasses.dataclass
+class Layers:
+    """Per-layer weights, thresholds, candidate masks and lists for one (shape, sparsity)."""
+
+    x: jax.Array
+    weights: list  # [(w_gate, w_up, w_down_t)]
+    acts: list  # Activation per layer
+    masks: list  # bool [1, d_ff]
+    predictors: list  # (a [r, d], b [d_ff, r], bias [d_ff]) giving exactly `masks`
+    active: list  # int: truly active neurons
+
+
+def make_layers(cfg, n_layers: int, sparsity: float, extra: float, rank: int, seed: int = 0) -> Layers:
+    d, d_ff = cfg.d_model, cfg.d_ff
+    key = jax.random.key(seed)
+    x = jax.random.normal(jax.random.fold_in(key, 0), (1, d), jnp.bfloat16)
+    rng = np.random.default_rng(seed)
+    out = Layers(x, [], [], [], [], [])
+    for layer in range(n_layers):
+        ks = jax.random.split(jax.random.fold_in(key, layer + 1), 5)
+        w = [(jax.random.normal(k, (d_ff, d), F32) / np.sqrt(d)).astype(jnp.bfloat16) for k in ks[:3]]
+        gate = np.asarray(jnp.einsum("bd,fd->bf", x, w[0], preferred_element_type=F32))[0]
+        threshold = float(np.quantile(gate, sparsity))
+        act = Activation("fatrelu", threshold)
+        active = gate >= threshold
+        cand = active | (rng.random(d_ff) < extra / sparsity)  # about extra * d_ff false positives
+        # A predictor whose scores are random but whose bias makes exactly `cand` positive (its cost is real).
+        a = (jax.random.normal(ks[3], (rank, d), F32) / np.sqrt(d)).astype(jnp.bfloat16)
+        b = (jax.random.normal(ks[4], (d_ff, rank), F32) / np.sqrt(rank)).astype(jnp.bfloat16)
+        z = jnp.einsum("bd,rd->br", x, a, preferred_element_type=F32).astype(jnp.bfloat16)
+        s = np.asarray(jnp.einsum("br,fr->bf", z, b, preferred_element_type=F32))[0]
+        bias = jnp.asarray(np.where(cand, 1e3, -1e3) - s, F32)
+        out.weights.append(w)
+        out.acts.append(act)
+        out.masks.append(jnp.asarray(cand[None]))
+        out.predictors.append((a, b, bias))
+        out.active.append(int(active.sum()))
+    return out
+
+
+def dense_ffn(x, w, act: Activation):
+    g = jnp.einsum("bd,fd->bf", x, w[0], preferred_element_type=F32)
+    u = jnp.einsum("bd,fd->bf", x, w[1], preferred_element_type=F32)
+    h = act.hidden(g, u).astype(x.dtype)
+    return jnp.einsum("bf,fd->bd", h, w[2], preferred_element_type=F32)
+
+
+def run_config(layers: Layers, cfg: sf.SparseFFNConfig, repeats: int, only_kernels: bool = False,
+               interpret: bool = False) -> dict:
+    n = len(layers.weights)
+    d_ff = layers.weights[0][0].shape[0]
+    length = sf.list_length(d_ff, cfg)
+    lists = [sf.compact(m, length) for m in layers.masks]
+
+    @jax.jit
+    def kernels(x, weights, lists):
+        return sum(sf.sparse_ffn_indexed(x, idx, cnt, *w, act=act, cfg=cfg, interpret=interpret)[0]
+                   for (idx, cnt), w, act in zip(lists, weights, layers.acts))
+
+    @jax.jit
+    def with_compact(x, weights, masks):
+        total = 0.0
+        for m, w, act in zip(masks, weights, layers.acts):
+            idx, cnt = sf.compact(m, length)
+            total = total + sf.sparse_ffn_indexed(x, idx, cnt, *w, act=act, cfg=cfg, interpret=interpret)[0]
+        return total
+
+    @jax.jit
+    def with_predictor(x, weights, preds):
+        total = 0.0
+        for (a, b, bias), w, act in zip(preds, weights, layers.acts):
+            z = jnp.einsum("bd,rd->br", x, a, preferred_element_type=F32).astype(x.dtype)
+            mask = jnp.einsum("br,fr->bf", z, b, preferred_element_type=F32) + bias > 0
+            idx, cnt = sf.compact(mask, length)
+            total = total + sf.sparse_ffn_indexed(x, idx, cnt, *w, act=act, cfg=cfg, interpret=interpret)[0]
+        return total
+
+    kernels_us = timeit(kernels, layers.x, layers.weights, lists, repeats=repeats) / n * 1e6
+    if only_kernels:
+        return {"kernels_us": kernels_us}
+    return {
+        "kernels_us": kernels_us,
+        "compact_us": timeit(with_compact, layers.x, layers.weights, layers.masks, repeats=repeats) / n * 1e6,
+        "pred_us": timeit(with_predictor, layers.x, layers.weights, layers.predictors, repeats=repeats) / n * 1e6,
+    }
+
+
+def time_dense(layers: Layers, repeats: int) -> float:
+    @jax.jit
+    def dense(x, weights):
+        return sum(dense_ffn(x, w, act) for w, act in zip(weights, layers.acts))
+
+    return timeit(dense, layers.x, layers.weights, repeats=repeats) / len(layers.weights) * 1e6
+
+
+def sweep_configs() -> list[sf.SparseFFNConfig]:
+    out = []
+    for rows, chunk, warps in itertools.product((4, 8, 16), (1024, 2048), (4, 8)):
+        out.append(sf.SparseFFNConfig(variant="fused", rows=rows, chunk=chunk, num_warps=warps))
+    for rows, chunk in itertools.product((4, 8, 16), (1024, 2048)):
+        for down_rows, down_cols, splits in ((32, 256, 8), (16, 128, 16), (64, 256, 4)):
+            out.append(sf.SparseFFNConfig(variant="split", rows=rows, chunk=chunk, down_rows=down_rows,
+                                          down_cols=down_cols, splits=splits))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", nargs="+", default=["llama2-7b", "qwen2-7b"])
+    ap.add_argument("--sparsity", nargs="+", type=float, default=[0.5, 0.8, 0.9, 0.95])
+    ap.add_argument("--extra", type=float, default=0.03, help="false-positive candidates, fraction of d_ff")
+    ap.add_argument("--layers", type=int, default=16)
+    ap.add_argument("--rank", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--sweep", action="store_true", help="time many kernel configurations at the first shape "
+                    "and sparsity, then use the fastest for the table")
+    ap.add_argument("--sweep-layers", type=int, default=8)
+    ap.add_argument("--interpret", action="store_true", help="kernels in interpret mode (a CPU smoke test)")
+    ap.add_argument("--json-out")
+    args = ap.parse_args()
+    dev = jax.devices()[0]
+    copy_bw, copy_how = copy_bandwidth()
+    print(f"{dev.device_kind}: copy {copy_bw / 1e12:.3f} TB/s ({copy_how})", flush=True)
+    best = sf.DEFAULT
+    sweep = []
+    if args.sweep:
+        layers = make_layers(named_config(args.shape[0]), args.sweep_layers, args.sparsity[0], args.extra,
+                             args.rank)
+        for cfg in sweep_configs():
+            try:
+                t = run_config(layers, cfg, max(5, args.repeats // 4), True, args.interpret)["kernels_us"]
+            except Exception as e:  # a configuration the compiler rejects is reported, not fatal
+                print(f"  {cfg}: failed: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            sweep.append({"config": dataclasses.asdict(cfg), "kernels_us": round(t, 2)})
+            print(f"  {t:8.2f} us  {cfg}", flush=True)
+        best = sf.SparseFFNConfig(**min(sweep, key=lambda r: r["kernels_us"])["config"])
+        print(f"fastest: {best}", flush=True)
+        del layers
+    rows = []
+    for shape in args.shape:
+        mcfg = named_config(shape)
+        for s in args.sparsity:
+            layers = make_layers(mcfg, args.layers, s, args.extra, args.rank)
+            dense_us = time_dense(layers, args.repeats)
+            t = run_config(layers, best, args.repeats, interpret=args.interpret)
+            cand = float(np.mean([int(m.sum()) for m in layers.masks]))
+            active = float(np.mean(layers.active))
+            useful = (cand + 2 * active) * mcfg.d_model * 2
+            row = {"shape": shape, "true_sparsity": s, "candidates": cand / mcfg.d_ff, "active": active / mcfg.d_ff,
+                   "dense_us": round(dense_us, 2), **{k: round(v, 2) for k, v in t.items()},
+                   "speedup_kernels": round(dense_us / t["kernels_us"], 2),
+                   "speedup_with_predictor": round(dense_us / t["pred_us"], 2),
+                   "useful_mb": round(useful / 1e6, 2),
+                   "useful_fraction_of_copy": round(useful / (t["kernels_us"] * 1e-6) / copy_bw, 3),
+                   "dense_fraction_of_copy": round(3 * mcfg.d_ff * mcfg.d_model * 2 / (dense_us * 1e-6) / copy_bw, 3)}
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+            del layers
+    report = {"device": dev.device_kind, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
+              "copy_tb_per_s": round(copy_bw / 1e12, 3), "copy_measured_with": copy_how,
+              "config": dataclasses.asdict(best), "runs": rows, "sweep": sweep,
+              "command": " ".join(["python", "scripts/bench_ffn.py"] + sys.argv[1:])}
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"\n{dev.device_kind}, copy {report['copy_tb_per_s']} TB/s ({copy_how}); config {best}")
+    print(f"{'shape':<11}{'sparse':>7}{'cand':>6}{'dense us':>9}{'kern us':>9}{'+cmp us':>9}{'+pred us':>9}"
+          f"{'x kern':>7}{'x pred':>7}{'useful/copy':>12}")
+    for r in rows:
+        print(f"{r['shape']:<11}{r['true_sparsity']:>7}{r['candidates']:>6.3f}{r['dense_us']:>9}{r['kernels_us']:>9}"
+              f"{r['compact_us']:>9}{r['pred_us']:>9}{r['speedup_kernels']:>7}{r['speedup_with_predictor']:>7}"
+              f"{r['useful_fraction_of_copy']:>12}")
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.6")  # leave room for torch's copy buffers
+    sys.exit(main())

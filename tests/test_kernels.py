@@ -1,0 +1,140 @@
+"""The Pallas kernels in interpret mode (CPU) against a float64 NumPy oracle on fresh random inputs, with
+NaN-started outputs; the dispatch switch; sparse decoding through the kernels inside the generate program."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import dispatch
+from pallas_kernels import sparse_ffn as sf
+from pallas_kernels.checks import check_gemv, check_sparse_ffn
+from pallas_kernels.gemv import column_chunk
+from pallas_kernels.reference import Activation
+from svdsparse_jax.convert import load_model
+from svdsparse_jax.generate import Generator
+from svdsparse_jax.model import Transformer
+from svdsparse_jax.predictors import LowRankPredictor
+
+# Small blocks, so the tiny shapes below have several of each, and counts that are multiples of none.
+SMALL = {"split": sf.SparseFFNConfig("split", rows=8, chunk=32, down_rows=16, down_cols=32, splits=3),
+         "fused": sf.SparseFFNConfig("fused", rows=8, chunk=32)}
+ACTS = [Activation("relu"), Activation("fatrelu", 0.4), Activation("drelu")]
+
+
+@pytest.mark.parametrize("variant", ["split", "fused"])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("count", [0, 1, 200, 77])
+def test_sparse_ffn_kernels_match_float64(variant, dtype, count):
+    for batch, act in [(1, ACTS[count % 3]), (3, ACTS[(count + 1) % 3])]:
+        r = check_sparse_ffn(96, 200, dtype, count, batch=batch, act=act, cfg=SMALL[variant], interpret=True)
+        assert r.ok, r
+
+
+def test_sparse_ffn_default_config_on_the_bundled_model_shape():
+    for count in (0, 1, 1024, 131):
+        r = check_sparse_ffn(256, 1024, jnp.bfloat16, count, act=Activation("fatrelu", 0.3), interpret=True)
+        assert r.ok, r
+
+
+def test_sparse_ffn_f16():
+    r = check_sparse_ffn(96, 200, jnp.float16, 33, act=Activation("relu"), cfg=SMALL["split"], interpret=True)
+    assert r.ok, r
+
+
+@pytest.mark.parametrize("n,k", [(200, 96), (64, 256), (24, 48)])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_gemv_kernel_matches_float64(n, k, dtype):
+    for batch in (1, 3):
+        r = check_gemv(n, k, dtype, batch=batch, interpret=True, rows=8, chunk=32)
+        assert r.ok, r
+
+
+def test_dispatch_switch(monkeypatch):
+    assert dispatch.mode() == "xla"  # CPU: the reference
+    with dispatch.kernel_mode("interpret"):
+        assert dispatch.mode() == "interpret"
+        with dispatch.kernel_mode("xla"):
+            assert dispatch.mode() == "xla"
+    with dispatch.kernel_mode("pallas"), pytest.raises(RuntimeError, match="needs a GPU"):
+        dispatch.mode()
+    monkeypatch.setitem(os.environ, "SVDSPARSE_KERNELS", "interpret")
+    assert dispatch.mode() == "interpret"
+    monkeypatch.setitem(os.environ, "SVDSPARSE_KERNELS", "fast")
+    with pytest.raises(ValueError, match="SVDSPARSE_KERNELS"):
+        dispatch.mode()
+
+
+def test_dispatched_sparse_ffn_equals_reference_in_every_mode():
+    rng = np.random.default_rng()
+    x = jnp.asarray(rng.standard_normal((2, 64)), jnp.float32)
+    w = [jnp.asarray(rng.standard_normal((160, 64)) / 8, jnp.float32) for _ in range(3)]
+    cand = jnp.asarray(rng.random((2, 160)) < 0.3)
+    act = Activation("relu")
+    with dispatch.kernel_mode("xla"):
+        ref = sf.sparse_ffn(x, cand, *w, act)
+    with dispatch.kernel_mode("interpret"):
+        got = sf.sparse_ffn(x, cand, *w, act)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs_are_refused():
+    with pytest.raises(ValueError, match="multiple of 16"):
+        column_chunk(100, 1024, "w")
+    with pytest.raises(ValueError, match="variant"):
+        sf.SparseFFNConfig(variant="atomic")
+    x, w = jnp.zeros((1, 64)), jnp.zeros((32, 64))
+    with pytest.raises(ValueError, match="w_up"):
+        sf.sparse_ffn_indexed(x, jnp.zeros(32, jnp.int32), jnp.ones(1, jnp.int32), w, jnp.zeros((32, 48)), w,
+                              act=Activation(), interpret=True)
+    with dispatch.kernel_mode("interpret"), pytest.raises(ValueError, match="silu"):
+        sf.sparse_ffn(x, jnp.ones((1, 32), bool), w, w, w, Activation("silu"))
+
+
+def _predictor(cfg, rng, all_active: bool):
+    r = 8
+    a = jnp.asarray(rng.standard_normal((r, cfg.d_model)) / np.sqrt(cfg.d_model), jnp.float32)
+    b = jnp.asarray(rng.standard_normal((cfg.d_ff, r)), jnp.float32)
+    bias = jnp.full(cfg.d_ff, 1e4 if all_active else 0.0, jnp.float32)
+    return LowRankPredictor(a, b, bias)
+
+
+def test_sparse_decoding_through_the_kernels(llama_checkpoint):
+    """The generate program with the kernels (interpret mode) gives the dense tokens under an all-active
+    predictor, and the XLA-guarded tokens under a real partial one."""
+    lm = load_model(llama_checkpoint.path, jnp.float32)
+    cfg, model = lm.cfg, Transformer(lm.cfg, lm.weights)
+    rng = np.random.default_rng()
+    prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (4, 9)]
+    dense = Generator(model).generate(prompts, 12).tokens
+    everything = [_predictor(cfg, rng, True) for _ in range(cfg.n_layers)]
+    partial = [_predictor(cfg, rng, False) for _ in range(cfg.n_layers)]
+    with dispatch.kernel_mode("xla"):
+        guarded_xla = Generator(model, partial).generate(prompts, 12).tokens
+    with dispatch.kernel_mode("interpret"):
+        assert Generator(model, everything).generate(prompts, 12).tokens == dense
+        assert Generator(model, partial).generate(prompts, 12).tokens == guarded_xla
+    assert guarded_xla != dense  # the partial predictor really drops neurons
+
+
+def test_generator_keys_compiled_programs_by_kernel_mode(llama_checkpoint):
+    lm = load_model(llama_checkpoint.path, jnp.float32)
+    gen = Generator(Transformer(lm.cfg, lm.weights), [_predictor(lm.cfg, np.random.default_rng(0), True)] * 2)
+    gen.generate([[1, 2]], 2)
+    with dispatch.kernel_mode("interpret"):
+        gen.generate([[1, 2]], 2)
+    assert sorted(k[-1] for k in gen.compiled) == ["interpret", "xla"]
+
+
+def test_kernels_jit_without_recompiling_per_count():
+    """The count is data: a new candidate set reuses the compiled kernels."""
+    rng = np.random.default_rng()
+    w = [jnp.asarray(rng.standard_normal((64, 32)), jnp.bfloat16) for _ in range(3)]
+    x = jnp.asarray(rng.standard_normal((1, 32)), jnp.bfloat16)
+    f = jax.jit(lambda x, m: sf.sparse_ffn(x, m, *w, Activation("relu"), SMALL["split"]))
+    with dispatch.kernel_mode("interpret"):
+        for p in (0.1, 0.5):
+            f(x, jnp.asarray(rng.random((1, 64)) < p))
+    assert f._cache_size() == 1
