@@ -6,6 +6,10 @@ The choice is made while a function is traced, so it is part of what a jitted pr
 
   SVDSPARSE_KERNELS=auto|pallas|interpret|xla      (environment; default auto)
   with kernel_mode("interpret"): ...              (in code; overrides the environment)
+
+The guarded FFN and the predictors' GEMVs follow the mode. The model's other decode projections (attention,
+LM head) take the Pallas GEMV only where `dense_gemv()` says so (SVDSPARSE_DENSE_GEMV=1|0): it is off by
+default until measured faster than XLA's on the target GPU (docs/BENCHMARKS.md, "Decode GEMVs").
 """
 
 from __future__ import annotations
@@ -49,6 +53,14 @@ def mode() -> str:
         raise RuntimeError(f"kernel mode 'pallas' needs a GPU backend; this one is {jax.default_backend()!r} "
                            "(use 'interpret' to run the kernels on it, or 'xla')")
     return asked
+
+
+def dense_gemv() -> bool:
+    """Whether decode's dense projections use the Pallas GEMV (when the mode runs kernels at all)."""
+    value = os.environ.get("SVDSPARSE_DENSE_GEMV", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"SVDSPARSE_DENSE_GEMV={value!r}: expected 0 or 1")
+    return value == "1"
 
 
 @contextlib.contextmanager

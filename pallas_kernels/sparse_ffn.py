@@ -74,13 +74,25 @@ def list_length(d_ff: int, cfg: SparseFFNConfig) -> int:
 
 def compact(candidates: jax.Array, length: int) -> tuple[jax.Array, jax.Array]:
     """candidates bool [B, d_ff] -> (idx int32 [length]: the neurons in any sequence's mask, ascending, then
-    zeros; count int32 [1])."""
+    zeros; count int32 [1]).
+
+    Positions come from a two-level prefix sum: within blocks of 128 neurons as a product with a triangular
+    ones matrix (exact: 0/1 entries, sums <= 128), then across the few block totals. A plain `jnp.cumsum` over
+    d_ff lowers to a reduce-window with a d_ff-wide window on GPU (quadratic work)."""
     union = jnp.any(candidates, axis=0)
-    pos = jnp.cumsum(union, dtype=jnp.int32) - 1
     d_ff = union.shape[0]
+    block = 128
+    n_blocks = pl.cdiv(d_ff, block)
+    m = jnp.pad(union, (0, n_blocks * block - d_ff)).reshape(n_blocks, block).astype(F32)
+    tri = (jnp.arange(block)[:, None] <= jnp.arange(block)[None, :]).astype(F32)
+    within = jnp.dot(m, tri, precision=jax.lax.Precision.HIGHEST)  # inclusive prefix within each block
+    totals = within[:, -1]
+    before = jnp.dot((jnp.arange(n_blocks)[None, :] < jnp.arange(n_blocks)[:, None]).astype(F32), totals,
+                     precision=jax.lax.Precision.HIGHEST)  # exclusive prefix over blocks
+    pos = (within + before[:, None]).reshape(-1)[:d_ff].astype(jnp.int32) - 1
     idx = jnp.zeros(length, jnp.int32).at[jnp.where(union, pos, length)].set(
         jnp.arange(d_ff, dtype=jnp.int32), mode="drop")
-    return idx, pos[-1:] + 1
+    return idx, jnp.sum(union, dtype=jnp.int32)[None]
 
 
 def _block(count_ref, idx_ref, start: jax.Array, rows: int) -> tuple[jax.Array, jax.Array]:

@@ -7,12 +7,21 @@ reports, per shape: end-to-end tokens/s (prefill included, as the CLI prints), d
 slots) and the bandwidth that implies, against a measured device copy bandwidth.
 
   python scripts/bench_decode.py --shape llama2-7b --new-tokens 128 --prompt-len 64 [--json-out F]
+  python scripts/bench_decode.py --shape llama2-7b --sparse [--inactive 0.9 --s 0.95 --rank 256]
+
+--sparse: the model gets a FATReLU gate whose threshold leaves about `--inactive` of the neurons at zero
+(random weights give gate ~ N(0, (std sqrt(d))^2) after the unit-scale RMSNorm: threshold = that std times the
+normal quantile), whitened-SVD predictors are built for it by the project's own pipeline (build_predictors on
+random calibration tokens) and the same prompts are decoded dense and sparse. Launches per decode step are
+counted from the compiled program (top-level kernels of the decode loop's body).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import re
 import statistics
 import sys
 import time
@@ -24,10 +33,12 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from pallas_kernels import dispatch  # noqa: E402
 from svdsparse_jax.config import NAMED_SHAPES, named_config  # noqa: E402
 from svdsparse_jax.convert import parse_dtype  # noqa: E402
 from svdsparse_jax.generate import Generator, bucket  # noqa: E402
 from svdsparse_jax.model import Transformer  # noqa: E402
+from svdsparse_jax.predictors import BuildConfig, build_predictors  # noqa: E402
 from svdsparse_jax.weights import init_weights, weight_specs  # noqa: E402
 
 
@@ -44,11 +55,49 @@ def copy_bandwidth(n_bytes: int = 2 << 30, repeats: int = 10) -> float:
     return 2 * n_bytes / statistics.median(times)
 
 
-def bench_shape(shape: str, batch: int, prompt_len: int, new_tokens: int, dtype, repeats: int) -> dict:
+NOT_KERNELS = ("parameter", "get-tuple-element", "tuple", "bitcast", "constant")
+
+
+def launches_per_step(compiled) -> int:
+    """Top-level kernels in the body of the decode while-loop (the loop whose body has the most of them)."""
+    text = compiled.as_text()
+    bodies = re.findall(r"body=%?([\w.\-]+)", text)
+    best = 0
+    for name in bodies:
+        m = re.search(r"\n%?" + re.escape(name) + r" [^\n]*\{\n(.*?)\n\}", text, re.S)
+        if not m:
+            continue
+        ops = re.findall(r"=\s*\S+\s+([a-z\-]+)\(", m.group(1))
+        best = max(best, sum(op not in NOT_KERNELS for op in ops))
+    return best
+
+
+def bench_shape(shape: str, batch: int, prompt_len: int, new_tokens: int, dtype, repeats: int,
+                sparse: dict | None = None) -> dict:
     cfg = named_config(shape)
-    weights = init_weights(cfg, jax.random.key(0), dtype)
+    std = 0.02
+    if sparse is not None:  # FATReLU threshold at the `inactive` quantile of the gate
+        threshold = statistics.NormalDist().inv_cdf(sparse["inactive"]) * std * cfg.d_model ** 0.5
+        cfg = dataclasses.replace(cfg, activation="fatrelu", act_threshold=threshold)
+    weights = init_weights(cfg, jax.random.key(0), dtype, std=std)
     jax.block_until_ready(weights)
-    gen = Generator(Transformer(cfg, weights))
+    model = Transformer(cfg, weights)
+    extra = {}
+    preds = None
+    if sparse is not None:
+        bc = BuildConfig(method="whitened", ranks=sparse["rank"], rule="s", value=sparse["s"],
+                         tokens=sparse["calib_tokens"], guard=sparse["guard"])
+        t = time.perf_counter()
+        pset = build_predictors(model, np.random.default_rng(1).integers(0, cfg.vocab_size, bc.tokens), bc,
+                                progress=False)
+        preds = pset.layers
+        extra = {"act_threshold": round(cfg.act_threshold, 4), "build_s": round(time.perf_counter() - t, 1),
+                 "calib_true_sparsity": round(float(np.mean([i["true_sparsity"] for i in pset.info])), 4),
+                 "calib_predicted_sparsity": round(float(np.mean([i["calib_predicted_sparsity"]
+                                                                   for i in pset.info])), 4),
+                 "calib_recall": round(float(np.mean([i["calib_recall"] for i in pset.info])), 4),
+                 "predictor": f"whitened r{sparse['rank']} s{sparse['s']} guard{sparse['guard']}"}
+    gen = Generator(model, preds)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, cfg.vocab_size, prompt_len).tolist() for _ in range(batch)]
 
@@ -59,6 +108,7 @@ def bench_shape(shape: str, batch: int, prompt_len: int, new_tokens: int, dtype,
         return statistics.median(runs), first.compile_s
 
     full_s, compile_s = timed(new_tokens)
+    launches = launches_per_step(next(iter(gen.compiled.values())))
     one_s, _ = timed(1)
     step_s = (full_s - one_s) / (new_tokens - 1)
     itemsize = jnp.dtype(dtype).itemsize
@@ -75,6 +125,8 @@ def bench_shape(shape: str, batch: int, prompt_len: int, new_tokens: int, dtype,
         "prefill_plus_first_token_ms": round(one_s * 1e3, 2),
         "weight_gb": round(weight_bytes / 1e9, 3), "kv_gb_per_step": round(kv_bytes / 1e9, 4),
         "decode_tb_per_s": round((weight_bytes + kv_bytes) / step_s / 1e12, 3),
+        "launches_per_step": launches, "kernels": dispatch.mode(), "dense_gemv": dispatch.dense_gemv(),
+        "sparse": preds is not None, **extra,
     }
 
 
@@ -86,26 +138,45 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--sparse", action="store_true", help="also decode with predictors (see above)")
+    ap.add_argument("--inactive", type=float, default=0.9)
+    ap.add_argument("--s", type=float, default=0.95)
+    ap.add_argument("--rank", type=int, default=256)
+    ap.add_argument("--calib-tokens", type=int, default=16384)
+    ap.add_argument("--guard", type=float, nargs="+", default=[0.01],
+                    help="calibration guard(s) (fraction of neurons never predicted active; the reference's 0.01)")
     ap.add_argument("--json-out")
     args = ap.parse_args()
     dev = jax.devices()[0]
     copy_bw = copy_bandwidth()
     rows = []
+    sparse = [dict(inactive=args.inactive, s=args.s, rank=args.rank, calib_tokens=args.calib_tokens, guard=g)
+              for g in args.guard]
     for shape in args.shape:
-        row = bench_shape(shape, args.batch, args.prompt_len, args.new_tokens, parse_dtype(args.dtype), args.repeats)
-        row["fraction_of_copy_bw"] = round(row["decode_tb_per_s"] * 1e12 / copy_bw, 3)
-        rows.append(row)
-        print(json.dumps(row), flush=True)
+        for spec in ([None, *sparse] if args.sparse else [None]):
+            row = bench_shape(shape, args.batch, args.prompt_len, args.new_tokens, parse_dtype(args.dtype),
+                              args.repeats, spec)
+            row["fraction_of_copy_bw"] = round(row["decode_tb_per_s"] * 1e12 / copy_bw, 3)
+            if spec is not None:  # against the dense run of the same FATReLU model
+                dense = next(r for r in reversed(rows) if not r["sparse"])
+                row["speedup_vs_dense"] = round(row["decode_tokens_per_s"] / dense["decode_tokens_per_s"], 3)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
     report = {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
               "date": time.strftime("%Y-%m-%d"), "copy_tb_per_s": round(copy_bw / 1e12, 3), "runs": rows,
               "command": " ".join(["python", "scripts/bench_decode.py"] + sys.argv[1:])}
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"\n{dev.device_kind}  copy {report['copy_tb_per_s']} TB/s")
-    print(f"{'shape':<12}{'e2e tok/s':>10}{'decode tok/s':>14}{'step ms':>9}{'TB/s':>7}{'of copy':>9}{'compile s':>11}")
+    print(f"{'shape':<12}{'mode':<7}{'e2e tok/s':>10}{'decode tok/s':>14}{'step ms':>9}{'TB/s':>7}{'of copy':>9}"
+          f"{'launch':>7}{'compile s':>11}")
     for r in rows:
-        print(f"{r['shape']:<12}{r['end_to_end_tokens_per_s']:>10}{r['decode_tokens_per_s']:>14}"
-              f"{r['decode_step_ms']:>9}{r['decode_tb_per_s']:>7}{r['fraction_of_copy_bw']:>9}{r['compile_s']:>11}")
+        print(f"{r['shape']:<12}{'sparse' if r['sparse'] else 'dense':<7}{r['end_to_end_tokens_per_s']:>10}"
+              f"{r['decode_tokens_per_s']:>14}{r['decode_step_ms']:>9}{r['decode_tb_per_s']:>7}"
+              f"{r['fraction_of_copy_bw']:>9}{r['launches_per_step']:>7}{r['compile_s']:>11}")
+        if r["sparse"]:
+            print(f"   {r['predictor']}: {r['speedup_vs_dense']}x dense; calib true sparsity {r['calib_true_sparsity']}, "
+                  f"predicted {r['calib_predicted_sparsity']}, recall {r['calib_recall']}")
     return 0
 
 

@@ -17,6 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels import dispatch
+from pallas_kernels.gemv import MAX_BATCH, gemv
 from pallas_kernels.sparse_ffn import sparse_ffn
 from pallas_kernels.reference import Activation
 from svdsparse_jax import kv_cache
@@ -34,8 +36,12 @@ def einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
-    """x [..., in] @ w[out, in]^T (+ b) -> [..., out] f32."""
-    y = einsum("...i,oi->...o", x, w)
+    """x [..., in] @ w[out, in]^T (+ b) -> [..., out] f32. Decode-sized inputs may take the Pallas GEMV
+    (`pallas_kernels.dispatch.dense_gemv`)."""
+    if x.size // x.shape[-1] <= MAX_BATCH and dispatch.dense_gemv():
+        y = gemv(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[0])
+    else:
+        y = einsum("...i,oi->...o", x, w)
     return y if b is None else y + b.astype(F32)
 
 

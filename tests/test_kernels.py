@@ -138,3 +138,16 @@ def test_kernels_jit_without_recompiling_per_count():
         for p in (0.1, 0.5):
             f(x, jnp.asarray(rng.random((1, 64)) < p))
     assert f._cache_size() == 1
+
+
+@pytest.mark.parametrize("d_ff", [1, 200, 1000])
+def test_compact_lists_the_union_in_order(d_ff):
+    rng = np.random.default_rng()
+    for p in (0.0, 0.05, 0.5, 1.0):
+        m = rng.random((3, d_ff)) < p
+        length = sf.list_length(d_ff, sf.DEFAULT)
+        idx, count = sf.compact(jnp.asarray(m), length)
+        union = np.flatnonzero(m.any(0))
+        assert int(count[0]) == union.size
+        np.testing.assert_array_equal(np.asarray(idx)[:union.size], union)
+        assert idx.shape == (length,) and not np.asarray(idx)[union.size:].any()

@@ -20,7 +20,7 @@ from svdsparse_jax.model import Block, Transformer, linear
 from svdsparse_jax.predictors.base import LayerPredictor, LowRankPredictor, OraclePredictor
 from svdsparse_jax.predictors.baselines import mlp_predictor, signbit_predictor
 from svdsparse_jax.predictors.svd import whitened_svd
-from svdsparse_jax.predictors.thresholds import Target, calibrate_bias, layer_target
+from svdsparse_jax.predictors.thresholds import GUARD, Target, calibrate_bias, layer_target
 
 METHODS = ("whitened", "plain", "signbit", "mlp", "oracle")
 RULES = ("s", "sparsity", "recall")
@@ -31,7 +31,8 @@ class BuildConfig:
     """method: one of METHODS. ranks: one rank for all layers or one per layer (SVD and MLP methods).
     rule/value: the per-layer target ('s': s x true sparsity with s - 0.1 on layers 0-1; 'sparsity': absolute;
     'recall': minimum recall). tokens: calibration tokens used at most (split in two halves); window: tokens
-    per context window. dtype: storage dtype of the factors (the model's by default)."""
+    per context window. dtype: storage dtype of the factors (the model's by default). guard: calibration stops
+    once this fraction of a layer's neurons is never predicted active (the reference's 1%)."""
 
     method: str = "whitened"
     ranks: int | tuple[int, ...] = 256
@@ -43,6 +44,7 @@ class BuildConfig:
     dtype: str | None = None
     mlp_steps: int = 400
     seed: int = 0
+    guard: float = GUARD
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -87,14 +89,14 @@ def layer_factors(st: LayerStats, block: Block, cfg: ModelConfig, bc: BuildConfi
     return OraclePredictor(cfg.act_threshold if cfg.activation == "fatrelu" else 0.0)
 
 
-def calibrate_layer(pred: LayerPredictor, st: LayerStats, block: Block, target: Target
+def calibrate_layer(pred: LayerPredictor, st: LayerStats, block: Block, target: Target, guard: float = GUARD
                     ) -> tuple[LayerPredictor, dict]:
     """Sets a low-rank predictor's biases by the penalty objective (other types pass through) and returns it
     with its facts on the calibration half."""
     active2 = st.h2 != 0
     if isinstance(pred, LowRankPredictor):
         raw = dataclasses.replace(pred, bias=jnp.zeros_like(pred.bias)).scores(st.x2)
-        bias, _ = calibrate_bias(raw, st.importance, active2, target)
+        bias, _ = calibrate_bias(raw, st.importance, active2, target, guard=guard)
         pred = dataclasses.replace(pred, bias=bias.astype(pred.bias.dtype))
     gate = linear(st.x2, block.ffn.w_gate[...])  # as the FFN computes it (full f32 precision on GPUs too)
     predicted = pred.predict(st.x2, gate)
@@ -141,7 +143,7 @@ def build_predictors(model: Transformer, calib_tokens: np.ndarray, bc: BuildConf
         pred = jax.block_until_ready(layer_factors(st, block, cfg, bc, target, dtype))
         timings["factors"] += time.perf_counter() - t
         t = time.perf_counter()
-        pred, facts = calibrate_layer(pred, st, block, target)
+        pred, facts = calibrate_layer(pred, st, block, target, bc.guard)
         layers.append(pred)
         info.append(facts)
         timings["bias calibration"] += time.perf_counter() - t
