@@ -127,13 +127,17 @@ def gemv_pallas(x: jax.Array, w: jax.Array, *, rows: int = 8, chunk: int = 1024,
 
 
 MAX_BATCH = 8  # more rows than this are a matrix product, XLA's job
+# On the H100 (scripts/bench_gemv.py, docs/BENCHMARKS.md) the Pallas GEMV beat XLA's from 4096x4096 up
+# (1.97 vs 1.76 TB/s; 11008x4096 2.52 vs 2.15) but lost on the small, latency-bound predictor factors
+# (256x4096 4.6 vs 2.9 us; 11008x256 6.4 vs 5.2 us; 1024x4096 8.3 vs 6.1 us): below this many weights, XLA.
+MIN_KERNEL_WEIGHTS = 4096 * 4096
 
 
 def gemv(x: jax.Array, w: jax.Array) -> jax.Array:
     """x [B, k] @ w [n, k]^T -> [B, n] f32, by the mode in effect (`dispatch.mode()`): the Pallas kernel, the
-    same kernel interpreted, or XLA's dot (also for B > MAX_BATCH and for f32, whose full-precision products
-    the model keeps on XLA)."""
+    same kernel interpreted, or XLA's dot (also for B > MAX_BATCH, for f32, whose full-precision products the
+    model keeps on XLA, and on the GPU for matrices under MIN_KERNEL_WEIGHTS, where XLA measured faster)."""
     m = dispatch.mode()
-    if m == "xla" or x.shape[0] > MAX_BATCH or w.dtype == F32:
+    if m == "xla" or x.shape[0] > MAX_BATCH or w.dtype == F32 or (m == "pallas" and w.size < MIN_KERNEL_WEIGHTS):
         return reference.gemv(x, w)
     return gemv_pallas(x, w, interpret=m == "interpret")
