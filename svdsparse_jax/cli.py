@@ -1,4 +1,4 @@
-"""The `svdsparse` command: convert, generate, score, build-predictors, eval, demo.
+"""The `svdsparse` command: convert, generate, score, build-predictors, eval, export-npu, import-svdp, demo.
 
 Every command exits non-zero with a one-line error on bad input (add --debug for the traceback). With --json,
 a command prints exactly one JSON object on stdout.
@@ -102,6 +102,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-windows", type=int, default=32)
     p.add_argument("--plots", help="directory for PNG plots")
     p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("export-npu", help="export predictors for the torch / torch_npu executor")
+    _model_options(p)
+    p.add_argument("--predictors", required=True, help="predictor directory (build-predictors)")
+    p.add_argument("--out", required=True, help="export directory (safetensors + manifest)")
+    p.add_argument("--svdp-out", help="also write the SVDP / PowerInfer per-layer files (model_{layer}.pt) here")
+
+    p = sub.add_parser("import-svdp", help="import SVDP / PowerInfer per-layer predictor files (model_{layer}.pt)")
+    _model_options(p)
+    p.add_argument("--svdp", required=True, help="directory of model_{layer}.pt files")
+    p.add_argument("--out", required=True, help="predictor directory to write (usable by generate / eval)")
 
     p = sub.add_parser("demo", help="the whole pipeline on the bundled model, offline")
     p.add_argument("--out", help="keep the predictors here (default: a temporary directory)")
@@ -366,7 +377,38 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"(greedy; the two agree on the first {same} of {len(dense)} tokens; total {time.perf_counter() - t0:.0f} s)")
 
 
-COMMANDS = {"convert": cmd_convert, "generate": cmd_generate, "score": cmd_score,
+def cmd_export_npu(args: argparse.Namespace) -> None:
+    from svdsparse_jax.predictors import model_fingerprint
+    from torch_npu_bridge.export import export_predictors, factors_of
+    from torch_npu_bridge.svdp_format import write_svdp
+
+    lm = _load(args)
+    pset = _load_predictors(args.predictors, lm)
+    layers = [factors_of(p, i) for i, p in enumerate(pset.layers)]
+    out = export_predictors(args.out, layers, lm.cfg, model_fingerprint(lm.cfg, lm.weights), pset.method)
+    print(f"exported {len(layers)} layers ({pset.method}, {lm.cfg.activation}) to {out}")
+    if args.svdp_out:
+        print(f"SVDP-layout files in {write_svdp(args.svdp_out, layers)}")
+
+
+def cmd_import_svdp(args: argparse.Namespace) -> None:
+    import jax.numpy as jnp
+
+    from svdsparse_jax.predictors import LowRankPredictor, PredictorSet, model_fingerprint, save_predictors
+    from torch_npu_bridge.svdp_format import read_svdp
+
+    lm = _load(args)
+    cfg = lm.cfg
+    dt = lm.weights[("embed",)].dtype
+    layers = read_svdp(args.svdp, cfg.n_layers, cfg.d_model, cfg.d_ff)
+    preds = [LowRankPredictor(jnp.asarray(f.a, dt), jnp.asarray(f.b, dt), jnp.asarray(f.bias, jnp.float32))
+             for f in layers]
+    pset = PredictorSet("svdp-import", preds, {"source": str(args.svdp)}, [], {})
+    out = save_predictors(args.out, pset, cfg, model_fingerprint(cfg, lm.weights))
+    print(f"imported {len(preds)} layers from {args.svdp} to {out}")
+
+
+COMMANDS = {"convert": cmd_convert, "export-npu": cmd_export_npu, "import-svdp": cmd_import_svdp, "generate": cmd_generate, "score": cmd_score,
             "build-predictors": cmd_build_predictors, "eval": cmd_eval, "demo": cmd_demo}
 
 

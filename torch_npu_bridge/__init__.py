@@ -1,2 +1,3 @@
-"""Export of this project's predictors to a torch / torch_npu executor (CANN on Ascend NPUs; CUDA or CPU torch
-elsewhere). Built with the torch_npu bridge issue."""
+"""This project's predictors in torch / torch_npu: export (`export.py`), the guarded FFN executor for CANN,
+CUDA or CPU (`executor.py`), `patch_hf_model` / `unpatch` for transformers models (`hf_patch.py`), and the
+SVDP / PowerInfer per-layer predictor files (`svdp_format.py`)."""

@@ -1,0 +1,137 @@
+#!/usr/bin/env python
+"""The torch bridge on a CUDA (or NPU) device: (1) the parity check of tests/test_torch_bridge.py on the bundled
+model, run on that device (patched transformers vs the JAX sparse model: candidates, active sets, logits, tokens
+over 32 greedy decode steps, f32); (2) decode tokens/s of a transformers LLaMA2-7B-shaped model (random bf16
+weights, FATReLU threshold at the 0.9 normal quantile of the gate's spread) patched with rank-256 predictors
+vs the same model unpatched (eager transformers, greedy, batch 1).
+
+The speed predictors are the top-256 SVD of each layer's W_gate with per-neuron biases set on random tokens so
+that about `--candidates` of the neurons are candidates (random weights have no low-rank structure, so they
+are not accurate; only the bytes they make the executor read matter here, and the measured candidate and
+active fractions are reported).
+
+  python scripts/bench_torch_bridge.py [--device cuda] [--json-out F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def parity(device: str) -> dict:
+    import jax.numpy as jnp
+    from svdsparse_jax.cli import BUNDLED_MODEL
+    from svdsparse_jax.convert import load_model
+    from svdsparse_jax.model import Transformer
+    from svdsparse_jax.predictors import BuildConfig, build_predictors, model_fingerprint
+    from torch_npu_bridge.export import export_predictors, factors_of
+    from torch_npu_bridge.parity import decode_parity
+
+    lm = load_model(BUNDLED_MODEL, jnp.float32)
+    model = Transformer(lm.cfg, lm.weights)
+    corpus = BUNDLED_MODEL.parent / "corpus"
+    pset = build_predictors(model, np.load(corpus / "calib.npy")[:4096], BuildConfig(ranks=64, value=0.7, tokens=4096),
+                            progress=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        export_predictors(Path(tmp) / "ex", [factors_of(p, i) for i, p in enumerate(pset.layers)], lm.cfg,
+                          model_fingerprint(lm.cfg, lm.weights), pset.method)
+        prompt = np.load(corpus / "heldout.npy")[1000:1024].astype(np.int32)
+        return decode_parity(lm, model, pset.layers, Path(tmp) / "ex", prompt, 32, device)
+
+
+def speed(device: str, candidates: float, new_tokens: int, repeats: int) -> dict:
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from torch_npu_bridge.executor import GuardedFFN
+    from torch_npu_bridge.export import LayerFactors
+    from torch_npu_bridge.hf_patch import PatchedMLP, guarded_modules, unpatch
+
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=32, hidden_act="relu", max_position_embeddings=4096)
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM(cfg).to(torch.bfloat16).eval()
+    threshold = statistics.NormalDist().inv_cdf(0.9) * cfg.initializer_range * cfg.hidden_size ** 0.5
+    calib = torch.randint(0, cfg.vocab_size, (1, 256), device=device)
+    inputs = {}
+    hooks = [layer.mlp.register_forward_hook(lambda m, a, o, i=i: inputs.__setitem__(i, a[0][0].float()))
+             for i, layer in enumerate(model.model.layers)]
+    with torch.no_grad():
+        model(calib)
+    for h in hooks:
+        h.remove()
+    for i, layer in enumerate(model.model.layers):  # top-256 SVD of W_gate; bias for `candidates` per neuron
+        w = layer.mlp.gate_proj.weight.float()
+        u, s, v = torch.svd_lowrank(w, q=256, niter=2)
+        a, b = v.T, u * s
+        scores = inputs[i] @ a.T @ b.T  # [256 tokens, d_ff]
+        bias = -torch.quantile(scores, 1 - candidates, dim=0)
+        f = LayerFactors(a.cpu().numpy(), b.cpu().numpy(), bias.cpu().numpy())
+        mlp = layer.mlp
+        layer.mlp = PatchedMLP(mlp, GuardedFFN(mlp.gate_proj.weight, mlp.up_proj.weight,
+                                               mlp.down_proj.weight.T.contiguous(), f, "fatrelu", threshold))
+    prompt = torch.randint(0, cfg.vocab_size, (1, 64), device=device)
+
+    def timed() -> float:
+        with torch.no_grad():
+            model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+            times = []
+            for _ in range(repeats):
+                torch.cuda.synchronize() if device == "cuda" else None
+                t = time.perf_counter()
+                model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+                torch.cuda.synchronize() if device == "cuda" else None
+                times.append(time.perf_counter() - t)
+        return new_tokens / statistics.median(times)
+
+    for g in guarded_modules(model):
+        g.record = []
+    sparse_tps = timed()
+    recs = [r for g in guarded_modules(model) for r in g.record]
+    cand = float(np.mean([len(c) for c, _, _ in recs])) / cfg.intermediate_size
+    active = float(np.mean([len(a) for _, a, _ in recs])) / cfg.intermediate_size
+    for g in guarded_modules(model):
+        g.record = None
+    unpatch(model)
+    dense_tps = timed()
+    return {"shape": "llama2-7b", "dtype": "bfloat16", "new_tokens": new_tokens, "prompt": 64,
+            "threshold": round(threshold, 4), "candidate_fraction": round(cand, 4),
+            "active_fraction": round(active, 4), "unpatched_tokens_per_s": round(dense_tps, 2),
+            "patched_tokens_per_s": round(sparse_tps, 2), "speedup": round(sparse_tps / dense_tps, 3)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--candidates", type=float, default=0.13)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--skip-parity", action="store_true")
+    ap.add_argument("--json-out")
+    args = ap.parse_args()
+    import transformers
+    report = {"device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
+              "torch": torch.__version__, "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d"),
+              "command": " ".join(["python", "scripts/bench_torch_bridge.py"] + sys.argv[1:])}
+    if not args.skip_parity:
+        report["parity"] = parity(args.device)
+        print(json.dumps(report["parity"]), flush=True)
+    report["speed"] = speed(args.device, args.candidates, args.new_tokens, args.repeats)
+    print(json.dumps(report["speed"]), flush=True)
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
+    return 0 if args.skip_parity or report["parity"]["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

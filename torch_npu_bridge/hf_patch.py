@@ -1,0 +1,114 @@
+"""Predictor-guarded decoding for transformers LLaMA / Mistral / Qwen2 models: `patch_hf_model` swaps every
+decoder layer's MLP for a module that runs `executor.GuardedFFN` (guarded for one-token decode steps, dense
+with the exported activation for prefill), so `model.generate` uses the predictors; `unpatch` puts the
+original MLPs back. The export's model fingerprint is checked against the model first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import numpy as np
+import torch
+
+from svdsparse_jax.config import from_hf_config
+from svdsparse_jax.errors import SvdsparseError
+from svdsparse_jax.predictors.store import model_fingerprint
+from torch_npu_bridge.executor import GuardedFFN, pick_device
+from torch_npu_bridge.export import Exported, read_exported
+
+SAMPLE = 4096  # model_fingerprint reads the first 4096 values of each sampled tensor
+
+
+class PatchedMLP(torch.nn.Module):
+    """Stands in for a decoder layer's MLP; keeps the original for `unpatch`."""
+
+    def __init__(self, original: torch.nn.Module, guarded: GuardedFFN):
+        super().__init__()
+        self.original = original
+        self.guarded = guarded
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.guarded(x)
+
+
+def _layers(model) -> list:
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None or not all(hasattr(layer, "mlp") for layer in layers):
+        raise SvdsparseError(f"{type(model).__name__}: expected a transformers LLaMA / Mistral / Qwen2 causal LM "
+                             "(model.model.layers[i].mlp)")
+    return list(layers)
+
+
+def hf_fingerprint(model, activation: str, threshold: float) -> str:
+    """This project's model fingerprint (predictors.store.model_fingerprint) of a transformers model, read with
+    the exported activation (transformers has no FATReLU, so such models are often built as relu)."""
+    cfg = from_hf_config(model.config.to_dict(), where=f"{type(model).__name__}.config")
+    cfg = dataclasses.replace(cfg, activation=activation, act_threshold=threshold if activation == "fatrelu"
+                              else cfg.act_threshold)
+    sample = lambda w: w.detach().reshape(-1)[:SAMPLE].float().cpu().numpy()  # noqa: E731
+    weights = {("embed",): sample(model.model.embed_tokens.weight)}
+    for i, layer in enumerate(_layers(model)):
+        mlp = layer.original if isinstance(layer.mlp, PatchedMLP) else layer.mlp
+        weights[("layers", i, "ffn", "w_gate")] = sample(mlp.gate_proj.weight)
+    return model_fingerprint(cfg, {k: np.asarray(v) for k, v in weights.items()})
+
+
+def patch_hf_model(model, exported: str | os.PathLike | Exported, device: str | torch.device | None = None,
+                   check_fingerprint: bool = True):
+    """Makes every MLP of `model` predictor-guarded for decode, on `device` (default: npu if torch_npu sees
+    one, else cuda, else cpu; the model is moved there). Returns the model. Refuses a model with another layer
+    count, other shapes or (unless check_fingerprint=False) another fingerprint than the export's."""
+    ex = exported if isinstance(exported, Exported) else read_exported(exported)
+    layers = _layers(model)
+    if any(isinstance(layer.mlp, PatchedMLP) for layer in layers):
+        raise SvdsparseError("the model is already patched; unpatch it first")
+    if len(layers) != len(ex.layers):
+        raise SvdsparseError(f"predictors for {len(ex.layers)} layers, but the model has {len(layers)}")
+    mlp0 = layers[0].mlp
+    shape = tuple(mlp0.gate_proj.weight.shape)
+    if shape != (ex.d_ff, ex.d_model):
+        raise SvdsparseError(f"predictors for d_ff x d = {(ex.d_ff, ex.d_model)}, but the model's gate_proj is "
+                             f"{shape}")
+    if any(getattr(layer.mlp, n).bias is not None for layer in layers for n in ("gate_proj", "up_proj", "down_proj")):
+        raise SvdsparseError("MLPs with biases are not supported by the guarded FFN")
+    if check_fingerprint:
+        got = hf_fingerprint(model, ex.activation, ex.threshold)
+        if got != ex.fingerprint:
+            raise SvdsparseError(f"the export was made for model fingerprint {ex.fingerprint}, but this model's is "
+                                 f"{got} (another checkpoint or config)")
+    dev = pick_device(device)
+    model.to(dev)
+    for layer, factors in zip(layers, ex.layers):
+        mlp = layer.mlp
+        guarded = GuardedFFN(mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach(),
+                             mlp.down_proj.weight.detach().T.contiguous(), factors, ex.activation, ex.threshold)
+        layer.mlp = PatchedMLP(mlp, guarded)
+    return model
+
+
+def unpatch(model):
+    """Restores the original MLPs (a no-op for layers that are not patched). Returns the model."""
+    for layer in _layers(model):
+        if isinstance(layer.mlp, PatchedMLP):
+            layer.mlp = layer.mlp.original
+    return model
+
+
+def guarded_modules(model) -> list[GuardedFFN]:
+    """The GuardedFFN of every patched layer (e.g. to set `.record = []`)."""
+    return [layer.mlp.guarded for layer in _layers(model) if isinstance(layer.mlp, PatchedMLP)]
+
+
+def load_hf_model(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16):
+    """AutoModelForCausalLM from a Hugging Face directory, also when its hidden_act is one transformers lacks
+    (fatrelu, drelu): the model is then built with relu MLPs, which `patch_hf_model` replaces by the exported
+    activation (dense for prefill, guarded for decode). Until patched, such a model computes relu."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = AutoConfig.from_pretrained(path)
+    if cfg.hidden_act in ("fatrelu", "drelu"):
+        cfg.hidden_act = "relu"
+    return AutoModelForCausalLM.from_pretrained(path, config=cfg, dtype=dtype).eval()

@@ -1,0 +1,65 @@
+"""The per-layer predictor files of the SVDP paper's public code, which PowerInfer's predictors share:
+`model_{layer}.pt`, each a state dict with `fc1.weight` [r, d], `fc2.weight` [d_ff, r] and `fc2.bias` [d_ff]
+in fp16, scoring x as fc2(fc1(x)) (candidate iff > 0). This project's A, B and bias are exactly fc1.weight,
+fc2.weight and fc2.bias, so predictors move both ways; MLP predictors (a ReLU and a hidden bias between the
+two layers) have no place in this layout and are refused. Reading uses `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from svdsparse_jax.errors import SvdsparseError
+from svdsparse_jax.fsutil import atomic_directory
+from torch_npu_bridge.export import LayerFactors, check_layers
+
+
+def layer_file(i: int) -> str:
+    return f"model_{i}.pt"
+
+
+def write_svdp(out_dir: str | os.PathLike, layers: list[LayerFactors]) -> Path:
+    """Writes model_{i}.pt for every layer (fp16), atomically as a directory."""
+    import torch
+
+    for i, f in enumerate(layers):
+        if f.relu or f.hidden_bias is not None:
+            raise SvdsparseError(f"layer {i}: an MLP predictor (ReLU + hidden bias) has no SVDP-layout equivalent")
+    with atomic_directory(out_dir) as tmp:
+        for i, f in enumerate(layers):
+            state = {"fc1.weight": torch.from_numpy(np.asarray(f.a, np.float32)).half(),
+                     "fc2.weight": torch.from_numpy(np.asarray(f.b, np.float32)).half(),
+                     "fc2.bias": torch.from_numpy(np.asarray(f.bias, np.float32)).half()}
+            torch.save(state, tmp / layer_file(i))
+    return Path(out_dir).absolute()
+
+
+def read_svdp(svdp_dir: str | os.PathLike, n_layers: int, d: int, d_ff: int) -> list[LayerFactors]:
+    """Reads model_0.pt ... model_{n_layers-1}.pt (float32 NumPy); a missing file, a missing key or a wrong
+    shape is an error naming the file."""
+    import torch
+
+    root = Path(svdp_dir)
+    if not root.is_dir():
+        raise SvdsparseError(f"{root}: not a directory of model_{{layer}}.pt predictor files")
+    extra = sorted(p.name for p in root.glob("model_*.pt") if p.name not in {layer_file(i) for i in range(n_layers)})
+    if extra:
+        raise SvdsparseError(f"{root}: files {extra} beyond the model's {n_layers} layers")
+    layers = []
+    for i in range(n_layers):
+        path = root / layer_file(i)
+        if not path.is_file():
+            raise SvdsparseError(f"{path}: missing (the model has {n_layers} layers)")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        missing = [k for k in ("fc1.weight", "fc2.weight", "fc2.bias") if k not in state]
+        if missing:
+            raise SvdsparseError(f"{path}: missing {missing} (expected fc1.weight [r, d], fc2.weight [d_ff, r], "
+                                 "fc2.bias [d_ff])")
+        arr = {k: state[k].float().numpy() for k in ("fc1.weight", "fc2.weight", "fc2.bias")}
+        layers.append(LayerFactors(arr["fc1.weight"], arr["fc2.weight"], arr["fc2.bias"]))
+        check_layers(layers[-1:], 1, d, d_ff, str(path))
+    check_layers(layers, n_layers, d, d_ff, str(root))
+    return layers
