@@ -70,6 +70,7 @@ def speed(device: str, candidates: float, new_tokens: int, repeats: int) -> dict
         model(calib)
     for h in hooks:
         h.remove()
+    torch.set_grad_enabled(False)
     for i, layer in enumerate(model.model.layers):  # top-256 SVD of W_gate; bias for `candidates` per neuron
         w = layer.mlp.gate_proj.weight.float()
         u, s, v = torch.svd_lowrank(w, q=256, niter=2)
