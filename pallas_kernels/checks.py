@@ -62,8 +62,7 @@ def check_sparse_ffn(d: int, d_ff: int, dtype, count: int, *, batch: int = 1, ac
     x = jnp.asarray(rng.standard_normal((batch, d), np.float32), dtype)
     cand = candidate_mask(rng, batch, d_ff, count)
     idx, cnt = sf.compact(jnp.asarray(cand), sf.list_length(d_ff, cfg))
-    own = None if batch == 1 else jnp.asarray(cand)[:, idx] & (jnp.arange(idx.shape[0]) < cnt)[None, :]
-    y, h = sf.sparse_ffn_indexed(x, idx, cnt, wg, wu, wd, own, act=act, cfg=cfg, interpret=interpret,
+    y, h = sf.sparse_ffn_indexed(x, idx, cnt, wg, wu, wd, sf.own_mask(jnp.asarray(cand), idx, cnt), act=act, cfg=cfg, interpret=interpret,
                                  poison=True)
     y = np.asarray(y, np.float64)
     finite = bool(np.isfinite(y).all()) and (h is None or bool(np.isfinite(np.asarray(h)).all()))

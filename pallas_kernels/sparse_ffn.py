@@ -99,6 +99,14 @@ def compact(candidates: jax.Array, length: int) -> tuple[jax.Array, jax.Array]:
     return idx, jnp.sum(union, dtype=jnp.int32)[None]
 
 
+def own_mask(candidates: jax.Array, idx: jax.Array, count: jax.Array) -> jax.Array | None:
+    """For a batch (B > 1): bool [B, list length], whether list entry k is in sequence b's own mask (the
+    kernels' `own`); None for one sequence, whose mask is the list itself."""
+    if candidates.shape[0] == 1:
+        return None
+    return candidates[:, idx] & (jnp.arange(idx.shape[0]) < count)[None, :]
+
+
 def _block(count_ref, idx_ref, start: jax.Array, rows: int) -> tuple[jax.Array, jax.Array]:
     """The list positions [start, start + rows): (neuron indices clamped to 0 where past the count, valid)."""
     valid = start + jnp.arange(rows, dtype=jnp.int32) < count_ref[0]
@@ -238,6 +246,5 @@ def sparse_ffn(x: jax.Array, candidates: jax.Array, w_gate: jax.Array, w_up: jax
     if act.kind == "silu":
         raise ValueError("sparse FFN: silu is never zero, so a predictor cannot skip rows; run it dense")
     idx, count = compact(candidates, list_length(w_gate.shape[0], cfg))
-    own = None if x.shape[0] == 1 else candidates[:, idx] & (jnp.arange(idx.shape[0]) < count)[None, :]
-    return sparse_ffn_indexed(x, idx, count, w_gate, w_up, w_down_t, own, act=act, cfg=cfg,
+    return sparse_ffn_indexed(x, idx, count, w_gate, w_up, w_down_t, own_mask(candidates, idx, count), act=act, cfg=cfg,
                               interpret=m == "interpret")[0]

@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -65,15 +66,8 @@ def copy_bandwidth() -> tuple[float, str]:
             return 4 * n / statistics.median(times), "torch copy_"
     except ImportError:
         pass
-    x = jax.random.normal(jax.random.key(0), (n,), jnp.bfloat16)
-    f = jax.jit(lambda a: a * jnp.bfloat16(1.0001))
-    f(x).block_until_ready()
-    times = []
-    for _ in range(10):
-        t = time.perf_counter()
-        f(x).block_until_ready()
-        times.append(time.perf_counter() - t)
-    return 4 * n / statistics.median(times), "jax elementwise"
+    from bench_decode import copy_bandwidth as jax_copy_bandwidth
+    return jax_copy_bandwidth(2 * n), "jax elementwise"
 
 
 INNER = 10  # passes over all layers inside one jitted call, so host dispatch is noise
