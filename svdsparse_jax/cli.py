@@ -408,8 +408,9 @@ def cmd_import_svdp(args: argparse.Namespace) -> None:
     print(f"imported {len(preds)} layers from {args.svdp} to {out}")
 
 
-COMMANDS = {"convert": cmd_convert, "export-npu": cmd_export_npu, "import-svdp": cmd_import_svdp, "generate": cmd_generate, "score": cmd_score,
-            "build-predictors": cmd_build_predictors, "eval": cmd_eval, "demo": cmd_demo}
+COMMANDS = {"convert": cmd_convert, "generate": cmd_generate, "score": cmd_score,
+            "build-predictors": cmd_build_predictors, "eval": cmd_eval, "export-npu": cmd_export_npu,
+            "import-svdp": cmd_import_svdp, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

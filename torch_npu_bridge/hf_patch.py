@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import numpy as np
 import torch
 
 from svdsparse_jax.config import from_hf_config
@@ -53,7 +52,7 @@ def hf_fingerprint(model, activation: str, threshold: float) -> str:
     for i, layer in enumerate(_layers(model)):
         mlp = layer.original if isinstance(layer.mlp, PatchedMLP) else layer.mlp
         weights[("layers", i, "ffn", "w_gate")] = sample(mlp.gate_proj.weight)
-    return model_fingerprint(cfg, {k: np.asarray(v) for k, v in weights.items()})
+    return model_fingerprint(cfg, weights)
 
 
 def patch_hf_model(model, exported: str | os.PathLike | Exported, device: str | torch.device | None = None,

@@ -16,7 +16,7 @@ import numpy as np
 from svdsparse_jax.calibration import LayerStats, calibration_windows, layer_statistics
 from svdsparse_jax.config import ModelConfig
 from svdsparse_jax.errors import SvdsparseError
-from svdsparse_jax.model import Block, Transformer, linear
+from svdsparse_jax.model import Block, Transformer, activation, linear
 from svdsparse_jax.predictors.base import LayerPredictor, LowRankPredictor, OraclePredictor
 from svdsparse_jax.predictors.baselines import mlp_predictor, signbit_predictor
 from svdsparse_jax.predictors.svd import whitened_svd
@@ -86,7 +86,7 @@ def layer_factors(st: LayerStats, block: Block, cfg: ModelConfig, bc: BuildConfi
                              dtype=dtype)
     if bc.method == "signbit":
         return signbit_predictor(w_gate, st.x2, st.h2 != 0, target)
-    return OraclePredictor(cfg.act_threshold if cfg.activation == "fatrelu" else 0.0)
+    return OraclePredictor(activation(cfg).threshold)
 
 
 def calibrate_layer(pred: LayerPredictor, st: LayerStats, block: Block, target: Target, guard: float = GUARD
