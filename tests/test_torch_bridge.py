@@ -120,3 +120,18 @@ def test_export_cli_and_refusals(bundled, tmp_path):
         with pytest.raises(SvdsparseError, match="no CUDA"):
             pick_device("cuda")
     assert pick_device(None).type in ("cpu", "cuda", "npu")
+
+
+def test_compare_sets_tells_rounding_ties_from_disagreements():
+    from torch_npu_bridge.parity import compare_sets
+    scores = np.array([[3.0, 2.0, 1e-7, -4.0, -1e-8]], np.float32)  # neurons 2 and 4 sit on the boundary
+    gate = np.array([[0.5, 0.1 + 1e-7, np.nan, np.nan, np.nan]], np.float32)  # neuron 1 sits on the threshold
+    torch_step = [(np.array([0, 1, 2]), np.array([0, 1]), scores, gate, 0.1)]
+    assert compare_sets([[(np.array([0, 1, 2]), np.array([0, 1]))]], [torch_step]) == {
+        "candidate_diffs": 0, "active_diffs": 0, "rounding_ties": 0, "disagreements": 0}
+    # JAX dropped neuron 2 (a tie), added 4 (a tie) and 3 (score -4: real), and kept 1 inactive (a tie)
+    got = compare_sets([[(np.array([0, 1, 3, 4]), np.array([0]))]], [torch_step])
+    assert got == {"candidate_diffs": 3, "active_diffs": 1, "rounding_ties": 3, "disagreements": 1}
+    # neuron 0 inactive in JAX although its gate is far above the threshold: real
+    got = compare_sets([[(np.array([0, 1, 2]), np.array([1]))]], [torch_step])
+    assert got["disagreements"] == 1 and got["rounding_ties"] == 0

@@ -56,7 +56,8 @@ def activate(kind: str, threshold: float, g: torch.Tensor) -> torch.Tensor:
 class GuardedFFN(torch.nn.Module):
     """One layer's guarded FFN. w_gate, w_up [d_ff, d] and w_down_t [d_ff, d] (down_proj transposed), all on
     one device in the model's dtype; the predictor factors are kept in that dtype too. `record`, when a list,
-    receives (candidate indices, active indices, per-sequence candidate mask [B, d_ff]) per decode call."""
+    receives per decode call (candidate indices, active indices, scores [B, d_ff] f32, gate [B, d_ff] f32 with
+    NaN outside the candidates): what a parity check needs to tell a real disagreement from a rounding tie."""
 
     def __init__(self, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor, factors: LayerFactors,
                  activation: str, threshold: float):
@@ -90,7 +91,8 @@ class GuardedFFN(torch.nn.Module):
         if x.shape[1] != 1:
             return self.dense(x)
         flat = x.reshape(-1, x.shape[-1])
-        own = self.scores(flat) > 0  # [B, d_ff]
+        scores = self.scores(flat)
+        own = scores > 0  # [B, d_ff]
         cand = torch.nonzero(own.any(0)).squeeze(1)
         g = (flat @ torch.index_select(self.w_gate, 0, cand).T).float()
         a = activate(self.activation, self.threshold, g) * own[:, cand]
@@ -102,6 +104,8 @@ class GuardedFFN(torch.nn.Module):
             live = (h != 0).any(0)
             h, active = h[:, live], active[live]
         if self.record is not None:
-            self.record.append((cand.cpu(), active.cpu(), own.cpu()))
+            gate = torch.full_like(scores, float("nan"))
+            gate[:, cand] = g
+            self.record.append((cand.cpu(), active.cpu(), scores.cpu(), gate.cpu()))
         y = h.to(x.dtype) @ torch.index_select(self.w_down_t, 0, active)
         return y.reshape(x.shape)

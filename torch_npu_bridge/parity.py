@@ -33,11 +33,15 @@ def jax_decode(model: Transformer, predictors: list, prompt: np.ndarray, steps: 
     return np.stack(logits), tokens, sets
 
 
+TIE = 1e-5  # a decision value within this fraction of its layer's largest is a rounding tie
+
+
 def torch_decode(hf, prompt: np.ndarray, tokens: list[int], device: str):
     """Feeds the patched model the prompt, then `tokens[:-1]` one at a time (teacher forcing with the JAX
-    tokens, so a difference shows at its step). Returns (logits [steps + 1, vocab], per step and layer
-    (candidate ids, active ids))."""
-    for g in guarded_modules(hf):
+    tokens, so a difference shows at its step). Returns (logits [steps + 1, vocab], per step and layer the
+    GuardedFFN record (candidate ids, active ids, scores, gate) and the layer's activation threshold)."""
+    mods = guarded_modules(hf)
+    for g in mods:
         g.record = []
     with torch.no_grad():
         out = hf(torch.tensor(prompt[None], dtype=torch.long, device=device), use_cache=True)
@@ -46,27 +50,50 @@ def torch_decode(hf, prompt: np.ndarray, tokens: list[int], device: str):
             out = hf(torch.tensor([[tok]], device=device), past_key_values=past, use_cache=True)
             past = out.past_key_values
             logits.append(out.logits[0, -1].float().cpu().numpy())
-    mods = guarded_modules(hf)
-    sets = [[(m.record[s][0].numpy(), m.record[s][1].numpy()) for m in mods] for s in range(len(tokens) - 1)]
+    steps = [[tuple(t.numpy() for t in m.record[s]) + (m.threshold if m.activation == "fatrelu" else 0.0,)
+              for m in mods] for s in range(len(tokens) - 1)]
     for g in mods:
         g.record = None
-    return np.stack(logits), sets
+    return np.stack(logits), steps
+
+
+def compare_sets(j_sets: list, t_steps: list) -> dict[str, int]:
+    """Counts the neurons whose candidate or active decision differs between the two runs, split into rounding
+    ties (the torch score within TIE of 0, or the gate within TIE of the threshold, relative to the layer's
+    largest value: two correct f32 implementations that sum in different orders may decide those either way)
+    and real disagreements (everything else)."""
+    counts = {"candidate_diffs": 0, "active_diffs": 0, "rounding_ties": 0, "disagreements": 0}
+    for js, ts in zip(j_sets, t_steps):
+        for (jc, ja), (tc, ta, scores, gate, threshold) in zip(js, ts):
+            cand_diff = np.setxor1d(jc, tc)
+            active_diff = np.setdiff1d(np.setxor1d(ja, ta), cand_diff)  # not already explained by a candidate
+            counts["candidate_diffs"] += cand_diff.size
+            counts["active_diffs"] += active_diff.size
+            s, g = scores[0], gate[0]
+            ties = np.concatenate([np.abs(s[cand_diff]) <= TIE * np.abs(s).max(),
+                                   np.abs(g[active_diff] - threshold) <= TIE * np.nanmax(np.abs(g))])
+            counts["rounding_ties"] += int(ties.sum())
+            counts["disagreements"] += int((~ties).sum())
+    return counts
 
 
 def decode_parity(lm, model: Transformer, predictors: list, export_dir: str | os.PathLike, prompt: np.ndarray,
                   steps: int, device: str) -> dict:
-    """Runs both and compares every step: logits (relative error), greedy tokens, candidate and active sets."""
+    """Runs both and compares every step: logits (relative error), greedy tokens, candidate and active sets.
+    ok: identical tokens, logits within 1e-4, no real disagreement in any set, and at most a handful of rounding
+    ties (1 in 100,000 decisions, at least 2 allowed)."""
     j_logits, tokens, j_sets = jax_decode(model, predictors, prompt, steps)
     hf = patch_hf_model(load_hf_model(lm.path, torch.float32), export_dir, device=device)
-    t_logits, t_sets = torch_decode(hf, prompt, tokens, device)
+    t_logits, t_steps = torch_decode(hf, prompt, tokens, device)
     rel = [float(np.linalg.norm(a - b) / np.linalg.norm(a)) for a, b in zip(j_logits, t_logits)]
-    same = lambda x, y: len(x) == len(y) and bool((x == y).all())  # noqa: E731
-    cand_equal = all(same(jc, tc) for js, ts in zip(j_sets, t_sets) for (jc, _), (tc, _) in zip(js, ts))
-    active_equal = all(same(ja, ta) for js, ts in zip(j_sets, t_sets) for (_, ja), (_, ta) in zip(js, ts))
     tokens_equal = [int(np.argmax(t)) for t in t_logits] == tokens
+    diffs = compare_sets(j_sets, t_steps)
+    decisions = steps * model.cfg.n_layers * model.cfg.d_ff
     result = {"device": device, "steps": steps, "max_logit_rel_error": max(rel), "tokens_equal": tokens_equal,
-              "candidates_equal": cand_equal, "active_equal": active_equal,
+              "candidates_equal": diffs["candidate_diffs"] == 0, "active_equal": diffs["active_diffs"] == 0,
+              **diffs,
               "mean_active_fraction": float(np.mean([len(a) for s in j_sets for _, a in s])) / model.cfg.d_ff,
               "mean_candidate_fraction": float(np.mean([len(c) for s in j_sets for c, _ in s])) / model.cfg.d_ff}
-    result["ok"] = tokens_equal and cand_equal and active_equal and max(rel) <= 1e-4
+    result["ok"] = (tokens_equal and max(rel) <= 1e-4 and diffs["disagreements"] == 0
+                    and diffs["rounding_ties"] <= max(2, decisions // 100_000))
     return result
