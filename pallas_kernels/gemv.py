@@ -55,19 +55,39 @@ def load_rows(ref, rows: jax.Array, live: jax.Array, cols, interpret: bool) -> j
     return plt.load(ref.at[rows, cols], mask=mask, other=0)
 
 
+def column_pieces(k: int, cap: int) -> list[pl.Slice]:
+    """k columns as power-of-two pieces of at most `cap`, largest first (3584 -> 2048 + 1024 + 512), so a loop
+    written out over them makes a few wide loads where equal chunks would need many narrow ones (equal chunks
+    must divide k: 3584 only in 512s). Each piece starts at a multiple of its size; k must be a multiple of 16."""
+    column_chunk(k, 16)  # the multiple-of-16 check and its message
+    pieces, start = [], 0
+    while start < k:
+        size = 1 << min(cap, k - start).bit_length() - 1
+        pieces.append(pl.ds(start, size))
+        start += size
+    return pieces
+
+
 def dot_rows(x_ref, w_ref, rows: jax.Array, live: jax.Array, *, chunk: int, batch: int,
-             interpret: bool) -> list[jax.Array]:
+             interpret: bool, pieces: list[pl.Slice] | None = None) -> list[jax.Array]:
     """For each sequence b < batch: [w[rows[r]] . x[b] for r] as f32 [len(rows)], rows where `live` is False
-    giving 0 and costing no reads on the GPU. x_ref [>=batch, k], w_ref [n, k]."""
+    giving 0 and costing no reads on the GPU. x_ref [>=batch, k], w_ref [n, k]. Columns go in a loop over equal
+    chunks of `chunk`, or, given `pieces` (`column_pieces`), in a loop written out over those: every piece's
+    load can then be in flight at once, and an enclosing loop stays the innermost one (the loop Triton
+    software-pipelines)."""
     k = x_ref.shape[1]
 
-    def body(c, accs):
-        cols = pl.ds(pl.multiple_of(c * chunk, chunk), chunk)
+    def add(cols, accs):
         w = load_rows(w_ref, rows, live, cols, interpret).astype(F32)
         return tuple(acc + jnp.sum(w * x_ref[b, cols].astype(F32)[None, :], axis=1) for b, acc in enumerate(accs))
 
-    zeros = tuple(jnp.zeros(rows.shape, F32) for _ in range(batch))
-    return list(jax.lax.fori_loop(0, k // chunk, body, zeros))
+    accs = tuple(jnp.zeros(rows.shape, F32) for _ in range(batch))
+    if pieces is not None:
+        for cols in pieces:
+            accs = add(cols, accs)
+        return list(accs)
+    body = lambda c, accs: add(pl.ds(pl.multiple_of(c * chunk, chunk), chunk), accs)  # noqa: E731
+    return list(jax.lax.fori_loop(0, k // chunk, body, accs))
 
 
 def call(kernel, *, out_shape: jax.ShapeDtypeStruct, grid: tuple[int, ...], in_specs: list, out_specs,

@@ -11,14 +11,23 @@ Steps, for x [B, d] (B a handful of sequences sharing one union of candidates):
    the load: no memory traffic) and writes h = act(g) * u for the block.
 3. down: y[b] = sum_k h[b, k] * W_down_t[idx[k]], again reading only the rows with some h != 0.
 
-Two ways to do step 3 were built and timed on the H100 (scripts/bench_ffn.py, docs/BENCHMARKS.md):
+Three ways to run steps 2-3 were built and timed on the H100 (scripts/bench_ffn.py, docs/BENCHMARKS.md):
 - "split": a second kernel, parallel over column blocks of y and over `splits` interleaved slices of the list,
   each program looping over its rows and writing a partial [B, cols] sum; XLA adds the `splits` partials
   (fused with the residual add that follows anyway). Deterministic; every program does an equal share.
 - "fused": the gate / up program goes on to the down rows of its own block and adds its [B, d] contribution
   into y with f32 atomics: one launch, no h round trip, but B x d atomics per program and a y that must be
   zeroed first.
-`DEFAULT` holds the variant and block sizes that measured fastest; the reason is written next to it.
+- "stream": one kernel with a fixed grid of `programs`; each takes list blocks p, p + programs, ..., does gate,
+  up and down for each with its column loop written out, keeps its [B, d] share of y in registers and writes it
+  once; XLA adds the per-program partials. No h round trip, no atomics; the fastest where d splits into few
+  wide column chunks.
+A fourth, a kernel over fixed tiles of neurons that computed the predictor's scores itself and masked the rows
+that were not candidates out of [tile, chunk] loads (no compaction, no list), was correct but took 59-233 us
+per LLaMA2-7B layer at 90% sparsity on a given mask against 22-27 us for the list kernels (docs/bench/bench_ffn_tiled.json):
+loads with most rows masked still cost nearly their full time. It was removed.
+`default_config(d)` picks the variant and block sizes that measured fastest for the model width; the reasons
+are written next to it.
 
 Interpret mode (CPU tests) runs the same kernel bodies; there gathers read clamped rows and zero them instead
 of masking the load (`gemv.load_rows`).
@@ -35,7 +44,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels import dispatch, reference
-from pallas_kernels.gemv import MAX_BATCH, call, column_chunk, dot_rows, load_rows, pad_batch
+from pallas_kernels.gemv import (MAX_BATCH, call, column_chunk, column_pieces, dot_rows, gemv, load_rows, pad_batch,
+                                 pow2_divisor)
 from pallas_kernels.reference import Activation
 
 F32 = jnp.float32
@@ -43,8 +53,12 @@ F32 = jnp.float32
 
 @dataclasses.dataclass(frozen=True)
 class SparseFFNConfig:
-    """Static kernel choices. rows: listed neurons per gate / up program; chunk: columns per gate / up tile;
+    """Static kernel choices. rows: listed neurons per gate / up block; chunk: columns per gate / up tile;
     down_rows x down_cols: the down kernel's tile; splits: slices of the list per column block (split variant).
+    programs: the stream variant's grid; mask_up / mask_down (stream): read W_up / W_down_t rows only where
+    needed (fewer bytes, but the load waits for the gate) or for every candidate (more bytes, no wait);
+    atomic (stream): add each program's share into y with f32 atomics instead of writing partial sums.
+    tile (tile variant): neurons per program, cut to a power of two dividing d_ff.
     Sizes are upper bounds: each is cut to a power of two that divides its dimension."""
 
     variant: str = "split"
@@ -56,18 +70,37 @@ class SparseFFNConfig:
     down_cols: int = 128
     splits: int = 16
     down_warps: int = 4
+    programs: int = 132
+    tile: int = 64
+    mask_up: bool = True
+    mask_down: bool = True
+    atomic: bool = False
 
     def __post_init__(self):
-        if self.variant not in ("split", "fused"):
-            raise ValueError(f"sparse FFN variant {self.variant!r}: expected 'split' or 'fused'")
+        if self.variant not in VARIANTS:
+            raise ValueError(f"sparse FFN variant {self.variant!r}: expected one of {VARIANTS}")
 
 
-# Chosen on the H100 by `scripts/bench_ffn.py --sweep` (LLaMA2-7B FFN, 90% sparse, 13% candidates; 30
-# configurations, docs/bench/bench_ffn.json): split with 4-row gate/up programs and 16x128 down tiles in 16
-# slices took 26.1 us per layer; the best fused one (8 rows, 2048 columns, 8 warps) 26.5 us and most fused ones
-# 30-42 us. The two are within noise at their best; split is kept because it is deterministic (no float
-# atomics), its speed varies less across tile choices, and its h buffer is what a batch-union kernel reuses.
-DEFAULT = SparseFFNConfig()
+VARIANTS = ("split", "fused", "stream", "tile")
+
+
+# Chosen on the H100 by `scripts/bench_ffn.py --sweep` (90% sparse, 13% candidates; docs/BENCHMARKS.md).
+# split: 4-row gate/up programs, 16x128 down tiles in 16 slices; the best of 18 split shapes (26.1 us per
+# LLaMA2-7B layer, docs/bench/bench_ffn.json; fused at its best 26.5 us, mostly 30-42 us).
+SPLIT = SparseFFNConfig()
+# stream: 8 rows per block, 8 warps, 264 programs, so a 90%-sparse LLaMA2-7B list (~180 blocks) is one block per
+# program: 21.7-23.9 us against split's 27.1-27.3 us in the same runs (docs/bench/bench_ffn_stream*.json); fewer
+# programs (more blocks each) were slower: the loop over a program's blocks does not overlap their loads.
+STREAM = SparseFFNConfig(variant="stream", rows=8, num_warps=8, programs=264)
+# tile: 64 neurons per program, listed in registers and run in 8-row blocks (not yet measured against the others).
+TILE = SparseFFNConfig(variant="tile", tile=64, rows=8, num_warps=4)
+
+
+def default_config(d: int) -> SparseFFNConfig:
+    """The measured-fastest configuration for model width d: stream where d splits into 2048-column chunks
+    (LLaMA2-7B's 4096), split elsewhere. At d = 3584 (Qwen2-7B) the columns go in seven 512-column chunks, which
+    the stream kernel unrolls; there its best shape took 49.7 us per layer against split's 37.3 us."""
+    return STREAM if d % 2048 == 0 else SPLIT
 
 
 def list_length(d_ff: int, cfg: SparseFFNConfig) -> int:
@@ -113,19 +146,51 @@ def _block(count_ref, idx_ref, start: jax.Array, rows: int) -> tuple[jax.Array, 
     return jnp.where(valid, idx_ref[pl.ds(start, rows)], 0), valid
 
 
-def _gate_up(count_ref, idx_ref, own_ref, x_ref, wg_ref, wu_ref, start, *, act: Activation, rows: int,
-             chunk: int, batch: int, interpret: bool):
-    """h [batch] x f32 [rows] for the list block at `start` (zero where past the count or inactive), rounded to
-    the weights' dtype as the dense FFN rounds it before W_down_t; plus (neuron indices, any h != 0)."""
-    neurons, valid = _block(count_ref, idx_ref, start, rows)
-    gate = dot_rows(x_ref, wg_ref, neurons, valid, chunk=chunk, batch=batch, interpret=interpret)
+def _hidden(x_ref, wg_ref, wu_ref, neurons, valid, own, *, act: Activation, chunk: int, batch: int,
+            interpret: bool, mask_up: bool = True, pieces=None):
+    """h [batch] x f32 [rows] for the rows `neurons` (zero where not valid or inactive), rounded to the weights'
+    dtype as the dense FFN rounds it before W_down_t; plus live (any h != 0). own: per sequence, bool [rows],
+    whether the row is in that sequence's own mask (None: in all). mask_up=False reads the W_up rows of every
+    valid row, without waiting for the gate."""
+    dots = functools.partial(dot_rows, x_ref, chunk=chunk, batch=batch, interpret=interpret, pieces=pieces)
+    gate = dots(wg_ref, neurons, valid)
+    up = None if mask_up else dots(wu_ref, neurons, valid)
     a = [act.gate(g) for g in gate]
-    if own_ref is not None:  # a neuron in the union counts for sequence b only where b's own mask has it
-        a = [jnp.where(own_ref[b, pl.ds(start, rows)] != 0, ab, 0.0) for b, ab in enumerate(a)]
-    any_a = functools.reduce(jnp.logical_or, [ab != 0 for ab in a])
-    up = dot_rows(x_ref, wu_ref, neurons, valid & any_a, chunk=chunk, batch=batch, interpret=interpret)
+    if own is not None:  # a neuron in the union counts for sequence b only where b's own mask has it
+        a = [jnp.where(ob, ab, 0.0) for ob, ab in zip(own, a)]
+    if up is None:
+        up = dots(wu_ref, neurons, valid & functools.reduce(jnp.logical_or, [ab != 0 for ab in a]))
     h = [(ab * act.up(ub)).astype(wg_ref.dtype).astype(F32) for ab, ub in zip(a, up)]
-    return h, neurons, valid & functools.reduce(jnp.logical_or, [hb != 0 for hb in h])
+    return h, valid & functools.reduce(jnp.logical_or, [hb != 0 for hb in h])
+
+
+def _gate_up(count_ref, idx_ref, own_ref, x_ref, wg_ref, wu_ref, start, *, rows: int, batch: int, **kw):
+    """`_hidden` for the list block at `start`; returns (h, neuron indices, live)."""
+    neurons, valid = _block(count_ref, idx_ref, start, rows)
+    own = None if own_ref is None else [own_ref[b, pl.ds(start, rows)] != 0 for b in range(batch)]
+    h, live = _hidden(x_ref, wg_ref, wu_ref, neurons, valid, own, batch=batch, **kw)
+    return h, neurons, live
+
+
+def _add_down(wd_ref, neurons, live, h, accs, pieces, batch: int, interpret: bool) -> tuple:
+    """accs (per column piece, per sequence: f32 [piece]) + sum over rows of h[b][r] * W_down_t[neurons[r]]."""
+    out = []
+    for i, cols in enumerate(pieces):
+        w = load_rows(wd_ref, neurons, live, cols, interpret).astype(F32)
+        out.extend(accs[i * batch + b] + jnp.sum(w * h[b][:, None], axis=0) for b in range(batch))
+    return tuple(out)
+
+
+def _write_sums(out_ref, accs, pieces, batch: int, atomic: bool = False):
+    """A program's [batch, d] share of y into its partial-sum block out_ref [1, B', d] (rows past the batch as
+    zeros), or (atomic) added into y [B', d]."""
+    for i, cols in enumerate(pieces):
+        for b in range(batch if atomic else out_ref.shape[1]):
+            acc = accs[i * batch + b] if b < batch else jnp.zeros((cols.size,), F32)
+            if atomic:
+                plt.atomic_add(out_ref, (jnp.int32(b), cols), acc)
+            else:
+                out_ref[0, b, cols] = acc
 
 
 def _gate_up_kernel(count_ref, idx_ref, *refs, act, rows, chunk, batch, has_own, interpret):
@@ -183,6 +248,67 @@ def _fused_kernel(count_ref, idx_ref, *refs, act, rows, chunk, batch, has_own, i
         jax.lax.fori_loop(0, wd_ref.shape[1] // chunk, body, 0)
 
 
+def _stream_kernel(count_ref, idx_ref, *refs, act, rows, chunk, batch, has_own, programs, mask_up, mask_down,
+                   atomic, interpret):
+    """Program p: list blocks p, p + programs, p + 2 programs, ...; for each, gate, up and down of its rows,
+    the down rows added into a [batch, d] sum held in registers, written once at the end: as this program's
+    partial sum, or (atomic) added into y."""
+    own_ref, (x_ref, wg_ref, wu_ref, wd_ref, out_ref) = (refs[0], refs[1:]) if has_own else (None, refs)
+    p = pl.program_id(0)
+    n_blocks = pl.cdiv(count_ref[0], rows)
+    mine = jnp.maximum(n_blocks - p + programs - 1, 0) // programs
+    pieces = column_pieces(wd_ref.shape[1], chunk)
+
+    def body(t, accs):
+        start = (p + t * programs) * rows
+        h, neurons, live = _gate_up(count_ref, idx_ref, own_ref, x_ref, wg_ref, wu_ref, start, act=act,
+                                    rows=rows, chunk=chunk, batch=batch, interpret=interpret, mask_up=mask_up,
+                                    pieces=pieces)
+        if not mask_down:
+            live = _block(count_ref, idx_ref, start, rows)[1]
+        return _add_down(wd_ref, neurons, live, h, accs, pieces, batch, interpret)
+
+    zeros = tuple(jnp.zeros((cols.size,), F32) for cols in pieces for _ in range(batch))
+    _write_sums(out_ref, jax.lax.fori_loop(0, mine, body, zeros), pieces, batch, atomic)
+
+
+def _tile_kernel(*refs, act, tile, rows, chunk, rank_chunk, batch, scored, interpret):
+    """Program i owns neurons [i*tile, (i+1)*tile): it finds its candidates (from the mask, or as its rows of the
+    predictor's B z + bias > 0), lists them in its registers (a prefix sum over the tile), and runs them in
+    dense blocks of `rows` as the stream kernel does, writing its partial sum of y."""
+    if scored:
+        z_ref, b_ref, bias_ref, x_ref, wg_ref, wu_ref, wd_ref, out_ref = refs
+    else:
+        mask_ref, x_ref, wg_ref, wu_ref, wd_ref, out_ref = refs
+    t0 = pl.multiple_of(pl.program_id(0) * tile, tile)
+    ids = jnp.arange(tile, dtype=jnp.int32)
+    if scored:  # the executor's step 1 for this tile, p = B z + bias > 0, from B's rows of the tile only
+        scores = dot_rows(z_ref, b_ref, t0 + ids, ids >= 0, chunk=rank_chunk, batch=batch, interpret=interpret,
+                          pieces=column_pieces(z_ref.shape[1], rank_chunk))
+        bias = bias_ref[pl.ds(t0, tile)].astype(F32)
+        cand = [(s + bias > 0).astype(jnp.int32) for s in scores]
+    else:
+        cand = [(mask_ref[b, pl.ds(t0, tile)] != 0).astype(jnp.int32) for b in range(batch)]
+    union = functools.reduce(jnp.maximum, cand)
+    before = jnp.cumsum(union) - union  # list position of each candidate within the tile
+    listed = jnp.sum(union)
+    pieces = column_pieces(wd_ref.shape[1], chunk)
+
+    def body(k, accs):
+        slot = k * rows + jnp.arange(rows, dtype=jnp.int32)
+        sel = (before[None, :] == slot[:, None]) & (union[None, :] != 0)  # [rows, tile]: slot r holds neuron j
+        neurons = t0 + jnp.sum(jnp.where(sel, ids[None, :], 0), axis=1)
+        valid = slot < listed
+        own = None if batch == 1 else [jnp.sum(jnp.where(sel, c[None, :], 0), axis=1) != 0 for c in cand]
+        h, live = _hidden(x_ref, wg_ref, wu_ref, neurons, valid, own, act=act, chunk=chunk, batch=batch,
+                          interpret=interpret, pieces=pieces)
+        return _add_down(wd_ref, neurons, live, h, accs, pieces, batch, interpret)
+
+    zeros = tuple(jnp.zeros((cols.size,), F32) for cols in pieces for _ in range(batch))
+    accs = jax.lax.fori_loop(0, pl.cdiv(listed, rows), body, zeros)
+    _write_sums(out_ref, accs, pieces, batch)
+
+
 def _check_shapes(x, w_gate, w_up, w_down_t):
     d = x.shape[-1]
     for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down_t", w_down_t)):
@@ -194,14 +320,14 @@ def _check_shapes(x, w_gate, w_up, w_down_t):
 @functools.partial(jax.jit, static_argnames=("act", "cfg", "interpret", "poison"))
 def sparse_ffn_indexed(x: jax.Array, idx: jax.Array, count: jax.Array, w_gate: jax.Array, w_up: jax.Array,
                        w_down_t: jax.Array, own: jax.Array | None = None, *, act: Activation,
-                       cfg: SparseFFNConfig = DEFAULT, interpret: bool = False,
+                       cfg: SparseFFNConfig = SPLIT, interpret: bool = False,
                        poison: bool = False) -> tuple[jax.Array, jax.Array | None]:
     """The kernels on an explicit neuron list: x [B, d]; idx int32 [list_length(d_ff, cfg)] (the first `count`
     entries are distinct neurons < d_ff); count int32 [1]; weights [d_ff, d]; own (B > 1 only) bool
     [B, list length]: whether list entry k is in sequence b's own mask (None: in all).
 
     Returns (y [B, d] f32, h): h is the split variant's hidden buffer f32 [B', list length] (B' = B padded to a
-    power of two; zero past the count), None for the fused variant. poison: start the kernels' output buffers
+    power of two; zero past the count), None for the fused and stream variants. poison: start the kernels' output buffers
     as NaN (the checks' way to prove every element gets written)."""
     _check_shapes(x, w_gate, w_up, w_down_t)
     batch, d = x.shape
@@ -217,6 +343,19 @@ def sparse_ffn_indexed(x: jax.Array, idx: jax.Array, count: jax.Array, w_gate: j
     tuning = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, interpret=interpret)
     full = pl.no_block_spec
     inputs = [count, idx, *own_in, xp, w_gate, w_up]
+    if cfg.variant == "stream":
+        programs = min(cfg.programs, length // rows)
+        kernel = functools.partial(_stream_kernel, **{**static, "chunk": cfg.chunk}, programs=programs,
+                                   mask_up=cfg.mask_up, mask_down=cfg.mask_down, atomic=cfg.atomic)
+        if cfg.atomic:
+            y = call(kernel, out_shape=jax.ShapeDtypeStruct((bp, d), F32), grid=(programs,),
+                     in_specs=[full] * (len(inputs) + 1), out_specs=full, init=jnp.zeros((bp, d), F32),
+                     **tuning)(*inputs, w_down_t)
+            return y[:batch], None
+        partial = call(kernel, out_shape=jax.ShapeDtypeStruct((programs, bp, d), F32), grid=(programs,),
+                       in_specs=[full] * (len(inputs) + 1), out_specs=pl.BlockSpec((1, bp, d), lambda p: (p, 0, 0)),
+                       poison=poison, **tuning)(*inputs, w_down_t)
+        return jnp.sum(partial[:, :batch], axis=0), None
     if cfg.variant == "fused":
         y = call(functools.partial(_fused_kernel, **static), out_shape=jax.ShapeDtypeStruct((bp, d), F32),
                  grid=(length // rows,), in_specs=[full] * (len(inputs) + 1), out_specs=full,
@@ -235,8 +374,49 @@ def sparse_ffn_indexed(x: jax.Array, idx: jax.Array, count: jax.Array, w_gate: j
     return jnp.sum(partial[:, :batch], axis=0), h
 
 
+@functools.partial(jax.jit, static_argnames=("act", "cfg", "interpret", "poison"))
+def sparse_ffn_tiles(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down_t: jax.Array, *,
+                     candidates: jax.Array | None = None, z: jax.Array | None = None, b: jax.Array | None = None,
+                     bias: jax.Array | None = None, act: Activation, cfg: SparseFFNConfig, interpret: bool = False,
+                     poison: bool = False) -> jax.Array:
+    """The tile kernel (no global list): x [B, d], weights [d_ff, d], and either candidates bool [B, d_ff] or a
+    low-rank predictor's z [B, r] (its A x, after any hidden bias and ReLU), B [d_ff, r] and bias f32 [d_ff]:
+    candidates are z B^T + bias > 0, z rounded to B's dtype as the predictor rounds it; r a multiple of 16.
+    Returns y [B, d] f32. poison: start the partial sums as NaN (checks)."""
+    _check_shapes(x, w_gate, w_up, w_down_t)
+    scored = candidates is None
+    if scored == (z is None or b is None or bias is None):
+        raise ValueError("sparse FFN tiles: give either candidates or all of z, b and bias")
+    batch, d = x.shape
+    d_ff = w_gate.shape[0]
+    tile = pow2_divisor(d_ff, cfg.tile)
+    if tile < 16:
+        raise ValueError(f"sparse FFN tiles: d_ff = {d_ff} is not a multiple of 16, which the GPU kernels need")
+    column_chunk(d, cfg.chunk, f"sparse FFN weights {w_gate.shape}")  # d a multiple of 16
+    xp = pad_batch(x.astype(w_gate.dtype))
+    bp = xp.shape[0]
+    if scored:
+        if z.shape != (batch, b.shape[1]) or b.shape[0] != d_ff or bias.shape != (d_ff,):
+            raise ValueError(f"sparse FFN tiles: predictor z {z.shape}, B {b.shape}, bias {bias.shape}; expected "
+                             f"[{batch}, r], [{d_ff}, r], [{d_ff}]")
+        column_chunk(b.shape[1], 16, f"predictor B {b.shape}")
+        front = [pad_batch(z.astype(b.dtype)), b, bias.astype(F32)]
+    else:
+        if candidates.shape != (batch, d_ff):
+            raise ValueError(f"sparse FFN tiles: candidates {candidates.shape}; expected [{batch}, {d_ff}]")
+        front = [pad_batch(candidates.astype(jnp.int32))]
+    kernel = functools.partial(_tile_kernel, act=act, tile=tile, rows=cfg.rows, chunk=cfg.chunk, rank_chunk=256,
+                               batch=batch, scored=scored, interpret=interpret)
+    inputs = [*front, xp, w_gate, w_up, w_down_t]
+    partial = call(kernel, out_shape=jax.ShapeDtypeStruct((d_ff // tile, bp, d), F32), grid=(d_ff // tile,),
+                   in_specs=[pl.no_block_spec] * len(inputs),
+                   out_specs=pl.BlockSpec((1, bp, d), lambda i: (i, 0, 0)), num_warps=cfg.num_warps,
+                   num_stages=cfg.num_stages, interpret=interpret, poison=poison)(*inputs)
+    return jnp.sum(partial[:, :batch], axis=0)
+
+
 def sparse_ffn(x: jax.Array, candidates: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down_t: jax.Array,
-               act: Activation, cfg: SparseFFNConfig = DEFAULT) -> jax.Array:
+               act: Activation, cfg: SparseFFNConfig | None = None) -> jax.Array:
     """The guarded FFN for decode: x [B, d], candidates bool [B, d_ff] (the predictor's), weights [d_ff, d]
     (w_down_t is down_proj transposed). Returns y [B, d] f32. Runs the kernels or the XLA reference by
     `dispatch.mode()` (XLA also for more than MAX_BATCH rows: prefill and evaluation); both give sum over i in C_b of (act(g_i) * u_i) * w_down_t[i]."""
@@ -245,6 +425,26 @@ def sparse_ffn(x: jax.Array, candidates: jax.Array, w_gate: jax.Array, w_up: jax
         return reference.sparse_ffn(x, candidates, w_gate, w_up, w_down_t, act)
     if act.kind == "silu":
         raise ValueError("sparse FFN: silu is never zero, so a predictor cannot skip rows; run it dense")
+    cfg = cfg or default_config(x.shape[-1])
+    if cfg.variant == "tile":
+        return sparse_ffn_tiles(x, w_gate, w_up, w_down_t, candidates=candidates, act=act, cfg=cfg,
+                                interpret=m == "interpret")
     idx, count = compact(candidates, list_length(w_gate.shape[0], cfg))
     return sparse_ffn_indexed(x, idx, count, w_gate, w_up, w_down_t, own_mask(candidates, idx, count), act=act, cfg=cfg,
                               interpret=m == "interpret")[0]
+
+
+def sparse_ffn_scored(x: jax.Array, z: jax.Array, b: jax.Array, bias: jax.Array, w_gate: jax.Array,
+                      w_up: jax.Array, w_down_t: jax.Array, act: Activation,
+                      cfg: SparseFFNConfig | None = None) -> jax.Array:
+    """The guarded FFN under a low-rank predictor, from its hidden z [B, r] (A x after any hidden bias and ReLU,
+    f32), B [d_ff, r] and bias [d_ff]: candidates = (z rounded to B's dtype) B^T + bias > 0, exactly as
+    `LowRankPredictor.predict`. The tile kernel computes those scores itself, tile by tile; every other path
+    computes them with the dispatched GEMV and goes through `sparse_ffn`. Returns y [B, d] f32."""
+    m = dispatch.mode()
+    cfg = cfg or default_config(x.shape[-1])
+    if m != "xla" and x.shape[0] <= MAX_BATCH and cfg.variant == "tile" and b.shape[1] % 16 == 0:
+        return sparse_ffn_tiles(x, w_gate, w_up, w_down_t, z=z, b=b, bias=bias, act=act, cfg=cfg,
+                                interpret=m == "interpret")
+    candidates = gemv(z.astype(b.dtype), b) + bias.astype(F32) > 0
+    return sparse_ffn(x, candidates, w_gate, w_up, w_down_t, act, cfg)

@@ -144,7 +144,26 @@ def dense_ffn(x, w, act: Activation):
 
 def run_config(layers: Layers, cfg: sf.SparseFFNConfig, repeats: int, only_kernels: bool = False,
                interpret: bool = False) -> dict:
+    """Per-layer us of `cfg`: the kernels on given lists, + the compaction, + the predictor. The tile variant
+    needs no list: kernels = +compact = the kernel on the mask; +pred = the A GEMV, then the kernel computing
+    the predictor's scores itself."""
     n = len(layers.weights)
+    if cfg.variant == "tile":
+        @looped
+        def on_mask(x, weights, masks):
+            return sum(sf.sparse_ffn_tiles(x, *w, candidates=m, act=act, cfg=cfg, interpret=interpret)
+                       for m, w, act in zip(masks, weights, layers.acts))
+
+        @looped
+        def scored(x, weights, preds):
+            return sum(sf.sparse_ffn_tiles(x, *w, z=gemv(x, a), b=b, bias=bias, act=act, cfg=cfg, interpret=interpret)
+                       for (a, b, bias), w, act in zip(preds, weights, layers.acts))
+
+        kernels_us = timeit(on_mask, layers.x, layers.weights, layers.masks, repeats=repeats) / n * 1e6
+        if only_kernels:
+            return {"kernels_us": kernels_us}
+        pred_us = timeit(scored, layers.x, layers.weights, layers.predictors, repeats=repeats) / n * 1e6
+        return {"kernels_us": kernels_us, "compact_us": kernels_us, "pred_us": pred_us}
     d_ff = layers.weights[0][0].shape[0]
     length = sf.list_length(d_ff, cfg)
     lists = [sf.compact(m, length) for m in layers.masks]
@@ -190,14 +209,29 @@ def time_dense(layers: Layers, repeats: int) -> float:
     return timeit(dense, layers.x, layers.weights, repeats=repeats) / len(layers.weights) * 1e6
 
 
-def sweep_configs() -> list[sf.SparseFFNConfig]:
+def sweep_configs(variants: list[str]) -> list:
     out = []
-    for rows, chunk, warps in itertools.product((4, 8, 16), (1024, 2048), (4, 8)):
-        out.append(sf.SparseFFNConfig(variant="fused", rows=rows, chunk=chunk, num_warps=warps))
-    for rows, chunk in itertools.product((4, 8, 16), (1024, 2048)):
-        for down_rows, down_cols, splits in ((32, 256, 8), (16, 128, 16), (64, 256, 4)):
-            out.append(sf.SparseFFNConfig(variant="split", rows=rows, chunk=chunk, down_rows=down_rows,
-                                          down_cols=down_cols, splits=splits))
+    if "fused" in variants:
+        for rows, chunk, warps in itertools.product((4, 8, 16), (1024, 2048), (4, 8)):
+            out.append(sf.SparseFFNConfig(variant="fused", rows=rows, chunk=chunk, num_warps=warps))
+    if "split" in variants:
+        for rows, chunk in itertools.product((4, 8, 16), (1024, 2048)):
+            for down_rows, down_cols, splits in ((32, 256, 8), (16, 128, 16), (64, 256, 4)):
+                out.append(sf.SparseFFNConfig(variant="split", rows=rows, chunk=chunk, down_rows=down_rows,
+                                              down_cols=down_cols, splits=splits))
+    if "stream" in variants:  # masked up / down loads measured best (docs/bench/bench_ffn_stream.json)
+        for rows, programs, warps in itertools.product((4, 8, 16), (264, 528), (4, 8)):
+            out.append(sf.SparseFFNConfig(variant="stream", rows=rows, programs=programs, num_warps=warps))
+        for rows, programs, warps in ((8, 264, 8), (8, 264, 4), (4, 528, 4), (16, 264, 8)):
+            out.append(sf.SparseFFNConfig(variant="stream", rows=rows, programs=programs, num_warps=warps,
+                                          atomic=True))
+    if "tile" in variants:
+        for tile, rows, warps in itertools.product((32, 64, 128), (8, 16), (4, 8)):
+            out.append(sf.SparseFFNConfig(variant="tile", tile=tile, rows=rows, num_warps=warps))
+    if "stream" not in variants:  # the stream variant's default, for comparison
+        out.append(sf.STREAM)
+    if "split" not in variants:  # the split variant's best shape, for comparison
+        out.append(sf.SPLIT)
     return out
 
 
@@ -212,18 +246,19 @@ def main() -> int:
     ap.add_argument("--sweep", action="store_true", help="time many kernel configurations at the first shape "
                     "and sparsity, then use the fastest for the table")
     ap.add_argument("--sweep-layers", type=int, default=8)
+    ap.add_argument("--sweep-variants", nargs="+", default=list(sf.VARIANTS), choices=sf.VARIANTS)
     ap.add_argument("--interpret", action="store_true", help="kernels in interpret mode (a CPU smoke test)")
     ap.add_argument("--json-out")
     args = ap.parse_args()
     dev = jax.devices()[0]
     copy_bw, copy_how = copy_bandwidth()
     print(f"{dev.device_kind}: copy {copy_bw / 1e12:.3f} TB/s ({copy_how})", flush=True)
-    best = sf.DEFAULT
+    best = None  # without a sweep: each shape's default_config
     sweep = []
     if args.sweep:
         layers = make_layers(named_config(args.shape[0]), args.sweep_layers, args.sparsity[0], args.extra,
                              args.rank)
-        for cfg in sweep_configs():
+        for cfg in sweep_configs(args.sweep_variants):
             try:
                 t = run_config(layers, cfg, max(5, args.repeats // 4), True, args.interpret)["kernels_us"]
             except Exception as e:  # a configuration the compiler rejects is reported, not fatal
@@ -240,11 +275,12 @@ def main() -> int:
         for s in args.sparsity:
             layers = make_layers(mcfg, args.layers, s, args.extra, args.rank)
             dense_us = time_dense(layers, args.repeats)
-            t = run_config(layers, best, args.repeats, interpret=args.interpret)
+            cfg = best or sf.default_config(mcfg.d_model)
+            t = run_config(layers, cfg, args.repeats, interpret=args.interpret)
             cand = float(np.mean([int(m.sum()) for m in layers.masks]))
             active = float(np.mean(layers.active))
             useful = (cand + 2 * active) * mcfg.d_model * 2
-            row = {"shape": shape, "true_sparsity": s, "candidates": cand / mcfg.d_ff, "active": active / mcfg.d_ff,
+            row = {"shape": shape, "config": dataclasses.asdict(cfg), "true_sparsity": s, "candidates": cand / mcfg.d_ff, "active": active / mcfg.d_ff,
                    "dense_us": round(dense_us, 2), **{k: round(v, 2) for k, v in t.items()},
                    "speedup_kernels": round(dense_us / t["kernels_us"], 2),
                    "speedup_with_predictor": round(dense_us / t["pred_us"], 2),
@@ -256,11 +292,11 @@ def main() -> int:
             del layers
     report = {"device": dev.device_kind, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
               "copy_tb_per_s": round(copy_bw / 1e12, 3), "copy_measured_with": copy_how,
-              "config": dataclasses.asdict(best), "runs": rows, "sweep": sweep,
+              "swept_config": best and dataclasses.asdict(best), "runs": rows, "sweep": sweep,
               "command": " ".join(["python", "scripts/bench_ffn.py"] + sys.argv[1:])}
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\n{dev.device_kind}, copy {report['copy_tb_per_s']} TB/s ({copy_how}); config {best}")
+    print(f"\n{dev.device_kind}, copy {report['copy_tb_per_s']} TB/s ({copy_how}); config {best or 'default_config'}")
     print(f"{'shape':<11}{'sparse':>7}{'cand':>6}{'dense us':>9}{'kern us':>9}{'+cmp us':>9}{'+pred us':>9}"
           f"{'x kern':>7}{'x pred':>7}{'useful/copy':>12}")
     for r in rows:

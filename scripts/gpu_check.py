@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Checks every Pallas kernel, compiled for the GPU, against the float64 reference: all (d, d_ff) of the model
 table and the bundled model, bf16 and f16 (and f32 for the small shapes), candidate counts 0, 1, all and not a
-multiple of any block size, batch 1 and 3, relu / FATReLU / dReLU, both sparse-FFN variants, outputs started
+multiple of any block size, batch 1 and 3, relu / FATReLU / dReLU, every sparse-FFN variant, outputs started
 as NaN. Run after every kernel change; exits non-zero on any failure.
 
   python scripts/gpu_check.py [--quick] [--interpret]
@@ -19,7 +19,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from pallas_kernels import sparse_ffn as sf  # noqa: E402
-from pallas_kernels.checks import check_gemv, check_sparse_ffn, random_weights  # noqa: E402
+from pallas_kernels.checks import check_gemv, check_sparse_ffn, check_sparse_ffn_scored, random_weights  # noqa: E402
 from pallas_kernels.reference import Activation  # noqa: E402
 
 SHAPES = [(4096, 11008), (5120, 13824), (4096, 14336), (3584, 18944), (1536, 3840), (256, 1024)]
@@ -35,7 +35,8 @@ def main() -> int:
     interpret = args.interpret
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, interpret={interpret}", flush=True)
     results = []
-    variants = [sf.DEFAULT, sf.SparseFFNConfig(variant="fused" if sf.DEFAULT.variant == "split" else "split")]
+    variants = [sf.SPLIT, sf.STREAM, sf.TILE, sf.SparseFFNConfig(variant="fused"),
+                sf.SparseFFNConfig(variant="stream", mask_up=False, mask_down=False)]
     shapes = SHAPES[:1] + SHAPES[-1:] if args.quick else SHAPES
     for d, d_ff in shapes:
         for dtype in (jnp.bfloat16, jnp.float16) + ((jnp.float32,) if d_ff <= 4096 else ()):
@@ -52,6 +53,13 @@ def main() -> int:
                         results.append(r)
                         if not r.ok:
                             print("FAIL", r, flush=True)
+            for count in counts if dtype == jnp.bfloat16 else ():  # the tile kernel scoring a rank-256 predictor
+                for batch, act in ((1, Activation("fatrelu", 0.5)), (3, Activation("drelu"))):
+                    r = check_sparse_ffn_scored(d, d_ff, dtype, count, batch=batch, act=act, rank=256,
+                                                cfg=sf.TILE, interpret=interpret, weights=weights)
+                    results.append(r)
+                    if not r.ok:
+                        print("FAIL", r, flush=True)
     for n, k in GEMV_SHAPES[:3] if args.quick else GEMV_SHAPES:
         for dtype in (jnp.bfloat16, jnp.float16):
             for batch in (1, 4):

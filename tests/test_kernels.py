@@ -20,11 +20,14 @@ from svdsparse_jax.predictors import LowRankPredictor
 
 # Small blocks, so the tiny shapes below have several of each, and counts that are multiples of none.
 SMALL = {"split": sf.SparseFFNConfig("split", rows=8, chunk=32, down_rows=16, down_cols=32, splits=3),
-         "fused": sf.SparseFFNConfig("fused", rows=8, chunk=32)}
+         "fused": sf.SparseFFNConfig("fused", rows=8, chunk=32),
+         "stream": sf.SparseFFNConfig("stream", rows=8, chunk=32, programs=3),
+         "stream-unmasked": sf.SparseFFNConfig("stream", rows=4, chunk=32, programs=5, mask_up=False,
+                                               mask_down=False)}
 ACTS = [Activation("relu"), Activation("fatrelu", 0.4), Activation("drelu")]
 
 
-@pytest.mark.parametrize("variant", ["split", "fused"])
+@pytest.mark.parametrize("variant", sorted(SMALL))
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
 @pytest.mark.parametrize("count", [0, 1, 200, 77])
 def test_sparse_ffn_kernels_match_float64(variant, dtype, count):
@@ -33,9 +36,12 @@ def test_sparse_ffn_kernels_match_float64(variant, dtype, count):
         assert r.ok, r
 
 
-def test_sparse_ffn_default_config_on_the_bundled_model_shape():
-    for count in (0, 1, 1024, 131):
-        r = check_sparse_ffn(256, 1024, jnp.bfloat16, count, act=Activation("fatrelu", 0.3), interpret=True)
+@pytest.mark.parametrize("d", [256, 2048])
+def test_sparse_ffn_default_config(d):
+    """The default for the bundled model's width (split) and for a width in 2048-column chunks (stream)."""
+    assert sf.default_config(d).variant == ("stream" if d % 2048 == 0 else "split")
+    for count in (0, 1, 512, 131):
+        r = check_sparse_ffn(d, 512, jnp.bfloat16, count, act=Activation("fatrelu", 0.3), interpret=True)
         assert r.ok, r
 
 
@@ -145,7 +151,7 @@ def test_compact_lists_the_union_in_order(d_ff):
     rng = np.random.default_rng()
     for p in (0.0, 0.05, 0.5, 1.0):
         m = rng.random((3, d_ff)) < p
-        length = sf.list_length(d_ff, sf.DEFAULT)
+        length = sf.list_length(d_ff, sf.SPLIT)
         idx, count = sf.compact(jnp.asarray(m), length)
         union = np.flatnonzero(m.any(0))
         assert int(count[0]) == union.size
