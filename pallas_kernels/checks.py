@@ -62,13 +62,9 @@ def check_sparse_ffn(d: int, d_ff: int, dtype, count: int, *, batch: int = 1, ac
     wg, wu, wd = weights if weights is not None else random_weights(rng, d, d_ff, dtype)
     x = jnp.asarray(rng.standard_normal((batch, d), np.float32), dtype)
     cand = candidate_mask(rng, batch, d_ff, count)
-    if cfg.variant == "tile":
-        y, h = sf.sparse_ffn_tiles(x, wg, wu, wd, candidates=jnp.asarray(cand), act=act, cfg=cfg,
-                                   interpret=interpret, poison=True), None
-    else:
-        idx, cnt = sf.compact(jnp.asarray(cand), sf.list_length(d_ff, cfg))
-        y, h = sf.sparse_ffn_indexed(x, idx, cnt, wg, wu, wd, sf.own_mask(jnp.asarray(cand), idx, cnt), act=act,
-                                     cfg=cfg, interpret=interpret, poison=True)
+    idx, cnt = sf.compact(jnp.asarray(cand), sf.list_length(d_ff, cfg))
+    y, h = sf.sparse_ffn_indexed(x, idx, cnt, wg, wu, wd, sf.own_mask(jnp.asarray(cand), idx, cnt), act=act,
+                                 cfg=cfg, interpret=interpret, poison=True)
     y = np.asarray(y, np.float64)
     finite = bool(np.isfinite(y).all()) and (h is None or bool(np.isfinite(np.asarray(h)).all()))
     if h is not None:  # the hidden buffer must be exactly zero past the count (programs that exited early)
@@ -77,31 +73,6 @@ def check_sparse_ffn(d: int, d_ff: int, dtype, count: int, *, batch: int = 1, ac
             f"{act.kind}")
     ref = sparse_ffn_float64(x, cand, wg, wu, wd, act)
     return CheckResult(name, _rel(y, ref), finite, TOLERANCE[jnp.dtype(dtype).name])
-
-
-def check_sparse_ffn_scored(d: int, d_ff: int, dtype, count: int, *, batch: int = 1,
-                            act: Activation = Activation(), rank: int = 64, cfg: sf.SparseFFNConfig,
-                            interpret: bool, seed: int | None = None,
-                            weights: list[jax.Array] | None = None) -> CheckResult:
-    """The tile kernel computing a random rank-`rank` predictor's scores itself (partial sums started as NaN)
-    against the float64 oracle. The bias makes about `count` neurons candidates for some sequence; scores within
-    1e-3 of zero are moved off it, so float rounding cannot flip a decision."""
-    rng = np.random.default_rng(seed)
-    wg, wu, wd = weights if weights is not None else random_weights(rng, d, d_ff, dtype)
-    x = jnp.asarray(rng.standard_normal((batch, d), np.float32), dtype)
-    z = jnp.asarray(rng.standard_normal((batch, rank), np.float32), dtype)
-    b = jnp.asarray(rng.standard_normal((d_ff, rank), np.float32) / np.sqrt(rank), dtype)
-    s = np.asarray(z.astype(jnp.float32), np.float64) @ np.asarray(b.astype(jnp.float32), np.float64).T
-    level = np.quantile(s.max(0), 1 - count / d_ff) if 0 < count < d_ff else (-1e3 if count else 1e3)
-    bias = np.full(d_ff, -level)
-    bias[np.abs(s + bias).min(0) < 1e-3] += 1e-2
-    cand = (s + bias) > 0
-    y = np.asarray(sf.sparse_ffn_tiles(x, wg, wu, wd, z=z, b=b, bias=jnp.asarray(bias, jnp.float32), act=act,
-                                       cfg=cfg, interpret=interpret, poison=True), np.float64)
-    name = (f"sparse_ffn tile-scored d={d} d_ff={d_ff} {jnp.dtype(dtype).name} count={count} batch={batch} "
-            f"{act.kind}")
-    ref = sparse_ffn_float64(x, cand, wg, wu, wd, act)
-    return CheckResult(name, _rel(y, ref), bool(np.isfinite(y).all()), TOLERANCE[jnp.dtype(dtype).name])
 
 
 def check_gemv(n: int, k: int, dtype, *, batch: int = 1, interpret: bool, seed: int | None = None,

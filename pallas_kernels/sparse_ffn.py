@@ -21,11 +21,17 @@ Three ways to run steps 2-3 were built and timed on the H100 (scripts/bench_ffn.
 - "stream": one kernel with a fixed grid of `programs`; each takes list blocks p, p + programs, ..., does gate,
   up and down for each with its column loop written out, keeps its [B, d] share of y in registers and writes it
   once; XLA adds the per-program partials. No h round trip, no atomics; the fastest where d splits into few
-  wide column chunks.
-A fourth, a kernel over fixed tiles of neurons that computed the predictor's scores itself and masked the rows
-that were not candidates out of [tile, chunk] loads (no compaction, no list), was correct but took 59-233 us
-per LLaMA2-7B layer at 90% sparsity on a given mask against 22-27 us for the list kernels (docs/bench/bench_ffn_tiled.json):
-loads with most rows masked still cost nearly their full time. It was removed.
+  wide column chunks. Measured in it and dropped (docs/bench/bench_ffn_stream*.json, 12 and 4 tile shapes):
+  reading the W_up rows of every candidate, so their load need not wait for the gate, 0.3-5.4 us slower per
+  LLaMA2-7B layer, and also the W_down_t rows, 1.4-16 us slower (more bytes, no latency hidden); adding each
+  program's share into y with f32 atomics instead of writing partial sums, slower in 7 of 8 cases (up to 11 us).
+Two kernels without a global list were also built, checked on the H100 and timed, then removed as no faster
+(LLaMA2-7B, 90% sparse): one over fixed tiles of neurons that masked the rows that were not candidates out of
+[tile, chunk] loads took 59-233 us on a given mask (docs/bench/bench_ffn_tiled.json): loads with most rows
+masked still cost nearly their full time; one that listed each tile's candidates in registers (a prefix sum
+over the tile) and ran them in dense blocks, optionally computing the predictor's B z + bias itself, took
+28-29 us on a mask against stream's 21-22 us, and 31.4 us with its in-kernel predictor, equal to stream's
+31.4 us with the XLA predictor and compaction (docs/bench/bench_ffn_tile_*.json; code in commit a9d62f3).
 `default_config(d)` picks the variant and block sizes that measured fastest for the model width; the reasons
 are written next to it.
 
@@ -44,8 +50,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels import dispatch, reference
-from pallas_kernels.gemv import (MAX_BATCH, call, column_chunk, column_pieces, dot_rows, gemv, load_rows, pad_batch,
-                                 pow2_divisor)
+from pallas_kernels.gemv import MAX_BATCH, call, column_chunk, column_pieces, dot_rows, load_rows, pad_batch
 from pallas_kernels.reference import Activation
 
 F32 = jnp.float32
@@ -55,10 +60,7 @@ F32 = jnp.float32
 class SparseFFNConfig:
     """Static kernel choices. rows: listed neurons per gate / up block; chunk: columns per gate / up tile;
     down_rows x down_cols: the down kernel's tile; splits: slices of the list per column block (split variant).
-    programs: the stream variant's grid; mask_up / mask_down (stream): read W_up / W_down_t rows only where
-    needed (fewer bytes, but the load waits for the gate) or for every candidate (more bytes, no wait);
-    atomic (stream): add each program's share into y with f32 atomics instead of writing partial sums.
-    tile (tile variant): neurons per program, cut to a power of two dividing d_ff.
+    programs: the stream variant's grid.
     Sizes are upper bounds: each is cut to a power of two that divides its dimension."""
 
     variant: str = "split"
@@ -71,17 +73,13 @@ class SparseFFNConfig:
     splits: int = 16
     down_warps: int = 4
     programs: int = 132
-    tile: int = 64
-    mask_up: bool = True
-    mask_down: bool = True
-    atomic: bool = False
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ValueError(f"sparse FFN variant {self.variant!r}: expected one of {VARIANTS}")
 
 
-VARIANTS = ("split", "fused", "stream", "tile")
+VARIANTS = ("split", "fused", "stream")
 
 
 # Chosen on the H100 by `scripts/bench_ffn.py --sweep` (90% sparse, 13% candidates; docs/BENCHMARKS.md).
@@ -89,17 +87,17 @@ VARIANTS = ("split", "fused", "stream", "tile")
 # LLaMA2-7B layer, docs/bench/bench_ffn.json; fused at its best 26.5 us, mostly 30-42 us).
 SPLIT = SparseFFNConfig()
 # stream: 8 rows per block, 8 warps, 264 programs, so a 90%-sparse LLaMA2-7B list (~180 blocks) is one block per
-# program: 21.7-23.9 us against split's 27.1-27.3 us in the same runs (docs/bench/bench_ffn_stream*.json); fewer
-# programs (more blocks each) were slower: the loop over a program's blocks does not overlap their loads.
+# program: 20.7-26.2 us over six runs on the pool's H100s against split's 24.6-27.3 us (one run 37.2) in the same
+# runs (docs/bench/bench_ffn_stream*.json, bench_ffn_tile_*.json); fewer programs (more blocks each) were slower:
+# Triton does not overlap the loads of a program's successive blocks.
 STREAM = SparseFFNConfig(variant="stream", rows=8, num_warps=8, programs=264)
-# tile: 64 neurons per program, listed in registers and run in 8-row blocks (not yet measured against the others).
-TILE = SparseFFNConfig(variant="tile", tile=64, rows=8, num_warps=4)
 
 
 def default_config(d: int) -> SparseFFNConfig:
-    """The measured-fastest configuration for model width d: stream where d splits into 2048-column chunks
-    (LLaMA2-7B's 4096), split elsewhere. At d = 3584 (Qwen2-7B) the columns go in seven 512-column chunks, which
-    the stream kernel unrolls; there its best shape took 49.7 us per layer against split's 37.3 us."""
+    """The measured-fastest configuration for model width d: stream where d is a multiple of 2048 (LLaMA2-7B's
+    4096, Mistral's), split elsewhere. At d = 3584 (Qwen2-7B, rows in pieces of 2048 + 1024 + 512) the STREAM shape
+    took 40.6-41.9 us per layer and the best stream shape (4 rows, 528 programs) 33.5 us, against split's 34.9 us in
+    the same run. Other widths (5120, 1536) were not timed and take split."""
     return STREAM if d % 2048 == 0 else SPLIT
 
 
@@ -147,19 +145,16 @@ def _block(count_ref, idx_ref, start: jax.Array, rows: int) -> tuple[jax.Array, 
 
 
 def _hidden(x_ref, wg_ref, wu_ref, neurons, valid, own, *, act: Activation, chunk: int, batch: int,
-            interpret: bool, mask_up: bool = True, pieces=None):
+            interpret: bool, pieces=None):
     """h [batch] x f32 [rows] for the rows `neurons` (zero where not valid or inactive), rounded to the weights'
     dtype as the dense FFN rounds it before W_down_t; plus live (any h != 0). own: per sequence, bool [rows],
-    whether the row is in that sequence's own mask (None: in all). mask_up=False reads the W_up rows of every
-    valid row, without waiting for the gate."""
+    whether the row is in that sequence's own mask (None: in all)."""
     dots = functools.partial(dot_rows, x_ref, chunk=chunk, batch=batch, interpret=interpret, pieces=pieces)
     gate = dots(wg_ref, neurons, valid)
-    up = None if mask_up else dots(wu_ref, neurons, valid)
     a = [act.gate(g) for g in gate]
     if own is not None:  # a neuron in the union counts for sequence b only where b's own mask has it
         a = [jnp.where(ob, ab, 0.0) for ob, ab in zip(own, a)]
-    if up is None:
-        up = dots(wu_ref, neurons, valid & functools.reduce(jnp.logical_or, [ab != 0 for ab in a]))
+    up = dots(wu_ref, neurons, valid & functools.reduce(jnp.logical_or, [ab != 0 for ab in a]))
     h = [(ab * act.up(ub)).astype(wg_ref.dtype).astype(F32) for ab, ub in zip(a, up)]
     return h, valid & functools.reduce(jnp.logical_or, [hb != 0 for hb in h])
 
@@ -181,16 +176,12 @@ def _add_down(wd_ref, neurons, live, h, accs, pieces, batch: int, interpret: boo
     return tuple(out)
 
 
-def _write_sums(out_ref, accs, pieces, batch: int, atomic: bool = False):
+def _write_sums(out_ref, accs, pieces, batch: int):
     """A program's [batch, d] share of y into its partial-sum block out_ref [1, B', d] (rows past the batch as
-    zeros), or (atomic) added into y [B', d]."""
+    zeros)."""
     for i, cols in enumerate(pieces):
-        for b in range(batch if atomic else out_ref.shape[1]):
-            acc = accs[i * batch + b] if b < batch else jnp.zeros((cols.size,), F32)
-            if atomic:
-                plt.atomic_add(out_ref, (jnp.int32(b), cols), acc)
-            else:
-                out_ref[0, b, cols] = acc
+        for b in range(out_ref.shape[1]):
+            out_ref[0, b, cols] = accs[i * batch + b] if b < batch else jnp.zeros((cols.size,), F32)
 
 
 def _gate_up_kernel(count_ref, idx_ref, *refs, act, rows, chunk, batch, has_own, interpret):
@@ -248,11 +239,10 @@ def _fused_kernel(count_ref, idx_ref, *refs, act, rows, chunk, batch, has_own, i
         jax.lax.fori_loop(0, wd_ref.shape[1] // chunk, body, 0)
 
 
-def _stream_kernel(count_ref, idx_ref, *refs, act, rows, chunk, batch, has_own, programs, mask_up, mask_down,
-                   atomic, interpret):
+def _stream_kernel(count_ref, idx_ref, *refs, act, rows, chunk, batch, has_own, programs, interpret):
     """Program p: list blocks p, p + programs, p + 2 programs, ...; for each, gate, up and down of its rows,
-    the down rows added into a [batch, d] sum held in registers, written once at the end: as this program's
-    partial sum, or (atomic) added into y."""
+    the down rows added into a [batch, d] sum held in registers, written once at the end as this program's
+    partial sum."""
     own_ref, (x_ref, wg_ref, wu_ref, wd_ref, out_ref) = (refs[0], refs[1:]) if has_own else (None, refs)
     p = pl.program_id(0)
     n_blocks = pl.cdiv(count_ref[0], rows)
@@ -262,51 +252,11 @@ def _stream_kernel(count_ref, idx_ref, *refs, act, rows, chunk, batch, has_own, 
     def body(t, accs):
         start = (p + t * programs) * rows
         h, neurons, live = _gate_up(count_ref, idx_ref, own_ref, x_ref, wg_ref, wu_ref, start, act=act,
-                                    rows=rows, chunk=chunk, batch=batch, interpret=interpret, mask_up=mask_up,
-                                    pieces=pieces)
-        if not mask_down:
-            live = _block(count_ref, idx_ref, start, rows)[1]
+                                    rows=rows, chunk=chunk, batch=batch, interpret=interpret, pieces=pieces)
         return _add_down(wd_ref, neurons, live, h, accs, pieces, batch, interpret)
 
     zeros = tuple(jnp.zeros((cols.size,), F32) for cols in pieces for _ in range(batch))
-    _write_sums(out_ref, jax.lax.fori_loop(0, mine, body, zeros), pieces, batch, atomic)
-
-
-def _tile_kernel(*refs, act, tile, rows, chunk, rank_chunk, batch, scored, interpret):
-    """Program i owns neurons [i*tile, (i+1)*tile): it finds its candidates (from the mask, or as its rows of the
-    predictor's B z + bias > 0), lists them in its registers (a prefix sum over the tile), and runs them in
-    dense blocks of `rows` as the stream kernel does, writing its partial sum of y."""
-    if scored:
-        z_ref, b_ref, bias_ref, x_ref, wg_ref, wu_ref, wd_ref, out_ref = refs
-    else:
-        mask_ref, x_ref, wg_ref, wu_ref, wd_ref, out_ref = refs
-    t0 = pl.multiple_of(pl.program_id(0) * tile, tile)
-    ids = jnp.arange(tile, dtype=jnp.int32)
-    if scored:  # the executor's step 1 for this tile, p = B z + bias > 0, from B's rows of the tile only
-        scores = dot_rows(z_ref, b_ref, t0 + ids, ids >= 0, chunk=rank_chunk, batch=batch, interpret=interpret,
-                          pieces=column_pieces(z_ref.shape[1], rank_chunk))
-        bias = bias_ref[pl.ds(t0, tile)].astype(F32)
-        cand = [(s + bias > 0).astype(jnp.int32) for s in scores]
-    else:
-        cand = [(mask_ref[b, pl.ds(t0, tile)] != 0).astype(jnp.int32) for b in range(batch)]
-    union = functools.reduce(jnp.maximum, cand)
-    before = jnp.cumsum(union) - union  # list position of each candidate within the tile
-    listed = jnp.sum(union)
-    pieces = column_pieces(wd_ref.shape[1], chunk)
-
-    def body(k, accs):
-        slot = k * rows + jnp.arange(rows, dtype=jnp.int32)
-        sel = (before[None, :] == slot[:, None]) & (union[None, :] != 0)  # [rows, tile]: slot r holds neuron j
-        neurons = t0 + jnp.sum(jnp.where(sel, ids[None, :], 0), axis=1)
-        valid = slot < listed
-        own = None if batch == 1 else [jnp.sum(jnp.where(sel, c[None, :], 0), axis=1) != 0 for c in cand]
-        h, live = _hidden(x_ref, wg_ref, wu_ref, neurons, valid, own, act=act, chunk=chunk, batch=batch,
-                          interpret=interpret, pieces=pieces)
-        return _add_down(wd_ref, neurons, live, h, accs, pieces, batch, interpret)
-
-    zeros = tuple(jnp.zeros((cols.size,), F32) for cols in pieces for _ in range(batch))
-    accs = jax.lax.fori_loop(0, pl.cdiv(listed, rows), body, zeros)
-    _write_sums(out_ref, accs, pieces, batch)
+    _write_sums(out_ref, jax.lax.fori_loop(0, mine, body, zeros), pieces, batch)
 
 
 def _check_shapes(x, w_gate, w_up, w_down_t):
@@ -345,13 +295,7 @@ def sparse_ffn_indexed(x: jax.Array, idx: jax.Array, count: jax.Array, w_gate: j
     inputs = [count, idx, *own_in, xp, w_gate, w_up]
     if cfg.variant == "stream":
         programs = min(cfg.programs, length // rows)
-        kernel = functools.partial(_stream_kernel, **{**static, "chunk": cfg.chunk}, programs=programs,
-                                   mask_up=cfg.mask_up, mask_down=cfg.mask_down, atomic=cfg.atomic)
-        if cfg.atomic:
-            y = call(kernel, out_shape=jax.ShapeDtypeStruct((bp, d), F32), grid=(programs,),
-                     in_specs=[full] * (len(inputs) + 1), out_specs=full, init=jnp.zeros((bp, d), F32),
-                     **tuning)(*inputs, w_down_t)
-            return y[:batch], None
+        kernel = functools.partial(_stream_kernel, **{**static, "chunk": cfg.chunk}, programs=programs)
         partial = call(kernel, out_shape=jax.ShapeDtypeStruct((programs, bp, d), F32), grid=(programs,),
                        in_specs=[full] * (len(inputs) + 1), out_specs=pl.BlockSpec((1, bp, d), lambda p: (p, 0, 0)),
                        poison=poison, **tuning)(*inputs, w_down_t)
@@ -374,47 +318,6 @@ def sparse_ffn_indexed(x: jax.Array, idx: jax.Array, count: jax.Array, w_gate: j
     return jnp.sum(partial[:, :batch], axis=0), h
 
 
-@functools.partial(jax.jit, static_argnames=("act", "cfg", "interpret", "poison"))
-def sparse_ffn_tiles(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down_t: jax.Array, *,
-                     candidates: jax.Array | None = None, z: jax.Array | None = None, b: jax.Array | None = None,
-                     bias: jax.Array | None = None, act: Activation, cfg: SparseFFNConfig, interpret: bool = False,
-                     poison: bool = False) -> jax.Array:
-    """The tile kernel (no global list): x [B, d], weights [d_ff, d], and either candidates bool [B, d_ff] or a
-    low-rank predictor's z [B, r] (its A x, after any hidden bias and ReLU), B [d_ff, r] and bias f32 [d_ff]:
-    candidates are z B^T + bias > 0, z rounded to B's dtype as the predictor rounds it; r a multiple of 16.
-    Returns y [B, d] f32. poison: start the partial sums as NaN (checks)."""
-    _check_shapes(x, w_gate, w_up, w_down_t)
-    scored = candidates is None
-    if scored == (z is None or b is None or bias is None):
-        raise ValueError("sparse FFN tiles: give either candidates or all of z, b and bias")
-    batch, d = x.shape
-    d_ff = w_gate.shape[0]
-    tile = pow2_divisor(d_ff, cfg.tile)
-    if tile < 16:
-        raise ValueError(f"sparse FFN tiles: d_ff = {d_ff} is not a multiple of 16, which the GPU kernels need")
-    column_chunk(d, cfg.chunk, f"sparse FFN weights {w_gate.shape}")  # d a multiple of 16
-    xp = pad_batch(x.astype(w_gate.dtype))
-    bp = xp.shape[0]
-    if scored:
-        if z.shape != (batch, b.shape[1]) or b.shape[0] != d_ff or bias.shape != (d_ff,):
-            raise ValueError(f"sparse FFN tiles: predictor z {z.shape}, B {b.shape}, bias {bias.shape}; expected "
-                             f"[{batch}, r], [{d_ff}, r], [{d_ff}]")
-        column_chunk(b.shape[1], 16, f"predictor B {b.shape}")
-        front = [pad_batch(z.astype(b.dtype)), b, bias.astype(F32)]
-    else:
-        if candidates.shape != (batch, d_ff):
-            raise ValueError(f"sparse FFN tiles: candidates {candidates.shape}; expected [{batch}, {d_ff}]")
-        front = [pad_batch(candidates.astype(jnp.int32))]
-    kernel = functools.partial(_tile_kernel, act=act, tile=tile, rows=cfg.rows, chunk=cfg.chunk, rank_chunk=256,
-                               batch=batch, scored=scored, interpret=interpret)
-    inputs = [*front, xp, w_gate, w_up, w_down_t]
-    partial = call(kernel, out_shape=jax.ShapeDtypeStruct((d_ff // tile, bp, d), F32), grid=(d_ff // tile,),
-                   in_specs=[pl.no_block_spec] * len(inputs),
-                   out_specs=pl.BlockSpec((1, bp, d), lambda i: (i, 0, 0)), num_warps=cfg.num_warps,
-                   num_stages=cfg.num_stages, interpret=interpret, poison=poison)(*inputs)
-    return jnp.sum(partial[:, :batch], axis=0)
-
-
 def sparse_ffn(x: jax.Array, candidates: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down_t: jax.Array,
                act: Activation, cfg: SparseFFNConfig | None = None) -> jax.Array:
     """The guarded FFN for decode: x [B, d], candidates bool [B, d_ff] (the predictor's), weights [d_ff, d]
@@ -426,25 +329,7 @@ def sparse_ffn(x: jax.Array, candidates: jax.Array, w_gate: jax.Array, w_up: jax
     if act.kind == "silu":
         raise ValueError("sparse FFN: silu is never zero, so a predictor cannot skip rows; run it dense")
     cfg = cfg or default_config(x.shape[-1])
-    if cfg.variant == "tile":
-        return sparse_ffn_tiles(x, w_gate, w_up, w_down_t, candidates=candidates, act=act, cfg=cfg,
-                                interpret=m == "interpret")
     idx, count = compact(candidates, list_length(w_gate.shape[0], cfg))
     return sparse_ffn_indexed(x, idx, count, w_gate, w_up, w_down_t, own_mask(candidates, idx, count), act=act, cfg=cfg,
                               interpret=m == "interpret")[0]
 
-
-def sparse_ffn_scored(x: jax.Array, z: jax.Array, b: jax.Array, bias: jax.Array, w_gate: jax.Array,
-                      w_up: jax.Array, w_down_t: jax.Array, act: Activation,
-                      cfg: SparseFFNConfig | None = None) -> jax.Array:
-    """The guarded FFN under a low-rank predictor, from its hidden z [B, r] (A x after any hidden bias and ReLU,
-    f32), B [d_ff, r] and bias [d_ff]: candidates = (z rounded to B's dtype) B^T + bias > 0, exactly as
-    `LowRankPredictor.predict`. The tile kernel computes those scores itself, tile by tile; every other path
-    computes them with the dispatched GEMV and goes through `sparse_ffn`. Returns y [B, d] f32."""
-    m = dispatch.mode()
-    cfg = cfg or default_config(x.shape[-1])
-    if m != "xla" and x.shape[0] <= MAX_BATCH and cfg.variant == "tile" and b.shape[1] % 16 == 0:
-        return sparse_ffn_tiles(x, w_gate, w_up, w_down_t, z=z, b=b, bias=bias, act=act, cfg=cfg,
-                                interpret=m == "interpret")
-    candidates = gemv(z.astype(b.dtype), b) + bias.astype(F32) > 0
-    return sparse_ffn(x, candidates, w_gate, w_up, w_down_t, act, cfg)

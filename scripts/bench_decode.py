@@ -12,7 +12,9 @@ slots) and the bandwidth that implies, against a measured device copy bandwidth.
 --sparse: the model gets a FATReLU gate whose threshold leaves about `--inactive` of the neurons at zero
 (random weights give gate ~ N(0, (std sqrt(d))^2) after the unit-scale RMSNorm: threshold = that std times the
 normal quantile), whitened-SVD predictors are built for it by the project's own pipeline (build_predictors on
-random calibration tokens) and the same prompts are decoded dense and sparse. Launches per decode step are
+random calibration tokens) and the same prompts are decoded dense and sparse. --gate-decay A scales column j of
+every W_gate by (j + 1)^-A (same gate variance), so the gate sees a decaying input spectrum as in a trained model;
+plain random weights (A = 0) leave no low-rank structure for a predictor to find. Launches per decode step are
 counted from the compiled program (top-level kernels of the decode loop's body).
 """
 

@@ -144,26 +144,8 @@ def dense_ffn(x, w, act: Activation):
 
 def run_config(layers: Layers, cfg: sf.SparseFFNConfig, repeats: int, only_kernels: bool = False,
                interpret: bool = False) -> dict:
-    """Per-layer us of `cfg`: the kernels on given lists, + the compaction, + the predictor. The tile variant
-    needs no list: kernels = +compact = the kernel on the mask; +pred = the A GEMV, then the kernel computing
-    the predictor's scores itself."""
+    """Per-layer us of `cfg`: the kernels on given lists, + the compaction, + the predictor."""
     n = len(layers.weights)
-    if cfg.variant == "tile":
-        @looped
-        def on_mask(x, weights, masks):
-            return sum(sf.sparse_ffn_tiles(x, *w, candidates=m, act=act, cfg=cfg, interpret=interpret)
-                       for m, w, act in zip(masks, weights, layers.acts))
-
-        @looped
-        def scored(x, weights, preds):
-            return sum(sf.sparse_ffn_tiles(x, *w, z=gemv(x, a), b=b, bias=bias, act=act, cfg=cfg, interpret=interpret)
-                       for (a, b, bias), w, act in zip(preds, weights, layers.acts))
-
-        kernels_us = timeit(on_mask, layers.x, layers.weights, layers.masks, repeats=repeats) / n * 1e6
-        if only_kernels:
-            return {"kernels_us": kernels_us}
-        pred_us = timeit(scored, layers.x, layers.weights, layers.predictors, repeats=repeats) / n * 1e6
-        return {"kernels_us": kernels_us, "compact_us": kernels_us, "pred_us": pred_us}
     d_ff = layers.weights[0][0].shape[0]
     length = sf.list_length(d_ff, cfg)
     lists = [sf.compact(m, length) for m in layers.masks]
@@ -219,15 +201,9 @@ def sweep_configs(variants: list[str]) -> list:
             for down_rows, down_cols, splits in ((32, 256, 8), (16, 128, 16), (64, 256, 4)):
                 out.append(sf.SparseFFNConfig(variant="split", rows=rows, chunk=chunk, down_rows=down_rows,
                                               down_cols=down_cols, splits=splits))
-    if "stream" in variants:  # masked up / down loads measured best (docs/bench/bench_ffn_stream.json)
+    if "stream" in variants:
         for rows, programs, warps in itertools.product((4, 8, 16), (264, 528), (4, 8)):
             out.append(sf.SparseFFNConfig(variant="stream", rows=rows, programs=programs, num_warps=warps))
-        for rows, programs, warps in ((8, 264, 8), (8, 264, 4), (4, 528, 4), (16, 264, 8)):
-            out.append(sf.SparseFFNConfig(variant="stream", rows=rows, programs=programs, num_warps=warps,
-                                          atomic=True))
-    if "tile" in variants:
-        for tile, rows, warps in itertools.product((32, 64, 128), (8, 16), (4, 8)):
-            out.append(sf.SparseFFNConfig(variant="tile", tile=tile, rows=rows, num_warps=warps))
     if "stream" not in variants:  # the stream variant's default, for comparison
         out.append(sf.STREAM)
     if "split" not in variants:  # the split variant's best shape, for comparison

@@ -11,7 +11,7 @@ import pytest
 from pallas_kernels import dispatch
 from pallas_kernels import sparse_ffn as sf
 from pallas_kernels.checks import check_gemv, check_sparse_ffn
-from pallas_kernels.gemv import column_chunk
+from pallas_kernels.gemv import column_chunk, column_pieces
 from pallas_kernels.reference import Activation
 from svdsparse_jax.convert import load_model
 from svdsparse_jax.generate import Generator
@@ -21,9 +21,7 @@ from svdsparse_jax.predictors import LowRankPredictor
 # Small blocks, so the tiny shapes below have several of each, and counts that are multiples of none.
 SMALL = {"split": sf.SparseFFNConfig("split", rows=8, chunk=32, down_rows=16, down_cols=32, splits=3),
          "fused": sf.SparseFFNConfig("fused", rows=8, chunk=32),
-         "stream": sf.SparseFFNConfig("stream", rows=8, chunk=32, programs=3),
-         "stream-unmasked": sf.SparseFFNConfig("stream", rows=4, chunk=32, programs=5, mask_up=False,
-                                               mask_down=False)}
+         "stream": sf.SparseFFNConfig("stream", rows=8, chunk=32, programs=3)}
 ACTS = [Activation("relu"), Activation("fatrelu", 0.4), Activation("drelu")]
 
 
@@ -56,6 +54,16 @@ def test_gemv_kernel_matches_float64(n, k, dtype):
     for batch in (1, 3):
         r = check_gemv(n, k, dtype, batch=batch, interpret=True, rows=8, chunk=32)
         assert r.ok, r
+
+
+@pytest.mark.parametrize("k", [4096, 3584, 5120, 1536, 96, 16])
+def test_column_pieces_tile_the_row(k):
+    pieces = column_pieces(k, 2048)
+    assert [p.start for p in pieces] == list(np.cumsum([0] + [p.size for p in pieces[:-1]]))
+    assert sum(p.size for p in pieces) == k
+    for p in pieces:  # powers of two, at most the cap, each aligned to its size, largest first
+        assert p.size & (p.size - 1) == 0 and 16 <= p.size <= 2048 and p.start % p.size == 0
+    assert [p.size for p in pieces] == sorted((p.size for p in pieces), reverse=True)
 
 
 def test_dispatch_switch(monkeypatch):
