@@ -87,8 +87,8 @@ VARIANTS = ("split", "fused", "stream")
 # LLaMA2-7B layer, docs/bench/bench_ffn.json; fused at its best 26.5 us, mostly 30-42 us).
 SPLIT = SparseFFNConfig()
 # stream: 8 rows per block, 8 warps, 264 programs, so a 90%-sparse LLaMA2-7B list (~180 blocks) is one block per
-# program: 20.7-26.2 us over six runs on the pool's H100s against split's 24.6-27.3 us (one run 37.2) in the same
-# runs (docs/bench/bench_ffn_stream*.json, bench_ffn_tile_*.json); fewer programs (more blocks each) were slower:
+# program: 21.1-26.2 us over the saved runs on the pool's H100s against split's 25.0-27.1 us (one run 37.2) in the
+# same runs (docs/bench/bench_ffn_stream*.json, bench_ffn_tile_*.json); fewer programs (more blocks each) were slower:
 # the loads of a program's successive blocks did not overlap.
 STREAM = SparseFFNConfig(variant="stream", rows=8, num_warps=8, programs=264)
 

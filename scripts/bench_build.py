@@ -25,6 +25,7 @@ from svdsparse_jax.config import NAMED_SHAPES, named_config  # noqa: E402
 from svdsparse_jax.model import Transformer  # noqa: E402
 from svdsparse_jax.predictors import BuildConfig, build_predictors  # noqa: E402
 from svdsparse_jax.weights import init_weights  # noqa: E402
+import bench_report  # noqa: E402
 
 
 def main() -> int:
@@ -57,11 +58,9 @@ def main() -> int:
                    "targets_met": sum(i["target_met"] for i in ps.info)}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
-              "shape": args.shape, "layers": cfg.n_layers, "tokens": args.tokens, "rank": args.rank, "runs": rows,
-              "command": " ".join(["python", "scripts/bench_build.py"] + sys.argv[1:])}
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
+    bench_report.save(bench_report.report(device=jax.devices()[0].device_kind, jax=jax.__version__,
+                                          shape=args.shape, layers=cfg.n_layers, tokens=args.tokens, rank=args.rank,
+                                          runs=rows), args.json_out)
     return 0
 
 

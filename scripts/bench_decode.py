@@ -43,6 +43,7 @@ from svdsparse_jax.generate import Generator, bucket  # noqa: E402
 from svdsparse_jax.model import Transformer  # noqa: E402
 from svdsparse_jax.predictors import BuildConfig, build_predictors  # noqa: E402
 from svdsparse_jax.weights import init_weights, weight_specs  # noqa: E402
+import bench_report  # noqa: E402
 
 
 def copy_bandwidth(n_bytes: int = 2 << 30, repeats: int = 10) -> float:
@@ -88,23 +89,31 @@ def decay_gate_columns(weights: dict, cfg, alpha: float) -> dict:
     return out
 
 
-def bench_shape(shape: str, batch: int, prompt_len: int, new_tokens: int, dtype, repeats: int,
-                sparse: dict | None = None) -> dict:
+def random_model(shape: str, dtype, inactive: float | None, gate_decay: float) -> Transformer:
+    """Random weights of a named shape; with `inactive`, a FATReLU gate whose threshold leaves about that fraction
+    of neurons at zero (random weights give gate ~ N(0, (std sqrt(d))^2) after the unit-scale RMSNorm)."""
     cfg = named_config(shape)
     std = 0.02
-    if sparse is not None:  # FATReLU threshold at the `inactive` quantile of the gate
-        threshold = statistics.NormalDist().inv_cdf(sparse["inactive"]) * std * cfg.d_model ** 0.5
+    if inactive is not None:
+        threshold = statistics.NormalDist().inv_cdf(inactive) * std * cfg.d_model ** 0.5
         cfg = dataclasses.replace(cfg, activation="fatrelu", act_threshold=threshold)
     weights = init_weights(cfg, jax.random.key(0), dtype, std=std)
-    if sparse is not None and sparse["gate_decay"]:
-        weights = decay_gate_columns(weights, cfg, sparse["gate_decay"])
+    if gate_decay:
+        weights = decay_gate_columns(weights, cfg, gate_decay)
     jax.block_until_ready(weights)
-    model = Transformer(cfg, weights)
+    return Transformer(cfg, weights)
+
+
+def bench_model(model: Transformer, batch: int, prompt_len: int, new_tokens: int, repeats: int,
+                predictor: dict | None = None) -> dict:
+    """Decode timing of `model`, dense, or (predictor: rank, s, calib_tokens, guard) with whitened-SVD predictors
+    built for it by `build_predictors` on random calibration tokens."""
+    cfg, dtype = model.cfg, model.dtype
     extra = {}
     preds = None
-    if sparse is not None and not sparse.get("dense"):
-        bc = BuildConfig(method="whitened", ranks=sparse["rank"], rule="s", value=sparse["s"],
-                         tokens=sparse["calib_tokens"], guard=sparse["guard"])
+    if predictor is not None:
+        bc = BuildConfig(method="whitened", ranks=predictor["rank"], rule="s", value=predictor["s"],
+                         tokens=predictor["calib_tokens"], guard=predictor["guard"])
         t = time.perf_counter()
         pset = build_predictors(model, np.random.default_rng(1).integers(0, cfg.vocab_size, bc.tokens), bc,
                                 progress=False)
@@ -114,7 +123,7 @@ def bench_shape(shape: str, batch: int, prompt_len: int, new_tokens: int, dtype,
                  "calib_predicted_sparsity": round(float(np.mean([i["calib_predicted_sparsity"]
                                                                    for i in pset.info])), 4),
                  "calib_recall": round(float(np.mean([i["calib_recall"] for i in pset.info])), 4),
-                 "predictor": f"whitened r{sparse['rank']} s{sparse['s']} guard{sparse['guard']}"}
+                 "predictor": f"whitened r{predictor['rank']} s{predictor['s']} guard{predictor['guard']}"}
     gen = Generator(model, preds)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, cfg.vocab_size, prompt_len).tolist() for _ in range(batch)]
@@ -136,7 +145,7 @@ def bench_shape(shape: str, batch: int, prompt_len: int, new_tokens: int, dtype,
     slots = bucket(prompt_len) + bucket(new_tokens)
     kv_bytes = 2 * cfg.n_layers * batch * cfg.n_kv_heads * slots * cfg.head_dim * itemsize
     return {
-        "shape": shape, "dtype": jnp.dtype(dtype).name, "batch": batch, "prompt_len": prompt_len,
+        "dtype": jnp.dtype(dtype).name, "batch": batch, "prompt_len": prompt_len,
         "new_tokens": new_tokens, "compile_s": round(compile_s, 2),
         "end_to_end_tokens_per_s": round(batch * new_tokens / full_s, 1),
         "decode_tokens_per_s": round(batch / step_s, 1), "decode_step_ms": round(step_s * 1e3, 3),
@@ -144,7 +153,7 @@ def bench_shape(shape: str, batch: int, prompt_len: int, new_tokens: int, dtype,
         "weight_gb": round(weight_bytes / 1e9, 3), "kv_gb_per_step": round(kv_bytes / 1e9, 4),
         "decode_tb_per_s": round((weight_bytes + kv_bytes) / step_s / 1e12, 3),
         "launches_per_step": launches, "kernels": dispatch.mode(), "dense_gemv": dispatch.dense_gemv(),
-        "sparse": preds is not None, "gate_decay": (sparse or {}).get("gate_decay", 0.0), **extra,
+        "sparse": preds is not None, **extra,
     }
 
 
@@ -171,24 +180,24 @@ def main() -> int:
     dev = jax.devices()[0]
     copy_bw = copy_bandwidth()
     rows = []
+    dtype = parse_dtype(args.dtype)
     for shape, decay in itertools.product(args.shape, args.gate_decay):
-        sparse = [dict(inactive=args.inactive, s=args.s, rank=args.rank, calib_tokens=args.calib_tokens, guard=g,
-                       gate_decay=decay) for g in args.guard]
-        for spec in ([None, *sparse] if args.sparse else [None]):
-            row = bench_shape(shape, args.batch, args.prompt_len, args.new_tokens, parse_dtype(args.dtype),
-                              args.repeats, spec if spec is not None else
-                              (dict(inactive=args.inactive, gate_decay=decay, dense=True) if args.sparse else None))
+        model = random_model(shape, dtype, args.inactive if args.sparse else None, decay)
+        predictors = [dict(rank=args.rank, s=args.s, calib_tokens=args.calib_tokens, guard=g) for g in args.guard]
+        dense = None
+        for spec in [None, *predictors] if args.sparse else [None]:
+            row = {**bench_model(model, args.batch, args.prompt_len, args.new_tokens, args.repeats, spec),
+                   "shape": shape, "gate_decay": decay}
             row["fraction_of_copy_bw"] = round(row["decode_tb_per_s"] * 1e12 / copy_bw, 3)
-            if spec is not None:  # against the dense run of the same FATReLU model
-                dense = next(r for r in reversed(rows) if not r["sparse"])
+            if spec is None:
+                dense = row
+            else:  # against the dense run of the same FATReLU model
                 row["speedup_vs_dense"] = round(row["decode_tokens_per_s"] / dense["decode_tokens_per_s"], 3)
             rows.append(row)
             print(json.dumps(row), flush=True)
-    report = {"device": dev.device_kind, "platform": dev.platform, "jax": jax.__version__,
-              "date": time.strftime("%Y-%m-%d"), "copy_tb_per_s": round(copy_bw / 1e12, 3), "runs": rows,
-              "command": " ".join(["python", "scripts/bench_decode.py"] + sys.argv[1:])}
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
+    report = bench_report.report(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
+                                 copy_tb_per_s=round(copy_bw / 1e12, 3), runs=rows)
+    bench_report.save(report, args.json_out)
     print(f"\n{dev.device_kind}  copy {report['copy_tb_per_s']} TB/s")
     print(f"{'shape':<12}{'mode':<7}{'e2e tok/s':>10}{'decode tok/s':>14}{'step ms':>9}{'TB/s':>7}{'of copy':>9}"
           f"{'launch':>7}{'compile s':>11}")

@@ -39,6 +39,7 @@ from pallas_kernels import sparse_ffn as sf  # noqa: E402
 from pallas_kernels.gemv import gemv  # noqa: E402
 from pallas_kernels.reference import Activation  # noqa: E402
 from svdsparse_jax.config import named_config  # noqa: E402
+import bench_report  # noqa: E402
 
 F32 = jnp.float32
 
@@ -266,12 +267,10 @@ def main() -> int:
             rows.append(row)
             print(json.dumps(row), flush=True)
             del layers
-    report = {"device": dev.device_kind, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
-              "copy_tb_per_s": round(copy_bw / 1e12, 3), "copy_measured_with": copy_how,
-              "swept_config": best and dataclasses.asdict(best), "runs": rows, "sweep": sweep,
-              "command": " ".join(["python", "scripts/bench_ffn.py"] + sys.argv[1:])}
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
+    report = bench_report.report(device=dev.device_kind, jax=jax.__version__, copy_tb_per_s=round(copy_bw / 1e12, 3),
+                                 copy_measured_with=copy_how, swept_config=best and dataclasses.asdict(best),
+                                 runs=rows, sweep=sweep)
+    bench_report.save(report, args.json_out)
     print(f"\n{dev.device_kind}, copy {report['copy_tb_per_s']} TB/s ({copy_how}); config {best or 'default_config'}")
     print(f"{'shape':<11}{'sparse':>7}{'cand':>6}{'dense us':>9}{'kern us':>9}{'+cmp us':>9}{'+pred us':>9}"
           f"{'x kern':>7}{'x pred':>7}{'useful/copy':>12}")

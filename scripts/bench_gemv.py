@@ -13,7 +13,6 @@ import argparse
 import itertools
 import json
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -25,6 +24,7 @@ import jax.numpy as jnp  # noqa: E402
 from bench_ffn import copy_bandwidth, looped, timeit  # noqa: E402
 from pallas_kernels import reference  # noqa: E402
 from pallas_kernels.gemv import gemv_pallas  # noqa: E402
+import bench_report  # noqa: E402
 
 SHAPES = [(4096, 4096), (1024, 4096), (11008, 4096), (4096, 11008), (32000, 4096), (256, 4096), (11008, 256)]
 
@@ -60,11 +60,9 @@ def main() -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
         del mats
-    report = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "date": time.strftime("%Y-%m-%d"),
-              "copy_tb_per_s": round(copy_bw / 1e12, 3), "copy_measured_with": how, "runs": rows,
-              "command": " ".join(["python", "scripts/bench_gemv.py"] + sys.argv[1:])}
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
+    report = bench_report.report(device=jax.devices()[0].device_kind, jax=jax.__version__,
+                                 copy_tb_per_s=round(copy_bw / 1e12, 3), copy_measured_with=how, runs=rows)
+    bench_report.save(report, args.json_out)
     print(f"\ncopy {report['copy_tb_per_s']} TB/s ({how})")
     print(f"{'shape':<13}{'XLA us':>9}{'TB/s':>7}{'Pallas us':>11}{'TB/s':>7}  config")
     for r in rows:

@@ -27,6 +27,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import bench_report  # noqa: E402
 
 
 def parity(device: str) -> dict:
@@ -121,16 +122,14 @@ def main() -> int:
     ap.add_argument("--json-out")
     args = ap.parse_args()
     import transformers
-    report = {"device": torch.cuda.get_device_name() if args.device == "cuda" else args.device,
-              "torch": torch.__version__, "transformers": transformers.__version__, "date": time.strftime("%Y-%m-%d"),
-              "command": " ".join(["python", "scripts/bench_torch_bridge.py"] + sys.argv[1:])}
+    report = bench_report.report(device=torch.cuda.get_device_name() if args.device == "cuda" else args.device,
+                                 torch=torch.__version__, transformers=transformers.__version__)
     if not args.skip_parity:
         report["parity"] = parity(args.device)
         print(json.dumps(report["parity"]), flush=True)
     report["speed"] = speed(args.device, args.candidates, args.new_tokens, args.repeats)
     print(json.dumps(report["speed"]), flush=True)
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(report, indent=2) + "\n")
+    bench_report.save(report, args.json_out)
     return 0 if args.skip_parity or report["parity"]["ok"] else 1
 
 
