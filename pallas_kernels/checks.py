@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pallas_kernels import compaction
 from pallas_kernels import gemv as gemv_mod
 from pallas_kernels import sparse_ffn as sf
 from pallas_kernels.reference import Activation, sparse_ffn_float64
@@ -62,8 +63,8 @@ def check_sparse_ffn(d: int, d_ff: int, dtype, count: int, *, batch: int = 1, ac
     wg, wu, wd = weights if weights is not None else random_weights(rng, d, d_ff, dtype)
     x = jnp.asarray(rng.standard_normal((batch, d), np.float32), dtype)
     cand = candidate_mask(rng, batch, d_ff, count)
-    idx, cnt = sf.compact(jnp.asarray(cand), sf.list_length(d_ff, cfg))
-    y, h = sf.sparse_ffn_indexed(x, idx, cnt, wg, wu, wd, sf.own_mask(jnp.asarray(cand), idx, cnt), act=act,
+    tiles, counts, own = compaction.compact_reference(jnp.asarray(cand))
+    y, h = sf.sparse_ffn_indexed(x, tiles, counts, wg, wu, wd, own, act=act,
                                  cfg=cfg, interpret=interpret, poison=True)
     y = np.asarray(y, np.float64)
     finite = bool(np.isfinite(y).all()) and (h is None or bool(np.isfinite(np.asarray(h)).all()))
@@ -84,3 +85,37 @@ def check_gemv(n: int, k: int, dtype, *, batch: int = 1, interpret: bool, seed: 
     ref = np.asarray(x.astype(jnp.float32), np.float64) @ np.asarray(w.astype(jnp.float32), np.float64).T
     return CheckResult(f"gemv n={n} k={k} {jnp.dtype(dtype).name} batch={batch}", _rel(y, ref),
                        bool(np.isfinite(y).all()), TOLERANCE[jnp.dtype(dtype).name])
+
+
+def blocked_list_numpy(candidates: np.ndarray, tile: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """The blocked list (`compaction.compact`) of bool [B, d_ff], built with NumPy loops: (tiles, counts, own)."""
+    batch, d_ff = candidates.shape
+    union = np.flatnonzero(candidates.any(0))
+    n = compaction.n_tiles(d_ff, tile)
+    tiles, counts = np.zeros(n * tile, np.int64), np.zeros(n, np.int64)
+    own = np.zeros((batch, n * tile), np.int64)
+    for t in range(n):
+        mine = union[(union >= t * tile) & (union < (t + 1) * tile)]
+        tiles[t * tile: t * tile + mine.size] = mine
+        own[:, t * tile: t * tile + mine.size] = candidates[:, mine]
+        counts[t] = mine.size
+    return tiles, counts, own if batch > 1 else None
+
+
+def check_compact(d_ff: int, count: int, *, batch: int = 1, tile: int = compaction.TILE, interpret: bool,
+                  seed: int | None = None) -> CheckResult:
+    """The compaction programs against `blocked_list_numpy`: rel_error is the fraction of slots, counts and own
+    flags that differ, so only an exact list passes."""
+    rng = np.random.default_rng(seed)
+    cand = candidate_mask(rng, batch, d_ff, count)
+    out = compaction.compact_pallas(jnp.asarray(cand), tile=tile, interpret=interpret)
+    want = blocked_list_numpy(cand, tile)
+    name = f"compact d_ff={d_ff} count={count} batch={batch}"
+    wrong, total = 0, 0
+    for got, exp in zip(out, want):
+        if (got is None) != (exp is None) or (got is not None and got.shape != exp.shape):
+            return CheckResult(f"{name}: outputs {[None if o is None else o.shape for o in out]}", 1.0, True, 0.0)
+        if got is not None:
+            wrong += np.count_nonzero(np.asarray(got) != exp)
+            total += exp.size
+    return CheckResult(name, wrong / total, True, 0.0)

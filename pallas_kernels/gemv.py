@@ -90,18 +90,21 @@ def dot_rows(x_ref, w_ref, rows: jax.Array, live: jax.Array, *, chunk: int, batc
     return list(jax.lax.fori_loop(0, k // chunk, body, accs))
 
 
-def call(kernel, *, out_shape: jax.ShapeDtypeStruct, grid: tuple[int, ...], in_specs: list, out_specs,
+def call(kernel, *, out_shape, grid: tuple[int, ...], in_specs: list, out_specs,
          num_warps: int, num_stages: int, interpret: bool, poison: bool = False,
          init: jax.Array | None = None):
-    """pl.pallas_call with this package's conventions: Triton compiler parameters on the GPU, and the output
-    buffer optionally given its starting contents, `init` (a kernel that accumulates into it) or, with
-    `poison`, NaN (checks then prove that the kernel wrote every element, also where it exited early)."""
+    """pl.pallas_call with this package's conventions: Triton compiler parameters on the GPU, and the (first)
+    output buffer optionally given its starting contents, `init` (a kernel that accumulates into it) or, with
+    `poison`, NaN (checks then prove that the kernel wrote every element, also where it exited early).
+    out_shape: one jax.ShapeDtypeStruct, or a tuple of them (then out_specs is a tuple too)."""
+    first = out_shape[0] if isinstance(out_shape, tuple) else out_shape
+    n_out = len(out_shape) if isinstance(out_shape, tuple) else 1
     if poison and init is None:
-        init = jnp.full(out_shape.shape, jnp.nan, out_shape.dtype)
+        init = jnp.full(first.shape, jnp.nan, first.dtype)
     extra = [] if init is None else [init]
 
     def body(*refs):  # the aliased starting buffer arrives as an input ref the kernel does not read
-        return kernel(*refs[:-2], refs[-1]) if extra else kernel(*refs)
+        return kernel(*refs[:-n_out - 1], *refs[-n_out:]) if extra else kernel(*refs)
 
     def run(*args):
         return pl.pallas_call(

@@ -2,14 +2,16 @@
 the candidate neurons (W_gate) and of the truly active ones (W_up, W_down_t).
 
 Steps, for x [B, d] (B a handful of sequences sharing one union of candidates):
-1. `compact` (XLA): the union of the B candidate masks becomes a list of neuron indices, padded to a multiple
-   of the block size, and a count. Everything after works on dense blocks of that list, so no program
-   spends its lanes on rows that are not candidates.
+1. `compaction.compact` (Pallas programs, one per tile of 128 neurons; XLA's version off the GPU): the union of
+   the B candidate masks becomes a neuron list blocked by tiles, with a count per tile. Every kernel program
+   below finds the neurons at its list positions from the prefix sum of those counts (`_List`, `_block`), so all
+   work is on dense blocks of the list and no program spends its lanes on rows that are not candidates.
 2. gate / up kernel: one program per block of `rows` listed neurons (programs past the count write zeros and
    exit). It gathers those rows of W_gate chunk by chunk and dots them with x, applies the activation, then
    gathers the W_up rows of the neurons that are active for some sequence only (the others are masked out of
    the load: no memory traffic) and writes h = act(g) * u for the block.
-3. down: y[b] = sum_k h[b, k] * W_down_t[idx[k]], again reading only the rows with some h != 0.
+3. down: y[b] = sum_k h[b, k] * W_down_t[idx[k]], again reading only the rows with some h != 0 (the split
+   variant's gate / up kernel writes the flat list idx it located, so its down kernel reads it directly).
 
 Three ways to run steps 2-3 were built and timed on the H100 (scripts/bench_ffn.py, docs/BENCHMARKS.md):
 - "split": a second kernel, parallel over column blocks of y and over `splits` interleaved slices of the list,
@@ -49,7 +51,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels import dispatch, reference
+from pallas_kernels import compaction, dispatch, reference
 from pallas_kernels.gemv import MAX_BATCH, call, column_chunk, column_pieces, dot_rows, load_rows, pad_batch
 from pallas_kernels.reference import Activation
 
@@ -107,41 +109,29 @@ def list_length(d_ff: int, cfg: SparseFFNConfig) -> int:
     return pl.cdiv(d_ff, block) * block
 
 
-def compact(candidates: jax.Array, length: int) -> tuple[jax.Array, jax.Array]:
-    """candidates bool [B, d_ff] -> (idx int32 [length]: the neurons in any sequence's mask, ascending, then
-    zeros; count int32 [1]).
+@dataclasses.dataclass(frozen=True)
+class _List:
+    """A kernel's view of the blocked neuron list (`compaction`): the tiles ref, the exclusive prefix sum of the
+    tile counts (computed once per program) and the total."""
 
-    Positions come from a two-level prefix sum: within blocks of 128 neurons as a product with a triangular
-    ones matrix (exact: 0/1 entries, sums <= 128), then across the few block totals. A plain `jnp.cumsum` over
-    d_ff lowers to a reduce-window with a d_ff-wide window on GPU (quadratic work)."""
-    union = jnp.any(candidates, axis=0)
-    d_ff = union.shape[0]
-    block = 128
-    n_blocks = pl.cdiv(d_ff, block)
-    m = jnp.pad(union, (0, n_blocks * block - d_ff)).reshape(n_blocks, block).astype(F32)
-    tri = (jnp.arange(block)[:, None] <= jnp.arange(block)[None, :]).astype(F32)
-    within = jnp.dot(m, tri, precision=jax.lax.Precision.HIGHEST)  # inclusive prefix within each block
-    totals = within[:, -1]
-    before = jnp.dot((jnp.arange(n_blocks)[None, :] < jnp.arange(n_blocks)[:, None]).astype(F32), totals,
-                     precision=jax.lax.Precision.HIGHEST)  # exclusive prefix over blocks
-    pos = (within + before[:, None]).reshape(-1)[:d_ff].astype(jnp.int32) - 1
-    idx = jnp.zeros(length, jnp.int32).at[jnp.where(union, pos, length)].set(
-        jnp.arange(d_ff, dtype=jnp.int32), mode="drop")
-    return idx, jnp.sum(union, dtype=jnp.int32)[None]
+    tiles_ref: object
+    before: jax.Array
+    total: jax.Array
+    tile: int
+
+    @classmethod
+    def read(cls, counts_ref, tiles_ref) -> "_List":
+        before, total = compaction.locate(counts_ref[...])
+        return cls(tiles_ref, before, total, tiles_ref.shape[0] // counts_ref.shape[0])
 
 
-def own_mask(candidates: jax.Array, idx: jax.Array, count: jax.Array) -> jax.Array | None:
-    """For a batch (B > 1): bool [B, list length], whether list entry k is in sequence b's own mask (the
-    kernels' `own`); None for one sequence, whose mask is the list itself."""
-    if candidates.shape[0] == 1:
-        return None
-    return candidates[:, idx] & (jnp.arange(idx.shape[0]) < count)[None, :]
-
-
-def _block(count_ref, idx_ref, start: jax.Array, rows: int) -> tuple[jax.Array, jax.Array]:
-    """The list positions [start, start + rows): (neuron indices clamped to 0 where past the count, valid)."""
-    valid = start + jnp.arange(rows, dtype=jnp.int32) < count_ref[0]
-    return jnp.where(valid, idx_ref[pl.ds(start, rows)], 0), valid
+def _block(lst: _List, start: jax.Array, rows: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The list positions [start, start + rows): (neuron indices, 0 where past the total; valid; their slots in
+    the tiles, 0 where past the total)."""
+    k = start + jnp.arange(rows, dtype=jnp.int32)
+    valid = k < lst.total
+    slot = jnp.where(valid, compaction.slots(lst.before, k, lst.tile), 0)
+    return jnp.where(valid, lst.tiles_ref[slot], 0), valid, slot
 
 
 def _hidden(x_ref, wg_ref, wu_ref, neurons, valid, own, *, act: Activation, chunk: int, batch: int,
@@ -159,10 +149,10 @@ def _hidden(x_ref, wg_ref, wu_ref, neurons, valid, own, *, act: Activation, chun
     return h, valid & functools.reduce(jnp.logical_or, [hb != 0 for hb in h])
 
 
-def _gate_up(count_ref, idx_ref, own_ref, x_ref, wg_ref, wu_ref, start, *, rows: int, batch: int, **kw):
+def _gate_up(lst: _List, own_ref, x_ref, wg_ref, wu_ref, start, *, rows: int, batch: int, **kw):
     """`_hidden` for the list block at `start`; returns (h, neuron indices, live)."""
-    neurons, valid = _block(count_ref, idx_ref, start, rows)
-    own = None if own_ref is None else [own_ref[b, pl.ds(start, rows)] != 0 for b in range(batch)]
+    neurons, valid, slot = _block(lst, start, rows)
+    own = None if own_ref is None else [own_ref[b, slot] != 0 for b in range(batch)]
     h, live = _hidden(x_ref, wg_ref, wu_ref, neurons, valid, own, batch=batch, **kw)
     return h, neurons, live
 
@@ -184,34 +174,41 @@ def _write_sums(out_ref, accs, pieces, batch: int):
             out_ref[0, b, cols] = accs[i * batch + b] if b < batch else jnp.zeros((cols.size,), F32)
 
 
-def _gate_up_kernel(count_ref, idx_ref, *refs, act, rows, chunk, batch, has_own, interpret):
-    own_ref, (x_ref, wg_ref, wu_ref, h_ref) = (refs[0], refs[1:]) if has_own else (None, refs)
+def _gate_up_kernel(counts_ref, tiles_ref, *refs, act, rows, chunk, batch, has_own, interpret):
+    """Program i: list block i. Writes its h [B', rows] and its neurons (0 past the total) in list order, so the
+    down kernel reads them directly instead of locating each block in the tiles again."""
+    own_ref, (x_ref, wg_ref, wu_ref, h_ref, idx_ref) = (refs[0], refs[1:]) if has_own else (None, refs)
     start = pl.program_id(0) * rows
+    lst = _List.read(counts_ref, tiles_ref)
 
-    @pl.when(start >= count_ref[0])
+    @pl.when(start >= lst.total)
     def _():  # past the list: write this block's zeros (the down kernel may read them) and stop
         h_ref[...] = jnp.zeros(h_ref.shape, F32)
+        idx_ref[...] = jnp.zeros(idx_ref.shape, jnp.int32)
 
-    @pl.when(start < count_ref[0])
+    @pl.when(start < lst.total)
     def _():
-        h, _, _ = _gate_up(count_ref, idx_ref, own_ref, x_ref, wg_ref, wu_ref, start, act=act, rows=rows,
-                           chunk=chunk, batch=batch, interpret=interpret)
+        h, neurons, _ = _gate_up(lst, own_ref, x_ref, wg_ref, wu_ref, start, act=act, rows=rows, chunk=chunk,
+                                 batch=batch, interpret=interpret)
         for b in range(h_ref.shape[0]):
             h_ref[b, :] = h[b] if b < batch else jnp.zeros((rows,), F32)
+        idx_ref[...] = neurons
 
 
-def _down_kernel(count_ref, idx_ref, h_ref, wd_ref, out_ref, *, rows, cols, splits, batch, interpret):
-    """Program (j, s): columns [j*cols, (j+1)*cols) of y, list blocks s, s + splits, s + 2*splits, ..."""
+def _down_kernel(counts_ref, idx_ref, h_ref, wd_ref, out_ref, *, rows, cols, splits, batch, interpret):
+    """Program (j, s): columns [j*cols, (j+1)*cols) of y, list blocks s, s + splits, s + 2*splits, ... (idx_ref:
+    the flat neuron list the gate / up kernel wrote)."""
     j, s = pl.program_id(0), pl.program_id(1)
-    n_blocks = pl.cdiv(count_ref[0], rows)
+    total = jnp.sum(counts_ref[...])
+    n_blocks = pl.cdiv(total, rows)
     mine = jnp.maximum(n_blocks - s + splits - 1, 0) // splits
     col = pl.ds(pl.multiple_of(j * cols, cols), cols)
 
     def body(t, accs):
         start = (s + t * splits) * rows
-        neurons, valid = _block(count_ref, idx_ref, start, rows)
+        neurons = idx_ref[pl.ds(start, rows)]
         h = [h_ref[b, pl.ds(start, rows)] for b in range(batch)]
-        live = valid & functools.reduce(jnp.logical_or, [hb != 0 for hb in h])
+        live = (start + jnp.arange(rows) < total) & functools.reduce(jnp.logical_or, [hb != 0 for hb in h])
         w = load_rows(wd_ref, neurons, live, col, interpret).astype(F32)
         return tuple(acc + jnp.sum(w * hb[:, None], axis=0) for acc, hb in zip(accs, h))
 
@@ -220,14 +217,15 @@ def _down_kernel(count_ref, idx_ref, h_ref, wd_ref, out_ref, *, rows, cols, spli
         out_ref[0, b, :] = accs[b] if b < batch else jnp.zeros((cols,), F32)
 
 
-def _fused_kernel(count_ref, idx_ref, *refs, act, rows, chunk, batch, has_own, interpret):
+def _fused_kernel(counts_ref, tiles_ref, *refs, act, rows, chunk, batch, has_own, interpret):
     own_ref, (x_ref, wg_ref, wu_ref, wd_ref, y_ref) = (refs[0], refs[1:]) if has_own else (None, refs)
     start = pl.program_id(0) * rows
+    lst = _List.read(counts_ref, tiles_ref)
 
-    @pl.when(start < count_ref[0])
+    @pl.when(start < lst.total)
     def _():
-        h, neurons, live = _gate_up(count_ref, idx_ref, own_ref, x_ref, wg_ref, wu_ref, start, act=act,
-                                    rows=rows, chunk=chunk, batch=batch, interpret=interpret)
+        h, neurons, live = _gate_up(lst, own_ref, x_ref, wg_ref, wu_ref, start, act=act, rows=rows, chunk=chunk,
+                                    batch=batch, interpret=interpret)
 
         def body(c, carry):
             cols = pl.ds(pl.multiple_of(c * chunk, chunk), chunk)
@@ -239,20 +237,21 @@ def _fused_kernel(count_ref, idx_ref, *refs, act, rows, chunk, batch, has_own, i
         jax.lax.fori_loop(0, wd_ref.shape[1] // chunk, body, 0)
 
 
-def _stream_kernel(count_ref, idx_ref, *refs, act, rows, chunk, batch, has_own, programs, interpret):
+def _stream_kernel(counts_ref, tiles_ref, *refs, act, rows, chunk, batch, has_own, programs, interpret):
     """Program p: list blocks p, p + programs, p + 2 programs, ...; for each, gate, up and down of its rows,
     the down rows added into a [batch, d] sum held in registers, written once at the end as this program's
     partial sum."""
     own_ref, (x_ref, wg_ref, wu_ref, wd_ref, out_ref) = (refs[0], refs[1:]) if has_own else (None, refs)
     p = pl.program_id(0)
-    n_blocks = pl.cdiv(count_ref[0], rows)
+    lst = _List.read(counts_ref, tiles_ref)
+    n_blocks = pl.cdiv(lst.total, rows)
     mine = jnp.maximum(n_blocks - p + programs - 1, 0) // programs
     pieces = column_pieces(wd_ref.shape[1], chunk)
 
     def body(t, accs):
         start = (p + t * programs) * rows
-        h, neurons, live = _gate_up(count_ref, idx_ref, own_ref, x_ref, wg_ref, wu_ref, start, act=act,
-                                    rows=rows, chunk=chunk, batch=batch, interpret=interpret, pieces=pieces)
+        h, neurons, live = _gate_up(lst, own_ref, x_ref, wg_ref, wu_ref, start, act=act, rows=rows, chunk=chunk,
+                                    batch=batch, interpret=interpret, pieces=pieces)
         return _add_down(wd_ref, neurons, live, h, accs, pieces, batch, interpret)
 
     zeros = tuple(jnp.zeros((cols.size,), F32) for cols in pieces for _ in range(batch))
@@ -268,31 +267,31 @@ def _check_shapes(x, w_gate, w_up, w_down_t):
 
 
 @functools.partial(jax.jit, static_argnames=("act", "cfg", "interpret", "poison"))
-def sparse_ffn_indexed(x: jax.Array, idx: jax.Array, count: jax.Array, w_gate: jax.Array, w_up: jax.Array,
+def sparse_ffn_indexed(x: jax.Array, tiles: jax.Array, counts: jax.Array, w_gate: jax.Array, w_up: jax.Array,
                        w_down_t: jax.Array, own: jax.Array | None = None, *, act: Activation,
                        cfg: SparseFFNConfig = SPLIT, interpret: bool = False,
                        poison: bool = False) -> tuple[jax.Array, jax.Array | None]:
-    """The kernels on an explicit neuron list: x [B, d]; idx int32 [list_length(d_ff, cfg)] (the first `count`
-    entries are distinct neurons < d_ff); count int32 [1]; weights [d_ff, d]; own (B > 1 only) bool
-    [B, list length]: whether list entry k is in sequence b's own mask (None: in all).
+    """The kernels on an explicit neuron list: x [B, d]; (tiles, counts) the blocked list of `compaction.compact`
+    (distinct neurons < d_ff); weights [d_ff, d]; own (B > 1 only) bool or int8 [B, len(tiles)]: whether the
+    neuron in slot j of the tiles is in sequence b's own set (None: in all; `compaction.compact` gives it).
 
-    Returns (y [B, d] f32, h): h is the split variant's hidden buffer f32 [B', list length] (B' = B padded to a
-    power of two; zero past the count), None for the fused and stream variants. poison: start the kernels' output buffers
-    as NaN (the checks' way to prove every element gets written)."""
+    Returns (y [B, d] f32, h): h is the split variant's hidden buffer f32 [B', list_length(d_ff, cfg)] in list
+    order (B' = B padded to a power of two; zero past the count), None for the fused and stream variants.
+    poison: start the kernels' output buffers as NaN (the checks' way to prove every element gets written)."""
     _check_shapes(x, w_gate, w_up, w_down_t)
     batch, d = x.shape
-    length, rows = idx.shape[0], cfg.rows
+    length, rows = list_length(w_gate.shape[0], cfg), cfg.rows
     chunk = column_chunk(d, cfg.chunk, f"sparse FFN weights {w_gate.shape}")
-    if length % max(rows, cfg.down_rows):
-        raise ValueError(f"sparse FFN: neuron list of {length} entries; expected a multiple of "
-                         f"{max(rows, cfg.down_rows)} (use list_length)")
+    if tiles.shape[0] % counts.shape[0] or tiles.shape[0] < w_gate.shape[0]:
+        raise ValueError(f"sparse FFN: a blocked list of {tiles.shape[0]} slots in {counts.shape[0]} tiles cannot "
+                         f"list {w_gate.shape[0]} neurons (use compaction.compact)")
     xp = pad_batch(x.astype(w_gate.dtype))
     bp = xp.shape[0]
-    own_in = [] if own is None else [pad_batch(own.astype(jnp.int32))]
+    own_in = [] if own is None else [pad_batch(own.astype(jnp.int8))]
     static = dict(act=act, rows=rows, chunk=chunk, batch=batch, has_own=own is not None, interpret=interpret)
     tuning = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, interpret=interpret)
     full = pl.no_block_spec
-    inputs = [count, idx, *own_in, xp, w_gate, w_up]
+    inputs = [counts, tiles, *own_in, xp, w_gate, w_up]
     if cfg.variant == "stream":
         programs = min(cfg.programs, length // rows)
         kernel = functools.partial(_stream_kernel, **{**static, "chunk": cfg.chunk}, programs=programs)
@@ -305,16 +304,18 @@ def sparse_ffn_indexed(x: jax.Array, idx: jax.Array, count: jax.Array, w_gate: j
                  grid=(length // rows,), in_specs=[full] * (len(inputs) + 1), out_specs=full,
                  init=jnp.zeros((bp, d), F32), **tuning)(*inputs, w_down_t)
         return y[:batch], None
-    h = call(functools.partial(_gate_up_kernel, **static), out_shape=jax.ShapeDtypeStruct((bp, length), F32),
-             grid=(length // rows,), in_specs=[full] * len(inputs),
-             out_specs=pl.BlockSpec((bp, rows), lambda i: (0, i)), poison=poison, **tuning)(*inputs)
+    h, idx = call(functools.partial(_gate_up_kernel, **static),
+                  out_shape=(jax.ShapeDtypeStruct((bp, length), F32), jax.ShapeDtypeStruct((length,), jnp.int32)),
+                  grid=(length // rows,), in_specs=[full] * len(inputs),
+                  out_specs=(pl.BlockSpec((bp, rows), lambda i: (0, i)), pl.BlockSpec((rows,), lambda i: (i,))),
+                  poison=poison, **tuning)(*inputs)
     cols = column_chunk(d, cfg.down_cols, f"sparse FFN weights {w_down_t.shape}")
     partial = call(functools.partial(_down_kernel, rows=cfg.down_rows, cols=cols, splits=cfg.splits, batch=batch,
                                      interpret=interpret),
                    out_shape=jax.ShapeDtypeStruct((cfg.splits, bp, d), F32), grid=(d // cols, cfg.splits),
                    in_specs=[full] * 4, out_specs=pl.BlockSpec((1, bp, cols), lambda j, s: (s, 0, j)),
                    poison=poison, num_warps=cfg.down_warps, num_stages=cfg.num_stages,
-                   interpret=interpret)(count, idx, h, w_down_t)
+                   interpret=interpret)(counts, idx, h, w_down_t)
     return jnp.sum(partial[:, :batch], axis=0), h
 
 
@@ -322,14 +323,15 @@ def sparse_ffn(x: jax.Array, candidates: jax.Array, w_gate: jax.Array, w_up: jax
                act: Activation, cfg: SparseFFNConfig | None = None) -> jax.Array:
     """The guarded FFN for decode: x [B, d], candidates bool [B, d_ff] (the predictor's), weights [d_ff, d]
     (w_down_t is down_proj transposed). Returns y [B, d] f32. Runs the kernels or the XLA reference by
-    `dispatch.mode()` (XLA also for more than MAX_BATCH rows: prefill and evaluation); both give sum over i in C_b of (act(g_i) * u_i) * w_down_t[i]."""
+    `dispatch.mode()` (XLA also for more than MAX_BATCH rows: prefill and evaluation); both give the sum over
+    i in C_b of (act(g_i) * u_i) * w_down_t[i]."""
     m = dispatch.mode()
     if m == "xla" or x.shape[0] > MAX_BATCH:
         return reference.sparse_ffn(x, candidates, w_gate, w_up, w_down_t, act)
     if act.kind == "silu":
         raise ValueError("sparse FFN: silu is never zero, so a predictor cannot skip rows; run it dense")
     cfg = cfg or default_config(x.shape[-1])
-    idx, count = compact(candidates, list_length(w_gate.shape[0], cfg))
-    return sparse_ffn_indexed(x, idx, count, w_gate, w_up, w_down_t, own_mask(candidates, idx, count), act=act, cfg=cfg,
+    tiles, counts, own = compaction.compact(candidates)
+    return sparse_ffn_indexed(x, tiles, counts, w_gate, w_up, w_down_t, own, act=act, cfg=cfg,
                               interpret=m == "interpret")[0]
 

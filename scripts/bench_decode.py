@@ -25,6 +25,7 @@ import dataclasses
 import itertools
 import json
 import re
+import shutil
 import statistics
 import sys
 import time
@@ -44,6 +45,7 @@ from svdsparse_jax.model import Transformer  # noqa: E402
 from svdsparse_jax.predictors import BuildConfig, build_predictors  # noqa: E402
 from svdsparse_jax.weights import init_weights, weight_specs  # noqa: E402
 import bench_report  # noqa: E402
+import trace_summary  # noqa: E402
 
 
 def copy_bandwidth(n_bytes: int = 2 << 30, repeats: int = 10) -> float:
@@ -105,9 +107,10 @@ def random_model(shape: str, dtype, inactive: float | None, gate_decay: float) -
 
 
 def bench_model(model: Transformer, batch: int, prompt_len: int, new_tokens: int, repeats: int,
-                predictor: dict | None = None) -> dict:
+                predictor: dict | None = None, profile_dir: str | None = None) -> dict:
     """Decode timing of `model`, dense, or (predictor: rank, s, calib_tokens, guard) with whitened-SVD predictors
-    built for it by `build_predictors` on random calibration tokens."""
+    built for it by `build_predictors` on random calibration tokens. With `profile_dir`, one more call of each
+    length runs under `jax.profiler.trace` and the row gets the GPU time per decode step by kernel."""
     cfg, dtype = model.cfg, model.dtype
     extra = {}
     preds = None
@@ -138,6 +141,21 @@ def bench_model(model: Transformer, batch: int, prompt_len: int, new_tokens: int
     launches = launches_per_step(next(iter(gen.compiled.values())))
     one_s, _ = timed(1)
     step_s = (full_s - one_s) / (new_tokens - 1)
+    if profile_dir:
+        mode = "sparse" if preds is not None else "dense"
+        traces = {}
+        for n in (new_tokens, 1):
+            d = f"{profile_dir}/{mode}_{n}"
+            shutil.rmtree(d, ignore_errors=True)  # a trace directory holds every trace written into it
+            with jax.profiler.trace(d):
+                gen.generate(prompts, n, eos_ids=())
+            traces[n] = trace_summary.kernel_times(d)
+        prof = trace_summary.per_step(traces[new_tokens], traces[1], new_tokens - 1)
+        Path(f"{profile_dir}/{mode}_hlo.txt").write_text(next(iter(gen.compiled.values())).as_text())
+        print(trace_summary.table(prof, 40), flush=True)
+        top = sorted(prof["kernels"].items(), key=lambda kv: -kv[1][0])[:60]
+        extra["profile"] = {"busy_us_per_step": round(prof["busy_us"], 1), "kernels_per_step": prof["launches"],
+                            "top_kernels_us_launches": {k: [round(v[0], 2), v[1]] for k, v in top}}
     itemsize = jnp.dtype(dtype).itemsize
     weight_bytes = sum(int(np.prod(s.shape)) * itemsize for s in weight_specs(cfg))
     if cfg.tie_embeddings:  # the head is the embedding, read once more per token
@@ -175,6 +193,8 @@ def main() -> int:
     ap.add_argument("--gate-decay", type=float, nargs="+", default=[0.0],
                     help="W_gate column decay exponent(s) (0: plain random weights; 0.5 gives the rank-256 "
                          "predictor the per-neuron AUROC the paper reports on ProSparse-LLaMA2-7B, ~0.93)")
+    ap.add_argument("--profile", metavar="DIR", help="also trace one call of each length; GPU time per kernel "
+                    "(traces and the compiled HLO under DIR/SHAPE_decayA/)")
     ap.add_argument("--json-out")
     args = ap.parse_args()
     dev = jax.devices()[0]
@@ -186,7 +206,8 @@ def main() -> int:
         predictors = [dict(rank=args.rank, s=args.s, calib_tokens=args.calib_tokens, guard=g) for g in args.guard]
         dense = None
         for spec in [None, *predictors] if args.sparse else [None]:
-            row = {**bench_model(model, args.batch, args.prompt_len, args.new_tokens, args.repeats, spec),
+            row = {**bench_model(model, args.batch, args.prompt_len, args.new_tokens, args.repeats, spec,
+                                   args.profile and f"{args.profile}/{shape}_decay{decay}"),
                    "shape": shape, "gate_decay": decay}
             row["fraction_of_copy_bw"] = round(row["decode_tb_per_s"] * 1e12 / copy_bw, 3)
             if spec is None:

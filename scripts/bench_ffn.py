@@ -8,8 +8,8 @@ inactive ones, `--extra` of d_ff (the predictor's false positives). Timed, per l
 one jitted program over all layers, block_until_ready):
   dense    the model's XLA FFN (gate, up, act, down)
   kernels  the sparse kernels on a given neuron list (what the goal counts)
-  +compact candidate mask -> list (XLA) + kernels: the guarded FFN as decode runs it
-  +pred    + a rank-r SVD predictor's two GEMVs (dispatched: Pallas on GPU) and the comparison, from x
+  +compact candidate mask -> list (the Pallas compaction programs; --compact xla: XLA's) + kernels: the guarded FFN as decode runs it
+  +pred    + a rank-r SVD predictor's two GEMVs (dispatched) and the comparison, from x
 Useful bytes = candidate rows of W_gate + active rows of W_up and W_down_t; their rate is given as a fraction
 of a device copy measured in the same run (torch when importable, else a JAX elementwise pass).
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import itertools
 import json
 import os
@@ -35,6 +36,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from pallas_kernels import compaction  # noqa: E402
 from pallas_kernels import sparse_ffn as sf  # noqa: E402
 from pallas_kernels.gemv import gemv  # noqa: E402
 from pallas_kernels.reference import Activation  # noqa: E402
@@ -144,24 +146,27 @@ def dense_ffn(x, w, act: Activation):
 
 
 def run_config(layers: Layers, cfg: sf.SparseFFNConfig, repeats: int, only_kernels: bool = False,
-               interpret: bool = False) -> dict:
-    """Per-layer us of `cfg`: the kernels on given lists, + the compaction, + the predictor."""
+               interpret: bool = False, compact_impl: str = "pallas") -> dict:
+    """Per-layer us of `cfg`: the kernels on given lists, + the compaction (the Pallas programs, or XLA's with
+    compact_impl='xla'), + the predictor."""
     n = len(layers.weights)
-    d_ff = layers.weights[0][0].shape[0]
-    length = sf.list_length(d_ff, cfg)
-    lists = [sf.compact(m, length) for m in layers.masks]
+    if compact_impl == "xla":
+        compact = compaction.compact_reference
+    else:
+        compact = functools.partial(compaction.compact_pallas, interpret=interpret)
+    lists = [compact(m)[:2] for m in layers.masks]
 
     @looped
     def kernels(x, weights, lists):
-        return sum(sf.sparse_ffn_indexed(x, idx, cnt, *w, act=act, cfg=cfg, interpret=interpret)[0]
-                   for (idx, cnt), w, act in zip(lists, weights, layers.acts))
+        return sum(sf.sparse_ffn_indexed(x, tiles, counts, *w, act=act, cfg=cfg, interpret=interpret)[0]
+                   for (tiles, counts), w, act in zip(lists, weights, layers.acts))
 
     @looped
     def with_compact(x, weights, masks):
         total = 0.0
         for m, w, act in zip(masks, weights, layers.acts):
-            idx, cnt = sf.compact(m, length)
-            total = total + sf.sparse_ffn_indexed(x, idx, cnt, *w, act=act, cfg=cfg, interpret=interpret)[0]
+            tiles, counts, _ = compact(m)
+            total = total + sf.sparse_ffn_indexed(x, tiles, counts, *w, act=act, cfg=cfg, interpret=interpret)[0]
         return total
 
     @looped
@@ -169,9 +174,8 @@ def run_config(layers: Layers, cfg: sf.SparseFFNConfig, repeats: int, only_kerne
         total = 0.0
         for (a, b, bias), w, act in zip(preds, weights, layers.acts):
             z = gemv(x, a).astype(x.dtype)  # the dispatched GEMV, as the model's predictors run it
-            mask = gemv(z, b) + bias > 0
-            idx, cnt = sf.compact(mask, length)
-            total = total + sf.sparse_ffn_indexed(x, idx, cnt, *w, act=act, cfg=cfg, interpret=interpret)[0]
+            tiles, counts, _ = compact(gemv(z, b) + bias > 0)
+            total = total + sf.sparse_ffn_indexed(x, tiles, counts, *w, act=act, cfg=cfg, interpret=interpret)[0]
         return total
 
     kernels_us = timeit(kernels, layers.x, layers.weights, lists, repeats=repeats) / n * 1e6
@@ -224,6 +228,8 @@ def main() -> int:
                     "and sparsity, then use the fastest for the table")
     ap.add_argument("--sweep-layers", type=int, default=8)
     ap.add_argument("--sweep-variants", nargs="+", default=list(sf.VARIANTS), choices=sf.VARIANTS)
+    ap.add_argument("--compact", default="pallas", choices=["pallas", "xla"],
+                    help="the compaction in +compact / +pred: the Pallas program or XLA's version")
     ap.add_argument("--interpret", action="store_true", help="kernels in interpret mode (a CPU smoke test)")
     ap.add_argument("--json-out")
     args = ap.parse_args()
@@ -253,11 +259,11 @@ def main() -> int:
             layers = make_layers(mcfg, args.layers, s, args.extra, args.rank)
             dense_us = time_dense(layers, args.repeats)
             cfg = best or sf.default_config(mcfg.d_model)
-            t = run_config(layers, cfg, args.repeats, interpret=args.interpret)
+            t = run_config(layers, cfg, args.repeats, interpret=args.interpret, compact_impl=args.compact)
             cand = float(np.mean([int(m.sum()) for m in layers.masks]))
             active = float(np.mean(layers.active))
             useful = (cand + 2 * active) * mcfg.d_model * 2
-            row = {"shape": shape, "config": dataclasses.asdict(cfg), "true_sparsity": s, "candidates": cand / mcfg.d_ff, "active": active / mcfg.d_ff,
+            row = {"shape": shape, "config": dataclasses.asdict(cfg), "compact": args.compact, "true_sparsity": s, "candidates": cand / mcfg.d_ff, "active": active / mcfg.d_ff,
                    "dense_us": round(dense_us, 2), **{k: round(v, 2) for k, v in t.items()},
                    "speedup_kernels": round(dense_us / t["kernels_us"], 2),
                    "speedup_with_predictor": round(dense_us / t["pred_us"], 2),

@@ -2,7 +2,7 @@
 """Checks every Pallas kernel, compiled for the GPU, against the float64 reference: all (d, d_ff) of the model
 table and the bundled model, bf16 and f16 (and f32 for the small shapes), candidate counts 0, 1, all and not a
 multiple of any block size, batch 1 and 3, relu / FATReLU / dReLU, every sparse-FFN variant, outputs started
-as NaN. Run after every kernel change; exits non-zero on any failure.
+as NaN; the compaction programs' lists exactly. Run after every kernel change; exits non-zero on any failure.
 
   python scripts/gpu_check.py [--quick] [--interpret]
 """
@@ -19,7 +19,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from pallas_kernels import sparse_ffn as sf  # noqa: E402
-from pallas_kernels.checks import check_gemv, check_sparse_ffn, random_weights  # noqa: E402
+from pallas_kernels.checks import check_compact, check_gemv, check_sparse_ffn, random_weights  # noqa: E402
 from pallas_kernels.reference import Activation  # noqa: E402
 
 SHAPES = [(4096, 11008), (5120, 13824), (4096, 14336), (3584, 18944), (1536, 3840), (256, 1024)]
@@ -30,6 +30,8 @@ GEMV_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (1024, 4096), (32000,
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="one shape per family of checks")
+    ap.add_argument("--only", nargs="+", choices=["sparse_ffn", "compact", "gemv"],
+                    default=["sparse_ffn", "compact", "gemv"], help="which families of checks to run")
     ap.add_argument("--interpret", action="store_true", help="run the kernels in interpret mode (any backend)")
     args = ap.parse_args()
     interpret = args.interpret
@@ -37,7 +39,7 @@ def main() -> int:
     results = []
     variants = [sf.SPLIT, sf.STREAM, sf.SparseFFNConfig(variant="fused")]
     shapes = SHAPES[:1] + SHAPES[-1:] if args.quick else SHAPES
-    for d, d_ff in shapes:
+    for d, d_ff in shapes if "sparse_ffn" in args.only else []:
         for dtype in (jnp.bfloat16, jnp.float16) + ((jnp.float32,) if d_ff <= 4096 else ()):
             weights = random_weights(__import__("numpy").random.default_rng(), d, d_ff, dtype)
             counts = [0, 1, d_ff, d_ff // 7 + 3, int(0.12 * d_ff) + 1]
@@ -52,7 +54,14 @@ def main() -> int:
                         results.append(r)
                         if not r.ok:
                             print("FAIL", r, flush=True)
-    for n, k in GEMV_SHAPES[:3] if args.quick else GEMV_SHAPES:
+    for _, d_ff in SHAPES if "compact" in args.only else []:  # cheap: every shape, also with --quick
+        for count in (0, 1, d_ff, d_ff // 7 + 3, int(0.17 * d_ff)):
+            for batch in (1, 3):
+                r = check_compact(d_ff, count, batch=batch, interpret=interpret)
+                results.append(r)
+                if not r.ok:
+                    print("FAIL", r, flush=True)
+    for n, k in (GEMV_SHAPES[:3] if args.quick else GEMV_SHAPES) if "gemv" in args.only else []:
         for dtype in (jnp.bfloat16, jnp.float16):
             for batch in (1, 4):
                 r = check_gemv(n, k, dtype, batch=batch, interpret=interpret)
@@ -62,7 +71,7 @@ def main() -> int:
     bad = [r for r in results if not r.ok]
     worst = {}
     for r in results:
-        key = r.name.split()[0] + " " + r.name.split()[-1 if r.name.startswith("gemv") else 1]
+        key = r.name.split()[0] + " " + r.name.split()[-1 if r.name.startswith(("gemv", "compact")) else 1]
         worst[key] = max(worst.get(key, 0.0), r.rel_error)
     print(f"\n{len(results)} checks, {len(bad)} failed")
     for key, err in sorted(worst.items()):

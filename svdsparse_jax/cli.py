@@ -174,10 +174,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
         prompts = args.prompt_ids
     sampler = Sampler(temperature=args.temperature or 0.0, top_k=args.top_k, top_p=args.top_p)
     preds = _load_predictors(args.predictors, lm).layers if args.predictors else None
+    model = Transformer(lm.cfg, lm.weights)
+    del lm  # the model holds its own fused q/k/v matrix; the separate ones can go
     with kernel_mode(args.kernels or requested_mode()):
         try:
-            result = Generator(Transformer(lm.cfg, lm.weights), preds).generate(prompts, args.max_new_tokens,
-                                                                                 sampler, args.seed)
+            result = Generator(model, preds).generate(prompts, args.max_new_tokens, sampler, args.seed)
         except RuntimeError as e:  # e.g. --kernels pallas without a GPU
             raise SvdsparseError(str(e)) from e
     n_new = sum(len(t) for t in result.tokens)

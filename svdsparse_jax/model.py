@@ -2,7 +2,8 @@
 Transformer.
 
 Modules take their weights from a dict keyed by the paths of `weights.weight_specs`, so initialisation,
-conversion and checkpointing share one description. Layers are separate modules with separate arrays
+conversion and checkpointing share one description; the module tree holds them under the same paths, except
+q/k/v (and their biases), held concatenated (`weights.FUSED`, `weights.module_shapes`). Layers are separate modules with separate arrays
 (unrolled, never stacked): on the H100 a `lax.scan` over stacked weights ran 2.4x slower in decode.
 
 Numerics: weights and activations between ops in the weights' dtype (bf16 by default); every matmul
@@ -23,7 +24,7 @@ from pallas_kernels.sparse_ffn import sparse_ffn
 from pallas_kernels.reference import Activation
 from svdsparse_jax import kv_cache
 from svdsparse_jax.config import ModelConfig
-from svdsparse_jax.weights import Path
+from svdsparse_jax.weights import FUSED, Path
 
 F32 = jnp.float32
 
@@ -78,11 +79,18 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
+    """Self-attention with RoPE and grouped KV heads. q_proj, k_proj and v_proj are held as one [q + 2 kv, d]
+    matrix (and one bias), so a decode step reads them in one matrix-vector product: on the H100 three
+    separate 4096x4096 products ran at 2.2 TB/s where one 11008x4096 product ran at 2.4 (docs/BENCHMARKS.md,
+    "Where a decode step's time goes"). The module makes that copy at construction; callers that hold the weight
+    dict should drop it afterwards so the separate matrices are freed."""
+
     def __init__(self, cfg: ModelConfig, w: Callable[[str], jax.Array]):
         self.cfg = cfg
-        self.wq, self.wk, self.wv, self.wo = (nnx.Param(w(n)) for n in ("wq", "wk", "wv", "wo"))
+        self.wqkv = nnx.Param(jnp.concatenate([w(n) for n in FUSED["wqkv"]], axis=0))
+        self.wo = nnx.Param(w("wo"))
         if cfg.qkv_bias:
-            self.bq, self.bk, self.bv = (nnx.Param(w(n)) for n in ("bq", "bk", "bv"))
+            self.bqkv = nnx.Param(jnp.concatenate([w(n) for n in FUSED["bqkv"]], axis=0))
         if cfg.o_bias:
             self.bo = nnx.Param(w("bo"))
 
@@ -95,9 +103,11 @@ class Attention(nnx.Module):
         Returns (out [B, T, d], updated k_cache, updated v_cache)."""
         cfg, dt = self.cfg, x.dtype
         b, t, _ = x.shape
-        q = linear(x, self.wq[...], self._bias("bq")).astype(dt).reshape(b, t, cfg.n_heads, cfg.head_dim)
-        k = linear(x, self.wk[...], self._bias("bk")).astype(dt).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
-        v = linear(x, self.wv[...], self._bias("bv")).astype(dt).reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+        qkv = linear(x, self.wqkv[...], self._bias("bqkv")).astype(dt)
+        q, k, v = jnp.split(qkv, [cfg.q_dim, cfg.q_dim + cfg.kv_dim], axis=-1)
+        q = q.reshape(b, t, cfg.n_heads, cfg.head_dim)
+        k = k.reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
+        v = v.reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
         q, k = rope(q, pos, cfg), rope(k, pos, cfg)
         k_cache = kv_cache.write(k_cache, k.transpose(0, 2, 1, 3), start)
         v_cache = kv_cache.write(v_cache, v.transpose(0, 2, 1, 3), start)

@@ -71,6 +71,24 @@ def weight_specs(cfg: ModelConfig) -> list[WeightSpec]:
     return specs
 
 
+# Weights the model holds concatenated along axis 0, so that a decode step reads them in one matrix-vector
+# product instead of three (model.Attention): the module's name for the group and the spec names it is made of,
+# in order. Conversion and checkpoints keep the separate tensors of the specs.
+FUSED = {"wqkv": ("wq", "wk", "wv"), "bqkv": ("bq", "bk", "bv")}
+
+
+def module_shapes(cfg: ModelConfig) -> dict[Path, tuple[int, ...]]:
+    """The model's parameter paths and shapes: those of the specs, with every FUSED group as one array."""
+    shapes = {s.path: s.shape for s in weight_specs(cfg)}
+    for i in range(cfg.n_layers):
+        for fused, parts in FUSED.items():
+            paths = [("layers", i, "attn", part) for part in parts]
+            if all(p in shapes for p in paths):
+                parts_shapes = [shapes.pop(p) for p in paths]
+                shapes[("layers", i, "attn", fused)] = (sum(ps[0] for ps in parts_shapes), *parts_shapes[0][1:])
+    return shapes
+
+
 def init_weights(cfg: ModelConfig, key: jax.Array, dtype: jnp.dtype = jnp.bfloat16,
                  std: float = 0.02) -> dict[Path, jax.Array]:
     """Random weights for every spec (normal(0, std) matrices, unit norm scales, zero biases), created on the

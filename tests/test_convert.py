@@ -13,7 +13,7 @@ from svdsparse_jax import convert as convert_mod
 from svdsparse_jax.convert import convert, load_model, read_converted, read_hf_weights, weights_equal
 from svdsparse_jax.config import read_hf_config
 from svdsparse_jax.errors import SvdsparseError
-from svdsparse_jax.weights import weight_specs
+from svdsparse_jax.weights import FUSED, module_shapes
 
 
 def _no_output(out):
@@ -114,7 +114,8 @@ def test_existing_output_refused(tmp_path):
 
 
 def test_spec_paths_are_the_model_state(tmp_path):
-    """The weight table and the NNX module tree describe the same arrays, with the same shapes."""
+    """The weight table and the NNX module tree describe the same arrays, with the same shapes (q/k/v held as
+    one concatenated matrix, as weights.FUSED says), and the fused matrix is the specs' tensors in order."""
     from flax import nnx
     from svdsparse_jax.model import Transformer
     ckpt = make_hf_checkpoint(tmp_path / "hf", "qwen2_tied")
@@ -122,4 +123,8 @@ def test_spec_paths_are_the_model_state(tmp_path):
     state = nnx.state(Transformer(lm.cfg, lm.weights), nnx.Param)
     leaves = {tuple(k.key if hasattr(k, "key") else k.idx for k in path): v.shape
               for path, v in jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0]}
-    assert leaves == {s.path: s.shape for s in weight_specs(lm.cfg)}
+    assert leaves == module_shapes(lm.cfg)
+    model = Transformer(lm.cfg, lm.weights)
+    for name, parts in FUSED.items():
+        fused = getattr(model.layers[1].attn, name)[...]
+        np.testing.assert_array_equal(fused, np.concatenate([lm.weights[("layers", 1, "attn", p)] for p in parts]))

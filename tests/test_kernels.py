@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import dispatch
+from pallas_kernels import compaction, dispatch
 from pallas_kernels import sparse_ffn as sf
-from pallas_kernels.checks import check_gemv, check_sparse_ffn
+from pallas_kernels.checks import blocked_list_numpy, check_gemv, check_sparse_ffn
 from pallas_kernels.gemv import column_chunk, column_pieces
 from pallas_kernels.reference import Activation
 from svdsparse_jax.convert import load_model
@@ -156,13 +156,36 @@ def test_kernels_jit_without_recompiling_per_count():
 
 
 @pytest.mark.parametrize("d_ff", [1, 200, 1000])
-def test_compact_lists_the_union_in_order(d_ff):
+@pytest.mark.parametrize("impl", ["xla", "interpret", "interpret, tiles of 16"])
+def test_compact_lists_each_tile_in_order(d_ff, impl):
+    """XLA's compaction and the Pallas programs (interpreted) against a NumPy-loop blocked list, and the flat
+    list they give against NumPy's flatnonzero of the union."""
     rng = np.random.default_rng()
+    tile = 16 if impl.endswith("16") else compaction.TILE
     for p in (0.0, 0.05, 0.5, 1.0):
-        m = rng.random((3, d_ff)) < p
-        length = sf.list_length(d_ff, sf.SPLIT)
-        idx, count = sf.compact(jnp.asarray(m), length)
-        union = np.flatnonzero(m.any(0))
-        assert int(count[0]) == union.size
-        np.testing.assert_array_equal(np.asarray(idx)[:union.size], union)
-        assert idx.shape == (length,) and not np.asarray(idx)[union.size:].any()
+        for batch in (1, 3):
+            m = rng.random((batch, d_ff)) < p
+            with dispatch.kernel_mode(impl.split(",")[0]):
+                tiles, counts, own = compaction.compact(jnp.asarray(m), tile)
+            want_tiles, want_counts, want_own = blocked_list_numpy(m, tile)
+            np.testing.assert_array_equal(np.asarray(tiles), want_tiles)
+            np.testing.assert_array_equal(np.asarray(counts), want_counts)
+            assert (own is None) == (batch == 1)
+            if batch > 1:
+                np.testing.assert_array_equal(np.asarray(own), want_own)
+            idx, total = compaction.flat_list(tiles, counts)
+            union = np.flatnonzero(m.any(0))
+            assert int(total) == union.size
+            np.testing.assert_array_equal(np.asarray(idx)[:union.size], union)
+
+
+def test_slots_locate_every_list_position():
+    """compaction.slots (the kernels' lookup) against the flat list, with empty tiles in between."""
+    rng = np.random.default_rng()
+    m = rng.random((1, 1000)) < 0.05
+    m[0, 300:700] = False  # several empty tiles in a row
+    tiles, counts, _ = compaction.compact_reference(jnp.asarray(m), 16)
+    before, total = compaction.locate(counts)
+    k = jnp.arange(int(total), dtype=jnp.int32)
+    np.testing.assert_array_equal(np.asarray(tiles)[np.asarray(compaction.slots(before, k, 16))],
+                                  np.flatnonzero(m[0]))
