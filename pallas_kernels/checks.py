@@ -58,7 +58,7 @@ def check_sparse_ffn(d: int, d_ff: int, dtype, count: int, *, batch: int = 1, ac
                      weights: list[jax.Array] | None = None) -> CheckResult:
     """The kernels through `sparse_ffn_indexed` (with NaN-started buffers) against the float64 oracle.
     For FATReLU the threshold is applied as given; with relu about half the candidates are active."""
-    cfg = cfg or sf.default_config(d)
+    cfg = cfg or sf.default_config(d, batch)
     rng = np.random.default_rng(seed)
     wg, wu, wd = weights if weights is not None else random_weights(rng, d, d_ff, dtype)
     x = jnp.asarray(rng.standard_normal((batch, d), np.float32), dtype)

@@ -34,7 +34,7 @@ masked still cost nearly their full time; one that listed each tile's candidates
 over the tile) and ran them in dense blocks, optionally computing the predictor's B z + bias itself, took
 28-29 us on a mask against stream's 21-22 us, and 31.4 us with its in-kernel predictor, equal to stream's
 31.4 us with the XLA predictor and compaction (docs/bench/bench_ffn_tile_*.json; code in commit a9d62f3).
-`default_config(d)` picks the variant and block sizes that measured fastest for the model width; the reasons
+`default_config(d, batch)` picks the variant and block sizes that measured fastest for the model width and batch; the reasons
 are written next to it.
 
 Interpret mode (CPU tests) runs the same kernel bodies; there gathers read clamped rows and zero them instead
@@ -95,12 +95,14 @@ SPLIT = SparseFFNConfig()
 STREAM = SparseFFNConfig(variant="stream", rows=8, num_warps=8, programs=264)
 
 
-def default_config(d: int) -> SparseFFNConfig:
-    """The measured-fastest configuration for model width d: stream where d is a multiple of 2048 (LLaMA2-7B's
-    4096, Mistral's), split elsewhere. At d = 3584 (Qwen2-7B, rows in pieces of 2048 + 1024 + 512) the STREAM shape
-    took 40.6-41.9 us per layer and the best stream shape (4 rows, 528 programs) 33.5 us, against split's 34.9 us in
-    the same run. Other widths (5120, 1536) were not timed and take split."""
-    return STREAM if d % 2048 == 0 else SPLIT
+def default_config(d: int, batch: int = 1) -> SparseFFNConfig:
+    """The measured-fastest configuration for model width d and batch size: stream where d is a multiple of 2048
+    (LLaMA2-7B's 4096, Mistral's) at batch 1, split elsewhere. At d = 3584 (Qwen2-7B, rows in pieces of
+    2048 + 1024 + 512) the STREAM shape took 40.6-41.9 us per layer and the best stream shape (4 rows, 528
+    programs) 33.5 us, against split's 34.9 us in the same run. At batch 4 (LLaMA2-7B decode, gate decay 0.5,
+    docs/BENCHMARKS.md) stream's [4, d] register sums made the whole step 6.65 ms against split's 5.82 ms. Other
+    widths (5120, 1536) were not timed and take split."""
+    return STREAM if d % 2048 == 0 and batch == 1 else SPLIT
 
 
 def list_length(d_ff: int, cfg: SparseFFNConfig) -> int:
@@ -330,7 +332,7 @@ def sparse_ffn(x: jax.Array, candidates: jax.Array, w_gate: jax.Array, w_up: jax
         return reference.sparse_ffn(x, candidates, w_gate, w_up, w_down_t, act)
     if act.kind == "silu":
         raise ValueError("sparse FFN: silu is never zero, so a predictor cannot skip rows; run it dense")
-    cfg = cfg or default_config(x.shape[-1])
+    cfg = cfg or default_config(x.shape[-1], x.shape[0])
     tiles, counts, own = compaction.compact(candidates)
     return sparse_ffn_indexed(x, tiles, counts, w_gate, w_up, w_down_t, own, act=act, cfg=cfg,
                               interpret=m == "interpret")[0]

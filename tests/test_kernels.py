@@ -37,8 +37,9 @@ def test_sparse_ffn_kernels_match_float64(variant, dtype, count):
 @pytest.mark.parametrize("d,variant", [(256, "split"), (3584, "split"), (2048, "stream"), (4096, "stream")])
 def test_sparse_ffn_default_config(d, variant):
     """The default for the bundled model's width and Qwen2-7B's (split), and for widths in 2048-column chunks
-    (stream), checked on the kernels at d_ff = 512."""
+    (stream; split for batches), checked on the kernels at d_ff = 512."""
     assert sf.default_config(d).variant == variant
+    assert sf.default_config(d, batch=4).variant == "split"
     for count in (0, 1, 512, 131):
         r = check_sparse_ffn(d, 512, jnp.bfloat16, count, act=Activation("fatrelu", 0.3), interpret=True)
         assert r.ok, r
