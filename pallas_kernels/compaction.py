@@ -2,7 +2,7 @@
 
 The list is blocked by tiles of `tile` consecutive neurons, so that every tile is listed independently, in
 parallel. The candidate masks of B sequences, bool [B, d_ff], become
-  tiles  int32 [n_tiles * tile]: tile t's candidates (in any sequence's set), ascending, at
+  tiles  int32 [n_tiles * tile]: tile t's candidates (in any sequence's mask), ascending, at
          tiles[t * tile : t * tile + counts[t]], zeros after;
   counts int32 [n_tiles]: how many each tile has (n_tiles = d_ff / tile rounded up to a power of two; the
          tiles past d_ff count 0);
@@ -22,6 +22,7 @@ comparison plus these programs: it was dropped.
 from __future__ import annotations
 
 import functools
+
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
