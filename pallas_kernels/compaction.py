@@ -114,17 +114,6 @@ def compact(candidates: jax.Array, tile: int = TILE) -> tuple[jax.Array, jax.Arr
     return compact_pallas(candidates, tile=tile, interpret=dispatch.mode() == "interpret")
 
 
-def flat_list(tiles: jax.Array, counts: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The blocked list as a flat one (tests): (idx int32 [n_tiles * tile], the candidates in list order then
-    zeros; total int32 [])."""
-    tile = tiles.shape[0] // counts.shape[0]
-    slot = jnp.arange(tiles.shape[0], dtype=jnp.int32)
-    listed = (slot % tile) < jnp.repeat(counts, tile)
-    pos = (jnp.cumsum(counts) - counts)[slot // tile] + slot % tile
-    return (jnp.zeros_like(tiles).at[jnp.where(listed, pos, tiles.shape[0])].set(tiles, mode="drop"),
-            jnp.sum(counts))
-
-
 def locate(counts: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Inside a kernel, once per program: (exclusive prefix sum of counts [n_tiles], total) for `slots`."""
     return jnp.cumsum(counts) - counts, jnp.sum(counts)

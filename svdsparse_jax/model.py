@@ -3,8 +3,9 @@ Transformer.
 
 Modules take their weights from a dict keyed by the paths of `weights.weight_specs`, so initialisation,
 conversion and checkpointing share one description; the module tree holds them under the same paths, except
-q/k/v (and their biases), held concatenated (`weights.FUSED`, `weights.module_shapes`). Layers are separate modules with separate arrays
-(unrolled, never stacked): on the H100 a `lax.scan` over stacked weights ran 2.4x slower in decode.
+q/k/v (and their biases), held concatenated (`weights.FUSED`, `weights.module_shapes`). Layers are separate
+modules with separate arrays (unrolled, never stacked): on the H100 a `lax.scan` over stacked weights ran 2.4x
+slower in decode.
 
 Numerics: weights and activations between ops in the weights' dtype (bf16 by default); every matmul
 accumulates in f32 (`preferred_element_type`); norms, RoPE, softmax and the FFN activation run in f32.
@@ -80,9 +81,9 @@ class RMSNorm(nnx.Module):
 
 class Attention(nnx.Module):
     """Self-attention with RoPE and grouped KV heads. q_proj, k_proj and v_proj are held as one [q + 2 kv, d]
-    matrix (and one bias), so a decode step reads them in one matrix-vector product: on the H100 three
-    separate 4096x4096 products ran at 2.2 TB/s where one 11008x4096 product ran at 2.4 (docs/BENCHMARKS.md,
-    "Where a decode step's time goes"). The module makes that copy at construction; callers that hold the weight
+    matrix (and one bias), so a decode step reads them in one matrix-vector product: on the H100 (LLaMA2-7B
+    shape) the three separate 4096x4096 products took 45.6 us per layer, the one 12288x4096 product 41.6 us
+    (docs/BENCHMARKS.md, "Sparse decode end to end"). The module makes that copy at construction; callers that hold the weight
     dict should drop it afterwards so the separate matrices are freed."""
 
     def __init__(self, cfg: ModelConfig, w: Callable[[str], jax.Array]):
