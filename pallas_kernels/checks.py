@@ -63,14 +63,15 @@ def check_sparse_ffn(d: int, d_ff: int, dtype, count: int, *, batch: int = 1, ac
     wg, wu, wd = weights if weights is not None else random_weights(rng, d, d_ff, dtype)
     x = jnp.asarray(rng.standard_normal((batch, d), np.float32), dtype)
     cand = candidate_mask(rng, batch, d_ff, count)
-    tiles, counts, own = compaction.compact_reference(jnp.asarray(cand))
+    tiles, counts, own = compaction.compact_reference(jnp.asarray(cand), cfg.tile)
     y, h = sf.sparse_ffn_indexed(x, tiles, counts, wg, wu, wd, own, act=act,
                                  cfg=cfg, interpret=interpret, poison=True)
     y = np.asarray(y, np.float64)
     finite = bool(np.isfinite(y).all()) and (h is None or bool(np.isfinite(np.asarray(h)).all()))
     if h is not None:  # the hidden buffer must be exactly zero past the count (programs that exited early)
         finite &= bool((np.asarray(h)[:, count:] == 0).all())
-    name = (f"sparse_ffn {cfg.variant} d={d} d_ff={d_ff} {jnp.dtype(dtype).name} count={count} batch={batch} "
+    variant = cfg.variant + ("-by-tile" if cfg.by_tile else "") + ("-early-down" if cfg.early_down else "")
+    name = (f"sparse_ffn {variant} d={d} d_ff={d_ff} {jnp.dtype(dtype).name} count={count} batch={batch} "
             f"{act.kind}")
     ref = sparse_ffn_float64(x, cand, wg, wu, wd, act)
     return CheckResult(name, _rel(y, ref), finite, TOLERANCE[jnp.dtype(dtype).name])
@@ -102,15 +103,30 @@ def blocked_list_numpy(candidates: np.ndarray, tile: int) -> tuple[np.ndarray, n
     return tiles, counts, own if batch > 1 else None
 
 
+def scores_for(rng: np.random.Generator, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Random f32 scores [B, d_ff] and bias [d_ff] whose scores + bias > 0 is exactly cand (every sum is at
+    least 0.1 away from 0)."""
+    bias = rng.standard_normal(cand.shape[1]).astype(np.float32)
+    margin = (rng.random(cand.shape) + 0.1) * np.where(cand, 1, -1)
+    scores = (margin - bias).astype(np.float32)
+    assert ((scores + bias > 0) == cand).all()
+    return scores, bias
+
+
 def check_compact(d_ff: int, count: int, *, batch: int = 1, tile: int = compaction.TILE, interpret: bool,
-                  seed: int | None = None) -> CheckResult:
+                  with_bias: bool = False, seed: int | None = None) -> CheckResult:
     """The compaction programs against `blocked_list_numpy`: rel_error is the fraction of slots, counts and own
-    flags that differ, so only an exact list passes."""
+    flags that differ, so only an exact list passes. with_bias: the programs get f32 scores and a bias and
+    compare them themselves."""
     rng = np.random.default_rng(seed)
     cand = candidate_mask(rng, batch, d_ff, count)
-    out = compaction.compact_pallas(jnp.asarray(cand), tile=tile, interpret=interpret)
+    if with_bias:
+        scores, bias = scores_for(rng, cand)
+        out = compaction.compact_pallas(jnp.asarray(scores), tile=tile, bias=jnp.asarray(bias), interpret=interpret)
+    else:
+        out = compaction.compact_pallas(jnp.asarray(cand), tile=tile, interpret=interpret)
     want = blocked_list_numpy(cand, tile)
-    name = f"compact d_ff={d_ff} count={count} batch={batch}"
+    name = f"compact{'+bias' if with_bias else ''} d_ff={d_ff} count={count} batch={batch}"
     wrong, total = 0, 0
     for got, exp in zip(out, want):
         if (got is None) != (exp is None) or (got is not None and got.shape != exp.shape):

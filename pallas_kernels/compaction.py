@@ -32,6 +32,7 @@ from pallas_kernels import dispatch
 from pallas_kernels.gemv import compiler_params
 
 TILE = 128
+F32 = jnp.float32
 
 
 def n_tiles(d_ff: int, tile: int = TILE) -> int:
@@ -40,8 +41,15 @@ def n_tiles(d_ff: int, tile: int = TILE) -> int:
     return 1 << max(0, -(-d_ff // tile) - 1).bit_length()
 
 
-def compact_reference(candidates: jax.Array, tile: int = TILE) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """The XLA version of `compact` for a mask (same results)."""
+def candidate_mask(candidates: jax.Array, bias: jax.Array | None) -> jax.Array:
+    """bool [B, d_ff]: the mask itself, or with a bias, scores + bias > 0."""
+    return candidates if bias is None else candidates.astype(jnp.float32) + bias.astype(jnp.float32) > 0
+
+
+def compact_reference(candidates: jax.Array, tile: int = TILE,
+                      bias: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """The XLA version of `compact` (same arguments and results)."""
+    candidates = candidate_mask(candidates, bias)
     batch, d_ff = candidates.shape
     union = jnp.any(candidates, axis=0)
     n = n_tiles(d_ff, tile)
@@ -57,16 +65,23 @@ def compact_reference(candidates: jax.Array, tile: int = TILE) -> tuple[jax.Arra
     return tiles, jnp.sum(ones, axis=1), own
 
 
-def _compact_kernel(cand_ref, tiles_ref, counts_ref, *own_ref, tile: int, interpret: bool):
-    """Program t: tile t. cand_ref int8 [B, d_ff]; tiles_ref int32 [n_tiles * tile]; counts_ref int32 [n_tiles];
-    for B > 1 own_ref int8 [B, n_tiles * tile]. The mask is read unpadded (neurons past d_ff clamped and zeroed,
-    which interpret mode runs too), so XLA need not pad it first."""
+def _compact_kernel(cand_ref, *refs, tile: int, has_bias: bool, interpret: bool):
+    """Program t: tile t. cand_ref int8 [B, d_ff] (with has_bias: f32 scores, and the next ref the bias [d_ff] in
+    its stored float dtype); then tiles_ref int32 [n_tiles * tile]; counts_ref int32 [n_tiles]; for B > 1 own_ref int8
+    [B, n_tiles * tile]. The mask is read unpadded (neurons past d_ff clamped and zeroed, which interpret mode
+    runs too), so XLA need not pad it first."""
+    bias_ref, (tiles_ref, counts_ref, *own_ref) = (refs[0], refs[1:]) if has_bias else (None, refs)
     batch, d_ff = cand_ref.shape
     t = pl.program_id(0)
     lane = jnp.arange(tile, dtype=jnp.int32)
     neuron = t * tile + lane
     live = neuron < d_ff
-    member = [live & (cand_ref[b, jnp.where(live, neuron, 0)] != 0) for b in range(batch)]
+    at = jnp.where(live, neuron, 0)
+    if has_bias:
+        bias = bias_ref[at].astype(F32)  # in its stored dtype: a cast in XLA would cost a launch
+        member = [live & (cand_ref[b, at] + bias > 0) for b in range(batch)]
+    else:
+        member = [live & (cand_ref[b, at] != 0) for b in range(batch)]
     union = functools.reduce(jnp.logical_or, member)
     ones = union.astype(jnp.int32)
     pos = jnp.cumsum(ones) - 1
@@ -89,29 +104,35 @@ def _compact_kernel(cand_ref, tiles_ref, counts_ref, *own_ref, tile: int, interp
 
 
 @functools.partial(jax.jit, static_argnames=("tile", "num_warps", "interpret"))
-def compact_pallas(candidates: jax.Array, *, tile: int = TILE, num_warps: int = 4,
+def compact_pallas(candidates: jax.Array, *, tile: int = TILE, bias: jax.Array | None = None, num_warps: int = 4,
                    interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """The Pallas version of `compact` (same arguments and results): one program per tile."""
     batch, d_ff = candidates.shape
+    if bias is not None and bias.shape != (d_ff,):
+        raise ValueError(f"compaction: bias has shape {bias.shape}; expected [{d_ff}] like the scores")
+    inputs = [candidates.astype(jnp.int8)] if bias is None else [candidates.astype(F32), bias]  # bias: cast inside
     n = n_tiles(d_ff, tile)
     out_shape = [jax.ShapeDtypeStruct((n * tile,), jnp.int32), jax.ShapeDtypeStruct((n,), jnp.int32)]
     if batch > 1:
         out_shape.append(jax.ShapeDtypeStruct((batch, n * tile), jnp.int8))
     out = pl.pallas_call(
-        functools.partial(_compact_kernel, tile=tile, interpret=interpret),
-        out_shape=tuple(out_shape), grid=(n,), in_specs=[pl.no_block_spec],
+        functools.partial(_compact_kernel, tile=tile, has_bias=bias is not None, interpret=interpret),
+        out_shape=tuple(out_shape), grid=(n,), in_specs=[pl.no_block_spec] * len(inputs),
         out_specs=tuple(pl.no_block_spec for _ in out_shape),
         compiler_params=None if interpret else compiler_params(num_warps, 1),
-        interpret=interpret)(candidates.astype(jnp.int8))
+        interpret=interpret)(*inputs)
     return out[0], out[1], out[2] if batch > 1 else None
 
 
-def compact(candidates: jax.Array, tile: int = TILE) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+def compact(candidates: jax.Array, tile: int = TILE,
+            bias: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """candidates bool [B, d_ff] -> the blocked list of their union, (tiles, counts, own) as described above.
-    The Pallas programs or XLA's version by `dispatch.mode()`."""
+    With bias [d_ff] (any float dtype), candidates are f32 scores and the mask is scores + bias > 0, which the programs
+    compute themselves (saving XLA's launch for the addition and comparison). The Pallas programs or XLA's
+    version by `dispatch.mode()`."""
     if dispatch.mode() == "xla":
-        return compact_reference(candidates, tile)
-    return compact_pallas(candidates, tile=tile, interpret=dispatch.mode() == "interpret")
+        return compact_reference(candidates, tile, bias)
+    return compact_pallas(candidates, tile=tile, bias=bias, interpret=dispatch.mode() == "interpret")
 
 
 def locate(counts: jax.Array) -> tuple[jax.Array, jax.Array]:

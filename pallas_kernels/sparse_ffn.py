@@ -62,7 +62,10 @@ F32 = jnp.float32
 class SparseFFNConfig:
     """Static kernel choices. rows: listed neurons per gate / up block; chunk: columns per gate / up tile;
     down_rows x down_cols: the down kernel's tile; splits: slices of the list per column block (split variant).
-    programs: the stream variant's grid.
+    programs: the stream variant's grid. tile: neurons per tile of the blocked list (`compaction`). by_tile
+    (stream): program t takes tile t's candidates, read at fixed places, instead of list blocks that it first
+    locates from the prefix sum of all counts. early_down (stream): load the W_down_t rows of the neurons whose
+    gate is active together with their W_up rows, instead of after h.
     Sizes are upper bounds: each is cut to a power of two that divides its dimension."""
 
     variant: str = "split"
@@ -75,10 +78,16 @@ class SparseFFNConfig:
     splits: int = 16
     down_warps: int = 4
     programs: int = 132
+    tile: int = compaction.TILE
+    by_tile: bool = False
+    early_down: bool = False
+    prefetch: bool = False
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ValueError(f"sparse FFN variant {self.variant!r}: expected one of {VARIANTS}")
+        if self.by_tile and (self.variant != "stream" or self.rows > self.tile):
+            raise ValueError(f"sparse FFN: by_tile is a stream option with rows <= tile; got {self}")
 
 
 VARIANTS = ("split", "fused", "stream")
@@ -151,12 +160,48 @@ def _hidden(x_ref, wg_ref, wu_ref, neurons, valid, own, *, act: Activation, chun
     return h, valid & functools.reduce(jnp.logical_or, [hb != 0 for hb in h])
 
 
+def _own(own_ref, slot, batch: int):
+    """Per sequence, bool [rows]: whether the neurons at these slots are in its own mask (None without own_ref)."""
+    return None if own_ref is None else [own_ref[b, slot] != 0 for b in range(batch)]
+
+
 def _gate_up(lst: _List, own_ref, x_ref, wg_ref, wu_ref, start, *, rows: int, batch: int, **kw):
     """`_hidden` for the list block at `start`; returns (h, neuron indices, live)."""
     neurons, valid, slot = _block(lst, start, rows)
-    own = None if own_ref is None else [own_ref[b, slot] != 0 for b in range(batch)]
-    h, live = _hidden(x_ref, wg_ref, wu_ref, neurons, valid, own, batch=batch, **kw)
+    h, live = _hidden(x_ref, wg_ref, wu_ref, neurons, valid, _own(own_ref, slot, batch), batch=batch, **kw)
     return h, neurons, live
+
+
+def _tile_block(counts_ref, tiles_ref, t, j, rows: int):
+    """Block j of tile t's candidates, at fixed places in the tiles (no prefix sum; the neurons' load need not
+    wait for the count): (neuron indices, 0 past the count; valid; slots)."""
+    tile = tiles_ref.shape[0] // counts_ref.shape[0]
+    k = j * rows + jnp.arange(rows, dtype=jnp.int32)
+    slot = t * tile + k
+    return tiles_ref[slot], k < counts_ref[t], slot
+
+
+def _dot_tiles(x_ref, tiles: list, pieces, batch: int) -> list[jax.Array]:
+    """Per sequence, f32 [rows]: the loaded row tiles (one [rows, piece] per column piece) dotted with x."""
+    return [sum(jnp.sum(w.astype(F32) * x_ref[b, cols].astype(F32)[None, :], axis=1) for w, cols in zip(tiles, pieces))
+            for b in range(batch)]
+
+
+def _stream_block(x_ref, wu_ref, wd_ref, neurons, valid, own, gate_w: list, accs, *, act: Activation, pieces,
+                  batch: int, interpret: bool) -> tuple:
+    """Gate, up and down of one block whose W_gate row tiles `gate_w` are loaded (or in flight), with W_down_t's
+    rows loaded next to W_up's (both masked by the active gate): accs + sum over its rows of
+    h[b][r] * W_down_t[neurons[r]]."""
+    a = [act.gate(g) for g in _dot_tiles(x_ref, gate_w, pieces, batch)]
+    if own is not None:
+        a = [jnp.where(ob, ab, 0.0) for ob, ab in zip(own, a)]
+    active = valid & functools.reduce(jnp.logical_or, [ab != 0 for ab in a])
+    up_w = [load_rows(wu_ref, neurons, active, cols, interpret) for cols in pieces]
+    down_w = [load_rows(wd_ref, neurons, active, cols, interpret) for cols in pieces]
+    up = _dot_tiles(x_ref, up_w, pieces, batch)
+    h = [(ab * act.up(ub)).astype(wu_ref.dtype).astype(F32) for ab, ub in zip(a, up)]
+    return tuple(accs[i * batch + b] + jnp.sum(w.astype(F32) * h[b][:, None], axis=0)
+                 for i, w in enumerate(down_w) for b in range(batch))
 
 
 def _add_down(wd_ref, neurons, live, h, accs, pieces, batch: int, interpret: bool) -> tuple:
@@ -239,25 +284,51 @@ def _fused_kernel(counts_ref, tiles_ref, *refs, act, rows, chunk, batch, has_own
         jax.lax.fori_loop(0, wd_ref.shape[1] // chunk, body, 0)
 
 
-def _stream_kernel(counts_ref, tiles_ref, *refs, act, rows, chunk, batch, has_own, programs, interpret):
-    """Program p: list blocks p, p + programs, p + 2 programs, ...; for each, gate, up and down of its rows,
-    the down rows added into a [batch, d] sum held in registers, written once at the end as this program's
-    partial sum."""
+def _stream_kernel(counts_ref, tiles_ref, *refs, act, rows, chunk, batch, has_own, programs, by_tile, early_down,
+                   prefetch, interpret):
+    """Program p: list blocks p, p + programs, p + 2 programs, ... (by_tile: the blocks of tile p); for each,
+    gate, up and down of its rows, the down rows added into a [batch, d] sum held in registers, written once at
+    the end as this program's partial sum. prefetch: each iteration first issues the next block's list and
+    W_gate loads, carried to the next iteration, so they travel while this block waits on W_up / W_down_t."""
     own_ref, (x_ref, wg_ref, wu_ref, wd_ref, out_ref) = (refs[0], refs[1:]) if has_own else (None, refs)
     p = pl.program_id(0)
-    lst = _List.read(counts_ref, tiles_ref)
-    n_blocks = pl.cdiv(lst.total, rows)
-    mine = jnp.maximum(n_blocks - p + programs - 1, 0) // programs
     pieces = column_pieces(wd_ref.shape[1], chunk)
-
-    def body(t, accs):
-        start = (p + t * programs) * rows
-        h, neurons, live = _gate_up(lst, own_ref, x_ref, wg_ref, wu_ref, start, act=act, rows=rows, chunk=chunk,
-                                    batch=batch, interpret=interpret, pieces=pieces)
-        return _add_down(wd_ref, neurons, live, h, accs, pieces, batch, interpret)
-
+    if by_tile:
+        mine = pl.cdiv(counts_ref[p], rows)
+        block = lambda t: _tile_block(counts_ref, tiles_ref, p, t, rows)  # noqa: E731
+    else:
+        lst = _List.read(counts_ref, tiles_ref)
+        mine = jnp.maximum(pl.cdiv(lst.total, rows) - p + programs - 1, 0) // programs
+        block = lambda t: _block(lst, (p + t * programs) * rows, rows)  # noqa: E731
     zeros = tuple(jnp.zeros((cols.size,), F32) for cols in pieces for _ in range(batch))
-    _write_sums(out_ref, jax.lax.fori_loop(0, mine, body, zeros), pieces, batch)
+    step = functools.partial(_stream_block, x_ref, wu_ref, wd_ref, act=act, pieces=pieces, batch=batch,
+                             interpret=interpret)
+
+    if prefetch:
+        def fetch(t):  # block t's neurons and W_gate rows (past the program's blocks: masked, no traffic)
+            neurons, valid, slot = block(t)
+            valid = valid & (t < mine)
+            return neurons, valid, slot, [load_rows(wg_ref, neurons, valid, cols, interpret) for cols in pieces]
+
+        def body(t, carry):
+            accs, (neurons, valid, slot, gate_w) = carry
+            nxt = fetch(t + 1)
+            return step(neurons, valid, _own(own_ref, slot, batch), gate_w, accs), nxt
+
+        accs = jax.lax.fori_loop(0, mine, body, (zeros, fetch(0)))[0]
+    else:
+        def body(t, accs):
+            neurons, valid, slot = block(t)
+            own = _own(own_ref, slot, batch)
+            if early_down:
+                gate_w = [load_rows(wg_ref, neurons, valid, cols, interpret) for cols in pieces]
+                return step(neurons, valid, own, gate_w, accs)
+            h, live = _hidden(x_ref, wg_ref, wu_ref, neurons, valid, own, act=act, chunk=chunk, batch=batch,
+                              interpret=interpret, pieces=pieces)
+            return _add_down(wd_ref, neurons, live, h, accs, pieces, batch, interpret)
+
+        accs = jax.lax.fori_loop(0, mine, body, zeros)
+    _write_sums(out_ref, accs, pieces, batch)
 
 
 def _check_shapes(x, w_gate, w_up, w_down_t):
@@ -295,8 +366,15 @@ def sparse_ffn_indexed(x: jax.Array, tiles: jax.Array, counts: jax.Array, w_gate
     full = pl.no_block_spec
     inputs = [counts, tiles, *own_in, xp, w_gate, w_up]
     if cfg.variant == "stream":
-        programs = min(cfg.programs, length // rows)
-        kernel = functools.partial(_stream_kernel, **{**static, "chunk": cfg.chunk}, programs=programs)
+        if cfg.by_tile:  # one program per tile that holds neurons
+            tile = tiles.shape[0] // counts.shape[0]
+            if tile % rows:
+                raise ValueError(f"sparse FFN: by_tile needs tiles of a multiple of {rows} neurons, got {tile}")
+            programs = pl.cdiv(w_gate.shape[0], tile)
+        else:
+            programs = min(cfg.programs, length // rows)
+        kernel = functools.partial(_stream_kernel, **{**static, "chunk": cfg.chunk}, programs=programs,
+                                   by_tile=cfg.by_tile, early_down=cfg.early_down, prefetch=cfg.prefetch)
         partial = call(kernel, out_shape=jax.ShapeDtypeStruct((programs, bp, d), F32), grid=(programs,),
                        in_specs=[full] * (len(inputs) + 1), out_specs=pl.BlockSpec((1, bp, d), lambda p: (p, 0, 0)),
                        poison=poison, **tuning)(*inputs, w_down_t)
@@ -322,18 +400,18 @@ def sparse_ffn_indexed(x: jax.Array, tiles: jax.Array, counts: jax.Array, w_gate
 
 
 def sparse_ffn(x: jax.Array, candidates: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down_t: jax.Array,
-               act: Activation, cfg: SparseFFNConfig | None = None) -> jax.Array:
-    """The guarded FFN for decode: x [B, d], candidates bool [B, d_ff] (the predictor's), weights [d_ff, d]
-    (w_down_t is down_proj transposed). Returns y [B, d] f32. Runs the kernels or the XLA reference by
-    `dispatch.mode()` (XLA also for more than MAX_BATCH rows: prefill and evaluation); both give the sum over
-    i in C_b of (act(g_i) * u_i) * w_down_t[i]."""
+               act: Activation, cfg: SparseFFNConfig | None = None, bias: jax.Array | None = None) -> jax.Array:
+    """The guarded FFN for decode: x [B, d], candidates bool [B, d_ff] (the predictor's; or, given bias f32
+    [d_ff], the predictor's f32 scores without it: the candidates are scores + bias > 0, compared inside the
+    compaction programs), weights [d_ff, d] (w_down_t is down_proj transposed). Returns y [B, d] f32. Runs the
+    kernels or the XLA reference by `dispatch.mode()` (XLA also for more than MAX_BATCH rows: prefill and
+    evaluation); both give the sum over i in C_b of (act(g_i) * u_i) * w_down_t[i]."""
     m = dispatch.mode()
     if m == "xla" or x.shape[0] > MAX_BATCH:
-        return reference.sparse_ffn(x, candidates, w_gate, w_up, w_down_t, act)
+        return reference.sparse_ffn(x, compaction.candidate_mask(candidates, bias), w_gate, w_up, w_down_t, act)
     if act.kind == "silu":
         raise ValueError("sparse FFN: silu is never zero, so a predictor cannot skip rows; run it dense")
     cfg = cfg or default_config(x.shape[-1], x.shape[0])
-    tiles, counts, own = compaction.compact(candidates)
+    tiles, counts, own = compaction.compact(candidates, cfg.tile, bias)
     return sparse_ffn_indexed(x, tiles, counts, w_gate, w_up, w_down_t, own, act=act, cfg=cfg,
                               interpret=m == "interpret")[0]
-

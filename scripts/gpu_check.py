@@ -10,6 +10,7 @@ as NaN; the compaction programs' lists exactly. Run after every kernel change; e
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -23,6 +24,16 @@ from pallas_kernels.checks import check_compact, check_gemv, check_sparse_ffn, r
 from pallas_kernels.reference import Activation  # noqa: E402
 
 SHAPES = [(4096, 11008), (5120, 13824), (4096, 14336), (3584, 18944), (1536, 3840), (256, 1024)]
+VARIANTS = {
+    "split": sf.SPLIT,
+    "stream": sf.STREAM,
+    "fused": sf.SparseFFNConfig(variant="fused"),
+    "stream-tile": sf.SparseFFNConfig(variant="stream", rows=8, num_warps=8, tile=64, by_tile=True),
+    "stream-tile-early": sf.SparseFFNConfig(variant="stream", rows=8, num_warps=8, tile=64, by_tile=True,
+                                            early_down=True),
+    "stream-early": dataclasses.replace(sf.STREAM, early_down=True),
+    "stream-prefetch": sf.SparseFFNConfig(variant="stream", rows=4, num_warps=4, programs=132, prefetch=True),
+}
 GEMV_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (1024, 4096), (32000, 4096), (256, 4096),
                (11008, 256), (152064, 3584), (256, 256), (8192, 256)]
 
@@ -33,11 +44,13 @@ def main() -> int:
     ap.add_argument("--only", nargs="+", choices=["sparse_ffn", "compact", "gemv"],
                     default=["sparse_ffn", "compact", "gemv"], help="which families of checks to run")
     ap.add_argument("--interpret", action="store_true", help="run the kernels in interpret mode (any backend)")
+    ap.add_argument("--variants", nargs="+", default=["split", "stream", "fused"], choices=list(VARIANTS),
+                    help="the sparse FFN configurations to check")
     args = ap.parse_args()
     interpret = args.interpret
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, interpret={interpret}", flush=True)
     results = []
-    variants = [sf.SPLIT, sf.STREAM, sf.SparseFFNConfig(variant="fused")]
+    variants = [VARIANTS[v] for v in args.variants]
     shapes = SHAPES[:1] + SHAPES[-1:] if args.quick else SHAPES
     for d, d_ff in shapes if "sparse_ffn" in args.only else []:
         for dtype in (jnp.bfloat16, jnp.float16) + ((jnp.float32,) if d_ff <= 4096 else ()):
@@ -56,8 +69,8 @@ def main() -> int:
                             print("FAIL", r, flush=True)
     for _, d_ff in SHAPES if "compact" in args.only else []:  # cheap: every shape, also with --quick
         for count in (0, 1, d_ff, d_ff // 7 + 3, int(0.17 * d_ff)):
-            for batch in (1, 3):
-                r = check_compact(d_ff, count, batch=batch, interpret=interpret)
+            for batch, with_bias in ((1, False), (3, False), (1, True), (3, True)):
+                r = check_compact(d_ff, count, batch=batch, interpret=interpret, with_bias=with_bias)
                 results.append(r)
                 if not r.ok:
                     print("FAIL", r, flush=True)

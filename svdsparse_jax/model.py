@@ -146,9 +146,13 @@ class FFN(nnx.Module):
         when guarded, 'candidates' (bool [..., d_ff])."""
         if predictor is not None and collect is None:
             flat = x.reshape(-1, x.shape[-1])
-            gate = linear(flat, self.w_gate[...]) if predictor.needs_gate else None  # the oracle's
-            y = sparse_ffn(flat, predictor.predict(flat, gate), self.w_gate[...], self.w_up[...],
-                           self.w_down_t[...], activation(self.cfg))
+            if hasattr(predictor, "score_terms"):  # low-rank: the compaction adds the bias and compares
+                candidates, bias = predictor.score_terms(flat)
+            else:
+                gate = linear(flat, self.w_gate[...]) if predictor.needs_gate else None  # the oracle's
+                candidates, bias = predictor.predict(flat, gate), None
+            y = sparse_ffn(flat, candidates, self.w_gate[...], self.w_up[...], self.w_down_t[...],
+                           activation(self.cfg), bias=bias)
             return y.astype(x.dtype).reshape(x.shape)
         gate, up = linear(x, self.w_gate[...]), linear(x, self.w_up[...])
         h = ffn_hidden(self.cfg, gate, up)

@@ -10,7 +10,7 @@ import pytest
 
 from pallas_kernels import compaction, dispatch
 from pallas_kernels import sparse_ffn as sf
-from pallas_kernels.checks import blocked_list_numpy, check_gemv, check_sparse_ffn
+from pallas_kernels.checks import blocked_list_numpy, check_gemv, check_sparse_ffn, scores_for
 from pallas_kernels.gemv import column_chunk, column_pieces
 from pallas_kernels.reference import Activation
 from svdsparse_jax.convert import load_model
@@ -21,7 +21,13 @@ from svdsparse_jax.predictors import LowRankPredictor
 # Small blocks, so the tiny shapes below have several of each, and counts that are multiples of none.
 SMALL = {"split": sf.SparseFFNConfig("split", rows=8, chunk=32, down_rows=16, down_cols=32, splits=3),
          "fused": sf.SparseFFNConfig("fused", rows=8, chunk=32),
-         "stream": sf.SparseFFNConfig("stream", rows=8, chunk=32, programs=3)}
+         "stream": sf.SparseFFNConfig("stream", rows=8, chunk=32, programs=3),
+         "stream-tile-early": sf.SparseFFNConfig("stream", rows=8, chunk=32, tile=16, by_tile=True, early_down=True),
+         "stream-early": sf.SparseFFNConfig("stream", rows=4, chunk=32, programs=3, early_down=True),
+         "stream-tile": sf.SparseFFNConfig("stream", rows=4, chunk=32, tile=32, by_tile=True),
+         "stream-prefetch": sf.SparseFFNConfig("stream", rows=4, chunk=32, programs=5, prefetch=True),
+         "stream-tile-prefetch": sf.SparseFFNConfig("stream", rows=4, chunk=32, tile=16, by_tile=True,
+                                                    prefetch=True)}
 ACTS = [Activation("relu"), Activation("fatrelu", 0.4), Activation("drelu")]
 
 
@@ -157,17 +163,18 @@ def test_kernels_jit_without_recompiling_per_count():
 
 
 @pytest.mark.parametrize("d_ff", [1, 200, 1000])
-@pytest.mark.parametrize("impl", ["xla", "interpret", "interpret, tiles of 16"])
+@pytest.mark.parametrize("impl", ["xla", "interpret", "interpret, tiles of 16", "xla, scores", "interpret, scores"])
 def test_compact_lists_each_tile_in_order(d_ff, impl):
     """XLA's compaction and the Pallas programs (interpreted) against a NumPy-loop blocked list, and the flat
-    list they give against NumPy's flatnonzero of the union."""
+    list they give against NumPy's flatnonzero of the union; given scores and a bias, of scores + bias > 0."""
     rng = np.random.default_rng()
     tile = 16 if impl.endswith("16") else compaction.TILE
     for p in (0.0, 0.05, 0.5, 1.0):
         for batch in (1, 3):
             m = rng.random((batch, d_ff)) < p
+            args = [jnp.asarray(a) for a in scores_for(rng, m)] if impl.endswith("scores") else [jnp.asarray(m)]
             with dispatch.kernel_mode(impl.split(",")[0]):
-                tiles, counts, own = compaction.compact(jnp.asarray(m), tile)
+                tiles, counts, own = compaction.compact(args[0], tile, *args[1:])
             want_tiles, want_counts, want_own = blocked_list_numpy(m, tile)
             np.testing.assert_array_equal(np.asarray(tiles), want_tiles)
             np.testing.assert_array_equal(np.asarray(counts), want_counts)

@@ -43,13 +43,19 @@ class LowRankPredictor:
     def rank(self) -> int:
         return self.a.shape[0]
 
-    def scores(self, x: jax.Array, gate: jax.Array | None = None) -> jax.Array:
+    def score_terms(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(B relu?(A x + hidden_bias) f32 [..., d_ff], bias [d_ff] as stored): the scores before their bias,
+        which the guarded FFN's compaction adds (in f32) and compares itself."""
         z = _dot(x, self.a)
         if self.hidden_bias is not None:
             z = z + self.hidden_bias.astype(F32)
         if self.relu:
             z = jnp.maximum(z, 0.0)
-        return _dot(z.astype(self.b.dtype), self.b) + self.bias.astype(F32)
+        return _dot(z.astype(self.b.dtype), self.b), self.bias
+
+    def scores(self, x: jax.Array, gate: jax.Array | None = None) -> jax.Array:
+        raw, bias = self.score_terms(x)
+        return raw + bias.astype(F32)
 
     def predict(self, x: jax.Array, gate: jax.Array | None = None) -> jax.Array:
         return self.scores(x) > 0
