@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import compaction
+from pallas_kernels import compaction, norm
 from pallas_kernels import gemv as gemv_mod
 from pallas_kernels import sparse_ffn as sf
 from pallas_kernels.reference import Activation, sparse_ffn_float64
@@ -63,15 +63,14 @@ def check_sparse_ffn(d: int, d_ff: int, dtype, count: int, *, batch: int = 1, ac
     wg, wu, wd = weights if weights is not None else random_weights(rng, d, d_ff, dtype)
     x = jnp.asarray(rng.standard_normal((batch, d), np.float32), dtype)
     cand = candidate_mask(rng, batch, d_ff, count)
-    tiles, counts, own = compaction.compact_reference(jnp.asarray(cand), cfg.tile)
+    tiles, counts, own = compaction.compact_reference(jnp.asarray(cand))
     y, h = sf.sparse_ffn_indexed(x, tiles, counts, wg, wu, wd, own, act=act,
                                  cfg=cfg, interpret=interpret, poison=True)
     y = np.asarray(y, np.float64)
     finite = bool(np.isfinite(y).all()) and (h is None or bool(np.isfinite(np.asarray(h)).all()))
     if h is not None:  # the hidden buffer must be exactly zero past the count (programs that exited early)
         finite &= bool((np.asarray(h)[:, count:] == 0).all())
-    variant = cfg.variant + ("-by-tile" if cfg.by_tile else "") + ("-early-down" if cfg.early_down else "")
-    name = (f"sparse_ffn {variant} d={d} d_ff={d_ff} {jnp.dtype(dtype).name} count={count} batch={batch} "
+    name = (f"sparse_ffn {cfg.variant} d={d} d_ff={d_ff} {jnp.dtype(dtype).name} count={count} batch={batch} "
             f"{act.kind}")
     ref = sparse_ffn_float64(x, cand, wg, wu, wd, act)
     return CheckResult(name, _rel(y, ref), finite, TOLERANCE[jnp.dtype(dtype).name])
@@ -135,3 +134,23 @@ def check_compact(d_ff: int, count: int, *, batch: int = 1, tile: int = compacti
             wrong += np.count_nonzero(np.asarray(got) != exp)
             total += exp.size
     return CheckResult(name, wrong / total, True, 0.0)
+
+
+def check_add_rmsnorm(d: int, n: int | None, dtype, *, batch: int = 1, interpret: bool,
+                      seed: int | None = None) -> CheckResult:
+    """The fused residual add + RMSNorm (+ w @ normed, w [n, d]) kernel, with NaN-started outputs, against
+    float64 NumPy; rel_error is the worst of its outputs."""
+    rng = np.random.default_rng(seed)
+    x, delta = (jnp.asarray(rng.standard_normal((batch, d), np.float32), dtype) for _ in range(2))
+    scale = jnp.asarray(rng.uniform(0.5, 1.5, d), dtype)
+    w = None if n is None else jnp.asarray(rng.standard_normal((n, d), np.float32) / np.sqrt(d), dtype)
+    got = norm.add_rmsnorm_pallas(x, delta, scale, 1e-5, w, interpret=interpret, poison=True)
+    f64 = lambda a: np.asarray(jnp.asarray(a, jnp.float32), np.float64)  # noqa: E731
+    total = f64(x) + f64(delta)
+    normed = total / np.sqrt(np.mean(total ** 2, axis=-1, keepdims=True) + 1e-5) * f64(scale)
+    want = [total, normed] + ([] if w is None else [normed @ f64(w).T])
+    outs = [f64(o) for o in got if o is not None]
+    return CheckResult(f"add_rmsnorm d={d} n={n} {jnp.dtype(dtype).name} batch={batch}",
+                       max(_rel(o, r) for o, r in zip(outs, want)),
+                       len(outs) == len(want) and all(np.isfinite(o).all() for o in outs),
+                       TOLERANCE[jnp.dtype(dtype).name])

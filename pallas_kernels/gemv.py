@@ -56,9 +56,9 @@ def load_rows(ref, rows: jax.Array, live: jax.Array, cols, interpret: bool) -> j
 
 
 def column_pieces(k: int, cap: int) -> list[pl.Slice]:
-    """k columns as power-of-two pieces of at most `cap`, largest first (3584 -> 2048 + 1024 + 512), so a loop
+    """k columns as power-of-two pieces of at most `cap`, largest first (3584 -> 2048 + 1024 + 512), so code
     written out over them makes a few wide loads where equal chunks would need many narrow ones (equal chunks
-    must divide k: 3584 only in 512s). Each piece starts at a multiple of its size; k must be a multiple of 16."""
+    must divide k: 3584 only in 512s), all of them in flight at once. Each piece starts at a multiple of its size; k must be a multiple of 16."""
     column_chunk(k, 16)  # the multiple-of-16 check and its message
     pieces, start = [], 0
     while start < k:
@@ -69,49 +69,47 @@ def column_pieces(k: int, cap: int) -> list[pl.Slice]:
 
 
 def dot_rows(x_ref, w_ref, rows: jax.Array, live: jax.Array, *, chunk: int, batch: int,
-             interpret: bool, pieces: list[pl.Slice] | None = None) -> list[jax.Array]:
+             interpret: bool) -> list[jax.Array]:
     """For each sequence b < batch: [w[rows[r]] . x[b] for r] as f32 [len(rows)], rows where `live` is False
     giving 0 and costing no reads on the GPU. x_ref [>=batch, k], w_ref [n, k]. Columns go in a loop over equal
-    chunks of `chunk`, or, given `pieces` (`column_pieces`), in a loop written out over those: every piece's
-    load can then be in flight at once, and an enclosing loop stays the innermost one (the loop Triton
-    software-pipelines)."""
+    chunks of `chunk` (the loop Triton software-pipelines)."""
     k = x_ref.shape[1]
 
-    def add(cols, accs):
+    def body(c, accs):
+        cols = pl.ds(pl.multiple_of(c * chunk, chunk), chunk)
         w = load_rows(w_ref, rows, live, cols, interpret).astype(F32)
         return tuple(acc + jnp.sum(w * x_ref[b, cols].astype(F32)[None, :], axis=1) for b, acc in enumerate(accs))
 
-    accs = tuple(jnp.zeros(rows.shape, F32) for _ in range(batch))
-    if pieces is not None:
-        for cols in pieces:
-            accs = add(cols, accs)
-        return list(accs)
-    body = lambda c, accs: add(pl.ds(pl.multiple_of(c * chunk, chunk), chunk), accs)  # noqa: E731
-    return list(jax.lax.fori_loop(0, k // chunk, body, accs))
+    return list(jax.lax.fori_loop(0, k // chunk, body, tuple(jnp.zeros(rows.shape, F32) for _ in range(batch))))
 
 
 def call(kernel, *, out_shape, grid: tuple[int, ...], in_specs: list, out_specs,
          num_warps: int, num_stages: int, interpret: bool, poison: bool = False,
          init: jax.Array | None = None):
-    """pl.pallas_call with this package's conventions: Triton compiler parameters on the GPU, and the (first)
-    output buffer optionally given its starting contents, `init` (a kernel that accumulates into it) or, with
-    `poison`, NaN (checks then prove that the kernel wrote every element, also where it exited early).
+    """pl.pallas_call with this package's conventions: Triton compiler parameters on the GPU, and output buffers
+    optionally given their starting contents: `init` for the first (a kernel that accumulates into it) or, with
+    `poison`, NaN in every float output and the smallest integer in every integer one (checks then prove that
+    the kernel wrote every element, also where it exited early).
     out_shape: one jax.ShapeDtypeStruct, or a tuple of them (then out_specs is a tuple too)."""
-    first = out_shape[0] if isinstance(out_shape, tuple) else out_shape
-    n_out = len(out_shape) if isinstance(out_shape, tuple) else 1
-    if poison and init is None:
-        init = jnp.full(first.shape, jnp.nan, first.dtype)
-    extra = [] if init is None else [init]
+    shapes = out_shape if isinstance(out_shape, tuple) else (out_shape,)
+    if init is not None:
+        starts = [init]
+    elif poison:
+        starts = [jnp.full(s.shape, jnp.nan if jnp.issubdtype(s.dtype, jnp.floating) else jnp.iinfo(s.dtype).min,
+                           s.dtype) for s in shapes]
+    else:
+        starts = []
 
-    def body(*refs):  # the aliased starting buffer arrives as an input ref the kernel does not read
-        return kernel(*refs[:-n_out - 1], *refs[-n_out:]) if extra else kernel(*refs)
+    def body(*refs):  # the aliased starting buffers arrive as input refs the kernel does not read
+        n_in = len(refs) - len(shapes) - len(starts)
+        return kernel(*refs[:n_in], *refs[n_in + len(starts):])
 
     def run(*args):
         return pl.pallas_call(
-            body, out_shape=out_shape, grid=grid, in_specs=in_specs + [pl.no_block_spec] * len(extra),
-            out_specs=out_specs, input_output_aliases={len(args): 0} if extra else {},
+            body, out_shape=out_shape, grid=grid, in_specs=in_specs + [pl.no_block_spec] * len(starts),
+            out_specs=out_specs, input_output_aliases={len(args) + i: i for i in range(len(starts))},
             compiler_params=None if interpret else compiler_params(num_warps, num_stages),
-            interpret=interpret)(*args, *extra)
+            interpret=interpret)(*args, *starts)
 
     return run
 

@@ -20,13 +20,23 @@ Three ways to run steps 2-3 were built and timed on the H100 (scripts/bench_ffn.
 - "fused": the gate / up program goes on to the down rows of its own block and adds its [B, d] contribution
   into y with f32 atomics: one launch, no h round trip, but B x d atomics per program and a y that must be
   zeroed first.
-- "stream": one kernel with a fixed grid of `programs`; each takes list blocks p, p + programs, ..., does gate,
-  up and down for each with its column loop written out, keeps its [B, d] share of y in registers and writes it
-  once; XLA adds the per-program partials. No h round trip, no atomics; the fastest where d splits into few
-  wide column chunks. Measured in it and dropped (docs/bench/bench_ffn_stream*.json, 12 and 4 tile shapes):
-  reading the W_up rows of every candidate, so their load need not wait for the gate, 0.3-5.4 us slower per
-  LLaMA2-7B layer, and also the W_down_t rows, 1.4-16 us slower (more bytes, no latency hidden); adding each
-  program's share into y with f32 atomics instead of writing partial sums, slower in 7 of 8 cases (up to 11 us).
+- "stream": one kernel with a fixed grid of `programs`; each takes list blocks p, p + programs, ...; for each it
+  gathers the W_gate rows (its columns in a few power-of-two pieces, all loads in flight at once), applies the
+  activation, then loads the W_up and the W_down_t rows of the active neurons together, so the down rows travel
+  while h is computed; it keeps its [B, d] share of y in registers and writes it once; XLA adds the per-program
+  partials. No h round trip, no atomics; the fastest at batch 1. Loading W_down_t with W_up rather than after h
+  removed one dependent round trip to memory per block: with it, 4-row blocks and 4 warps took 19.2 / 22.0 us per
+  Qwen2-7B layer at 1,431 / 2,112 listed neurons against 27.1 / 29.5 us for the earlier 8-row, 8-warp stream
+  and 26.3 / 31.4 us for split (docs/bench/ffn_count_*.txt, scripts/bench_ffn_count.py); for LLaMA2-7B it was
+  as fast or faster at every list length. Measured in it and dropped: reading the W_up rows of every candidate,
+  so their load need not wait for the gate, 0.3-5.4 us slower per LLaMA2-7B layer, and also the W_down_t rows,
+  1.4-16 us slower (more bytes; docs/bench/bench_ffn_stream*.json); adding each program's share into y with f32
+  atomics instead of writing partial sums, slower in 7 of 8 cases (up to 11 us); a program per tile of the
+  list (its candidates at fixed places, no prefix sum) 30-33 us against 23-25 (fewer programs, each with blocks
+  in series; docs/bench/bench_ffn_stream_tile_llama2-7b.json); issuing the next block's list and W_gate loads
+  before this block's arithmetic (carried through the loop), no overlap seen: 132 programs 20.8-26.7 us at
+  1,431-2,112 neurons against 19.7-22.6 (docs/bench/bench_ffn_stream_prefetch_llama2-7b.json,
+  ffn_count_llama2-7b.txt). Code of these three in commit 0ab7cae.
 Two kernels without a global list were also built, checked on the H100 and timed, then removed as no faster
 (LLaMA2-7B, 90% sparse): one over fixed tiles of neurons that masked the rows that were not candidates out of
 [tile, chunk] loads took 59-233 us on a given mask (docs/bench/bench_ffn_tiled.json): loads with most rows
@@ -62,10 +72,7 @@ F32 = jnp.float32
 class SparseFFNConfig:
     """Static kernel choices. rows: listed neurons per gate / up block; chunk: columns per gate / up tile;
     down_rows x down_cols: the down kernel's tile; splits: slices of the list per column block (split variant).
-    programs: the stream variant's grid. tile: neurons per tile of the blocked list (`compaction`). by_tile
-    (stream): program t takes tile t's candidates, read at fixed places, instead of list blocks that it first
-    locates from the prefix sum of all counts. early_down (stream): load the W_down_t rows of the neurons whose
-    gate is active together with their W_up rows, instead of after h.
+    programs: the stream variant's grid.
     Sizes are upper bounds: each is cut to a power of two that divides its dimension."""
 
     variant: str = "split"
@@ -78,16 +85,10 @@ class SparseFFNConfig:
     splits: int = 16
     down_warps: int = 4
     programs: int = 132
-    tile: int = compaction.TILE
-    by_tile: bool = False
-    early_down: bool = False
-    prefetch: bool = False
 
     def __post_init__(self):
         if self.variant not in VARIANTS:
             raise ValueError(f"sparse FFN variant {self.variant!r}: expected one of {VARIANTS}")
-        if self.by_tile and (self.variant != "stream" or self.rows > self.tile):
-            raise ValueError(f"sparse FFN: by_tile is a stream option with rows <= tile; got {self}")
 
 
 VARIANTS = ("split", "fused", "stream")
@@ -97,21 +98,22 @@ VARIANTS = ("split", "fused", "stream")
 # split: 4-row gate/up programs, 16x128 down tiles in 16 slices; the best of 18 split shapes (26.1 us per
 # LLaMA2-7B layer, docs/bench/bench_ffn.json; fused at its best 26.5 us, mostly 30-42 us).
 SPLIT = SparseFFNConfig()
-# stream: 8 rows per block, 8 warps, 264 programs, so a 90%-sparse LLaMA2-7B list (~180 blocks) is one block per
-# program: 21.1-26.2 us over the saved runs on the pool's H100s against split's 25.0-27.1 us (one run 37.2) in the
-# same runs (docs/bench/bench_ffn_stream*.json, bench_ffn_tile_*.json); fewer programs (more blocks each) were slower:
-# the loads of a program's successive blocks did not overlap.
-STREAM = SparseFFNConfig(variant="stream", rows=8, num_warps=8, programs=264)
+# stream: 2 rows per block, 4 warps, 396 programs (W_down_t rows loaded with W_up's). Head to head at 90% sparsity,
+# 13% candidates, medians of four turns (scripts/bench_ffn_ab.py, docs/bench/bench_ffn_ab.txt): Qwen2-7B 30.1 us
+# per layer against 31.9 for 4 rows / 264 programs and 31.2-32.0 for the other 2-row shapes; LLaMA2-7B 21.7
+# against 23.1 (2 rows / 264 programs 21.2, but 31.2 on Qwen2-7B). Chosen from one-run sweeps of 36 shapes per
+# model (docs/bench/bench_ffn_sweep_stream_*.json), whose order moved by 2-3 us from run to run. The earlier
+# 8-row, 8-warp stream (W_down_t after h) took 43.0 us on Qwen2-7B, split 38.4.
+STREAM = SparseFFNConfig(variant="stream", rows=2, num_warps=4, programs=396)
 
 
 def default_config(d: int, batch: int = 1) -> SparseFFNConfig:
-    """The measured-fastest configuration for model width d and batch size: stream where d is a multiple of 2048
-    (LLaMA2-7B's 4096, Mistral's) at batch 1, split elsewhere. At d = 3584 (Qwen2-7B, rows in pieces of
-    2048 + 1024 + 512) the STREAM shape took 40.6-41.9 us per layer and the best stream shape (4 rows, 528
-    programs) 33.5 us, against split's 34.9 us in the same run. At batch 4 (LLaMA2-7B decode, gate decay 0.5,
-    docs/BENCHMARKS.md) stream's [4, d] register sums made the whole step 6.65 ms against split's 5.82 ms. Other
-    widths (5120, 1536) were not timed and take split."""
-    return STREAM if d % 2048 == 0 and batch == 1 else SPLIT
+    """The measured-fastest configuration for model width d and batch size: stream at batch 1 (timed at d =
+    4096, LLaMA2-7B, and 3584, Qwen2-7B, whose rows go in pieces of 2048 + 1024 + 512; the other widths of the
+    model table were not timed), split for batches: at batch 4 (LLaMA2-7B decode, gate decay 0.5,
+    docs/BENCHMARKS.md) the stream kernel's [4, d] register sums (its 8-row shape then) made the whole step 6.65 ms against split's
+    5.82 ms."""
+    return STREAM if batch == 1 else SPLIT
 
 
 def list_length(d_ff: int, cfg: SparseFFNConfig) -> int:
@@ -146,11 +148,11 @@ def _block(lst: _List, start: jax.Array, rows: int) -> tuple[jax.Array, jax.Arra
 
 
 def _hidden(x_ref, wg_ref, wu_ref, neurons, valid, own, *, act: Activation, chunk: int, batch: int,
-            interpret: bool, pieces=None):
+            interpret: bool):
     """h [batch] x f32 [rows] for the rows `neurons` (zero where not valid or inactive), rounded to the weights'
     dtype as the dense FFN rounds it before W_down_t; plus live (any h != 0). own: per sequence, bool [rows],
     whether the row is in that sequence's own mask (None: in all)."""
-    dots = functools.partial(dot_rows, x_ref, chunk=chunk, batch=batch, interpret=interpret, pieces=pieces)
+    dots = functools.partial(dot_rows, x_ref, chunk=chunk, batch=batch, interpret=interpret)
     gate = dots(wg_ref, neurons, valid)
     a = [act.gate(g) for g in gate]
     if own is not None:  # a neuron in the union counts for sequence b only where b's own mask has it
@@ -170,15 +172,6 @@ def _gate_up(lst: _List, own_ref, x_ref, wg_ref, wu_ref, start, *, rows: int, ba
     neurons, valid, slot = _block(lst, start, rows)
     h, live = _hidden(x_ref, wg_ref, wu_ref, neurons, valid, _own(own_ref, slot, batch), batch=batch, **kw)
     return h, neurons, live
-
-
-def _tile_block(counts_ref, tiles_ref, t, j, rows: int):
-    """Block j of tile t's candidates, at fixed places in the tiles (no prefix sum; the neurons' load need not
-    wait for the count): (neuron indices, 0 past the count; valid; slots)."""
-    tile = tiles_ref.shape[0] // counts_ref.shape[0]
-    k = j * rows + jnp.arange(rows, dtype=jnp.int32)
-    slot = t * tile + k
-    return tiles_ref[slot], k < counts_ref[t], slot
 
 
 def _dot_tiles(x_ref, tiles: list, pieces, batch: int) -> list[jax.Array]:
@@ -202,15 +195,6 @@ def _stream_block(x_ref, wu_ref, wd_ref, neurons, valid, own, gate_w: list, accs
     h = [(ab * act.up(ub)).astype(wu_ref.dtype).astype(F32) for ab, ub in zip(a, up)]
     return tuple(accs[i * batch + b] + jnp.sum(w.astype(F32) * h[b][:, None], axis=0)
                  for i, w in enumerate(down_w) for b in range(batch))
-
-
-def _add_down(wd_ref, neurons, live, h, accs, pieces, batch: int, interpret: bool) -> tuple:
-    """accs (per column piece, per sequence: f32 [piece]) + sum over rows of h[b][r] * W_down_t[neurons[r]]."""
-    out = []
-    for i, cols in enumerate(pieces):
-        w = load_rows(wd_ref, neurons, live, cols, interpret).astype(F32)
-        out.extend(accs[i * batch + b] + jnp.sum(w * h[b][:, None], axis=0) for b in range(batch))
-    return tuple(out)
 
 
 def _write_sums(out_ref, accs, pieces, batch: int):
@@ -284,51 +268,24 @@ def _fused_kernel(counts_ref, tiles_ref, *refs, act, rows, chunk, batch, has_own
         jax.lax.fori_loop(0, wd_ref.shape[1] // chunk, body, 0)
 
 
-def _stream_kernel(counts_ref, tiles_ref, *refs, act, rows, chunk, batch, has_own, programs, by_tile, early_down,
-                   prefetch, interpret):
-    """Program p: list blocks p, p + programs, p + 2 programs, ... (by_tile: the blocks of tile p); for each,
-    gate, up and down of its rows, the down rows added into a [batch, d] sum held in registers, written once at
-    the end as this program's partial sum. prefetch: each iteration first issues the next block's list and
-    W_gate loads, carried to the next iteration, so they travel while this block waits on W_up / W_down_t."""
+def _stream_kernel(counts_ref, tiles_ref, *refs, act, rows, chunk, batch, has_own, programs, interpret):
+    """Program p: list blocks p, p + programs, p + 2 programs, ...; for each, gate, up and down of its rows
+    (`_stream_block`), the down rows added into a [batch, d] sum held in registers, written once at the end as
+    this program's partial sum."""
     own_ref, (x_ref, wg_ref, wu_ref, wd_ref, out_ref) = (refs[0], refs[1:]) if has_own else (None, refs)
     p = pl.program_id(0)
+    lst = _List.read(counts_ref, tiles_ref)
+    mine = jnp.maximum(pl.cdiv(lst.total, rows) - p + programs - 1, 0) // programs
     pieces = column_pieces(wd_ref.shape[1], chunk)
-    if by_tile:
-        mine = pl.cdiv(counts_ref[p], rows)
-        block = lambda t: _tile_block(counts_ref, tiles_ref, p, t, rows)  # noqa: E731
-    else:
-        lst = _List.read(counts_ref, tiles_ref)
-        mine = jnp.maximum(pl.cdiv(lst.total, rows) - p + programs - 1, 0) // programs
-        block = lambda t: _block(lst, (p + t * programs) * rows, rows)  # noqa: E731
+
+    def body(t, accs):
+        neurons, valid, slot = _block(lst, (p + t * programs) * rows, rows)
+        gate_w = [load_rows(wg_ref, neurons, valid, cols, interpret) for cols in pieces]
+        return _stream_block(x_ref, wu_ref, wd_ref, neurons, valid, _own(own_ref, slot, batch), gate_w, accs,
+                             act=act, pieces=pieces, batch=batch, interpret=interpret)
+
     zeros = tuple(jnp.zeros((cols.size,), F32) for cols in pieces for _ in range(batch))
-    step = functools.partial(_stream_block, x_ref, wu_ref, wd_ref, act=act, pieces=pieces, batch=batch,
-                             interpret=interpret)
-
-    if prefetch:
-        def fetch(t):  # block t's neurons and W_gate rows (past the program's blocks: masked, no traffic)
-            neurons, valid, slot = block(t)
-            valid = valid & (t < mine)
-            return neurons, valid, slot, [load_rows(wg_ref, neurons, valid, cols, interpret) for cols in pieces]
-
-        def body(t, carry):
-            accs, (neurons, valid, slot, gate_w) = carry
-            nxt = fetch(t + 1)
-            return step(neurons, valid, _own(own_ref, slot, batch), gate_w, accs), nxt
-
-        accs = jax.lax.fori_loop(0, mine, body, (zeros, fetch(0)))[0]
-    else:
-        def body(t, accs):
-            neurons, valid, slot = block(t)
-            own = _own(own_ref, slot, batch)
-            if early_down:
-                gate_w = [load_rows(wg_ref, neurons, valid, cols, interpret) for cols in pieces]
-                return step(neurons, valid, own, gate_w, accs)
-            h, live = _hidden(x_ref, wg_ref, wu_ref, neurons, valid, own, act=act, chunk=chunk, batch=batch,
-                              interpret=interpret, pieces=pieces)
-            return _add_down(wd_ref, neurons, live, h, accs, pieces, batch, interpret)
-
-        accs = jax.lax.fori_loop(0, mine, body, zeros)
-    _write_sums(out_ref, accs, pieces, batch)
+    _write_sums(out_ref, jax.lax.fori_loop(0, mine, body, zeros), pieces, batch)
 
 
 def _check_shapes(x, w_gate, w_up, w_down_t):
@@ -366,15 +323,8 @@ def sparse_ffn_indexed(x: jax.Array, tiles: jax.Array, counts: jax.Array, w_gate
     full = pl.no_block_spec
     inputs = [counts, tiles, *own_in, xp, w_gate, w_up]
     if cfg.variant == "stream":
-        if cfg.by_tile:  # one program per tile that holds neurons
-            tile = tiles.shape[0] // counts.shape[0]
-            if tile % rows:
-                raise ValueError(f"sparse FFN: by_tile needs tiles of a multiple of {rows} neurons, got {tile}")
-            programs = pl.cdiv(w_gate.shape[0], tile)
-        else:
-            programs = min(cfg.programs, length // rows)
-        kernel = functools.partial(_stream_kernel, **{**static, "chunk": cfg.chunk}, programs=programs,
-                                   by_tile=cfg.by_tile, early_down=cfg.early_down, prefetch=cfg.prefetch)
+        programs = min(cfg.programs, length // rows)
+        kernel = functools.partial(_stream_kernel, **{**static, "chunk": cfg.chunk}, programs=programs)
         partial = call(kernel, out_shape=jax.ShapeDtypeStruct((programs, bp, d), F32), grid=(programs,),
                        in_specs=[full] * (len(inputs) + 1), out_specs=pl.BlockSpec((1, bp, d), lambda p: (p, 0, 0)),
                        poison=poison, **tuning)(*inputs, w_down_t)
@@ -412,6 +362,6 @@ def sparse_ffn(x: jax.Array, candidates: jax.Array, w_gate: jax.Array, w_up: jax
     if act.kind == "silu":
         raise ValueError("sparse FFN: silu is never zero, so a predictor cannot skip rows; run it dense")
     cfg = cfg or default_config(x.shape[-1], x.shape[0])
-    tiles, counts, own = compaction.compact(candidates, cfg.tile, bias)
+    tiles, counts, own = compaction.compact(candidates, bias=bias)
     return sparse_ffn_indexed(x, tiles, counts, w_gate, w_up, w_down_t, own, act=act, cfg=cfg,
                               interpret=m == "interpret")[0]

@@ -151,9 +151,9 @@ def run_config(layers: Layers, cfg: sf.SparseFFNConfig, repeats: int, only_kerne
     compact_impl='xla'), + the predictor."""
     n = len(layers.weights)
     if compact_impl == "xla":
-        compact = functools.partial(compaction.compact_reference, tile=cfg.tile)
+        compact = compaction.compact_reference
     else:
-        compact = functools.partial(compaction.compact_pallas, tile=cfg.tile, interpret=interpret)
+        compact = functools.partial(compaction.compact_pallas, interpret=interpret)
     lists = [compact(m)[:2] for m in layers.masks]
 
     @looped
@@ -207,21 +207,8 @@ def sweep_configs(variants: list[str]) -> list:
                 out.append(sf.SparseFFNConfig(variant="split", rows=rows, chunk=chunk, down_rows=down_rows,
                                               down_cols=down_cols, splits=splits))
     if "stream" in variants:
-        for rows, programs, warps in itertools.product((4, 8, 16), (264, 528), (4, 8)):
+        for rows, programs, warps in itertools.product((2, 4, 8), (132, 264, 396, 528), (2, 4, 8)):
             out.append(sf.SparseFFNConfig(variant="stream", rows=rows, programs=programs, num_warps=warps))
-    if "stream-tile" in variants:  # program per tile of the list, optionally W_down_t loaded with W_up
-        for tile, rows, warps, early in itertools.product((32, 64, 128), (8, 16), (4, 8), (False, True)):
-            if rows <= tile:
-                out.append(sf.SparseFFNConfig(variant="stream", rows=rows, num_warps=warps, tile=tile, by_tile=True,
-                                              early_down=early))
-    if "stream-early" in variants:  # list blocks as STREAM, W_down_t loaded with W_up
-        for rows, programs, warps in itertools.product((4, 8), (264, 528), (4, 8)):
-            out.append(sf.SparseFFNConfig(variant="stream", rows=rows, programs=programs, num_warps=warps,
-                                          early_down=True))
-    if "stream-prefetch" in variants:  # next block's W_gate loads issued before this block's arithmetic
-        for rows, programs, warps in itertools.product((4, 8), (132, 264), (4, 8)):
-            out.append(sf.SparseFFNConfig(variant="stream", rows=rows, programs=programs, num_warps=warps,
-                                          prefetch=True))
     if "stream" not in variants:  # the stream variant's default, for comparison
         out.append(sf.STREAM)
     if "split" not in variants:  # the split variant's best shape, for comparison
@@ -240,7 +227,7 @@ def main() -> int:
     ap.add_argument("--sweep", action="store_true", help="time many kernel configurations at the first shape "
                     "and sparsity, then use the fastest for the table")
     ap.add_argument("--sweep-layers", type=int, default=8)
-    ap.add_argument("--sweep-variants", nargs="+", default=list(sf.VARIANTS), choices=[*sf.VARIANTS, "stream-tile", "stream-early", "stream-prefetch"])
+    ap.add_argument("--sweep-variants", nargs="+", default=list(sf.VARIANTS), choices=sf.VARIANTS)
     ap.add_argument("--compact", default="pallas", choices=["pallas", "xla"],
                     help="the compaction in +compact / +pred: the Pallas program or XLA's version")
     ap.add_argument("--interpret", action="store_true", help="kernels in interpret mode (a CPU smoke test)")

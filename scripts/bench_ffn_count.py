@@ -24,10 +24,7 @@ W = [[(jax.random.normal(jax.random.fold_in(key, 3 * l + i), (d_ff, d), jnp.floa
 x = jax.random.normal(key, (1, d), jnp.bfloat16)
 act = Activation("relu")
 rng = np.random.default_rng(0)
-configs = {"STREAM": sf.STREAM, "early r4w4": sf.SparseFFNConfig(variant="stream", rows=4, num_warps=4, programs=264, early_down=True), "SPLIT": sf.SPLIT,
-           "pf r4w4 p132": sf.SparseFFNConfig(variant="stream", rows=4, num_warps=4, programs=132, prefetch=True),
-           "pf r4w4 p264": sf.SparseFFNConfig(variant="stream", rows=4, num_warps=4, programs=264, prefetch=True),
-           "pf r8w8 p132": sf.SparseFFNConfig(variant="stream", rows=8, num_warps=8, programs=132, prefetch=True)}
+configs = {"stream": sf.STREAM, "split": sf.SPLIT}
 def make(c):
     @b.looped
     def kern(x, W, lists):

@@ -21,6 +21,7 @@ from flax import nnx
 
 from pallas_kernels import dispatch
 from pallas_kernels.gemv import MAX_BATCH, gemv
+from pallas_kernels.norm import add_rmsnorm, rms_norm
 from pallas_kernels.sparse_ffn import sparse_ffn
 from pallas_kernels.reference import Activation
 from svdsparse_jax import kv_cache
@@ -74,9 +75,11 @@ class RMSNorm(nnx.Module):
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        xf = x.astype(F32)
-        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-        return (xf * self.scale[...].astype(F32)).astype(self.scale[...].dtype)
+        return rms_norm(x, self.scale[...], self.eps)
+
+    def add(self, x: jax.Array, delta: jax.Array, w: jax.Array | None = None):
+        """(x + delta, its norm, w @ its norm or None): one kernel at decode (`pallas_kernels.norm`)."""
+        return add_rmsnorm(x, delta, self.scale[...], self.eps, w)
 
 
 class Attention(nnx.Module):
@@ -140,14 +143,16 @@ class FFN(nnx.Module):
         """h = act(gate) * up, [..., d_ff] f32: the input of down_proj (zero for inactive neurons)."""
         return ffn_hidden(self.cfg, linear(x, self.w_gate[...]), linear(x, self.w_up[...]))
 
-    def __call__(self, x: jax.Array, predictor=None, collect: dict | None = None) -> jax.Array:
-        """x [..., d] -> y [..., d]. With a predictor (predictors.LayerPredictor), only its candidates count.
-        `collect` (a dict of lists), when given, receives 'hidden' (h, f32, zero outside the candidates) and,
-        when guarded, 'candidates' (bool [..., d_ff])."""
+    def __call__(self, x: jax.Array, predictor=None, collect: dict | None = None,
+                 z: jax.Array | None = None) -> jax.Array:
+        """x [..., d] -> y [..., d]. With a predictor (predictors.LayerPredictor), only its candidates count;
+        z [..., r]: a low-rank predictor's A x when already computed. `collect` (a dict of lists), when given,
+        receives 'hidden' (h, f32, zero outside the candidates) and, when guarded, 'candidates' (bool
+        [..., d_ff])."""
         if predictor is not None and collect is None:
             flat = x.reshape(-1, x.shape[-1])
             if hasattr(predictor, "score_terms"):  # low-rank: the compaction adds the bias and compares
-                candidates, bias = predictor.score_terms(flat)
+                candidates, bias = predictor.score_terms(flat, None if z is None else z.reshape(flat.shape[0], -1))
             else:
                 gate = linear(flat, self.w_gate[...]) if predictor.needs_gate else None  # the oracle's
                 candidates, bias = predictor.predict(flat, gate), None
@@ -175,8 +180,10 @@ class Block(nnx.Module):
 
     def __call__(self, x, k_cache, v_cache, start, pos, mask, predictor=None, collect=None):
         a, k_cache, v_cache = self.attn(self.attn_norm(x), k_cache, v_cache, start, pos, mask)
-        x = x + a
-        x = x + self.ffn(self.ffn_norm(x), predictor, collect)
+        # The residual add, the FFN's norm and a low-rank predictor's A x: one kernel at decode.
+        low_rank = collect is None and hasattr(predictor, "score_terms")
+        x, h, z = self.ffn_norm.add(x, a, predictor.a if low_rank else None)
+        x = x + self.ffn(h, predictor, collect, z)
         return x, k_cache, v_cache
 
 

@@ -43,10 +43,11 @@ class LowRankPredictor:
     def rank(self) -> int:
         return self.a.shape[0]
 
-    def score_terms(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def score_terms(self, x: jax.Array, z: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
         """(B relu?(A x + hidden_bias) f32 [..., d_ff], bias [d_ff] as stored): the scores before their bias,
-        which the guarded FFN's compaction adds (in f32) and compares itself."""
-        z = _dot(x, self.a)
+        which the guarded FFN's compaction adds (in f32) and compares itself. z: A x f32 [..., r] when the
+        caller has it (decode computes it in the kernel that normalises x)."""
+        z = _dot(x, self.a) if z is None else z
         if self.hidden_bias is not None:
             z = z + self.hidden_bias.astype(F32)
         if self.relu:

@@ -1,0 +1,107 @@
+"""Residual add + RMSNorm for decode, optionally with a small matrix-vector product of the normed vector.
+
+Between a decode step's attention and its FFN, XLA ran three launches for `x = x + attn_out` and `RMSNorm(x)`
+(the add, the sum of squares, the scaling; 4.3 us per LLaMA2-7B layer on the H100, docs/BENCHMARKS.md), and a
+fourth for the predictor's A (normed x) (2.7 us). Here one Pallas launch does all of it: every program forms
+the sum and its norm from the [B, d] inputs (16 KB, from L2), program 0 writes them, and each program also
+computes its block of `rows` rows of w @ normed when a w is given (the low-rank predictor's A, r x d).
+
+Numerics follow the model's XLA code: the sum rounded to x's dtype (as `x + a` in bf16), the norm in f32,
+x * rsqrt(mean(x^2) + eps) * scale, rounded to the scale's dtype; w @ normed accumulated in f32. The mean's sum
+runs in a different order than XLA's, so the normed vector can differ from XLA's in the last bf16 place.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels import dispatch, reference
+from pallas_kernels.gemv import MAX_BATCH, call, column_pieces, pow2_divisor
+
+F32 = jnp.float32
+
+
+def add_rmsnorm_reference(x: jax.Array, delta: jax.Array, scale: jax.Array, eps: float,
+                          w: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """The XLA version of `add_rmsnorm` (same arguments and results), for inputs of any leading shape."""
+    total = x + delta.astype(x.dtype)
+    normed = rms_norm(total, scale, eps)
+    if w is None:
+        return total, normed, None
+    z = reference.gemv(normed.reshape(-1, normed.shape[-1]), w).reshape(*normed.shape[:-1], w.shape[0])
+    return total, normed, z
+
+
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """x [..., d] -> x * rsqrt(mean(x^2) + eps) * scale, computed in f32, in the scale's dtype."""
+    xf = x.astype(F32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (xf * scale.astype(F32)).astype(scale.dtype)
+
+
+def _add_norm_kernel(x_ref, delta_ref, scale_ref, *refs, eps: float, rows: int, has_w: bool):
+    """Program p: the sum and norm of every sequence (written by program 0) and rows [p*rows, (p+1)*rows) of
+    w @ normed. Columns go in power-of-two pieces (3584 = 2048 + 1024 + 512), all loaded at once."""
+    w_ref, (sum_ref, normed_ref, *z_ref) = (refs[0], refs[1:]) if has_w else (None, refs)
+    batch, d = x_ref.shape
+    p = pl.program_id(0)
+    pieces = column_pieces(d, 2048)
+    scale = [scale_ref[c].astype(F32) for c in pieces]
+    w = [] if w_ref is None else [w_ref[pl.ds(p * rows, rows), c].astype(F32) for c in pieces]
+    for b in range(batch):
+        total = [(x_ref[b, c].astype(F32) + delta_ref[b, c].astype(F32)).astype(sum_ref.dtype) for c in pieces]
+        squares = sum(jnp.sum(jnp.square(t.astype(F32))) for t in total)
+        inv = jax.lax.rsqrt(squares / d + eps)
+        normed = [(t.astype(F32) * inv * s).astype(normed_ref.dtype) for t, s in zip(total, scale)]
+
+        @pl.when(p == 0)
+        def _():
+            for c, t, n in zip(pieces, total, normed):
+                sum_ref[b, c] = t
+                normed_ref[b, c] = n
+
+        if w:
+            z = sum(jnp.sum(wc * n.astype(w_ref.dtype).astype(F32)[None, :], axis=1) for wc, n in zip(w, normed))
+            z_ref[0][b, pl.ds(p * rows, rows)] = z
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "rows", "num_warps", "interpret", "poison"))
+def add_rmsnorm_pallas(x: jax.Array, delta: jax.Array, scale: jax.Array, eps: float, w: jax.Array | None = None,
+                       *, rows: int = 4, num_warps: int = 4, interpret: bool = False,
+                       poison: bool = False) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """The Pallas version of `add_rmsnorm` for x, delta [B, d] (B <= MAX_BATCH). poison: outputs start as NaN."""
+    batch, d = x.shape
+    rows = 1 if w is None else pow2_divisor(w.shape[0], rows)
+    programs = 1 if w is None else w.shape[0] // rows
+    out_shape = [jax.ShapeDtypeStruct((batch, d), x.dtype), jax.ShapeDtypeStruct((batch, d), scale.dtype)]
+    if w is not None:
+        out_shape.append(jax.ShapeDtypeStruct((batch, w.shape[0]), F32))
+    inputs = [x, delta, scale] + ([] if w is None else [w])
+    out = call(functools.partial(_add_norm_kernel, eps=eps, rows=rows, has_w=w is not None),
+               out_shape=tuple(out_shape), grid=(programs,), in_specs=[pl.no_block_spec] * len(inputs),
+               out_specs=tuple(pl.no_block_spec for _ in out_shape), num_warps=num_warps, num_stages=1,
+               interpret=interpret, poison=poison)(*inputs)
+    return out[0], out[1], out[2] if w is not None else None
+
+
+def add_rmsnorm(x: jax.Array, delta: jax.Array, scale: jax.Array, eps: float,
+                w: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """(x + delta, RMSNorm(x + delta), w @ RMSNorm(x + delta) or None): x [..., d] (the residual stream),
+    delta [..., d], scale [d], w [n, d]. Returns the sum in x's dtype, the norm in the scale's dtype and
+    z [..., n] f32. One Pallas launch on the GPU for decode-sized inputs (at most MAX_BATCH rows); XLA otherwise,
+    or as `dispatch.mode()` says."""
+    d = x.shape[-1]
+    if delta.shape != x.shape or scale.shape != (d,) or (w is not None and w.shape[1:] != (d,)):
+        raise ValueError(f"add_rmsnorm: x {x.shape}, delta {delta.shape}, scale {scale.shape}, w "
+                         f"{None if w is None else w.shape}; expected delta like x, scale [{d}], w [n, {d}]")
+    m = dispatch.mode()
+    flat = x.reshape(-1, d)
+    if m == "xla" or flat.shape[0] > MAX_BATCH or d % 16:
+        return add_rmsnorm_reference(x, delta, scale, eps, w)
+    total, normed, z = add_rmsnorm_pallas(flat, delta.reshape(-1, d), scale, eps, w, interpret=m == "interpret")
+    lead = x.shape[:-1]
+    return total.reshape(x.shape), normed.reshape(x.shape), None if z is None else z.reshape(*lead, w.shape[0])
