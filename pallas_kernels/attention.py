@@ -5,10 +5,15 @@ XLA ran this as four launches per layer (the key write with its RoPE, the value 
 softmax with the values: 8.1 us per LLaMA2-7B layer on the H100, docs/BENCHMARKS.md), each over the whole
 cache. Here program (b, j) takes sequence b's kv head j and its query heads: it rotates q and k, writes k and v
 into slot `start` of the cache (updated in place: the cache buffers are aliased to the outputs), then reads
-the cache in blocks of SLOT_BLOCK slots up to `start` only (later slots are masked for every query) twice,
-once for the softmax's maximum and sum and once for the probabilities times the values. Two passes rather
-than an online softmax, so the numerics are XLA's: probabilities rounded to the model's dtype before they
-weight the values. The new k and v enter from registers (slot `start` is not read back).
+the cache in blocks of SLOT_BLOCK slots up to `start` only (later slots are masked for every query), each
+block's K and V rows loaded together, with an online softmax (running maximum, sum and weighted values in f32).
+The new k and v enter from registers (slot `start` is not read back). Unlike XLA's path, which rounds the
+probabilities to the model's dtype before they weight the values, the weights stay f32 here, so the two differ
+in the last places of the dtype (the checks compare both to float64).
+
+A first version read the cache twice (the softmax's maximum and sum, then the rounded probabilities times the
+values, XLA's numerics exactly): 12.7 us per LLaMA2-7B layer in decode against XLA's 8.1 us for its four
+launches (docs/bench/bench_decode_attention_two_pass.json).
 
 Layout: the cache [B, n_kv, slots, hd] is handed to the kernel as rows [B * n_kv * slots, hd] (a free
 reshape), so slot blocks are row gathers with a mask past the cache (`gemv.load_rows`). RoPE uses HF's
@@ -28,6 +33,7 @@ from pallas_kernels.gemv import MAX_BATCH, compiler_params, load_rows
 
 F32 = jnp.float32
 SLOT_BLOCK = 64
+NUM_WARPS = 4
 
 
 def _rotate(lo, hi, cos, sin, dtype):
@@ -36,7 +42,7 @@ def _rotate(lo, hi, cos, sin, dtype):
 
 
 def _attention_kernel(start_ref, qkv_ref, cos_ref, sin_ref, mask_ref, k_in, v_in, *refs, n_kv: int, groups: int,
-                      hd: int, slots: int, scale: float, interpret: bool):
+                      hd: int, slots: int, scale: float, block: int, interpret: bool):
     out_ref, k_ref, v_ref = refs[-3:]  # k_in / v_in (and a poisoned start of out_ref) are aliased to the outputs
     b, j = pl.program_id(0), pl.program_id(1)
     half = hd // 2
@@ -57,53 +63,40 @@ def _attention_kernel(start_ref, qkv_ref, cos_ref, sin_ref, mask_ref, k_in, v_in
     k_ref[row0 + s, hi] = k_hi
     v_ref[row0 + s, :] = v_new
 
-    n_blocks = s // SLOT_BLOCK + 1  # slots after `start` are masked for this query: not read
+    n_blocks = s // block + 1  # slots after `start` are masked for this query: not read
 
-    def block(t):
-        slot = t * SLOT_BLOCK + jnp.arange(SLOT_BLOCK, dtype=jnp.int32)
+    def step(t, carry):  # one block of slots: K and V rows loaded together, online softmax per query head
+        slot = t * block + jnp.arange(block, dtype=jnp.int32)
         live = slot < slots
         rows = row0 + jnp.where(live, slot, 0)
         fresh = (slot == s)[:, None]
-        return slot, live, rows, fresh
-
-    def scores(t):  # [groups] of f32 [SLOT_BLOCK], scaled and masked
-        slot, live, rows, fresh = block(t)
         kl = jnp.where(fresh, k_lo[None, :], load_rows(k_ref, rows, live, lo, interpret)).astype(F32)
         kh = jnp.where(fresh, k_hi[None, :], load_rows(k_ref, rows, live, hi, interpret)).astype(F32)
-        mask = jnp.where(live, mask_ref[b, jnp.where(live, slot, 0)], -1e30)
-        return [(jnp.sum(kl * ql.astype(F32)[None, :], axis=1) + jnp.sum(kh * qh.astype(F32)[None, :], axis=1))
-                * scale + mask for ql, qh in qs]
-
-    def stats(t, carry):  # running max and sum of exp(score - max), rescaled as the max grows
-        out = []
-        for g, sc in enumerate(scores(t)):
-            m, total = carry[2 * g], carry[2 * g + 1]
-            m_new = jnp.maximum(m, jnp.max(sc))
-            out += [m_new, total * jnp.exp(m - m_new) + jnp.sum(jnp.exp(sc - m_new))]
-        return tuple(out)
-
-    init = tuple(v for _ in range(groups) for v in (jnp.float32(-jnp.inf), jnp.float32(0.0)))
-    st = jax.lax.fori_loop(0, n_blocks, stats, init)
-
-    def values(t, accs):
-        slot, live, rows, fresh = block(t)
         v = jnp.where(fresh, v_new[None, :], load_rows(v_ref, rows, live, pl.ds(0, hd), interpret)).astype(F32)
+        mask = jnp.where(live, mask_ref[b, jnp.where(live, slot, 0)], -1e30)
         out = []
-        for g, sc in enumerate(scores(t)):
-            p = (jnp.exp(sc - st[2 * g]) / st[2 * g + 1]).astype(dt).astype(F32)
-            out.append(accs[g] + jnp.sum(v * p[:, None], axis=0))
+        for g, (ql, qh) in enumerate(qs):
+            m, total, acc = carry[3 * g: 3 * g + 3]
+            sc = (jnp.sum(kl * ql.astype(F32)[None, :], axis=1) + jnp.sum(kh * qh.astype(F32)[None, :], axis=1)) * scale
+            sc = sc + mask
+            m_new = jnp.maximum(m, jnp.max(sc))
+            rescale, p = jnp.exp(m - m_new), jnp.exp(sc - m_new)
+            out += [m_new, total * rescale + jnp.sum(p), acc * rescale + jnp.sum(v * p[:, None], axis=0)]
         return tuple(out)
 
-    accs = jax.lax.fori_loop(0, n_blocks, values, tuple(jnp.zeros((hd,), F32) for _ in range(groups)))
+    init = tuple(x for _ in range(groups) for x in (jnp.float32(-jnp.inf), jnp.float32(0.0), jnp.zeros((hd,), F32)))
+    carry = jax.lax.fori_loop(0, n_blocks, step, init)
     for g in range(groups):
-        out_ref[b, pl.ds((j * groups + g) * hd, hd)] = accs[g].astype(dt)
+        out_ref[b, pl.ds((j * groups + g) * hd, hd)] = (carry[3 * g + 2] / carry[3 * g + 1]).astype(dt)
 
 
-@functools.partial(jax.jit, static_argnames=("n_kv", "scale", "interpret", "poison"))
+@functools.partial(jax.jit, static_argnames=("n_kv", "scale", "block", "num_warps", "interpret", "poison"))
 def decode_attention_pallas(qkv: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, start: jax.Array,
                             k_cache: jax.Array, v_cache: jax.Array, *, n_kv: int, scale: float,
-                            interpret: bool = False, poison: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The Pallas version of `decode_attention` (same arguments and results). poison: out starts as NaN."""
+                            block: int = SLOT_BLOCK, num_warps: int = NUM_WARPS, interpret: bool = False,
+                            poison: bool = False) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The Pallas version of `decode_attention` (same arguments and results); block: slots per step (a power
+    of two). poison: out starts as NaN."""
     batch, _, slots, hd = k_cache.shape
     q_dim = qkv.shape[1] - 2 * n_kv * hd
     groups = q_dim // (n_kv * hd)
@@ -112,13 +105,13 @@ def decode_attention_pallas(qkv: jax.Array, cos: jax.Array, sin: jax.Array, mask
     inputs = [jnp.reshape(start, (1,)).astype(jnp.int32), qkv, cos, sin, mask, k_cache.reshape(rows),
               v_cache.reshape(rows)] + ([jnp.full(out_shape.shape, jnp.nan, out_shape.dtype)] if poison else [])
     kernel = functools.partial(_attention_kernel, n_kv=n_kv, groups=groups, hd=hd, slots=slots, scale=scale,
-                               interpret=interpret)
+                               block=block, interpret=interpret)
     out, k_rows, v_rows = pl.pallas_call(
         kernel, grid=(batch, n_kv),
         out_shape=(out_shape, jax.ShapeDtypeStruct(rows, k_cache.dtype), jax.ShapeDtypeStruct(rows, v_cache.dtype)),
         in_specs=[pl.no_block_spec] * len(inputs), out_specs=(pl.no_block_spec,) * 3,
         input_output_aliases={5: 1, 6: 2, **({7: 0} if poison else {})},
-        compiler_params=None if interpret else compiler_params(4, 1), interpret=interpret)(*inputs)
+        compiler_params=None if interpret else compiler_params(num_warps, 1), interpret=interpret)(*inputs)
     return out, k_rows.reshape(k_cache.shape), v_rows.reshape(v_cache.shape)
 
 
