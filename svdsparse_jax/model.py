@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pallas_kernels import attention, dispatch
+from pallas_kernels import dispatch
 from pallas_kernels.gemv import MAX_BATCH, gemv
 from pallas_kernels.norm import add_rmsnorm, rms_norm
 from pallas_kernels.sparse_ffn import sparse_ffn
@@ -58,17 +58,11 @@ def ffn_hidden(cfg: ModelConfig, gate: jax.Array, up: jax.Array) -> jax.Array:
     return activation(cfg).hidden(gate, up)
 
 
-def rope_angles(pos: jax.Array, cfg: ModelConfig) -> jax.Array:
-    """RoPE angles f32 [..., hd/2] of positions pos [...] int32."""
-    hd = cfg.head_dim
-    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, hd, 2, dtype=F32) / hd))
-    return (pos.astype(F32) / cfg.rope_scale)[..., None] * inv_freq
-
-
 def rope(x: jax.Array, pos: jax.Array, cfg: ModelConfig) -> jax.Array:
     """Rotary embedding, HF's rotate-half convention. x [B, T, heads, hd], pos [B, T] int32."""
     hd = cfg.head_dim
-    angle = rope_angles(pos, cfg)  # [B, T, hd/2]
+    inv_freq = 1.0 / (cfg.rope_theta ** (jnp.arange(0, hd, 2, dtype=F32) / hd))
+    angle = (pos.astype(F32) / cfg.rope_scale)[..., None] * inv_freq  # [B, T, hd/2]
     angle = jnp.concatenate([angle, angle], axis=-1)[:, :, None, :]
     xf = x.astype(F32)
     rotated = jnp.concatenate([-xf[..., hd // 2:], xf[..., : hd // 2]], axis=-1)
@@ -114,12 +108,6 @@ class Attention(nnx.Module):
         cfg, dt = self.cfg, x.dtype
         b, t, _ = x.shape
         qkv = linear(x, self.wqkv[...], self._bias("bqkv")).astype(dt)
-        if t == 1 and attention.use_kernel(b, cfg.head_dim):  # decode: one kernel (pallas_kernels.attention)
-            angle = rope_angles(pos[:, 0], cfg)
-            out, k_cache, v_cache = attention.decode_attention(
-                qkv[:, 0], jnp.cos(angle), jnp.sin(angle), mask[:, 0], start, k_cache, v_cache,
-                n_kv=cfg.n_kv_heads, scale=cfg.head_dim ** -0.5)
-            return linear(out[:, None], self.wo[...], self._bias("bo")).astype(dt), k_cache, v_cache
         q, k, v = jnp.split(qkv, [cfg.q_dim, cfg.q_dim + cfg.kv_dim], axis=-1)
         q = q.reshape(b, t, cfg.n_heads, cfg.head_dim)
         k = k.reshape(b, t, cfg.n_kv_heads, cfg.head_dim)

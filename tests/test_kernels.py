@@ -10,7 +10,7 @@ import pytest
 
 from pallas_kernels import compaction, dispatch, norm
 from pallas_kernels import sparse_ffn as sf
-from pallas_kernels.checks import blocked_list_numpy, check_add_rmsnorm, check_decode_attention, check_gemv, check_sparse_ffn, scores_for
+from pallas_kernels.checks import blocked_list_numpy, check_add_rmsnorm, check_gemv, check_sparse_ffn, scores_for
 from pallas_kernels.gemv import column_chunk, column_pieces
 from pallas_kernels.reference import Activation
 from svdsparse_jax.convert import load_model
@@ -218,13 +218,3 @@ def test_add_rmsnorm_matches_float64(dtype, d, n):
             np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(e, np.float32), rtol=1e-2, atol=1e-2)
     with pytest.raises(ValueError, match="scale"):
         norm.add_rmsnorm(x, delta, scale[:-1], 1e-5)
-
-
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-@pytest.mark.parametrize("heads,hd,slots", [((4, 4), 32, 70), ((6, 2), 64, 64), ((8, 1), 32, 150)])
-def test_decode_attention_matches_float64(dtype, heads, hd, slots):
-    """The decode-attention kernel, interpreted, against float64 NumPy (plain, grouped and multi-query heads;
-    caches of 70 and 150 slots end inside a 64-slot block), batch 1 and 3, fresh random inputs."""
-    for batch in (1, 3):
-        r = check_decode_attention(*heads, hd, slots, dtype, batch=batch, interpret=True)
-        assert r.ok, r
