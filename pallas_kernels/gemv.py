@@ -58,7 +58,8 @@ def load_rows(ref, rows: jax.Array, live: jax.Array, cols, interpret: bool) -> j
 def column_pieces(k: int, cap: int) -> list[pl.Slice]:
     """k columns as power-of-two pieces of at most `cap`, largest first (3584 -> 2048 + 1024 + 512), so code
     written out over them makes a few wide loads where equal chunks would need many narrow ones (equal chunks
-    must divide k: 3584 only in 512s), all of them in flight at once. Each piece starts at a multiple of its size; k must be a multiple of 16."""
+    must divide k: 3584 only in 512s), all of them in flight at once. Each piece starts at a multiple of its
+    size; k must be a multiple of 16."""
     column_chunk(k, 16)  # the multiple-of-16 check and its message
     pieces, start = [], 0
     while start < k:

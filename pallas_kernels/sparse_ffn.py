@@ -44,8 +44,8 @@ masked still cost nearly their full time; one that listed each tile's candidates
 over the tile) and ran them in dense blocks, optionally computing the predictor's B z + bias itself, took
 28-29 us on a mask against stream's 21-22 us, and 31.4 us with its in-kernel predictor, equal to stream's
 31.4 us with the XLA predictor and compaction (docs/bench/bench_ffn_tile_*.json; code in commit a9d62f3).
-`default_config(d, batch)` picks the variant and block sizes that measured fastest for the model width and batch; the reasons
-are written next to it.
+`default_config(d, batch)` picks the variant and block sizes that measured fastest for the model width and
+batch; the reasons are written next to it.
 
 Interpret mode (CPU tests) runs the same kernel bodies; there gathers read clamped rows and zero them instead
 of masking the load (`gemv.load_rows`).
@@ -111,8 +111,8 @@ def default_config(d: int, batch: int = 1) -> SparseFFNConfig:
     """The measured-fastest configuration for model width d and batch size: stream at batch 1 (timed at d =
     4096, LLaMA2-7B, and 3584, Qwen2-7B, whose rows go in pieces of 2048 + 1024 + 512; the other widths of the
     model table were not timed), split for batches: at batch 4 (LLaMA2-7B decode, gate decay 0.5,
-    docs/BENCHMARKS.md) the stream kernel's [4, d] register sums (its 8-row shape then) made the whole step 6.65 ms against split's
-    5.82 ms."""
+    docs/BENCHMARKS.md) the stream kernel's [4, d] register sums (its 8-row shape then) made the whole step
+    6.65 ms against split's 5.82 ms."""
     return STREAM if batch == 1 else SPLIT
 
 
@@ -153,13 +153,18 @@ def _hidden(x_ref, wg_ref, wu_ref, neurons, valid, own, *, act: Activation, chun
     dtype as the dense FFN rounds it before W_down_t; plus live (any h != 0). own: per sequence, bool [rows],
     whether the row is in that sequence's own mask (None: in all)."""
     dots = functools.partial(dot_rows, x_ref, chunk=chunk, batch=batch, interpret=interpret)
-    gate = dots(wg_ref, neurons, valid)
+    a, active = _activate(act, dots(wg_ref, neurons, valid), own, valid)
+    h = [(ab * act.up(ub)).astype(wg_ref.dtype).astype(F32) for ab, ub in zip(a, dots(wu_ref, neurons, active))]
+    return h, valid & functools.reduce(jnp.logical_or, [hb != 0 for hb in h])
+
+
+def _activate(act: Activation, gate: list, own, valid) -> tuple[list, jax.Array]:
+    """Per sequence act(g) f32 [rows] (zero where the row is not in that sequence's own mask), and the rows
+    active for some sequence (those whose W_up and W_down_t rows are read)."""
     a = [act.gate(g) for g in gate]
     if own is not None:  # a neuron in the union counts for sequence b only where b's own mask has it
         a = [jnp.where(ob, ab, 0.0) for ob, ab in zip(own, a)]
-    up = dots(wu_ref, neurons, valid & functools.reduce(jnp.logical_or, [ab != 0 for ab in a]))
-    h = [(ab * act.up(ub)).astype(wg_ref.dtype).astype(F32) for ab, ub in zip(a, up)]
-    return h, valid & functools.reduce(jnp.logical_or, [hb != 0 for hb in h])
+    return a, valid & functools.reduce(jnp.logical_or, [ab != 0 for ab in a])
 
 
 def _own(own_ref, slot, batch: int):
@@ -176,8 +181,8 @@ def _gate_up(lst: _List, own_ref, x_ref, wg_ref, wu_ref, start, *, rows: int, ba
 
 def _dot_tiles(x_ref, tiles: list, pieces, batch: int) -> list[jax.Array]:
     """Per sequence, f32 [rows]: the loaded row tiles (one [rows, piece] per column piece) dotted with x."""
-    return [sum(jnp.sum(w.astype(F32) * x_ref[b, cols].astype(F32)[None, :], axis=1) for w, cols in zip(tiles, pieces))
-            for b in range(batch)]
+    return [sum(jnp.sum(w.astype(F32) * x_ref[b, cols].astype(F32)[None, :], axis=1)
+                for w, cols in zip(tiles, pieces)) for b in range(batch)]
 
 
 def _stream_block(x_ref, wu_ref, wd_ref, neurons, valid, own, gate_w: list, accs, *, act: Activation, pieces,
@@ -185,10 +190,7 @@ def _stream_block(x_ref, wu_ref, wd_ref, neurons, valid, own, gate_w: list, accs
     """Gate, up and down of one block whose W_gate row tiles `gate_w` are loaded (or in flight), with W_down_t's
     rows loaded next to W_up's (both masked by the active gate): accs + sum over its rows of
     h[b][r] * W_down_t[neurons[r]]."""
-    a = [act.gate(g) for g in _dot_tiles(x_ref, gate_w, pieces, batch)]
-    if own is not None:
-        a = [jnp.where(ob, ab, 0.0) for ob, ab in zip(own, a)]
-    active = valid & functools.reduce(jnp.logical_or, [ab != 0 for ab in a])
+    a, active = _activate(act, _dot_tiles(x_ref, gate_w, pieces, batch), own, valid)
     up_w = [load_rows(wu_ref, neurons, active, cols, interpret) for cols in pieces]
     down_w = [load_rows(wd_ref, neurons, active, cols, interpret) for cols in pieces]
     up = _dot_tiles(x_ref, up_w, pieces, batch)

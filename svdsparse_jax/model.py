@@ -152,7 +152,7 @@ class FFN(nnx.Module):
         if predictor is not None and collect is None:
             flat = x.reshape(-1, x.shape[-1])
             if hasattr(predictor, "score_terms"):  # low-rank: the compaction adds the bias and compares
-                candidates, bias = predictor.score_terms(flat, None if z is None else z.reshape(flat.shape[0], -1))
+                candidates, bias = predictor.score_terms(flat, None if z is None else z.reshape(len(flat), -1))
             else:
                 gate = linear(flat, self.w_gate[...]) if predictor.needs_gate else None  # the oracle's
                 candidates, bias = predictor.predict(flat, gate), None
