@@ -69,6 +69,13 @@ def column_pieces(k: int, cap: int) -> list[pl.Slice]:
     return pieces
 
 
+def dot_tiles(x_ref, tiles: list[jax.Array], cols: list[pl.Slice], batch: int) -> list[jax.Array]:
+    """Per sequence b < batch, f32 [rows]: loaded row tiles (tiles[i] [rows, size of cols[i]], columns cols[i]
+    of w) dotted with x[b] over those columns, in f32."""
+    return [sum(jnp.sum(w.astype(F32) * x_ref[b, c].astype(F32)[None, :], axis=1) for w, c in zip(tiles, cols))
+            for b in range(batch)]
+
+
 def dot_rows(x_ref, w_ref, rows: jax.Array, live: jax.Array, *, chunk: int, batch: int,
              interpret: bool) -> list[jax.Array]:
     """For each sequence b < batch: [w[rows[r]] . x[b] for r] as f32 [len(rows)], rows where `live` is False
@@ -78,8 +85,8 @@ def dot_rows(x_ref, w_ref, rows: jax.Array, live: jax.Array, *, chunk: int, batc
 
     def body(c, accs):
         cols = pl.ds(pl.multiple_of(c * chunk, chunk), chunk)
-        w = load_rows(w_ref, rows, live, cols, interpret).astype(F32)
-        return tuple(acc + jnp.sum(w * x_ref[b, cols].astype(F32)[None, :], axis=1) for b, acc in enumerate(accs))
+        dots = dot_tiles(x_ref, [load_rows(w_ref, rows, live, cols, interpret)], [cols], batch)
+        return tuple(acc + dot for acc, dot in zip(accs, dots))
 
     return list(jax.lax.fori_loop(0, k // chunk, body, tuple(jnp.zeros(rows.shape, F32) for _ in range(batch))))
 

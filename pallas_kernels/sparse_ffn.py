@@ -62,7 +62,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
 from pallas_kernels import compaction, dispatch, reference
-from pallas_kernels.gemv import MAX_BATCH, call, column_chunk, column_pieces, dot_rows, load_rows, pad_batch
+from pallas_kernels.gemv import (MAX_BATCH, call, column_chunk, column_pieces, dot_rows, dot_tiles, load_rows,
+                                 pad_batch)
 from pallas_kernels.reference import Activation
 
 F32 = jnp.float32
@@ -154,8 +155,14 @@ def _hidden(x_ref, wg_ref, wu_ref, neurons, valid, own, *, act: Activation, chun
     whether the row is in that sequence's own mask (None: in all)."""
     dots = functools.partial(dot_rows, x_ref, chunk=chunk, batch=batch, interpret=interpret)
     a, active = _activate(act, dots(wg_ref, neurons, valid), own, valid)
-    h = [(ab * act.up(ub)).astype(wg_ref.dtype).astype(F32) for ab, ub in zip(a, dots(wu_ref, neurons, active))]
+    h = _round_hidden(act, a, dots(wu_ref, neurons, active), wg_ref.dtype)
     return h, valid & functools.reduce(jnp.logical_or, [hb != 0 for hb in h])
+
+
+def _round_hidden(act: Activation, a: list, up: list, dtype) -> list[jax.Array]:
+    """Per sequence h = act(g) * up(u), rounded to the weights' dtype as the dense FFN rounds it before W_down_t
+    (kept in f32 for the down products)."""
+    return [(ab * act.up(ub)).astype(dtype).astype(F32) for ab, ub in zip(a, up)]
 
 
 def _activate(act: Activation, gate: list, own, valid) -> tuple[list, jax.Array]:
@@ -179,22 +186,15 @@ def _gate_up(lst: _List, own_ref, x_ref, wg_ref, wu_ref, start, *, rows: int, ba
     return h, neurons, live
 
 
-def _dot_tiles(x_ref, tiles: list, pieces, batch: int) -> list[jax.Array]:
-    """Per sequence, f32 [rows]: the loaded row tiles (one [rows, piece] per column piece) dotted with x."""
-    return [sum(jnp.sum(w.astype(F32) * x_ref[b, cols].astype(F32)[None, :], axis=1)
-                for w, cols in zip(tiles, pieces)) for b in range(batch)]
-
-
 def _stream_block(x_ref, wu_ref, wd_ref, neurons, valid, own, gate_w: list, accs, *, act: Activation, pieces,
                   batch: int, interpret: bool) -> tuple:
     """Gate, up and down of one block whose W_gate row tiles `gate_w` are loaded (or in flight), with W_down_t's
     rows loaded next to W_up's (both masked by the active gate): accs + sum over its rows of
     h[b][r] * W_down_t[neurons[r]]."""
-    a, active = _activate(act, _dot_tiles(x_ref, gate_w, pieces, batch), own, valid)
+    a, active = _activate(act, dot_tiles(x_ref, gate_w, pieces, batch), own, valid)
     up_w = [load_rows(wu_ref, neurons, active, cols, interpret) for cols in pieces]
     down_w = [load_rows(wd_ref, neurons, active, cols, interpret) for cols in pieces]
-    up = _dot_tiles(x_ref, up_w, pieces, batch)
-    h = [(ab * act.up(ub)).astype(wu_ref.dtype).astype(F32) for ab, ub in zip(a, up)]
+    h = _round_hidden(act, a, dot_tiles(x_ref, up_w, pieces, batch), wu_ref.dtype)
     return tuple(accs[i * batch + b] + jnp.sum(w.astype(F32) * h[b][:, None], axis=0)
                  for i, w in enumerate(down_w) for b in range(batch))
 

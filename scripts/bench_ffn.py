@@ -228,6 +228,8 @@ def main() -> int:
                     "and sparsity, then use the fastest for the table")
     ap.add_argument("--sweep-layers", type=int, default=8)
     ap.add_argument("--sweep-variants", nargs="+", default=list(sf.VARIANTS), choices=sf.VARIANTS)
+    ap.add_argument("--stream-shape", nargs=3, type=int, metavar=("ROWS", "WARPS", "PROGRAMS"),
+                    help="time this stream-kernel shape instead of default_config")
     ap.add_argument("--compact", default="pallas", choices=["pallas", "xla"],
                     help="the compaction in +compact / +pred: the Pallas program or XLA's version")
     ap.add_argument("--interpret", action="store_true", help="kernels in interpret mode (a CPU smoke test)")
@@ -236,7 +238,10 @@ def main() -> int:
     dev = jax.devices()[0]
     copy_bw, copy_how = copy_bandwidth()
     print(f"{dev.device_kind}: copy {copy_bw / 1e12:.3f} TB/s ({copy_how})", flush=True)
-    best = None  # without a sweep: each shape's default_config
+    best = None  # without a sweep or --stream-shape: each shape's default_config
+    if args.stream_shape:
+        rows, warps, programs = args.stream_shape
+        best = sf.SparseFFNConfig(variant="stream", rows=rows, num_warps=warps, programs=programs)
     sweep = []
     if args.sweep:
         layers = make_layers(named_config(args.shape[0]), args.sweep_layers, args.sparsity[0], args.extra,

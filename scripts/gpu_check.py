@@ -17,6 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import jax  # noqa: E402
+import numpy as np  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from pallas_kernels import sparse_ffn as sf  # noqa: E402
@@ -42,11 +43,17 @@ def main() -> int:
     interpret = args.interpret
     print(f"device: {jax.devices()[0].device_kind}, jax {jax.__version__}, interpret={interpret}", flush=True)
     results = []
+
+    def record(r):
+        results.append(r)
+        if not r.ok:
+            print("FAIL", r, flush=True)
+
     variants = [VARIANTS[v] for v in args.variants]
     shapes = SHAPES[:1] + SHAPES[-1:] if args.quick else SHAPES
     for d, d_ff in shapes if "sparse_ffn" in args.only else []:
         for dtype in (jnp.bfloat16, jnp.float16) + ((jnp.float32,) if d_ff <= 4096 else ()):
-            weights = random_weights(__import__("numpy").random.default_rng(), d, d_ff, dtype)
+            weights = random_weights(np.random.default_rng(), d, d_ff, dtype)
             counts = [0, 1, d_ff, d_ff // 7 + 3, int(0.12 * d_ff) + 1]
             for cfg in variants:
                 for count in counts:
@@ -54,32 +61,20 @@ def main() -> int:
                                        (1, Activation("drelu"))):
                         if dtype != jnp.bfloat16 and batch == 3:
                             continue
-                        r = check_sparse_ffn(d, d_ff, dtype, count, batch=batch, act=act, cfg=cfg,
-                                             interpret=interpret, weights=weights)
-                        results.append(r)
-                        if not r.ok:
-                            print("FAIL", r, flush=True)
+                        record(check_sparse_ffn(d, d_ff, dtype, count, batch=batch, act=act, cfg=cfg,
+                                                interpret=interpret, weights=weights))
     for _, d_ff in SHAPES if "compact" in args.only else []:  # cheap: every shape, also with --quick
         for count in (0, 1, d_ff, d_ff // 7 + 3, int(0.17 * d_ff)):
             for batch, with_bias in ((1, False), (3, False), (1, True), (3, True)):
-                r = check_compact(d_ff, count, batch=batch, interpret=interpret, with_bias=with_bias)
-                results.append(r)
-                if not r.ok:
-                    print("FAIL", r, flush=True)
+                record(check_compact(d_ff, count, batch=batch, interpret=interpret, with_bias=with_bias))
     for n, k in (GEMV_SHAPES[:3] if args.quick else GEMV_SHAPES) if "gemv" in args.only else []:
         for dtype in (jnp.bfloat16, jnp.float16):
             for batch in (1, 4):
-                r = check_gemv(n, k, dtype, batch=batch, interpret=interpret)
-                results.append(r)
-                if not r.ok:
-                    print("FAIL", r, flush=True)
+                record(check_gemv(n, k, dtype, batch=batch, interpret=interpret))
     for d, _ in SHAPES if "norm" in args.only else []:  # cheap: every width, also with --quick
         for n in (None, 256):
             for dtype, batch in ((jnp.bfloat16, 1), (jnp.bfloat16, 3), (jnp.float16, 1)):
-                r = check_add_rmsnorm(d, n, dtype, batch=batch, interpret=interpret)
-                results.append(r)
-                if not r.ok:
-                    print("FAIL", r, flush=True)
+                record(check_add_rmsnorm(d, n, dtype, batch=batch, interpret=interpret))
     bad = [r for r in results if not r.ok]
     worst = {}
     for r in results:
