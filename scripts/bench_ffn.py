@@ -8,7 +8,8 @@ inactive ones, `--extra` of d_ff (the predictor's false positives). Timed, per l
 one jitted program over all layers, block_until_ready):
   dense    the model's XLA FFN (gate, up, act, down)
   kernels  the sparse kernels on a given neuron list (what the goal counts)
-  +compact candidate mask -> list (the Pallas compaction programs; --compact xla: XLA's) + kernels: the guarded FFN as decode runs it
+  +compact candidate mask -> list (the Pallas compaction programs; --compact xla: XLA's) + kernels: the
+           guarded FFN as decode runs it
   +pred    + a rank-r SVD predictor's two GEMVs (dispatched) and the comparison, from x
 Useful bytes = candidate rows of W_gate + active rows of W_up and W_down_t; their rate is given as a fraction
 of a device copy measured in the same run (torch when importable, else a JAX elementwise pass).
@@ -268,7 +269,8 @@ def main() -> int:
             cand = float(np.mean([int(m.sum()) for m in layers.masks]))
             active = float(np.mean(layers.active))
             useful = (cand + 2 * active) * mcfg.d_model * 2
-            row = {"shape": shape, "config": dataclasses.asdict(cfg), "compact": args.compact, "true_sparsity": s, "candidates": cand / mcfg.d_ff, "active": active / mcfg.d_ff,
+            row = {"shape": shape, "config": dataclasses.asdict(cfg), "compact": args.compact, "true_sparsity": s,
+                   "candidates": cand / mcfg.d_ff, "active": active / mcfg.d_ff,
                    "dense_us": round(dense_us, 2), **{k: round(v, 2) for k, v in t.items()},
                    "speedup_kernels": round(dense_us / t["kernels_us"], 2),
                    "speedup_with_predictor": round(dense_us / t["pred_us"], 2),

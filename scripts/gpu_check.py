@@ -21,7 +21,8 @@ import numpy as np  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
 from pallas_kernels import sparse_ffn as sf  # noqa: E402
-from pallas_kernels.checks import check_add_rmsnorm, check_compact, check_gemv, check_sparse_ffn, random_weights  # noqa: E402
+from pallas_kernels.checks import (check_add_rmsnorm, check_compact, check_gemv, check_sparse_ffn,  # noqa: E402
+                                   random_weights)
 from pallas_kernels.reference import Activation  # noqa: E402
 
 SHAPES = [(4096, 11008), (5120, 13824), (4096, 14336), (3584, 18944), (1536, 3840), (256, 1024)]
