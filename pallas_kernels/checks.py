@@ -77,13 +77,22 @@ def check_sparse_ffn(d: int, d_ff: int, dtype, count: int, *, batch: int = 1, ac
 
 
 def check_gemv(n: int, k: int, dtype, *, batch: int = 1, interpret: bool, seed: int | None = None,
-               **tuning) -> CheckResult:
+               kernel: str = "loop", **tuning) -> CheckResult:
+    """A Pallas GEMV against float64: kernel "loop" (`gemv_pallas`), "block" (`gemv_block_pallas`) or "norm"
+    (the block kernel with RMSNorm(x) inside, against float64 products of `norm.rms_norm`'s bf16 output)."""
     rng = np.random.default_rng(seed)
     w = jnp.asarray(rng.standard_normal((n, k), np.float32), dtype)
     x = jnp.asarray(rng.standard_normal((batch, k), np.float32), dtype)
-    y = np.asarray(gemv_mod.gemv_pallas(x, w, interpret=interpret, poison=True, **tuning), np.float64)
-    ref = np.asarray(x.astype(jnp.float32), np.float64) @ np.asarray(w.astype(jnp.float32), np.float64).T
-    return CheckResult(f"gemv n={n} k={k} {jnp.dtype(dtype).name} batch={batch}", _rel(y, ref),
+    scale = jnp.asarray(1 + 0.2 * rng.standard_normal(k), dtype)
+    if kernel == "loop":
+        y = gemv_mod.gemv_pallas(x, w, interpret=interpret, poison=True, **tuning)
+    else:
+        y = gemv_mod.gemv_block_pallas(x, w, scale if kernel == "norm" else None, 1e-5, interpret=interpret,
+                                       poison=True, **tuning)
+    y = np.asarray(y, np.float64)
+    xin = norm.rms_norm(x, scale, 1e-5) if kernel == "norm" else x
+    ref = np.asarray(xin.astype(jnp.float32), np.float64) @ np.asarray(w.astype(jnp.float32), np.float64).T
+    return CheckResult(f"gemv {kernel} n={n} k={k} {jnp.dtype(dtype).name} batch={batch}", _rel(y, ref),
                        bool(np.isfinite(y).all()), TOLERANCE[jnp.dtype(dtype).name])
 
 

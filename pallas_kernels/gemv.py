@@ -131,6 +131,31 @@ def _gemv_kernel(x_ref, w_ref, y_ref, *, rows: int, chunk: int, interpret: bool)
         y_ref[b, :] = acc
 
 
+def normed_pieces(x_ref, scale_ref, pieces: list[pl.Slice], eps: float) -> list[list[jax.Array]]:
+    """Inside a kernel: per sequence of x_ref [B, k], its RMSNorm as f32 pieces (one per column piece), rounded
+    to the scale's dtype as `norm.rms_norm` rounds it; without scale_ref, x itself."""
+    out = []
+    for b in range(x_ref.shape[0]):
+        xs = [x_ref[b, c].astype(F32) for c in pieces]
+        if scale_ref is not None:
+            inv = jax.lax.rsqrt(sum(jnp.sum(v * v) for v in xs) / x_ref.shape[1] + eps)
+            xs = [(v * inv * scale_ref[c].astype(F32)).astype(scale_ref.dtype).astype(F32)
+                  for v, c in zip(xs, pieces)]
+        out.append(xs)
+    return out
+
+
+def _gemv_block_kernel(x_ref, w_ref, *refs, rows: int, cap: int, eps: float, has_scale: bool):
+    """Program p: rows [p*rows, (p+1)*rows) of w, every column at once (power-of-two pieces of at most `cap`,
+    the weight loads issued before x's), dotted with x or, given a scale, with RMSNorm(x)."""
+    scale_ref, y_ref = (refs[0], refs[1]) if has_scale else (None, refs[0])
+    start = pl.multiple_of(pl.program_id(0) * rows, rows)
+    pieces = column_pieces(w_ref.shape[1], cap)
+    tiles = [w_ref[pl.ds(start, rows), c] for c in pieces]
+    for b, xs in enumerate(normed_pieces(x_ref, scale_ref, pieces, eps)):
+        y_ref[b, :] = sum(jnp.sum(t.astype(F32) * v[None, :], axis=1) for t, v in zip(tiles, xs))
+
+
 def pad_batch(x: jax.Array) -> jax.Array:
     """x [B, k] padded with zero rows to a power-of-two B (Triton tiles)."""
     b = x.shape[0]
@@ -152,6 +177,28 @@ def gemv_pallas(x: jax.Array, w: jax.Array, *, rows: int = 8, chunk: int = 1024,
              out_shape=jax.ShapeDtypeStruct((bp, n), F32), grid=(n // rows,),
              in_specs=[pl.no_block_spec] * 2, out_specs=pl.BlockSpec((bp, rows), lambda i: (0, i)),
              num_warps=num_warps, num_stages=num_stages, interpret=interpret, poison=poison)(xp, w)
+    return y[:b]
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "rows", "cap", "num_warps", "interpret", "poison"))
+def gemv_block_pallas(x: jax.Array, w: jax.Array, scale: jax.Array | None = None, eps: float = 1e-6, *,
+                      rows: int = 4, cap: int = 4096, num_warps: int = 8, interpret: bool = False,
+                      poison: bool = False) -> jax.Array:
+    """x [B, k] @ w [n, k]^T -> [B, n] f32 with whole rows per program; given scale [k], RMSNorm(x) (eps) @ w^T,
+    the norm computed inside every program from x (a few KB, from L2)."""
+    b, k = x.shape
+    n = w.shape[0]
+    if w.shape[1] != k or (scale is not None and scale.shape != (k,)):
+        raise ValueError(f"gemv: x {x.shape}, w {w.shape}, scale {None if scale is None else scale.shape}; "
+                         f"expected w [n, {k}], scale [{k}]")
+    rows = pow2_divisor(n, rows)
+    xp = pad_batch(x if scale is not None else x.astype(w.dtype))
+    bp = xp.shape[0]
+    inputs = [xp, w] + ([] if scale is None else [scale])
+    y = call(functools.partial(_gemv_block_kernel, rows=rows, cap=cap, eps=eps, has_scale=scale is not None),
+             out_shape=jax.ShapeDtypeStruct((bp, n), F32), grid=(n // rows,),
+             in_specs=[pl.no_block_spec] * len(inputs), out_specs=pl.BlockSpec((bp, rows), lambda i: (0, i)),
+             num_warps=num_warps, num_stages=1, interpret=interpret, poison=poison)(*inputs)
     return y[:b]
 
 
