@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import compaction, norm
+from pallas_kernels import compaction, norm, reference
 from pallas_kernels import gemv as gemv_mod
 from pallas_kernels import sparse_ffn as sf
 from pallas_kernels.reference import Activation, sparse_ffn_float64
@@ -79,7 +79,7 @@ def check_sparse_ffn(d: int, d_ff: int, dtype, count: int, *, batch: int = 1, ac
 def check_gemv(n: int, k: int, dtype, *, batch: int = 1, interpret: bool, seed: int | None = None,
                kernel: str = "loop", **tuning) -> CheckResult:
     """A Pallas GEMV against float64: kernel "loop" (`gemv_pallas`), "block" (`gemv_block_pallas`) or "norm"
-    (the block kernel with RMSNorm(x) inside, against float64 products of `norm.rms_norm`'s bf16 output)."""
+    (the block kernel with RMSNorm(x) inside, against float64 products of `reference.rms_norm`'s bf16 output)."""
     rng = np.random.default_rng(seed)
     w = jnp.asarray(rng.standard_normal((n, k), np.float32), dtype)
     x = jnp.asarray(rng.standard_normal((batch, k), np.float32), dtype)
@@ -90,7 +90,7 @@ def check_gemv(n: int, k: int, dtype, *, batch: int = 1, interpret: bool, seed: 
         y = gemv_mod.gemv_block_pallas(x, w, scale if kernel == "norm" else None, 1e-5, interpret=interpret,
                                        poison=True, **tuning)
     y = np.asarray(y, np.float64)
-    xin = norm.rms_norm(x, scale, 1e-5) if kernel == "norm" else x
+    xin = reference.rms_norm(x, scale, 1e-5) if kernel == "norm" else x
     ref = np.asarray(xin.astype(jnp.float32), np.float64) @ np.asarray(w.astype(jnp.float32), np.float64).T
     return CheckResult(f"gemv {kernel} n={n} k={k} {jnp.dtype(dtype).name} batch={batch}", _rel(y, ref),
                        bool(np.isfinite(y).all()), TOLERANCE[jnp.dtype(dtype).name])

@@ -9,7 +9,9 @@ The choice is made while a function is traced, so it is part of what a jitted pr
 
 The guarded FFN and the predictors' GEMVs follow the mode. The model's other decode projections (attention,
 LM head) take the Pallas GEMV only where `dense_gemv()` says so (SVDSPARSE_DENSE_GEMV=1|0): it is off by
-default until measured faster than XLA's on the target GPU (docs/BENCHMARKS.md, "Decode GEMVs").
+default until measured faster than XLA's on the target GPU (docs/BENCHMARKS.md, "Decode GEMVs"). With it on,
+the q/k/v product also forms the attention's RMSNorm inside the kernel (`gemv.gemv_block_pallas`), so a decode
+step loses XLA's norm launches before it; that kernel is checked in interpret mode but not yet timed on a GPU.
 """
 
 from __future__ import annotations

@@ -133,7 +133,7 @@ def _gemv_kernel(x_ref, w_ref, y_ref, *, rows: int, chunk: int, interpret: bool)
 
 def normed_pieces(x_ref, scale_ref, pieces: list[pl.Slice], eps: float) -> list[list[jax.Array]]:
     """Inside a kernel: per sequence of x_ref [B, k], its RMSNorm as f32 pieces (one per column piece), rounded
-    to the scale's dtype as `norm.rms_norm` rounds it; without scale_ref, x itself."""
+    to the scale's dtype as `reference.rms_norm` rounds it; without scale_ref, x itself."""
     out = []
     for b in range(x_ref.shape[0]):
         xs = [x_ref[b, c].astype(F32) for c in pieces]
@@ -209,11 +209,15 @@ MAX_BATCH = 8  # more rows than this are a matrix product, XLA's job
 MIN_KERNEL_WEIGHTS = 4096 * 4096
 
 
-def gemv(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [B, k] @ w [n, k]^T -> [B, n] f32, by the mode in effect (`dispatch.mode()`): the Pallas kernel, the
-    same kernel interpreted, or XLA's dot (also for B > MAX_BATCH, for f32, whose full-precision products the
-    model keeps on XLA, and on the GPU for matrices under MIN_KERNEL_WEIGHTS, where XLA measured faster)."""
+def gemv(x: jax.Array, w: jax.Array, scale: jax.Array | None = None, eps: float = 0.0) -> jax.Array:
+    """x [B, k] @ w [n, k]^T -> [B, n] f32, or given scale [k], RMSNorm(x) (eps) @ w^T with the norm formed
+    inside the kernel (one launch instead of XLA's norm launches and product). By the mode in effect
+    (`dispatch.mode()`): the Pallas kernel, the same kernel interpreted, or XLA's (also for B > MAX_BATCH, for
+    f32, whose full-precision products the model keeps on XLA, and on the GPU for matrices under
+    MIN_KERNEL_WEIGHTS, where XLA measured faster)."""
     m = dispatch.mode()
     if m == "xla" or x.shape[0] > MAX_BATCH or w.dtype == F32 or (m == "pallas" and w.size < MIN_KERNEL_WEIGHTS):
-        return reference.gemv(x, w)
+        return reference.gemv(x, w, scale, eps)
+    if scale is not None:
+        return gemv_block_pallas(x, w, scale, eps, interpret=m == "interpret")
     return gemv_pallas(x, w, interpret=m == "interpret")

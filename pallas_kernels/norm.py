@@ -21,6 +21,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels import dispatch, reference
 from pallas_kernels.gemv import MAX_BATCH, call, column_pieces, pow2_divisor
+from pallas_kernels.reference import rms_norm
 
 F32 = jnp.float32
 
@@ -34,13 +35,6 @@ def add_rmsnorm_reference(x: jax.Array, delta: jax.Array, scale: jax.Array, eps:
         return total, normed, None
     z = reference.gemv(normed.reshape(-1, normed.shape[-1]), w).reshape(*normed.shape[:-1], w.shape[0])
     return total, normed, z
-
-
-def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
-    """x [..., d] -> x * rsqrt(mean(x^2) + eps) * scale, computed in f32, in the scale's dtype."""
-    xf = x.astype(F32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-    return (xf * scale.astype(F32)).astype(scale.dtype)
 
 
 def _add_norm_kernel(x_ref, delta_ref, scale_ref, *refs, eps: float, rows: int, has_w: bool):

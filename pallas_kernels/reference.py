@@ -48,8 +48,17 @@ class Activation:
         return self.gate(g) * self.up(u)
 
 
-def gemv(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [B, k] @ w [n, k]^T -> [B, n] f32 (f32 operands at full precision)."""
+def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
+    """x [..., d] -> x * rsqrt(mean(x^2) + eps) * scale, computed in f32, in the scale's dtype."""
+    xf = x.astype(F32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (xf * scale.astype(F32)).astype(scale.dtype)
+
+
+def gemv(x: jax.Array, w: jax.Array, scale: jax.Array | None = None, eps: float = 0.0) -> jax.Array:
+    """x [B, k] @ w [n, k]^T -> [B, n] f32 (f32 operands at full precision); given scale [k], RMSNorm(x) @ w^T."""
+    if scale is not None:
+        x = rms_norm(x, scale, eps)
     precision = jax.lax.Precision.HIGHEST if x.dtype == F32 and w.dtype == F32 else None
     return jnp.einsum("bk,nk->bn", x.astype(w.dtype), w, preferred_element_type=F32, precision=precision)
 

@@ -28,7 +28,7 @@ import jax.numpy as jnp  # noqa: E402
 from bench_ffn import copy_bandwidth, looped, timeit  # noqa: E402
 from pallas_kernels import reference  # noqa: E402
 from pallas_kernels.gemv import gemv_block_pallas, gemv_pallas  # noqa: E402
-from pallas_kernels.norm import rms_norm  # noqa: E402
+from pallas_kernels.reference import rms_norm  # noqa: E402
 import bench_report  # noqa: E402
 
 SHAPES = ["12288x4096", "4096x4096", "11008x4096", "4096x11008", "32000x4096", "256x4096", "11008x256"]

@@ -57,7 +57,7 @@ def _attention_part(graphdef, state, x: jax.Array) -> jax.Array:
     pad = jnp.zeros(b, jnp.int32)
     pos = kv_cache.positions(pad, jnp.int32(0), t)
     mask = kv_cache.attention_bias(cfg, pad, jnp.int32(0), t, t)
-    a, _, _ = block.attn(block.attn_norm(x), zeros, zeros, jnp.int32(0), pos, mask)
+    a, _, _ = block.attn(x, zeros, zeros, jnp.int32(0), pos, mask, block.attn_norm)
     return x + a
 
 

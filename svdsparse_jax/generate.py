@@ -145,7 +145,8 @@ class Generator:
             eos = np.full(1, -2, np.int32)  # matches no token
         args = (self.graphdef, self.state, self.predictors, jnp.asarray(tokens), jnp.asarray(pad), jnp.int32(max_new_tokens),
                 jax.tree.map(jnp.asarray, sampler), jax.random.key(seed), jnp.asarray(eos))
-        key = (len(prompts), prompt_len, new_bucket, eos.size, dispatch.mode())  # kernels or XLA: traced in
+        # kernels or XLA, and which GEMVs: decided while tracing
+        key = (len(prompts), prompt_len, new_bucket, eos.size, dispatch.dense_gemv(), dispatch.mode())
         compile_s = 0.0
         if key not in self.compiled:
             t0 = time.perf_counter()

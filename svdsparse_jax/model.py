@@ -21,7 +21,8 @@ from flax import nnx
 
 from pallas_kernels import dispatch
 from pallas_kernels.gemv import MAX_BATCH, gemv
-from pallas_kernels.norm import add_rmsnorm, rms_norm
+from pallas_kernels.norm import add_rmsnorm
+from pallas_kernels.reference import rms_norm
 from pallas_kernels.sparse_ffn import sparse_ffn
 from pallas_kernels.reference import Activation
 from svdsparse_jax import kv_cache
@@ -33,18 +34,25 @@ F32 = jnp.float32
 
 def einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     """An einsum accumulating in f32. f32 operands get full f32 precision (GPUs would otherwise use TF32);
-    bf16 / f16 operands run at their native rate."""
+    bf16 / f16 operands run at their native rate, except in batched products on the CPU, whose XLA cannot run
+    some of them with an f32 result ("Unsupported element type for DotThunk: BF16 x BF16 = F32", e.g. the
+    attention of two sequences of several tokens): there they are widened to f32 first, which is exact."""
+    inputs, out = spec.split("->")
+    batched = any(c.isalpha() and c in inputs.split(",")[1] and c in out for c in inputs.split(",")[0])
+    if batched and a.dtype != F32 and jax.default_backend() == "cpu":
+        a, b = a.astype(F32), b.astype(F32)
     precision = jax.lax.Precision.HIGHEST if a.dtype == F32 and b.dtype == F32 else None
     return jnp.einsum(spec, a, b, preferred_element_type=F32, precision=precision)
 
 
-def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None) -> jax.Array:
-    """x [..., in] @ w[out, in]^T (+ b) -> [..., out] f32. Decode-sized inputs may take the Pallas GEMV
-    (`pallas_kernels.dispatch.dense_gemv`)."""
+def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None, norm: "RMSNorm | None" = None) -> jax.Array:
+    """norm(x) [..., in] @ w[out, in]^T (+ b) -> [..., out] f32 (x itself without a norm). Decode-sized inputs
+    may take the Pallas GEMV (`pallas_kernels.dispatch.dense_gemv`), which then forms the norm itself."""
     if x.size // x.shape[-1] <= MAX_BATCH and dispatch.dense_gemv():
-        y = gemv(x.reshape(-1, x.shape[-1]), w).reshape(*x.shape[:-1], w.shape[0])
+        scale, eps = (None, 0.0) if norm is None else (norm.scale[...], norm.eps)
+        y = gemv(x.reshape(-1, x.shape[-1]), w, scale, eps).reshape(*x.shape[:-1], w.shape[0])
     else:
-        y = einsum("...i,oi->...o", x, w)
+        y = einsum("...i,oi->...o", x if norm is None else norm(x), w)
     return y if b is None else y + b.astype(F32)
 
 
@@ -102,12 +110,13 @@ class Attention(nnx.Module):
         return getattr(self, name)[...] if hasattr(self, name) else None
 
     def __call__(self, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, start: jax.Array, pos: jax.Array,
-                 mask: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """x [B, T, d] for the tokens in slots [start, start+T); pos [B, T]; mask [B, T, slots].
+                 mask: jax.Array, norm: RMSNorm | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [B, T, d] for the tokens in slots [start, start+T) (normed here by `norm` when given, inside the
+        q/k/v product where a kernel does it); pos [B, T]; mask [B, T, slots].
         Returns (out [B, T, d], updated k_cache, updated v_cache)."""
         cfg, dt = self.cfg, x.dtype
         b, t, _ = x.shape
-        qkv = linear(x, self.wqkv[...], self._bias("bqkv")).astype(dt)
+        qkv = linear(x, self.wqkv[...], self._bias("bqkv"), norm).astype(dt)
         q, k, v = jnp.split(qkv, [cfg.q_dim, cfg.q_dim + cfg.kv_dim], axis=-1)
         q = q.reshape(b, t, cfg.n_heads, cfg.head_dim)
         k = k.reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
@@ -179,7 +188,7 @@ class Block(nnx.Module):
         self.ffn = FFN(cfg, lambda n: w(f"ffn.{n}"))
 
     def __call__(self, x, k_cache, v_cache, start, pos, mask, predictor=None, collect=None):
-        a, k_cache, v_cache = self.attn(self.attn_norm(x), k_cache, v_cache, start, pos, mask)
+        a, k_cache, v_cache = self.attn(x, k_cache, v_cache, start, pos, mask, self.attn_norm)
         # The residual add, the FFN's norm and a low-rank predictor's A x: one kernel at decode.
         low_rank = collect is None and hasattr(predictor, "score_terms")
         x, h, z = self.ffn_norm.add(x, a, predictor.a if low_rank else None)

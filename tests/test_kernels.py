@@ -14,6 +14,7 @@ from pallas_kernels.checks import (TOLERANCE, blocked_list_numpy, check_add_rmsn
                                    scores_for)
 from pallas_kernels.gemv import column_chunk, column_pieces
 from pallas_kernels.reference import Activation
+from svdsparse_jax import kv_cache
 from svdsparse_jax.convert import load_model
 from svdsparse_jax.generate import Generator
 from svdsparse_jax.model import Transformer
@@ -56,9 +57,43 @@ def test_sparse_ffn_f16():
 @pytest.mark.parametrize("n,k", [(200, 96), (64, 256), (24, 48)])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 def test_gemv_kernel_matches_float64(n, k, dtype):
+    """Both GEMV kernels, and the block kernel with RMSNorm inside (k = 96 and 48 go in column pieces 64 + 32
+    and 32 + 16)."""
     for batch in (1, 3):
-        r = check_gemv(n, k, dtype, batch=batch, interpret=True, rows=8, chunk=32)
-        assert r.ok, r
+        for kernel, tile in (("loop", dict(rows=8, chunk=32)), ("block", dict(rows=8, cap=64)),
+                             ("norm", dict(rows=8, cap=64))):
+            r = check_gemv(n, k, dtype, batch=batch, interpret=True, kernel=kernel, **tile)
+            assert r.ok, r
+
+
+def test_dense_gemv_switch_decodes_like_xla(llama_checkpoint, monkeypatch):
+    """SVDSPARSE_DENSE_GEMV=1: the decode projections through the GEMV kernels (interpreted; q/k/v with the
+    attention norm inside) give XLA's hidden states, bf16, within bf16 rounding, for a 4-token step of two
+    sequences and the next 1-token step; the Generator keeps a program per setting."""
+    lm = load_model(llama_checkpoint.path, jnp.bfloat16)
+    model = Transformer(lm.cfg, lm.weights)
+    tokens = jnp.asarray(np.random.default_rng().integers(0, lm.cfg.vocab_size, (2, 5)), jnp.int32)
+
+    @jax.jit  # traced anew per call: the model is a closure, the switch is read while tracing
+    def steps(tokens):
+        cache = kv_cache.init_cache(lm.cfg, jnp.zeros(2, jnp.int32), 8, jnp.bfloat16)
+        first, cache = model(tokens[:, :4], cache, jnp.int32(0))
+        return first, model(tokens[:, 4:], cache, jnp.int32(4))[0]
+
+    def two_steps():
+        steps.clear_cache()
+        return [np.asarray(h, np.float32) for h in steps(tokens)]
+
+    with dispatch.kernel_mode("interpret"):
+        off = two_steps()
+        gen = Generator(model)
+        gen.generate([[1, 2]], 2)
+        monkeypatch.setitem(os.environ, "SVDSPARSE_DENSE_GEMV", "1")
+        on = two_steps()
+        gen.generate([[1, 2]], 2)
+    assert len(gen.compiled) == 2
+    for a, b in zip(on, off):
+        np.testing.assert_allclose(a, b, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.parametrize("k", [4096, 3584, 5120, 1536, 96, 16])
