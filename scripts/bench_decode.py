@@ -8,6 +8,7 @@ slots) and the bandwidth that implies, against a measured device copy bandwidth.
 
   python scripts/bench_decode.py --shape llama2-7b --new-tokens 128 --prompt-len 64 [--json-out F]
   python scripts/bench_decode.py --shape llama2-7b --sparse [--inactive 0.9 --s 0.95 --rank 256]
+                                 [--dense-gemv 0 1]   # XLA's decode projections, then the Pallas GEMVs
 
 --sparse: the model gets a FATReLU gate whose threshold leaves about `--inactive` of the neurons at zero
 (random weights give gate ~ N(0, (std sqrt(d))^2) after the unit-scale RMSNorm: threshold = that std times the
@@ -24,6 +25,7 @@ import argparse
 import dataclasses
 import itertools
 import json
+import os
 import re
 import shutil
 import statistics
@@ -106,27 +108,32 @@ def random_model(shape: str, dtype, inactive: float | None, gate_decay: float) -
     return Transformer(cfg, weights)
 
 
+def build(model: Transformer, predictor: dict | None) -> tuple[list | None, dict]:
+    """(rank, s, calib_tokens, guard) -> whitened-SVD predictors built for `model` by `build_predictors` on random
+    calibration tokens, and what to report about them; None -> (None, {}) for dense decoding."""
+    if predictor is None:
+        return None, {}
+    cfg = model.cfg
+    bc = BuildConfig(method="whitened", ranks=predictor["rank"], rule="s", value=predictor["s"],
+                     tokens=predictor["calib_tokens"], guard=predictor["guard"])
+    t = time.perf_counter()
+    pset = build_predictors(model, np.random.default_rng(1).integers(0, cfg.vocab_size, bc.tokens), bc,
+                            progress=False)
+    return pset.layers, {
+        "act_threshold": round(cfg.act_threshold, 4), "build_s": round(time.perf_counter() - t, 1),
+        "calib_true_sparsity": round(float(np.mean([i["true_sparsity"] for i in pset.info])), 4),
+        "calib_predicted_sparsity": round(float(np.mean([i["calib_predicted_sparsity"] for i in pset.info])), 4),
+        "calib_recall": round(float(np.mean([i["calib_recall"] for i in pset.info])), 4),
+        "predictor": f"whitened r{predictor['rank']} s{predictor['s']} guard{predictor['guard']}"}
+
+
 def bench_model(model: Transformer, batch: int, prompt_len: int, new_tokens: int, repeats: int,
-                predictor: dict | None = None, profile_dir: str | None = None) -> dict:
-    """Decode timing of `model`, dense, or (predictor: rank, s, calib_tokens, guard) with whitened-SVD predictors
-    built for it by `build_predictors` on random calibration tokens. With `profile_dir`, one more call of each
-    length runs under `jax.profiler.trace` and the row gets the GPU time per decode step by kernel."""
+                preds: list | None = None, profile_dir: str | None = None) -> dict:
+    """Decode timing of `model`, dense, or sparse with `preds` (one predictor per layer). With `profile_dir`, one
+    more call of each length runs under `jax.profiler.trace` and the row gets the GPU time per decode step by
+    kernel."""
     cfg, dtype = model.cfg, model.dtype
     extra = {}
-    preds = None
-    if predictor is not None:
-        bc = BuildConfig(method="whitened", ranks=predictor["rank"], rule="s", value=predictor["s"],
-                         tokens=predictor["calib_tokens"], guard=predictor["guard"])
-        t = time.perf_counter()
-        pset = build_predictors(model, np.random.default_rng(1).integers(0, cfg.vocab_size, bc.tokens), bc,
-                                progress=False)
-        preds = pset.layers
-        extra = {"act_threshold": round(cfg.act_threshold, 4), "build_s": round(time.perf_counter() - t, 1),
-                 "calib_true_sparsity": round(float(np.mean([i["true_sparsity"] for i in pset.info])), 4),
-                 "calib_predicted_sparsity": round(float(np.mean([i["calib_predicted_sparsity"]
-                                                                   for i in pset.info])), 4),
-                 "calib_recall": round(float(np.mean([i["calib_recall"] for i in pset.info])), 4),
-                 "predictor": f"whitened r{predictor['rank']} s{predictor['s']} guard{predictor['guard']}"}
     gen = Generator(model, preds)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, cfg.vocab_size, prompt_len).tolist() for _ in range(batch)]
@@ -194,7 +201,10 @@ def main() -> int:
                     help="W_gate column decay exponent(s) (0: plain random weights; 0.5 gives the rank-256 "
                          "predictor the per-neuron AUROC the paper reports on ProSparse-LLaMA2-7B, ~0.93)")
     ap.add_argument("--profile", metavar="DIR", help="also trace one call of each length; GPU time per kernel "
-                    "(traces and the compiled HLO under DIR/SHAPE_decayA/)")
+                    "(traces and the compiled HLO under DIR/SHAPE_decayA_gemvG/)")
+    ap.add_argument("--dense-gemv", nargs="+", default=[dispatch.dense_gemv()], type=lambda v: v == "1",
+                    help="1 / 0: decode projections through the Pallas GEMVs or XLA (SVDSPARSE_DENSE_GEMV; "
+                         "both: 0 1)")
     ap.add_argument("--json-out")
     args = ap.parse_args()
     dev = jax.devices()[0]
@@ -204,26 +214,31 @@ def main() -> int:
     for shape, decay in itertools.product(args.shape, args.gate_decay):
         model = random_model(shape, dtype, args.inactive if args.sparse else None, decay)
         predictors = [dict(rank=args.rank, s=args.s, calib_tokens=args.calib_tokens, guard=g) for g in args.guard]
-        dense = None
+        dense = {}
         for spec in [None, *predictors] if args.sparse else [None]:
-            row = {**bench_model(model, args.batch, args.prompt_len, args.new_tokens, args.repeats, spec,
-                                   args.profile and f"{args.profile}/{shape}_decay{decay}"),
-                   "shape": shape, "gate_decay": decay}
-            row["fraction_of_copy_bw"] = round(row["decode_tb_per_s"] * 1e12 / copy_bw, 3)
-            if spec is None:
-                dense = row
-            else:  # against the dense run of the same FATReLU model
-                row["speedup_vs_dense"] = round(row["decode_tokens_per_s"] / dense["decode_tokens_per_s"], 3)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            preds, about = build(model, spec)
+            for gemv in args.dense_gemv:
+                os.environ["SVDSPARSE_DENSE_GEMV"] = "1" if gemv else "0"  # read while the program is traced
+                profile = args.profile and f"{args.profile}/{shape}_decay{decay}_gemv{int(gemv)}"
+                row = {**bench_model(model, args.batch, args.prompt_len, args.new_tokens, args.repeats, preds,
+                                     profile), **about, "shape": shape, "gate_decay": decay}
+                row["fraction_of_copy_bw"] = round(row["decode_tb_per_s"] * 1e12 / copy_bw, 3)
+                if spec is None:
+                    dense[gemv] = row
+                else:  # against the dense run of the same FATReLU model with the same GEMVs
+                    row["speedup_vs_dense"] = round(row["decode_tokens_per_s"] / dense[gemv]["decode_tokens_per_s"],
+                                                    3)
+                rows.append(row)
+                print(json.dumps(row), flush=True)
     report = bench_report.report(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
                                  copy_tb_per_s=round(copy_bw / 1e12, 3), runs=rows)
     bench_report.save(report, args.json_out)
     print(f"\n{dev.device_kind}  copy {report['copy_tb_per_s']} TB/s")
-    print(f"{'shape':<12}{'mode':<7}{'e2e tok/s':>10}{'decode tok/s':>14}{'step ms':>9}{'TB/s':>7}{'of copy':>9}"
+    print(f"{'shape':<12}{'mode':<7}{'gemv':<7}{'e2e tok/s':>10}{'decode tok/s':>14}{'step ms':>9}{'TB/s':>7}{'of copy':>9}"
           f"{'launch':>7}{'compile s':>11}")
     for r in rows:
-        print(f"{r['shape']:<12}{'sparse' if r['sparse'] else 'dense':<7}{r['end_to_end_tokens_per_s']:>10}"
+        print(f"{r['shape']:<12}{'sparse' if r['sparse'] else 'dense':<7}{'pallas' if r['dense_gemv'] else 'xla':<7}"
+              f"{r['end_to_end_tokens_per_s']:>10}"
               f"{r['decode_tokens_per_s']:>14}{r['decode_step_ms']:>9}{r['decode_tb_per_s']:>7}"
               f"{r['fraction_of_copy_bw']:>9}{r['launches_per_step']:>7}{r['compile_s']:>11}")
         if r["sparse"]:

@@ -61,10 +61,20 @@ class Sampler:
         return jax.lax.cond(self.temperature <= 0, greedy, stochastic)
 
 
-def _generate_program(graphdef, state, predictors, tokens, pad, max_new, sampler, key, eos_ids, *, new_bucket):
+def kernel_settings() -> tuple[str, bool]:
+    """What the dispatched functions decide while tracing (`pallas_kernels.dispatch`): the kernel mode and whether
+    the dense decode projections take the Pallas GEMVs. The generate program takes it as a static argument, so
+    that JAX's trace cache, which does not see these switches, keeps one program per setting."""
+    return dispatch.mode(), dispatch.dense_gemv()
+
+
+def _generate_program(graphdef, state, predictors, tokens, pad, max_new, sampler, key, eos_ids, *, new_bucket,
+                      kernels):
     """tokens [B, P] left-padded prompts, pad [B]; returns out [B, new_bucket] int32, -1 where nothing was
     generated (after a sequence's first EOS, and past max_new). Prefill is dense; with predictors (one per layer) every decode step
-    runs the predictor-guarded FFN."""
+    runs the predictor-guarded FFN. kernels: `kernel_settings()` when traced (static)."""
+    if kernels != kernel_settings():
+        raise RuntimeError(f"generate program keyed by kernel settings {kernels} traced under {kernel_settings()}")
     model: Transformer = nnx.merge(graphdef, state)
     batch, prompt_len = tokens.shape
     cache = kv_cache.init_cache(model.cfg, pad, prompt_len + new_bucket, model.dtype)
@@ -112,7 +122,7 @@ class Generator:
             raise SvdsparseError(f"{len(predictors)} predictors for {model.cfg.n_layers} layers")
         self.predictors = predictors
         self.graphdef, self.state = nnx.split(model)
-        self._jitted = jax.jit(_generate_program, static_argnums=(0,), static_argnames=("new_bucket",))
+        self._jitted = jax.jit(_generate_program, static_argnums=(0,), static_argnames=("new_bucket", "kernels"))
         self.compiled: dict[tuple, object] = {}
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampler: Sampler = Sampler(),
@@ -145,12 +155,12 @@ class Generator:
             eos = np.full(1, -2, np.int32)  # matches no token
         args = (self.graphdef, self.state, self.predictors, jnp.asarray(tokens), jnp.asarray(pad), jnp.int32(max_new_tokens),
                 jax.tree.map(jnp.asarray, sampler), jax.random.key(seed), jnp.asarray(eos))
-        # kernels or XLA, and which GEMVs: decided while tracing
-        key = (len(prompts), prompt_len, new_bucket, eos.size, dispatch.dense_gemv(), dispatch.mode())
+        kernels = kernel_settings()  # kernels or XLA, and which GEMVs: decided while tracing
+        key = (len(prompts), prompt_len, new_bucket, eos.size, kernels)
         compile_s = 0.0
         if key not in self.compiled:
             t0 = time.perf_counter()
-            self.compiled[key] = self._jitted.lower(*args, new_bucket=new_bucket).compile()
+            self.compiled[key] = self._jitted.lower(*args, new_bucket=new_bucket, kernels=kernels).compile()
             compile_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         out = self.compiled[key](*args[1:])
