@@ -8,6 +8,12 @@ largest that divides n, so no tile ever reads past the matrix and no column mask
 
 The same row-dot loop is the gate / up stage of the sparse FFN (`sparse_ffn.py`), there over a gathered list
 of rows instead of a contiguous block: `dot_rows` serves both.
+
+`gemv_block_pallas` is the second kernel: a block of rows per program with every column loaded at once (in
+power-of-two pieces, as the stream kernel loads its rows), optionally forming RMSNorm(x) itself, so a decode
+step's q/k/v product needs no separate norm launches. It is checked in interpret mode and dispatched only for
+the norm-fused product under SVDSPARSE_DENSE_GEMV=1; it has not been timed on a GPU yet (docs/BENCHMARKS.md,
+"Decode GEMVs"): whichever of the two measures faster per shape should then remain.
 """
 
 from __future__ import annotations
@@ -131,15 +137,16 @@ def _gemv_kernel(x_ref, w_ref, y_ref, *, rows: int, chunk: int, interpret: bool)
         y_ref[b, :] = acc
 
 
-def normed_pieces(x_ref, scale_ref, pieces: list[pl.Slice], eps: float) -> list[list[jax.Array]]:
+def normed_pieces(x_ref, scale_ref, pieces: list[pl.Slice], eps: float, dtype) -> list[list[jax.Array]]:
     """Inside a kernel: per sequence of x_ref [B, k], its RMSNorm as f32 pieces (one per column piece), rounded
-    to the scale's dtype as `reference.rms_norm` rounds it; without scale_ref, x itself."""
+    to the scale's dtype as `reference.rms_norm` rounds it, then to `dtype` (the weights', as `reference.gemv`
+    casts x); without scale_ref, x itself."""
     out = []
     for b in range(x_ref.shape[0]):
         xs = [x_ref[b, c].astype(F32) for c in pieces]
         if scale_ref is not None:
             inv = jax.lax.rsqrt(sum(jnp.sum(v * v) for v in xs) / x_ref.shape[1] + eps)
-            xs = [(v * inv * scale_ref[c].astype(F32)).astype(scale_ref.dtype).astype(F32)
+            xs = [(v * inv * scale_ref[c].astype(F32)).astype(scale_ref.dtype).astype(dtype).astype(F32)
                   for v, c in zip(xs, pieces)]
         out.append(xs)
     return out
@@ -152,7 +159,7 @@ def _gemv_block_kernel(x_ref, w_ref, *refs, rows: int, cap: int, eps: float, has
     start = pl.multiple_of(pl.program_id(0) * rows, rows)
     pieces = column_pieces(w_ref.shape[1], cap)
     tiles = [w_ref[pl.ds(start, rows), c] for c in pieces]
-    for b, xs in enumerate(normed_pieces(x_ref, scale_ref, pieces, eps)):
+    for b, xs in enumerate(normed_pieces(x_ref, scale_ref, pieces, eps, w_ref.dtype)):
         y_ref[b, :] = sum(jnp.sum(t.astype(F32) * v[None, :], axis=1) for t, v in zip(tiles, xs))
 
 
