@@ -75,11 +75,15 @@ def column_pieces(k: int, cap: int) -> list[pl.Slice]:
     return pieces
 
 
+def dot_pieces(tiles: list[jax.Array], xs: list[jax.Array]) -> jax.Array:
+    """Inside a kernel: f32 [rows], row tiles tiles[i] [rows, n_i] dotted with the vector pieces xs[i] [n_i]."""
+    return sum(jnp.sum(t.astype(F32) * v.astype(F32)[None, :], axis=1) for t, v in zip(tiles, xs))
+
+
 def dot_tiles(x_ref, tiles: list[jax.Array], cols: list[pl.Slice], batch: int) -> list[jax.Array]:
     """Per sequence b < batch, f32 [rows]: loaded row tiles (tiles[i] [rows, size of cols[i]], columns cols[i]
     of w) dotted with x[b] over those columns, in f32."""
-    return [sum(jnp.sum(w.astype(F32) * x_ref[b, c].astype(F32)[None, :], axis=1) for w, c in zip(tiles, cols))
-            for b in range(batch)]
+    return [dot_pieces(tiles, [x_ref[b, c] for c in cols]) for b in range(batch)]
 
 
 def dot_rows(x_ref, w_ref, rows: jax.Array, live: jax.Array, *, chunk: int, batch: int,
@@ -137,30 +141,27 @@ def _gemv_kernel(x_ref, w_ref, y_ref, *, rows: int, chunk: int, interpret: bool)
         y_ref[b, :] = acc
 
 
-def normed_pieces(x_ref, scale_ref, pieces: list[pl.Slice], eps: float, dtype) -> list[list[jax.Array]]:
-    """Inside a kernel: per sequence of x_ref [B, k], its RMSNorm as f32 pieces (one per column piece), rounded
-    to the scale's dtype as `reference.rms_norm` rounds it, then to `dtype` (the weights', as `reference.gemv`
-    casts x); without scale_ref, x itself."""
-    out = []
-    for b in range(x_ref.shape[0]):
-        xs = [x_ref[b, c].astype(F32) for c in pieces]
-        if scale_ref is not None:
-            inv = jax.lax.rsqrt(sum(jnp.sum(v * v) for v in xs) / x_ref.shape[1] + eps)
-            xs = [(v * inv * scale_ref[c].astype(F32)).astype(scale_ref.dtype).astype(dtype).astype(F32)
-                  for v, c in zip(xs, pieces)]
-        out.append(xs)
-    return out
+def rms_pieces(xs: list[jax.Array], scale_ref, pieces: list[pl.Slice], eps: float, dtype) -> list[jax.Array]:
+    """Inside a kernel: one sequence's RMSNorm from its f32 column pieces xs (the columns `pieces`) and the scale
+    [k], in f32, rounded to dtype as `reference.rms_norm` rounds it (the norm kernels and the norm GEMV share
+    it)."""
+    inv = jax.lax.rsqrt(sum(jnp.sum(v * v) for v in xs) / sum(c.size for c in pieces) + eps)
+    return [(v * inv * scale_ref[c].astype(F32)).astype(dtype) for v, c in zip(xs, pieces)]
 
 
 def _gemv_block_kernel(x_ref, w_ref, *refs, rows: int, cap: int, eps: float, has_scale: bool):
     """Program p: rows [p*rows, (p+1)*rows) of w, every column at once (power-of-two pieces of at most `cap`,
-    the weight loads issued before x's), dotted with x or, given a scale, with RMSNorm(x)."""
+    the weight loads issued before x's), dotted with x or, given a scale, with RMSNorm(x) rounded as the
+    reference rounds it (to the scale's dtype, then to the weights' as `reference.gemv` casts x)."""
     scale_ref, y_ref = (refs[0], refs[1]) if has_scale else (None, refs[0])
     start = pl.multiple_of(pl.program_id(0) * rows, rows)
     pieces = column_pieces(w_ref.shape[1], cap)
     tiles = [w_ref[pl.ds(start, rows), c] for c in pieces]
-    for b, xs in enumerate(normed_pieces(x_ref, scale_ref, pieces, eps, w_ref.dtype)):
-        y_ref[b, :] = sum(jnp.sum(t.astype(F32) * v[None, :], axis=1) for t, v in zip(tiles, xs))
+    for b in range(x_ref.shape[0]):
+        xs = [x_ref[b, c].astype(F32) for c in pieces]
+        if scale_ref is not None:
+            xs = [n.astype(w_ref.dtype) for n in rms_pieces(xs, scale_ref, pieces, eps, scale_ref.dtype)]
+        y_ref[b, :] = dot_pieces(tiles, xs)
 
 
 def pad_batch(x: jax.Array) -> jax.Array:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels import dispatch, reference
-from pallas_kernels.gemv import MAX_BATCH, call, column_pieces, pow2_divisor
+from pallas_kernels.gemv import MAX_BATCH, call, column_pieces, dot_pieces, pow2_divisor, rms_pieces
 from pallas_kernels.reference import rms_norm
 
 F32 = jnp.float32
@@ -44,13 +44,10 @@ def _add_norm_kernel(x_ref, delta_ref, scale_ref, *refs, eps: float, rows: int, 
     batch, d = x_ref.shape
     p = pl.program_id(0)
     pieces = column_pieces(d, 2048)
-    scale = [scale_ref[c].astype(F32) for c in pieces]
-    w = [] if w_ref is None else [w_ref[pl.ds(p * rows, rows), c].astype(F32) for c in pieces]
+    w = [] if w_ref is None else [w_ref[pl.ds(p * rows, rows), c] for c in pieces]
     for b in range(batch):
         total = [(x_ref[b, c].astype(F32) + delta_ref[b, c].astype(F32)).astype(sum_ref.dtype) for c in pieces]
-        squares = sum(jnp.sum(jnp.square(t.astype(F32))) for t in total)
-        inv = jax.lax.rsqrt(squares / d + eps)
-        normed = [(t.astype(F32) * inv * s).astype(normed_ref.dtype) for t, s in zip(total, scale)]
+        normed = rms_pieces([t.astype(F32) for t in total], scale_ref, pieces, eps, normed_ref.dtype)
 
         @pl.when(p == 0)
         def _():
@@ -59,8 +56,7 @@ def _add_norm_kernel(x_ref, delta_ref, scale_ref, *refs, eps: float, rows: int, 
                 normed_ref[b, c] = n
 
         if w:
-            z = sum(jnp.sum(wc * n.astype(w_ref.dtype).astype(F32)[None, :], axis=1) for wc, n in zip(w, normed))
-            z_ref[0][b, pl.ds(p * rows, rows)] = z
+            z_ref[0][b, pl.ds(p * rows, rows)] = dot_pieces(w, [n.astype(w_ref.dtype) for n in normed])
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "rows", "num_warps", "interpret", "poison"))

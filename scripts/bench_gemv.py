@@ -68,11 +68,11 @@ def main() -> int:
         for r, c, wps in LOOP_TILES:
             attempt(f"loop rows={r} chunk={c} warps={wps}",
                     lambda x, w, r=r, c=c, wps=wps: gemv_pallas(x, w, rows=r, chunk=c, num_warps=wps))
-        for r, c, wps in itertools.product(args.rows, args.caps, args.warps):
-            attempt(f"block rows={r} cap={c} warps={wps}",
-                    lambda x, w, r=r, c=c, wps=wps: gemv_block_pallas(x, w, rows=r, cap=c, num_warps=wps))
-        best_block = min((v, key) for key, v in results.items() if key.startswith("block"))[1]
-        r, c, wps = (int(part.split("=")[1]) for part in best_block.split()[1:])
+        block_tiles = {f"block rows={r} cap={c} warps={wps}": (r, c, wps)
+                       for r, c, wps in itertools.product(args.rows, args.caps, args.warps)}
+        for key, (r, c, wps) in block_tiles.items():
+            attempt(key, lambda x, w, r=r, c=c, wps=wps: gemv_block_pallas(x, w, rows=r, cap=c, num_warps=wps))
+        r, c, wps = block_tiles[min((results[key], key) for key in block_tiles if key in results)[1]]
         norm = {"xla": bench(lambda x, w: reference.gemv(rms_norm(x, scale, 1e-5), w)),
                 "block": bench(lambda x, w: gemv_block_pallas(x, w, scale, 1e-5, rows=r, cap=c, num_warps=wps))}
         print(f"  {n}x{k}: " + ", ".join(f"{key} {v * 1e6:.2f} us" for key, v in results.items()), flush=True)

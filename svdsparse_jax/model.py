@@ -22,9 +22,8 @@ from flax import nnx
 from pallas_kernels import dispatch
 from pallas_kernels.gemv import MAX_BATCH, gemv
 from pallas_kernels.norm import add_rmsnorm
-from pallas_kernels.reference import rms_norm
+from pallas_kernels.reference import Activation, rms_norm
 from pallas_kernels.sparse_ffn import sparse_ffn
-from pallas_kernels.reference import Activation
 from svdsparse_jax import kv_cache
 from svdsparse_jax.config import ModelConfig
 from svdsparse_jax.weights import FUSED, Path
@@ -38,14 +37,15 @@ def einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     some of them with an f32 result ("Unsupported element type for DotThunk: BF16 x BF16 = F32", e.g. the
     attention of two sequences of several tokens): there they are widened to f32 first, which is exact."""
     inputs, out = spec.split("->")
-    batched = any(c.isalpha() and c in inputs.split(",")[1] and c in out for c in inputs.split(",")[0])
+    lhs, rhs = inputs.split(",")
+    batched = any(c.isalpha() and c in rhs and c in out for c in lhs)  # a label both operands keep
     if batched and a.dtype != F32 and jax.default_backend() == "cpu":
         a, b = a.astype(F32), b.astype(F32)
     precision = jax.lax.Precision.HIGHEST if a.dtype == F32 and b.dtype == F32 else None
     return jnp.einsum(spec, a, b, preferred_element_type=F32, precision=precision)
 
 
-def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None, norm: "RMSNorm | None" = None) -> jax.Array:
+def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None, norm: RMSNorm | None = None) -> jax.Array:
     """norm(x) [..., in] @ w[out, in]^T (+ b) -> [..., out] f32 (x itself without a norm). Decode-sized inputs
     may take the Pallas GEMV (`pallas_kernels.dispatch.dense_gemv`), which then forms the norm itself."""
     if x.size // x.shape[-1] <= MAX_BATCH and dispatch.dense_gemv():

@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import rel_err
 from pallas_kernels import compaction, dispatch, norm
 from pallas_kernels import sparse_ffn as sf
 from pallas_kernels.checks import (TOLERANCE, blocked_list_numpy, check_add_rmsnorm, check_gemv, check_sparse_ffn,
@@ -68,7 +69,7 @@ def test_gemv_kernel_matches_float64(n, k, dtype):
 
 def test_dense_gemv_switch_decodes_like_xla(llama_checkpoint, monkeypatch):
     """SVDSPARSE_DENSE_GEMV=1: the decode projections through the GEMV kernels (interpreted; q/k/v with the
-    attention norm inside) give XLA's hidden states, bf16, within bf16 rounding, for a 4-token step of two
+    attention norm inside) give XLA's hidden states, bf16, within the bf16 tolerance, for a 4-token step of two
     sequences and the next 1-token step; the Generator keeps a program per setting."""
     lm = load_model(llama_checkpoint.path, jnp.bfloat16)
     model = Transformer(lm.cfg, lm.weights)
@@ -93,8 +94,8 @@ def test_dense_gemv_switch_decodes_like_xla(llama_checkpoint, monkeypatch):
         gen.generate([[1, 2]], 2)
     assert [k[-1] for k in gen.compiled] == [("interpret", False), ("interpret", True)]
     assert len({c.as_text() for c in gen.compiled.values()}) == 2
-    for a, b in zip(on, off):
-        np.testing.assert_allclose(a, b, rtol=2e-2, atol=2e-2)
+    for a, b in zip(on, off):  # the checks' measure and bf16 tolerance (seen: about 5e-3, bf16 roundings)
+        assert rel_err(a, b) <= TOLERANCE["bfloat16"]
 
 
 @pytest.mark.parametrize("k", [4096, 3584, 5120, 1536, 96, 16])
