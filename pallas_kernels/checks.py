@@ -77,23 +77,24 @@ def check_sparse_ffn(d: int, d_ff: int, dtype, count: int, *, batch: int = 1, ac
 
 
 def check_gemv(n: int, k: int, dtype, *, batch: int = 1, interpret: bool, seed: int | None = None,
-               kernel: str = "loop", **tuning) -> CheckResult:
-    """A Pallas GEMV against float64: kernel "loop" (`gemv_pallas`), "block" (`gemv_block_pallas`) or "norm"
-    (the block kernel with RMSNorm(x) inside, against float64 products of `reference.rms_norm`'s bf16 output)."""
+               kernel: str = "plain", out_dtype=jnp.float32, **tuning) -> CheckResult:
+    """`gemv.gemv_pallas` against float64: kernel "plain" (x @ w^T) or "norm" (RMSNorm(x) @ w^T, the norm inside
+    the kernel, against float64 products of `reference.rms_norm`'s output), the result written as out_dtype."""
+    if kernel not in ("plain", "norm"):
+        raise ValueError(f"check_gemv: kernel {kernel!r}, expected 'plain' or 'norm'")
     rng = np.random.default_rng(seed)
     w = jnp.asarray(rng.standard_normal((n, k), np.float32), dtype)
     x = jnp.asarray(rng.standard_normal((batch, k), np.float32), dtype)
-    scale = jnp.asarray(1 + 0.2 * rng.standard_normal(k), dtype)
-    if kernel == "loop":
-        y = gemv_mod.gemv_pallas(x, w, interpret=interpret, poison=True, **tuning)
-    else:
-        y = gemv_mod.gemv_block_pallas(x, w, scale if kernel == "norm" else None, 1e-5, interpret=interpret,
-                                       poison=True, **tuning)
-    y = np.asarray(y, np.float64)
-    xin = reference.rms_norm(x, scale, 1e-5) if kernel == "norm" else x
+    scale = jnp.asarray(1 + 0.2 * rng.standard_normal(k), dtype) if kernel == "norm" else None
+    y = gemv_mod.gemv_pallas(x, w, scale, 1e-5, out_dtype=jnp.dtype(out_dtype), interpret=interpret, poison=True,
+                             **tuning)
+    ok_dtype = y.dtype == jnp.dtype(out_dtype)
+    y = np.asarray(y.astype(jnp.float32), np.float64)
+    xin = x if scale is None else reference.rms_norm(x, scale, 1e-5)
     ref = np.asarray(xin.astype(jnp.float32), np.float64) @ np.asarray(w.astype(jnp.float32), np.float64).T
-    return CheckResult(f"gemv {kernel} n={n} k={k} {jnp.dtype(dtype).name} batch={batch}", _rel(y, ref),
-                       bool(np.isfinite(y).all()), TOLERANCE[jnp.dtype(dtype).name])
+    return CheckResult(f"gemv {kernel} n={n} k={k} {jnp.dtype(dtype).name} batch={batch} "
+                       f"out={jnp.dtype(out_dtype).name}", _rel(y, ref), bool(np.isfinite(y).all()) and ok_dtype,
+                       TOLERANCE[jnp.dtype(dtype).name])
 
 
 def blocked_list_numpy(candidates: np.ndarray, tile: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

@@ -1,19 +1,18 @@
 """Matrix-vector products for decode: y [B, n] = x [B, k] @ w [n, k]^T with B a handful of sequences.
 
-One program per block of `rows` consecutive rows of w; it loops over k in chunks of `chunk` columns, and for
-each chunk multiplies the [rows, chunk] tile by every sequence's x chunk and sums along the row, in f32. The
-tile is loaded once for all B sequences, so a batch costs little more than one sequence. Triton wants
-power-of-two tiles: `chunk` is the largest power of two up to the requested size that divides k, and `rows` the
-largest that divides n, so no tile ever reads past the matrix and no column mask is needed.
+`gemv_pallas`: one program per block of `rows` consecutive rows of w, every column loaded at once in
+power-of-two pieces (as the stream kernel loads its rows), all loads in flight together; each sequence's x is
+multiplied into the tile and summed along the row in f32. The tile is loaded once for all B sequences, so a
+batch costs little more than one sequence. Given a scale, each program also forms RMSNorm(x) itself from x
+(8 KB per sequence, from L2), so a decode step's q/k/v product needs no separate norm launches. The result is
+written in the dtype asked for (f32, or the activations' dtype so no conversion launch follows).
 
-The same row-dot loop is the gate / up stage of the sparse FFN (`sparse_ffn.py`), there over a gathered list
-of rows instead of a contiguous block: `dot_rows` serves both.
-
-`gemv_block_pallas` is the second kernel: a block of rows per program with every column loaded at once (in
-power-of-two pieces, as the stream kernel loads its rows), optionally forming RMSNorm(x) itself, so a decode
-step's q/k/v product needs no separate norm launches. It is checked in interpret mode and dispatched only for
-the norm-fused product under SVDSPARSE_DENSE_GEMV=1; it has not been timed on a GPU yet (docs/BENCHMARKS.md,
-"Decode GEMVs"): whichever of the two measures faster per shape should then remain.
+A second design, a loop over equal column chunks per block of rows, was measured against it on the H100
+(docs/BENCHMARKS.md, "Decode GEMVs"; `docs/bench/bench_gemv_loop_vs_block.json`): the loop kernel's best of
+three tiles and this kernel at its default tile were within 2% of each other on every 7B shape (12288x4096
+38.9 vs 39.2 us, 11008x4096 35.8 vs 35.2, 4096x11008 39.5 vs 40.0, 32000x4096 90.9 vs 90.5), and only whole
+rows can fuse the norm, so the loop kernel was removed. Its row-dot loop remains as the gate / up stage of the
+sparse FFN (`sparse_ffn.py`), over a gathered list of rows: `dot_rows`.
 """
 
 from __future__ import annotations
@@ -132,15 +131,6 @@ def call(kernel, *, out_shape, grid: tuple[int, ...], in_specs: list, out_specs,
     return run
 
 
-def _gemv_kernel(x_ref, w_ref, y_ref, *, rows: int, chunk: int, interpret: bool):
-    start = pl.program_id(0) * rows
-    idx = start + jnp.arange(rows, dtype=jnp.int32)
-    live = jnp.ones((rows,), jnp.bool_)
-    accs = dot_rows(x_ref, w_ref, idx, live, chunk=chunk, batch=y_ref.shape[0], interpret=interpret)
-    for b, acc in enumerate(accs):
-        y_ref[b, :] = acc
-
-
 def rms_pieces(xs: list[jax.Array], scale_ref, pieces: list[pl.Slice], eps: float, dtype) -> list[jax.Array]:
     """Inside a kernel: one sequence's RMSNorm from its f32 column pieces xs (the columns `pieces`) and the scale
     [k], in f32, rounded to dtype as `reference.rms_norm` rounds it (the norm kernels and the norm GEMV share
@@ -149,7 +139,7 @@ def rms_pieces(xs: list[jax.Array], scale_ref, pieces: list[pl.Slice], eps: floa
     return [(v * inv * scale_ref[c].astype(F32)).astype(dtype) for v, c in zip(xs, pieces)]
 
 
-def _gemv_block_kernel(x_ref, w_ref, *refs, rows: int, cap: int, eps: float, has_scale: bool):
+def _gemv_kernel(x_ref, w_ref, *refs, rows: int, cap: int, eps: float, has_scale: bool):
     """Program p: rows [p*rows, (p+1)*rows) of w, every column at once (power-of-two pieces of at most `cap`,
     the weight loads issued before x's), dotted with x or, given a scale, with RMSNorm(x) rounded as the
     reference rounds it (to the scale's dtype, then to the weights' as `reference.gemv` casts x)."""
@@ -161,7 +151,7 @@ def _gemv_block_kernel(x_ref, w_ref, *refs, rows: int, cap: int, eps: float, has
         xs = [x_ref[b, c].astype(F32) for c in pieces]
         if scale_ref is not None:
             xs = [n.astype(w_ref.dtype) for n in rms_pieces(xs, scale_ref, pieces, eps, scale_ref.dtype)]
-        y_ref[b, :] = dot_pieces(tiles, xs)
+        y_ref[b, :] = dot_pieces(tiles, xs).astype(y_ref.dtype)
 
 
 def pad_batch(x: jax.Array) -> jax.Array:
@@ -170,30 +160,14 @@ def pad_batch(x: jax.Array) -> jax.Array:
     return jnp.pad(x, ((0, pl.next_power_of_2(b) - b), (0, 0)))
 
 
-@functools.partial(jax.jit, static_argnames=("rows", "chunk", "num_warps", "num_stages", "interpret", "poison"))
-def gemv_pallas(x: jax.Array, w: jax.Array, *, rows: int = 8, chunk: int = 1024, num_warps: int = 4,
-                num_stages: int = 3, interpret: bool = False, poison: bool = False) -> jax.Array:
-    """The Pallas GEMV: x [B, k] @ w [n, k]^T -> [B, n] f32. rows / chunk are upper bounds (see module doc)."""
-    b, k = x.shape
-    n = w.shape[0]
-    if w.shape[1] != k:
-        raise ValueError(f"gemv: x has {k} columns, w {w.shape}")
-    rows, chunk = pow2_divisor(n, rows), column_chunk(k, chunk, f"gemv weight {w.shape}")
-    xp = pad_batch(x.astype(w.dtype))
-    bp = xp.shape[0]
-    y = call(functools.partial(_gemv_kernel, rows=rows, chunk=chunk, interpret=interpret),
-             out_shape=jax.ShapeDtypeStruct((bp, n), F32), grid=(n // rows,),
-             in_specs=[pl.no_block_spec] * 2, out_specs=pl.BlockSpec((bp, rows), lambda i: (0, i)),
-             num_warps=num_warps, num_stages=num_stages, interpret=interpret, poison=poison)(xp, w)
-    return y[:b]
-
-
-@functools.partial(jax.jit, static_argnames=("eps", "rows", "cap", "num_warps", "interpret", "poison"))
-def gemv_block_pallas(x: jax.Array, w: jax.Array, scale: jax.Array | None = None, eps: float = 1e-6, *,
-                      rows: int = 4, cap: int = 4096, num_warps: int = 8, interpret: bool = False,
-                      poison: bool = False) -> jax.Array:
-    """x [B, k] @ w [n, k]^T -> [B, n] f32 with whole rows per program; given scale [k], RMSNorm(x) (eps) @ w^T,
-    the norm computed inside every program from x (a few KB, from L2)."""
+@functools.partial(jax.jit, static_argnames=("eps", "out_dtype", "rows", "cap", "num_warps", "interpret",
+                                             "poison"))
+def gemv_pallas(x: jax.Array, w: jax.Array, scale: jax.Array | None = None, eps: float = 1e-6, *,
+                out_dtype=F32, rows: int = 4, cap: int = 4096, num_warps: int = 8, interpret: bool = False,
+                poison: bool = False) -> jax.Array:
+    """x [B, k] @ w [n, k]^T -> [B, n] out_dtype (accumulated in f32, then rounded); given scale [k],
+    RMSNorm(x) (eps) @ w^T, the norm computed inside every program. rows is an upper bound (the largest power
+    of two dividing n up to it); cap the widest column piece; k must be a multiple of 16."""
     b, k = x.shape
     n = w.shape[0]
     if w.shape[1] != k or (scale is not None and scale.shape != (k,)):
@@ -203,29 +177,28 @@ def gemv_block_pallas(x: jax.Array, w: jax.Array, scale: jax.Array | None = None
     xp = pad_batch(x if scale is not None else x.astype(w.dtype))
     bp = xp.shape[0]
     inputs = [xp, w] + ([] if scale is None else [scale])
-    y = call(functools.partial(_gemv_block_kernel, rows=rows, cap=cap, eps=eps, has_scale=scale is not None),
-             out_shape=jax.ShapeDtypeStruct((bp, n), F32), grid=(n // rows,),
+    y = call(functools.partial(_gemv_kernel, rows=rows, cap=cap, eps=eps, has_scale=scale is not None),
+             out_shape=jax.ShapeDtypeStruct((bp, n), out_dtype), grid=(n // rows,),
              in_specs=[pl.no_block_spec] * len(inputs), out_specs=pl.BlockSpec((bp, rows), lambda i: (0, i)),
              num_warps=num_warps, num_stages=1, interpret=interpret, poison=poison)(*inputs)
     return y[:b]
 
 
 MAX_BATCH = 8  # more rows than this are a matrix product, XLA's job
-# On the H100 (scripts/bench_gemv.py, docs/BENCHMARKS.md) the Pallas GEMV beat XLA's from 4096x4096 up
-# (1.97 vs 1.76 TB/s; 11008x4096 2.52 vs 2.15) but lost on the small, latency-bound predictor factors
-# (256x4096 4.6 vs 2.9 us; 11008x256 6.4 vs 5.2 us; 1024x4096 8.3 vs 6.1 us): below this many weights, XLA.
+# On the H100 (docs/bench/bench_gemv_loop_vs_block.json, default tile) the Pallas GEMV beat XLA's from 4096x4096
+# up (16.0 vs 18.1 us; 11008x4096 35.2 vs 41.1; 32000x4096 90.5 vs 96.3) but lost on the small, latency-bound
+# predictor factors (256x4096 4.7 vs 2.9 us; 11008x256 7.0 vs 5.4 us): below this many weights, XLA.
 MIN_KERNEL_WEIGHTS = 4096 * 4096
 
 
-def gemv(x: jax.Array, w: jax.Array, scale: jax.Array | None = None, eps: float = 0.0) -> jax.Array:
-    """x [B, k] @ w [n, k]^T -> [B, n] f32, or given scale [k], RMSNorm(x) (eps) @ w^T with the norm formed
-    inside the kernel (one launch instead of XLA's norm launches and product). By the mode in effect
-    (`dispatch.mode()`): the Pallas kernel, the same kernel interpreted, or XLA's (also for B > MAX_BATCH, for
-    f32, whose full-precision products the model keeps on XLA, and on the GPU for matrices under
-    MIN_KERNEL_WEIGHTS, where XLA measured faster)."""
+def gemv(x: jax.Array, w: jax.Array, scale: jax.Array | None = None, eps: float = 0.0,
+         out_dtype=F32) -> jax.Array:
+    """x [B, k] @ w [n, k]^T -> [B, n] out_dtype (f32 accumulation), or given scale [k], RMSNorm(x) (eps) @ w^T
+    with the norm formed inside the kernel (one launch instead of XLA's norm launches and product). By the
+    mode in effect (`dispatch.mode()`): the Pallas kernel, the same kernel interpreted, or XLA's (also for
+    B > MAX_BATCH, for f32, whose full-precision products the model keeps on XLA, and on the GPU for matrices
+    under MIN_KERNEL_WEIGHTS, where XLA measured faster)."""
     m = dispatch.mode()
     if m == "xla" or x.shape[0] > MAX_BATCH or w.dtype == F32 or (m == "pallas" and w.size < MIN_KERNEL_WEIGHTS):
-        return reference.gemv(x, w, scale, eps)
-    if scale is not None:
-        return gemv_block_pallas(x, w, scale, eps, interpret=m == "interpret")
-    return gemv_pallas(x, w, interpret=m == "interpret")
+        return reference.gemv(x, w, scale, eps).astype(out_dtype)
+    return gemv_pallas(x, w, scale, eps, out_dtype=jnp.dtype(out_dtype), interpret=m == "interpret")

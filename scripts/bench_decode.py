@@ -226,24 +226,25 @@ def main() -> int:
                 if spec is None:
                     dense[gemv] = row
                 else:  # against the dense run of the same FATReLU model with the same GEMVs
-                    row["speedup_vs_dense"] = round(row["decode_tokens_per_s"] / dense[gemv]["decode_tokens_per_s"],
-                                                    3)
+                    dense_tps = dense[gemv]["decode_tokens_per_s"]
+                    row["speedup_vs_dense"] = round(row["decode_tokens_per_s"] / dense_tps, 3)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
     report = bench_report.report(device=dev.device_kind, platform=dev.platform, jax=jax.__version__,
                                  copy_tb_per_s=round(copy_bw / 1e12, 3), runs=rows)
     bench_report.save(report, args.json_out)
     print(f"\n{dev.device_kind}  copy {report['copy_tb_per_s']} TB/s")
-    print(f"{'shape':<12}{'mode':<7}{'gemv':<7}{'e2e tok/s':>10}{'decode tok/s':>14}{'step ms':>9}{'TB/s':>7}{'of copy':>9}"
-          f"{'launch':>7}{'compile s':>11}")
+    print(f"{'shape':<12}{'mode':<7}{'gemv':<7}{'e2e tok/s':>10}{'decode tok/s':>14}{'step ms':>9}{'TB/s':>7}"
+          f"{'of copy':>9}{'launch':>7}{'compile s':>11}")
     for r in rows:
-        print(f"{r['shape']:<12}{'sparse' if r['sparse'] else 'dense':<7}{'pallas' if r['dense_gemv'] else 'xla':<7}"
-              f"{r['end_to_end_tokens_per_s']:>10}"
+        mode, gemv = "sparse" if r["sparse"] else "dense", "pallas" if r["dense_gemv"] else "xla"
+        print(f"{r['shape']:<12}{mode:<7}{gemv:<7}{r['end_to_end_tokens_per_s']:>10}"
               f"{r['decode_tokens_per_s']:>14}{r['decode_step_ms']:>9}{r['decode_tb_per_s']:>7}"
               f"{r['fraction_of_copy_bw']:>9}{r['launches_per_step']:>7}{r['compile_s']:>11}")
         if r["sparse"]:
-            print(f"   gate decay {r['gate_decay']}, {r['predictor']}: {r['speedup_vs_dense']}x dense; calib true sparsity {r['calib_true_sparsity']}, "
-                  f"predicted {r['calib_predicted_sparsity']}, recall {r['calib_recall']}")
+            print(f"   gate decay {r['gate_decay']}, {r['predictor']}: {r['speedup_vs_dense']}x dense; "
+                  f"calib true sparsity {r['calib_true_sparsity']}, predicted {r['calib_predicted_sparsity']}, "
+                  f"recall {r['calib_recall']}")
     return 0
 
 

@@ -1,11 +1,10 @@
 #!/usr/bin/env python
-"""Decode GEMVs (batch 1, bf16) on the GPU: XLA's dot vs the Pallas GEMVs over a few tile choices.
+"""Decode GEMVs (batch 1, bf16) on the GPU: XLA's dot vs the Pallas GEMV (`gemv.gemv_pallas`) over a few tiles.
 
-Two Pallas kernels: "loop" (`gemv_pallas`: a block of rows, a loop over column chunks) and "block"
-(`gemv_block_pallas`: a block of rows, all columns at once in pieces). "norm" rows time RMSNorm(x) @ w^T: XLA's
-norm and dot against the block kernel with the norm inside (at the block kernel's best tile).
-Each shape is timed over `--mats` separate matrices (so reads come from device memory, not L2), INNER passes
-inside one jitted call; bandwidth counts the matrix bytes once per product.
+"norm" columns time RMSNorm(x) @ w^T: XLA's norm and dot against the kernel with the norm inside, both at the
+kernel's default tile (the one the model runs). "bf16 out" times the kernel writing bf16 instead of f32 (what
+the attention projections ask for). Each shape is timed over `--mats` separate matrices (so reads come from
+device memory, not L2), INNER passes inside one jitted call; bandwidth counts the matrix bytes once per product.
 
   python scripts/bench_gemv.py [--shapes 12288x4096 ...] [--rows 4 8] [--caps 2048 4096] [--warps 4 8]
                                [--json-out F]
@@ -27,12 +26,11 @@ import jax.numpy as jnp  # noqa: E402
 
 from bench_ffn import copy_bandwidth, looped, timeit  # noqa: E402
 from pallas_kernels import reference  # noqa: E402
-from pallas_kernels.gemv import gemv_block_pallas, gemv_pallas  # noqa: E402
+from pallas_kernels.gemv import gemv_pallas  # noqa: E402
 from pallas_kernels.reference import rms_norm  # noqa: E402
 import bench_report  # noqa: E402
 
 SHAPES = ["12288x4096", "4096x4096", "11008x4096", "4096x11008", "32000x4096", "256x4096", "11008x256"]
-LOOP_TILES = [(4, 2048, 8), (4, 1024, 4), (8, 2048, 8)]  # the loop kernel's best tiles in the earlier sweep
 
 
 def main() -> int:
@@ -65,22 +63,18 @@ def main() -> int:
                 print(f"  {n}x{k} {key}: {type(e).__name__}", flush=True)
 
         results = {"xla": bench(reference.gemv)}
-        for r, c, wps in LOOP_TILES:
-            attempt(f"loop rows={r} chunk={c} warps={wps}",
-                    lambda x, w, r=r, c=c, wps=wps: gemv_pallas(x, w, rows=r, chunk=c, num_warps=wps))
-        block_tiles = {f"block rows={r} cap={c} warps={wps}": (r, c, wps)
-                       for r, c, wps in itertools.product(args.rows, args.caps, args.warps)}
-        for key, (r, c, wps) in block_tiles.items():
-            attempt(key, lambda x, w, r=r, c=c, wps=wps: gemv_block_pallas(x, w, rows=r, cap=c, num_warps=wps))
-        r, c, wps = block_tiles[min((results[key], key) for key in block_tiles if key in results)[1]]
+        for r, c, wps in itertools.product(args.rows, args.caps, args.warps):
+            attempt(f"rows={r} cap={c} warps={wps}",
+                    lambda x, w, r=r, c=c, wps=wps: gemv_pallas(x, w, rows=r, cap=c, num_warps=wps))
+        attempt("default, bf16 out", lambda x, w: gemv_pallas(x, w, out_dtype=jnp.dtype(jnp.bfloat16)))
         norm = {"xla": bench(lambda x, w: reference.gemv(rms_norm(x, scale, 1e-5), w)),
-                "block": bench(lambda x, w: gemv_block_pallas(x, w, scale, 1e-5, rows=r, cap=c, num_warps=wps))}
+                "kernel": bench(lambda x, w: gemv_pallas(x, w, scale, 1e-5))}
         print(f"  {n}x{k}: " + ", ".join(f"{key} {v * 1e6:.2f} us" for key, v in results.items()), flush=True)
         best = min((v, key) for key, v in results.items() if key != "xla")
         row = {"n": n, "k": k, "xla_us": round(results["xla"] * 1e6, 2), "pallas_us": round(best[0] * 1e6, 2),
                "pallas_config": best[1], "xla_tb_s": round(2 * n * k / results["xla"] / 1e12, 3),
                "pallas_tb_s": round(2 * n * k / best[0] / 1e12, 3),
-               "norm_xla_us": round(norm["xla"] * 1e6, 2), "norm_block_us": round(norm["block"] * 1e6, 2),
+               "norm_xla_us": round(norm["xla"] * 1e6, 2), "norm_kernel_us": round(norm["kernel"] * 1e6, 2),
                "all_us": {key: round(v * 1e6, 2) for key, v in results.items()}}
         rows.append(row)
         print(json.dumps(row), flush=True)
@@ -89,10 +83,10 @@ def main() -> int:
                                  copy_tb_per_s=round(copy_bw / 1e12, 3), copy_measured_with=how, runs=rows)
     bench_report.save(report, args.json_out)
     print(f"\ncopy {report['copy_tb_per_s']} TB/s ({how})")
-    print(f"{'shape':<13}{'XLA us':>9}{'TB/s':>7}{'Pallas us':>11}{'TB/s':>7}{'norm: XLA':>11}{'block':>7}  config")
+    print(f"{'shape':<13}{'XLA us':>9}{'TB/s':>7}{'Pallas us':>11}{'TB/s':>7}{'norm: XLA':>11}{'kernel':>7}  best tile")
     for r in rows:
         print(f"{r['n']}x{r['k']:<8}{r['xla_us']:>9}{r['xla_tb_s']:>7}{r['pallas_us']:>11}{r['pallas_tb_s']:>7}"
-              f"{r['norm_xla_us']:>11}{r['norm_block_us']:>7}  {r['pallas_config']}")
+              f"{r['norm_xla_us']:>11}{r['norm_kernel_us']:>7}  {r['pallas_config']}")
     return 0
 
 

@@ -71,8 +71,10 @@ def main() -> int:
     for n, k in (GEMV_SHAPES[:3] if args.quick else GEMV_SHAPES) if "gemv" in args.only else []:
         for dtype in (jnp.bfloat16, jnp.float16):
             for batch in (1, 4):
-                for kernel in ("loop", "block", "norm"):
-                    record(check_gemv(n, k, dtype, batch=batch, interpret=interpret, kernel=kernel))
+                for kernel in ("plain", "norm"):
+                    for out_dtype in (jnp.float32, dtype):
+                        record(check_gemv(n, k, dtype, batch=batch, interpret=interpret, kernel=kernel,
+                                          out_dtype=out_dtype))
     for d, _ in SHAPES if "norm" in args.only else []:  # cheap: every width, also with --quick
         for n in (None, 256):
             for dtype, batch in ((jnp.bfloat16, 1), (jnp.bfloat16, 3), (jnp.float16, 1)):

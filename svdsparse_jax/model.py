@@ -45,15 +45,18 @@ def einsum(spec: str, a: jax.Array, b: jax.Array) -> jax.Array:
     return jnp.einsum(spec, a, b, preferred_element_type=F32, precision=precision)
 
 
-def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None, norm: RMSNorm | None = None) -> jax.Array:
-    """norm(x) [..., in] @ w[out, in]^T (+ b) -> [..., out] f32 (x itself without a norm). Decode-sized inputs
-    may take the Pallas GEMV (`pallas_kernels.dispatch.dense_gemv`), which then forms the norm itself."""
+def linear(x: jax.Array, w: jax.Array, b: jax.Array | None = None, norm: RMSNorm | None = None,
+           out_dtype=F32) -> jax.Array:
+    """norm(x) [..., in] @ w[out, in]^T (+ b) -> [..., out] out_dtype, accumulated in f32 (x itself without a
+    norm). Decode-sized inputs may take the Pallas GEMV (`pallas_kernels.dispatch.dense_gemv`), which then
+    forms the norm itself and, without a bias, writes out_dtype directly (no conversion launch after it)."""
     if x.size // x.shape[-1] <= MAX_BATCH and dispatch.dense_gemv():
         scale, eps = (None, 0.0) if norm is None else (norm.scale[...], norm.eps)
-        y = gemv(x.reshape(-1, x.shape[-1]), w, scale, eps).reshape(*x.shape[:-1], w.shape[0])
+        y = gemv(x.reshape(-1, x.shape[-1]), w, scale, eps, F32 if b is not None else out_dtype)
+        y = y.reshape(*x.shape[:-1], w.shape[0])
     else:
         y = einsum("...i,oi->...o", x if norm is None else norm(x), w)
-    return y if b is None else y + b.astype(F32)
+    return (y if b is None else y + b.astype(F32)).astype(out_dtype)
 
 
 def activation(cfg: ModelConfig) -> Activation:
@@ -116,7 +119,7 @@ class Attention(nnx.Module):
         Returns (out [B, T, d], updated k_cache, updated v_cache)."""
         cfg, dt = self.cfg, x.dtype
         b, t, _ = x.shape
-        qkv = linear(x, self.wqkv[...], self._bias("bqkv"), norm).astype(dt)
+        qkv = linear(x, self.wqkv[...], self._bias("bqkv"), norm, dt)
         q, k, v = jnp.split(qkv, [cfg.q_dim, cfg.q_dim + cfg.kv_dim], axis=-1)
         q = q.reshape(b, t, cfg.n_heads, cfg.head_dim)
         k = k.reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
@@ -132,7 +135,7 @@ class Attention(nnx.Module):
         probs = jax.nn.softmax(scores, axis=-1).astype(dt)
         out = einsum("bkgts,bksh->btkgh", probs, v_cache)
         out = out.astype(dt).reshape(b, t, cfg.q_dim)
-        return linear(out, self.wo[...], self._bias("bo")).astype(dt), k_cache, v_cache
+        return linear(out, self.wo[...], self._bias("bo"), out_dtype=dt), k_cache, v_cache
 
 
 class FFN(nnx.Module):

@@ -11,9 +11,9 @@ import pytest
 from conftest import rel_err
 from pallas_kernels import compaction, dispatch, norm
 from pallas_kernels import sparse_ffn as sf
-from pallas_kernels.checks import (TOLERANCE, blocked_list_numpy, check_add_rmsnorm, check_gemv, check_sparse_ffn,
-                                   scores_for)
-from pallas_kernels.gemv import column_chunk, column_pieces
+from pallas_kernels.checks import (TOLERANCE, blocked_list_numpy, check_add_rmsnorm, check_gemv,
+                                   check_sparse_ffn, scores_for)
+from pallas_kernels.gemv import column_chunk, column_pieces, gemv_pallas
 from pallas_kernels.reference import Activation
 from svdsparse_jax import kv_cache
 from svdsparse_jax.convert import load_model
@@ -58,19 +58,33 @@ def test_sparse_ffn_f16():
 @pytest.mark.parametrize("n,k", [(200, 96), (64, 256), (24, 48)])
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
 def test_gemv_kernel_matches_float64(n, k, dtype):
-    """Both GEMV kernels, and the block kernel with RMSNorm inside (k = 96 and 48 go in column pieces 64 + 32
-    and 32 + 16)."""
+    """The GEMV kernel, plain and with RMSNorm inside (k = 96 and 48 go in column pieces 64 + 32 and 32 + 16),
+    with f32 results and results in the weights' dtype."""
     for batch in (1, 3):
-        for kernel, tile in (("loop", dict(rows=8, chunk=32)), ("block", dict(rows=8, cap=64)),
-                             ("norm", dict(rows=8, cap=64))):
-            r = check_gemv(n, k, dtype, batch=batch, interpret=True, kernel=kernel, **tile)
-            assert r.ok, r
+        for kernel in ("plain", "norm"):
+            for out_dtype in (jnp.float32, dtype):
+                r = check_gemv(n, k, dtype, batch=batch, interpret=True, kernel=kernel, out_dtype=out_dtype,
+                               rows=8, cap=64)
+                assert r.ok, r
+
+
+def test_gemv_out_dtype_is_the_f32_result_rounded():
+    """Asked for bf16, the kernel writes exactly its f32 result rounded (what `.astype` after it would give)."""
+    rng = np.random.default_rng()
+    w = jnp.asarray(rng.standard_normal((64, 96)), jnp.bfloat16)
+    x = jnp.asarray(rng.standard_normal((2, 96)), jnp.bfloat16)
+    scale = jnp.asarray(1 + 0.2 * rng.standard_normal(96), jnp.bfloat16)
+    for s in (None, scale):
+        wide = gemv_pallas(x, w, s, 1e-5, interpret=True, rows=8, cap=64)
+        narrow = gemv_pallas(x, w, s, 1e-5, out_dtype=jnp.dtype(jnp.bfloat16), interpret=True, rows=8, cap=64)
+        assert narrow.dtype == jnp.bfloat16
+        np.testing.assert_array_equal(np.asarray(narrow, np.float32), np.asarray(wide.astype(jnp.bfloat16), np.float32))
 
 
 def test_dense_gemv_switch_decodes_like_xla(llama_checkpoint, monkeypatch):
-    """SVDSPARSE_DENSE_GEMV=1: the decode projections through the GEMV kernels (interpreted; q/k/v with the
-    attention norm inside) give XLA's hidden states, bf16, within the bf16 tolerance, for a 4-token step of two
-    sequences and the next 1-token step; the Generator keeps a program per setting."""
+    """SVDSPARSE_DENSE_GEMV=1 (the default): the decode projections through the GEMV kernels (interpreted; q/k/v
+    with the attention norm inside) give XLA's hidden states, bf16, within the bf16 tolerance, for a 4-token step
+    of two sequences and the next 1-token step; the Generator keeps a program per setting."""
     lm = load_model(llama_checkpoint.path, jnp.bfloat16)
     model = Transformer(lm.cfg, lm.weights)
     tokens = jnp.asarray(np.random.default_rng().integers(0, lm.cfg.vocab_size, (2, 5)), jnp.int32)
@@ -86,6 +100,7 @@ def test_dense_gemv_switch_decodes_like_xla(llama_checkpoint, monkeypatch):
         return [np.asarray(h, np.float32) for h in steps(tokens)]
 
     with dispatch.kernel_mode("interpret"):
+        monkeypatch.setitem(os.environ, "SVDSPARSE_DENSE_GEMV", "0")
         off = two_steps()
         gen = Generator(model)
         gen.generate([[1, 2]], 2)
