@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from conftest import rel_err, torch_logits
+from conftest import rel_err, torch_logits, well_conditioned
 from svdsparse_jax import kv_cache
 from svdsparse_jax.convert import load_model
 from svdsparse_jax.model import Transformer
@@ -19,7 +19,8 @@ def _full_logits(model: Transformer, ids: np.ndarray) -> np.ndarray:
 def test_logits_match_transformers_f32(hf_checkpoint):
     lm = load_model(hf_checkpoint.path, jnp.float32)
     model = Transformer(lm.cfg, lm.weights)
-    ids = np.random.default_rng().integers(0, lm.cfg.vocab_size, (2, 40))  # 40 > the Mistral window of 24
+    rng = np.random.default_rng()
+    ids = well_conditioned(hf_checkpoint, lambda: rng.integers(0, lm.cfg.vocab_size, (2, 40)))  # > window 24
     assert rel_err(_full_logits(model, ids), torch_logits(hf_checkpoint.torch_model, ids)) <= 1e-4
 
 
@@ -39,7 +40,7 @@ def test_cached_decoding_equals_recomputation(hf_checkpoint):
     model = Transformer(lm.cfg, lm.weights)
     rng = np.random.default_rng()
     lengths, steps, prompt_len = [5, 9], 30, 16
-    seqs = [rng.integers(0, lm.cfg.vocab_size, n + steps) for n in lengths]
+    seqs = well_conditioned(hf_checkpoint, lambda: [rng.integers(0, lm.cfg.vocab_size, n + steps) for n in lengths])
     tokens = np.zeros((2, prompt_len), np.int32)
     pad = np.array([prompt_len - n for n in lengths], np.int32)
     for b, n in enumerate(lengths):
