@@ -3,8 +3,10 @@
 
 Runs the same `Generator` that `svdsparse generate` uses (prefill + lax.while_loop decode in one program) and
 reports, per shape: end-to-end tokens/s (prefill included, as the CLI prints), decode-only tokens/s
-((N-1) new tokens over the time beyond a 1-token call), bytes read per decode step (weights + the KV cache
-slots) and the bandwidth that implies, against a measured device copy bandwidth.
+((N-1) new tokens over the time beyond a 1-token call), bytes read per decode step and the bandwidth that
+implies, against a measured device copy bandwidth. The bytes (scripts/decode_bytes.py): every weight (of the
+embedding the batch's rows), the KV cache slots and, sparse, only the FFN rows the predictors select, measured
+teacher-forced on the decoded tokens, plus the predictors; the report ends with the byte ceiling of the speedup.
 
   python scripts/bench_decode.py --shape llama2-7b --new-tokens 128 --prompt-len 64 [--json-out F]
   python scripts/bench_decode.py --shape llama2-7b --sparse [--inactive 0.9 --s 0.95 --rank 256]
@@ -45,8 +47,10 @@ from svdsparse_jax.convert import parse_dtype  # noqa: E402
 from svdsparse_jax.generate import Generator, bucket  # noqa: E402
 from svdsparse_jax.model import Transformer  # noqa: E402
 from svdsparse_jax.predictors import BuildConfig, build_predictors  # noqa: E402
-from svdsparse_jax.weights import init_weights, weight_specs  # noqa: E402
+from svdsparse_jax.evaluate import ffn_rows_read  # noqa: E402
+from svdsparse_jax.weights import init_weights  # noqa: E402
 import bench_report  # noqa: E402
+import decode_bytes  # noqa: E402
 import trace_summary  # noqa: E402
 
 
@@ -138,15 +142,15 @@ def bench_model(model: Transformer, batch: int, prompt_len: int, new_tokens: int
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, cfg.vocab_size, prompt_len).tolist() for _ in range(batch)]
 
-    def timed(n: int) -> tuple[float, float]:
+    def timed(n: int) -> tuple[float, float, list[list[int]]]:
         first = gen.generate(prompts, n, eos_ids=())  # compiles (once per bucket)
         runs = [gen.generate(prompts, n, eos_ids=()).run_s for _ in range(repeats)]
         assert all(len(t) == n for t in first.tokens)
-        return statistics.median(runs), first.compile_s
+        return statistics.median(runs), first.compile_s, first.tokens
 
-    full_s, compile_s = timed(new_tokens)
+    full_s, compile_s, first_tokens = timed(new_tokens)
     launches = launches_per_step(next(iter(gen.compiled.values())))
-    one_s, _ = timed(1)
+    one_s, _, _ = timed(1)
     step_s = (full_s - one_s) / (new_tokens - 1)
     if profile_dir:
         mode = "sparse" if preds is not None else "dense"
@@ -164,19 +168,25 @@ def bench_model(model: Transformer, batch: int, prompt_len: int, new_tokens: int
         extra["profile"] = {"busy_us_per_step": round(prof["busy_us"], 1), "kernels_per_step": prof["launches"],
                             "top_kernels_us_launches": {k: [round(v[0], 2), v[1]] for k, v in top}}
     itemsize = jnp.dtype(dtype).itemsize
-    weight_bytes = sum(int(np.prod(s.shape)) * itemsize for s in weight_specs(cfg))
-    if cfg.tie_embeddings:  # the head is the embedding, read once more per token
-        weight_bytes += cfg.vocab_size * cfg.d_model * itemsize
     slots = bucket(prompt_len) + bucket(new_tokens)
-    kv_bytes = 2 * cfg.n_layers * batch * cfg.n_kv_heads * slots * cfg.head_dim * itemsize
+    if preds is None:
+        step_bytes = decode_bytes.step_bytes(cfg, itemsize, batch, slots)
+    else:  # rows the guarded FFNs read on these very tokens (teacher-forced: the same FFN inputs as in decode)
+        sequences = np.asarray([p + t for p, t in zip(prompts, first_tokens)])
+        gate_rows, up_down_rows = ffn_rows_read(model, preds, sequences, batch)
+        predictor_bytes = sum(p.nbytes() for p in preds)
+        step_bytes = decode_bytes.step_bytes(cfg, itemsize, batch, slots, gate_rows, up_down_rows, predictor_bytes)
+        extra.update(gate_rows_read=[round(float(v), 4) for v in gate_rows],
+                     up_down_rows_read=[round(float(v), 4) for v in up_down_rows],
+                     predictor_gb=round(predictor_bytes / 1e9, 4))
     return {
         "dtype": jnp.dtype(dtype).name, "batch": batch, "prompt_len": prompt_len,
         "new_tokens": new_tokens, "compile_s": round(compile_s, 2),
         "end_to_end_tokens_per_s": round(batch * new_tokens / full_s, 1),
         "decode_tokens_per_s": round(batch / step_s, 1), "decode_step_ms": round(step_s * 1e3, 3),
         "prefill_plus_first_token_ms": round(one_s * 1e3, 2),
-        "weight_gb": round(weight_bytes / 1e9, 3), "kv_gb_per_step": round(kv_bytes / 1e9, 4),
-        "decode_tb_per_s": round((weight_bytes + kv_bytes) / step_s / 1e12, 3),
+        "slots": slots, "gb_per_step": round(step_bytes / 1e9, 4),
+        "decode_tb_per_s": round(step_bytes / step_s / 1e12, 3),
         "launches_per_step": launches, "kernels": dispatch.mode(), "dense_gemv": dispatch.dense_gemv(),
         "sparse": preds is not None, **extra,
     }
@@ -245,6 +255,8 @@ def main() -> int:
             print(f"   gate decay {r['gate_decay']}, {r['predictor']}: {r['speedup_vs_dense']}x dense; "
                   f"calib true sparsity {r['calib_true_sparsity']}, predicted {r['calib_predicted_sparsity']}, "
                   f"recall {r['calib_recall']}")
+    print("\nbytes per step (scripts/decode_bytes.py):")
+    print("\n".join(decode_bytes.analyse(report, goal=2.1)))
     return 0
 
 

@@ -63,6 +63,14 @@ def _stream_pass(model: Transformer, predictors, windows: np.ndarray, batch: int
     return np.concatenate(lps), np.concatenate(tops), cands / total, active / total
 
 
+def ffn_rows_read(model: Transformer, predictors: list, sequences: np.ndarray, batch: int = 4
+                  ) -> tuple[np.ndarray, np.ndarray]:
+    """The fraction of W_gate rows (candidates) and of W_up / W_down rows (active candidates) the guarded FFNs
+    read per token, per layer [n_layers] f64, teacher-forced over every token of sequences [n, L] int."""
+    _, _, gate_rows, up_down_rows = _stream_pass(model, predictors, np.asarray(sequences, np.int32), batch)
+    return gate_rows, up_down_rows
+
+
 @dataclasses.dataclass
 class ScoreResult:
     """logprobs[j] = log p(ids[j+1] | ids[:j+1]) (natural log); nll = -mean(logprobs); ppl = exp(nll)."""

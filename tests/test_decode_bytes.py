@@ -1,0 +1,37 @@
+"""scripts/decode_bytes.py: the bytes a decode step reads, against a count over the model's own arrays."""
+
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from svdsparse_jax.config import named_config
+from svdsparse_jax.weights import init_weights
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import decode_bytes  # noqa: E402
+
+
+@pytest.mark.parametrize("shape", ["tiny", "qwen2-7b"])
+def test_step_bytes_counts_every_array_once(shape):
+    cfg = named_config(shape)
+    if shape != "tiny":  # the real shapes' arrays are only described: count them abstractly
+        weights = jax.eval_shape(lambda: init_weights(cfg, jax.random.key(0), jnp.bfloat16))
+    else:
+        weights = init_weights(cfg, jax.random.key(0), jnp.bfloat16)
+    rng = np.random.default_rng()
+    batch, slots = int(rng.integers(1, 5)), int(rng.integers(16, 512))
+    gate, up_down = rng.uniform(size=cfg.n_layers), rng.uniform(size=cfg.n_layers)
+    size = {path: int(np.prod(w.shape)) * 2 for path, w in weights.items()}
+    embed = size.pop(("embed",))
+    head = embed if cfg.tie_embeddings else 0
+    kv = 2 * cfg.n_layers * batch * slots * cfg.kv_dim * 2
+    dense = sum(size.values()) + batch * cfg.d_model * 2 + head + kv
+    assert decode_bytes.step_bytes(cfg, 2, batch, slots) == dense
+    ffn = cfg.d_ff * cfg.d_model * 2
+    skipped = sum((1 - g) * ffn + 2 * (1 - u) * ffn for g, u in zip(gate, up_down))
+    sparse = decode_bytes.step_bytes(cfg, 2, batch, slots, gate, up_down, predictor_bytes=12345)
+    assert abs(sparse - (dense - skipped + 12345)) <= cfg.n_layers * 3  # each layer's FFN term is truncated once
