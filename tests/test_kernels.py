@@ -37,10 +37,11 @@ def test_sparse_ffn_kernels_match_float64(variant, dtype, count):
         assert r.ok, r
 
 
-@pytest.mark.parametrize("d", [256, 3584, 4096])
+@pytest.mark.parametrize("d", [256, 1536, 3584, 4096, 5120])
 def test_sparse_ffn_default_config(d):
-    """The default at the bundled model's width, Qwen2-7B's (rows in three column pieces) and LLaMA2-7B's: stream
-    for one sequence, split for batches; each checked on the kernels at d_ff = 512."""
+    """The default at every width of the model table, whose rows the kernels read in column pieces of at most
+    2048 (bundled 256; 1536: 1024 + 512; Qwen2-7B 3584: 2048 + 1024 + 512; LLaMA2-7B 4096; LLaMA2-13B 5120:
+    2048 + 2048 + 1024): stream for one sequence, split for batches; each checked on the kernels at d_ff = 512."""
     assert sf.default_config(d).variant == "stream"
     assert sf.default_config(d, batch=4).variant == "split"
     for batch in (1, 4):
