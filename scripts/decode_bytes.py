@@ -84,11 +84,14 @@ def analyse(report: dict, goal: float) -> list[str]:
             lines.append(f"{label}, dense: {b / 1e9:.4g} GB per step in {run['decode_step_ms']} ms, "
                          f"{b / step_s / 1e12:.3f} TB/s = {b / step_s / copy_bw:.3f} of copy")
             continue
+        if run["batch"] > 1:
+            lines.append(f"{label}, sparse: not counted (a batch reads the union of its sequences' rows)")
+            continue
         gate, up_down, how = rows_of(run, cfg)
         rank = int(re.search(r"\br(\d+)", run["predictor"]).group(1))
         b = step_bytes(cfg, itemsize, run["batch"], slots, gate, up_down, low_rank_bytes(cfg, rank, itemsize))
         lines.append(f"{label}, sparse: W_gate rows {gate.mean():.3f}, W_up / W_down rows {up_down.mean():.3f} "
-                     f"({how}{'; per token, a batch reads the union' if run['batch'] > 1 else ''}): "
+                     f"({how}): "
                      f"{b / 1e9:.4g} GB per step in {run['decode_step_ms']} ms, {b / step_s / 1e12:.3f} TB/s "
                      f"= {b / step_s / copy_bw:.3f} of copy")
         if key in dense:
