@@ -5,8 +5,8 @@ Runs the same `Generator` that `svdsparse generate` uses (prefill + lax.while_lo
 reports, per shape: end-to-end tokens/s (prefill included, as the CLI prints), decode-only tokens/s
 ((N-1) new tokens over the time beyond a 1-token call), bytes read per decode step and the bandwidth that
 implies, against a measured device copy bandwidth. The bytes (scripts/decode_bytes.py): every weight (of the
-embedding the batch's rows), the KV cache slots and, sparse, only the FFN rows the predictors select, measured
-teacher-forced on the decoded tokens, plus the predictors; the report ends with the byte ceiling of the speedup.
+embedding the batch's rows), the KV cache slots and, sparse, only the FFN rows the predictors select (for a batch
+the union over its sequences), measured teacher-forced on the decoded tokens, plus the predictors; the report ends with the byte ceiling of the speedup.
 
   python scripts/bench_decode.py --shape llama2-7b --new-tokens 128 --prompt-len 64 [--json-out F]
   python scripts/bench_decode.py --shape llama2-7b --sparse [--inactive 0.9 --s 0.95 --rank 256]
@@ -171,11 +171,10 @@ def bench_model(model: Transformer, batch: int, prompt_len: int, new_tokens: int
     slots = bucket(prompt_len) + bucket(new_tokens)
     if preds is None:
         step_bytes = decode_bytes.step_bytes(cfg, itemsize, batch, slots)
-    elif batch > 1:  # a batch reads the union of its sequences' rows, which the per-token count does not give
-        step_bytes = None
-    else:  # rows the guarded FFNs read on these very tokens (teacher-forced: the same FFN inputs as in decode)
+    else:  # rows the guarded FFNs read on these very tokens (teacher-forced: the same FFN inputs as in decode),
+        # the union over the batch at each position
         sequences = np.asarray([p + t for p, t in zip(prompts, first_tokens)])
-        gate_rows, up_down_rows = ffn_rows_read(model, preds, sequences, batch)
+        gate_rows, up_down_rows = ffn_rows_read(model, preds, sequences, together=True)
         predictor_bytes = sum(p.nbytes() for p in preds)
         step_bytes = decode_bytes.step_bytes(cfg, itemsize, batch, slots, gate_rows, up_down_rows, predictor_bytes)
         extra.update(gate_rows_read=[round(float(v), 4) for v in gate_rows],
@@ -187,8 +186,8 @@ def bench_model(model: Transformer, batch: int, prompt_len: int, new_tokens: int
         "end_to_end_tokens_per_s": round(batch * new_tokens / full_s, 1),
         "decode_tokens_per_s": round(batch / step_s, 1), "decode_step_ms": round(step_s * 1e3, 3),
         "prefill_plus_first_token_ms": round(one_s * 1e3, 2),
-        "slots": slots, "gb_per_step": step_bytes and round(step_bytes / 1e9, 4),
-        "decode_tb_per_s": step_bytes and round(step_bytes / step_s / 1e12, 3),
+        "slots": slots, "gb_per_step": round(step_bytes / 1e9, 4),
+        "decode_tb_per_s": round(step_bytes / step_s / 1e12, 3),
         "launches_per_step": launches, "kernels": dispatch.mode(), "dense_gemv": dispatch.dense_gemv(),
         "sparse": preds is not None, **extra,
     }
@@ -234,8 +233,7 @@ def main() -> int:
                 profile = args.profile and f"{args.profile}/{shape}_decay{decay}_gemv{int(gemv)}"
                 row = {**bench_model(model, args.batch, args.prompt_len, args.new_tokens, args.repeats, preds,
                                      profile), **about, "shape": shape, "gate_decay": decay}
-                tb_per_s = row["decode_tb_per_s"]
-                row["fraction_of_copy_bw"] = tb_per_s and round(tb_per_s * 1e12 / copy_bw, 3)
+                row["fraction_of_copy_bw"] = round(row["decode_tb_per_s"] * 1e12 / copy_bw, 3)
                 if spec is None:
                     dense[gemv] = row
                 else:  # against the dense run of the same FATReLU model with the same GEMVs
@@ -252,8 +250,8 @@ def main() -> int:
     for r in rows:
         mode, gemv = "sparse" if r["sparse"] else "dense", "pallas" if r["dense_gemv"] else "xla"
         print(f"{r['shape']:<12}{mode:<7}{gemv:<7}{r['end_to_end_tokens_per_s']:>10}"
-              f"{r['decode_tokens_per_s']:>14}{r['decode_step_ms']:>9}{r['decode_tb_per_s'] or '-':>7}"
-              f"{r['fraction_of_copy_bw'] or '-':>9}{r['launches_per_step']:>7}{r['compile_s']:>11}")
+              f"{r['decode_tokens_per_s']:>14}{r['decode_step_ms']:>9}{r['decode_tb_per_s']:>7}"
+              f"{r['fraction_of_copy_bw']:>9}{r['launches_per_step']:>7}{r['compile_s']:>11}")
         if r["sparse"]:
             print(f"   gate decay {r['gate_decay']}, {r['predictor']}: {r['speedup_vs_dense']}x dense; "
                   f"calib true sparsity {r['calib_true_sparsity']}, predicted {r['calib_predicted_sparsity']}, "

@@ -12,8 +12,9 @@ launch overheads and scattered row loads then eat into.
 For each run of a bench_decode JSON: GB per step, the bandwidth that implies and its fraction of the JSON's copy
 bandwidth; for sparse runs, the byte ceiling of the speedup, the bandwidth relative to the dense run, and the
 fraction of dense-step efficiency a goal speedup needs (--goal). The rows read are those bench_decode measured on
-the decoded tokens (`gate_rows_read`, `up_down_rows_read`) or, in JSONs without them, estimated from the
-calibration figures: candidates 1 - predicted sparsity, active candidates recall x (1 - true sparsity).
+the decoded tokens (`gate_rows_read`, `up_down_rows_read`; for a batch the union over its sequences) or, in
+batch-1 JSONs without them, estimated from the calibration figures: candidates 1 - predicted sparsity, active
+candidates recall x (1 - true sparsity).
 """
 
 from __future__ import annotations
@@ -84,8 +85,9 @@ def analyse(report: dict, goal: float) -> list[str]:
             lines.append(f"{label}, dense: {b / 1e9:.4g} GB per step in {run['decode_step_ms']} ms, "
                          f"{b / step_s / 1e12:.3f} TB/s = {b / step_s / copy_bw:.3f} of copy")
             continue
-        if run["batch"] > 1:
-            lines.append(f"{label}, sparse: not counted (a batch reads the union of its sequences' rows)")
+        if run["batch"] > 1 and "gate_rows_read" not in run:
+            lines.append(f"{label}, sparse: not counted (a batch reads the union of its sequences' rows, which "
+                         "this JSON does not give)")
             continue
         gate, up_down, how = rows_of(run, cfg)
         rank = int(re.search(r"\br(\d+)", run["predictor"]).group(1))

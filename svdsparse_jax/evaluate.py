@@ -63,11 +63,31 @@ def _stream_pass(model: Transformer, predictors, windows: np.ndarray, batch: int
     return np.concatenate(lps), np.concatenate(tops), cands / total, active / total
 
 
-def ffn_rows_read(model: Transformer, predictors: list, sequences: np.ndarray, batch: int = 4
-                  ) -> tuple[np.ndarray, np.ndarray]:
+@jax.jit(static_argnums=(0,))
+def _union_fractions(graphdef, state, predictors, tokens: jax.Array):
+    """tokens [B, L], one decode batch teacher-forced through the guarded FFNs: per layer [n_layers] f32, the
+    fraction of neurons that are a candidate for some sequence of the batch, and the fraction that are active
+    for some sequence, averaged over the L positions."""
+    model: Transformer = nnx.merge(graphdef, state)
+    b, length = tokens.shape
+    collect: dict[str, list] = {}
+    model(tokens, kv_cache.init_cache(model.cfg, jnp.zeros(b, jnp.int32), length, model.dtype), jnp.int32(0),
+          predictors, collect)
+    union = lambda masks: jnp.stack([jnp.mean(jnp.any(m, axis=0)) for m in masks])  # noqa: E731
+    return union(collect["candidates"]), union([h != 0 for h in collect["hidden"]])
+
+
+def ffn_rows_read(model: Transformer, predictors: list, sequences: np.ndarray, batch: int = 4,
+                  together: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The fraction of W_gate rows (candidates) and of W_up / W_down rows (active candidates) the guarded FFNs
-    read per token, per layer [n_layers] f64, teacher-forced over every token of sequences [n, L] int."""
-    _, _, gate_rows, up_down_rows = _stream_pass(model, predictors, np.asarray(sequences, np.int32), batch)
+    read, per layer [n_layers] f64, teacher-forced over every token of sequences [n, L] int: per token, or, with
+    `together`, per position of the n sequences decoded as one batch, which reads the union of their rows."""
+    sequences = np.asarray(sequences, np.int32)
+    if together:
+        graphdef, state = nnx.split(model)
+        gate_rows, up_down_rows = _union_fractions(graphdef, state, predictors, jnp.asarray(sequences))
+        return np.asarray(gate_rows, np.float64), np.asarray(up_down_rows, np.float64)
+    _, _, gate_rows, up_down_rows = _stream_pass(model, predictors, sequences, batch)
     return gate_rows, up_down_rows
 
 

@@ -75,3 +75,34 @@ def test_evaluate_oracle_and_all_active(llama_checkpoint):
     none = rep["none"]["summary"]
     assert none["predicted_sparsity"] == 1.0 and none["recall"] == 0.0 and none["rows_read_fraction"] == 0.0
     assert none["ffn_rel_error"] == 1.0
+
+
+def test_rows_read_per_token_and_by_a_batch(llama_checkpoint):
+    """ffn_rows_read: per token, the mean of each sequence's own candidate / active fractions; `together`, the
+    union over the sequences at each position, against masks collected from each sequence run alone."""
+    from svdsparse_jax import kv_cache
+    from svdsparse_jax.evaluate import ffn_rows_read
+    from svdsparse_jax.predictors import LowRankPredictor
+    lm = load_model(llama_checkpoint.path, jnp.float32)
+    cfg = lm.cfg
+    model = Transformer(cfg, lm.weights)
+    rng = np.random.default_rng()
+    preds = [LowRankPredictor(jnp.asarray(rng.normal(size=(8, cfg.d_model)), jnp.float32),
+                              jnp.asarray(rng.normal(size=(cfg.d_ff, 8)), jnp.float32),
+                              jnp.full(cfg.d_ff, -1.0, jnp.float32)) for _ in range(cfg.n_layers)]
+    seqs = rng.integers(0, cfg.vocab_size, (3, 20))
+    cand, active = [], []  # [sequence][layer] -> [20, d_ff] bool
+    for s in seqs:
+        collect = {}
+        model(jnp.asarray(s[None], jnp.int32), kv_cache.init_cache(cfg, jnp.zeros(1, jnp.int32), 20, jnp.float32),
+              jnp.int32(0), preds, collect)
+        cand.append([np.asarray(c[0]) for c in collect["candidates"]])
+        active.append([np.asarray(h[0]) != 0 for h in collect["hidden"]])
+    layers = range(cfg.n_layers)
+    per_token = ffn_rows_read(model, preds, seqs, batch=2)
+    union = ffn_rows_read(model, preds, seqs, together=True)
+    for got, masks in zip(per_token, (cand, active)):
+        np.testing.assert_allclose(got, [np.mean([m[i] for m in masks]) for i in layers], rtol=1e-6)
+    for got, masks in zip(union, (cand, active)):
+        np.testing.assert_allclose(got, [np.any([m[i] for m in masks], axis=0).mean() for i in layers], rtol=1e-6)
+    assert np.all(union[0] > per_token[0]) and np.all(union[0] < 1)  # the random predictor flags part of d_ff
