@@ -44,7 +44,7 @@ import numpy as np  # noqa: E402
 from pallas_kernels import dispatch  # noqa: E402
 from svdsparse_jax.config import NAMED_SHAPES, named_config  # noqa: E402
 from svdsparse_jax.convert import parse_dtype  # noqa: E402
-from svdsparse_jax.generate import Generator, bucket  # noqa: E402
+from svdsparse_jax.generate import STEPS_PER_CHECK, Generator, bucket, decode_steps  # noqa: E402
 from svdsparse_jax.model import Transformer  # noqa: E402
 from svdsparse_jax.predictors import BuildConfig, build_predictors  # noqa: E402
 from svdsparse_jax.evaluate import ffn_rows_read  # noqa: E402
@@ -132,13 +132,15 @@ def build(model: Transformer, predictor: dict | None) -> tuple[list | None, dict
 
 
 def bench_model(model: Transformer, batch: int, prompt_len: int, new_tokens: int, repeats: int,
-                preds: list | None = None, profile_dir: str | None = None) -> dict:
+                preds: list | None = None, profile_dir: str | None = None,
+                steps_per_check: int = STEPS_PER_CHECK) -> dict:
     """Decode timing of `model`, dense, or sparse with `preds` (one predictor per layer). With `profile_dir`, one
     more call of each length runs under `jax.profiler.trace` and the row gets the GPU time per decode step by
-    kernel."""
+    kernel. Per step means per step the program runs: whole groups of steps_per_check (`decode_steps`)."""
     cfg, dtype = model.cfg, model.dtype
     extra = {}
-    gen = Generator(model, preds)
+    gen = Generator(model, preds, steps_per_check)
+    steps = decode_steps(new_tokens, steps_per_check)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, cfg.vocab_size, prompt_len).tolist() for _ in range(batch)]
 
@@ -151,7 +153,7 @@ def bench_model(model: Transformer, batch: int, prompt_len: int, new_tokens: int
     full_s, compile_s, first_tokens = timed(new_tokens)
     launches = launches_per_step(next(iter(gen.compiled.values())))
     one_s, _, _ = timed(1)
-    step_s = (full_s - one_s) / (new_tokens - 1)
+    step_s = (full_s - one_s) / steps
     if profile_dir:
         mode = "sparse" if preds is not None else "dense"
         traces = {}
@@ -161,14 +163,14 @@ def bench_model(model: Transformer, batch: int, prompt_len: int, new_tokens: int
             with jax.profiler.trace(d):
                 gen.generate(prompts, n, eos_ids=())
             traces[n] = trace_summary.kernel_times(d)
-        prof = trace_summary.per_step(traces[new_tokens], traces[1], new_tokens - 1)
+        prof = trace_summary.per_step(traces[new_tokens], traces[1], steps)
         Path(f"{profile_dir}/{mode}_hlo.txt").write_text(next(iter(gen.compiled.values())).as_text())
         print(trace_summary.table(prof, 40), flush=True)
         top = sorted(prof["kernels"].items(), key=lambda kv: -kv[1][0])[:60]
         extra["profile"] = {"busy_us_per_step": round(prof["busy_us"], 1), "kernels_per_step": prof["launches"],
                             "top_kernels_us_launches": {k: [round(v[0], 2), v[1]] for k, v in top}}
     itemsize = jnp.dtype(dtype).itemsize
-    slots = bucket(prompt_len) + bucket(new_tokens)
+    slots = bucket(prompt_len) + bucket(new_tokens) + steps_per_check  # the cache's slots, all read per step
     if preds is None:
         step_bytes = decode_bytes.step_bytes(cfg, itemsize, batch, slots)
     else:  # rows the guarded FFNs read on these very tokens (teacher-forced: the same FFN inputs as in decode),
@@ -182,7 +184,8 @@ def bench_model(model: Transformer, batch: int, prompt_len: int, new_tokens: int
                      predictor_gb=round(predictor_bytes / 1e9, 4))
     return {
         "dtype": jnp.dtype(dtype).name, "batch": batch, "prompt_len": prompt_len,
-        "new_tokens": new_tokens, "compile_s": round(compile_s, 2),
+        "new_tokens": new_tokens, "steps_per_check": steps_per_check, "decode_steps": steps,
+        "compile_s": round(compile_s, 2),
         "end_to_end_tokens_per_s": round(batch * new_tokens / full_s, 1),
         "decode_tokens_per_s": round(batch / step_s, 1), "decode_step_ms": round(step_s * 1e3, 3),
         "prefill_plus_first_token_ms": round(one_s * 1e3, 2),
@@ -216,6 +219,9 @@ def main() -> int:
     ap.add_argument("--dense-gemv", nargs="+", default=[dispatch.dense_gemv()], type=lambda v: v == "1",
                     help="1 / 0: decode projections through the Pallas GEMVs or XLA (SVDSPARSE_DENSE_GEMV; "
                          "both: 0 1)")
+    ap.add_argument("--steps-per-check", nargs="+", type=int, default=[STEPS_PER_CHECK],
+                    help="decode steps between two checks of the stop condition (generate.STEPS_PER_CHECK; 1: a "
+                         "device-to-host wait after every token)")
     ap.add_argument("--json-out")
     args = ap.parse_args()
     dev = jax.devices()[0]
@@ -228,16 +234,16 @@ def main() -> int:
         dense = {}
         for spec in [None, *predictors] if args.sparse else [None]:
             preds, about = build(model, spec)
-            for gemv in args.dense_gemv:
+            for gemv, check in itertools.product(args.dense_gemv, args.steps_per_check):
                 os.environ["SVDSPARSE_DENSE_GEMV"] = "1" if gemv else "0"  # read while the program is traced
-                profile = args.profile and f"{args.profile}/{shape}_decay{decay}_gemv{int(gemv)}"
+                profile = args.profile and f"{args.profile}/{shape}_decay{decay}_gemv{int(gemv)}_check{check}"
                 row = {**bench_model(model, args.batch, args.prompt_len, args.new_tokens, args.repeats, preds,
-                                     profile), **about, "shape": shape, "gate_decay": decay}
+                                     profile, check), **about, "shape": shape, "gate_decay": decay}
                 row["fraction_of_copy_bw"] = round(row["decode_tb_per_s"] * 1e12 / copy_bw, 3)
                 if spec is None:
-                    dense[gemv] = row
-                else:  # against the dense run of the same FATReLU model with the same GEMVs
-                    dense_tps = dense[gemv]["decode_tokens_per_s"]
+                    dense[gemv, check] = row
+                else:  # against the dense run of the same FATReLU model with the same GEMVs and checks
+                    dense_tps = dense[gemv, check]["decode_tokens_per_s"]
                     row["speedup_vs_dense"] = round(row["decode_tokens_per_s"] / dense_tps, 3)
                 rows.append(row)
                 print(json.dumps(row), flush=True)
@@ -245,11 +251,11 @@ def main() -> int:
                                  copy_tb_per_s=round(copy_bw / 1e12, 3), runs=rows)
     bench_report.save(report, args.json_out)
     print(f"\n{dev.device_kind}  copy {report['copy_tb_per_s']} TB/s")
-    print(f"{'shape':<12}{'mode':<7}{'gemv':<7}{'e2e tok/s':>10}{'decode tok/s':>14}{'step ms':>9}{'TB/s':>7}"
-          f"{'of copy':>9}{'launch':>7}{'compile s':>11}")
+    print(f"{'shape':<12}{'mode':<7}{'gemv':<7}{'check':>6}{'e2e tok/s':>10}{'decode tok/s':>14}{'step ms':>9}"
+          f"{'TB/s':>7}{'of copy':>9}{'launch':>7}{'compile s':>11}")
     for r in rows:
         mode, gemv = "sparse" if r["sparse"] else "dense", "pallas" if r["dense_gemv"] else "xla"
-        print(f"{r['shape']:<12}{mode:<7}{gemv:<7}{r['end_to_end_tokens_per_s']:>10}"
+        print(f"{r['shape']:<12}{mode:<7}{gemv:<7}{r['steps_per_check']:>6}{r['end_to_end_tokens_per_s']:>10}"
               f"{r['decode_tokens_per_s']:>14}{r['decode_step_ms']:>9}{r['decode_tb_per_s']:>7}"
               f"{r['fraction_of_copy_bw']:>9}{r['launches_per_step']:>7}{r['compile_s']:>11}")
         if r["sparse"]:

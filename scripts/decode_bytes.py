@@ -76,9 +76,9 @@ def analyse(report: dict, goal: float) -> list[str]:
         itemsize = np.dtype(run["dtype"]).itemsize if run["dtype"] != "bfloat16" else 2
         slots = run["slots"] if "slots" in run else bucket_slots(run["prompt_len"], run["new_tokens"])
         step_s = run["decode_step_ms"] / 1e3
-        key = (run["shape"], run["gate_decay"], run["dense_gemv"], run["batch"])
+        key = (run["shape"], run["gate_decay"], run["dense_gemv"], run["batch"], run.get("steps_per_check", 1))
         label = (f"{run['shape']} decay {run['gate_decay']} batch {run['batch']} "
-                 f"{'pallas' if run['dense_gemv'] else 'xla'} GEMVs")
+                 f"{'pallas' if run['dense_gemv'] else 'xla'} GEMVs, stop checked every {key[-1]} steps")
         if not run["sparse"]:
             b = step_bytes(cfg, itemsize, run["batch"], slots)
             dense[key] = (b, step_s)

@@ -2,9 +2,16 @@
 
 Prompts of a batch are left-padded to a bucketed length (a power of two, at least 16) and the number of new
 tokens is bucketed the same way, so a new prompt of similar length reuses the compiled program: only
-(batch size, prompt bucket, new-token bucket) are static. Sampling parameters, the seed, the real number of
-new tokens and the EOS ids are traced values. Weights are passed in (never captured as constants) and reused
-across calls; the KV cache lives only inside the program. No host round trip happens per token.
+(batch size, prompt bucket, new-token bucket, greedy or sampled) are static. Sampling parameters, the seed, the
+real number of new tokens and the EOS ids are traced values. Weights are passed in (never captured as constants)
+and reused across calls; the KV cache lives only inside the program.
+
+No host round trip per token: on a GPU, XLA runs a while loop whose trip count it cannot tell by copying the
+condition to the host and waiting for the device after every iteration, and a `lax.cond` likewise
+(xla/backends/gpu/runtime/while_thunk.cc, conditional_thunk.cc). So the stop condition (max_new reached, or
+every sequence at EOS) is checked once per `steps_per_check` decode steps, run as an inner loop of fixed trip
+count, which XLA runs without a copy; steps past the stop write nothing. Greedy or sampled is decided when the
+program is built, not by a `lax.cond` per token.
 """
 
 from __future__ import annotations
@@ -24,6 +31,9 @@ from svdsparse_jax.errors import SvdsparseError
 from svdsparse_jax.model import Transformer
 
 MIN_BUCKET = 16
+# Decode steps per check of the stop condition: one device-to-host wait per 8 tokens, at most 7 steps run past
+# the stop (their results discarded).
+STEPS_PER_CHECK = 8
 
 
 def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
@@ -42,23 +52,30 @@ class Sampler:
     top_k: int = 0
     top_p: float = 1.0
 
+    @property
+    def greedy(self) -> bool:
+        """Whether this sampler takes the argmax (decided on the host: the fields must be concrete)."""
+        return float(self.temperature) <= 0
+
+    def argmax(self, logits: jax.Array, key: jax.Array | None = None) -> jax.Array:
+        """logits [B, V] f32 -> the most likely tokens [B] int32."""
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def sample(self, logits: jax.Array, key: jax.Array) -> jax.Array:
+        """logits [B, V] f32 -> tokens [B] int32 drawn after temperature, top-k and top-p."""
+        order = jnp.argsort(-logits, axis=-1)
+        ranked = jnp.take_along_axis(logits, order, axis=-1) / jnp.maximum(self.temperature, 1e-6)
+        rank = jnp.arange(logits.shape[-1])[None, :]
+        ranked = jnp.where((self.top_k <= 0) | (rank < self.top_k), ranked, -jnp.inf)
+        probs = jax.nn.softmax(ranked, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        ranked = jnp.where((rank == 0) | (mass_before < self.top_p), ranked, -jnp.inf)
+        pick = jax.random.categorical(key, ranked, axis=-1)
+        return jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
     def __call__(self, logits: jax.Array, key: jax.Array) -> jax.Array:
-        """logits [B, V] f32 -> tokens [B] int32."""
-        def greedy():
-            return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-
-        def stochastic():
-            order = jnp.argsort(-logits, axis=-1)
-            ranked = jnp.take_along_axis(logits, order, axis=-1) / jnp.maximum(self.temperature, 1e-6)
-            rank = jnp.arange(logits.shape[-1])[None, :]
-            ranked = jnp.where((self.top_k <= 0) | (rank < self.top_k), ranked, -jnp.inf)
-            probs = jax.nn.softmax(ranked, axis=-1)
-            mass_before = jnp.cumsum(probs, axis=-1) - probs
-            ranked = jnp.where((rank == 0) | (mass_before < self.top_p), ranked, -jnp.inf)
-            pick = jax.random.categorical(key, ranked, axis=-1)
-            return jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0].astype(jnp.int32)
-
-        return jax.lax.cond(self.temperature <= 0, greedy, stochastic)
+        """logits [B, V] f32 -> tokens [B] int32, argmax or sampled by the (possibly traced) temperature."""
+        return jax.lax.cond(self.temperature <= 0, self.argmax, self.sample, logits, key)
 
 
 def kernel_settings() -> tuple[str, bool]:
@@ -68,36 +85,51 @@ def kernel_settings() -> tuple[str, bool]:
     return dispatch.mode(), dispatch.dense_gemv()
 
 
+def decode_steps(max_new: int, steps_per_check: int = STEPS_PER_CHECK) -> int:
+    """Decode steps a call runs for max_new new tokens (the first comes from the prefill) when no sequence stops
+    early: whole groups of steps_per_check."""
+    return -(-(max_new - 1) // steps_per_check) * steps_per_check
+
+
 def _generate_program(graphdef, state, predictors, tokens, pad, max_new, sampler, key, eos_ids, *, new_bucket,
-                      kernels):
+                      greedy, steps_per_check, kernels):
     """tokens [B, P] left-padded prompts, pad [B]; returns out [B, new_bucket] int32, -1 where nothing was
-    generated (after a sequence's first EOS, and past max_new). Prefill is dense; with predictors (one per layer) every decode step
-    runs the predictor-guarded FFN. kernels: `kernel_settings()` when traced (static)."""
+    generated (after a sequence's first EOS, and past max_new). Prefill is dense; with predictors (one per layer)
+    every decode step runs the predictor-guarded FFN. greedy: argmax, else `sampler.sample`. kernels:
+    `kernel_settings()` when traced (static)."""
     if kernels != kernel_settings():
         raise RuntimeError(f"generate program keyed by kernel settings {kernels} traced under {kernel_settings()}")
     model: Transformer = nnx.merge(graphdef, state)
     batch, prompt_len = tokens.shape
-    cache = kv_cache.init_cache(model.cfg, pad, prompt_len + new_bucket, model.dtype)
+    choose = sampler.argmax if greedy else sampler.sample
+    # The last group of steps may run up to steps_per_check - 1 steps past new_bucket: room for them.
+    room = new_bucket + steps_per_check
+    cache = kv_cache.init_cache(model.cfg, pad, prompt_len + room, model.dtype)
 
     h, cache = model(tokens, cache, jnp.int32(0))
-    first = sampler(model.logits(h[:, -1]), jax.random.fold_in(key, 0))
-    out = jnp.full((batch, new_bucket), -1, jnp.int32).at[:, 0].set(first)
+    first = choose(model.logits(h[:, -1]), jax.random.fold_in(key, 0))
+    out = jnp.full((batch, room), -1, jnp.int32).at[:, 0].set(first)
     done = jnp.isin(first, eos_ids)
+
+    def step(i, carry):
+        token, cache, out, done = carry
+        h, cache = model(token[:, None], cache, prompt_len + i - 1, predictors)
+        nxt = choose(model.logits(h[:, 0]), jax.random.fold_in(key, i))
+        stopped = done | (i >= max_new)
+        out = out.at[:, i].set(jnp.where(stopped, -1, nxt))
+        return jnp.where(stopped, token, nxt), cache, out, stopped | jnp.isin(nxt, eos_ids)
+
+    def group(carry):  # steps i .. i + steps_per_check - 1, a loop of fixed trip count
+        i, *rest = carry
+        rest = jax.lax.fori_loop(0, steps_per_check, lambda j, c: step(i + j, c), tuple(rest))
+        return i + steps_per_check, *rest
 
     def cond(carry):
         i, _, _, _, done = carry
         return (i < max_new) & ~jnp.all(done)
 
-    def step(carry):
-        i, token, cache, out, done = carry
-        h, cache = model(token[:, None], cache, prompt_len + i - 1, predictors)
-        nxt = sampler(model.logits(h[:, 0]), jax.random.fold_in(key, i))
-        nxt = jnp.where(done, -1, nxt)
-        out = out.at[:, i].set(nxt)
-        return i + 1, jnp.where(done, token, nxt), cache, out, done | jnp.isin(nxt, eos_ids)
-
-    _, _, _, out, _ = jax.lax.while_loop(cond, step, (jnp.int32(1), first, cache, out, done))
-    return out
+    _, _, _, out, _ = jax.lax.while_loop(cond, group, (jnp.int32(1), first, cache, out, done))
+    return out[:, :new_bucket]
 
 
 @dataclasses.dataclass
@@ -113,16 +145,22 @@ class GenerateResult:
 
 class Generator:
     """Compiles and runs the generate program for one model (dense, or sparse decoding with one predictor per
-    layer); keeps compiled programs by static shape and kernel mode (`pallas_kernels.dispatch`: on a GPU the
-    guarded FFN and the predictors' GEMVs run as Pallas kernels inside the same program)."""
+    layer); keeps compiled programs by static shape, greedy or sampled, and kernel mode
+    (`pallas_kernels.dispatch`: on a GPU the guarded FFN and the predictors' GEMVs run as Pallas kernels inside
+    the same program). steps_per_check: decode steps between two checks of the stop condition (module
+    docstring)."""
 
-    def __init__(self, model: Transformer, predictors: list | None = None):
+    def __init__(self, model: Transformer, predictors: list | None = None, steps_per_check: int = STEPS_PER_CHECK):
         self.cfg = model.cfg
+        if steps_per_check < 1:
+            raise SvdsparseError(f"steps_per_check must be >= 1, got {steps_per_check}")
+        self.steps_per_check = steps_per_check
         if predictors is not None and len(predictors) != model.cfg.n_layers:
             raise SvdsparseError(f"{len(predictors)} predictors for {model.cfg.n_layers} layers")
         self.predictors = predictors
         self.graphdef, self.state = nnx.split(model)
-        self._jitted = jax.jit(_generate_program, static_argnums=(0,), static_argnames=("new_bucket", "kernels"))
+        self._jitted = jax.jit(_generate_program, static_argnums=(0,),
+                               static_argnames=("new_bucket", "greedy", "steps_per_check", "kernels"))
         self.compiled: dict[tuple, object] = {}
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampler: Sampler = Sampler(),
@@ -156,11 +194,12 @@ class Generator:
         args = (self.graphdef, self.state, self.predictors, jnp.asarray(tokens), jnp.asarray(pad), jnp.int32(max_new_tokens),
                 jax.tree.map(jnp.asarray, sampler), jax.random.key(seed), jnp.asarray(eos))
         kernels = kernel_settings()  # kernels or XLA, and which GEMVs: decided while tracing
-        key = (len(prompts), prompt_len, new_bucket, eos.size, kernels)
+        key = (len(prompts), prompt_len, new_bucket, eos.size, sampler.greedy, kernels)
         compile_s = 0.0
         if key not in self.compiled:
             t0 = time.perf_counter()
-            self.compiled[key] = self._jitted.lower(*args, new_bucket=new_bucket, kernels=kernels).compile()
+            self.compiled[key] = self._jitted.lower(*args, new_bucket=new_bucket, greedy=sampler.greedy,
+                                                    steps_per_check=self.steps_per_check, kernels=kernels).compile()
             compile_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         out = self.compiled[key](*args[1:])

@@ -8,7 +8,7 @@ import torch
 
 from svdsparse_jax.convert import load_model
 from svdsparse_jax.errors import SvdsparseError
-from svdsparse_jax.generate import Generator, Sampler, bucket
+from svdsparse_jax.generate import STEPS_PER_CHECK, Generator, Sampler, bucket
 from svdsparse_jax.model import Transformer
 
 
@@ -62,12 +62,46 @@ def test_sampler_filters_follow_their_definition():
 
 
 def test_no_recompilation_within_a_bucket(llama_checkpoint):
+    """One program per bucket for greedy decoding and one for sampling, whatever the sampling parameters."""
     gen = _generator(llama_checkpoint)
     gen.generate([[1, 2, 3]], 10)
-    r = gen.generate([[9, 8, 7, 6, 5]], 12, Sampler(temperature=0.5), seed=1)
-    assert len(gen.compiled) == 1 and r.compile_s == 0.0
+    assert gen.generate([[9, 8, 7, 6, 5]], 12).compile_s == 0.0
+    gen.generate([[1, 2, 3]], 10, Sampler(temperature=0.5), seed=1)
+    r = gen.generate([[9, 8, 7, 6, 5]], 12, Sampler(temperature=1.3, top_k=5, top_p=0.9), seed=2)
+    assert len(gen.compiled) == 2 and r.compile_s == 0.0
     gen.generate([list(range(20))], 10)  # a longer prompt: the next bucket
-    assert len(gen.compiled) == 2
+    assert len(gen.compiled) == 3
+
+
+@pytest.mark.parametrize("steps_per_check", [1, 3, 8])
+def test_every_stopping_point_whatever_the_steps_per_check(llama_checkpoint, steps_per_check):
+    """Steps run past max_new or EOS (the rest of a group of steps_per_check) write nothing: each call returns
+    exactly the first max_new tokens of a longer greedy run, or those through the first EOS."""
+    lm = load_model(llama_checkpoint.path, jnp.float32)
+    gen = Generator(Transformer(lm.cfg, lm.weights), steps_per_check=steps_per_check)
+    prompts = [[4, 5, 6], [7, 8, 9, 10, 11, 12]]
+    free = gen.generate(prompts, 32, eos_ids=()).tokens
+    assert free == _generator(llama_checkpoint).generate(prompts, 32, eos_ids=()).tokens
+    for n in (1, 2, 7, 8, 9, 17, 31):
+        assert gen.generate(prompts, n, eos_ids=()).tokens == [t[:n] for t in free]
+    eos = free[0][10]  # the first sequence stops there; the second where (if) it produces that token
+    got = gen.generate(prompts, 32, eos_ids=[eos]).tokens
+    assert got == [t[:t.index(eos) + 1] if eos in t else t for t in free]
+
+
+@pytest.mark.parametrize("sampler", [Sampler(), Sampler(temperature=0.8, top_k=10)])
+def test_decode_loop_checks_its_stop_condition_once_per_group(llama_checkpoint, sampler):
+    """No host round trip per token: the compiled program has no conditional, its decode steps run in an inner
+    loop whose trip count XLA knows (a GPU then runs it without copying a condition to the host), and the one
+    loop whose trip count it cannot know is the one around groups of steps (the random-number loops of
+    sampling have known counts too)."""
+    gen = _generator(llama_checkpoint)
+    gen.generate([[1, 2, 3]], 40, sampler)
+    text = next(iter(gen.compiled.values())).as_text()
+    assert " conditional(" not in text
+    loops = [line for line in text.splitlines() if " while(" in line]
+    assert len([line for line in loops if "known_trip_count" not in line]) == 1
+    assert any(f'"known_trip_count":{{"n":"{STEPS_PER_CHECK}"}}' in line for line in loops)
 
 
 def test_stops_at_eos(llama_checkpoint):
