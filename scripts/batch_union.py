@@ -23,11 +23,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from svdsparse_jax.cli import BUNDLED_MODEL, DEFAULT_S  # noqa: E402
+from svdsparse_jax.cli import BUNDLED_MODEL, demo_build_config  # noqa: E402
 from svdsparse_jax.convert import load_model  # noqa: E402
 from svdsparse_jax.evaluate import ffn_rows_read  # noqa: E402
 from svdsparse_jax.model import Transformer  # noqa: E402
-from svdsparse_jax.predictors import BuildConfig, build_predictors  # noqa: E402
+from svdsparse_jax.predictors import build_predictors  # noqa: E402
 import bench_report  # noqa: E402
 import decode_bytes  # noqa: E402
 
@@ -43,11 +43,11 @@ def main() -> int:
     lm = load_model(BUNDLED_MODEL, jnp.float32)
     cfg, model = lm.cfg, Transformer(lm.cfg, lm.weights)
     corpus = BUNDLED_MODEL.parent / "corpus"
-    bc = BuildConfig(method="whitened", ranks=cfg.d_model // 4, rule="s", value=DEFAULT_S, tokens=8192)
+    bc = demo_build_config(cfg)
     pset = build_predictors(model, np.load(corpus / "calib.npy"), bc, progress=False)
     heldout = np.load(corpus / "heldout.npy")
     rng = np.random.default_rng(args.seed)
-    predictor_bytes = sum(p.nbytes() for p in pset.layers) // 2  # built in f32: counted as bf16, as decode reads
+    predictor_bytes = decode_bytes.low_rank_bytes(cfg, bc.ranks, 2)  # in bf16, as decode reads them
     rows, per_token = [], None
     for b in args.batches:
         fractions = []

@@ -27,9 +27,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from svdsparse_jax.config import ModelConfig, named_config  # noqa: E402
+from svdsparse_jax.generate import bucket  # noqa: E402
 from svdsparse_jax.weights import weight_specs  # noqa: E402
 
 FFN_ROWS = {"w_gate": "gate", "w_up": "up_down", "w_down_t": "up_down"}
@@ -73,8 +75,8 @@ def analyse(report: dict, goal: float) -> list[str]:
     lines, dense = [], {}
     for run in report["runs"]:
         cfg = named_config(run["shape"])
-        itemsize = np.dtype(run["dtype"]).itemsize if run["dtype"] != "bfloat16" else 2
-        slots = run["slots"] if "slots" in run else bucket_slots(run["prompt_len"], run["new_tokens"])
+        itemsize = jnp.dtype(run["dtype"]).itemsize
+        slots = run.get("slots") or bucket(run["prompt_len"]) + bucket(run["new_tokens"])  # older JSONs: no slots
         step_s = run["decode_step_ms"] / 1e3
         key = (run["shape"], run["gate_decay"], run["dense_gemv"], run["batch"], run.get("steps_per_check", 1))
         label = (f"{run['shape']} decay {run['gate_decay']} batch {run['batch']} "
@@ -90,8 +92,11 @@ def analyse(report: dict, goal: float) -> list[str]:
                          "this JSON does not give)")
             continue
         gate, up_down, how = rows_of(run, cfg)
-        rank = int(re.search(r"\br(\d+)", run["predictor"]).group(1))
-        b = step_bytes(cfg, itemsize, run["batch"], slots, gate, up_down, low_rank_bytes(cfg, rank, itemsize))
+        if "predictor_gb" in run:
+            predictor_bytes = run["predictor_gb"] * 1e9
+        else:  # older JSONs: from the rank in the predictor's name
+            predictor_bytes = low_rank_bytes(cfg, int(re.search(r"\br(\d+)", run["predictor"]).group(1)), itemsize)
+        b = step_bytes(cfg, itemsize, run["batch"], slots, gate, up_down, predictor_bytes)
         lines.append(f"{label}, sparse: W_gate rows {gate.mean():.3f}, W_up / W_down rows {up_down.mean():.3f} "
                      f"({how}): "
                      f"{b / 1e9:.4g} GB per step in {run['decode_step_ms']} ms, {b / step_s / 1e12:.3f} TB/s "
@@ -103,11 +108,6 @@ def analyse(report: dict, goal: float) -> list[str]:
                          f"bytes at {(b / step_s) / (db / ds):.2f} of the dense step's rate; {goal}x needs "
                          f"{goal / ceiling:.2f}")
     return lines
-
-
-def bucket_slots(prompt_len: int, new_tokens: int) -> int:
-    from svdsparse_jax.generate import bucket
-    return bucket(prompt_len) + bucket(new_tokens)
 
 
 def main() -> int:

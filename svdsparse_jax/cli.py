@@ -248,6 +248,13 @@ def _token_stream(texts: list[str], lm) -> np.ndarray:
     return np.concatenate([np.asarray(list(x) + list(eos), np.int64) for x in ids])
 
 
+def demo_build_config(cfg):
+    """The predictors `svdsparse demo` builds for the bundled model: whitened SVD of rank d/4, s = DEFAULT_S,
+    8,192 calibration tokens (a predictors.BuildConfig)."""
+    from svdsparse_jax.predictors import BuildConfig
+    return BuildConfig(method="whitened", ranks=cfg.d_model // 4, rule="s", value=DEFAULT_S, tokens=8192)
+
+
 def _corpus_split(name: str) -> np.ndarray:
     return np.load(BUNDLED_MODEL.parent / "corpus" / f"{name}.npy")
 
@@ -340,12 +347,12 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from svdsparse_jax.evaluate import evaluate_predictors
     from svdsparse_jax.generate import Generator
     from svdsparse_jax.model import Transformer
-    from svdsparse_jax.predictors import BuildConfig, build_predictors, model_fingerprint, save_predictors
+    from svdsparse_jax.predictors import build_predictors, model_fingerprint, save_predictors
 
     t0 = time.perf_counter()
     lm = load_model(BUNDLED_MODEL, parse_dtype(args.dtype))
     model = Transformer(lm.cfg, lm.weights)
-    bc = BuildConfig(method="whitened", ranks=lm.cfg.d_model // 4, rule="s", value=DEFAULT_S, tokens=8192)
+    bc = demo_build_config(lm.cfg)
     pset = build_predictors(model, _corpus_split("calib"), bc, progress=False)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="svdsparse-demo-")) / "predictors"
     save_predictors(out, pset, lm.cfg, model_fingerprint(lm.cfg, lm.weights))

@@ -73,10 +73,6 @@ class Sampler:
         pick = jax.random.categorical(key, ranked, axis=-1)
         return jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
-    def __call__(self, logits: jax.Array, key: jax.Array) -> jax.Array:
-        """logits [B, V] f32 -> tokens [B] int32, argmax or sampled by the (possibly traced) temperature."""
-        return jax.lax.cond(self.temperature <= 0, self.argmax, self.sample, logits, key)
-
 
 def kernel_settings() -> tuple[str, bool]:
     """What the dispatched functions decide while tracing (`pallas_kernels.dispatch`): the kernel mode and whether

@@ -54,7 +54,7 @@ def test_sampler_filters_follow_their_definition():
     import jax
     keys = jax.random.split(jax.random.key(np.random.default_rng().integers(1 << 30)), 4000)
     for sampler, keep in ((Sampler(1.0, 2, 1.0), [0, 1]), (Sampler(1.0, 0, 0.8), [0, 1, 2])):
-        draws = np.asarray(jax.vmap(lambda k: sampler(logits, k))(keys))[:, 0]
+        draws = np.asarray(jax.vmap(lambda k: sampler.sample(logits, k))(keys))[:, 0]
         assert set(draws.tolist()) <= set(keep)
         expected = probs[keep] / probs[keep].sum()
         observed = np.bincount(draws, minlength=5)[keep] / len(draws)
