@@ -1,28 +1,24 @@
 """Candidates -> neuron list: the step between the predictor and the sparse FFN kernels.
 
 The list is blocked by tiles of `tile` consecutive neurons, so that every tile is listed independently, in
-parallel. The candidate masks of B sequences, bool [B, d_ff], become
-  tiles  int32 [n_tiles * tile]: tile t's candidates (in any sequence's mask), ascending, at
+parallel. The candidate sets of B sequences (bool [B, d_ff], or scores + bias > 0) become
+  tiles  int32 [n_tiles * tile]: tile t's candidates (in any sequence's set), ascending, at
          tiles[t * tile : t * tile + counts[t]], zeros after;
   counts int32 [n_tiles]: how many each tile has (n_tiles = d_ff / tile rounded up to a power of two; the
          tiles past d_ff count 0);
-  own    (B > 1 only) int8 [B, n_tiles * tile]: 1 where the neuron in that slot is in sequence b's own mask.
+  own    (B > 1 only) int8 [B, n_tiles * tile]: 1 where the neuron in that slot is in sequence b's own set.
 List position k (0 <= k < sum(counts)) is the k-th candidate overall; the kernels find its slot from the prefix
 sum of the counts (`locate`, `slots`), which each program computes once from n_tiles numbers.
 
-On the GPU, one Pallas program per tile: the union of the tile's masks, an inclusive prefix sum over the tile
-in registers, a masked scatter of each candidate's index to its slot, a masked store of the zeros after the
-count. Measured in LLaMA2-7B decode on the H100 (docs/BENCHMARKS.md, scripts/bench_compact.py): a flat list
-built by XLA (a two-level prefix sum as small matrix products plus a scatter) took about six launches per layer;
-one Pallas program walking the whole mask 4.8 us; these per-tile programs 1.5 us. A variant that also computed a
-low-rank predictor's B z + bias > 0 for its tile (one launch less) took 5.5 us, as long as XLA's product and
-comparison plus these programs: it was dropped. What was kept is the comparison alone: given the predictor's f32
-scores and its bias, the programs form the mask themselves (1.7 us in decode, where a mask took 1.5 us and XLA's
-bias, comparison and int8 cast another 1.5 us).
+On the GPU, one Pallas program per tile: the union of the tile's sets, an inclusive prefix sum over the tile in
+registers, a masked scatter of each candidate's index to its slot, a masked store of the zeros after the count.
+Given a predictor's f32 scores and its bias, the programs form the candidate set themselves (scores + bias > 0).
+`reference.compact` is the XLA version.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -30,41 +26,45 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels import dispatch
-from pallas_kernels.gemv import compiler_params
+from pallas_kernels.common import F32, compiler_params
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Candidates:
+    """A predictor's candidate neurons for each token, as the compaction reads them: either `mask` (bool
+    [..., d_ff]), or `scores` (f32 [..., d_ff]) with `bias` ([d_ff], any float dtype): neuron i is a candidate
+    iff scores_i + bias_i > 0, compared where the list is built (inside the compaction programs on the GPU, which
+    saves XLA's launch for the addition and comparison)."""
+
+    mask: jax.Array | None = None
+    scores: jax.Array | None = None
+    bias: jax.Array | None = None
+
+    def __post_init__(self):
+        if (self.mask is None) == (self.scores is None) or (self.scores is None) != (self.bias is None):
+            raise ValueError("Candidates: give either a mask, or scores and a bias")
+
+    def as_mask(self) -> jax.Array:
+        """bool [..., d_ff]: the candidate set."""
+        if self.mask is not None:
+            return self.mask
+        return self.scores.astype(F32) + self.bias.astype(F32) > 0
+
+    def reshape(self, *shape: int) -> "Candidates":
+        """The same sets with the token axes reshaped (the neuron axis stays last)."""
+        if self.mask is not None:
+            return Candidates(mask=self.mask.reshape(*shape, self.mask.shape[-1]))
+        return Candidates(scores=self.scores.reshape(*shape, self.scores.shape[-1]), bias=self.bias)
+
 
 TILE = 128
-F32 = jnp.float32
 
 
 def n_tiles(d_ff: int, tile: int = TILE) -> int:
     """Tiles in the blocked list: ceil(d_ff / tile) rounded up to a power of two (kernels load all counts as one
     power-of-two vector)."""
     return 1 << max(0, -(-d_ff // tile) - 1).bit_length()
-
-
-def candidate_mask(candidates: jax.Array, bias: jax.Array | None) -> jax.Array:
-    """bool [B, d_ff]: the mask itself, or with a bias, scores + bias > 0."""
-    return candidates if bias is None else candidates.astype(jnp.float32) + bias.astype(jnp.float32) > 0
-
-
-def compact_reference(candidates: jax.Array, tile: int = TILE,
-                      bias: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """The XLA version of `compact` (same arguments and results)."""
-    candidates = candidate_mask(candidates, bias)
-    batch, d_ff = candidates.shape
-    union = jnp.any(candidates, axis=0)
-    n = n_tiles(d_ff, tile)
-    m = jnp.pad(union, (0, n * tile - d_ff)).reshape(n, tile)
-    ones = m.astype(jnp.int32)
-    pos = jnp.cumsum(ones, axis=1) - 1 + (jnp.arange(n, dtype=jnp.int32) * tile)[:, None]
-    target = jnp.where(m, pos, n * tile).reshape(-1)
-    tiles = jnp.zeros(n * tile, jnp.int32).at[target].set(jnp.arange(n * tile, dtype=jnp.int32), mode="drop")
-    own = None
-    if batch > 1:
-        padded = jnp.pad(candidates, ((0, 0), (0, n * tile - d_ff))).astype(jnp.int8)
-        own = jnp.zeros((batch, n * tile), jnp.int8).at[:, target].set(padded, mode="drop")
-    return tiles, jnp.sum(ones, axis=1), own
 
 
 def _compact_kernel(cand_ref, *refs, tile: int, has_bias: bool, interpret: bool):
@@ -106,13 +106,16 @@ def _compact_kernel(cand_ref, *refs, tile: int, has_bias: bool, interpret: bool)
 
 
 @functools.partial(jax.jit, static_argnames=("tile", "num_warps", "interpret"))
-def compact_pallas(candidates: jax.Array, *, tile: int = TILE, bias: jax.Array | None = None, num_warps: int = 4,
+def compact_pallas(candidates: Candidates, *, tile: int = TILE, num_warps: int = 4,
                    interpret: bool = False) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """The Pallas version of `compact` (same arguments and results): one program per tile."""
-    batch, d_ff = candidates.shape
+    """The blocked list (tiles, counts, own) of the candidates of B sequences ([B, d_ff] mask or scores), as
+    described above: one program per tile."""
+    bias = candidates.bias
+    values = candidates.mask if bias is None else candidates.scores
+    batch, d_ff = values.shape
     if bias is not None and bias.shape != (d_ff,):
         raise ValueError(f"compaction: bias has shape {bias.shape}; expected [{d_ff}] like the scores")
-    inputs = [candidates.astype(jnp.int8)] if bias is None else [candidates.astype(F32), bias]  # bias: cast inside
+    inputs = [values.astype(jnp.int8)] if bias is None else [values.astype(F32), bias]  # bias: cast inside
     n = n_tiles(d_ff, tile)
     out_shape = [jax.ShapeDtypeStruct((n * tile,), jnp.int32), jax.ShapeDtypeStruct((n,), jnp.int32)]
     if batch > 1:
@@ -124,17 +127,6 @@ def compact_pallas(candidates: jax.Array, *, tile: int = TILE, bias: jax.Array |
         compiler_params=None if interpret else compiler_params(num_warps, 1),
         interpret=interpret)(*inputs)
     return out[0], out[1], out[2] if batch > 1 else None
-
-
-def compact(candidates: jax.Array, tile: int = TILE,
-            bias: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """candidates bool [B, d_ff] -> the blocked list of their union, (tiles, counts, own) as described above.
-    With bias [d_ff] (any float dtype), candidates are f32 scores and the mask is scores + bias > 0, which the programs
-    compute themselves (saving XLA's launch for the addition and comparison). The Pallas programs or XLA's
-    version by `dispatch.mode()`."""
-    if dispatch.mode() == "xla":
-        return compact_reference(candidates, tile, bias)
-    return compact_pallas(candidates, tile=tile, bias=bias, interpret=dispatch.mode() == "interpret")
 
 
 def locate(counts: jax.Array) -> tuple[jax.Array, jax.Array]:

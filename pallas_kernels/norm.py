@@ -1,12 +1,9 @@
-"""Residual add + RMSNorm for decode, optionally with a small matrix-vector product of the normed vector.
+"""Residual add + RMSNorm for decode, optionally with a small matrix-vector product of the normed vector, in one
+launch: every program forms the sum and its norm from the [B, d] inputs (16 KB, from L2), program 0 writes them,
+and each program also computes its block of `rows` rows of w @ normed when a w is given (the low-rank
+predictor's input projection A, r x d).
 
-Between a decode step's attention and its FFN, XLA ran three launches for `x = x + attn_out` and `RMSNorm(x)`
-(the add, the sum of squares, the scaling; 4.3 us per LLaMA2-7B layer on the H100, docs/BENCHMARKS.md), and a
-fourth for the predictor's A (normed x) (2.7 us). Here one Pallas launch does all of it: every program forms
-the sum and its norm from the [B, d] inputs (16 KB, from L2), program 0 writes them, and each program also
-computes its block of `rows` rows of w @ normed when a w is given (the low-rank predictor's A, r x d).
-
-Numerics follow the model's XLA code: the sum rounded to x's dtype (as `x + a` in bf16), the norm in f32,
+Numerics follow `reference.add_rmsnorm`: the sum rounded to x's dtype (as `x + a` in bf16), the norm in f32,
 x * rsqrt(mean(x^2) + eps) * scale, rounded to the scale's dtype; w @ normed accumulated in f32. The mean's sum
 runs in a different order than XLA's, so the normed vector can differ from XLA's in the last bf16 place.
 """
@@ -19,22 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels import dispatch, reference
-from pallas_kernels.gemv import MAX_BATCH, call, column_pieces, dot_pieces, pow2_divisor, rms_pieces
-from pallas_kernels.reference import rms_norm
-
-F32 = jnp.float32
-
-
-def add_rmsnorm_reference(x: jax.Array, delta: jax.Array, scale: jax.Array, eps: float,
-                          w: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """The XLA version of `add_rmsnorm` (same arguments and results), for inputs of any leading shape."""
-    total = x + delta.astype(x.dtype)
-    normed = rms_norm(total, scale, eps)
-    if w is None:
-        return total, normed, None
-    z = reference.gemv(normed.reshape(-1, normed.shape[-1]), w).reshape(*normed.shape[:-1], w.shape[0])
-    return total, normed, z
+from pallas_kernels.common import F32, call, column_pieces, dot_pieces, pow2_divisor, rms_pieces
 
 
 def _add_norm_kernel(x_ref, delta_ref, scale_ref, *refs, eps: float, rows: int, has_w: bool):
@@ -63,8 +45,13 @@ def _add_norm_kernel(x_ref, delta_ref, scale_ref, *refs, eps: float, rows: int, 
 def add_rmsnorm_pallas(x: jax.Array, delta: jax.Array, scale: jax.Array, eps: float, w: jax.Array | None = None,
                        *, rows: int = 4, num_warps: int = 4, interpret: bool = False,
                        poison: bool = False) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """The Pallas version of `add_rmsnorm` for x, delta [B, d] (B <= MAX_BATCH). poison: outputs start as NaN."""
+    """(x + delta, RMSNorm(x + delta), w @ RMSNorm(x + delta) or None) for x, delta [B, d] (d a multiple of 16),
+    scale [d], w [n, d]: the sum in x's dtype, the norm in the scale's dtype, the product f32 [B, n].
+    poison: outputs start as NaN."""
     batch, d = x.shape
+    if delta.shape != x.shape or scale.shape != (d,) or (w is not None and w.shape[1:] != (d,)):
+        raise ValueError(f"add_rmsnorm: x {x.shape}, delta {delta.shape}, scale {scale.shape}, w "
+                         f"{None if w is None else w.shape}; expected delta like x, scale [{d}], w [n, {d}]")
     rows = 1 if w is None else pow2_divisor(w.shape[0], rows)
     programs = 1 if w is None else w.shape[0] // rows
     out_shape = [jax.ShapeDtypeStruct((batch, d), x.dtype), jax.ShapeDtypeStruct((batch, d), scale.dtype)]
@@ -76,22 +63,3 @@ def add_rmsnorm_pallas(x: jax.Array, delta: jax.Array, scale: jax.Array, eps: fl
                out_specs=tuple(pl.no_block_spec for _ in out_shape), num_warps=num_warps, num_stages=1,
                interpret=interpret, poison=poison)(*inputs)
     return out[0], out[1], out[2] if w is not None else None
-
-
-def add_rmsnorm(x: jax.Array, delta: jax.Array, scale: jax.Array, eps: float,
-                w: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array | None]:
-    """(x + delta, RMSNorm(x + delta), w @ RMSNorm(x + delta) or None): x [..., d] (the residual stream),
-    delta [..., d], scale [d], w [n, d]. Returns the sum in x's dtype, the norm in the scale's dtype and
-    z [..., n] f32. One Pallas launch on the GPU for decode-sized inputs (at most MAX_BATCH rows); XLA otherwise,
-    or as `dispatch.mode()` says."""
-    d = x.shape[-1]
-    if delta.shape != x.shape or scale.shape != (d,) or (w is not None and w.shape[1:] != (d,)):
-        raise ValueError(f"add_rmsnorm: x {x.shape}, delta {delta.shape}, scale {scale.shape}, w "
-                         f"{None if w is None else w.shape}; expected delta like x, scale [{d}], w [n, {d}]")
-    m = dispatch.mode()
-    flat = x.reshape(-1, d)
-    if m == "xla" or flat.shape[0] > MAX_BATCH or d % 16:
-        return add_rmsnorm_reference(x, delta, scale, eps, w)
-    total, normed, z = add_rmsnorm_pallas(flat, delta.reshape(-1, d), scale, eps, w, interpret=m == "interpret")
-    lead = x.shape[:-1]
-    return total.reshape(x.shape), normed.reshape(x.shape), None if z is None else z.reshape(*lead, w.shape[0])

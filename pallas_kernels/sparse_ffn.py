@@ -1,54 +1,24 @@
-"""The predictor-guarded FFN for decode (REFERENCE.md section 3) as Pallas kernels that read only the rows of
-the candidate neurons (W_gate) and of the truly active ones (W_up, W_down_t).
+"""The predictor-guarded FFN for decode (the paper's sparse executor) as Pallas kernels that read only the rows of
+the candidate neurons (W_gate) and of the truly active ones (W_up, W_down_t), for x [B, d] (B a handful of
+sequences sharing one union of candidates), on the blocked neuron list of `compaction`. Every kernel program
+finds the neurons at its list positions from the prefix sum of the tile counts (`_List`, `_block`), so all work
+is on dense blocks of the list and no program spends its lanes on rows that are not candidates.
 
-Steps, for x [B, d] (B a handful of sequences sharing one union of candidates):
-1. `compaction.compact` (Pallas programs, one per tile of 128 neurons; XLA's version off the GPU): the union of
-   the B candidate masks becomes a neuron list blocked by tiles, with a count per tile. Every kernel program
-   below finds the neurons at its list positions from the prefix sum of those counts (`_List`, `_block`), so all
-   work is on dense blocks of the list and no program spends its lanes on rows that are not candidates.
-2. gate / up kernel: one program per block of `rows` listed neurons (programs past the count write zeros and
-   exit). It gathers those rows of W_gate chunk by chunk and dots them with x, applies the activation, then
-   gathers the W_up rows of the neurons that are active for some sequence only (the others are masked out of
-   the load: no memory traffic) and writes h = act(g) * u for the block.
-3. down: y[b] = sum_k h[b, k] * W_down_t[idx[k]], again reading only the rows with some h != 0 (the split
-   variant's gate / up kernel writes the flat list idx it located, so its down kernel reads it directly).
-
-Three ways to run steps 2-3 were built and timed on the H100 (scripts/bench_ffn.py, docs/BENCHMARKS.md):
-- "split": a second kernel, parallel over column blocks of y and over `splits` interleaved slices of the list,
-  each program looping over its rows and writing a partial [B, cols] sum; XLA adds the `splits` partials
-  (fused with the residual add that follows anyway). Deterministic; every program does an equal share.
-- "fused": the gate / up program goes on to the down rows of its own block and adds its [B, d] contribution
-  into y with f32 atomics: one launch, no h round trip, but B x d atomics per program and a y that must be
-  zeroed first.
+Three variants (`SparseFFNConfig.variant`; docs/design.md gives the measurements that chose between them):
 - "stream": one kernel with a fixed grid of `programs`; each takes list blocks p, p + programs, ...; for each it
   gathers the W_gate rows (its columns in a few power-of-two pieces, all loads in flight at once), applies the
   activation, then loads the W_up and the W_down_t rows of the active neurons together, so the down rows travel
-  while h is computed; it keeps its [B, d] share of y in registers and writes it once; XLA adds the per-program
-  partials. No h round trip, no atomics; the fastest at batch 1. Loading W_down_t with W_up rather than after h
-  removed one dependent round trip to memory per block: with it, 4-row blocks and 4 warps took 19.2 / 22.0 us per
-  Qwen2-7B layer at 1,431 / 2,112 listed neurons against 27.1 / 29.5 us for the earlier 8-row, 8-warp stream
-  and 26.3 / 31.4 us for split (docs/bench/ffn_count_*.txt, scripts/bench_ffn_count.py); for LLaMA2-7B it was
-  as fast or faster at every list length. Measured in it and dropped: reading the W_up rows of every candidate,
-  so their load need not wait for the gate, 0.3-5.4 us slower per LLaMA2-7B layer, and also the W_down_t rows,
-  1.4-16 us slower (more bytes; docs/bench/bench_ffn_stream*.json); adding each program's share into y with f32
-  atomics instead of writing partial sums, slower in 7 of 8 cases (up to 11 us); a program per tile of the
-  list (its candidates at fixed places, no prefix sum) 30-33 us against 23-25 (fewer programs, each with blocks
-  in series; docs/bench/bench_ffn_stream_tile_llama2-7b.json); issuing the next block's list and W_gate loads
-  before this block's arithmetic (carried through the loop), no overlap seen: 132 programs 20.8-26.7 us at
-  1,431-2,112 neurons against 19.7-22.6 (docs/bench/bench_ffn_stream_prefetch_llama2-7b.json,
-  ffn_count_llama2-7b.txt). Code of these three in commit 0ab7cae.
-Two kernels without a global list were also built, checked on the H100 and timed, then removed as no faster
-(LLaMA2-7B, 90% sparse): one over fixed tiles of neurons that masked the rows that were not candidates out of
-[tile, chunk] loads took 59-233 us on a given mask (docs/bench/bench_ffn_tiled.json): loads with most rows
-masked still cost nearly their full time; one that listed each tile's candidates in registers (a prefix sum
-over the tile) and ran them in dense blocks, optionally computing the predictor's B z + bias itself, took
-28-29 us on a mask against stream's 21-22 us, and 31.4 us with its in-kernel predictor, equal to stream's
-31.4 us with the XLA predictor and compaction (docs/bench/bench_ffn_tile_*.json; code in commit a9d62f3).
-`default_config(d, batch)` picks the variant and block sizes that measured fastest for the model width and
-batch; the reasons are written next to it.
+  while h is computed; it keeps its [B, d] share of y in registers and writes it once; XLA adds the
+  per-program partial sums.
+- "split": a gate / up kernel over blocks of `rows` listed neurons (programs past the count write zeros and
+  exit; W_up rows read only for neurons active in some sequence) writing h and the flat neuron list, then a down
+  kernel parallel over column blocks of y and over `splits` interleaved slices of the list, each program writing
+  a partial [B, cols] sum that XLA adds.
+- "fused": the gate / up program goes on to the down rows of its own block and adds its [B, d] contribution
+  into y with f32 atomics (y zeroed first).
 
 Interpret mode (CPU tests) runs the same kernel bodies; there gathers read clamped rows and zero them instead
-of masking the load (`gemv.load_rows`).
+of masking the load (`common.load_rows`).
 """
 
 from __future__ import annotations
@@ -61,12 +31,10 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plt
 
-from pallas_kernels import compaction, dispatch, reference
-from pallas_kernels.gemv import (MAX_BATCH, call, column_chunk, column_pieces, dot_rows, dot_tiles, load_rows,
-                                 pad_batch)
+from pallas_kernels import compaction
+from pallas_kernels.common import (F32, call, column_chunk, column_pieces, dot_rows, dot_tiles, load_rows,
+                                   pad_batch)
 from pallas_kernels.reference import Activation
-
-F32 = jnp.float32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,28 +61,6 @@ class SparseFFNConfig:
 
 
 VARIANTS = ("split", "fused", "stream")
-
-
-# Chosen on the H100 by `scripts/bench_ffn.py --sweep` (90% sparse, 13% candidates; docs/BENCHMARKS.md).
-# split: 4-row gate/up programs, 16x128 down tiles in 16 slices; the best of 18 split shapes (26.1 us per
-# LLaMA2-7B layer, docs/bench/bench_ffn.json; fused at its best 26.5 us, mostly 30-42 us).
-SPLIT = SparseFFNConfig()
-# stream: 2 rows per block, 4 warps, 396 programs (W_down_t rows loaded with W_up's). Head to head at 90% sparsity,
-# 13% candidates, medians of four turns (scripts/bench_ffn_ab.py, docs/bench/bench_ffn_ab.txt): Qwen2-7B 30.1 us
-# per layer against 31.9 for 4 rows / 264 programs and 31.2-32.0 for the other 2-row shapes; LLaMA2-7B 21.7
-# against 23.1 (2 rows / 264 programs 21.2, but 31.2 on Qwen2-7B). Chosen from one-run sweeps of 36 shapes per
-# model (docs/bench/bench_ffn_sweep_stream_*.json), whose order moved by 2-3 us from run to run. The earlier
-# 8-row, 8-warp stream (W_down_t after h) took 43.0 us on Qwen2-7B, split 38.4.
-STREAM = SparseFFNConfig(variant="stream", rows=2, num_warps=4, programs=396)
-
-
-def default_config(d: int, batch: int = 1) -> SparseFFNConfig:
-    """The measured-fastest configuration for model width d and batch size: stream at batch 1 (timed at d =
-    4096, LLaMA2-7B, and 3584, Qwen2-7B, whose rows go in pieces of 2048 + 1024 + 512; the other widths of the
-    model table were not timed), split for batches: at batch 4 (LLaMA2-7B decode, gate decay 0.5,
-    docs/BENCHMARKS.md) the stream kernel's [4, d] register sums (its 8-row shape then) made the whole step
-    6.65 ms against split's 5.82 ms."""
-    return STREAM if batch == 1 else SPLIT
 
 
 def list_length(d_ff: int, cfg: SparseFFNConfig) -> int:
@@ -301,7 +247,7 @@ def _check_shapes(x, w_gate, w_up, w_down_t):
 @functools.partial(jax.jit, static_argnames=("act", "cfg", "interpret", "poison"))
 def sparse_ffn_indexed(x: jax.Array, tiles: jax.Array, counts: jax.Array, w_gate: jax.Array, w_up: jax.Array,
                        w_down_t: jax.Array, own: jax.Array | None = None, *, act: Activation,
-                       cfg: SparseFFNConfig = SPLIT, interpret: bool = False,
+                       cfg: SparseFFNConfig, interpret: bool = False,
                        poison: bool = False) -> tuple[jax.Array, jax.Array | None]:
     """The kernels on an explicit neuron list: x [B, d]; (tiles, counts) the blocked list of `compaction.compact`
     (distinct neurons < d_ff); weights [d_ff, d]; own (B > 1 only) bool or int8 [B, len(tiles)]: whether the
@@ -349,21 +295,3 @@ def sparse_ffn_indexed(x: jax.Array, tiles: jax.Array, counts: jax.Array, w_gate
                    poison=poison, num_warps=cfg.down_warps, num_stages=cfg.num_stages,
                    interpret=interpret)(counts, idx, h, w_down_t)
     return jnp.sum(partial[:, :batch], axis=0), h
-
-
-def sparse_ffn(x: jax.Array, candidates: jax.Array, w_gate: jax.Array, w_up: jax.Array, w_down_t: jax.Array,
-               act: Activation, cfg: SparseFFNConfig | None = None, bias: jax.Array | None = None) -> jax.Array:
-    """The guarded FFN for decode: x [B, d], candidates bool [B, d_ff] (the predictor's; or, given bias f32
-    [d_ff], the predictor's f32 scores without it: the candidates are scores + bias > 0, compared inside the
-    compaction programs), weights [d_ff, d] (w_down_t is down_proj transposed). Returns y [B, d] f32. Runs the
-    kernels or the XLA reference by `dispatch.mode()` (XLA also for more than MAX_BATCH rows: prefill and
-    evaluation); both give the sum over i in C_b of (act(g_i) * u_i) * w_down_t[i]."""
-    m = dispatch.mode()
-    if m == "xla" or x.shape[0] > MAX_BATCH:
-        return reference.sparse_ffn(x, compaction.candidate_mask(candidates, bias), w_gate, w_up, w_down_t, act)
-    if act.kind == "silu":
-        raise ValueError("sparse FFN: silu is never zero, so a predictor cannot skip rows; run it dense")
-    cfg = cfg or default_config(x.shape[-1], x.shape[0])
-    tiles, counts, own = compaction.compact(candidates, bias=bias)
-    return sparse_ffn_indexed(x, tiles, counts, w_gate, w_up, w_down_t, own, act=act, cfg=cfg,
-                              interpret=m == "interpret")[0]

@@ -20,7 +20,7 @@ from flax import nnx
 
 from svdsparse_jax import kv_cache
 from svdsparse_jax.errors import SvdsparseError
-from svdsparse_jax.model import Block, Transformer, einsum
+from svdsparse_jax.model import Block, FFNProbe, Transformer, einsum
 
 F32 = jnp.float32
 
@@ -48,8 +48,10 @@ class LayerStats:
 
 
 @jax.jit(static_argnums=(0,))
-def _attention_part(graphdef, state, x: jax.Array) -> jax.Array:
-    """x [B, T, d] (residual stream) -> the residual stream after attention, [B, T, d]."""
+def _block_pass(graphdef, state, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """x [B, T, d] (the residual stream, each row its own context) -> (the residual stream after the layer,
+    the layer's FFN input [B, T, d]): the block as every forward pass runs it, its FFN input recorded by a
+    probe."""
     block: Block = nnx.merge(graphdef, state)
     b, t, _ = x.shape
     cfg = block.attn.cfg
@@ -57,19 +59,9 @@ def _attention_part(graphdef, state, x: jax.Array) -> jax.Array:
     pad = jnp.zeros(b, jnp.int32)
     pos = kv_cache.positions(pad, jnp.int32(0), t)
     mask = kv_cache.attention_bias(cfg, pad, jnp.int32(0), t, t)
-    a, _, _ = block.attn(x, zeros, zeros, jnp.int32(0), pos, mask, block.attn_norm)
-    return x + a
-
-
-@jax.jit(static_argnums=(0,))
-def _ffn_norm(graphdef, state, x):
-    return nnx.merge(graphdef, state).ffn_norm(x)
-
-
-@jax.jit(static_argnums=(0,))
-def _ffn_part(graphdef, state, x_mid, ffn_in):
-    """The residual stream after the FFN."""
-    return x_mid + nnx.merge(graphdef, state).ffn(ffn_in)
+    probe = FFNProbe(record=("inputs",))
+    out, _, _ = block(x, zeros, zeros, jnp.int32(0), pos, mask, probe=probe)
+    return out, probe.inputs[0]
 
 
 @jax.jit
@@ -83,15 +75,8 @@ def layer_inputs(model: Transformer, windows: np.ndarray, batch: int = 8) -> Ite
     x = model.embed[...][jnp.asarray(windows, jnp.int32)]
     for i, block in enumerate(model.layers):
         graphdef, state = nnx.split(block)
-        mids, ffn_ins, outs = [], [], []
-        for s in range(0, x.shape[0], batch):
-            mid = _attention_part(graphdef, state, x[s:s + batch])
-            mids.append(mid)
-            ffn_ins.append(_ffn_norm(graphdef, state, mid))
-        ffn_in = jnp.concatenate(ffn_ins)
-        yield i, ffn_in
-        for s, mid in zip(range(0, x.shape[0], batch), mids):
-            outs.append(_ffn_part(graphdef, state, mid, ffn_in[s:s + batch]))
+        outs, ffn_ins = zip(*(_block_pass(graphdef, state, x[s:s + batch]) for s in range(0, x.shape[0], batch)))
+        yield i, jnp.concatenate(ffn_ins)
         x = jnp.concatenate(outs)
 
 

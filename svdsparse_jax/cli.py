@@ -1,7 +1,9 @@
-"""The `svdsparse` command: convert, generate, score, build-predictors, eval, export-npu, import-svdp, demo.
+"""The `svdsparse` command: convert, generate, score, build-predictors, eval, demo, and the commands of installed
+plug-ins (entry point group `svdsparse.commands`: `torch_npu_bridge` adds export-svdp and import-svdp).
 
 Every command exits non-zero with a one-line error on bad input (add --debug for the traceback). With --json,
-a command prints exactly one JSON object on stdout.
+a command prints exactly one JSON object on stdout. The engine configuration (which kernels decode runs) is
+resolved here, once, from --kernels or the environment (`engine.from_environment`).
 """
 
 from __future__ import annotations
@@ -9,15 +11,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from svdsparse_jax.assets import BUNDLED_MODEL, corpus_split, is_bundled_model
 from svdsparse_jax.errors import SvdsparseError
 
-BUNDLED_MODEL = Path(__file__).parent / "assets" / "default_model"
 DEFAULT_S = 0.7
+PLUGIN_GROUP = "svdsparse.commands"
+Command = Callable[[argparse.Namespace], None]
 
 
 def _ids(text: str) -> list[int]:
@@ -30,7 +35,8 @@ def _ids(text: str) -> list[int]:
     return ids
 
 
-def _model_options(p: argparse.ArgumentParser, optional_model: bool = True) -> None:
+def model_options(p: argparse.ArgumentParser, optional_model: bool = True) -> None:
+    """The options of every command that loads a model (plug-ins use them too)."""
     if optional_model:
         p.add_argument("model", nargs="?", help="converted or Hugging Face model directory "
                                                 "(default: the bundled model)")
@@ -44,17 +50,25 @@ def _model_options(p: argparse.ArgumentParser, optional_model: bool = True) -> N
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def _kernel_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kernels", choices=["auto", "pallas", "interpret", "xla"],
+                   help="Pallas kernels or XLA for decode-sized products, norms and the guarded FFN (default: "
+                        "SVDSPARSE_KERNELS, else auto = the kernels on a GPU, XLA elsewhere)")
+
+
+def build_parser(plugins: dict[str, Command] | None = None) -> argparse.ArgumentParser:
+    """The argument parser; the commands of installed plug-ins are added to it and their handlers to
+    `plugins`."""
     parser = argparse.ArgumentParser(prog="svdsparse", description="SVD contextual-sparsity LLM decoding in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="convert a Hugging Face checkpoint to this project's format")
     p.add_argument("hf_dir")
     p.add_argument("out_dir")
-    _model_options(p, optional_model=False)
+    model_options(p, optional_model=False)
 
     p = sub.add_parser("generate", help="generate text (one jitted program: prefill + decode loop)")
-    _model_options(p)
+    model_options(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     src.add_argument("--prompt-ids", type=_ids, action="append", help="comma-separated token ids (repeatable)")
@@ -65,13 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--predictors", help="predictor directory: decode with the predictor-guarded FFN")
-    p.add_argument("--kernels", choices=["auto", "pallas", "interpret", "xla"],
-                   help="Pallas kernels or XLA for the decode GEMVs and the guarded FFN (default: auto = Pallas on "
-                        "a GPU; also SVDSPARSE_KERNELS)")
+    _kernel_option(p)
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("score", help="per-token log-probabilities, NLL and perplexity of a text")
-    _model_options(p)
+    model_options(p)
+    _kernel_option(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text-file")
     src.add_argument("--prompt-ids", type=_ids)
@@ -79,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("build-predictors", help="build and calibrate contextual-sparsity predictors")
-    _model_options(p)
+    model_options(p)
     p.add_argument("--calib-text", nargs="+", metavar="FILE",
                    help="calibration text files (default for the bundled model: its calibration split)")
     p.add_argument("--out", required=True)
@@ -95,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("eval", help="evaluate predictors against the dense model")
-    _model_options(p)
+    model_options(p)
+    _kernel_option(p)
     p.add_argument("--predictors", required=True)
     p.add_argument("--text-file", help="held-out text (default for the bundled model: its held-out split)")
     p.add_argument("--window", type=int, default=512)
@@ -103,21 +117,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plots", help="directory for PNG plots")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("export-npu", help="export predictors for the torch / torch_npu executor")
-    _model_options(p)
-    p.add_argument("--predictors", required=True, help="predictor directory (build-predictors)")
-    p.add_argument("--out", required=True, help="export directory (safetensors + manifest)")
-    p.add_argument("--svdp-out", help="also write the SVDP / PowerInfer per-layer files (model_{layer}.pt) here")
-
-    p = sub.add_parser("import-svdp", help="import SVDP / PowerInfer per-layer predictor files (model_{layer}.pt)")
-    _model_options(p)
-    p.add_argument("--svdp", required=True, help="directory of model_{layer}.pt files")
-    p.add_argument("--out", required=True, help="predictor directory to write (usable by generate / eval)")
-
     p = sub.add_parser("demo", help="the whole pipeline on the bundled model, offline")
     p.add_argument("--out", help="keep the predictors here (default: a temporary directory)")
     p.add_argument("--dtype", default="float32", choices=["bfloat16", "float16", "float32"])
     p.add_argument("--debug", action="store_true")
+    for ep in entry_points(group=PLUGIN_GROUP):
+        try:
+            register = ep.load()
+        except ImportError as e:  # a plug-in whose package is broken: the core commands still run
+            print(f"svdsparse: plug-in {ep.name!r} not loaded ({e})", file=sys.stderr)
+            continue
+        handlers = register(sub)
+        if plugins is not None:
+            plugins.update(handlers)
     return parser
 
 
@@ -132,7 +144,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def _load(args: argparse.Namespace):
+def load_from_args(args: argparse.Namespace):
+    """The model a command names (the bundled one by default), loaded as its --dtype and overrides say."""
     from svdsparse_jax.convert import load_model, parse_dtype
 
     path = args.model
@@ -153,8 +166,13 @@ def cmd_convert(args: argparse.Namespace) -> None:
     print(f"converted {args.hf_dir} -> {out}")
 
 
+def engine_from_args(args: argparse.Namespace):
+    """The engine configuration of a command: --kernels, else SVDSPARSE_KERNELS, else auto."""
+    from svdsparse_jax.engine import from_environment
+    return from_environment(getattr(args, "kernels", None))
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
-    from pallas_kernels.dispatch import kernel_mode, requested_mode
     from svdsparse_jax.generate import Generator, Sampler
     from svdsparse_jax.model import Transformer
 
@@ -164,7 +182,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise SvdsparseError(f"--temperature must be >= 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise SvdsparseError(f"--top-p must be in (0, 1], got {args.top_p}")
-    lm = _load(args)
+    engine = engine_from_args(args)
+    lm = load_from_args(args)
     tok = lm.tokenizer
     if args.prompt is not None:
         if tok is None:
@@ -173,14 +192,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
     else:
         prompts = args.prompt_ids
     sampler = Sampler(temperature=args.temperature or 0.0, top_k=args.top_k, top_p=args.top_p)
-    preds = _load_predictors(args.predictors, lm).layers if args.predictors else None
-    model = Transformer(lm.cfg, lm.weights)
+    preds = load_predictors_for(args.predictors, lm).layers if args.predictors else None
+    model = Transformer(lm.cfg, lm.weights, engine)
     del lm  # the model holds its own fused q/k/v matrix; the separate ones can go
-    with kernel_mode(args.kernels or requested_mode()):
-        try:
-            result = Generator(model, preds).generate(prompts, args.max_new_tokens, sampler, args.seed)
-        except RuntimeError as e:  # e.g. --kernels pallas without a GPU
-            raise SvdsparseError(str(e)) from e
+    result = Generator(model, preds).generate(prompts, args.max_new_tokens, sampler, args.seed)
     n_new = sum(len(t) for t in result.tokens)
     tps = n_new / result.run_s if result.run_s > 0 else float("nan")
     rows = [{"prompt_ids": list(p), "output_ids": out,
@@ -206,27 +221,25 @@ def cmd_score(args: argparse.Namespace) -> None:
             text = Path(args.text_file).read_text()
         except OSError as e:
             raise SvdsparseError(f"{args.text_file}: cannot read ({e.strerror})") from None
-    lm = _load(args)
+    engine = engine_from_args(args)
+    lm = load_from_args(args)
     if text is not None:
         if lm.tokenizer is None:
             raise SvdsparseError(f"{lm.path}: the model has no tokenizer files; use --prompt-ids")
         ids = lm.tokenizer(text)["input_ids"]
     else:
         ids = args.prompt_ids
-    r = score_tokens(Transformer(lm.cfg, lm.weights), ids, args.window)
+    r = score_tokens(Transformer(lm.cfg, lm.weights, engine), ids, args.window)
     if args.json:
         print(json.dumps({"tokens": len(ids), "logprobs": r.logprobs, "nll": r.nll, "ppl": r.ppl}))
     else:
         print(f"tokens {len(ids)}  nll {r.nll:.4f}  ppl {r.ppl:.3f}")
 
 
-def _load_predictors(path: str, lm):
-    from svdsparse_jax.predictors import load_predictors, model_fingerprint
-    return load_predictors(path, lm.cfg, model_fingerprint(lm.cfg, lm.weights))
-
-
-def _is_bundled(lm) -> bool:
-    return Path(lm.path).resolve() == BUNDLED_MODEL.resolve()
+def load_predictors_for(path: str, lm):
+    """The predictor directory `path`, checked against the loaded model `lm` (shapes and fingerprint)."""
+    from svdsparse_jax.predictors import load_predictors
+    return load_predictors(path, lm.cfg, lm.fingerprint)
 
 
 def _read_texts(files: Sequence[str]) -> list[str]:
@@ -255,10 +268,6 @@ def demo_build_config(cfg):
     return BuildConfig(method="whitened", ranks=cfg.d_model // 4, rule="s", value=DEFAULT_S, tokens=8192)
 
 
-def _corpus_split(name: str) -> np.ndarray:
-    return np.load(BUNDLED_MODEL.parent / "corpus" / f"{name}.npy")
-
-
 def _target(args) -> tuple[str, float]:
     if args.target_sparsity is not None:
         return "sparsity", args.target_sparsity
@@ -269,16 +278,16 @@ def _target(args) -> tuple[str, float]:
 
 def cmd_build_predictors(args: argparse.Namespace) -> None:
     from svdsparse_jax.model import Transformer
-    from svdsparse_jax.predictors import BuildConfig, build_predictors, model_fingerprint, save_predictors
+    from svdsparse_jax.predictors import BuildConfig, build_predictors, save_predictors
 
     if Path(args.out).exists():
         raise SvdsparseError(f"{args.out}: already exists; remove it or choose another output directory")
     texts = _read_texts(args.calib_text) if args.calib_text else None
-    lm = _load(args)
+    lm = load_from_args(args)
     if texts is not None:
         calib = _token_stream(texts, lm)
-    elif _is_bundled(lm):
-        calib = _corpus_split("calib")
+    elif is_bundled_model(lm.path):
+        calib = corpus_split("calib")
     else:
         raise SvdsparseError("--calib-text is required for a model other than the bundled one")
     rule, value = _target(args)
@@ -286,7 +295,7 @@ def cmd_build_predictors(args: argparse.Namespace) -> None:
     bc = BuildConfig(method=args.method, ranks=ranks[0] if len(ranks) == 1 else tuple(ranks), rule=rule,
                      value=value, tokens=args.tokens, window=args.window)
     pset = build_predictors(Transformer(lm.cfg, lm.weights), calib, bc)
-    out = save_predictors(args.out, pset, lm.cfg, model_fingerprint(lm.cfg, lm.weights))
+    out = save_predictors(args.out, pset, lm.cfg, lm.fingerprint)
     if args.json:
         print(json.dumps({"out": str(out), "config": pset.config, "timings": pset.timings, "layers": pset.info}))
         return
@@ -304,16 +313,17 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from svdsparse_jax.model import Transformer
 
     texts = _read_texts([args.text_file]) if args.text_file else None
-    lm = _load(args)
-    pset = _load_predictors(args.predictors, lm)
+    engine = engine_from_args(args)
+    lm = load_from_args(args)
+    pset = load_predictors_for(args.predictors, lm)
     if texts is not None:
         tokens = _token_stream(texts, lm)
-    elif _is_bundled(lm):
-        tokens = _corpus_split("heldout")
+    elif is_bundled_model(lm.path):
+        tokens = corpus_split("heldout")
     else:
         raise SvdsparseError("--text-file is required for a model other than the bundled one")
-    report = evaluate_predictors(Transformer(lm.cfg, lm.weights), {pset.method: pset}, tokens, args.window,
-                                 args.max_windows)[pset.method]
+    report = evaluate_predictors(Transformer(lm.cfg, lm.weights, engine), {pset.method: pset}, tokens,
+                                 args.window, args.max_windows)[pset.method]
     if args.plots:
         report["plots"] = write_plots({pset.method: report}, args.plots)
     if args.json:
@@ -347,17 +357,17 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from svdsparse_jax.evaluate import evaluate_predictors
     from svdsparse_jax.generate import Generator
     from svdsparse_jax.model import Transformer
-    from svdsparse_jax.predictors import build_predictors, model_fingerprint, save_predictors
+    from svdsparse_jax.predictors import build_predictors, save_predictors
 
     t0 = time.perf_counter()
     lm = load_model(BUNDLED_MODEL, parse_dtype(args.dtype))
     model = Transformer(lm.cfg, lm.weights)
     bc = demo_build_config(lm.cfg)
-    pset = build_predictors(model, _corpus_split("calib"), bc, progress=False)
+    pset = build_predictors(model, corpus_split("calib"), bc, progress=False)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="svdsparse-demo-")) / "predictors"
-    save_predictors(out, pset, lm.cfg, model_fingerprint(lm.cfg, lm.weights))
+    save_predictors(out, pset, lm.cfg, lm.fingerprint)
     t_build = time.perf_counter() - t0
-    report = evaluate_predictors(model, {"whitened": pset}, _corpus_split("heldout"), 512, max_windows=8,
+    report = evaluate_predictors(model, {"whitened": pset}, corpus_split("heldout"), 512, max_windows=8,
                                  auroc_tokens=2048)["whitened"]
     s = report["summary"]
     prompt = "def read_config(path):\n"
@@ -385,46 +395,15 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"(greedy; the two agree on the first {same} of {len(dense)} tokens; total {time.perf_counter() - t0:.0f} s)")
 
 
-def cmd_export_npu(args: argparse.Namespace) -> None:
-    from svdsparse_jax.predictors import model_fingerprint
-    from torch_npu_bridge.export import export_predictors, factors_of
-    from torch_npu_bridge.svdp_format import write_svdp
-
-    lm = _load(args)
-    pset = _load_predictors(args.predictors, lm)
-    layers = [factors_of(p, i) for i, p in enumerate(pset.layers)]
-    out = export_predictors(args.out, layers, lm.cfg, model_fingerprint(lm.cfg, lm.weights), pset.method)
-    print(f"exported {len(layers)} layers ({pset.method}, {lm.cfg.activation}) to {out}")
-    if args.svdp_out:
-        print(f"SVDP-layout files in {write_svdp(args.svdp_out, layers)}")
-
-
-def cmd_import_svdp(args: argparse.Namespace) -> None:
-    import jax.numpy as jnp
-
-    from svdsparse_jax.predictors import LowRankPredictor, PredictorSet, model_fingerprint, save_predictors
-    from torch_npu_bridge.svdp_format import read_svdp
-
-    lm = _load(args)
-    cfg = lm.cfg
-    dt = lm.weights[("embed",)].dtype
-    layers = read_svdp(args.svdp, cfg.n_layers, cfg.d_model, cfg.d_ff)
-    preds = [LowRankPredictor(jnp.asarray(f.a, dt), jnp.asarray(f.b, dt), jnp.asarray(f.bias, jnp.float32))
-             for f in layers]
-    pset = PredictorSet("svdp-import", preds, {"source": str(args.svdp)}, [], {})
-    out = save_predictors(args.out, pset, cfg, model_fingerprint(cfg, lm.weights))
-    print(f"imported {len(preds)} layers from {args.svdp} to {out}")
-
-
-COMMANDS = {"convert": cmd_convert, "generate": cmd_generate, "score": cmd_score,
-            "build-predictors": cmd_build_predictors, "eval": cmd_eval, "export-npu": cmd_export_npu,
-            "import-svdp": cmd_import_svdp, "demo": cmd_demo}
+COMMANDS: dict[str, Command] = {"convert": cmd_convert, "generate": cmd_generate, "score": cmd_score,
+                                 "build-predictors": cmd_build_predictors, "eval": cmd_eval, "demo": cmd_demo}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    handlers = dict(COMMANDS)
+    args = build_parser(handlers).parse_args(argv)
     try:
-        COMMANDS[args.command](args)
+        handlers[args.command](args)
     except SvdsparseError as e:
         if args.debug:
             raise

@@ -28,7 +28,7 @@ import numpy as np
 from svdsparse_jax.config import ModelConfig, read_hf_config
 from svdsparse_jax.errors import SvdsparseError
 from svdsparse_jax.fsutil import atomic_directory, read_versioned_json
-from svdsparse_jax.weights import Path, WeightSpec, weight_specs
+from svdsparse_jax.weights import Path, WeightSpec, model_fingerprint, weight_specs
 
 FORMAT_VERSION = 1
 MARKER = "svdsparse.json"
@@ -231,7 +231,7 @@ def read_converted(model_dir: str | os.PathLike, dtype: jnp.dtype | None = None
                    ) -> tuple[ModelConfig, dict[Path, jax.Array]]:
     """Loads a converted directory: (config, weights), weights cast to `dtype` if given."""
     model_dir = FsPath(model_dir).absolute()
-    meta = read_versioned_json(model_dir / MARKER, FORMAT_VERSION, "a converted-model description")
+    meta = read_versioned_json(model_dir / MARKER, (FORMAT_VERSION,), "a converted-model description")
     cfg = ModelConfig.from_dict(meta["config"])
     saved_dtype = jnp.dtype(meta["dtype"])
     target = nest_weights({s.path: jax.ShapeDtypeStruct(s.shape, saved_dtype) for s in weight_specs(cfg)})
@@ -289,6 +289,11 @@ class LoadedModel:
     weights: dict[Path, jax.Array]
     tokenizer: Any
     path: FsPath
+
+    @property
+    def fingerprint(self) -> str:
+        """The model's fingerprint (`weights.model_fingerprint`), which predictor directories record."""
+        return model_fingerprint(self.cfg, self.weights)
 
 
 def is_converted(model_dir: str | os.PathLike) -> bool:

@@ -22,26 +22,26 @@ from flax import nnx
 from svdsparse_jax import kv_cache
 from svdsparse_jax.errors import SvdsparseError
 from svdsparse_jax.generate import bucket
-from svdsparse_jax.model import Transformer, einsum, ffn_hidden, linear
+from svdsparse_jax.model import XLA, FFNProbe, Transformer, einsum, ffn_hidden, linear
 
 
 @jax.jit(static_argnums=(0,))
 def _forward_stats(graphdef, state, predictors, tokens: jax.Array, pad: jax.Array):
     """Teacher-forced pass over left-padded windows tokens [B, L] (every token through the guarded FFNs when
-    predictors are given). Returns (log p(tokens[:, j+1] | tokens[:, :j+1]) [B, L-1] f32, the argmax next
-    token [B, L-1], and per layer, over the non-padding tokens, the number of candidate neurons [n_layers] and
-    of non-zero FFN activations [n_layers], f32)."""
+    predictors are given, as the model's engine runs them). Returns (log p(tokens[:, j+1] | tokens[:, :j+1])
+    [B, L-1] f32, the argmax next token [B, L-1], and per layer, over the non-padding tokens, the number of
+    candidate neurons [n_layers] and of non-zero FFN activations [n_layers], f32)."""
     model: Transformer = nnx.merge(graphdef, state)
     cache = kv_cache.init_cache(model.cfg, pad, tokens.shape[1], model.dtype)
-    collect: dict[str, list] = {}
-    h, _ = model(tokens, cache, jnp.int32(0), predictors, collect)
-    logp = jax.nn.log_softmax(model.logits(h[:, :-1]), axis=-1)
+    probe = FFNProbe()
+    states, _ = model(tokens, cache, jnp.int32(0), predictors, probe)
+    logp = jax.nn.log_softmax(model.logits(states[:, :-1]), axis=-1)
     lp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
     real = (jnp.arange(tokens.shape[1])[None, :] >= pad[:, None])[..., None]
-    candidates = collect.get("candidates", [jnp.ones_like(real)] * model.cfg.n_layers)
+    candidates = [jnp.ones_like(real) if m is None else m for m in probe.candidates]
     count = lambda masks: jnp.stack([jnp.sum(m & real, dtype=jnp.float32) for m in masks])  # noqa: E731
     return lp, jnp.argmax(logp, -1), count(candidates) * (1 if predictors else model.cfg.d_ff), \
-        count([a != 0 for a in collect["hidden"]])
+        count([a != 0 for a in probe.hidden])
 
 
 def _stream_pass(model: Transformer, predictors, windows: np.ndarray, batch: int):
@@ -70,11 +70,11 @@ def _union_fractions(graphdef, state, predictors, tokens: jax.Array):
     for some sequence, averaged over the L positions."""
     model: Transformer = nnx.merge(graphdef, state)
     b, length = tokens.shape
-    collect: dict[str, list] = {}
+    probe = FFNProbe()
     model(tokens, kv_cache.init_cache(model.cfg, jnp.zeros(b, jnp.int32), length, model.dtype), jnp.int32(0),
-          predictors, collect)
+          predictors, probe)
     union = lambda masks: jnp.stack([jnp.mean(jnp.any(m, axis=0)) for m in masks])  # noqa: E731
-    return union(collect["candidates"]), union([h != 0 for h in collect["hidden"]])
+    return union(probe.candidates), union([h != 0 for h in probe.hidden])
 
 
 def ffn_rows_read(model: Transformer, predictors: list, sequences: np.ndarray, batch: int = 4,
@@ -177,7 +177,7 @@ def auroc(scores: jax.Array, labels: jax.Array) -> jax.Array:
 
 def _layer_metrics(pred, x, w_gate, w_up, w_down_t, cfg, auroc_tokens):
     """Per-layer metrics of one predictor on dense FFN inputs x [n, d] (AUROC on the first auroc_tokens)."""
-    gate, up = linear(x, w_gate), linear(x, w_up)
+    gate, up = linear(XLA, x, w_gate), linear(XLA, x, w_up)
     h = ffn_hidden(cfg, gate, up)
     active = h != 0
     predicted = pred.predict(x, gate)

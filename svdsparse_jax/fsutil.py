@@ -29,14 +29,16 @@ def atomic_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
         raise
 
 
-def read_versioned_json(path: Path, version: int, what: str) -> dict:
-    """Reads a JSON file whose "format" field must equal `version`; errors name the file and say what it is."""
+def read_versioned_json(path: Path, versions: tuple[int, ...], what: str) -> dict:
+    """Reads a JSON file whose "format" field must be one of `versions`; errors name the file and say what it
+    is."""
     import json
 
     try:
         data = json.loads(Path(path).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise SvdsparseError(f"{path}: cannot read {what} ({e})") from None
-    if data.get("format") != version:
-        raise SvdsparseError(f"{path}: {what} format {data.get('format')!r}, expected {version}")
+    if not isinstance(data, dict) or data.get("format") not in versions:
+        got = data.get("format") if isinstance(data, dict) else None
+        raise SvdsparseError(f"{path}: {what} format {got!r}, expected one of {list(versions)}")
     return data

@@ -9,9 +9,12 @@ and reused across calls; the KV cache lives only inside the program.
 No host round trip per token: on a GPU, XLA runs a while loop whose trip count it cannot tell by copying the
 condition to the host and waiting for the device after every iteration, and a `lax.cond` likewise
 (xla/backends/gpu/runtime/while_thunk.cc, conditional_thunk.cc). So the stop condition (max_new reached, or
-every sequence at EOS) is checked once per `steps_per_check` decode steps, run as an inner loop of fixed trip
-count, which XLA runs without a copy; steps past the stop write nothing. Greedy or sampled is decided when the
-program is built, not by a `lax.cond` per token.
+every sequence at EOS) is checked once per `steps_per_check` decode steps (the engine configuration's), run as
+an inner loop of fixed trip count, which XLA runs without a copy; steps past the stop write nothing. Greedy or
+sampled is decided when the program is built, not by a `lax.cond` per token.
+
+The program takes the model's graph as a static argument, and the engine configuration is part of that graph, so
+a program is compiled per engine configuration as well.
 """
 
 from __future__ import annotations
@@ -25,15 +28,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pallas_kernels import dispatch
 from svdsparse_jax import kv_cache
 from svdsparse_jax.errors import SvdsparseError
 from svdsparse_jax.model import Transformer
 
 MIN_BUCKET = 16
-# Decode steps per check of the stop condition: one device-to-host wait per 8 tokens, at most 7 steps run past
-# the stop (their results discarded).
-STEPS_PER_CHECK = 8
 
 
 def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
@@ -74,43 +73,36 @@ class Sampler:
         return jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0].astype(jnp.int32)
 
 
-def kernel_settings() -> tuple[str, bool]:
-    """What the dispatched functions decide while tracing (`pallas_kernels.dispatch`): the kernel mode and whether
-    the dense decode projections take the Pallas GEMVs. The generate program takes it as a static argument, so
-    that JAX's trace cache, which does not see these switches, keeps one program per setting."""
-    return dispatch.mode(), dispatch.dense_gemv()
-
-
-def decode_steps(max_new: int, steps_per_check: int = STEPS_PER_CHECK) -> int:
+def decode_steps(max_new: int, steps_per_check: int) -> int:
     """Decode steps a call runs for max_new new tokens (the first comes from the prefill) when no sequence stops
     early: whole groups of steps_per_check."""
     return -(-(max_new - 1) // steps_per_check) * steps_per_check
 
 
 def _generate_program(graphdef, state, predictors, tokens, pad, max_new, sampler, key, eos_ids, *, new_bucket,
-                      greedy, steps_per_check, kernels):
+                      greedy):
     """tokens [B, P] left-padded prompts, pad [B]; returns out [B, new_bucket] int32, -1 where nothing was
     generated (after a sequence's first EOS, and past max_new). Prefill is dense; with predictors (one per layer)
-    every decode step runs the predictor-guarded FFN. greedy: argmax, else `sampler.sample`. kernels:
-    `kernel_settings()` when traced (static)."""
-    if kernels != kernel_settings():
-        raise RuntimeError(f"generate program keyed by kernel settings {kernels} traced under {kernel_settings()}")
+    every decode step runs the predictor-guarded FFN. greedy: argmax, else `sampler.sample`."""
     model: Transformer = nnx.merge(graphdef, state)
+    steps_per_check = model.engine.steps_per_check
     batch, prompt_len = tokens.shape
     choose = sampler.argmax if greedy else sampler.sample
     # The last group of steps may run up to steps_per_check - 1 steps past new_bucket: room for them.
     room = new_bucket + steps_per_check
     cache = kv_cache.init_cache(model.cfg, pad, prompt_len + room, model.dtype)
 
-    h, cache = model(tokens, cache, jnp.int32(0))
-    first = choose(model.logits(h[:, -1]), jax.random.fold_in(key, 0))
+    with jax.named_scope("prefill"):
+        states, cache = model(tokens, cache, jnp.int32(0))
+        first = choose(model.logits(states[:, -1]), jax.random.fold_in(key, 0))
     out = jnp.full((batch, room), -1, jnp.int32).at[:, 0].set(first)
     done = jnp.isin(first, eos_ids)
 
     def step(i, carry):
         token, cache, out, done = carry
-        h, cache = model(token[:, None], cache, prompt_len + i - 1, predictors)
-        nxt = choose(model.logits(h[:, 0]), jax.random.fold_in(key, i))
+        with jax.named_scope("decode_step"):
+            states, cache = model(token[:, None], cache, prompt_len + i - 1, predictors)
+            nxt = choose(model.logits(states[:, 0]), jax.random.fold_in(key, i))
         stopped = done | (i >= max_new)
         out = out.at[:, i].set(jnp.where(stopped, -1, nxt))
         return jnp.where(stopped, token, nxt), cache, out, stopped | jnp.isin(nxt, eos_ids)
@@ -141,22 +133,17 @@ class GenerateResult:
 
 class Generator:
     """Compiles and runs the generate program for one model (dense, or sparse decoding with one predictor per
-    layer); keeps compiled programs by static shape, greedy or sampled, and kernel mode
-    (`pallas_kernels.dispatch`: on a GPU the guarded FFN and the predictors' GEMVs run as Pallas kernels inside
-    the same program). steps_per_check: decode steps between two checks of the stop condition (module
-    docstring)."""
+    layer) under the model's engine configuration (`model.engine`: which kernels run inside the program, and
+    the steps per stop check); keeps compiled programs by static shape and greedy or sampled."""
 
-    def __init__(self, model: Transformer, predictors: list | None = None, steps_per_check: int = STEPS_PER_CHECK):
+    def __init__(self, model: Transformer, predictors: list | None = None):
         self.cfg = model.cfg
-        if steps_per_check < 1:
-            raise SvdsparseError(f"steps_per_check must be >= 1, got {steps_per_check}")
-        self.steps_per_check = steps_per_check
+        self.engine = model.engine
         if predictors is not None and len(predictors) != model.cfg.n_layers:
             raise SvdsparseError(f"{len(predictors)} predictors for {model.cfg.n_layers} layers")
         self.predictors = predictors
         self.graphdef, self.state = nnx.split(model)
-        self._jitted = jax.jit(_generate_program, static_argnums=(0,),
-                               static_argnames=("new_bucket", "greedy", "steps_per_check", "kernels"))
+        self._jitted = jax.jit(_generate_program, static_argnums=(0,), static_argnames=("new_bucket", "greedy"))
         self.compiled: dict[tuple, object] = {}
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampler: Sampler = Sampler(),
@@ -189,13 +176,11 @@ class Generator:
             eos = np.full(1, -2, np.int32)  # matches no token
         args = (self.graphdef, self.state, self.predictors, jnp.asarray(tokens), jnp.asarray(pad), jnp.int32(max_new_tokens),
                 jax.tree.map(jnp.asarray, sampler), jax.random.key(seed), jnp.asarray(eos))
-        kernels = kernel_settings()  # kernels or XLA, and which GEMVs: decided while tracing
-        key = (len(prompts), prompt_len, new_bucket, eos.size, sampler.greedy, kernels)
+        key = (len(prompts), prompt_len, new_bucket, eos.size, sampler.greedy)
         compile_s = 0.0
         if key not in self.compiled:
             t0 = time.perf_counter()
-            self.compiled[key] = self._jitted.lower(*args, new_bucket=new_bucket, greedy=sampler.greedy,
-                                                    steps_per_check=self.steps_per_check, kernels=kernels).compile()
+            self.compiled[key] = self._jitted.lower(*args, new_bucket=new_bucket, greedy=sampler.greedy).compile()
             compile_s = time.perf_counter() - t0
         t1 = time.perf_counter()
         out = self.compiled[key](*args[1:])

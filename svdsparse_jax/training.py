@@ -25,7 +25,8 @@ import optax
 from svdsparse_jax import kv_cache
 from svdsparse_jax.config import ModelConfig
 from svdsparse_jax.convert import DTYPES, nest_weights, unnest_weights
-from svdsparse_jax.model import Transformer
+from svdsparse_jax.engine import EngineConfig
+from svdsparse_jax.model import FFNProbe, Transformer
 from svdsparse_jax.weights import init_weights
 
 
@@ -69,28 +70,30 @@ def sample_batch(data: np.ndarray, step: int, tc: TrainConfig) -> np.ndarray:
     return np.stack([data[s:s + tc.seq_len + 1] for s in starts]).astype(np.int32)
 
 
-def loss_fn(weights, tokens, l1, cfg: ModelConfig, tc: TrainConfig):
+def loss_fn(weights, tokens, l1, cfg: ModelConfig, tc: TrainConfig, engine: EngineConfig):
     """Next-token cross-entropy + l1 * mean |h| (mean over layers, tokens and neurons).
     Returns (loss, (cross-entropy, per-layer sparsity [n_layers]))."""
     dtype = DTYPES[tc.compute_dtype]
-    model = Transformer(cfg, {k: v.astype(dtype) for k, v in unnest_weights(weights, cfg).items()})
+    model = Transformer(cfg, {k: v.astype(dtype) for k, v in unnest_weights(weights, cfg).items()}, engine)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     cache = kv_cache.init_cache(cfg, jnp.zeros(inputs.shape[0], jnp.int32), inputs.shape[1], dtype)
-    collect: dict[str, list] = {}
-    h, _ = model(inputs, cache, jnp.int32(0), collect=collect)
-    hidden = collect["hidden"]
-    logits = model.logits(h)
+    probe = FFNProbe(record=("hidden",))
+    states, _ = model(inputs, cache, jnp.int32(0), probe=probe)
+    hidden = probe.hidden
+    logits = model.logits(states)
     ce = jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0])
     l1_term = jnp.mean(jnp.stack([jnp.mean(jnp.abs(a)) for a in hidden]))
     sparsity = jnp.stack([jnp.mean(a == 0) for a in hidden])
     return ce + l1 * l1_term, (ce, sparsity)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "tc"), donate_argnums=(0,))
-def train_step(state: dict[str, Any], tokens: jax.Array, cfg: ModelConfig, tc: TrainConfig):
-    """One AdamW step, then the L1 factor update. Returns (new state, metrics)."""
+@functools.partial(jax.jit, static_argnames=("cfg", "tc", "engine"), donate_argnums=(0,))
+def train_step(state: dict[str, Any], tokens: jax.Array, cfg: ModelConfig, tc: TrainConfig,
+               engine: EngineConfig = EngineConfig()):
+    """One AdamW step, then the L1 factor update. Returns (new state, metrics). engine: XLA's products on the
+    platform it was resolved for (`EngineConfig.resolve("xla")`)."""
     (loss, (ce, sparsity)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["weights"], tokens, state["l1"], cfg, tc)
+        state["weights"], tokens, state["l1"], cfg, tc, engine)
     updates, opt_state = optimizer(tc).update(grads, state["opt_state"], state["weights"])
     weights = optax.apply_updates(state["weights"], updates)
     step = state["step"] + 1

@@ -9,9 +9,12 @@ Initialisation, conversion, checkpointing (and later sharding) all read `weight_
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from svdsparse_jax.config import ModelConfig
 
@@ -102,3 +105,18 @@ def init_weights(cfg: ModelConfig, key: jax.Array, dtype: jnp.dtype = jnp.bfloat
         else:
             out[spec.path] = jax.random.normal(k, spec.shape, dtype) * jnp.asarray(std, dtype)
     return out
+
+
+FINGERPRINT_SAMPLE = 4096  # values of each sampled tensor that the fingerprint reads
+
+
+def model_fingerprint(cfg: ModelConfig, weights: dict) -> str:
+    """sha256 of the config and of a sample of the weights (the first FINGERPRINT_SAMPLE values of the embedding
+    and of every layer's W_gate) rounded to bf16, so the same model loaded as bf16, f16 or f32 keeps its
+    fingerprint. Predictor directories record it and refuse another model (weights: arrays keyed by spec path;
+    only those tensors are read)."""
+    h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
+    for path in [("embed",)] + [("layers", i, "ffn", "w_gate") for i in range(cfg.n_layers)]:
+        sample = jnp.asarray(weights[path]).reshape(-1)[:FINGERPRINT_SAMPLE].astype(jnp.bfloat16)
+        h.update(np.asarray(sample).tobytes())
+    return h.hexdigest()[:32]

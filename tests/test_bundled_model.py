@@ -5,14 +5,14 @@ import json
 import jax.numpy as jnp
 import numpy as np
 
-from conftest import draw_well_conditioned, fatrelu_float64, rel_err, torch_logits
-from svdsparse_jax.cli import BUNDLED_MODEL
+from checkpoints import draw_well_conditioned, fatrelu_float64, torch_logits
+from conftest import rel_err
+from svdsparse_jax.assets import BUNDLED_MODEL, CORPUS
 from svdsparse_jax.convert import load_model
 from svdsparse_jax.evaluate import evaluate_stream
 from svdsparse_jax.model import Transformer
 
 CARD = json.loads((BUNDLED_MODEL / "card.json").read_text())
-CORPUS = BUNDLED_MODEL.parent / "corpus"
 
 
 def test_card_claims():
@@ -35,7 +35,7 @@ def test_perplexity_and_sparsity_are_what_the_card_says():
 WINDOW = 64
 
 
-def test_transformers_with_patched_activation_gives_the_same_logits():
+def test_transformers_with_patched_activation_gives_the_same_logits(rng):
     """Against transformers' Llama in float64 with FATReLU MLPs (transformers has none: built with relu, then
     patched), on a random held-out window that is well-conditioned (conftest.GATE_MARGIN)."""
     from transformers import AutoConfig, LlamaForCausalLM
@@ -45,7 +45,6 @@ def test_transformers_with_patched_activation_gives_the_same_logits():
     hf_cfg.hidden_act = "relu"
     reference, gaps = fatrelu_float64(LlamaForCausalLM.from_pretrained(BUNDLED_MODEL, config=hf_cfg).eval(), threshold)
     heldout = np.load(CORPUS / "heldout.npy")
-    rng = np.random.default_rng()
 
     def window():
         start = rng.integers(0, len(heldout) - WINDOW)

@@ -10,22 +10,18 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_hf_checkpoint
+from checkpoints import make_hf_checkpoint
 from svdsparse_jax.cli import main
 
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def tiny_with_tokenizer(tmp_path):
-    out = tmp_path / "tiny"
-    subprocess.run([sys.executable, str(ROOT / "scripts" / "make_tiny_checkpoint.py"), str(out),
-                    "--seed", str(np.random.default_rng().integers(1000))], check=True, capture_output=True)
-    return out
+def tiny_with_tokenizer(tmp_path, seed):
+    return make_hf_checkpoint(tmp_path / "tiny", "llama_relu", seed=seed, tokenizer=True).path
 
 
-def test_convert_then_generate_json_matches_transformers(tmp_path, capsys):
-    ckpt = make_hf_checkpoint(tmp_path / "hf", "mistral_gqa", seed=int(np.random.default_rng().integers(1000)))
+def test_convert_then_generate_json_matches_transformers(tmp_path, capsys, seed):
+    ckpt = make_hf_checkpoint(tmp_path / "hf", "mistral_gqa", seed=seed)
     assert main(["convert", str(ckpt.path), str(tmp_path / "conv"), "--dtype", "float32"]) == 0
     capsys.readouterr()
     prompt = [3, 17, 40, 99, 5]
@@ -62,8 +58,8 @@ def test_generate_and_score_text(tiny_with_tokenizer, tmp_path, capsys):
     (["generate", "MODEL", "--prompt", "hi"], "has no tokenizer files"),
     (["convert", "MODEL", "MODEL"], "already exists"),
 ])
-def test_errors_are_one_line(tmp_path, argv, message):
-    ckpt = make_hf_checkpoint(tmp_path / "hf", "llama_relu")
+def test_errors_are_one_line(tmp_path, argv, message, seed):
+    ckpt = make_hf_checkpoint(tmp_path / "hf", "llama_relu", seed=seed)
     argv = [str(ckpt.path) if a == "MODEL" else a for a in argv]
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     r = subprocess.run([sys.executable, "-m", "svdsparse_jax.cli", *argv], capture_output=True, text=True, env=env)
@@ -72,7 +68,7 @@ def test_errors_are_one_line(tmp_path, argv, message):
     assert lines and message in lines[-1] and "Traceback" not in r.stderr, r.stderr
 
 
-def test_build_predictors_eval_and_sparse_generate_on_the_bundled_model(tmp_path, capsys):
+def test_build_predictors_eval_and_sparse_generate_on_the_bundled_model(tmp_path, capsys, seed):
     out = tmp_path / "preds"
     assert main(["build-predictors", "--out", str(out), "--rank", "32", "--s", "0.6", "--tokens", "2048",
                  "--dtype", "float32", "--json"]) == 0
@@ -86,11 +82,14 @@ def test_build_predictors_eval_and_sparse_generate_on_the_bundled_model(tmp_path
         assert 0 <= rep["summary"][key] < float("inf"), key
     assert len(rep["layers"]) == 8 and len(list((tmp_path / "plots").glob("*.png"))) == 3
     assert rep["summary"]["recall"] > 0.9 and rep["summary"]["auroc"] > 0.9
-    assert main(["generate", "--predictors", str(out), "--prompt", "import os\n", "--max-new-tokens", "8",
-                 "--dtype", "float32", "--json"]) == 0
-    assert len(json.loads(capsys.readouterr().out)["output_ids"]) <= 8
+    generated = []
+    for kernels in ("xla", "interpret"):  # the engine picked at the edge: the kernels, interpreted, decode alike
+        assert main(["generate", "--predictors", str(out), "--prompt", "import os\n", "--max-new-tokens", "8",
+                     "--dtype", "float32", "--json", "--kernels", kernels]) == 0
+        generated.append(json.loads(capsys.readouterr().out)["output_ids"])
+    assert generated[0] == generated[1] and len(generated[0]) <= 8
     # predictors of another model are refused
-    other = make_hf_checkpoint(tmp_path / "hf", "llama_relu")
+    other = make_hf_checkpoint(tmp_path / "hf", "llama_relu", seed=seed)
     code = main(["generate", str(other.path), "--predictors", str(out), "--prompt-ids", "1,2"])
     assert code == 2 and "predictors for" in capsys.readouterr().err
 

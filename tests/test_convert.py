@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from conftest import make_hf_checkpoint
+from checkpoints import make_hf_checkpoint
 from svdsparse_jax import convert as convert_mod
 from svdsparse_jax.convert import convert, load_model, read_converted, read_hf_weights, weights_equal
 from svdsparse_jax.config import read_hf_config
@@ -21,8 +21,8 @@ def _no_output(out):
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
-def test_round_trip_identical(tmp_path, dtype):
-    ckpt = make_hf_checkpoint(tmp_path / "hf", "qwen2_tied", seed=int(np.random.default_rng().integers(1 << 30)))
+def test_round_trip_identical(tmp_path, dtype, seed):
+    ckpt = make_hf_checkpoint(tmp_path / "hf", "qwen2_tied", seed=seed)
     cfg = read_hf_config(ckpt.path)
     direct = read_hf_weights(ckpt.path, cfg, dtype)
     out = convert(ckpt.path, tmp_path / "out", dtype)
@@ -38,8 +38,8 @@ def test_round_trip_identical(tmp_path, dtype):
     assert all(w.dtype == jnp.float32 for w in lm.weights.values())
 
 
-def test_sharded_checkpoint_and_missing_shard(tmp_path):
-    ckpt = make_hf_checkpoint(tmp_path / "hf", "llama_relu")
+def test_sharded_checkpoint_and_missing_shard(tmp_path, seed):
+    ckpt = make_hf_checkpoint(tmp_path / "hf", "llama_relu", seed=seed)
     ckpt.torch_model.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
     shards = sorted((tmp_path / "sharded").glob("*.safetensors"))
     assert len(shards) > 1
@@ -52,8 +52,8 @@ def test_sharded_checkpoint_and_missing_shard(tmp_path):
     assert _no_output(tmp_path / "out")
 
 
-def test_misshapen_missing_and_extra_tensors_named_in_one_error(tmp_path):
-    ckpt = make_hf_checkpoint(tmp_path / "hf", "llama_relu")
+def test_misshapen_missing_and_extra_tensors_named_in_one_error(tmp_path, seed):
+    ckpt = make_hf_checkpoint(tmp_path / "hf", "llama_relu", seed=seed)
     path = ckpt.path / "model.safetensors"
     tensors = load_file(path)
     tensors["model.layers.0.mlp.up_proj.weight"] = tensors["model.layers.0.mlp.up_proj.weight"][:, :-1].copy()
@@ -68,8 +68,8 @@ def test_misshapen_missing_and_extra_tensors_named_in_one_error(tmp_path):
     assert _no_output(tmp_path / "out")
 
 
-def test_silu_refused_unless_dense_only(tmp_path):
-    ckpt = make_hf_checkpoint(tmp_path / "hf", "llama_relu")
+def test_silu_refused_unless_dense_only(tmp_path, seed):
+    ckpt = make_hf_checkpoint(tmp_path / "hf", "llama_relu", seed=seed)
     cfg_path = ckpt.path / "config.json"
     cfg_path.write_text(json.dumps({**json.loads(cfg_path.read_text()), "hidden_act": "silu"}))
     with pytest.raises(SvdsparseError, match=r"silu.*\['relu', 'fatrelu', 'drelu'\].*dense_only"):
@@ -78,10 +78,10 @@ def test_silu_refused_unless_dense_only(tmp_path):
     assert convert(ckpt.path, tmp_path / "dense", dense_only=True).is_dir()
 
 
-def test_bin_checkpoint_with_flag(tmp_path):
+def test_bin_checkpoint_with_flag(tmp_path, seed):
     import shutil
     import torch
-    ckpt = make_hf_checkpoint(tmp_path / "hf", "llama_relu")
+    ckpt = make_hf_checkpoint(tmp_path / "hf", "llama_relu", seed=seed)
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     shutil.copy(ckpt.path / "config.json", bin_dir / "config.json")
@@ -94,8 +94,8 @@ def test_bin_checkpoint_with_flag(tmp_path):
                          read_hf_weights(ckpt.path, cfg, jnp.float32))
 
 
-def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
-    ckpt = make_hf_checkpoint(tmp_path / "hf", "llama_relu")
+def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch, seed):
+    ckpt = make_hf_checkpoint(tmp_path / "hf", "llama_relu", seed=seed)
 
     def boom(*a, **k):
         raise KeyboardInterrupt
@@ -106,19 +106,19 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch):
     assert _no_output(tmp_path / "out")
 
 
-def test_existing_output_refused(tmp_path):
-    ckpt = make_hf_checkpoint(tmp_path / "hf", "llama_relu")
+def test_existing_output_refused(tmp_path, seed):
+    ckpt = make_hf_checkpoint(tmp_path / "hf", "llama_relu", seed=seed)
     (tmp_path / "out").mkdir()
     with pytest.raises(SvdsparseError, match="already exists"):
         convert(ckpt.path, tmp_path / "out")
 
 
-def test_spec_paths_are_the_model_state(tmp_path):
+def test_spec_paths_are_the_model_state(tmp_path, seed):
     """The weight table and the NNX module tree describe the same arrays, with the same shapes (q/k/v held as
     one concatenated matrix, as weights.FUSED says), and the fused matrix is the specs' tensors in order."""
     from flax import nnx
     from svdsparse_jax.model import Transformer
-    ckpt = make_hf_checkpoint(tmp_path / "hf", "qwen2_tied")
+    ckpt = make_hf_checkpoint(tmp_path / "hf", "qwen2_tied", seed=seed)
     lm = load_model(ckpt.path, jnp.float32)
     state = nnx.state(Transformer(lm.cfg, lm.weights), nnx.Param)
     leaves = {tuple(k.key if hasattr(k, "key") else k.idx for k in path): v.shape

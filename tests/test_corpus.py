@@ -2,7 +2,7 @@
 
 import json
 
-from svdsparse_jax.cli import BUNDLED_MODEL
+from svdsparse_jax.assets import BUNDLED_MODEL
 from svdsparse_jax.corpus import SPLITS, list_modules, module_name, split_of, stdlib_dir
 
 

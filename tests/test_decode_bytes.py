@@ -1,7 +1,4 @@
-"""scripts/decode_bytes.py: the bytes a decode step reads, against a count over the model's own arrays."""
-
-import sys
-from pathlib import Path
+"""scripts.bench.bytes: the bytes a decode step reads, against a count over the model's own arrays."""
 
 import jax
 import jax.numpy as jnp
@@ -11,18 +8,16 @@ import pytest
 from svdsparse_jax.config import named_config
 from svdsparse_jax.weights import init_weights
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
-import decode_bytes  # noqa: E402
+from scripts.bench import bytes as decode_bytes
 
 
 @pytest.mark.parametrize("shape", ["tiny", "qwen2-7b"])
-def test_step_bytes_counts_every_array_once(shape):
+def test_step_bytes_counts_every_array_once(shape, rng):
     cfg = named_config(shape)
     if shape != "tiny":  # the real shapes' arrays are only described: count them abstractly
         weights = jax.eval_shape(lambda: init_weights(cfg, jax.random.key(0), jnp.bfloat16))
     else:
         weights = init_weights(cfg, jax.random.key(0), jnp.bfloat16)
-    rng = np.random.default_rng()
     batch, slots = int(rng.integers(1, 5)), int(rng.integers(16, 512))
     gate, up_down = rng.uniform(size=cfg.n_layers), rng.uniform(size=cfg.n_layers)
     size = {path: int(np.prod(w.shape)) * 2 for path, w in weights.items()}

@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from conftest import torch_logits
+from checkpoints import torch_logits
 from svdsparse_jax.convert import load_model
 from svdsparse_jax.evaluate import score_tokens
 from svdsparse_jax.model import Transformer
@@ -17,10 +17,10 @@ def _torch_logprobs(model, ids):
     return torch.log_softmax(logits, -1)[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0].numpy()
 
 
-def test_score_matches_torch(llama_checkpoint):
+def test_score_matches_torch(llama_checkpoint, rng):
     lm = load_model(llama_checkpoint.path, jnp.float32)
     model = Transformer(lm.cfg, lm.weights)
-    ids = np.random.default_rng().integers(0, 128, 50).tolist()
+    ids = rng.integers(0, 128, 50).tolist()
     r = score_tokens(model, ids)
     ref = _torch_logprobs(llama_checkpoint.torch_model, ids)
     np.testing.assert_allclose(r.logprobs, ref, rtol=1e-4, atol=1e-5)
@@ -34,9 +34,8 @@ def test_score_matches_torch(llama_checkpoint):
     np.testing.assert_allclose(w.logprobs, ref_w, rtol=1e-4, atol=1e-5)
 
 
-def test_auroc_matches_pairwise_counting_with_ties():
+def test_auroc_matches_pairwise_counting_with_ties(rng):
     from svdsparse_jax.evaluate import auroc
-    rng = np.random.default_rng()
     scores = np.round(rng.normal(size=(60, 7)) * 2)  # integer scores: many ties
     labels = rng.random((60, 7)) < 0.3
     labels[:, 6] = False  # one class only: undefined
@@ -48,7 +47,7 @@ def test_auroc_matches_pairwise_counting_with_ties():
     assert np.isnan(got[6])
 
 
-def test_evaluate_oracle_and_all_active(llama_checkpoint):
+def test_evaluate_oracle_and_all_active(llama_checkpoint, rng):
     """The oracle and an all-active predictor leave the model exactly dense; the report's numbers say so."""
     import dataclasses
     from svdsparse_jax.evaluate import evaluate_predictors
@@ -60,7 +59,7 @@ def test_evaluate_oracle_and_all_active(llama_checkpoint):
     nothing = dataclasses.replace(everything, bias=-jnp.ones(cfg.d_ff))
     sets = {name: PredictorSet(name, [p] * cfg.n_layers, {}) for name, p in
             (("oracle", OraclePredictor()), ("all", everything), ("none", nothing))}
-    tokens = np.random.default_rng().integers(0, cfg.vocab_size, 200)
+    tokens = rng.integers(0, cfg.vocab_size, 200)
     rep = evaluate_predictors(model, sets, tokens, window=64)
     dense_ppl = math.exp(-np.mean(score_tokens(model, tokens[:64].tolist()).logprobs
                                   + score_tokens(model, tokens[64:128].tolist()).logprobs
@@ -77,27 +76,27 @@ def test_evaluate_oracle_and_all_active(llama_checkpoint):
     assert none["ffn_rel_error"] == 1.0
 
 
-def test_rows_read_per_token_and_by_a_batch(llama_checkpoint):
+def test_rows_read_per_token_and_by_a_batch(llama_checkpoint, rng):
     """ffn_rows_read: per token, the mean of each sequence's own candidate / active fractions; `together`, the
     union over the sequences at each position, against masks collected from each sequence run alone."""
     from svdsparse_jax import kv_cache
     from svdsparse_jax.evaluate import ffn_rows_read
+    from svdsparse_jax.model import FFNProbe
     from svdsparse_jax.predictors import LowRankPredictor
     lm = load_model(llama_checkpoint.path, jnp.float32)
     cfg = lm.cfg
     model = Transformer(cfg, lm.weights)
-    rng = np.random.default_rng()
     preds = [LowRankPredictor(jnp.asarray(rng.normal(size=(8, cfg.d_model)), jnp.float32),
                               jnp.asarray(rng.normal(size=(cfg.d_ff, 8)), jnp.float32),
                               jnp.full(cfg.d_ff, -1.0, jnp.float32)) for _ in range(cfg.n_layers)]
     seqs = rng.integers(0, cfg.vocab_size, (3, 20))
     cand, active = [], []  # [sequence][layer] -> [20, d_ff] bool
     for s in seqs:
-        collect = {}
+        probe = FFNProbe()
         model(jnp.asarray(s[None], jnp.int32), kv_cache.init_cache(cfg, jnp.zeros(1, jnp.int32), 20, jnp.float32),
-              jnp.int32(0), preds, collect)
-        cand.append([np.asarray(c[0]) for c in collect["candidates"]])
-        active.append([np.asarray(h[0]) != 0 for h in collect["hidden"]])
+              jnp.int32(0), preds, probe)
+        cand.append([np.asarray(c[0]) for c in probe.candidates])
+        active.append([np.asarray(h[0]) != 0 for h in probe.hidden])
     layers = range(cfg.n_layers)
     per_token = ffn_rows_read(model, preds, seqs, batch=2)
     union = ffn_rows_read(model, preds, seqs, together=True)

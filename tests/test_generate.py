@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from svdsparse_jax.convert import load_model
+from svdsparse_jax.engine import EngineConfig
 from svdsparse_jax.errors import SvdsparseError
-from svdsparse_jax.generate import STEPS_PER_CHECK, Generator, Sampler, bucket
+from svdsparse_jax.generate import Generator, Sampler, bucket
 from svdsparse_jax.model import Transformer
 
 
@@ -23,9 +24,8 @@ def _generator(ckpt, dtype=jnp.float32) -> Generator:
     return Generator(Transformer(lm.cfg, lm.weights))
 
 
-def test_greedy_matches_transformers_batch_of_different_lengths(hf_checkpoint):
+def test_greedy_matches_transformers_batch_of_different_lengths(hf_checkpoint, rng):
     gen = _generator(hf_checkpoint)
-    rng = np.random.default_rng()
     prompts = [rng.integers(0, 128, n).tolist() for n in (3, 11, 7)]
     result = gen.generate(prompts, 32, Sampler())
     for prompt, got in zip(prompts, result.tokens):
@@ -47,12 +47,12 @@ def test_top_k_one_is_greedy(llama_checkpoint):
     assert gen.generate([[5, 6, 7, 8]], 16, Sampler(temperature=0.7, top_k=1), seed=3).tokens == greedy
 
 
-def test_sampler_filters_follow_their_definition():
+def test_sampler_filters_follow_their_definition(seed):
     """Empirical frequencies of top-k / top-p sampling on fixed logits match the renormalised distribution."""
     logits = jnp.asarray([[2.0, 1.0, 0.5, 0.0, -1.0]])
     probs = np.exp(np.asarray(logits[0])) / np.exp(np.asarray(logits[0])).sum()
     import jax
-    keys = jax.random.split(jax.random.key(np.random.default_rng().integers(1 << 30)), 4000)
+    keys = jax.random.split(jax.random.key(seed), 4000)
     for sampler, keep in ((Sampler(1.0, 2, 1.0), [0, 1]), (Sampler(1.0, 0, 0.8), [0, 1, 2])):
         draws = np.asarray(jax.vmap(lambda k: sampler.sample(logits, k))(keys))[:, 0]
         assert set(draws.tolist()) <= set(keep)
@@ -78,7 +78,7 @@ def test_every_stopping_point_whatever_the_steps_per_check(llama_checkpoint, ste
     """Steps run past max_new or EOS (the rest of a group of steps_per_check) write nothing: each call returns
     exactly the first max_new tokens of a longer greedy run, or those through the first EOS."""
     lm = load_model(llama_checkpoint.path, jnp.float32)
-    gen = Generator(Transformer(lm.cfg, lm.weights), steps_per_check=steps_per_check)
+    gen = Generator(Transformer(lm.cfg, lm.weights, EngineConfig(steps_per_check=steps_per_check)))
     prompts = [[4, 5, 6], [7, 8, 9, 10, 11, 12]]
     free = gen.generate(prompts, 32, eos_ids=()).tokens
     assert free == _generator(llama_checkpoint).generate(prompts, 32, eos_ids=()).tokens
@@ -101,7 +101,7 @@ def test_decode_loop_checks_its_stop_condition_once_per_group(llama_checkpoint, 
     assert " conditional(" not in text
     loops = [line for line in text.splitlines() if " while(" in line]
     assert len([line for line in loops if "known_trip_count" not in line]) == 1
-    assert any(f'"known_trip_count":{{"n":"{STEPS_PER_CHECK}"}}' in line for line in loops)
+    assert any(f'"known_trip_count":{{"n":"{EngineConfig().steps_per_check}"}}' in line for line in loops)
 
 
 def test_stops_at_eos(llama_checkpoint):

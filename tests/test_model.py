@@ -4,7 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from conftest import rel_err, torch_logits, well_conditioned
+from checkpoints import torch_logits, well_conditioned
+from conftest import rel_err
 from svdsparse_jax import kv_cache
 from svdsparse_jax.convert import load_model
 from svdsparse_jax.model import Transformer
@@ -16,29 +17,27 @@ def _full_logits(model: Transformer, ids: np.ndarray) -> np.ndarray:
     return np.asarray(model.logits(h))
 
 
-def test_logits_match_transformers_f32(hf_checkpoint):
+def test_logits_match_transformers_f32(hf_checkpoint, rng):
     lm = load_model(hf_checkpoint.path, jnp.float32)
     model = Transformer(lm.cfg, lm.weights)
-    rng = np.random.default_rng()
     ids = well_conditioned(hf_checkpoint, lambda: rng.integers(0, lm.cfg.vocab_size, (2, 40)))  # > window 24
     assert rel_err(_full_logits(model, ids), torch_logits(hf_checkpoint.torch_model, ids)) <= 1e-4
 
 
-def test_logits_bf16_close_to_f32_reference(llama_checkpoint):
+def test_logits_bf16_close_to_f32_reference(llama_checkpoint, rng):
     lm = load_model(llama_checkpoint.path, jnp.bfloat16)
     model = Transformer(lm.cfg, lm.weights)
     assert all(w.dtype == jnp.bfloat16 for w in lm.weights.values())
     # two sequences: batched bf16 attention products, which the CPU's XLA runs only widened to f32
-    ids = np.random.default_rng().integers(0, lm.cfg.vocab_size, (2, 24))
+    ids = rng.integers(0, lm.cfg.vocab_size, (2, 24))
     assert rel_err(_full_logits(model, ids), torch_logits(llama_checkpoint.torch_model, ids)) <= 3e-2
 
 
-def test_cached_decoding_equals_recomputation(hf_checkpoint):
+def test_cached_decoding_equals_recomputation(hf_checkpoint, rng):
     """Prefill a left-padded batch, then feed tokens one at a time through the cache: every step's logits must
     equal those of the whole sequence computed from scratch (per sequence, without padding)."""
     lm = load_model(hf_checkpoint.path, jnp.float32)
     model = Transformer(lm.cfg, lm.weights)
-    rng = np.random.default_rng()
     lengths, steps, prompt_len = [5, 9], 30, 16
     seqs = well_conditioned(hf_checkpoint, lambda: [rng.integers(0, lm.cfg.vocab_size, n + steps) for n in lengths])
     tokens = np.zeros((2, prompt_len), np.int32)

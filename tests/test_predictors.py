@@ -7,33 +7,28 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import rel_err
 from svdsparse_jax import kv_cache
 from svdsparse_jax.calibration import layer_statistics
 from svdsparse_jax.config import named_config
 from svdsparse_jax.errors import SvdsparseError
-from svdsparse_jax.model import Transformer
+from svdsparse_jax.model import FFNProbe, Transformer
 from svdsparse_jax.predictors import (BuildConfig, LowRankPredictor, OraclePredictor, build_predictors,
-                                      load_predictors, model_fingerprint, save_predictors)
+                                      load_predictors, save_predictors)
 from svdsparse_jax.predictors.base import SignBitPredictor, pack_signs
 from svdsparse_jax.predictors.baselines import mlp_predictor, signbit_predictor
 from svdsparse_jax.predictors.thresholds import Target
-from svdsparse_jax.weights import init_weights
+from svdsparse_jax.weights import init_weights, model_fingerprint
 
 CFG = named_config("tiny", activation="fatrelu", act_threshold=0.02, max_seq_len=128, vocab_size=64)
 
 
-def _model(seed=None):
-    seed = int(np.random.default_rng().integers(1 << 30)) if seed is None else seed
+def _model(seed: int):
     return Transformer(CFG, init_weights(CFG, jax.random.key(seed), jnp.float32, std=0.2))
 
 
-def _tokens(n):
-    return np.random.default_rng().integers(0, CFG.vocab_size, n)
-
-
 @pytest.mark.parametrize("rows", [3, 40])  # the popcount path (decode) and the +-1 matmul path (batches)
-def test_sign_bits_count_negative_products(rows):
-    rng = np.random.default_rng()
+def test_sign_bits_count_negative_products(rows, rng):
     w, x = rng.normal(size=(50, 70)), rng.normal(size=(rows, 70))
     x[:, :3] = 0.0  # zero counts as positive on both sides
     p = SignBitPredictor(pack_signs(jnp.asarray(w)), jnp.int32(1), jnp.int32(1), 70)
@@ -43,8 +38,7 @@ def test_sign_bits_count_negative_products(rows):
     np.testing.assert_array_equal(np.asarray(n_pos), 70 - ref)
 
 
-def test_sign_bit_alpha_meets_its_targets():
-    rng = np.random.default_rng()
+def test_sign_bit_alpha_meets_its_targets(rng):
     w, x = rng.normal(size=(50, 70)), rng.normal(size=(40, 70))
     ref = ((w[None] < 0) != (x[:, None] < 0)).sum(-1)
     fitted = signbit_predictor(jnp.asarray(w), jnp.asarray(x), jnp.ones((40, 50), bool), Target("sparsity", 0.6))
@@ -58,8 +52,7 @@ def test_sign_bit_alpha_meets_its_targets():
     assert 0.9 <= kept < 0.97
 
 
-def test_mlp_learns_the_labels():
-    rng = np.random.default_rng()
+def test_mlp_learns_the_labels(rng):
     x = rng.normal(size=(2048, 16)).astype(np.float32)
     w = rng.normal(size=(32, 4)) @ rng.normal(size=(4, 16)) / 2  # labels a rank-8 ReLU MLP can represent
     labels = x @ w.T > 1.0
@@ -68,10 +61,10 @@ def test_mlp_learns_the_labels():
     assert accuracy > 0.9
 
 
-def test_guarded_ffn_equals_dense_when_all_active_and_zero_when_none():
-    model = _model()
+def test_guarded_ffn_equals_dense_when_all_active_and_zero_when_none(seed, rng):
+    model = _model(seed)
     ffn = model.layers[0].ffn
-    x = jnp.asarray(np.random.default_rng().normal(size=(5, CFG.d_model)), jnp.float32)
+    x = jnp.asarray(rng.normal(size=(5, CFG.d_model)), jnp.float32)
     r = 4
     everything = LowRankPredictor(jnp.zeros((r, CFG.d_model)), jnp.zeros((CFG.d_ff, r)), jnp.ones(CFG.d_ff))
     nothing = dataclasses.replace(everything, bias=-jnp.ones(CFG.d_ff))
@@ -81,15 +74,16 @@ def test_guarded_ffn_equals_dense_when_all_active_and_zero_when_none():
     np.testing.assert_array_equal(np.asarray(ffn(x, oracle)), np.asarray(ffn(x)))
 
 
-def test_layer_statistics_match_a_full_forward():
-    model = _model()
-    windows = _tokens(4 * 32).reshape(4, 32)
+def test_layer_statistics_match_a_full_forward(seed, rng):
+    model = _model(seed)
+    windows = rng.integers(0, CFG.vocab_size, (4, 32))
     cache = kv_cache.init_cache(CFG, jnp.zeros(2, jnp.int32), 32, jnp.float32)
-    collect = {}
-    model(jnp.asarray(windows[2:], jnp.int32), cache, jnp.int32(0), collect=collect)
+    probe = FFNProbe(record=("inputs", "hidden"))
+    model(jnp.asarray(windows[2:], jnp.int32), cache, jnp.int32(0), probe=probe)
     for st in layer_statistics(model, windows):
-        np.testing.assert_allclose(np.asarray(st.h2), np.asarray(collect["hidden"][st.layer]).reshape(-1, CFG.d_ff),
+        np.testing.assert_allclose(np.asarray(st.h2), np.asarray(probe.hidden[st.layer]).reshape(-1, CFG.d_ff),
                                    rtol=1e-4, atol=1e-5)
+        assert rel_err(st.x2, np.asarray(probe.inputs[st.layer]).reshape(-1, CFG.d_model)) <= 1e-5
         x1 = np.asarray(st.x1, np.float64)
         np.testing.assert_allclose(np.asarray(st.gram), x1.T @ x1, rtol=1e-4, atol=1e-4)
         norms = np.linalg.norm(np.asarray(model.layers[st.layer].ffn.w_down_t[...]), axis=1)
@@ -97,10 +91,11 @@ def test_layer_statistics_match_a_full_forward():
 
 
 @pytest.mark.parametrize("method", ["whitened", "plain", "signbit", "mlp", "oracle"])
-def test_build_reaches_the_targets_on_the_calibration_half(method):
-    model = _model()
-    bc = BuildConfig(method=method, ranks=16, rule="sparsity", value=0.3, tokens=4096, window=128, mlp_steps=300)
-    ps = build_predictors(model, _tokens(4096), bc, progress=False)
+def test_build_reaches_the_targets_on_the_calibration_half(method, seed, rng):
+    model = _model(seed)
+    bc = BuildConfig(method=method, ranks=16, rule="sparsity", value=0.3, tokens=4096, window=128, mlp_steps=300,
+                     seed=seed)
+    ps = build_predictors(model, rng.integers(0, CFG.vocab_size, 4096), bc, progress=False)
     assert len(ps.layers) == CFG.n_layers
     for info in ps.info:
         assert info["target_met"] or method == "oracle"
@@ -112,13 +107,13 @@ def test_build_reaches_the_targets_on_the_calibration_half(method):
             assert info["calib_predicted_sparsity"] >= 0.3 - 1e-6
 
 
-def test_store_round_trip_and_refusals(tmp_path):
-    model = _model(seed=1)
+def test_store_round_trip_and_refusals(tmp_path, seed, rng):
+    model = _model(seed)
     fp = model_fingerprint(CFG, {s: v for s, v in _weights(model).items()})
     for method in ("whitened", "mlp", "signbit", "oracle"):
-        ps = build_predictors(model, _tokens(4096), BuildConfig(method=method, ranks=8, rule="s", value=0.6,
-                                                                tokens=4096, window=128, mlp_steps=20),
-                              progress=False)
+        bc = BuildConfig(method=method, ranks=8, rule="s", value=0.6, tokens=4096, window=128, mlp_steps=20,
+                         seed=seed)
+        ps = build_predictors(model, rng.integers(0, CFG.vocab_size, 4096), bc, progress=False)
         save_predictors(tmp_path / method, ps, CFG, fp)
         loaded = load_predictors(tmp_path / method, CFG, fp)
         assert loaded.method == method and loaded.config == json_round(ps.config)
@@ -126,7 +121,7 @@ def test_store_round_trip_and_refusals(tmp_path):
             la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
             assert type(a) is type(b) and len(la) == len(lb)
             assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
-    other = _model(seed=2)
+    other = _model(seed + 1)
     with pytest.raises(SvdsparseError, match="fingerprint"):
         load_predictors(tmp_path / "whitened", CFG, model_fingerprint(CFG, _weights(other)))
     with pytest.raises(SvdsparseError, match=r"\(layers, d_model, d_ff\)"):

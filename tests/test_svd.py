@@ -16,8 +16,7 @@ def _problem(rng, f=96, d=48, n=400):
     return w, x
 
 
-def test_whitened_matches_float64_reference():
-    rng = np.random.default_rng()
+def test_whitened_matches_float64_reference(rng):
     w, x = _problem(rng)
     gram = x.T @ x
     r, ridge = 12, 1e-3
@@ -38,8 +37,7 @@ def test_whitened_matches_float64_reference():
     assert np.linalg.norm(got64 - ref) / np.linalg.norm(ref) < 1e-8
 
 
-def test_plain_is_the_truncated_svd():
-    rng = np.random.default_rng()
+def test_plain_is_the_truncated_svd(rng):
     w, _ = _problem(rng)
     a, b = whitened_svd(jnp.asarray(w, jnp.float32), None, 10)
     u, sig, vt = np.linalg.svd(w)
@@ -48,9 +46,8 @@ def test_plain_is_the_truncated_svd():
     assert np.linalg.norm(got - ref) / np.linalg.norm(ref) < 1e-4
 
 
-def test_whitening_lowers_the_error_on_the_data():
+def test_whitening_lowers_the_error_on_the_data(rng):
     """The point of whitening: at equal rank, B A x is closer to W x on inputs like the calibration ones."""
-    rng = np.random.default_rng()
     w, x = _problem(rng, n=2000)
     gram = jnp.asarray(x[:1000].T @ x[:1000], jnp.float32)
     held = x[1000:]

@@ -23,8 +23,7 @@ def _problem(rng, n=512, f=300, dead=0):
 
 @pytest.mark.parametrize("target", [Target("sparsity", 0.5), Target("sparsity", 0.75), Target("recall", 0.97),
                                     Target("recall", 0.85), Target("sparsity", 0.999)])
-def test_matches_the_greedy_loop(target):
-    rng = np.random.default_rng()
+def test_matches_the_greedy_loop(target, rng):
     scores, importance, active = _problem(rng)
     ref = greedy_reference(scores, importance, active, target, grid=GRID)
     bias, chosen = calibrate_bias(jnp.asarray(scores, jnp.float32), jnp.asarray(importance, jnp.float32),
@@ -45,8 +44,7 @@ def test_matches_the_greedy_loop(target):
         assert (predicted_active & active).sum() / active.sum() >= target.value
 
 
-def test_guard_stops_when_too_many_neurons_switch_off():
-    rng = np.random.default_rng()
+def test_guard_stops_when_too_many_neurons_switch_off(rng):
     scores, importance, active = _problem(rng, dead=12)  # 4% of the neurons never fire: free to switch off
     target = Target("sparsity", 0.9)
     ref = greedy_reference(scores, importance, active, target, grid=GRID)

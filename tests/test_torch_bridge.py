@@ -1,42 +1,42 @@
 """The torch_npu bridge on CPU torch: a patched transformers model against the JAX sparse model on the bundled
-checkpoint (same active sets, logits within f32 tolerance at every decode step, identical tokens); the
-JAX -> export -> torch -> SVDP files -> import -> JAX round trip; bad inputs."""
+checkpoint (same active sets, logits within f32 tolerance at every decode step, identical tokens), with the JAX
+side decoding through the XLA path and through the interpreted kernels; the predictor directory -> torch ->
+SVDP files -> import -> JAX round trip; the CLI plug-in; bad inputs."""
 
 import dataclasses
+import json
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
-from svdsparse_jax.cli import BUNDLED_MODEL, main
+from svdsparse_jax.assets import BUNDLED_MODEL, corpus_split
+from svdsparse_jax.cli import main
 from svdsparse_jax.convert import load_model
+from svdsparse_jax.engine import EngineConfig
 from svdsparse_jax.errors import SvdsparseError
 from svdsparse_jax.generate import Generator
-from svdsparse_jax.model import Transformer
-from svdsparse_jax.predictors import BuildConfig, build_predictors, load_predictors, model_fingerprint, save_predictors
+from svdsparse_jax.model import Transformer, with_engine
+from svdsparse_jax.predictors import BuildConfig, build_predictors, load_predictors, save_predictors
 from torch_npu_bridge.executor import pick_device
-from torch_npu_bridge.export import export_predictors, factors_of, read_exported
+from torch_npu_bridge.factors import check_layers, factors_of, read_factors
 from torch_npu_bridge.hf_patch import guarded_modules, load_hf_model, patch_hf_model, unpatch
 from torch_npu_bridge.parity import decode_parity
 from torch_npu_bridge.svdp_format import layer_file, read_svdp, write_svdp
 
-CORPUS = BUNDLED_MODEL.parent / "corpus"
 STEPS = 32
 
 
 @pytest.fixture(scope="module")
 def bundled(tmp_path_factory):
-    """The bundled model in f32, whitened predictors built on part of its calibration split, and their export."""
+    """The bundled model in f32 and whitened predictors built on part of its calibration split, saved."""
     lm = load_model(BUNDLED_MODEL, jnp.float32)
-    model = Transformer(lm.cfg, lm.weights)
-    calib = np.load(CORPUS / "calib.npy")[:4096]
-    pset = build_predictors(model, calib, BuildConfig(ranks=64, value=0.7, tokens=4096), progress=False)
+    model = Transformer(lm.cfg, lm.weights, EngineConfig())
+    pset = build_predictors(model, corpus_split("calib")[:4096], BuildConfig(ranks=64, value=0.7, tokens=4096),
+                            progress=False)
     root = tmp_path_factory.mktemp("bridge")
-    fp = model_fingerprint(lm.cfg, lm.weights)
-    save_predictors(root / "pred", pset, lm.cfg, fp)
-    export_predictors(root / "export", [factors_of(p, i) for i, p in enumerate(pset.layers)], lm.cfg, fp,
-                      pset.method)
+    save_predictors(root / "pred", pset, lm.cfg, lm.fingerprint)
     return lm, model, pset, root
 
 
@@ -44,17 +44,24 @@ def hf_model():
     return load_hf_model(BUNDLED_MODEL, torch.float32)
 
 
-def test_patched_transformers_matches_the_jax_sparse_model(bundled):
+@pytest.mark.parametrize("backend", ["xla", "interpret"])
+def test_patched_transformers_matches_the_jax_sparse_model(bundled, backend, rng):
+    """The JAX side decodes through the FFN that `generate` runs under the engine (the XLA path, or the kernels
+    interpreted), observed by a probe."""
     lm, model, pset, root = bundled
-    heldout = np.load(CORPUS / "heldout.npy")
-    start = int(np.random.default_rng().integers(0, len(heldout) - 64))
+    heldout = corpus_split("heldout")
+    start = int(rng.integers(0, len(heldout) - 64))
     prompt = heldout[start:start + 24].astype(np.int32)
-    r = decode_parity(lm, model, pset.layers, root / "export", prompt, STEPS, "cpu")
+    steps = STEPS if backend == "xla" else 8  # interpreted kernels are slow on the CPU
+    r = decode_parity(lm, with_engine(model, EngineConfig(backend=backend)), pset.layers, root / "pred", prompt,
+                      steps, "cpu")
     assert r["ok"], r  # logits within 1e-4 (f32) and identical tokens, candidates and active sets at every step
     assert r["mean_active_fraction"] < 0.3 and r["mean_candidate_fraction"] < 0.5  # really sparse
+    if backend == "interpret":
+        return
 
     # model.generate uses the predictors too: the JAX generator's greedy tokens
-    hf = patch_hf_model(hf_model(), root / "export", device="cpu")
+    hf = patch_hf_model(hf_model(), root / "pred", device="cpu")
     with torch.no_grad():
         gen = hf.generate(torch.tensor(prompt[None], dtype=torch.long), max_new_tokens=STEPS, min_new_tokens=STEPS,
                           do_sample=False)
@@ -66,10 +73,11 @@ def test_patched_transformers_matches_the_jax_sparse_model(bundled):
     assert type(hf.model.layers[0].mlp).__name__ == "LlamaMLP"
 
 
-def test_round_trip_jax_export_torch_svdp_import(bundled, tmp_path):
+def test_round_trip_jax_torch_svdp_import(bundled, tmp_path):
     lm, _, pset, root = bundled
-    ex = read_exported(root / "export")
-    for p, f in zip(pset.layers, ex.layers):  # the export is lossless
+    ex = read_factors(root / "pred")
+    assert (ex.activation, ex.threshold, ex.fingerprint) == (lm.cfg.activation, lm.cfg.act_threshold, lm.fingerprint)
+    for p, f in zip(pset.layers, ex.layers):  # the torch side reads the JAX side's directory exactly
         for name in ("a", "b", "bias"):
             np.testing.assert_array_equal(np.asarray(getattr(p, name), np.float32), getattr(f, name))
     write_svdp(tmp_path / "svdp", ex.layers)
@@ -77,7 +85,7 @@ def test_round_trip_jax_export_torch_svdp_import(bundled, tmp_path):
     assert state["fc1.weight"].dtype == torch.float16 and state["fc2.weight"].shape == (lm.cfg.d_ff, 64)
     assert main(["import-svdp", "--dtype", "float32", "--svdp", str(tmp_path / "svdp"),
                  "--out", str(tmp_path / "imported")]) == 0
-    back = load_predictors(tmp_path / "imported", lm.cfg, model_fingerprint(lm.cfg, lm.weights))
+    back = load_predictors(tmp_path / "imported", lm.cfg, lm.fingerprint)
     for p, q in zip(pset.layers, back.layers):  # SVDP files are fp16 by definition: equal after that rounding
         for name in ("a", "b", "bias"):
             with np.errstate(over="ignore"):  # "never / always a candidate" biases become -inf / +inf in fp16
@@ -85,20 +93,31 @@ def test_round_trip_jax_export_torch_svdp_import(bundled, tmp_path):
             np.testing.assert_array_equal(np.asarray(getattr(q, name), np.float32), want)
 
 
-def test_export_cli_and_refusals(bundled, tmp_path):
+def test_plugin_cli_and_refusals(bundled, tmp_path, capsys):
     lm, _, pset, root = bundled
-    assert main(["export-npu", "--dtype", "float32", "--predictors", str(root / "pred"), "--out",
-                 str(tmp_path / "ex"), "--svdp-out", str(tmp_path / "svdp")]) == 0
-    assert read_exported(tmp_path / "ex").fingerprint == read_exported(root / "export").fingerprint
-    layers = read_exported(root / "export").layers
-    # wrong layer count
+    assert main(["export-svdp", "--dtype", "float32", "--predictors", str(root / "pred"), "--out",
+                 str(tmp_path / "svdp")]) == 0
+    assert "SVDP-layout files of 8 layers" in capsys.readouterr().out
+    np.testing.assert_array_equal(read_svdp(tmp_path / "svdp", 8, lm.cfg.d_model, lm.cfg.d_ff)[2].b,
+                                  np.asarray(pset.layers[2].b, np.float32).astype(np.float16).astype(np.float32))
+    layers = read_factors(root / "pred").layers
+    # wrong layer count, wrong shapes
     with pytest.raises(SvdsparseError, match="7 predictor layers for a model with 8"):
-        export_predictors(tmp_path / "bad", layers[:7], lm.cfg, "x", "whitened")
-    # wrong shapes
+        check_layers(layers[:7], 8, lm.cfg.d_model, lm.cfg.d_ff, "factors")
     bad = [dataclasses.replace(layers[0], b=layers[0].b[:, :10])] + layers[1:]
     with pytest.raises(SvdsparseError, match="layer 0: misshapen predictor tensors: b"):
-        export_predictors(tmp_path / "bad", bad, lm.cfg, "x", "whitened")
-    assert not (tmp_path / "bad").exists()
+        check_layers(bad, 8, lm.cfg.d_model, lm.cfg.d_ff, "factors")
+    with pytest.raises(SvdsparseError, match="beyond the model's 7 layers"):
+        read_svdp(tmp_path / "svdp", 7, lm.cfg.d_model, lm.cfg.d_ff)
+    # directories the torch executor cannot run: no factors (sign bits), or no activation (format 1)
+    manifest = json.loads((root / "pred" / "manifest.json").read_text())
+    for name, change in (("signbit", {"layers": [{"type": "signbit", "d": lm.cfg.d_model}] * 8}),
+                         ("old", {"format": 1, "activation": None})):
+        (tmp_path / name).mkdir()
+        edited = {k: v for k, v in {**manifest, **change}.items() if v is not None}
+        (tmp_path / name / "manifest.json").write_text(json.dumps(edited))
+        with pytest.raises(SvdsparseError, match="no factors" if name == "signbit" else "does not record"):
+            read_factors(tmp_path / name)
     # a missing layer file
     (tmp_path / "svdp" / layer_file(3)).unlink()
     with pytest.raises(SvdsparseError, match="model_3.pt: missing"):
@@ -108,13 +127,13 @@ def test_export_cli_and_refusals(bundled, tmp_path):
     with torch.no_grad():
         other.model.layers[0].mlp.gate_proj.weight[0, 0] += 1.0
     with pytest.raises(SvdsparseError, match="fingerprint"):
-        patch_hf_model(other, root / "export", device="cpu")
+        patch_hf_model(other, root / "pred", device="cpu")
     del other.model.layers[7]
     with pytest.raises(SvdsparseError, match="predictors for 8 layers, but the model has 7"):
-        patch_hf_model(other, root / "export", device="cpu")
+        patch_hf_model(other, root / "pred", device="cpu")
     # a sign-bit predictor has no factors to export; a CUDA request without CUDA is refused
     from svdsparse_jax.predictors.base import OraclePredictor
-    with pytest.raises(SvdsparseError, match="cannot be exported"):
+    with pytest.raises(SvdsparseError, match="has no factors"):
         factors_of(OraclePredictor(), 0)
     if not torch.cuda.is_available():
         with pytest.raises(SvdsparseError, match="no CUDA"):

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from svdsparse_jax.cli import BUNDLED_MODEL
+from svdsparse_jax.assets import BUNDLED_MODEL
 from svdsparse_jax.config import named_config
 from svdsparse_jax.training import (TrainConfig, init_state, restore_checkpoint, sample_batch, save_checkpoint,
                                     train_step)
@@ -27,8 +27,8 @@ def _run(state, data, first, last):
     return state, m
 
 
-def test_resume_is_exact(tmp_path):
-    data = np.random.default_rng().integers(0, CFG.vocab_size, 4000).astype(np.uint16)
+def test_resume_is_exact(tmp_path, rng):
+    data = rng.integers(0, CFG.vocab_size, 4000).astype(np.uint16)
     straight, _ = _run(init_state(CFG, TC), data, 0, 6)
     half, _ = _run(init_state(CFG, TC), data, 0, 3)
     save_checkpoint(tmp_path / "ck", half)
@@ -37,8 +37,8 @@ def test_resume_is_exact(tmp_path):
     assert jax.tree_util.tree_all(same)
 
 
-def test_l1_factor_rises_while_below_target_and_is_off_without_l1():
-    data = np.random.default_rng().integers(0, CFG.vocab_size, 4000).astype(np.uint16)
+def test_l1_factor_rises_while_below_target_and_is_off_without_l1(rng):
+    data = rng.integers(0, CFG.vocab_size, 4000).astype(np.uint16)
     state, m = _run(init_state(CFG, TC), data, 0, 8)
     assert float(m["sparsity"].mean()) < TC.l1_target
     assert float(state["l1"]) > float(m["l1"]) > 0  # still rising
@@ -49,10 +49,9 @@ def test_l1_factor_rises_while_below_target_and_is_off_without_l1():
     assert float(s["l1"]) == 0.0
 
 
-def test_train_script_smoke_resume_and_export(tmp_path):
+def test_train_script_smoke_resume_and_export(tmp_path, rng):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
-    rng = np.random.default_rng()
     vocab = json.loads((BUNDLED_MODEL / "config.json").read_text())["vocab_size"]
     for name, n in (("train", 20000), ("calib", 3000), ("heldout", 3000)):
         np.save(corpus / f"{name}.npy", rng.integers(0, vocab, n).astype(np.uint16))
@@ -60,13 +59,13 @@ def test_train_script_smoke_resume_and_export(tmp_path):
     (corpus / "tokenizer").mkdir()
     for f in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(BUNDLED_MODEL / f, corpus / "tokenizer" / f)
-    cmd = [sys.executable, str(ROOT / "scripts" / "train_sparse_lm.py"), "--corpus", str(corpus),
+    cmd = [sys.executable, "-m", "scripts.bundled_model.train", "--corpus", str(corpus),
            "--out", str(tmp_path / "run"), "--steps", "12", "--warmup", "2", "--batch", "2", "--seq-len", "32",
            "--d-model", "32", "--layers", "2", "--heads", "2", "--kv-heads", "2", "--d-ff", "64",
            "--compute-dtype", "float32", "--l1-start", "2", "--log-every", "4", "--eval-windows", "4"]
-    first = subprocess.run(cmd + ["--max-steps-this-command", "5"], capture_output=True, text=True)
+    first = subprocess.run(cmd + ["--max-steps-this-command", "5"], capture_output=True, text=True, cwd=ROOT)
     assert first.returncode == 0 and "stopped at step 5" in first.stdout, first.stderr
-    second = subprocess.run(cmd, capture_output=True, text=True)
+    second = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert second.returncode == 0 and "resumed from step 5" in second.stdout, second.stderr
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["steps"] == 12 and len(metrics["heldout"]["sparsity"]) == 2

@@ -1,7 +1,7 @@
 """The predictor-guarded FFN in torch, shaped for CANN (Ascend NPUs through torch_npu) and equally runnable on
 CUDA or CPU torch.
 
-Decode step for x [B, 1, d] (REFERENCE.md section 3), with dense matmuls on gathered rows, which CANN runs well,
+Decode step for x [B, 1, d] (the paper's sparse executor), with dense matmuls on gathered rows, which CANN runs well,
 instead of per-row branching:
   scores = B (A x) + bias              the predictor (two small matmuls)
   C = neurons with a score > 0 for any sequence of the batch (one union, so one gather serves the batch)
@@ -19,7 +19,7 @@ import importlib.util
 import torch
 
 from svdsparse_jax.errors import SvdsparseError
-from torch_npu_bridge.export import LayerFactors
+from torch_npu_bridge.factors import LayerFactors
 
 
 def npu_available() -> bool:

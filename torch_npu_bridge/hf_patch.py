@@ -1,7 +1,7 @@
 """Predictor-guarded decoding for transformers LLaMA / Mistral / Qwen2 models: `patch_hf_model` swaps every
 decoder layer's MLP for a module that runs `executor.GuardedFFN` (guarded for one-token decode steps, dense
-with the exported activation for prefill), so `model.generate` uses the predictors; `unpatch` puts the
-original MLPs back. The export's model fingerprint is checked against the model first.
+with the predictors' activation for prefill), so `model.generate` uses the predictors; `unpatch` puts the
+original MLPs back. The predictor directory's model fingerprint is checked against the model first.
 """
 
 from __future__ import annotations
@@ -13,11 +13,9 @@ import torch
 
 from svdsparse_jax.config import from_hf_config
 from svdsparse_jax.errors import SvdsparseError
-from svdsparse_jax.predictors.store import model_fingerprint
+from svdsparse_jax.weights import FINGERPRINT_SAMPLE, model_fingerprint
 from torch_npu_bridge.executor import GuardedFFN, pick_device
-from torch_npu_bridge.export import Exported, read_exported
-
-SAMPLE = 4096  # model_fingerprint reads the first 4096 values of each sampled tensor
+from torch_npu_bridge.factors import PredictorFactors, read_factors
 
 
 class PatchedMLP(torch.nn.Module):
@@ -42,12 +40,12 @@ def _layers(model) -> list:
 
 
 def hf_fingerprint(model, activation: str, threshold: float) -> str:
-    """This project's model fingerprint (predictors.store.model_fingerprint) of a transformers model, read with
-    the exported activation (transformers has no FATReLU, so such models are often built as relu)."""
+    """This project's model fingerprint (`weights.model_fingerprint`) of a transformers model, read with the
+    predictors' activation (transformers has no FATReLU, so such models are often built as relu)."""
     cfg = from_hf_config(model.config.to_dict(), where=f"{type(model).__name__}.config")
     cfg = dataclasses.replace(cfg, activation=activation, act_threshold=threshold if activation == "fatrelu"
                               else cfg.act_threshold)
-    sample = lambda w: w.detach().reshape(-1)[:SAMPLE].float().cpu().numpy()  # noqa: E731
+    sample = lambda w: w.detach().reshape(-1)[:FINGERPRINT_SAMPLE].float().cpu().numpy()  # noqa: E731
     weights = {("embed",): sample(model.model.embed_tokens.weight)}
     for i, layer in enumerate(_layers(model)):
         mlp = layer.original if isinstance(layer.mlp, PatchedMLP) else layer.mlp
@@ -55,12 +53,13 @@ def hf_fingerprint(model, activation: str, threshold: float) -> str:
     return model_fingerprint(cfg, weights)
 
 
-def patch_hf_model(model, exported: str | os.PathLike | Exported, device: str | torch.device | None = None,
+def patch_hf_model(model, predictors: str | os.PathLike | PredictorFactors, device: str | torch.device | None = None,
                    check_fingerprint: bool = True):
-    """Makes every MLP of `model` predictor-guarded for decode, on `device` (default: npu if torch_npu sees
-    one, else cuda, else cpu; the model is moved there). Returns the model. Refuses a model with another layer
-    count, other shapes or (unless check_fingerprint=False) another fingerprint than the export's."""
-    ex = exported if isinstance(exported, Exported) else read_exported(exported)
+    """Makes every MLP of `model` predictor-guarded for decode with a predictor directory (`svdsparse
+    build-predictors`), on `device` (default: npu if torch_npu sees one, else cuda, else cpu; the model is moved
+    there). Returns the model. Refuses a model with another layer count, other shapes or (unless
+    check_fingerprint=False) another fingerprint than the predictors'."""
+    ex = predictors if isinstance(predictors, PredictorFactors) else read_factors(predictors)
     layers = _layers(model)
     if any(isinstance(layer.mlp, PatchedMLP) for layer in layers):
         raise SvdsparseError("the model is already patched; unpatch it first")
@@ -76,8 +75,8 @@ def patch_hf_model(model, exported: str | os.PathLike | Exported, device: str | 
     if check_fingerprint:
         got = hf_fingerprint(model, ex.activation, ex.threshold)
         if got != ex.fingerprint:
-            raise SvdsparseError(f"the export was made for model fingerprint {ex.fingerprint}, but this model's is "
-                                 f"{got} (another checkpoint or config)")
+            raise SvdsparseError(f"the predictors were built for model fingerprint {ex.fingerprint}, but this "
+                                 f"model's is {got} (another checkpoint or config)")
     dev = pick_device(device)
     model.to(dev)
     for layer, factors in zip(layers, ex.layers):
@@ -103,8 +102,8 @@ def guarded_modules(model) -> list[GuardedFFN]:
 
 def load_hf_model(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16):
     """AutoModelForCausalLM from a Hugging Face directory, also when its hidden_act is one transformers lacks
-    (fatrelu, drelu): the model is then built with relu MLPs, which `patch_hf_model` replaces by the exported
-    activation (dense for prefill, guarded for decode). Until patched, such a model computes relu."""
+    (fatrelu, drelu): the model is then built with relu MLPs, which `patch_hf_model` replaces by the
+    predictors' activation (dense for prefill, guarded for decode). Until patched, such a model computes relu."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.from_pretrained(path)

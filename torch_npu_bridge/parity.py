@@ -1,5 +1,5 @@
 """Decode parity between the JAX sparse model and a transformers model patched with the same predictors: the
-check behind tests/test_torch_bridge.py (CPU) and scripts/bench_torch_bridge.py (CUDA / NPU)."""
+check behind tests/test_torch_bridge.py (CPU) and `python -m scripts.bench.torch_bridge` (CUDA / NPU)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from svdsparse_jax import kv_cache
-from svdsparse_jax.model import Transformer
+from svdsparse_jax.model import FFNProbe, Transformer
 from torch_npu_bridge.hf_patch import guarded_modules, load_hf_model, patch_hf_model
 
 
@@ -19,16 +19,16 @@ def jax_decode(model: Transformer, predictors: list, prompt: np.ndarray, steps: 
     prefill's [steps + 1, vocab], greedy tokens [steps + 1], per step and layer (candidate ids, active ids))."""
     cfg = model.cfg
     cache = kv_cache.init_cache(cfg, jnp.zeros(1, jnp.int32), len(prompt) + steps + 1, jnp.float32)
-    h, cache = model(jnp.asarray(prompt[None], jnp.int32), cache, jnp.int32(0))
-    logits = [np.asarray(model.logits(h[0, -1]))]
+    states, cache = model(jnp.asarray(prompt[None], jnp.int32), cache, jnp.int32(0))
+    logits = [np.asarray(model.logits(states[0, -1]))]
     tokens, sets = [int(np.argmax(logits[0]))], []
-    for i in range(steps):
-        collect: dict = {}
-        h, cache = model(jnp.asarray([[tokens[-1]]], jnp.int32), cache, jnp.int32(len(prompt) + i), predictors,
-                         collect)
+    for i in range(steps):  # each step through the FFN the model's engine runs in decode, observed by a probe
+        probe = FFNProbe()
+        states, cache = model(jnp.asarray([[tokens[-1]]], jnp.int32), cache, jnp.int32(len(prompt) + i),
+                              predictors, probe)
         sets.append([(np.flatnonzero(np.asarray(c)[0, 0]), np.flatnonzero(np.asarray(hid)[0, 0]))
-                     for c, hid in zip(collect["candidates"], collect["hidden"])])
-        logits.append(np.asarray(model.logits(h[0, -1])))
+                     for c, hid in zip(probe.candidates, probe.hidden)])
+        logits.append(np.asarray(model.logits(states[0, -1])))
         tokens.append(int(np.argmax(logits[-1])))
     return np.stack(logits), tokens, sets
 
@@ -77,13 +77,13 @@ def compare_sets(j_sets: list, t_steps: list) -> dict[str, int]:
     return counts
 
 
-def decode_parity(lm, model: Transformer, predictors: list, export_dir: str | os.PathLike, prompt: np.ndarray,
+def decode_parity(lm, model: Transformer, predictors: list, pred_dir: str | os.PathLike, prompt: np.ndarray,
                   steps: int, device: str) -> dict:
     """Runs both and compares every step: logits (relative error), greedy tokens, candidate and active sets.
     ok: identical tokens, logits within 1e-4, no real disagreement in any set, and at most a handful of rounding
     ties (1 in 100,000 decisions, at least 2 allowed)."""
     j_logits, tokens, j_sets = jax_decode(model, predictors, prompt, steps)
-    hf = patch_hf_model(load_hf_model(lm.path, torch.float32), export_dir, device=device)
+    hf = patch_hf_model(load_hf_model(lm.path, torch.float32), pred_dir, device=device)
     t_logits, t_steps = torch_decode(hf, prompt, tokens, device)
     rel = [float(np.linalg.norm(a - b) / np.linalg.norm(a)) for a, b in zip(j_logits, t_logits)]
     tokens_equal = [int(np.argmax(t)) for t in t_logits] == tokens

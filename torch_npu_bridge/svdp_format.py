@@ -14,7 +14,7 @@ import numpy as np
 
 from svdsparse_jax.errors import SvdsparseError
 from svdsparse_jax.fsutil import atomic_directory
-from torch_npu_bridge.export import LayerFactors, check_layers
+from torch_npu_bridge.factors import LayerFactors, check_layers
 
 
 def layer_file(i: int) -> str:

@@ -1,7 +1,11 @@
-"""The predictor types behind one interface: `predict(x, gate) -> bool [..., d_ff]` (which neurons to compute)
-and `scores(x, gate) -> f32 [..., d_ff]` (higher = more likely active; used for AUROC). `gate` is the
-pre-activation W_gate x, which only the oracle reads (the XLA path computes it anyway; a sparse kernel
-computes it on the candidates only, so the oracle has no savings on W_gate).
+"""The predictor types behind one interface (`Predictor`): every predictor owns its whole computation, from the
+normed FFN input to the candidate set, even where the engine fuses a piece of it into a kernel:
+
+  candidates(x, engine=, projected=, gate=) -> compaction.Candidates   which neurons to compute, per token
+  scores(x, gate=)                          -> f32 [..., d_ff]         higher = more likely active (AUROC)
+  input_projection                          -> [r, d] or None           a product of the normed input the
+                                                                         engine may compute ahead (low-rank: A)
+  needs_gate                                                             reads the exact gate W_gate x (oracle)
 
 All are pytrees (arrays are leaves, shapes and flags are static), so a list of them, one per layer, passes
 through `jax.jit` next to the model's weights.
@@ -9,27 +13,58 @@ through `jax.jit` next to the model's weights.
 
 from __future__ import annotations
 
+import abc
 import dataclasses
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.gemv import gemv
+from pallas_kernels.compaction import Candidates
 from svdsparse_jax.config import ModelConfig
+from svdsparse_jax.engine import EngineConfig, project
 
 F32 = jnp.float32
+XLA = EngineConfig()  # evaluation and calibration: many tokens, XLA's products
 
 
-def _dot(x: jax.Array, w: jax.Array) -> jax.Array:
-    """x [..., in] @ w [out, in]^T -> [..., out] f32 (decode-sized inputs through the dispatched GEMV)."""
-    flat = x.reshape(-1, x.shape[-1])
-    return gemv(flat, w).reshape(*x.shape[:-1], w.shape[0])
+class Predictor(abc.ABC):
+    """One layer's contextual-sparsity predictor (see the module docstring)."""
+
+    needs_gate: ClassVar[bool] = False
+
+    @property
+    def input_projection(self) -> jax.Array | None:
+        """A matrix [r, d] whose product with the normed FFN input `candidates` needs first; the engine may
+        compute it in the kernel that forms that input and pass it as `projected`. None: no such product."""
+        return None
+
+    @abc.abstractmethod
+    def candidates(self, x: jax.Array, *, engine: EngineConfig = XLA, projected: jax.Array | None = None,
+                   gate: jax.Array | None = None) -> Candidates:
+        """The candidate neurons of each token of x [..., d] (the normed FFN input). projected: x @
+        input_projection^T f32 [..., r] when already computed; gate: W_gate x f32 [..., d_ff], given exactly
+        when `needs_gate`."""
+
+    @abc.abstractmethod
+    def scores(self, x: jax.Array, gate: jax.Array | None = None) -> jax.Array:
+        """f32 [..., d_ff]: higher = more likely active."""
+
+    @abc.abstractmethod
+    def nbytes(self) -> int:
+        """Bytes the predictor reads per token."""
+
+    def predict(self, x: jax.Array, gate: jax.Array | None = None) -> jax.Array:
+        """bool [..., d_ff]: the candidate set of each token (XLA's products)."""
+        return self.candidates(x, gate=gate).as_mask()
 
 
 @dataclasses.dataclass(frozen=True)
-class LowRankPredictor:
+class LowRankPredictor(Predictor):
     """score = B relu?(A x + hidden_bias) + bias: the SVD predictors (A [r, d], B [d_ff, r], no hidden bias, no
-    ReLU; REFERENCE.md section 2) and the trained MLP baseline (Deja Vu / PowerInfer style, with both)."""
+    ReLU; the paper's section on truncation-aware SVD) and the trained MLP baseline (Deja Vu / PowerInfer style,
+    with both). Neuron i is a candidate iff its score is > 0; the bias is added and compared where the neuron
+    list is built (`compaction`)."""
 
     a: jax.Array
     b: jax.Array
@@ -37,29 +72,26 @@ class LowRankPredictor:
     hidden_bias: jax.Array | None = None
     relu: bool = False
 
-    needs_gate = False
-
     @property
     def rank(self) -> int:
         return self.a.shape[0]
 
-    def score_terms(self, x: jax.Array, z: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-        """(B relu?(A x + hidden_bias) f32 [..., d_ff], bias [d_ff] as stored): the scores before their bias,
-        which the guarded FFN's compaction adds (in f32) and compares itself. z: A x f32 [..., r] when the
-        caller has it (decode computes it in the kernel that normalises x)."""
-        z = _dot(x, self.a) if z is None else z
+    @property
+    def input_projection(self) -> jax.Array:
+        return self.a
+
+    def candidates(self, x: jax.Array, *, engine: EngineConfig = XLA, projected: jax.Array | None = None,
+                   gate: jax.Array | None = None) -> Candidates:
+        z = project(engine, x, self.a) if projected is None else projected
         if self.hidden_bias is not None:
             z = z + self.hidden_bias.astype(F32)
         if self.relu:
             z = jnp.maximum(z, 0.0)
-        return _dot(z.astype(self.b.dtype), self.b), self.bias
+        return Candidates(scores=project(engine, z.astype(self.b.dtype), self.b), bias=self.bias)
 
     def scores(self, x: jax.Array, gate: jax.Array | None = None) -> jax.Array:
-        raw, bias = self.score_terms(x)
-        return raw + bias.astype(F32)
-
-    def predict(self, x: jax.Array, gate: jax.Array | None = None) -> jax.Array:
-        return self.scores(x) > 0
+        c = self.candidates(x)
+        return c.scores + c.bias.astype(F32)
 
     def nbytes(self) -> int:
         return sum(t.size * t.dtype.itemsize for t in (self.a, self.b, self.bias, self.hidden_bias) if t is not None)
@@ -79,7 +111,7 @@ def pack_signs(v: jax.Array) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class SignBitPredictor:
+class SignBitPredictor(Predictor):
     """SparseInfer (DATE 2025): N_neg = popcount(sign(w_i) XOR sign(x)) negative products, N_pos = d - N_neg;
     neuron i is predicted inactive iff N_neg > alpha * N_pos. bits: [d_ff, ceil(d/32)] uint32. alpha is kept as
     an exact fraction alpha_num / alpha_den (int32 scalars) and the rule is evaluated in integers,
@@ -89,8 +121,6 @@ class SignBitPredictor:
     alpha_num: jax.Array
     alpha_den: jax.Array
     d: int
-
-    needs_gate = False
 
     @property
     def alpha(self) -> float:
@@ -118,9 +148,10 @@ class SignBitPredictor:
         n_neg, n_pos = self.counts(x)
         return -n_neg.astype(F32) / jnp.maximum(n_pos, 1).astype(F32)
 
-    def predict(self, x: jax.Array, gate: jax.Array | None = None) -> jax.Array:
+    def candidates(self, x: jax.Array, *, engine: EngineConfig = XLA, projected: jax.Array | None = None,
+                   gate: jax.Array | None = None) -> Candidates:
         n_neg, n_pos = self.counts(x)
-        return n_neg * self.alpha_den <= self.alpha_num * n_pos
+        return Candidates(mask=n_neg * self.alpha_den <= self.alpha_num * n_pos)
 
     def nbytes(self) -> int:
         return self.bits.size * 4 + 8
@@ -130,18 +161,19 @@ jax.tree_util.register_dataclass(SignBitPredictor, data_fields=["bits", "alpha_n
 
 
 @dataclasses.dataclass(frozen=True)
-class OraclePredictor:
+class OraclePredictor(Predictor):
     """The exact gate: candidates are exactly the neurons whose activation is non-zero (upper bound on accuracy,
     no saving on W_gate). threshold: FATReLU's (0 for relu / drelu)."""
 
     threshold: float = 0.0
-    needs_gate = True  # it reads the exact gate, so it saves nothing on W_gate
+    needs_gate: ClassVar[bool] = True  # it reads the exact gate, so it saves nothing on W_gate
 
     def scores(self, x: jax.Array, gate: jax.Array | None = None) -> jax.Array:
         return gate - self.threshold
 
-    def predict(self, x: jax.Array, gate: jax.Array | None = None) -> jax.Array:
-        return gate >= self.threshold if self.threshold > 0 else gate > 0
+    def candidates(self, x: jax.Array, *, engine: EngineConfig = XLA, projected: jax.Array | None = None,
+                   gate: jax.Array | None = None) -> Candidates:
+        return Candidates(mask=gate >= self.threshold if self.threshold > 0 else gate > 0)
 
     def nbytes(self) -> int:
         return 0
@@ -149,7 +181,6 @@ class OraclePredictor:
 
 jax.tree_util.register_dataclass(OraclePredictor, data_fields=[], meta_fields=["threshold"])
 
-LayerPredictor = LowRankPredictor | SignBitPredictor | OraclePredictor
 
 
 def ffn_bytes(cfg: ModelConfig, itemsize: int = 2) -> int:
@@ -157,7 +188,7 @@ def ffn_bytes(cfg: ModelConfig, itemsize: int = 2) -> int:
     return 3 * cfg.d_ff * cfg.d_model * itemsize
 
 
-def predictor_cost(pred: LayerPredictor, cfg: ModelConfig, itemsize: int = 2) -> float:
+def predictor_cost(pred: Predictor, cfg: ModelConfig, itemsize: int = 2) -> float:
     """Bytes the predictor reads per token, as a fraction of the dense FFN (the oracle reads all of W_gate)."""
     if isinstance(pred, OraclePredictor):
         return 1 / 3

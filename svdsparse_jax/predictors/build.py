@@ -16,8 +16,8 @@ import numpy as np
 from svdsparse_jax.calibration import LayerStats, calibration_windows, layer_statistics
 from svdsparse_jax.config import ModelConfig
 from svdsparse_jax.errors import SvdsparseError
-from svdsparse_jax.model import Block, Transformer, activation, linear
-from svdsparse_jax.predictors.base import LayerPredictor, LowRankPredictor, OraclePredictor
+from svdsparse_jax.model import XLA, Block, Transformer, activation, linear
+from svdsparse_jax.predictors.base import LowRankPredictor, OraclePredictor, Predictor
 from svdsparse_jax.predictors.baselines import mlp_predictor, signbit_predictor
 from svdsparse_jax.predictors.svd import whitened_svd
 from svdsparse_jax.predictors.thresholds import GUARD, Target, calibrate_bias, layer_target
@@ -65,14 +65,14 @@ class PredictorSet:
     calibration half, target, predicted sparsity there); timings: seconds per stage."""
 
     method: str
-    layers: list[LayerPredictor]
+    layers: list[Predictor]
     config: dict
     info: list[dict] = dataclasses.field(default_factory=list)
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 def layer_factors(st: LayerStats, block: Block, cfg: ModelConfig, bc: BuildConfig, target: Target,
-                  dtype) -> LayerPredictor:
+                  dtype) -> Predictor:
     """One layer's predictor before bias calibration (for SVD and MLP: zero output bias)."""
     i = st.layer
     w_gate = block.ffn.w_gate[...]
@@ -89,8 +89,8 @@ def layer_factors(st: LayerStats, block: Block, cfg: ModelConfig, bc: BuildConfi
     return OraclePredictor(activation(cfg).threshold)
 
 
-def calibrate_layer(pred: LayerPredictor, st: LayerStats, block: Block, target: Target, guard: float = GUARD
-                    ) -> tuple[LayerPredictor, dict]:
+def calibrate_layer(pred: Predictor, st: LayerStats, block: Block, target: Target, guard: float = GUARD
+                    ) -> tuple[Predictor, dict]:
     """Sets a low-rank predictor's biases by the penalty objective (other types pass through) and returns it
     with its facts on the calibration half."""
     active2 = st.h2 != 0
@@ -98,7 +98,7 @@ def calibrate_layer(pred: LayerPredictor, st: LayerStats, block: Block, target: 
         raw = dataclasses.replace(pred, bias=jnp.zeros_like(pred.bias)).scores(st.x2)
         bias, _ = calibrate_bias(raw, st.importance, active2, target, guard=guard)
         pred = dataclasses.replace(pred, bias=bias.astype(pred.bias.dtype))
-    gate = linear(st.x2, block.ffn.w_gate[...])  # as the FFN computes it (full f32 precision on GPUs too)
+    gate = linear(XLA, st.x2, block.ffn.w_gate[...])  # as XLA's FFN computes it (f32 at full precision)
     predicted = pred.predict(st.x2, gate)
     sparsity = float(1 - jnp.mean(predicted))
     recall = float(jnp.sum(predicted & active2) / jnp.maximum(jnp.sum(active2), 1))

@@ -1,16 +1,25 @@
-"""Saving and loading predictors: safetensors (one tensor per layer field) plus a JSON manifest with the method,
-its configuration, per-layer types and shapes, and the model's fingerprint. Loading into a model of other
-shapes or another fingerprint is refused. Writes are atomic (temporary directory, then rename)."""
+"""The predictor directory, the project's one predictor interchange format, read by the JAX engine and by the
+torch executor (`torch_npu_bridge`) alike:
+
+  predictors.safetensors  per layer i: low-rank `layers.{i}.a` [r, d], `layers.{i}.b` [d_ff, r], `layers.{i}.bias`
+                          [d_ff] (and `layers.{i}.hidden_bias` [r] for the trained MLP); sign bits
+                          `layers.{i}.bits` [d_ff, ceil(d/32)] int32 and `layers.{i}.alpha` [2] int32; the oracle
+                          has no tensors
+  manifest.json           format, kind, method and its configuration, the model's shapes, activation and
+                          threshold, the factors' dtype, per-layer types, the model's fingerprint, build facts
+
+A neuron is a candidate iff its score (B relu?(A x + hidden_bias))_i + bias_i is > 0 (the paper's section on the
+predictor). Loading into a model of other shapes or another fingerprint is refused. Writes are atomic
+(temporary directory, then rename). Format 1 (before the torch executor read these directories) loads too.
+"""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
 
 import jax.numpy as jnp
-import numpy as np
 
 from svdsparse_jax.config import ModelConfig
 from svdsparse_jax.errors import SvdsparseError
@@ -18,19 +27,11 @@ from svdsparse_jax.fsutil import atomic_directory, read_versioned_json
 from svdsparse_jax.predictors.base import LowRankPredictor, OraclePredictor, SignBitPredictor
 from svdsparse_jax.predictors.build import PredictorSet
 
-FORMAT = 1
+FORMAT = 2
+READABLE_FORMATS = (1, 2)
+KIND = "svdsparse-predictors"
 MANIFEST = "manifest.json"
 TENSORS = "predictors.safetensors"
-
-
-def model_fingerprint(cfg: ModelConfig, weights: dict) -> str:
-    """sha256 of the config and of a sample of the weights rounded to bf16 (so the same model loaded as bf16,
-    f16 or f32 keeps its fingerprint)."""
-    h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
-    for path in [("embed",)] + [("layers", i, "ffn", "w_gate") for i in range(cfg.n_layers)]:
-        sample = jnp.asarray(weights[path]).reshape(-1)[:4096].astype(jnp.bfloat16)
-        h.update(np.asarray(sample).tobytes())
-    return h.hexdigest()[:32]
 
 
 def _layer_entry(i: int, p) -> tuple[dict, dict]:
@@ -53,9 +54,12 @@ def save_predictors(out_dir: str | os.PathLike, pset: PredictorSet, cfg: ModelCo
         e, t = _layer_entry(i, p)
         entries.append(e)
         tensors.update(t)
-    manifest = {"format": FORMAT, "method": pset.method, "config": pset.config, "n_layers": cfg.n_layers,
-                "d_model": cfg.d_model, "d_ff": cfg.d_ff, "fingerprint": fingerprint, "layers": entries,
-                "info": pset.info, "timings": pset.timings}
+    dtypes = {jnp.dtype(p.a.dtype).name for p in pset.layers if isinstance(p, LowRankPredictor)}
+    manifest = {"format": FORMAT, "kind": KIND, "method": pset.method, "config": pset.config,
+                "n_layers": cfg.n_layers, "d_model": cfg.d_model, "d_ff": cfg.d_ff, "activation": cfg.activation,
+                "threshold": cfg.act_threshold if cfg.activation == "fatrelu" else 0.0,
+                "dtype": dtypes.pop() if len(dtypes) == 1 else None, "fingerprint": fingerprint,
+                "layers": entries, "info": pset.info, "timings": pset.timings}
     with atomic_directory(out_dir) as tmp:
         if tensors:
             save_file({k: jnp.asarray(v) for k, v in tensors.items()}, str(tmp / TENSORS))
@@ -68,7 +72,7 @@ def load_predictors(pred_dir: str | os.PathLike, cfg: ModelConfig, fingerprint: 
     model."""
     pred_dir = Path(pred_dir)
     mpath = pred_dir / MANIFEST
-    m = read_versioned_json(mpath, FORMAT, "a predictor manifest")
+    m = read_manifest(pred_dir)
     shape = (m["n_layers"], m["d_model"], m["d_ff"])
     if shape != (cfg.n_layers, cfg.d_model, cfg.d_ff):
         raise SvdsparseError(f"{mpath}: predictors for (layers, d_model, d_ff) = {shape}, but the model has "
@@ -102,3 +106,12 @@ def load_predictors(pred_dir: str | os.PathLike, cfg: ModelConfig, fingerprint: 
             raise SvdsparseError(f"{mpath}: layer {i}: unknown predictor type {e['type']!r}")
         layers.append(p)
     return PredictorSet(m["method"], layers, m["config"], m.get("info", []), m.get("timings", {}))
+
+
+def read_manifest(pred_dir: str | os.PathLike) -> dict:
+    """The manifest of a predictor directory, checked for its format and kind."""
+    mpath = Path(pred_dir) / MANIFEST
+    m = read_versioned_json(mpath, READABLE_FORMATS, "a predictor manifest")
+    if m.get("kind", KIND) != KIND:
+        raise SvdsparseError(f"{mpath}: kind {m.get('kind')!r}, expected {KIND!r}")
+    return m

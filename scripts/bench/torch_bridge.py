@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """The torch bridge on a CUDA (or NPU) device: (1) the parity check of tests/test_torch_bridge.py on the bundled
 model, run on that device (patched transformers vs the JAX sparse model: candidates, active sets, logits, tokens
 over 32 greedy decode steps, f32); (2) decode tokens/s of a transformers LLaMA2-7B-shaped model (random bf16
@@ -10,7 +9,7 @@ that about `--candidates` of the neurons are candidates (random weights have no 
 are not accurate; only the bytes they make the executor read matter here, and the measured candidate and
 active fractions are reported).
 
-  python scripts/bench_torch_bridge.py [--device cuda] [--json-out F]
+  python -m scripts.bench.torch_bridge [--device cuda] [--json-out F]
 """
 
 from __future__ import annotations
@@ -23,38 +22,34 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import torch
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import bench_report  # noqa: E402
+from scripts.bench import harness
 
 
 def parity(device: str) -> dict:
     import jax.numpy as jnp
-    from svdsparse_jax.cli import BUNDLED_MODEL
+    from svdsparse_jax.assets import BUNDLED_MODEL, corpus_split
     from svdsparse_jax.convert import load_model
     from svdsparse_jax.model import Transformer
-    from svdsparse_jax.predictors import BuildConfig, build_predictors, model_fingerprint
-    from torch_npu_bridge.export import export_predictors, factors_of
+    from svdsparse_jax.predictors import BuildConfig, build_predictors, save_predictors
     from torch_npu_bridge.parity import decode_parity
 
     lm = load_model(BUNDLED_MODEL, jnp.float32)
     model = Transformer(lm.cfg, lm.weights)
-    corpus = BUNDLED_MODEL.parent / "corpus"
-    pset = build_predictors(model, np.load(corpus / "calib.npy")[:4096], BuildConfig(ranks=64, value=0.7, tokens=4096),
+    pset = build_predictors(model, corpus_split("calib")[:4096], BuildConfig(ranks=64, value=0.7, tokens=4096),
                             progress=False)
     with tempfile.TemporaryDirectory() as tmp:
-        export_predictors(Path(tmp) / "ex", [factors_of(p, i) for i, p in enumerate(pset.layers)], lm.cfg,
-                          model_fingerprint(lm.cfg, lm.weights), pset.method)
-        prompt = np.load(corpus / "heldout.npy")[1000:1024].astype(np.int32)
-        return decode_parity(lm, model, pset.layers, Path(tmp) / "ex", prompt, 32, device)
+        save_predictors(Path(tmp) / "pred", pset, lm.cfg, lm.fingerprint)
+        prompt = corpus_split("heldout")[1000:1024].astype(np.int32)
+        return decode_parity(lm, model, pset.layers, Path(tmp) / "pred", prompt, 32, device)
 
 
 def speed(device: str, candidates: float, new_tokens: int, repeats: int) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
     from torch_npu_bridge.executor import GuardedFFN
-    from torch_npu_bridge.export import LayerFactors
+    from torch_npu_bridge.factors import LayerFactors
     from torch_npu_bridge.hf_patch import PatchedMLP, guarded_modules, unpatch
 
     cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
@@ -119,17 +114,17 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-parity", action="store_true")
-    ap.add_argument("--json-out")
+    harness.add_report_args(ap)
     args = ap.parse_args()
     import transformers
-    report = bench_report.report(device=torch.cuda.get_device_name() if args.device == "cuda" else args.device,
-                                 torch=torch.__version__, transformers=transformers.__version__)
+    report = harness.report(args, torch_device=torch.cuda.get_device_name() if args.device == "cuda" else args.device,
+                            torch=torch.__version__, transformers=transformers.__version__)
     if not args.skip_parity:
         report["parity"] = parity(args.device)
         print(json.dumps(report["parity"]), flush=True)
     report["speed"] = speed(args.device, args.candidates, args.new_tokens, args.repeats)
     print(json.dumps(report["speed"]), flush=True)
-    bench_report.save(report, args.json_out)
+    harness.save(report, args.json_out)
     return 0 if args.skip_parity or report["parity"]["ok"] else 1
 
 

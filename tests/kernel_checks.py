@@ -1,6 +1,6 @@
-"""Kernel-versus-reference checks shared by the CPU tests (interpret mode) and scripts/gpu_check.py (compiled
-on a GPU): fresh random inputs every call, a float64 NumPy oracle, outputs started as NaN so an element the
-kernel never wrote cannot pass, and the relative error ||out - ref|| / ||ref||.
+"""Kernel-versus-reference checks shared by the CPU tests (interpret mode, test_kernels.py) and the GPU tests
+(compiled, test_kernels_gpu.py): seeded random inputs, a float64 NumPy oracle, outputs started as NaN so an
+element the kernel never wrote cannot pass, and the relative error ||out - ref|| / ||ref||.
 """
 
 from __future__ import annotations
@@ -11,9 +11,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import compaction, norm, reference
+from pallas_kernels import compaction, norm, reference, tuning
 from pallas_kernels import gemv as gemv_mod
 from pallas_kernels import sparse_ffn as sf
+from pallas_kernels.compaction import Candidates
 from pallas_kernels.reference import Activation, sparse_ffn_float64
 
 TOLERANCE = {"bfloat16": 1e-2, "float16": 1e-2, "float32": 1e-5}
@@ -53,17 +54,21 @@ def candidate_mask(rng: np.random.Generator, batch: int, d_ff: int, count: int) 
     return own
 
 
-def check_sparse_ffn(d: int, d_ff: int, dtype, count: int, *, batch: int = 1, act: Activation = Activation(),
-                     cfg: sf.SparseFFNConfig | None = None, interpret: bool, seed: int | None = None,
+def default_sparse_ffn(batch: int) -> sf.SparseFFNConfig:
+    """The tuned configuration the engine runs for a batch (`tuning.SPARSE_FFN`)."""
+    return next(row.config for row in tuning.SPARSE_FFN if batch <= row.max_batch)
+
+
+def check_sparse_ffn(d: int, d_ff: int, dtype, count: int, *, rng: np.random.Generator, batch: int = 1,
+                     act: Activation = Activation(), cfg: sf.SparseFFNConfig | None = None, interpret: bool,
                      weights: list[jax.Array] | None = None) -> CheckResult:
     """The kernels through `sparse_ffn_indexed` (with NaN-started buffers) against the float64 oracle.
     For FATReLU the threshold is applied as given; with relu about half the candidates are active."""
-    cfg = cfg or sf.default_config(d, batch)
-    rng = np.random.default_rng(seed)
+    cfg = cfg or default_sparse_ffn(batch)
     wg, wu, wd = weights if weights is not None else random_weights(rng, d, d_ff, dtype)
     x = jnp.asarray(rng.standard_normal((batch, d), np.float32), dtype)
     cand = candidate_mask(rng, batch, d_ff, count)
-    tiles, counts, own = compaction.compact_reference(jnp.asarray(cand))
+    tiles, counts, own = reference.compact(Candidates(mask=jnp.asarray(cand)))
     y, h = sf.sparse_ffn_indexed(x, tiles, counts, wg, wu, wd, own, act=act,
                                  cfg=cfg, interpret=interpret, poison=True)
     y = np.asarray(y, np.float64)
@@ -76,18 +81,17 @@ def check_sparse_ffn(d: int, d_ff: int, dtype, count: int, *, batch: int = 1, ac
     return CheckResult(name, _rel(y, ref), finite, TOLERANCE[jnp.dtype(dtype).name])
 
 
-def check_gemv(n: int, k: int, dtype, *, batch: int = 1, interpret: bool, seed: int | None = None,
-               kernel: str = "plain", out_dtype=jnp.float32, **tuning) -> CheckResult:
+def check_gemv(n: int, k: int, dtype, *, rng: np.random.Generator, batch: int = 1, interpret: bool,
+               kernel: str = "plain", out_dtype=jnp.float32, **tile) -> CheckResult:
     """`gemv.gemv_pallas` against float64: kernel "plain" (x @ w^T) or "norm" (RMSNorm(x) @ w^T, the norm inside
     the kernel, against float64 products of `reference.rms_norm`'s output), the result written as out_dtype."""
     if kernel not in ("plain", "norm"):
         raise ValueError(f"check_gemv: kernel {kernel!r}, expected 'plain' or 'norm'")
-    rng = np.random.default_rng(seed)
     w = jnp.asarray(rng.standard_normal((n, k), np.float32), dtype)
     x = jnp.asarray(rng.standard_normal((batch, k), np.float32), dtype)
     scale = jnp.asarray(1 + 0.2 * rng.standard_normal(k), dtype) if kernel == "norm" else None
     y = gemv_mod.gemv_pallas(x, w, scale, 1e-5, out_dtype=jnp.dtype(out_dtype), interpret=interpret, poison=True,
-                             **tuning)
+                             **tile)
     ok_dtype = y.dtype == jnp.dtype(out_dtype)
     y = np.asarray(y.astype(jnp.float32), np.float64)
     xin = x if scale is None else reference.rms_norm(x, scale, 1e-5)
@@ -122,18 +126,18 @@ def scores_for(rng: np.random.Generator, cand: np.ndarray) -> tuple[np.ndarray, 
     return scores, bias
 
 
-def check_compact(d_ff: int, count: int, *, batch: int = 1, tile: int = compaction.TILE, interpret: bool,
-                  with_bias: bool = False, seed: int | None = None) -> CheckResult:
+def check_compact(d_ff: int, count: int, *, rng: np.random.Generator, batch: int = 1, tile: int = compaction.TILE,
+                  interpret: bool, with_bias: bool = False) -> CheckResult:
     """The compaction programs against `blocked_list_numpy`: rel_error is the fraction of slots, counts and own
     flags that differ, so only an exact list passes. with_bias: the programs get f32 scores and a bias and
     compare them themselves."""
-    rng = np.random.default_rng(seed)
     cand = candidate_mask(rng, batch, d_ff, count)
     if with_bias:
         scores, bias = scores_for(rng, cand)
-        out = compaction.compact_pallas(jnp.asarray(scores), tile=tile, bias=jnp.asarray(bias), interpret=interpret)
+        candidates = Candidates(scores=jnp.asarray(scores), bias=jnp.asarray(bias))
     else:
-        out = compaction.compact_pallas(jnp.asarray(cand), tile=tile, interpret=interpret)
+        candidates = Candidates(mask=jnp.asarray(cand))
+    out = compaction.compact_pallas(candidates, tile=tile, interpret=interpret)
     want = blocked_list_numpy(cand, tile)
     name = f"compact{'+bias' if with_bias else ''} d_ff={d_ff} count={count} batch={batch}"
     wrong, total = 0, 0
@@ -146,11 +150,10 @@ def check_compact(d_ff: int, count: int, *, batch: int = 1, tile: int = compacti
     return CheckResult(name, wrong / total, True, 0.0)
 
 
-def check_add_rmsnorm(d: int, n: int | None, dtype, *, batch: int = 1, interpret: bool,
-                      seed: int | None = None) -> CheckResult:
+def check_add_rmsnorm(d: int, n: int | None, dtype, *, rng: np.random.Generator, batch: int = 1,
+                      interpret: bool) -> CheckResult:
     """The fused residual add + RMSNorm (+ w @ normed, w [n, d]) kernel, with NaN-started outputs, against
     float64 NumPy; rel_error is the worst of its outputs."""
-    rng = np.random.default_rng(seed)
     x, delta = (jnp.asarray(rng.standard_normal((batch, d), np.float32), dtype) for _ in range(2))
     scale = jnp.asarray(rng.uniform(0.5, 1.5, d), dtype)
     w = None if n is None else jnp.asarray(rng.standard_normal((n, d), np.float32) / np.sqrt(d), dtype)

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Decode GEMVs (batch 1, bf16) on the GPU: XLA's dot vs the Pallas GEMV (`gemv.gemv_pallas`) over a few tiles.
 
 "norm" columns time RMSNorm(x) @ w^T: XLA's norm and dot against the kernel with the norm inside, both at the
@@ -6,8 +5,8 @@ kernel's default tile (the one the model runs). "bf16 out" times the kernel writ
 the attention projections ask for). Each shape is timed over `--mats` separate matrices (so reads come from
 device memory, not L2), INNER passes inside one jitted call; bandwidth counts the matrix bytes once per product.
 
-  python scripts/bench_gemv.py [--shapes 12288x4096 ...] [--rows 4 8] [--caps 2048 4096] [--warps 4 8]
-                               [--json-out F]
+  python -m scripts.bench.gemv [--shapes 12288x4096 ...] [--batch 1 4] [--rows 4 8] [--caps 2048 4096]
+                              [--warps 4 8] [--json-out F]
 """
 
 from __future__ import annotations
@@ -16,19 +15,15 @@ import argparse
 import itertools
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import jax
+import jax.numpy as jnp
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-
-from bench_ffn import copy_bandwidth, looped, timeit  # noqa: E402
-from pallas_kernels import reference  # noqa: E402
-from pallas_kernels.gemv import gemv_pallas  # noqa: E402
-from pallas_kernels.reference import rms_norm  # noqa: E402
-import bench_report  # noqa: E402
+from pallas_kernels import reference
+from pallas_kernels.gemv import gemv_pallas
+from pallas_kernels.reference import rms_norm
+from scripts.bench import harness
+from scripts.bench.harness import looped
 
 SHAPES = ["12288x4096", "4096x4096", "11008x4096", "4096x11008", "32000x4096", "256x4096", "11008x256"]
 
@@ -41,20 +36,21 @@ def main() -> int:
     ap.add_argument("--rows", type=int, nargs="+", default=[4, 8, 16])
     ap.add_argument("--caps", type=int, nargs="+", default=[2048, 4096])
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
-    ap.add_argument("--json-out")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1])
+    harness.add_report_args(ap)
     args = ap.parse_args()
-    copy_bw, how = copy_bandwidth()
+    copy_bw = harness.torch_copy_rate()
     rows = []
-    for shape in args.shapes:
+    for shape, batch in itertools.product(args.shapes, args.batch):
         n, k = map(int, shape.split("x"))
         mats = [jax.random.normal(jax.random.key(i), (n, k), jnp.bfloat16) for i in range(args.mats)]
-        x = jax.random.normal(jax.random.key(99), (1, k), jnp.bfloat16)
+        x = jax.random.normal(jax.random.key(99), (batch, k), jnp.bfloat16)
         scale = 1 + 0.1 * jax.random.normal(jax.random.key(98), (k,), jnp.bfloat16)
 
         def bench(fn, mats=mats, k=k):
             # every output element feeds the result, so XLA cannot slice the product down
             step = looped(lambda x, ws: sum(jnp.sum(fn(x, w), axis=1, keepdims=True) for w in ws) * jnp.ones((1, k)))
-            return timeit(step, x, mats, repeats=args.repeats) / len(mats)
+            return harness.median_s(step, x, mats, repeats=args.repeats) / harness.INNER / len(mats)
 
         def attempt(key, fn):
             try:
@@ -71,7 +67,7 @@ def main() -> int:
                 "kernel": bench(lambda x, w: gemv_pallas(x, w, scale, 1e-5))}
         print(f"  {n}x{k}: " + ", ".join(f"{key} {v * 1e6:.2f} us" for key, v in results.items()), flush=True)
         best = min((v, key) for key, v in results.items() if key != "xla")
-        row = {"n": n, "k": k, "xla_us": round(results["xla"] * 1e6, 2), "pallas_us": round(best[0] * 1e6, 2),
+        row = {"n": n, "k": k, "batch": batch, "xla_us": round(results["xla"] * 1e6, 2), "pallas_us": round(best[0] * 1e6, 2),
                "pallas_config": best[1], "xla_tb_s": round(2 * n * k / results["xla"] / 1e12, 3),
                "pallas_tb_s": round(2 * n * k / best[0] / 1e12, 3),
                "norm_xla_us": round(norm["xla"] * 1e6, 2), "norm_kernel_us": round(norm["kernel"] * 1e6, 2),
@@ -79,14 +75,14 @@ def main() -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
         del mats
-    report = bench_report.report(device=jax.devices()[0].device_kind, jax=jax.__version__,
-                                 copy_tb_per_s=round(copy_bw / 1e12, 3), copy_measured_with=how, runs=rows)
-    bench_report.save(report, args.json_out)
-    print(f"\ncopy {report['copy_tb_per_s']} TB/s ({how})")
-    print(f"{'shape':<13}{'XLA us':>9}{'TB/s':>7}{'Pallas us':>11}{'TB/s':>7}{'norm: XLA':>11}{'kernel':>7}  best tile")
+    report = harness.report(args, copy_tb_per_s=copy_bw and round(copy_bw / 1e12, 3), runs=rows)
+    harness.save(report, args.json_out)
+    print(f"\n{report['device']}, torch copy {report['copy_tb_per_s']} TB/s")
+    print(f"{'shape':<13}{'batch':>6}{'XLA us':>9}{'TB/s':>7}{'Pallas us':>11}{'TB/s':>7}{'norm: XLA':>11}{'kernel':>7}"
+          f"  best tile")
     for r in rows:
-        print(f"{r['n']}x{r['k']:<8}{r['xla_us']:>9}{r['xla_tb_s']:>7}{r['pallas_us']:>11}{r['pallas_tb_s']:>7}"
-              f"{r['norm_xla_us']:>11}{r['norm_kernel_us']:>7}  {r['pallas_config']}")
+        print(f"{r['n']}x{r['k']:<8}{r['batch']:>6}{r['xla_us']:>9}{r['xla_tb_s']:>7}{r['pallas_us']:>11}"
+              f"{r['pallas_tb_s']:>7}{r['norm_xla_us']:>11}{r['norm_kernel_us']:>7}  {r['pallas_config']}")
     return 0
 
 

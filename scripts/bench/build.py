@@ -1,8 +1,7 @@
-#!/usr/bin/env python
 """Times `build-predictors` for every layer of a model of a named shape with random weights built on the device
 and random calibration tokens: layer-by-layer statistics, factors, bias calibration, per stage.
 
-  python scripts/bench_build.py --shape llama2-7b --tokens 16384 --rank 256 [--method whitened] [--json-out F]
+  python -m scripts.bench.build --shape llama2-7b --tokens 16384 --rank 256 [--method whitened] [--json-out F]
 
 The first run includes compilation; the script builds twice and reports both (compile is per shape, once).
 """
@@ -13,19 +12,16 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from svdsparse_jax.config import NAMED_SHAPES, named_config  # noqa: E402
-from svdsparse_jax.model import Transformer  # noqa: E402
-from svdsparse_jax.predictors import BuildConfig, build_predictors  # noqa: E402
-from svdsparse_jax.weights import init_weights  # noqa: E402
-import bench_report  # noqa: E402
+from scripts.bench import harness
+from svdsparse_jax.config import NAMED_SHAPES, named_config
+from svdsparse_jax.model import Transformer
+from svdsparse_jax.predictors import BuildConfig, build_predictors
+from svdsparse_jax.weights import init_weights
 
 
 def main() -> int:
@@ -37,7 +33,7 @@ def main() -> int:
     ap.add_argument("--method", nargs="+", default=["whitened"])
     ap.add_argument("--s", type=float, default=0.5)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--json-out")
+    harness.add_report_args(ap)
     args = ap.parse_args()
     cfg = named_config(args.shape)
     model = Transformer(cfg, init_weights(cfg, jax.random.key(0), jnp.bfloat16))
@@ -58,9 +54,11 @@ def main() -> int:
                    "targets_met": sum(i["target_met"] for i in ps.info)}
             rows.append(row)
             print(json.dumps(row), flush=True)
-    bench_report.save(bench_report.report(device=jax.devices()[0].device_kind, jax=jax.__version__,
-                                          shape=args.shape, layers=cfg.n_layers, tokens=args.tokens, rank=args.rank,
-                                          runs=rows), args.json_out)
+    harness.save(harness.report(args, shape=args.shape, layers=cfg.n_layers, tokens=args.tokens, rank=args.rank,
+                                runs=rows), args.json_out)
+    print(f"{'method':<10}{'run':>4}{'total s':>9}  stages s")
+    for r in rows:
+        print(f"{r['method']:<10}{r['run']:>4}{r['total_s']:>9}  {r['stages_s']}")
     return 0
 
 

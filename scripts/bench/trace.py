@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Per-kernel GPU time from a `jax.profiler.trace` directory: what a decode step spends its time on.
 
 `kernel_times(trace_dir)` reads the XSpace file(s) the profiler wrote and sums, per kernel name, the device
@@ -7,7 +6,7 @@ and the span from the first kernel's start to the last one's end. `per_step(long
 difference of two traces (a generate call of N new tokens and one of 1) by the N - 1 extra decode steps, so
 prefill and the first token cancel out.
 
-  python scripts/trace_summary.py TRACE_DIR [--top 30]
+  python -m scripts.bench.trace TRACE_DIR [--top 30]
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
-#!/usr/bin/env python
 """The predictor comparison of docs/RESULTS.md: whitened SVD, plain SVD, sign bits (SparseInfer), a trained MLP
 and the oracle on the bundled model, at s in {0.5, 0.6, 0.7, 0.8} and ranks {d/8, d/4, d/2}, evaluated on the
 held-out split. Calibration statistics are computed once, factors once per (method, rank), biases per s.
 
-  python scripts/predictor_results.py [--out docs/results] [--max-windows 32] [--dtype float32]
+  python -m scripts.results [--out docs/results] [--max-windows 32] [--dtype float32]
 
 Writes OUT/results.json (every configuration's summary and per-layer metrics), OUT/*.png and prints the table
 that docs/RESULTS.md holds.
@@ -17,17 +16,15 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from svdsparse_jax.calibration import calibration_windows, layer_statistics  # noqa: E402
-from svdsparse_jax.cli import BUNDLED_MODEL  # noqa: E402
-from svdsparse_jax.convert import load_model, parse_dtype  # noqa: E402
-from svdsparse_jax.evaluate import evaluate_predictors, write_plots  # noqa: E402
-from svdsparse_jax.model import Transformer  # noqa: E402
-from svdsparse_jax.predictors.build import BuildConfig, PredictorSet, calibrate_layer, layer_factors  # noqa: E402
-from svdsparse_jax.predictors.thresholds import layer_target  # noqa: E402
+from svdsparse_jax.calibration import calibration_windows, layer_statistics
+from svdsparse_jax.assets import BUNDLED_MODEL
+from svdsparse_jax.convert import load_model, parse_dtype
+from svdsparse_jax.evaluate import evaluate_predictors, write_plots
+from svdsparse_jax.model import Transformer
+from svdsparse_jax.predictors.build import BuildConfig, PredictorSet, calibrate_layer, layer_factors
+from svdsparse_jax.predictors.thresholds import layer_target
 
 S_VALUES = (0.5, 0.6, 0.7, 0.8)
 

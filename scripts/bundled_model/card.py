@@ -1,9 +1,8 @@
-#!/usr/bin/env python
 """Packages a trained sparse run as the bundled default model: copies OUT/model of the L1 run into
 svdsparse_jax/assets/default_model, with a README card and card.json (the card's numbers), and copies the
 corpus' held-out and calibration token arrays to svdsparse_jax/assets/corpus so tests and the demo run offline.
 
-  python scripts/make_model_card.py --sparse runs/sparse --dense runs/dense [--corpus data/corpus]
+  python -m scripts.bundled_model.card --sparse runs/sparse --dense runs/dense [--corpus data/corpus]
 
 The card's full-set numbers come from the runs' metrics.json (bf16, computed on the training GPU). The
 "check subset" numbers are recomputed here in float32 on the first 64 held-out windows; tests/test_bundled_model.py
@@ -18,15 +17,13 @@ import shutil
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax.numpy as jnp
+import numpy as np
 
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from svdsparse_jax.convert import load_model  # noqa: E402
-from svdsparse_jax.evaluate import evaluate_stream  # noqa: E402
-from svdsparse_jax.generate import Generator  # noqa: E402
-from svdsparse_jax.model import Transformer  # noqa: E402
+from svdsparse_jax.convert import load_model
+from svdsparse_jax.evaluate import evaluate_stream
+from svdsparse_jax.generate import Generator
+from svdsparse_jax.model import Transformer
 
 ASSETS = Path(__file__).resolve().parents[1] / "svdsparse_jax" / "assets"
 CHECK_WINDOWS = 64
@@ -160,10 +157,10 @@ Check subset (what `tests/test_bundled_model.py` recomputes, float32 on CPU): th
 
 ## Reproduce
 ```bash
-python scripts/build_corpus.py                                   # data/corpus (CPython {c['corpus']['python']})
-python scripts/train_sparse_lm.py --out runs/sparse --steps {t['steps']}          # on a GPU
-python scripts/train_sparse_lm.py --out runs/dense --no-l1 --steps {t['steps']}   # the baseline
-python scripts/make_model_card.py --sparse runs/sparse --dense runs/dense
+python -m scripts.bundled_model.build_corpus                                   # data/corpus (CPython {c['corpus']['python']})
+python -m scripts.bundled_model.train --out runs/sparse --steps {t['steps']}          # on a GPU
+python -m scripts.bundled_model.train --out runs/dense --no-l1 --steps {t['steps']}   # the baseline
+python -m scripts.bundled_model.card --sparse runs/sparse --dense runs/dense
 ```
 """
 

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """One FFN layer at decode (batch 1, bf16): dense XLA vs the predictor-guarded Pallas kernels, on the GPU.
 
 For each shape and true sparsity s, random weights for `--layers` separate layers (so the timed loop streams
@@ -10,11 +9,13 @@ one jitted program over all layers, block_until_ready):
   kernels  the sparse kernels on a given neuron list (what the goal counts)
   +compact candidate mask -> list (the Pallas compaction programs; --compact xla: XLA's) + kernels: the
            guarded FFN as decode runs it
-  +pred    + a rank-r SVD predictor's two GEMVs (dispatched) and the comparison, from x
+  +pred    + a rank-r SVD predictor's two products (as the engine routes them) and the comparison, from x
 Useful bytes = candidate rows of W_gate + active rows of W_up and W_down_t; their rate is given as a fraction
-of a device copy measured in the same run (torch when importable, else a JAX elementwise pass).
+of a torch copy measured in the same run. The kernels run with the tuned configuration for batch 1
+(`pallas_kernels.tuning.SPARSE_FFN`), or with the fastest of a sweep (--sweep), which is how that table's
+rows were chosen.
 
-  python scripts/bench_ffn.py --shape llama2-7b qwen2-7b --sparsity 0.5 0.8 0.9 0.95 [--sweep] [--json-out F]
+  python -m scripts.bench.ffn --shape llama2-7b qwen2-7b --sparsity 0.5 0.8 0.9 0.95 [--sweep] [--json-out F]
 """
 
 from __future__ import annotations
@@ -25,78 +26,27 @@ import functools
 import itertools
 import json
 import os
-import statistics
 import sys
-import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from pallas_kernels import compaction  # noqa: E402
-from pallas_kernels import sparse_ffn as sf  # noqa: E402
-from pallas_kernels.gemv import gemv  # noqa: E402
-from pallas_kernels.reference import Activation  # noqa: E402
-from svdsparse_jax.config import named_config  # noqa: E402
-import bench_report  # noqa: E402
+from pallas_kernels import compaction, reference, tuning
+from pallas_kernels import sparse_ffn as sf
+from pallas_kernels.compaction import Candidates
+from pallas_kernels.reference import Activation
+from scripts.bench import harness
+from scripts.bench.harness import looped
+from svdsparse_jax.config import named_config
+from svdsparse_jax.engine import EngineConfig, project
 
 F32 = jnp.float32
 
 
-def copy_bandwidth() -> tuple[float, str]:
-    """Bytes read + written per second by a 2 GiB device copy: torch's copy_ when torch has CUDA, else JAX."""
-    n = 1 << 30  # bf16 elements
-    try:
-        import torch
-        if torch.cuda.is_available():
-            a = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-            b = torch.empty_like(a)
-            for _ in range(3):
-                b.copy_(a)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            times = []
-            for _ in range(10):
-                start.record()
-                b.copy_(a)
-                end.record()
-                torch.cuda.synchronize()
-                times.append(start.elapsed_time(end) / 1e3)
-            del a, b
-            torch.cuda.empty_cache()
-            return 4 * n / statistics.median(times), "torch copy_"
-    except ImportError:
-        pass
-    from bench_decode import copy_bandwidth as jax_copy_bandwidth
-    return jax_copy_bandwidth(2 * n), "jax elementwise"
-
-
-INNER = 10  # passes over all layers inside one jitted call, so host dispatch is noise
-
-
-def looped(step):
-    """jit of INNER passes of step(x, *rest) -> [B, d] f32; each pass's x depends on the previous result (by a
-    zero-valued term XLA cannot fold), so no pass is hoisted or skipped."""
-    @jax.jit
-    def run(x, *rest):
-        def body(i, acc):
-            return acc + step(x + (acc[:, :1] * 0).astype(x.dtype), *rest)
-        return jax.lax.fori_loop(0, INNER, body, jnp.zeros(x.shape, F32))
-    return run
-
-
 def timeit(fn, *args, repeats: int) -> float:
     """Median seconds of one pass of a `looped` function."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) / INNER
+    return harness.median_s(fn, *args, repeats=repeats) / harness.INNER
 
 
 @dataclasses.dataclass
@@ -152,10 +102,11 @@ def run_config(layers: Layers, cfg: sf.SparseFFNConfig, repeats: int, only_kerne
     compact_impl='xla'), + the predictor."""
     n = len(layers.weights)
     if compact_impl == "xla":
-        compact = compaction.compact_reference
+        compact = reference.compact
     else:
         compact = functools.partial(compaction.compact_pallas, interpret=interpret)
-    lists = [compact(m)[:2] for m in layers.masks]
+    engine = EngineConfig.resolve("interpret" if interpret else "pallas")
+    lists = [compact(Candidates(mask=m))[:2] for m in layers.masks]
 
     @looped
     def kernels(x, weights, lists):
@@ -166,7 +117,7 @@ def run_config(layers: Layers, cfg: sf.SparseFFNConfig, repeats: int, only_kerne
     def with_compact(x, weights, masks):
         total = 0.0
         for m, w, act in zip(masks, weights, layers.acts):
-            tiles, counts, _ = compact(m)
+            tiles, counts, _ = compact(Candidates(mask=m))
             total = total + sf.sparse_ffn_indexed(x, tiles, counts, *w, act=act, cfg=cfg, interpret=interpret)[0]
         return total
 
@@ -174,8 +125,8 @@ def run_config(layers: Layers, cfg: sf.SparseFFNConfig, repeats: int, only_kerne
     def with_predictor(x, weights, preds):
         total = 0.0
         for (a, b, bias), w, act in zip(preds, weights, layers.acts):
-            z = gemv(x, a).astype(x.dtype)  # the dispatched GEMV, as the model's predictors run it
-            tiles, counts, _ = compact(gemv(z, b), bias=bias)  # the programs add the bias and compare
+            z = project(engine, x, a).astype(x.dtype)  # the products as the engine routes the predictor's
+            tiles, counts, _ = compact(Candidates(scores=project(engine, z, b), bias=bias))  # + bias > 0 inside
             total = total + sf.sparse_ffn_indexed(x, tiles, counts, *w, act=act, cfg=cfg, interpret=interpret)[0]
         return total
 
@@ -210,10 +161,9 @@ def sweep_configs(variants: list[str]) -> list:
     if "stream" in variants:
         for rows, programs, warps in itertools.product((2, 4, 8), (132, 264, 396, 528), (2, 4, 8)):
             out.append(sf.SparseFFNConfig(variant="stream", rows=rows, programs=programs, num_warps=warps))
-    if "stream" not in variants:  # the stream variant's default, for comparison
-        out.append(sf.STREAM)
-    if "split" not in variants:  # the split variant's best shape, for comparison
-        out.append(sf.SPLIT)
+    for row in tuning.SPARSE_FFN:  # the tuned configurations, for comparison
+        if row.config.variant not in variants:
+            out.append(row.config)
     return out
 
 
@@ -229,20 +179,14 @@ def main() -> int:
                     "and sparsity, then use the fastest for the table")
     ap.add_argument("--sweep-layers", type=int, default=8)
     ap.add_argument("--sweep-variants", nargs="+", default=list(sf.VARIANTS), choices=sf.VARIANTS)
-    ap.add_argument("--stream-shape", nargs=3, type=int, metavar=("ROWS", "WARPS", "PROGRAMS"),
-                    help="time this stream-kernel shape instead of default_config")
     ap.add_argument("--compact", default="pallas", choices=["pallas", "xla"],
                     help="the compaction in +compact / +pred: the Pallas program or XLA's version")
     ap.add_argument("--interpret", action="store_true", help="kernels in interpret mode (a CPU smoke test)")
-    ap.add_argument("--json-out")
+    harness.add_report_args(ap)
     args = ap.parse_args()
-    dev = jax.devices()[0]
-    copy_bw, copy_how = copy_bandwidth()
-    print(f"{dev.device_kind}: copy {copy_bw / 1e12:.3f} TB/s ({copy_how})", flush=True)
-    best = None  # without a sweep or --stream-shape: each shape's default_config
-    if args.stream_shape:
-        rows, warps, programs = args.stream_shape
-        best = sf.SparseFFNConfig(variant="stream", rows=rows, num_warps=warps, programs=programs)
+    copy_bw = harness.torch_copy_rate()
+    print(f"{jax.devices()[0].device_kind}: torch copy {copy_bw and copy_bw / 1e12} TB/s", flush=True)
+    best = None  # without a sweep: the tuned configuration for batch 1
     sweep = []
     if args.sweep:
         layers = make_layers(named_config(args.shape[0]), args.sweep_layers, args.sparsity[0], args.extra,
@@ -264,7 +208,7 @@ def main() -> int:
         for s in args.sparsity:
             layers = make_layers(mcfg, args.layers, s, args.extra, args.rank)
             dense_us = time_dense(layers, args.repeats)
-            cfg = best or sf.default_config(mcfg.d_model)
+            cfg = best or next(row.config for row in tuning.SPARSE_FFN if row.max_batch >= 1)
             t = run_config(layers, cfg, args.repeats, interpret=args.interpret, compact_impl=args.compact)
             cand = float(np.mean([int(m.sum()) for m in layers.masks]))
             active = float(np.mean(layers.active))
@@ -274,23 +218,23 @@ def main() -> int:
                    "dense_us": round(dense_us, 2), **{k: round(v, 2) for k, v in t.items()},
                    "speedup_kernels": round(dense_us / t["kernels_us"], 2),
                    "speedup_with_predictor": round(dense_us / t["pred_us"], 2),
-                   "useful_mb": round(useful / 1e6, 2),
-                   "useful_fraction_of_copy": round(useful / (t["kernels_us"] * 1e-6) / copy_bw, 3),
-                   "dense_fraction_of_copy": round(3 * mcfg.d_ff * mcfg.d_model * 2 / (dense_us * 1e-6) / copy_bw, 3)}
+                   "useful_mb": round(useful / 1e6, 2)}
+            if copy_bw:
+                row["useful_fraction_of_copy"] = round(useful / (t["kernels_us"] * 1e-6) / copy_bw, 3)
+                row["dense_fraction_of_copy"] = round(3 * mcfg.d_ff * mcfg.d_model * 2 / (dense_us * 1e-6) / copy_bw, 3)
             rows.append(row)
             print(json.dumps(row), flush=True)
             del layers
-    report = bench_report.report(device=dev.device_kind, jax=jax.__version__, copy_tb_per_s=round(copy_bw / 1e12, 3),
-                                 copy_measured_with=copy_how, swept_config=best and dataclasses.asdict(best),
-                                 runs=rows, sweep=sweep)
-    bench_report.save(report, args.json_out)
-    print(f"\n{dev.device_kind}, copy {report['copy_tb_per_s']} TB/s ({copy_how}); config {best or 'default_config'}")
+    report = harness.report(args, copy_tb_per_s=copy_bw and round(copy_bw / 1e12, 3),
+                            swept_config=best and dataclasses.asdict(best), runs=rows, sweep=sweep)
+    harness.save(report, args.json_out)
+    print(f"\n{report['device']}, torch copy {report['copy_tb_per_s']} TB/s; config {best or 'tuned'}")
     print(f"{'shape':<11}{'sparse':>7}{'cand':>6}{'dense us':>9}{'kern us':>9}{'+cmp us':>9}{'+pred us':>9}"
           f"{'x kern':>7}{'x pred':>7}{'useful/copy':>12}")
     for r in rows:
         print(f"{r['shape']:<11}{r['true_sparsity']:>7}{r['candidates']:>6.3f}{r['dense_us']:>9}{r['kernels_us']:>9}"
               f"{r['compact_us']:>9}{r['pred_us']:>9}{r['speedup_kernels']:>7}{r['speedup_with_predictor']:>7}"
-              f"{r['useful_fraction_of_copy']:>12}")
+              f"{r.get('useful_fraction_of_copy', '-'):>12}")
     return 0
 
 

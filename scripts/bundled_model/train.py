@@ -1,11 +1,10 @@
-#!/usr/bin/env python
 """Trains a small LLaMA-style ReLU LM on the stdlib corpus with the ProSparse sparsity recipe (see
 svdsparse_jax/training.py), then searches the FATReLU threshold on calibration text, evaluates held-out
 perplexity and per-layer FFN sparsity, and exports an HF-format directory (bf16 safetensors + tokenizer).
 
-  python scripts/build_corpus.py                      # once: data/corpus
-  python scripts/train_sparse_lm.py --out runs/sparse                  # L1 recipe
-  python scripts/train_sparse_lm.py --out runs/dense --no-l1           # baseline without the L1 term
+  python -m scripts.bundled_model.build_corpus                      # once: data/corpus
+  python -m scripts.bundled_model.train --out runs/sparse                  # L1 recipe
+  python -m scripts.bundled_model.train --out runs/dense --no-l1           # baseline without the L1 term
 Smoke run on CPU: add --steps 20 --warmup 2 --batch 2 --seq-len 64 --d-model 64 --layers 2 --d-ff 256 --compute-dtype float32
 
 Resumable: rerun the same command; it continues from OUT/ckpt. --time-limit-s saves a checkpoint and stops
@@ -23,19 +22,18 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-
-from svdsparse_jax.config import ModelConfig  # noqa: E402
-from svdsparse_jax.convert import DTYPES, write_hf_checkpoint  # noqa: E402
-from svdsparse_jax.evaluate import evaluate_stream  # noqa: E402
-from svdsparse_jax.model import Transformer  # noqa: E402
-from svdsparse_jax.training import (TrainConfig, bf16_weights, init_state, restore_checkpoint,  # noqa: E402
+from svdsparse_jax.config import ModelConfig
+from svdsparse_jax.convert import DTYPES, write_hf_checkpoint
+from svdsparse_jax.engine import EngineConfig
+from svdsparse_jax.evaluate import evaluate_stream
+from svdsparse_jax.model import Transformer
+from svdsparse_jax.training import (TrainConfig, bf16_weights, init_state, restore_checkpoint,
                                     sample_batch, save_checkpoint, train_step)
-from svdsparse_jax.weights import weight_specs  # noqa: E402
+from svdsparse_jax.weights import weight_specs
 
 FATRELU_GRID = (0.0, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3)
 
@@ -84,7 +82,7 @@ def main() -> int:
         print(f"--warmup ({args.warmup}) must be smaller than --steps ({args.steps})", file=sys.stderr)
         return 2
     if not (corpus / "manifest.json").is_file():
-        print(f"{corpus}/manifest.json: not found; run scripts/build_corpus.py first", file=sys.stderr)
+        print(f"{corpus}/manifest.json: not found; run python -m scripts.bundled_model.build_corpus first", file=sys.stderr)
         return 2
     manifest = json.loads((corpus / "manifest.json").read_text())
     train = np.load(corpus / "train.npy", mmap_mode="r")
@@ -123,6 +121,7 @@ def main() -> int:
                 shutil.rmtree(old)
 
     n_params = sum(int(np.prod(s.shape)) for s in weight_specs(cfg))
+    engine = EngineConfig.resolve("xla")  # training runs XLA's products on this platform
     t0, step = time.time(), int(state["step"])
     first_step = step
     while step < tc.steps:
@@ -133,7 +132,7 @@ def main() -> int:
             print(f"stopped at step {step} ({'time' if out_of_time else 'step'} limit); rerun the same command "
                   "to resume", flush=True)
             return 0
-        state, m = train_step(state, jnp.asarray(sample_batch(train, step, tc)), cfg, tc)
+        state, m = train_step(state, jnp.asarray(sample_batch(train, step, tc)), cfg, tc, engine)
         step += 1
         if step % args.log_every == 0 or step == tc.steps:
             m = jax.device_get(m)

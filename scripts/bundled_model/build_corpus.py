@@ -1,9 +1,8 @@
-#!/usr/bin/env python
 """Builds the offline training corpus: the running interpreter's standard-library sources split by module
 (rule in svdsparse_jax/corpus.py), a byte-level BPE tokenizer trained on the train split only, and the token
 arrays (uint16, documents separated by the EOS token) of each split.
 
-  python scripts/build_corpus.py [--out data/corpus] [--vocab-size 8192]
+  python -m scripts.bundled_model.build_corpus [--out data/corpus] [--vocab-size 8192]
 
 Writes OUT/{train,calib,heldout}.npy, OUT/tokenizer/ (loads with AutoTokenizer.from_pretrained) and
 OUT/manifest.json (Python version, split rule, module lists with content hashes, token counts).
@@ -18,12 +17,10 @@ import platform
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
 
-import numpy as np  # noqa: E402
-
-from svdsparse_jax.corpus import SPLITS, list_modules, read_source, stdlib_dir, train_bpe_tokenizer  # noqa: E402
-from svdsparse_jax.fsutil import atomic_directory  # noqa: E402
+from svdsparse_jax.corpus import SPLITS, list_modules, read_source, stdlib_dir, train_bpe_tokenizer
+from svdsparse_jax.fsutil import atomic_directory
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

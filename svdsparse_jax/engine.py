@@ -1,0 +1,167 @@
+"""The engine configuration: how decode runs, chosen once at the edge and passed down as one static value.
+
+`EngineConfig` is frozen and hashable. The model's modules hold it, so it is part of the graph every jitted
+program takes as a static argument (`Generator` programs key on it), and the three routing functions below read
+it, and nothing else, to pick a Pallas kernel or XLA for each decode operation while it is traced:
+
+  project      x @ w^T, optionally RMSNorm(x) @ w^T: the Pallas GEMV or XLA's product, by `projections`
+  add_rmsnorm  residual add + RMSNorm (+ the predictor's input projection): one Pallas launch, or XLA
+  guarded_ffn  candidates -> neuron list -> gate on the candidates, activation, up / down on the active rows
+
+Environment variables are read in this module only, by `from_environment`, which the CLI calls once; the
+Python API never reads them:
+
+  SVDSPARSE_KERNELS=auto|pallas|interpret|xla   the backend when the CLI's --kernels is not given (default auto)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import reference, tuning
+from pallas_kernels.compaction import Candidates, compact_pallas
+from pallas_kernels.gemv import gemv_pallas
+from pallas_kernels.norm import add_rmsnorm_pallas
+from pallas_kernels.reference import Activation
+from pallas_kernels.sparse_ffn import SparseFFNConfig, sparse_ffn_indexed
+from pallas_kernels.tuning import GemvTile, ProjectionRule, SparseFFNRow
+from svdsparse_jax.errors import SvdsparseError
+
+F32 = jnp.float32
+BACKENDS = ("pallas", "interpret", "xla")
+PROJECTION_TABLES = {"table": tuning.PROJECTIONS, "xla": tuning.XLA_PROJECTIONS}
+ENVIRONMENT = {
+    "SVDSPARSE_KERNELS": "auto|pallas|interpret|xla: the CLI's backend when --kernels is not given (default auto)",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """How decode runs.
+
+    backend: 'pallas' (compiled GPU kernels), 'interpret' (the same kernels on any backend, slowly: how the CPU
+      tests run them) or 'xla' (no kernels).
+    platform: the JAX backend the engine was resolved for ('cpu', 'gpu', ...).
+    projections: which decode products take the Pallas GEMV (`tuning.ProjectionRule`, first match wins; none:
+      XLA). Given RMSNorm(x) @ w^T, the GEMV forms the norm itself.
+    gemv_tile, sparse_ffn (kernel configuration by batch size), compaction_tile: the kernels' tiles.
+    kernel_max_batch: more rows than this (prefill, evaluation windows) always run XLA.
+    steps_per_check: decode steps between two checks of the stop condition (generate.py).
+    mesh: the device mesh of tensor-parallel decode; not built yet, so it must be None.
+    """
+
+    backend: str = "xla"
+    platform: str = "cpu"
+    projections: tuple[ProjectionRule, ...] = tuning.PROJECTIONS
+    gemv_tile: GemvTile = tuning.GEMV_TILE
+    sparse_ffn: tuple[SparseFFNRow, ...] = tuning.SPARSE_FFN
+    compaction_tile: int = tuning.COMPACTION_TILE
+    kernel_max_batch: int = 8
+    steps_per_check: int = 8
+    mesh: Any = None
+
+    def __post_init__(self):
+        if self.backend not in BACKENDS:
+            raise SvdsparseError(f"engine backend {self.backend!r}: expected one of {BACKENDS}")
+        if self.steps_per_check < 1:
+            raise SvdsparseError(f"engine steps_per_check must be >= 1, got {self.steps_per_check}")
+        if self.mesh is not None:
+            raise SvdsparseError("engine mesh: tensor-parallel decode is not built yet; leave mesh=None")
+
+    @property
+    def kernels(self) -> bool:
+        """Whether decode-sized operations may run Pallas kernels (compiled or interpreted)."""
+        return self.backend != "xla"
+
+    @property
+    def interpret(self) -> bool:
+        return self.backend == "interpret"
+
+    def projection_impl(self, batch: int, w: jax.Array) -> str:
+        """'gemv' or 'xla' for x [batch, k] @ w^T."""
+        if not self.kernels:
+            return "xla"
+        dtype = jnp.dtype(w.dtype).name
+        rule = next((r for r in self.projections if r.matches(batch, w.size, dtype)), None)
+        return "xla" if rule is None else rule.impl
+
+    def sparse_ffn_config(self, batch: int) -> SparseFFNConfig | None:
+        """The sparse FFN kernels' configuration for a batch, or None where XLA's masked FFN runs."""
+        if not self.kernels or batch > self.kernel_max_batch:
+            return None
+        return next((row.config for row in self.sparse_ffn if batch <= row.max_batch), None)
+
+    @classmethod
+    def resolve(cls, backend: str = "auto", projections: str = "table", **fields: Any) -> "EngineConfig":
+        """The engine for this process: backend 'auto' is 'pallas' on a GPU and 'xla' elsewhere; 'pallas' without
+        a GPU is refused. projections: 'table' (the measured table) or 'xla' (XLA's products only). Other fields
+        as given."""
+        platform = jax.default_backend()
+        if backend not in ("auto", *BACKENDS):
+            raise SvdsparseError(f"kernel backend {backend!r}: expected one of {('auto', *BACKENDS)}")
+        if backend == "auto":
+            backend = "pallas" if platform == "gpu" else "xla"
+        if backend == "pallas" and platform != "gpu":
+            raise SvdsparseError(f"kernel backend 'pallas' needs a GPU; this JAX backend is {platform!r} (use "
+                                 "'interpret' to run the kernels on it, or 'xla')")
+        if projections not in PROJECTION_TABLES:
+            raise SvdsparseError(f"projections {projections!r}: expected one of {sorted(PROJECTION_TABLES)}")
+        return cls(backend=backend, platform=platform, projections=PROJECTION_TABLES[projections], **fields)
+
+
+def from_environment(backend: str | None = None, **fields: Any) -> EngineConfig:
+    """`EngineConfig.resolve` with the backend given, else SVDSPARSE_KERNELS, else 'auto' (the CLI's edge)."""
+    return EngineConfig.resolve(backend or os.environ.get("SVDSPARSE_KERNELS", "auto"), **fields)
+
+
+def project(engine: EngineConfig, x: jax.Array, w: jax.Array, norm: tuple[jax.Array, float] | None = None,
+            out_dtype=F32) -> jax.Array:
+    """x [..., k] @ w [n, k]^T -> [..., n] out_dtype, accumulated in f32; given norm = (scale [k], eps),
+    RMSNorm(x) @ w^T (the GEMV kernel forms the norm inside, saving XLA's norm launches)."""
+    flat = x.reshape(-1, x.shape[-1])
+    scale, eps = (None, 0.0) if norm is None else norm
+    if engine.projection_impl(flat.shape[0], w) == "gemv":
+        tile = engine.gemv_tile
+        y = gemv_pallas(flat, w, scale, eps, out_dtype=jnp.dtype(out_dtype), rows=tile.rows, cap=tile.cap,
+                        num_warps=tile.num_warps, interpret=engine.interpret)
+    else:
+        y = reference.gemv(flat, w, scale, eps).astype(out_dtype)
+    return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+def add_rmsnorm(engine: EngineConfig, x: jax.Array, delta: jax.Array, scale: jax.Array, eps: float,
+                w: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array | None]:
+    """(x + delta, RMSNorm(x + delta), w @ RMSNorm(x + delta) or None): x, delta [..., d], scale [d], w [n, d];
+    the sum in x's dtype, the norm in the scale's dtype, the product f32 [..., n]. One Pallas launch for
+    decode-sized inputs when the engine runs kernels; XLA otherwise."""
+    d = x.shape[-1]
+    flat = x.reshape(-1, d)
+    if not engine.kernels or flat.shape[0] > engine.kernel_max_batch or d % 16:
+        return reference.add_rmsnorm(x, delta, scale, eps, w)
+    total, normed, z = add_rmsnorm_pallas(flat, delta.reshape(-1, d), scale, eps, w, rows=tuning.ADD_NORM_ROWS,
+                                          num_warps=tuning.ADD_NORM_WARPS, interpret=engine.interpret)
+    lead = x.shape[:-1]
+    return total.reshape(x.shape), normed.reshape(x.shape), None if z is None else z.reshape(*lead, w.shape[0])
+
+
+def guarded_ffn(engine: EngineConfig, x: jax.Array, candidates: Candidates, w_gate: jax.Array, w_up: jax.Array,
+                w_down_t: jax.Array, act: Activation) -> jax.Array:
+    """The predictor-guarded FFN: x [N, d], the predictor's candidates for each of the N rows, weights [d_ff, d]
+    (w_down_t is down_proj transposed). Returns y [N, d] f32 = sum over candidates i of (act(g_i) * u_i) *
+    w_down_t[i]. Decode-sized inputs run the kernels, which read only the candidates' W_gate rows and the
+    active neurons' W_up and W_down_t rows; otherwise XLA computes every row and masks."""
+    if act.kind == "silu":
+        raise SvdsparseError("sparse FFN: silu is never zero, so a predictor cannot skip rows; run it dense")
+    cfg = engine.sparse_ffn_config(x.shape[0])
+    if cfg is None:
+        return reference.sparse_ffn(x, candidates.as_mask(), w_gate, w_up, w_down_t, act)
+    with jax.named_scope("candidates"):  # the candidate set (scores + bias > 0) as a neuron list
+        tiles, counts, own = compact_pallas(candidates, tile=engine.compaction_tile, interpret=engine.interpret)
+    with jax.named_scope("gate_activation_up_down"):  # one kernel: gate on candidates, up / down on active rows
+        return sparse_ffn_indexed(x, tiles, counts, w_gate, w_up, w_down_t, own, act=act, cfg=cfg,
+                                  interpret=engine.interpret)[0]

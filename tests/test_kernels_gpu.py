@@ -1,0 +1,111 @@
+"""The Pallas kernels compiled for the GPU against the float64 oracle, at the model table's shapes: every (d, d_ff)
+for the sparse FFN and the compaction, the decode products for the GEMV, every width for the fused add + RMSNorm;
+bf16 and f16, candidate counts 0, 1, all and not a multiple of any block size, batch 1 and 3, relu / FATReLU /
+dReLU, outputs started as NaN. Then one decode step of a LLaMA2-7B-shaped model through the Pallas engine against
+the XLA engine. These run where JAX has a GPU (`python -m pytest tests/test_kernels_gpu.py` on the device; `-k
+quick` for one shape per family); the CPU runs the same kernels interpreted in test_kernels.py."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import rel_err
+from kernel_checks import (TOLERANCE, check_add_rmsnorm, check_compact, check_gemv, check_sparse_ffn,
+                           random_weights)
+from pallas_kernels import sparse_ffn as sf
+from pallas_kernels import tuning
+from pallas_kernels.reference import Activation
+
+pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu",
+                                reason="needs a GPU: the CPU runs these kernels interpreted (test_kernels.py)")
+
+QUICK = [(4096, 11008), (256, 1024)]
+SHAPES = QUICK + [(5120, 13824), (4096, 14336), (3584, 18944), (1536, 3840)]
+CONFIGS = {row.config.variant: row.config for row in tuning.SPARSE_FFN} | {"fused": sf.SparseFFNConfig("fused")}
+GEMV_SHAPES = [(12288, 4096), (4096, 4096), (11008, 4096), (4096, 11008), (32000, 4096), (256, 4096),
+               (11008, 256), (152064, 3584)]
+
+
+def _ids(shapes):
+    return [f"{'quick-' if s in QUICK else ''}{s[0]}x{s[1]}" for s in shapes]
+
+
+@pytest.mark.parametrize("d,d_ff", SHAPES, ids=_ids(SHAPES))
+@pytest.mark.parametrize("variant", sorted(CONFIGS))
+def test_sparse_ffn(d, d_ff, variant, rng):
+    for dtype in (jnp.bfloat16, jnp.float16):
+        weights = random_weights(rng, d, d_ff, dtype)
+        for count in (0, 1, d_ff, d_ff // 7 + 3, int(0.12 * d_ff) + 1):
+            for batch, act in ((1, Activation("fatrelu", 0.5)), (3, Activation("relu")), (1, Activation("drelu"))):
+                if dtype == jnp.float16 and batch == 3:
+                    continue
+                r = check_sparse_ffn(d, d_ff, dtype, count, rng=rng, batch=batch, act=act, cfg=CONFIGS[variant],
+                                     interpret=False, weights=weights)
+                assert r.ok, r
+
+
+@pytest.mark.parametrize("d_ff", [s[1] for s in SHAPES], ids=_ids(SHAPES))
+def test_compaction(d_ff, rng):
+    for count in (0, 1, d_ff, d_ff // 7 + 3, int(0.17 * d_ff)):
+        for batch, with_bias in ((1, False), (3, False), (1, True), (3, True)):
+            r = check_compact(d_ff, count, rng=rng, batch=batch, interpret=False, with_bias=with_bias)
+            assert r.ok, r
+
+
+@pytest.mark.parametrize("n,k", GEMV_SHAPES, ids=[f"{'quick-' if i < 2 else ''}{n}x{k}"
+                                                  for i, (n, k) in enumerate(GEMV_SHAPES)])
+def test_gemv(n, k, rng):
+    tile = dataclasses.asdict(tuning.GEMV_TILE)
+    tile.pop("source")
+    for dtype in (jnp.bfloat16, jnp.float16):
+        for batch in (1, 4):
+            for kernel in ("plain", "norm"):
+                for out_dtype in (jnp.float32, dtype):
+                    r = check_gemv(n, k, dtype, rng=rng, batch=batch, interpret=False, kernel=kernel,
+                                   out_dtype=out_dtype, **tile)
+                    assert r.ok, r
+
+
+@pytest.mark.parametrize("d", sorted({s[0] for s in SHAPES}), ids=lambda d: f"quick-{d}" if d == 4096 else str(d))
+def test_add_rmsnorm(d, rng):
+    for n in (None, 256):
+        for dtype, batch in ((jnp.bfloat16, 1), (jnp.bfloat16, 3), (jnp.float16, 1)):
+            r = check_add_rmsnorm(d, n, dtype, rng=rng, batch=batch, interpret=False)
+            assert r.ok, r
+
+
+@pytest.mark.parametrize("sparse", [False, True], ids=["quick-dense", "quick-sparse"])
+def test_decode_step_through_the_pallas_engine(sparse, seed, rng):
+    """Two layers of the LLaMA2-7B shape, bf16, batch 1 and 3: one decode step after a prefill, the Pallas
+    engine's hidden states against the XLA engine's (bf16 tolerance), dense and with low-rank predictors whose
+    candidates are about a fifth of d_ff."""
+    from svdsparse_jax import kv_cache
+    from svdsparse_jax.config import named_config
+    from svdsparse_jax.engine import EngineConfig
+    from svdsparse_jax.model import Transformer, with_engine
+    from svdsparse_jax.predictors import LowRankPredictor
+    from svdsparse_jax.weights import init_weights
+
+    cfg = dataclasses.replace(named_config("llama2-7b", n_layers=2), act_threshold=0.5)
+    model = Transformer(cfg, init_weights(cfg, jax.random.key(seed), jnp.bfloat16, std=0.02), EngineConfig())
+    preds = None
+    if sparse:
+        preds = [LowRankPredictor(jnp.asarray(rng.standard_normal((256, cfg.d_model)) / 64, jnp.bfloat16),
+                                  jnp.asarray(rng.standard_normal((cfg.d_ff, 256)), jnp.bfloat16),
+                                  jnp.full(cfg.d_ff, -13.0, jnp.bfloat16)) for _ in range(cfg.n_layers)]
+    for batch in (1, 3):
+        tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (batch, 9)), jnp.int32)
+
+        @jax.jit
+        def step(m, tokens, preds):
+            cache = kv_cache.init_cache(cfg, jnp.zeros(batch, jnp.int32), 16, jnp.bfloat16)
+            _, cache = m(tokens[:, :8], cache, jnp.int32(0))
+            return m(tokens[:, 8:], cache, jnp.int32(8), preds)[0]
+
+        want = step(model, tokens, preds)
+        got = step(with_engine(model, EngineConfig.resolve("pallas")), tokens, preds)
+        assert bool(jnp.all(jnp.isfinite(got)))
+        assert rel_err(np.asarray(got, np.float32), np.asarray(want, np.float32)) <= TOLERANCE["bfloat16"]

@@ -1,0 +1,56 @@
+"""The bridge's commands for the `svdsparse` CLI, a plug-in (entry point group `svdsparse.commands`):
+
+  svdsparse export-svdp [MODEL] --predictors DIR --out SVDP_DIR   predictors -> the paper's model_{layer}.pt files
+  svdsparse import-svdp [MODEL] --svdp SVDP_DIR --out DIR         model_{layer}.pt files -> a predictor directory
+
+The torch executor itself reads predictor directories as they are (`hf_patch.patch_hf_model(model, DIR)`).
+torch is imported only when a command runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from svdsparse_jax.cli import Command, load_from_args, load_predictors_for, model_options
+
+
+def register(sub) -> dict[str, Command]:
+    """Adds the bridge's commands to the CLI's subparsers; returns their handlers by name."""
+    p = sub.add_parser("export-svdp", help="write predictors as the SVDP / PowerInfer per-layer files "
+                                           "(model_{layer}.pt)")
+    model_options(p)
+    p.add_argument("--predictors", required=True, help="predictor directory (build-predictors)")
+    p.add_argument("--out", required=True, help="directory for the model_{layer}.pt files")
+
+    p = sub.add_parser("import-svdp", help="import SVDP / PowerInfer per-layer predictor files (model_{layer}.pt)")
+    model_options(p)
+    p.add_argument("--svdp", required=True, help="directory of model_{layer}.pt files")
+    p.add_argument("--out", required=True, help="predictor directory to write (usable by generate / eval)")
+    return {"export-svdp": cmd_export_svdp, "import-svdp": cmd_import_svdp}
+
+
+def cmd_export_svdp(args: argparse.Namespace) -> None:
+    from torch_npu_bridge.factors import factors_of
+    from torch_npu_bridge.svdp_format import write_svdp
+
+    lm = load_from_args(args)
+    pset = load_predictors_for(args.predictors, lm)
+    layers = [factors_of(p, i) for i, p in enumerate(pset.layers)]
+    print(f"SVDP-layout files of {len(layers)} layers ({pset.method}) in {write_svdp(args.out, layers)}")
+
+
+def cmd_import_svdp(args: argparse.Namespace) -> None:
+    import jax.numpy as jnp
+
+    from svdsparse_jax.predictors import LowRankPredictor, PredictorSet, save_predictors
+    from torch_npu_bridge.svdp_format import read_svdp
+
+    lm = load_from_args(args)
+    cfg = lm.cfg
+    dt = lm.weights[("embed",)].dtype
+    layers = read_svdp(args.svdp, cfg.n_layers, cfg.d_model, cfg.d_ff)
+    preds = [LowRankPredictor(jnp.asarray(f.a, dt), jnp.asarray(f.b, dt), jnp.asarray(f.bias, jnp.float32))
+             for f in layers]
+    pset = PredictorSet("svdp-import", preds, {"source": str(args.svdp)}, [], {})
+    out = save_predictors(args.out, pset, cfg, lm.fingerprint)
+    print(f"imported {len(preds)} layers from {args.svdp} to {out}")
