@@ -56,14 +56,17 @@ def main() -> int:
     ap.add_argument("--base-cmd", required=True)
     ap.add_argument("--head-cmd", required=True)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--keep", help="a directory for every run's own report (base_0.json, head_0.json, ...)")
     harness.add_report_args(ap)
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="svdsparse-ab-"))
+    reports = Path(args.keep) if args.keep else tmp
+    reports.mkdir(parents=True, exist_ok=True)
     base_dir = checkout(args.base, Path(args.base_dir) if args.base_dir else tmp / "base")
     values: dict[tuple, dict[str, list[float]]] = {}
     for r in range(args.rounds):
         for side, cmd, cwd in (("base", args.base_cmd, base_dir), ("head", args.head_cmd, harness.ROOT)):
-            for row in run(cmd, cwd, tmp / f"{side}_{r}.json"):
+            for row in run(cmd, cwd, (reports / f"{side}_{r}.json").absolute()):
                 values.setdefault(key(row), {"base": [], "head": []})[side].append(row["decode_tokens_per_s"])
     rows = []
     for k, v in values.items():
