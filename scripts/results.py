@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from svdsparse_jax.calibration import calibration_windows, layer_statistics
-from svdsparse_jax.assets import BUNDLED_MODEL
+from svdsparse_jax.assets import BUNDLED_MODEL, CORPUS
 from svdsparse_jax.convert import load_model, parse_dtype
 from svdsparse_jax.evaluate import evaluate_predictors, write_plots
 from svdsparse_jax.model import Transformer
@@ -40,7 +40,7 @@ def main() -> int:
     t0 = time.time()
     lm = load_model(BUNDLED_MODEL, parse_dtype(args.dtype))
     cfg, model = lm.cfg, Transformer(lm.cfg, lm.weights)
-    corpus = BUNDLED_MODEL.parent / "corpus"
+    corpus = CORPUS
     windows = calibration_windows(np.load(corpus / "calib.npy"), 512, args.calib_tokens)
     stats = list(layer_statistics(model, windows))
     d = cfg.d_model

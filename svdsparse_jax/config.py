@@ -193,7 +193,7 @@ def read_hf_config(model_dir: str | Path, **overrides: Any) -> ModelConfig:
     return from_hf_config(hf, where=str(path), **overrides)
 
 
-# Named shapes of the model table in REFERENCE.md, for benchmarks and random-weight models.
+# Named shapes of the paper's models (and a tiny one), for benchmarks and random-weight models.
 NAMED_SHAPES: dict[str, dict[str, Any]] = {
     "tiny": dict(vocab_size=256, d_model=64, d_ff=256, n_layers=2, n_heads=4, n_kv_heads=2, head_dim=16),
     "llama2-7b": dict(vocab_size=32000, d_model=4096, d_ff=11008, n_layers=32, n_heads=32, n_kv_heads=32,

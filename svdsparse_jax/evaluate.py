@@ -232,11 +232,11 @@ def evaluate_predictors(model: Transformer, predictor_sets: dict, tokens: np.nda
     ppl_dense = math.exp(-dense_lp.mean())
     reports = {}
     itemsize = jnp.dtype(model.dtype).itemsize
-    from svdsparse_jax.predictors.base import OraclePredictor, predictor_cost
+    from svdsparse_jax.predictors.base import predictor_cost
     for name, ps in predictor_sets.items():
         lp, top, gate_rows, updown_rows = run(ps.layers)
-        # the oracle's candidates come from the full gate: every W_gate row is read
-        gate_rows = np.where([isinstance(p, OraclePredictor) for p in ps.layers], 1.0, gate_rows)
+        # a predictor that reads the exact gate (the oracle) reads every W_gate row
+        gate_rows = np.where([p.needs_gate for p in ps.layers], 1.0, gate_rows)
         for rec, g, u in zip(layers[name], gate_rows, updown_rows):
             rec.update(gate_rows_read=float(g), up_down_rows_read=float(u),
                        predictor_cost=predictor_cost(ps.layers[rec["layer"]], cfg, itemsize))

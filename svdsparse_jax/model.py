@@ -4,8 +4,7 @@ Transformer.
 Modules take their weights from a dict keyed by the paths of `weights.weight_specs`, so initialisation,
 conversion and checkpointing share one description; the module tree holds them under the same paths, except
 q/k/v (and their biases), held concatenated (`weights.FUSED`, `weights.module_shapes`). Layers are separate
-modules with separate arrays (unrolled, never stacked): on the H100 a `lax.scan` over stacked weights ran 2.4x
-slower in decode.
+modules with separate arrays (unrolled, never stacked; docs/design.md says why).
 
 Numerics: weights and activations between ops in the weights' dtype (bf16 by default); every matmul
 accumulates in f32 (`preferred_element_type`); norms, RoPE, softmax and the FFN activation run in f32.
@@ -274,11 +273,12 @@ class Transformer(nnx.Module):
             vs.append(v)
         return self.final_norm(x), kv_cache.KVCache(k=ks, v=vs, pad=cache.pad)
 
-    def logits(self, h: jax.Array) -> jax.Array:
-        """h [..., d] -> logits [..., vocab] f32 (the tied embedding when there is no separate LM head)."""
+    def logits(self, states: jax.Array) -> jax.Array:
+        """states [..., d] (final-normed) -> logits [..., vocab] f32 (the tied embedding when there is no separate
+        LM head)."""
         head = self.embed[...] if self.cfg.tie_embeddings else self.lm_head[...]
         with jax.named_scope("lm_head"):
-            return linear(self.engine, h, head)
+            return linear(self.engine, states, head)
 
 
 def with_engine(model: Transformer, engine: EngineConfig) -> Transformer:

@@ -2,7 +2,7 @@
 
 import json
 
-from svdsparse_jax.assets import BUNDLED_MODEL
+from svdsparse_jax.assets import CORPUS
 from svdsparse_jax.corpus import SPLITS, list_modules, module_name, split_of, stdlib_dir
 
 
@@ -17,7 +17,7 @@ def test_split_is_disjoint_and_complete():
 
 
 def test_shipped_manifest_follows_the_rule():
-    manifest = json.loads((BUNDLED_MODEL.parent / "corpus" / "manifest.json").read_text())
+    manifest = json.loads((CORPUS / "manifest.json").read_text())
     seen = set()
     for split, info in manifest["splits"].items():
         for module in info["files"]:

@@ -77,10 +77,9 @@ def main() -> int:
     rep = harness.report(args, base=args.base, base_cmd=args.base_cmd, head_cmd=args.head_cmd, runs=rows)
     harness.save(rep, args.json_out)
     print(f"\n{rep['device']}: base {args.base} against head {rep['commit']}, {args.rounds} rounds, decode tok/s")
-    print(f"{'shape':<11}{'decay':>6}{'batch':>6}{'mode':>7}{'base':>9}{'head':>9}{'head/base':>10}  runs (base; head)")
-    for r in rows:
-        print(f"{r['shape']:<11}{r['gate_decay']:>6}{r['batch']:>6}{r['mode']:>7}{r['base_tokens_per_s']:>9.1f}"
-              f"{r['head_tokens_per_s']:>9.1f}{r['head_over_base']:>10.3f}  {r['base_runs']}; {r['head_runs']}")
+    print(harness.table(rows, {"shape": "shape", "decay": "gate_decay", "batch": "batch", "mode": "mode",
+                               "base": "base_tokens_per_s", "head": "head_tokens_per_s", "head/base": "head_over_base",
+                               "runs (base; head)": lambda r: f"{r['base_runs']}; {r['head_runs']}"}))
     return 0
 
 

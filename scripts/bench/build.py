@@ -56,9 +56,7 @@ def main() -> int:
             print(json.dumps(row), flush=True)
     harness.save(harness.report(args, shape=args.shape, layers=cfg.n_layers, tokens=args.tokens, rank=args.rank,
                                 runs=rows), args.json_out)
-    print(f"{'method':<10}{'run':>4}{'total s':>9}  stages s")
-    for r in rows:
-        print(f"{r['method']:<10}{r['run']:>4}{r['total_s']:>9}  {r['stages_s']}")
+    print(harness.table(rows, {"method": "method", "run": "run", "total s": "total_s", "stages s": "stages_s"}))
     return 0
 
 

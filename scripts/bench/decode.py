@@ -48,6 +48,11 @@ from svdsparse_jax.predictors import BuildConfig, build_predictors
 from svdsparse_jax.weights import init_weights
 
 NOT_KERNELS = ("parameter", "get-tuple-element", "tuple", "bitcast", "constant")
+COLUMNS = {"shape": "shape", "batch": "batch", "mode": lambda r: "sparse" if r["sparse"] else "dense",
+           "proj": "projections", "check": "steps_per_check", "e2e tok/s": "end_to_end_tokens_per_s",
+           "decode tok/s": "decode_tokens_per_s", "step ms": "decode_step_ms", "GB/step": "gb_per_step",
+           "TB/s": "decode_tb_per_s", "of copy": "fraction_of_copy", "launches": "launches_per_step",
+           "x dense": "speedup_vs_dense"}
 
 
 def launches_per_step(compiled) -> int:
@@ -228,13 +233,7 @@ def main() -> int:
     rep = harness.report(args, copy_tb_per_s=copy_rate and round(copy_rate / 1e12, 3), runs=rows)
     harness.save(rep, args.json_out)
     print(f"\n{rep['device']}  torch copy {rep['copy_tb_per_s']} TB/s  commit {rep['commit']}")
-    print(f"{'shape':<11}{'batch':>6}{'mode':>7}{'proj':>6}{'check':>6}{'e2e tok/s':>10}{'decode tok/s':>13}"
-          f"{'step ms':>9}{'GB/step':>8}{'TB/s':>7}{'of copy':>8}{'launch':>7}{'x dense':>8}")
-    for r in rows:
-        print(f"{r['shape']:<11}{r['batch']:>6}{'sparse' if r['sparse'] else 'dense':>7}{r['projections']:>6}"
-              f"{r['steps_per_check']:>6}{r['end_to_end_tokens_per_s']:>10}{r['decode_tokens_per_s']:>13}"
-              f"{r['decode_step_ms']:>9}{r['gb_per_step']:>8}{r['decode_tb_per_s']:>7}"
-              f"{r.get('fraction_of_copy', '-'):>8}{r['launches_per_step']:>7}{r.get('speedup_vs_dense', ''):>8}")
+    print(harness.table(rows, COLUMNS))
     return 0
 
 

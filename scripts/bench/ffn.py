@@ -42,6 +42,9 @@ from svdsparse_jax.config import named_config
 from svdsparse_jax.engine import EngineConfig, project
 
 F32 = jnp.float32
+COLUMNS = {"shape": "shape", "sparsity": "true_sparsity", "cand": lambda r: f"{r['candidates']:.3f}",
+           "dense us": "dense_us", "kernels us": "kernels_us", "+compact us": "compact_us", "+pred us": "pred_us",
+           "x kernels": "speedup_kernels", "x pred": "speedup_with_predictor", "useful/copy": "useful_fraction_of_copy"}
 
 
 def timeit(fn, *args, repeats: int) -> float:
@@ -229,12 +232,7 @@ def main() -> int:
                             swept_config=best and dataclasses.asdict(best), runs=rows, sweep=sweep)
     harness.save(report, args.json_out)
     print(f"\n{report['device']}, torch copy {report['copy_tb_per_s']} TB/s; config {best or 'tuned'}")
-    print(f"{'shape':<11}{'sparse':>7}{'cand':>6}{'dense us':>9}{'kern us':>9}{'+cmp us':>9}{'+pred us':>9}"
-          f"{'x kern':>7}{'x pred':>7}{'useful/copy':>12}")
-    for r in rows:
-        print(f"{r['shape']:<11}{r['true_sparsity']:>7}{r['candidates']:>6.3f}{r['dense_us']:>9}{r['kernels_us']:>9}"
-              f"{r['compact_us']:>9}{r['pred_us']:>9}{r['speedup_kernels']:>7}{r['speedup_with_predictor']:>7}"
-              f"{r.get('useful_fraction_of_copy', '-'):>12}")
+    print(harness.table(rows, COLUMNS))
     return 0
 
 

@@ -67,7 +67,8 @@ def main() -> int:
                 "kernel": bench(lambda x, w: gemv_pallas(x, w, scale, 1e-5))}
         print(f"  {n}x{k}: " + ", ".join(f"{key} {v * 1e6:.2f} us" for key, v in results.items()), flush=True)
         best = min((v, key) for key, v in results.items() if key != "xla")
-        row = {"n": n, "k": k, "batch": batch, "xla_us": round(results["xla"] * 1e6, 2), "pallas_us": round(best[0] * 1e6, 2),
+        row = {"n": n, "k": k, "batch": batch, "xla_us": round(results["xla"] * 1e6, 2),
+               "pallas_us": round(best[0] * 1e6, 2),
                "pallas_config": best[1], "xla_tb_s": round(2 * n * k / results["xla"] / 1e12, 3),
                "pallas_tb_s": round(2 * n * k / best[0] / 1e12, 3),
                "norm_xla_us": round(norm["xla"] * 1e6, 2), "norm_kernel_us": round(norm["kernel"] * 1e6, 2),
@@ -78,11 +79,10 @@ def main() -> int:
     report = harness.report(args, copy_tb_per_s=copy_bw and round(copy_bw / 1e12, 3), runs=rows)
     harness.save(report, args.json_out)
     print(f"\n{report['device']}, torch copy {report['copy_tb_per_s']} TB/s")
-    print(f"{'shape':<13}{'batch':>6}{'XLA us':>9}{'TB/s':>7}{'Pallas us':>11}{'TB/s':>7}{'norm: XLA':>11}{'kernel':>7}"
-          f"  best tile")
-    for r in rows:
-        print(f"{r['n']}x{r['k']:<8}{r['batch']:>6}{r['xla_us']:>9}{r['xla_tb_s']:>7}{r['pallas_us']:>11}"
-              f"{r['pallas_tb_s']:>7}{r['norm_xla_us']:>11}{r['norm_kernel_us']:>7}  {r['pallas_config']}")
+    print(harness.table(rows, {"shape": lambda r: f"{r['n']}x{r['k']}", "batch": "batch", "XLA us": "xla_us",
+                               "XLA TB/s": "xla_tb_s", "Pallas us": "pallas_us", "Pallas TB/s": "pallas_tb_s",
+                               "norm: XLA us": "norm_xla_us", "norm: kernel us": "norm_kernel_us",
+                               "best tile": "pallas_config"}))
     return 0
 
 

@@ -4,7 +4,7 @@
   takes the median wall-clock time of repeated calls after a warm-up call, each call waited for.
 - Baseline: `torch_copy_rate`, a torch device-to-device copy timed with CUDA events: the rate the GPU reaches.
 - Report: `report` adds the device, the commit, the date and the command that reproduces the run; `save`
-  writes it as JSON.
+  writes it as JSON; `table` prints its rows.
 """
 
 from __future__ import annotations
@@ -106,3 +106,12 @@ def save(rep: dict, path: str | None) -> None:
     """Writes the report as indented JSON when a path is given."""
     if path:
         Path(path).write_text(json.dumps(rep, indent=2) + "\n")
+
+
+def table(rows: list[dict], columns: dict[str, str | Callable[[dict], Any]]) -> str:
+    """Rows as a text table: one column per header, its cells the row's value under a key (missing: '-') or a
+    function of the row; each column as wide as its widest cell."""
+    cells = [[str(get(r) if callable(get) else r.get(get, "-")) for get in columns.values()] for r in rows]
+    widths = [max([len(h)] + [len(c[i]) for c in cells]) for i, h in enumerate(columns)]
+    lines = [[*columns]] + cells
+    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)

@@ -115,10 +115,8 @@ def main() -> int:
                          transformers=transformers.__version__, runs=rows)
     harness.save(rep, args.json_out)
     print(f"\n{rep['device']}  torch copy {rep['copy_tb_per_s']} TB/s  transformers {transformers.__version__}")
-    print(f"{'shape':<11}{'mode':>7}{'decode tok/s':>13}{'step ms':>9}{'TB/s':>7}{'of copy':>8}")
-    for r in rows:
-        print(f"{r['shape']:<11}{r['mode']:>7}{r['decode_tokens_per_s']:>13}{r['decode_step_ms']:>9}"
-              f"{r['decode_tb_per_s']:>7}{r.get('fraction_of_copy', '-'):>8}")
+    print(harness.table(rows, {"shape": "shape", "mode": "mode", "decode tok/s": "decode_tokens_per_s",
+                               "step ms": "decode_step_ms", "TB/s": "decode_tb_per_s", "of copy": "fraction_of_copy"}))
     return 0
 
 

@@ -20,12 +20,12 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 
+from svdsparse_jax.assets import ASSETS
 from svdsparse_jax.convert import load_model
 from svdsparse_jax.evaluate import evaluate_stream
 from svdsparse_jax.generate import Generator
 from svdsparse_jax.model import Transformer
 
-ASSETS = Path(__file__).resolve().parents[1] / "svdsparse_jax" / "assets"
 CHECK_WINDOWS = 64
 SAMPLE_PROMPTS = ["def fibonacci(n):\n", "import os\n\n\ndef list_files(path):\n", "class Stack:\n    def __init__(self):\n"]
 

@@ -190,6 +190,6 @@ def ffn_bytes(cfg: ModelConfig, itemsize: int = 2) -> int:
 
 def predictor_cost(pred: Predictor, cfg: ModelConfig, itemsize: int = 2) -> float:
     """Bytes the predictor reads per token, as a fraction of the dense FFN (the oracle reads all of W_gate)."""
-    if isinstance(pred, OraclePredictor):
+    if pred.needs_gate:
         return 1 / 3
     return pred.nbytes() / ffn_bytes(cfg, itemsize)

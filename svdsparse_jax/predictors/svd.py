@@ -1,11 +1,11 @@
 """Low-rank predictors from the SVD of the gate matrix: whitened (truncation-aware) and plain (the ablation).
 
-Whitened SVD (REFERENCE.md section 2): with S = X^T X (+ ridge) = L L^T, truncating the SVD of W_g L minimises
+Whitened SVD (the paper's truncation-aware SVD): with S = X^T X (+ ridge) = L L^T, truncating the SVD of W_g L minimises
 the error of W_g x on the calibration inputs. With W_g L = U Sigma V^T:
     A = V_r^T L^{-1}  [r, d],   B = U_r Sigma_r = W_g L V_r  [d_ff, r],   B A x ~= W_g x.
 Only V_r is needed, and it is the top-r eigenvectors of (W_g L)^T (W_g L) = L^T (W_g^T W_g) L, a d x d
 symmetric matrix: one Gram product, two triangular products and a d x d `eigh` instead of a d_ff x d SVD
-(on the H100, eigh of a 4096^2 matrix takes ~0.1 s against 1.6 s for the full SVD). Squaring the singular
+(an order of magnitude faster on a GPU; docs/design.md). Squaring the singular
 values costs accuracy only for the smallest ones, which the truncation drops. Plain SVD is the same with L = I.
 """
 
