@@ -11,11 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import compaction, norm, reference, tuning
+from pallas_kernels import compaction, norm, reference
 from pallas_kernels import gemv as gemv_mod
 from pallas_kernels import sparse_ffn as sf
 from pallas_kernels.compaction import Candidates
 from pallas_kernels.reference import Activation, sparse_ffn_float64
+from svdsparse_jax.engine import EngineConfig
 
 TOLERANCE = {"bfloat16": 1e-2, "float16": 1e-2, "float32": 1e-5}
 
@@ -54,17 +55,12 @@ def candidate_mask(rng: np.random.Generator, batch: int, d_ff: int, count: int) 
     return own
 
 
-def default_sparse_ffn(batch: int) -> sf.SparseFFNConfig:
-    """The tuned configuration the engine runs for a batch (`tuning.SPARSE_FFN`)."""
-    return next(row.config for row in tuning.SPARSE_FFN if batch <= row.max_batch)
-
-
 def check_sparse_ffn(d: int, d_ff: int, dtype, count: int, *, rng: np.random.Generator, batch: int = 1,
                      act: Activation = Activation(), cfg: sf.SparseFFNConfig | None = None, interpret: bool,
                      weights: list[jax.Array] | None = None) -> CheckResult:
     """The kernels through `sparse_ffn_indexed` (with NaN-started buffers) against the float64 oracle.
     For FATReLU the threshold is applied as given; with relu about half the candidates are active."""
-    cfg = cfg or default_sparse_ffn(batch)
+    cfg = cfg or EngineConfig(backend="interpret").sparse_ffn_config(batch)  # the tuned one for this batch
     wg, wu, wd = weights if weights is not None else random_weights(rng, d, d_ff, dtype)
     x = jnp.asarray(rng.standard_normal((batch, d), np.float32), dtype)
     cand = candidate_mask(rng, batch, d_ff, count)
