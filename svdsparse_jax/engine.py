@@ -35,9 +35,6 @@ from svdsparse_jax.errors import SvdsparseError
 F32 = jnp.float32
 BACKENDS = ("pallas", "interpret", "xla")
 PROJECTION_TABLES = {"table": tuning.PROJECTIONS, "xla": tuning.XLA_PROJECTIONS}
-ENVIRONMENT = {
-    "SVDSPARSE_KERNELS": "auto|pallas|interpret|xla: the CLI's backend when --kernels is not given (default auto)",
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +109,9 @@ class EngineConfig:
         if projections not in PROJECTION_TABLES:
             raise SvdsparseError(f"projections {projections!r}: expected one of {sorted(PROJECTION_TABLES)}")
         return cls(backend=backend, platform=platform, projections=PROJECTION_TABLES[projections], **fields)
+
+
+XLA = EngineConfig()  # XLA's products everywhere: statistics over many tokens (probe, calibration, evaluation)
 
 
 def from_environment(backend: str | None = None, **fields: Any) -> EngineConfig:

@@ -22,7 +22,8 @@ from flax import nnx
 from svdsparse_jax import kv_cache
 from svdsparse_jax.errors import SvdsparseError
 from svdsparse_jax.generate import bucket
-from svdsparse_jax.model import XLA, FFNProbe, Transformer, einsum, ffn_hidden, linear
+from svdsparse_jax.engine import XLA
+from svdsparse_jax.model import FFNProbe, Transformer, einsum, ffn_hidden, linear
 
 
 @jax.jit(static_argnums=(0,))

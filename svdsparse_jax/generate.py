@@ -138,7 +138,6 @@ class Generator:
 
     def __init__(self, model: Transformer, predictors: list | None = None):
         self.cfg = model.cfg
-        self.engine = model.engine
         if predictors is not None and len(predictors) != model.cfg.n_layers:
             raise SvdsparseError(f"{len(predictors)} predictors for {model.cfg.n_layers} layers")
         self.predictors = predictors

@@ -22,14 +22,13 @@ from flax import nnx
 from pallas_kernels.reference import Activation, rms_norm
 from svdsparse_jax import kv_cache
 from svdsparse_jax.config import ModelConfig
-from svdsparse_jax.engine import EngineConfig, add_rmsnorm, guarded_ffn, project
+from svdsparse_jax.engine import XLA, EngineConfig, add_rmsnorm, guarded_ffn, project
 from svdsparse_jax.weights import FUSED, Path
 
 if TYPE_CHECKING:
     from svdsparse_jax.predictors.base import Predictor
 
 F32 = jnp.float32
-XLA = EngineConfig()
 
 
 def einsum(spec: str, a: jax.Array, b: jax.Array, widen_batched: bool = False) -> jax.Array:

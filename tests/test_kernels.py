@@ -19,7 +19,7 @@ from pallas_kernels.reference import Activation
 from svdsparse_jax import engine as eng
 from svdsparse_jax import kv_cache
 from svdsparse_jax.convert import load_model
-from svdsparse_jax.engine import EngineConfig
+from svdsparse_jax.engine import XLA, EngineConfig
 from svdsparse_jax.errors import SvdsparseError
 from svdsparse_jax.generate import Generator
 from svdsparse_jax.model import Transformer, with_engine
@@ -30,7 +30,6 @@ SMALL = {"split": sf.SparseFFNConfig("split", rows=8, chunk=32, down_rows=16, do
          "fused": sf.SparseFFNConfig("fused", rows=8, chunk=32),
          "stream": sf.SparseFFNConfig("stream", rows=8, chunk=32, programs=3)}
 ACTS = [Activation("relu"), Activation("fatrelu", 0.4), Activation("drelu")]
-XLA = EngineConfig()
 # The kernels interpreted, with every decode product of the tiny models through the GEMV kernel (the measured
 # table sends matrices under 4096 x 4096 weights to XLA).
 INTERPRET = EngineConfig(backend="interpret", projections=(tuning.ProjectionRule(8, 0, "gemv"),))

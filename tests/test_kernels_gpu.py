@@ -83,8 +83,7 @@ def test_decode_step_through_the_pallas_engine(sparse, seed, rng):
     engine's hidden states against the XLA engine's (bf16 tolerance), dense and sparse. ReLU, and a predictor
     whose candidates (a random fifth of d_ff) sit far from its decision boundary: in a random-weight model one
     neuron carries percents of the FFN output, so a FATReLU threshold or a score within rounding of zero, which
-    the two engines may decide differently, would swamp the comparison (seen: 5 of 2,464 candidates flipped by
-    the kernel's own, equally exact, A x moved the output by 12%)."""
+    the two engines may decide differently, would swamp the comparison (docs/design.md)."""
     from svdsparse_jax import kv_cache
     from svdsparse_jax.config import named_config
     from svdsparse_jax.engine import EngineConfig

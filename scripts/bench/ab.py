@@ -59,7 +59,11 @@ def main() -> int:
     ap.add_argument("--keep", help="a directory for every run's own report (base_0.json, head_0.json, ...)")
     harness.add_report_args(ap)
     args = ap.parse_args()
-    tmp = Path(tempfile.mkdtemp(prefix="svdsparse-ab-"))
+    with tempfile.TemporaryDirectory(prefix="svdsparse-ab-") as tmp:
+        return compare(args, Path(tmp))
+
+
+def compare(args: argparse.Namespace, tmp: Path) -> int:
     reports = Path(args.keep) if args.keep else tmp
     reports.mkdir(parents=True, exist_ok=True)
     base_dir = checkout(args.base, Path(args.base_dir) if args.base_dir else tmp / "base")

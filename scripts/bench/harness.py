@@ -1,7 +1,9 @@
 """The benchmarks' shared parts: one timing harness, one bandwidth baseline and one report header.
 
 - Timing: `looped` runs a step `INNER` times inside one jitted call (so host dispatch is noise), `median_s`
-  takes the median wall-clock time of repeated calls after a warm-up call, each call waited for.
+  takes the median wall-clock time of repeated calls after a warm-up call, each call waited for. (The decode
+  benchmark takes the medians of `GenerateResult.run_s`, the generate program's own timing of its compiled
+  call, the same measure.)
 - Baseline: `torch_copy_rate`, a torch device-to-device copy timed with CUDA events: the rate the GPU reaches.
 - Report: `report` adds the device, the commit, the date and the command that reproduces the run; `save`
   writes it as JSON; `table` prints its rows.

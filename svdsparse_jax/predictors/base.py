@@ -22,10 +22,9 @@ import jax.numpy as jnp
 
 from pallas_kernels.compaction import Candidates
 from svdsparse_jax.config import ModelConfig
-from svdsparse_jax.engine import EngineConfig, project
+from svdsparse_jax.engine import XLA, EngineConfig, project
 
 F32 = jnp.float32
-XLA = EngineConfig()  # evaluation and calibration: many tokens, XLA's products
 
 
 class Predictor(abc.ABC):

@@ -16,7 +16,8 @@ import numpy as np
 from svdsparse_jax.calibration import LayerStats, calibration_windows, layer_statistics
 from svdsparse_jax.config import ModelConfig
 from svdsparse_jax.errors import SvdsparseError
-from svdsparse_jax.model import XLA, Block, Transformer, activation, linear
+from svdsparse_jax.engine import XLA
+from svdsparse_jax.model import Block, Transformer, activation, linear
 from svdsparse_jax.predictors.base import LowRankPredictor, OraclePredictor, Predictor
 from svdsparse_jax.predictors.baselines import mlp_predictor, signbit_predictor
 from svdsparse_jax.predictors.svd import whitened_svd
