@@ -55,10 +55,10 @@ def compiler_params(num_warps: int, num_stages: int):
     return plt.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def pad_batch(x: jax.Array) -> jax.Array:
-    """x [B, k] padded with zero rows to a power-of-two B (Triton tiles)."""
+def pad_batch(x: jax.Array, minimum: int = 1) -> jax.Array:
+    """x [B, k] padded with zero rows to a power-of-two B of at least `minimum` (Triton tiles)."""
     b = x.shape[0]
-    return jnp.pad(x, ((0, pl.next_power_of_2(b) - b), (0, 0)))
+    return jnp.pad(x, ((0, max(minimum, pl.next_power_of_2(b)) - b), (0, 0)))
 
 
 def load_rows(ref, rows: jax.Array, live: jax.Array, cols, interpret: bool) -> jax.Array:

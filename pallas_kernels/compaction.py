@@ -6,7 +6,8 @@ parallel. The candidate sets of B sequences (bool [B, d_ff], or scores + bias > 
          tiles[t * tile : t * tile + counts[t]], zeros after;
   counts int32 [n_tiles]: how many each tile has (n_tiles = d_ff / tile rounded up to a power of two; the
          tiles past d_ff count 0);
-  own    (B > 1 only) int8 [B, n_tiles * tile]: 1 where the neuron in that slot is in sequence b's own set.
+  own    (B > 1 only) int8 [n_tiles * tile, B]: 1 where the neuron in that slot is in sequence b's own set
+         (slot-major, so a kernel loads a block of slots for every sequence as one [rows, B] tile).
 List position k (0 <= k < sum(counts)) is the k-th candidate overall; the kernels find its slot from the prefix
 sum of the counts (`locate`, `slots`), which each program computes once from n_tiles numbers.
 
@@ -70,7 +71,7 @@ def n_tiles(d_ff: int, tile: int = TILE) -> int:
 def _compact_kernel(cand_ref, *refs, tile: int, has_bias: bool, interpret: bool):
     """Program t: tile t. cand_ref int8 [B, d_ff] (with has_bias: f32 scores, and the next ref the bias [d_ff] in
     its stored float dtype); then tiles_ref int32 [n_tiles * tile]; counts_ref int32 [n_tiles]; for B > 1 own_ref int8
-    [B, n_tiles * tile]. The mask is read unpadded (neurons past d_ff clamped and zeroed, which interpret mode
+    [n_tiles * tile, B]. The mask is read unpadded (neurons past d_ff clamped and zeroed, which interpret mode
     runs too), so XLA need not pad it first."""
     bias_ref, (tiles_ref, counts_ref, *own_ref) = (refs[0], refs[1:]) if has_bias else (None, refs)
     batch, d_ff = cand_ref.shape
@@ -93,15 +94,15 @@ def _compact_kernel(cand_ref, *refs, tile: int, has_bias: bool, interpret: bool)
         target = jnp.where(union, pos, tile)
         tiles_ref[cols] = jnp.zeros((tile,), jnp.int32).at[target].set(neuron, mode="drop")
         for b in range(batch if own_ref else 0):
-            own_ref[0][b, cols] = jnp.zeros((tile,), jnp.int8).at[target].set(member[b].astype(jnp.int8),
+            own_ref[0][cols, b] = jnp.zeros((tile,), jnp.int8).at[target].set(member[b].astype(jnp.int8),
                                                                                mode="drop")
     else:
         slot = t * tile + jnp.where(union, pos, 0)
         plt.store(tiles_ref.at[slot], neuron, mask=union)
         plt.store(tiles_ref.at[cols], jnp.zeros((tile,), jnp.int32), mask=lane >= count)
         for b in range(batch if own_ref else 0):
-            plt.store(own_ref[0].at[b, slot], member[b].astype(jnp.int8), mask=union)
-            plt.store(own_ref[0].at[b, cols], jnp.zeros((tile,), jnp.int8), mask=lane >= count)
+            plt.store(own_ref[0].at[slot, b], member[b].astype(jnp.int8), mask=union)
+            plt.store(own_ref[0].at[cols, b], jnp.zeros((tile,), jnp.int8), mask=lane >= count)
     counts_ref[t] = count
 
 
@@ -119,7 +120,7 @@ def compact_pallas(candidates: Candidates, *, tile: int = TILE, num_warps: int =
     n = n_tiles(d_ff, tile)
     out_shape = [jax.ShapeDtypeStruct((n * tile,), jnp.int32), jax.ShapeDtypeStruct((n,), jnp.int32)]
     if batch > 1:
-        out_shape.append(jax.ShapeDtypeStruct((batch, n * tile), jnp.int8))
+        out_shape.append(jax.ShapeDtypeStruct((n * tile, batch), jnp.int8))
     out = pl.pallas_call(
         functools.partial(_compact_kernel, tile=tile, has_bias=bias is not None, interpret=interpret),
         out_shape=tuple(out_shape), grid=(n,), in_specs=[pl.no_block_spec] * len(inputs),

@@ -92,7 +92,7 @@ def compact(candidates: Candidates, tile: int = TILE) -> tuple[jax.Array, jax.Ar
     own = None
     if batch > 1:
         padded = jnp.pad(mask, ((0, 0), (0, n * tile - d_ff))).astype(jnp.int8)
-        own = jnp.zeros((batch, n * tile), jnp.int8).at[:, target].set(padded, mode="drop")
+        own = jnp.zeros((n * tile, batch), jnp.int8).at[target].set(padded.T, mode="drop")
     return tiles, jnp.sum(ones, axis=1), own
 
 

@@ -60,7 +60,8 @@ class SparseFFNConfig:
             raise ValueError(f"sparse FFN variant {self.variant!r}: expected one of {VARIANTS}")
 
 
-VARIANTS = ("split", "fused", "stream")
+VARIANTS = ("split", "fused", "stream", "mma")
+MMA_MIN_BATCH = 16  # tensor-core products need operands of at least 16 rows: the mma variant pads the batch
 
 
 def list_length(d_ff: int, cfg: SparseFFNConfig) -> int:
@@ -122,7 +123,7 @@ def _activate(act: Activation, gate: list, own, valid) -> tuple[list, jax.Array]
 
 def _own(own_ref, slot, batch: int):
     """Per sequence, bool [rows]: whether the neurons at these slots are in its own mask (None without own_ref)."""
-    return None if own_ref is None else [own_ref[b, slot] != 0 for b in range(batch)]
+    return None if own_ref is None else [own_ref[slot, b] != 0 for b in range(batch)]
 
 
 def _gate_up(lst: _List, own_ref, x_ref, wg_ref, wu_ref, start, *, rows: int, batch: int, **kw):
@@ -236,6 +237,84 @@ def _stream_kernel(counts_ref, tiles_ref, *refs, act, rows, chunk, batch, has_ow
     _write_sums(out_ref, jax.lax.fori_loop(0, mine, body, zeros), pieces, batch)
 
 
+def _mma_rows(x_ref, w_ref, neurons, live, *, chunk: int, precision, interpret: bool) -> jax.Array:
+    """f32 [rows, B']: the rows w[neurons] times every sequence x [B', k], on tensor cores, over column chunks
+    (the loop Triton software-pipelines); rows where `live` is False read as zero and cost no traffic."""
+    def body(c, acc):
+        cols = pl.ds(pl.multiple_of(c * chunk, chunk), chunk)
+        w = load_rows(w_ref, neurons, live, cols, interpret)
+        return acc + pl.dot(w, x_ref[:, cols], trans_b=True, precision=precision)
+
+    return jax.lax.fori_loop(0, x_ref.shape[1] // chunk, body,
+                             jnp.zeros((neurons.shape[0], x_ref.shape[0]), F32))
+
+
+def _mma_gate_up_kernel(counts_ref, tiles_ref, *refs, act, rows, chunk, has_own, precision, interpret):
+    """Program i: list block i, all sequences at once. h_ref block [rows, B'] (list-major, the weights' dtype)
+    and idx_ref block [rows]; blocks past the total write zeros."""
+    own_ref, (x_ref, wg_ref, wu_ref, h_ref, idx_ref) = (refs[0], refs[1:]) if has_own else (None, refs)
+    start = pl.program_id(0) * rows
+    lst = _List.read(counts_ref, tiles_ref)
+
+    @pl.when(start >= lst.total)
+    def _():
+        h_ref[...] = jnp.zeros(h_ref.shape, h_ref.dtype)
+        idx_ref[...] = jnp.zeros(idx_ref.shape, jnp.int32)
+
+    @pl.when(start < lst.total)
+    def _():
+        neurons, valid, slot = _block(lst, start, rows)
+        dots = functools.partial(_mma_rows, x_ref, chunk=chunk, precision=precision, interpret=interpret)
+        a = act.gate(dots(wg_ref, neurons, valid))  # zero-padded sequences and rows not valid give g = 0, a = 0
+        if own_ref is not None:  # a neuron of the union counts for sequence b only where b's own set has it
+            a = jnp.where(own_ref[slot, :] != 0, a, 0.0)
+        active = valid & jnp.any(a != 0, axis=1)
+        h_ref[...] = (a * act.up(dots(wu_ref, neurons, active))).astype(h_ref.dtype)
+        idx_ref[...] = neurons
+
+
+def _mma_down_kernel(counts_ref, idx_ref, h_ref, wd_ref, out_ref, *, rows, cols, splits, precision, interpret):
+    """Program (j, s): columns [j*cols, (j+1)*cols) of y for all sequences, list blocks s, s + splits, ...:
+    h [rows, B']^T @ W_down_t rows [rows, cols] on tensor cores, rows that are zero for every sequence unread."""
+    j, s = pl.program_id(0), pl.program_id(1)
+    total = jnp.sum(counts_ref[...])
+    mine = jnp.maximum(pl.cdiv(total, rows) - s + splits - 1, 0) // splits
+    col = pl.ds(pl.multiple_of(j * cols, cols), cols)
+
+    def body(t, acc):
+        start = pl.multiple_of((s + t * splits) * rows, rows)
+        h = h_ref[pl.ds(start, rows), :]
+        live = jnp.any(h != 0, axis=1)  # zero past the total
+        w = load_rows(wd_ref, idx_ref[pl.ds(start, rows)], live, col, interpret)
+        return acc + pl.dot(h, w, trans_a=True, precision=precision)
+
+    out_ref[0] = jax.lax.fori_loop(0, mine, body, jnp.zeros(out_ref.shape[1:], F32))
+
+
+def _mma(inputs, w_down_t, *, act, cfg, batch, has_own, interpret, poison):
+    """The mma variant: (y [B, d] f32, h [list length, B'] in the weights' dtype)."""
+    d, length = w_down_t.shape[1], list_length(w_down_t.shape[0], cfg)
+    bp = inputs[-3].shape[0]
+    dtype = w_down_t.dtype
+    precision = jax.lax.Precision.HIGHEST if dtype == F32 else None
+    chunk = column_chunk(d, cfg.chunk, f"sparse FFN weights {w_down_t.shape}")
+    h, idx = call(functools.partial(_mma_gate_up_kernel, act=act, rows=cfg.rows, chunk=chunk, has_own=has_own,
+                                    precision=precision, interpret=interpret),
+                  out_shape=(jax.ShapeDtypeStruct((length, bp), dtype), jax.ShapeDtypeStruct((length,), jnp.int32)),
+                  grid=(length // cfg.rows,), in_specs=[pl.no_block_spec] * len(inputs),
+                  out_specs=(pl.BlockSpec((cfg.rows, bp), lambda i: (i, 0)),
+                             pl.BlockSpec((cfg.rows,), lambda i: (i,))),
+                  poison=poison, num_warps=cfg.num_warps, num_stages=cfg.num_stages, interpret=interpret)(*inputs)
+    cols = column_chunk(d, cfg.down_cols, f"sparse FFN weights {w_down_t.shape}")
+    partial = call(functools.partial(_mma_down_kernel, rows=cfg.down_rows, cols=cols, splits=cfg.splits,
+                                     precision=precision, interpret=interpret),
+                   out_shape=jax.ShapeDtypeStruct((cfg.splits, bp, d), F32), grid=(d // cols, cfg.splits),
+                   in_specs=[pl.no_block_spec] * 4, out_specs=pl.BlockSpec((1, bp, cols), lambda j, s: (s, 0, j)),
+                   poison=poison, num_warps=cfg.down_warps, num_stages=cfg.num_stages,
+                   interpret=interpret)(inputs[0], idx, h, w_down_t)
+    return jnp.sum(partial[:, :batch], axis=0), h.T.astype(F32)
+
+
 def _check_shapes(x, w_gate, w_up, w_down_t):
     d = x.shape[-1]
     for name, w in (("w_gate", w_gate), ("w_up", w_up), ("w_down_t", w_down_t)):
@@ -250,7 +329,7 @@ def sparse_ffn_indexed(x: jax.Array, tiles: jax.Array, counts: jax.Array, w_gate
                        cfg: SparseFFNConfig, interpret: bool = False,
                        poison: bool = False) -> tuple[jax.Array, jax.Array | None]:
     """The kernels on an explicit neuron list: x [B, d]; (tiles, counts) the blocked list of `compaction.compact`
-    (distinct neurons < d_ff); weights [d_ff, d]; own (B > 1 only) bool or int8 [B, len(tiles)]: whether the
+    (distinct neurons < d_ff); weights [d_ff, d]; own (B > 1 only) bool or int8 [len(tiles), B]: whether the
     neuron in slot j of the tiles is in sequence b's own set (None: in all; `compaction.compact` gives it).
 
     Returns (y [B, d] f32, h): h is the split variant's hidden buffer f32 [B', list_length(d_ff, cfg)] in list
@@ -263,13 +342,16 @@ def sparse_ffn_indexed(x: jax.Array, tiles: jax.Array, counts: jax.Array, w_gate
     if tiles.shape[0] % counts.shape[0] or tiles.shape[0] < w_gate.shape[0]:
         raise ValueError(f"sparse FFN: a blocked list of {tiles.shape[0]} slots in {counts.shape[0]} tiles cannot "
                          f"list {w_gate.shape[0]} neurons (use compaction.compact)")
-    xp = pad_batch(x.astype(w_gate.dtype))
+    xp = pad_batch(x.astype(w_gate.dtype), MMA_MIN_BATCH if cfg.variant == "mma" else 1)
     bp = xp.shape[0]
-    own_in = [] if own is None else [pad_batch(own.astype(jnp.int8))]
+    own_in = [] if own is None else [jnp.pad(own.astype(jnp.int8), ((0, 0), (0, bp - batch)))]
     static = dict(act=act, rows=rows, chunk=chunk, batch=batch, has_own=own is not None, interpret=interpret)
     tuning = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, interpret=interpret)
     full = pl.no_block_spec
     inputs = [counts, tiles, *own_in, xp, w_gate, w_up]
+    if cfg.variant == "mma":
+        return _mma(inputs, w_down_t, act=act, cfg=cfg, batch=batch, has_own=own is not None, interpret=interpret,
+                    poison=poison)
     if cfg.variant == "stream":
         programs = min(cfg.programs, length // rows)
         kernel = functools.partial(_stream_kernel, **{**static, "chunk": cfg.chunk}, programs=programs)

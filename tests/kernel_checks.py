@@ -103,11 +103,11 @@ def blocked_list_numpy(candidates: np.ndarray, tile: int) -> tuple[np.ndarray, n
     union = np.flatnonzero(candidates.any(0))
     n = compaction.n_tiles(d_ff, tile)
     tiles, counts = np.zeros(n * tile, np.int64), np.zeros(n, np.int64)
-    own = np.zeros((batch, n * tile), np.int64)
+    own = np.zeros((n * tile, batch), np.int64)
     for t in range(n):
         mine = union[(union >= t * tile) & (union < (t + 1) * tile)]
         tiles[t * tile: t * tile + mine.size] = mine
-        own[:, t * tile: t * tile + mine.size] = candidates[:, mine]
+        own[t * tile: t * tile + mine.size] = candidates[:, mine].T
         counts[t] = mine.size
     return tiles, counts, own if batch > 1 else None
 

@@ -28,7 +28,8 @@ from svdsparse_jax.predictors import LowRankPredictor
 # Small blocks, so the tiny shapes below have several of each, and counts that are multiples of none.
 SMALL = {"split": sf.SparseFFNConfig("split", rows=8, chunk=32, down_rows=16, down_cols=32, splits=3),
          "fused": sf.SparseFFNConfig("fused", rows=8, chunk=32),
-         "stream": sf.SparseFFNConfig("stream", rows=8, chunk=32, programs=3)}
+         "stream": sf.SparseFFNConfig("stream", rows=8, chunk=32, programs=3),
+         "mma": sf.SparseFFNConfig("mma", rows=16, chunk=32, down_rows=16, down_cols=32, splits=3)}
 ACTS = [Activation("relu"), Activation("fatrelu", 0.4), Activation("drelu")]
 # The kernels interpreted, with every decode product of the tiny models through the GEMV kernel (the measured
 # table sends matrices under 4096 x 4096 weights to XLA).

@@ -24,7 +24,8 @@ pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu",
 
 QUICK = [(4096, 11008), (256, 1024)]
 SHAPES = QUICK + [(5120, 13824), (4096, 14336), (3584, 18944), (1536, 3840)]
-CONFIGS = {row.config.variant: row.config for row in tuning.SPARSE_FFN} | {"fused": sf.SparseFFNConfig("fused")}
+CONFIGS = {"fused": sf.SparseFFNConfig("fused"), "split": sf.SparseFFNConfig("split"),
+           "mma": sf.SparseFFNConfig("mma")} | {row.config.variant: row.config for row in tuning.SPARSE_FFN}
 GEMV_SHAPES = [(12288, 4096), (4096, 4096), (11008, 4096), (4096, 11008), (32000, 4096), (256, 4096),
                (11008, 256), (152064, 3584)]
 
@@ -47,10 +48,24 @@ def test_sparse_ffn(d, d_ff, variant, rng):
                 assert r.ok, r
 
 
+@pytest.mark.parametrize("d,d_ff", [(4096, 11008), (3584, 18944), (256, 1024)],
+                         ids=["quick-4096x11008", "3584x18944", "quick-256x1024"])
+def test_sparse_ffn_batches(d, d_ff, rng):
+    """The batch kernels (mma) at every decode batch size the engine runs them for, bf16 and f32 (f32 products
+    at full precision), the union at about a third and at all of d_ff."""
+    for dtype in (jnp.bfloat16, jnp.float32):
+        weights = random_weights(rng, d, d_ff, dtype)
+        for batch in (2, 4, 8, 16):
+            for count in (d_ff // 3 + 5, d_ff):
+                r = check_sparse_ffn(d, d_ff, dtype, count, rng=rng, batch=batch, act=Activation("fatrelu", 0.1),
+                                     cfg=CONFIGS["mma"], interpret=False, weights=weights)
+                assert r.ok, r
+
+
 @pytest.mark.parametrize("d_ff", [s[1] for s in SHAPES], ids=_ids(SHAPES))
 def test_compaction(d_ff, rng):
     for count in (0, 1, d_ff, d_ff // 7 + 3, int(0.17 * d_ff)):
-        for batch, with_bias in ((1, False), (3, False), (1, True), (3, True)):
+        for batch, with_bias in ((1, False), (3, False), (1, True), (3, True), (16, True)):
             r = check_compact(d_ff, count, rng=rng, batch=batch, interpret=False, with_bias=with_bias)
             assert r.ok, r
 

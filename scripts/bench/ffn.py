@@ -1,21 +1,24 @@
-"""One FFN layer at decode (batch 1, bf16): dense XLA vs the predictor-guarded Pallas kernels, on the GPU.
+"""One FFN layer at decode (bf16, B sequences): dense XLA vs the predictor-guarded Pallas kernels, on the GPU.
 
-For each shape and true sparsity s, random weights for `--layers` separate layers (so the timed loop streams
-from device memory, not from the 50 MB L2), x ~ N(0, 1) and a FATReLU threshold at the s-quantile of each
-layer's gate, so exactly a fraction 1 - s of neurons is active; the candidates are the active ones plus random
-inactive ones, `--extra` of d_ff (the predictor's false positives). Timed, per layer (median of repeats of
-one jitted program over all layers, block_until_ready):
+For each shape, batch size B and true sparsity s, random weights for `--layers` separate layers (so the timed
+loop streams from device memory, not from the 50 MB L2), x ~ N(0, 1) [B, d] and a FATReLU threshold at the
+s-quantile of each layer's gate, so a fraction 1 - s of (sequence, neuron) pairs is active; each sequence's
+candidates are its active neurons plus random inactive ones, `--extra` of d_ff (the predictor's false
+positives), and the kernels read the union over the batch. Timed, per layer (median of repeats of one jitted
+program over all layers, block_until_ready):
   dense    the model's XLA FFN (gate, up, act, down)
   kernels  the sparse kernels on a given neuron list (what the goal counts)
   +compact candidate mask -> list (the Pallas compaction programs; --compact xla: XLA's) + kernels: the
            guarded FFN as decode runs it
   +pred    + a rank-r SVD predictor's two products (as the engine routes them) and the comparison, from x
-Useful bytes = candidate rows of W_gate + active rows of W_up and W_down_t; their rate is given as a fraction
-of a torch copy measured in the same run. The kernels run with the tuned configuration for batch 1
-(`pallas_kernels.tuning.SPARSE_FFN`), or with the fastest of a sweep (--sweep), which is how that table's
-rows were chosen.
+           (for B > 1 the bias makes the union every sequence's candidate set)
+Useful bytes = candidate rows of W_gate + active rows of W_up and W_down_t (for B > 1: of the union); their
+rate is given as a fraction of a torch copy measured in the same run. The kernels run with the tuned
+configuration for the batch size (`pallas_kernels.tuning.SPARSE_FFN`), each variant of --variants with its
+tuned or default configuration, or the fastest of a sweep (--sweep), which is how that table's rows were chosen.
 
-  python -m scripts.bench.ffn --shape llama2-7b qwen2-7b --sparsity 0.5 0.8 0.9 0.95 [--sweep] [--json-out F]
+  python -m scripts.bench.ffn --shape llama2-7b qwen2-7b --sparsity 0.5 0.8 0.9 0.95 [--batch 1 4]
+                              [--variants mma split] [--sweep] [--json-out F]
 """
 
 from __future__ import annotations
@@ -42,7 +45,9 @@ from svdsparse_jax.config import named_config
 from svdsparse_jax.engine import EngineConfig, project
 
 F32 = jnp.float32
-COLUMNS = {"shape": "shape", "sparsity": "true_sparsity", "cand": lambda r: f"{r['candidates']:.3f}",
+COLUMNS = {"shape": "shape", "batch": "batch", "variant": lambda r: r["config"]["variant"],
+           "sparsity": "true_sparsity", "cand": lambda r: f"{r['candidates']:.3f}",
+           "active": lambda r: f"{r['active']:.3f}",
            "dense us": "dense_us", "kernels us": "kernels_us", "+compact us": "compact_us", "+pred us": "pred_us",
            "x kernels": "speedup_kernels", "x pred": "speedup_with_predictor", "useful/copy": "useful_fraction_of_copy"}
 
@@ -59,36 +64,39 @@ class Layers:
     x: jax.Array
     weights: list  # [(w_gate, w_up, w_down_t)]
     acts: list  # Activation per layer
-    masks: list  # bool [1, d_ff]
+    masks: list  # bool [B, d_ff]
     predictors: list  # (a [r, d], b [d_ff, r], bias [d_ff]) giving exactly `masks`
-    active: list  # int: truly active neurons
+    active: list  # int: neurons active in some sequence among its candidates (rows of W_up / W_down_t read)
 
 
-def make_layers(cfg, n_layers: int, sparsity: float, extra: float, rank: int, seed: int = 0) -> Layers:
+def make_layers(cfg, n_layers: int, sparsity: float, extra: float, rank: int, seed: int = 0,
+                batch: int = 1) -> Layers:
     d, d_ff = cfg.d_model, cfg.d_ff
     key = jax.random.key(seed)
-    x = jax.random.normal(jax.random.fold_in(key, 0), (1, d), jnp.bfloat16)
+    x = jax.random.normal(jax.random.fold_in(key, 0), (batch, d), jnp.bfloat16)
     rng = np.random.default_rng(seed)
     out = Layers(x, [], [], [], [], [])
     for layer in range(n_layers):
         ks = jax.random.split(jax.random.fold_in(key, layer + 1), 5)
         w = [(jax.random.normal(k, (d_ff, d), F32) / np.sqrt(d)).astype(jnp.bfloat16) for k in ks[:3]]
-        gate = np.asarray(jnp.einsum("bd,fd->bf", x, w[0], preferred_element_type=F32))[0]
+        gate = np.asarray(jnp.einsum("bd,fd->bf", x, w[0], preferred_element_type=F32))
         threshold = float(np.quantile(gate, sparsity))
         act = Activation("fatrelu", threshold)
         active = gate >= threshold
-        cand = active | (rng.random(d_ff) < extra / sparsity)  # about extra * d_ff false positives
-        # A predictor whose scores are random but whose bias makes exactly `cand` positive (its cost is real).
+        cand = active | (rng.random(active.shape) < extra / sparsity)  # about extra * d_ff false positives
+        union = cand.any(0)
+        # A predictor whose scores are random but whose bias makes exactly the union positive for every
+        # sequence (its cost is real; scores are O(1) against the bias's 1e3).
         a = (jax.random.normal(ks[3], (rank, d), F32) / np.sqrt(d)).astype(jnp.bfloat16)
         b = (jax.random.normal(ks[4], (d_ff, rank), F32) / np.sqrt(rank)).astype(jnp.bfloat16)
         z = jnp.einsum("bd,rd->br", x, a, preferred_element_type=F32).astype(jnp.bfloat16)
         s = np.asarray(jnp.einsum("br,fr->bf", z, b, preferred_element_type=F32))[0]
-        bias = jnp.asarray(np.where(cand, 1e3, -1e3) - s, F32)
+        bias = jnp.asarray(np.where(union, 1e3, -1e3) - s, F32)
         out.weights.append(w)
         out.acts.append(act)
-        out.masks.append(jnp.asarray(cand[None]))
+        out.masks.append(jnp.asarray(cand))
         out.predictors.append((a, b, bias))
-        out.active.append(int(active.sum()))
+        out.active.append(int((active & cand).any(0).sum()))
     return out
 
 
@@ -109,19 +117,20 @@ def run_config(layers: Layers, cfg: sf.SparseFFNConfig, repeats: int, only_kerne
     else:
         compact = functools.partial(compaction.compact_pallas, interpret=interpret)
     engine = EngineConfig.resolve("interpret" if interpret else "pallas")
-    lists = [compact(Candidates(mask=m))[:2] for m in layers.masks]
+    lists = [compact(Candidates(mask=m)) for m in layers.masks]
 
     @looped
     def kernels(x, weights, lists):
-        return sum(sf.sparse_ffn_indexed(x, tiles, counts, *w, act=act, cfg=cfg, interpret=interpret)[0]
-                   for (tiles, counts), w, act in zip(lists, weights, layers.acts))
+        return sum(sf.sparse_ffn_indexed(x, tiles, counts, *w, own, act=act, cfg=cfg, interpret=interpret)[0]
+                   for (tiles, counts, own), w, act in zip(lists, weights, layers.acts))
 
     @looped
     def with_compact(x, weights, masks):
         total = 0.0
         for m, w, act in zip(masks, weights, layers.acts):
-            tiles, counts, _ = compact(Candidates(mask=m))
-            total = total + sf.sparse_ffn_indexed(x, tiles, counts, *w, act=act, cfg=cfg, interpret=interpret)[0]
+            tiles, counts, own = compact(Candidates(mask=m))
+            total = total + sf.sparse_ffn_indexed(x, tiles, counts, *w, own, act=act, cfg=cfg,
+                                                  interpret=interpret)[0]
         return total
 
     @looped
@@ -129,8 +138,9 @@ def run_config(layers: Layers, cfg: sf.SparseFFNConfig, repeats: int, only_kerne
         total = 0.0
         for (a, b, bias), w, act in zip(preds, weights, layers.acts):
             z = project(engine, x, a).astype(x.dtype)  # the products as the engine routes the predictor's
-            tiles, counts, _ = compact(Candidates(scores=project(engine, z, b), bias=bias))  # + bias > 0 inside
-            total = total + sf.sparse_ffn_indexed(x, tiles, counts, *w, act=act, cfg=cfg, interpret=interpret)[0]
+            tiles, counts, own = compact(Candidates(scores=project(engine, z, b), bias=bias))  # + bias > 0 inside
+            total = total + sf.sparse_ffn_indexed(x, tiles, counts, *w, own, act=act, cfg=cfg,
+                                                  interpret=interpret)[0]
         return total
 
     kernels_us = timeit(kernels, layers.x, layers.weights, lists, repeats=repeats) / n * 1e6
@@ -164,22 +174,37 @@ def sweep_configs(variants: list[str]) -> list:
     if "stream" in variants:
         for rows, programs, warps in itertools.product((2, 4, 8), (132, 264, 396, 528), (2, 4, 8)):
             out.append(sf.SparseFFNConfig(variant="stream", rows=rows, programs=programs, num_warps=warps))
+    if "mma" in variants:
+        for rows, chunk, warps in itertools.product((16, 32, 64), (128, 256, 512), (4,)):
+            for down_rows, down_cols, splits in ((32, 256, 8), (64, 128, 8), (32, 128, 16)):
+                out.append(sf.SparseFFNConfig(variant="mma", rows=rows, chunk=chunk, num_warps=warps,
+                                              down_rows=down_rows, down_cols=down_cols, splits=splits))
     for row in tuning.SPARSE_FFN:  # the tuned configurations, for comparison
         if row.config.variant not in variants:
             out.append(row.config)
     return out
 
 
+def variant_config(variant: str, batch: int) -> sf.SparseFFNConfig:
+    """The tuned configuration of `variant` for the batch size (tuning.SPARSE_FFN), else its defaults."""
+    tuned = [row.config for row in tuning.SPARSE_FFN if row.config.variant == variant]
+    fits = [row.config for row in tuning.SPARSE_FFN if row.config.variant == variant and batch <= row.max_batch]
+    return (fits or tuned or [sf.SparseFFNConfig(variant=variant)])[0]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", nargs="+", default=["llama2-7b", "qwen2-7b"])
+    ap.add_argument("--batch", type=int, nargs="+", default=[1])
     ap.add_argument("--sparsity", nargs="+", type=float, default=[0.5, 0.8, 0.9, 0.95])
+    ap.add_argument("--variants", nargs="+", choices=sf.VARIANTS,
+                    help="time these kernel variants (default: the tuned one for each batch size)")
     ap.add_argument("--extra", type=float, default=0.03, help="false-positive candidates, fraction of d_ff")
     ap.add_argument("--layers", type=int, default=16)
     ap.add_argument("--rank", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=10)
-    ap.add_argument("--sweep", action="store_true", help="time many kernel configurations at the first shape "
-                    "and sparsity, then use the fastest for the table")
+    ap.add_argument("--sweep", action="store_true", help="time many kernel configurations at the first shape, "
+                    "batch size and sparsity, then use the fastest for the table")
     ap.add_argument("--sweep-layers", type=int, default=8)
     ap.add_argument("--sweep-variants", nargs="+", default=list(sf.VARIANTS), choices=sf.VARIANTS)
     ap.add_argument("--compact", default="pallas", choices=["pallas", "xla"],
@@ -187,13 +212,11 @@ def main() -> int:
     ap.add_argument("--interpret", action="store_true", help="kernels in interpret mode (a CPU smoke test)")
     harness.add_report_args(ap)
     args = ap.parse_args()
-    copy_bw = harness.torch_copy_rate()
-    print(f"{jax.devices()[0].device_kind}: torch copy {copy_bw and copy_bw / 1e12} TB/s", flush=True)
-    best = None  # without a sweep: the tuned configuration for batch 1
+    best = None  # without a sweep: the tuned configuration for each batch size
     sweep = []
     if args.sweep:
         layers = make_layers(named_config(args.shape[0]), args.sweep_layers, args.sparsity[0], args.extra,
-                             args.rank)
+                             args.rank, batch=args.batch[0])
         for cfg in sweep_configs(args.sweep_variants):
             try:
                 t = run_config(layers, cfg, max(5, args.repeats // 4), True, args.interpret)["kernels_us"]
@@ -206,28 +229,34 @@ def main() -> int:
         print(f"fastest: {best}", flush=True)
         del layers
     rows = []
-    for shape in args.shape:
+    for shape, batch in itertools.product(args.shape, args.batch):
         mcfg = named_config(shape)
+        engine = EngineConfig.resolve("interpret" if args.interpret else "pallas")
+        configs = ([best] if best else [variant_config(v, batch) for v in args.variants] if args.variants
+                   else [engine.sparse_ffn_config(batch) or variant_config("mma", batch)])
         for s in args.sparsity:
-            layers = make_layers(mcfg, args.layers, s, args.extra, args.rank)
+            layers = make_layers(mcfg, args.layers, s, args.extra, args.rank, batch=batch)
             dense_us = time_dense(layers, args.repeats)
-            cfg = best or next(row.config for row in tuning.SPARSE_FFN if row.max_batch >= 1)
-            t = run_config(layers, cfg, args.repeats, interpret=args.interpret, compact_impl=args.compact)
-            cand = float(np.mean([int(m.sum()) for m in layers.masks]))
+            cand = float(np.mean([int(m.any(0).sum()) for m in layers.masks]))
             active = float(np.mean(layers.active))
             useful = (cand + 2 * active) * mcfg.d_model * 2
-            row = {"shape": shape, "config": dataclasses.asdict(cfg), "compact": args.compact, "true_sparsity": s,
-                   "candidates": cand / mcfg.d_ff, "active": active / mcfg.d_ff,
-                   "dense_us": round(dense_us, 2), **{k: round(v, 2) for k, v in t.items()},
-                   "speedup_kernels": round(dense_us / t["kernels_us"], 2),
-                   "speedup_with_predictor": round(dense_us / t["pred_us"], 2),
-                   "useful_mb": round(useful / 1e6, 2)}
-            if copy_bw:
-                row["useful_fraction_of_copy"] = round(useful / (t["kernels_us"] * 1e-6) / copy_bw, 3)
-                row["dense_fraction_of_copy"] = round(3 * mcfg.d_ff * mcfg.d_model * 2 / (dense_us * 1e-6) / copy_bw, 3)
-            rows.append(row)
-            print(json.dumps(row), flush=True)
+            for cfg in configs:
+                t = run_config(layers, cfg, args.repeats, interpret=args.interpret, compact_impl=args.compact)
+                row = {"shape": shape, "batch": batch, "config": dataclasses.asdict(cfg), "compact": args.compact,
+                       "true_sparsity": s, "candidates": cand / mcfg.d_ff, "active": active / mcfg.d_ff,
+                       "dense_us": round(dense_us, 2), **{k: round(v, 2) for k, v in t.items()},
+                       "speedup_kernels": round(dense_us / t["kernels_us"], 2),
+                       "speedup_with_predictor": round(dense_us / t["pred_us"], 2),
+                       "useful_mb": round(useful / 1e6, 2)}
+                rows.append(row)
+                print(json.dumps(row), flush=True)
             del layers
+    copy_bw = harness.torch_copy_rate()  # after the timings, so torch's CUDA context cannot touch them
+    for row in rows if copy_bw else []:
+        mcfg = named_config(row["shape"])
+        row["useful_fraction_of_copy"] = round(row["useful_mb"] * 1e6 / (row["kernels_us"] * 1e-6) / copy_bw, 3)
+        row["dense_fraction_of_copy"] = round(3 * mcfg.d_ff * mcfg.d_model * 2 / (row["dense_us"] * 1e-6) / copy_bw,
+                                              3)
     report = harness.report(args, copy_tb_per_s=copy_bw and round(copy_bw / 1e12, 3),
                             swept_config=best and dataclasses.asdict(best), runs=rows, sweep=sweep)
     harness.save(report, args.json_out)
