@@ -237,13 +237,20 @@ def _stream_kernel(counts_ref, tiles_ref, *refs, act, rows, chunk, batch, has_ow
     _write_sums(out_ref, jax.lax.fori_loop(0, mine, body, zeros), pieces, batch)
 
 
+def _dot(a: jax.Array, b: jax.Array, contract: int, precision) -> jax.Array:
+    """f32 a [m, k] @ b [k, n] (contract=1: a [m, k], b [n, k] -> a b^T; contract=0: a [k, m], b [k, n] ->
+    a^T b), which the Triton lowering runs on tensor cores (f32 operands at full precision given HIGHEST)."""
+    dims = (((1,), (1,)), ((), ())) if contract == 1 else (((0,), (0,)), ((), ()))
+    return jax.lax.dot_general(a, b, dims, precision=precision, preferred_element_type=F32)
+
+
 def _mma_rows(x_ref, w_ref, neurons, live, *, chunk: int, precision, interpret: bool) -> jax.Array:
     """f32 [rows, B']: the rows w[neurons] times every sequence x [B', k], on tensor cores, over column chunks
     (the loop Triton software-pipelines); rows where `live` is False read as zero and cost no traffic."""
     def body(c, acc):
         cols = pl.ds(pl.multiple_of(c * chunk, chunk), chunk)
         w = load_rows(w_ref, neurons, live, cols, interpret)
-        return acc + pl.dot(w, x_ref[:, cols], trans_b=True, precision=precision)
+        return acc + _dot(w, x_ref[:, cols], 1, precision)
 
     return jax.lax.fori_loop(0, x_ref.shape[1] // chunk, body,
                              jnp.zeros((neurons.shape[0], x_ref.shape[0]), F32))
@@ -286,7 +293,7 @@ def _mma_down_kernel(counts_ref, idx_ref, h_ref, wd_ref, out_ref, *, rows, cols,
         h = h_ref[pl.ds(start, rows), :]
         live = jnp.any(h != 0, axis=1)  # zero past the total
         w = load_rows(wd_ref, idx_ref[pl.ds(start, rows)], live, col, interpret)
-        return acc + pl.dot(h, w, trans_a=True, precision=precision)
+        return acc + _dot(h, w, 0, precision)
 
     out_ref[0] = jax.lax.fori_loop(0, mine, body, jnp.zeros(out_ref.shape[1:], F32))
 
