@@ -275,7 +275,7 @@ def _mma_gate_up_kernel(counts_ref, tiles_ref, *refs, act, rows, chunk, has_own,
         a = act.gate(dots(wg_ref, neurons, valid))  # zero-padded sequences and rows not valid give g = 0, a = 0
         if own_ref is not None:  # a neuron of the union counts for sequence b only where b's own set has it
             a = jnp.where(own_ref[slot, :] != 0, a, 0.0)
-        active = valid & jnp.any(a != 0, axis=1)
+        active = valid & (jnp.max(jnp.abs(a), axis=1) > 0)  # any sequence (Triton lowers no reduce_or)
         h_ref[...] = (a * act.up(dots(wu_ref, neurons, active))).astype(h_ref.dtype)
         idx_ref[...] = neurons
 
@@ -291,7 +291,7 @@ def _mma_down_kernel(counts_ref, idx_ref, h_ref, wd_ref, out_ref, *, rows, cols,
     def body(t, acc):
         start = pl.multiple_of((s + t * splits) * rows, rows)
         h = h_ref[pl.ds(start, rows), :]
-        live = jnp.any(h != 0, axis=1)  # zero past the total
+        live = jnp.max(jnp.abs(h.astype(F32)), axis=1) > 0  # any sequence; zero past the total
         w = load_rows(wd_ref, idx_ref[pl.ds(start, rows)], live, col, interpret)
         return acc + _dot(h, w, 0, precision)
 

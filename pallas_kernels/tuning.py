@@ -57,14 +57,16 @@ GEMV_TILE = GemvTile(
     source="H100 2026-11-23 (docs/design.md, decode GEMVs): within 1 us of the best of 12 tiles on every 7B "
            "shape; 12288x4096 40.5 us, 11008x4096 36.3, 32000x4096 93.9")
 
-# Which decode products take the Pallas GEMV. Below 4096 x 4096 weights (the predictor factors) XLA measured
-# faster; f32 models keep XLA's full-precision products.
+# Which decode products take the Pallas GEMV: one sequence's products of 3584 x 3584 weights and more. Below
+# that (the predictor factors) and at 2 sequences and more XLA measured faster; f32 models keep XLA's
+# full-precision products.
 PROJECTIONS = (
     ProjectionRule(
-        max_batch=8, min_weights=4096 * 4096, impl="gemv",
-        source="H100 2026-11-23 (docs/design.md, decode GEMVs): Pallas against XLA 4096x4096 16.8 / 19.7 us, "
-               "11008x4096 36.3 / 43.8, 32000x4096 93.9 / 99.0, but 256x4096 6.0 / 3.9 and 11008x256 8.8 / 5.2; "
-               "dense LLaMA2-7B decode 184.2 against 168.7 tok/s"),
+        max_batch=1, min_weights=3584 * 3584, impl="gemv",
+        source="H200 2026-12-01 (docs/bench/gemv_batches_f7ce0ab.txt): Pallas against XLA at batch 1 "
+               "12288x4096 32.9 / 43.5 us, 11008x4096 30.5 / 43.1, 4096x11008 33.1 / 40.3, 3584x3584 14.5 / 19.4, "
+               "18944x3584 40.9 / 45.0; at batch 2 XLA wins every shape (12288x4096 32.4 / 42.5, 18944x3584 40.8 "
+               "/ 76.8) and by 2-7x at batch 8; H100 2026-11-23: 256x4096 6.0 / 3.9, 11008x256 8.8 / 5.2"),
 )
 # Every decode product on XLA (the `--projections xla` of the CLI and the benchmarks).
 XLA_PROJECTIONS: tuple[ProjectionRule, ...] = ()
@@ -76,11 +78,45 @@ SPARSE_FFN = (
         source="H100 2026-11-23 (docs/design.md, sparse FFN kernels): medians of four turns at 90% sparsity, "
                "LLaMA2-7B 21.7 us per layer, Qwen2-7B 30.1 (next best 2 rows / 264 programs 21.2 / 31.2)"),
     SparseFFNRow(
-        max_batch=8, config=SparseFFNConfig(variant="split"),
-        source="H100 2026-11-23 (docs/design.md, sparse FFN kernels): best of 18 split shapes, 26.1 us per "
-               "LLaMA2-7B layer; in batch-4 decode 5.82 ms a step against the stream kernel's 6.65"),
+        max_batch=16, config=SparseFFNConfig(variant="mma", rows=32, chunk=256, num_warps=4, num_stages=3,
+                                             down_rows=32, down_cols=256, splits=8),
+        source="H200 2026-12-01: the split kernels took 104 us per LLaMA2-7B layer at batch 4 where dense XLA "
+               "took 79 (docs/bench/ffn_batches_split_f7ce0ab.json); the mma kernels replace them"),
 )
+
+
+
+@dataclasses.dataclass(frozen=True)
+class FFNCost:
+    """Measured cost of one FFN layer at decode, for batches of at most max_batch sequences: XLA's dense FFN
+    reads its three matrices at dense_tb_s; the predictor-guarded one (predictor products, compaction, kernels)
+    takes sparse_fixed_us plus its useful bytes (the union's candidate rows of W_gate, its active rows of W_up
+    and W_down_t, the predictor's factors) at sparse_tb_s. The sparsity policy compares the two per layer."""
+
+    max_batch: int
+    dense_tb_s: float
+    sparse_fixed_us: float
+    sparse_tb_s: float
+    source: str = dataclasses.field(default="", compare=False, repr=False)
+
+    def dense_us(self, ffn_bytes: float) -> float:
+        return ffn_bytes / self.dense_tb_s * 1e-6
+
+    def sparse_us(self, useful_bytes: float) -> float:
+        return self.sparse_fixed_us + useful_bytes / self.sparse_tb_s * 1e-6
+
+
+FFN_COSTS = (
+    FFNCost(max_batch=1, dense_tb_s=2.36, sparse_fixed_us=6.8, sparse_tb_s=1.71,
+            source="H200 2026-12-01 (docs/bench/ffn_90.json, commit 0fd53aa): LLaMA2-7B at 90% sparsity, dense "
+                   "114.4 us, kernels 17.4 us for 29.7 MB, with compaction and predictor 24.2"),
+    FFNCost(max_batch=2, dense_tb_s=3.55, sparse_fixed_us=32.0, sparse_tb_s=2.07,
+            source="H200 2026-12-01 (docs/bench/ffn_batches_split_f7ce0ab.json): split kernels, LLaMA2-7B, 55.8 MB "
+                   "in 59.0 us and 100.8 MB in 80.8 us with the predictor; dense 75.2-76.1 us"),
+)
+# Batches larger than every row run the dense FFN under the measured policy.
 
 COMPACTION_TILE = 128  # H100 2026-11-23 (docs/design.md, compaction): tiles 64-256 within 0.6 us; 1.5 us in decode
 ADD_NORM_ROWS = 4  # rows of A per program of the fused add + RMSNorm (+ A x): 3.7 us per layer in decode
 ADD_NORM_WARPS = 4
+ADD_NORM_MAX_BATCH = 8  # the batches it was checked and timed at; larger ones run XLA's add and norm

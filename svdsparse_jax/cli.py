@@ -50,10 +50,21 @@ def model_options(p: argparse.ArgumentParser, optional_model: bool = True) -> No
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
-def _kernel_option(p: argparse.ArgumentParser) -> None:
+def _kernel_option(p: argparse.ArgumentParser, policy: bool = False) -> None:
     p.add_argument("--kernels", choices=["auto", "pallas", "interpret", "xla"],
                    help="Pallas kernels or XLA for decode-sized products, norms and the guarded FFN (default: "
                         "SVDSPARSE_KERNELS, else auto = the kernels on a GPU, XLA elsewhere)")
+    if policy:
+        p.add_argument("--ffn-policy", choices=["measured", "sparse", "dense"], default="measured",
+                       help="which layers of a decode batch run sparse: where measured costs say it beats dense "
+                            "at the batch's union of rows (measured, the default), every layer, or none")
+
+
+def _batch_sizes(text: str) -> list[int]:
+    sizes = _ids(text)
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"expected comma-separated batch sizes >= 1, got {text!r}")
+    return sizes
 
 
 def build_parser(plugins: dict[str, Command] | None = None) -> argparse.ArgumentParser:
@@ -79,7 +90,7 @@ def build_parser(plugins: dict[str, Command] | None = None) -> argparse.Argument
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--predictors", help="predictor directory: decode with the predictor-guarded FFN")
-    _kernel_option(p)
+    _kernel_option(p, policy=True)
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("score", help="per-token log-probabilities, NLL and perplexity of a text")
@@ -109,8 +120,11 @@ def build_parser(plugins: dict[str, Command] | None = None) -> argparse.Argument
 
     p = sub.add_parser("eval", help="evaluate predictors against the dense model")
     model_options(p)
-    _kernel_option(p)
+    _kernel_option(p, policy=True)
     p.add_argument("--predictors", required=True)
+    p.add_argument("--batch-sizes", type=_batch_sizes, default=[], metavar="B,B,...",
+                   help="also report, per decode batch size, the union of the batch's rows and the accuracy of "
+                        "the layers the policy runs sparse at that size (e.g. 1,2,4,8,16)")
     p.add_argument("--text-file", help="held-out text (default for the bundled model: its held-out split)")
     p.add_argument("--window", type=int, default=512)
     p.add_argument("--max-windows", type=int, default=32)
@@ -167,9 +181,9 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def engine_from_args(args: argparse.Namespace):
-    """The engine configuration of a command: --kernels, else SVDSPARSE_KERNELS, else auto."""
+    """The engine configuration of a command: --kernels, else SVDSPARSE_KERNELS, else auto; --ffn-policy."""
     from svdsparse_jax.engine import from_environment
-    return from_environment(getattr(args, "kernels", None))
+    return from_environment(getattr(args, "kernels", None), ffn_policy=getattr(args, "ffn_policy", "measured"))
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -192,22 +206,25 @@ def cmd_generate(args: argparse.Namespace) -> None:
     else:
         prompts = args.prompt_ids
     sampler = Sampler(temperature=args.temperature or 0.0, top_k=args.top_k, top_p=args.top_p)
-    preds = load_predictors_for(args.predictors, lm).layers if args.predictors else None
+    pset = load_predictors_for(args.predictors, lm) if args.predictors else None
     model = Transformer(lm.cfg, lm.weights, engine)
     del lm  # the model holds its own fused q/k/v matrix; the separate ones can go
-    result = Generator(model, preds).generate(prompts, args.max_new_tokens, sampler, args.seed)
+    gen = Generator(model, pset and pset.layers, pset and pset.union)
+    result = gen.generate(prompts, args.max_new_tokens, sampler, args.seed)
     n_new = sum(len(t) for t in result.tokens)
     tps = n_new / result.run_s if result.run_s > 0 else float("nan")
     rows = [{"prompt_ids": list(p), "output_ids": out,
              "text": tok.decode(out, skip_special_tokens=True) if tok is not None else None}
             for p, out in zip(prompts, result.tokens)]
     if args.json:
-        timing = {"tokens_per_s": tps, "compile_s": result.compile_s, "run_s": result.run_s}
+        timing = {"tokens_per_s": tps, "compile_s": result.compile_s, "run_s": result.run_s,
+                  "sparse_layers": sum(result.sparse_layers)}
         print(json.dumps({**rows[0], **timing} if len(rows) == 1 else {"results": rows, **timing}))
         return
     for row in rows:
         print(row["text"] if row["text"] is not None else ",".join(map(str, row["output_ids"])))
-    print(f"[{n_new} tokens in {result.run_s:.3f} s: {tps:.1f} tokens/s; compile {result.compile_s:.1f} s]",
+    sparse = f"; {sum(result.sparse_layers)} of {len(result.sparse_layers)} layers sparse" if pset else ""
+    print(f"[{n_new} tokens in {result.run_s:.3f} s: {tps:.1f} tokens/s; compile {result.compile_s:.1f} s{sparse}]",
           file=sys.stderr)
 
 
@@ -323,7 +340,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     else:
         raise SvdsparseError("--text-file is required for a model other than the bundled one")
     report = evaluate_predictors(Transformer(lm.cfg, lm.weights, engine), {pset.method: pset}, tokens,
-                                 args.window, args.max_windows)[pset.method]
+                                 args.window, args.max_windows, batch_sizes=args.batch_sizes)[pset.method]
     if args.plots:
         report["plots"] = write_plots({pset.method: report}, args.plots)
     if args.json:
@@ -331,6 +348,19 @@ def cmd_eval(args: argparse.Namespace) -> None:
         return
     print(_layer_table(report["layers"]))
     print(_summary_line(pset.method, report["summary"]))
+    if report.get("batches"):
+        print(_batch_table(report["batches"]))
+
+
+def _batch_table(batches: list[dict]) -> str:
+    """One line per decode batch size: the union of the batch's rows, the layers the policy runs sparse, its
+    accuracy."""
+    lines = [f"{'batch':>5} {'W_gate rows':>11} {'W_up/down rows':>14} {'sparse layers':>13} {'rows read':>9} "
+             f"{'ppl':>9} {'top-1 agreement':>15}"]
+    lines += [f"{b['batch']:>5} {b['gate_rows_union']:>11.4f} {b['up_down_rows_union']:>14.4f} "
+              f"{b['sparse_layers']:>6}/{len(b['layers']):<6} {b['rows_read_fraction']:>9.4f} {b['ppl']:>9.4f} "
+              f"{b['top1_agreement']:>15.4f}" for b in batches]
+    return "\n".join(lines)
 
 
 def _layer_table(layers: list[dict]) -> str:
@@ -354,6 +384,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
     import time
 
     from svdsparse_jax.convert import load_model, parse_dtype
+    from svdsparse_jax.engine import EngineConfig
     from svdsparse_jax.evaluate import evaluate_predictors
     from svdsparse_jax.generate import Generator
     from svdsparse_jax.model import Transformer
@@ -361,7 +392,9 @@ def cmd_demo(args: argparse.Namespace) -> None:
 
     t0 = time.perf_counter()
     lm = load_model(BUNDLED_MODEL, parse_dtype(args.dtype))
-    model = Transformer(lm.cfg, lm.weights)
+    # every layer sparse: the demo shows the predictors' effect, where the measured policy would run a model
+    # this small dense (its FFN costs less than the sparse path's fixed launches)
+    model = Transformer(lm.cfg, lm.weights, EngineConfig.resolve(ffn_policy="sparse"))
     bc = demo_build_config(lm.cfg)
     pset = build_predictors(model, corpus_split("calib"), bc, progress=False)
     out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="svdsparse-demo-")) / "predictors"

@@ -29,8 +29,9 @@ from pallas_kernels.gemv import gemv_pallas
 from pallas_kernels.norm import add_rmsnorm_pallas
 from pallas_kernels.reference import Activation
 from pallas_kernels.sparse_ffn import SparseFFNConfig, sparse_ffn_indexed
-from pallas_kernels.tuning import GemvTile, ProjectionRule, SparseFFNRow
+from pallas_kernels.tuning import FFNCost, GemvTile, ProjectionRule, SparseFFNRow
 from svdsparse_jax.errors import SvdsparseError
+from svdsparse_jax.policy import POLICIES
 
 F32 = jnp.float32
 BACKENDS = ("pallas", "interpret", "xla")
@@ -48,6 +49,9 @@ class EngineConfig:
       XLA). Given RMSNorm(x) @ w^T, the GEMV forms the norm itself.
     gemv_tile, sparse_ffn (kernel configuration by batch size), compaction_tile: the kernels' tiles.
     kernel_max_batch: more rows than this (prefill, evaluation windows) always run XLA.
+    ffn_policy: which layers of a decode batch run the predictor-guarded FFN: 'measured' (where the measured
+      costs `ffn_costs` say it beats dense at the batch's union row fractions), 'sparse' (all) or 'dense'
+      (none); `svdsparse_jax.policy`.
     steps_per_check: decode steps between two checks of the stop condition (generate.py).
     mesh: the device mesh of tensor-parallel decode; not built yet, so it must be None.
     """
@@ -58,13 +62,17 @@ class EngineConfig:
     gemv_tile: GemvTile = tuning.GEMV_TILE
     sparse_ffn: tuple[SparseFFNRow, ...] = tuning.SPARSE_FFN
     compaction_tile: int = tuning.COMPACTION_TILE
-    kernel_max_batch: int = 8
+    kernel_max_batch: int = 16
+    ffn_policy: str = "measured"
+    ffn_costs: tuple[FFNCost, ...] = tuning.FFN_COSTS
     steps_per_check: int = 8
     mesh: Any = None
 
     def __post_init__(self):
         if self.backend not in BACKENDS:
             raise SvdsparseError(f"engine backend {self.backend!r}: expected one of {BACKENDS}")
+        if self.ffn_policy not in POLICIES:
+            raise SvdsparseError(f"engine ffn_policy {self.ffn_policy!r}: expected one of {POLICIES}")
         if self.steps_per_check < 1:
             raise SvdsparseError(f"engine steps_per_check must be >= 1, got {self.steps_per_check}")
         if self.mesh is not None:
@@ -141,7 +149,7 @@ def add_rmsnorm(engine: EngineConfig, x: jax.Array, delta: jax.Array, scale: jax
     decode-sized inputs when the engine runs kernels; XLA otherwise."""
     d = x.shape[-1]
     flat = x.reshape(-1, d)
-    if not engine.kernels or flat.shape[0] > engine.kernel_max_batch or d % 16:
+    if not engine.kernels or flat.shape[0] > min(engine.kernel_max_batch, tuning.ADD_NORM_MAX_BATCH) or d % 16:
         return reference.add_rmsnorm(x, delta, scale, eps, w)
     total, normed, z = add_rmsnorm_pallas(flat, delta.reshape(-1, d), scale, eps, w, rows=tuning.ADD_NORM_ROWS,
                                           num_warps=tuning.ADD_NORM_WARPS, interpret=engine.interpret)

@@ -39,10 +39,10 @@ def _forward_stats(graphdef, state, predictors, tokens: jax.Array, pad: jax.Arra
     logp = jax.nn.log_softmax(model.logits(states[:, :-1]), axis=-1)
     lp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
     real = (jnp.arange(tokens.shape[1])[None, :] >= pad[:, None])[..., None]
-    candidates = [jnp.ones_like(real) if m is None else m for m in probe.candidates]
-    count = lambda masks: jnp.stack([jnp.sum(m & real, dtype=jnp.float32) for m in masks])  # noqa: E731
-    return lp, jnp.argmax(logp, -1), count(candidates) * (1 if predictors else model.cfg.d_ff), \
-        count([a != 0 for a in probe.hidden])
+    count = lambda m: jnp.sum(m & real, dtype=jnp.float32)  # noqa: E731
+    # a dense layer (no predictor) computes every neuron
+    candidates = [count(real) * model.cfg.d_ff if m is None else count(m) for m in probe.candidates]
+    return lp, jnp.argmax(logp, -1), jnp.stack(candidates), jnp.stack([count(a != 0) for a in probe.hidden])
 
 
 def _stream_pass(model: Transformer, predictors, windows: np.ndarray, batch: int):
@@ -196,8 +196,8 @@ _layer_metrics = jax.jit(_layer_metrics, static_argnums=(5, 6))
 
 
 def evaluate_predictors(model: Transformer, predictor_sets: dict, tokens: np.ndarray, window: int = 512,
-                        max_windows: int | None = None, batch: int = 4, auroc_tokens: int = 4096
-                        ) -> dict[str, dict]:
+                        max_windows: int | None = None, batch: int = 4, auroc_tokens: int = 4096,
+                        batch_sizes: Sequence[int] = ()) -> dict[str, dict]:
     """Evaluates predictor sets (name -> predictors.PredictorSet) on a held-out token stream cut into windows.
 
     Per layer (on the dense model's FFN inputs): true and predicted sparsity, recall and precision over (token,
@@ -205,7 +205,8 @@ def evaluate_predictors(model: Transformer, predictor_sets: dict, tokens: np.nda
     token is the costliest step on a CPU), and the FFN output's relative error. Whole model (every token through
     the guarded FFNs, teacher-forced): perplexity dense vs sparse, top-1 next-token agreement with the dense
     model, and the fraction of W_gate / W_up / W_down rows read (gate: candidates; up and down: active
-    candidates). Returns {name: {"summary": {...}, "layers": [...]}}.
+    candidates). With batch_sizes, each report also has "batches" (`evaluate_batches`).
+    Returns {name: {"summary": {...}, "layers": [...]}}.
     """
     from svdsparse_jax.calibration import layer_inputs
     from svdsparse_jax.predictors.base import ffn_bytes
@@ -253,7 +254,43 @@ def evaluate_predictors(model: Transformer, predictor_sets: dict, tokens: np.nda
         summary["ppl_increase"] = summary["ppl_sparse"] / ppl_dense - 1
         reports[name] = {"method": ps.method, "config": ps.config, "summary": summary, "layers": per,
                          "ffn_bytes_per_layer": ffn_bytes(cfg, itemsize)}
+        if batch_sizes:
+            reports[name]["batches"] = evaluate_batches(model, ps, windows, batch_sizes, dense_lp, dense_top, batch)
     return reports
+
+
+def evaluate_batches(model: Transformer, pset, windows: np.ndarray, batch_sizes: Sequence[int], dense_lp: np.ndarray,
+                     dense_top: np.ndarray, batch: int = 4) -> list[dict]:
+    """For each decode batch size B: which layers the engine's policy runs sparse (from the calibration's union
+    fractions, `pset.union`), the union row fractions on these windows (B windows decoded together, the union at
+    each position, per layer, averaged), and that policy's accuracy: perplexity and top-1 agreement against the
+    dense model (`dense_lp`, `dense_top` of the same windows). Each sequence keeps only its own candidates, so
+    the tokens of a batch depend on B only through the layers the policy runs sparse."""
+    from svdsparse_jax.policy import sparse_layers
+
+    graphdef, state = nnx.split(model)
+    itemsize = jnp.dtype(model.dtype).itemsize
+    out = []
+    for b in batch_sizes:
+        if b < 1 or b > len(windows):
+            raise SvdsparseError(f"--batch-sizes {b}: expected 1 <= B <= {len(windows)}, the windows evaluated")
+        groups = len(windows) // b
+        unions = [_union_fractions(graphdef, state, pset.layers, jnp.asarray(windows[g * b:(g + 1) * b]))
+                  for g in range(groups)]
+        gate_rows = np.mean([np.asarray(u[0], np.float64) for u in unions], axis=0)
+        up_down_rows = np.mean([np.asarray(u[1], np.float64) for u in unions], axis=0)
+        gate_rows = np.where([p.needs_gate for p in pset.layers], 1.0, gate_rows)
+        layers = sparse_layers(model.engine, model.cfg, pset.layers, pset.union, b, itemsize)
+        preds = [p if s else None for p, s in zip(pset.layers, layers)]
+        lp, top, _, _ = _stream_pass(model, preds if any(layers) else None, windows, batch)
+        read = np.where(layers, (gate_rows + 2 * up_down_rows) / 3, 1.0)
+        out.append({"batch": b, "sparse_layers": int(sum(layers)), "layers": [int(v) for v in layers],
+                    "gate_rows_union": float(np.mean(gate_rows)), "up_down_rows_union": float(np.mean(up_down_rows)),
+                    "gate_rows_union_per_layer": [round(float(v), 4) for v in gate_rows],
+                    "up_down_rows_union_per_layer": [round(float(v), 4) for v in up_down_rows],
+                    "rows_read_fraction": float(np.mean(read)), "ppl_dense": math.exp(-dense_lp.mean()),
+                    "ppl": math.exp(-lp.mean()), "top1_agreement": float(np.mean(top == dense_top))})
+    return out
 
 
 def write_plots(reports: dict[str, dict], out_dir: str) -> list[str]:

@@ -13,6 +13,9 @@ every sequence at EOS) is checked once per `steps_per_check` decode steps (the e
 an inner loop of fixed trip count, which XLA runs without a copy; steps past the stop write nothing. Greedy or
 sampled is decided when the program is built, not by a `lax.cond` per token.
 
+With predictors, the engine's sparsity policy (`svdsparse_jax.policy`) picks the layers that decode sparse for
+the batch size when the program is built; the others get no predictor and run dense.
+
 The program takes the model's graph as a static argument, and the engine configuration is part of that graph, so
 a program is compiled per engine configuration as well.
 """
@@ -31,6 +34,7 @@ from flax import nnx
 from svdsparse_jax import kv_cache
 from svdsparse_jax.errors import SvdsparseError
 from svdsparse_jax.model import Transformer
+from svdsparse_jax.policy import UnionRows, sparse_layers
 
 MIN_BUCKET = 16
 
@@ -82,8 +86,9 @@ def decode_steps(max_new: int, steps_per_check: int) -> int:
 def _generate_program(graphdef, state, predictors, tokens, pad, max_new, sampler, key, eos_ids, *, new_bucket,
                       greedy):
     """tokens [B, P] left-padded prompts, pad [B]; returns out [B, new_bucket] int32, -1 where nothing was
-    generated (after a sequence's first EOS, and past max_new). Prefill is dense; with predictors (one per layer)
-    every decode step runs the predictor-guarded FFN. greedy: argmax, else `sampler.sample`."""
+    generated (after a sequence's first EOS, and past max_new). Prefill is dense; with predictors (one per layer,
+    None for a layer that runs dense) every decode step runs the predictor-guarded FFN on those layers. greedy:
+    argmax, else `sampler.sample`."""
     model: Transformer = nnx.merge(graphdef, state)
     steps_per_check = model.engine.steps_per_check
     batch, prompt_len = tokens.shape
@@ -124,26 +129,37 @@ def _generate_program(graphdef, state, predictors, tokens, pad, max_new, sampler
 class GenerateResult:
     """tokens: the new tokens of each prompt, through its first EOS (included) or max_new_tokens.
     compile_s: time spent compiling in this call (0 when the program was cached); run_s: time of the
-    program itself (prefill + decode, device synchronised)."""
+    program itself (prefill + decode, device synchronised); sparse_layers: per layer, whether decode ran it
+    sparse (all False without predictors)."""
 
     tokens: list[list[int]]
     compile_s: float
     run_s: float
+    sparse_layers: tuple[bool, ...] = ()
 
 
 class Generator:
     """Compiles and runs the generate program for one model (dense, or sparse decoding with one predictor per
-    layer) under the model's engine configuration (`model.engine`: which kernels run inside the program, and
-    the steps per stop check); keeps compiled programs by static shape and greedy or sampled."""
+    layer) under the model's engine configuration (`model.engine`: which kernels run inside the program, which
+    layers run sparse at a batch size, the steps per stop check); keeps compiled programs by static shape,
+    greedy or sampled. union: the predictors' union row fractions by batch size (`PredictorSet.union`), which
+    the engine's measured policy reads."""
 
-    def __init__(self, model: Transformer, predictors: list | None = None):
+    def __init__(self, model: Transformer, predictors: list | None = None, union: UnionRows | None = None):
         self.cfg = model.cfg
         if predictors is not None and len(predictors) != model.cfg.n_layers:
             raise SvdsparseError(f"{len(predictors)} predictors for {model.cfg.n_layers} layers")
-        self.predictors = predictors
+        self.predictors, self.union, self.engine = predictors, union, model.engine
+        self.itemsize = jnp.dtype(model.dtype).itemsize
         self.graphdef, self.state = nnx.split(model)
         self._jitted = jax.jit(_generate_program, static_argnums=(0,), static_argnames=("new_bucket", "greedy"))
         self.compiled: dict[tuple, object] = {}
+
+    def sparse_layers(self, batch: int) -> tuple[bool, ...]:
+        """Per layer, whether a batch of `batch` sequences decodes it sparse (the engine's policy)."""
+        if self.predictors is None:
+            return (False,) * self.cfg.n_layers
+        return sparse_layers(self.engine, self.cfg, self.predictors, self.union, batch, self.itemsize)
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampler: Sampler = Sampler(),
                  seed: int = 0, eos_ids: Sequence[int] | None = None) -> GenerateResult:
@@ -173,9 +189,11 @@ class Generator:
         eos = np.asarray(cfg.eos_ids if eos_ids is None else eos_ids, np.int32).reshape(-1)
         if eos.size == 0:
             eos = np.full(1, -2, np.int32)  # matches no token
-        args = (self.graphdef, self.state, self.predictors, jnp.asarray(tokens), jnp.asarray(pad), jnp.int32(max_new_tokens),
+        layers = self.sparse_layers(len(prompts))
+        preds = None if not any(layers) else [p if s else None for p, s in zip(self.predictors, layers)]
+        args = (self.graphdef, self.state, preds, jnp.asarray(tokens), jnp.asarray(pad), jnp.int32(max_new_tokens),
                 jax.tree.map(jnp.asarray, sampler), jax.random.key(seed), jnp.asarray(eos))
-        key = (len(prompts), prompt_len, new_bucket, eos.size, sampler.greedy)
+        key = (len(prompts), prompt_len, new_bucket, eos.size, sampler.greedy, layers)
         compile_s = 0.0
         if key not in self.compiled:
             t0 = time.perf_counter()
@@ -186,4 +204,5 @@ class Generator:
         out = np.asarray(jax.block_until_ready(out))
         t2 = time.perf_counter()
         # The program writes -1 after a sequence's first EOS and past max_new_tokens: what remains is the answer.
-        return GenerateResult([row[row >= 0].tolist() for row in out], compile_s=compile_s, run_s=t2 - t1)
+        return GenerateResult([row[row >= 0].tolist() for row in out], compile_s=compile_s, run_s=t2 - t1,
+                              sparse_layers=layers)

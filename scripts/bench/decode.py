@@ -38,6 +38,7 @@ import numpy as np
 
 from scripts.bench import bytes as decode_bytes
 from scripts.bench import harness, trace
+from pallas_kernels.tuning import FFNCost
 from svdsparse_jax.config import NAMED_SHAPES, named_config
 from svdsparse_jax.convert import parse_dtype
 from svdsparse_jax.engine import EngineConfig
@@ -52,7 +53,7 @@ COLUMNS = {"shape": "shape", "batch": "batch", "mode": lambda r: "sparse" if r["
            "proj": "projections", "check": "steps_per_check", "e2e tok/s": "end_to_end_tokens_per_s",
            "decode tok/s": "decode_tokens_per_s", "step ms": "decode_step_ms", "GB/step": "gb_per_step",
            "TB/s": "decode_tb_per_s", "of copy": "fraction_of_copy", "launches": "launches_per_step",
-           "x dense": "speedup_vs_dense"}
+           "sparse layers": "sparse_layers", "x dense": "speedup_vs_dense"}
 
 
 def launches_per_step(compiled) -> int:
@@ -94,7 +95,7 @@ def random_weights(shape: str, dtype, inactive: float | None, gate_decay: float)
     return cfg, jax.block_until_ready(weights)
 
 
-def build(model: Transformer, rank: int, s: float, calib_tokens: int, guard: float) -> tuple[list, dict]:
+def build(model: Transformer, rank: int, s: float, calib_tokens: int, guard: float):
     """Whitened-SVD predictors built for `model` by `build_predictors` on random calibration tokens, and what to
     report about them."""
     cfg = model.cfg
@@ -102,7 +103,7 @@ def build(model: Transformer, rank: int, s: float, calib_tokens: int, guard: flo
     t = time.perf_counter()
     pset = build_predictors(model, np.random.default_rng(1).integers(0, cfg.vocab_size, bc.tokens), bc,
                             progress=False)
-    return pset.layers, {
+    return pset, {
         "act_threshold": round(cfg.act_threshold, 4), "build_s": round(time.perf_counter() - t, 1),
         "calib_true_sparsity": round(float(np.mean([i["true_sparsity"] for i in pset.info])), 4),
         "calib_predicted_sparsity": round(float(np.mean([i["calib_predicted_sparsity"] for i in pset.info])), 4),
@@ -111,14 +112,17 @@ def build(model: Transformer, rank: int, s: float, calib_tokens: int, guard: flo
 
 
 def bench_model(model: Transformer, batch: int, prompt_len: int, new_tokens: int, repeats: int,
-                preds: list | None = None, profile_dir: str | None = None) -> dict:
-    """Decode timing of `model` under its engine, dense, or sparse with `preds` (one predictor per layer). With
+                pset=None, profile_dir: str | None = None) -> dict:
+    """Decode timing of `model` under its engine, dense, or sparse with the predictor set `pset` (on the layers
+    the engine's policy picks for the batch size). With
     `profile_dir`, one more call of each length runs under `jax.profiler.trace` and the row gets the GPU time per
     decode step by kernel. Per step means per step the program runs: whole groups of the engine's steps per
     check (`decode_steps`)."""
     cfg, dtype, engine = model.cfg, model.dtype, model.engine
     extra = {}
-    gen = Generator(model, preds)
+    preds = None if pset is None else pset.layers
+    gen = Generator(model, preds, None if pset is None else pset.union)
+    layers = gen.sparse_layers(batch)
     steps = decode_steps(new_tokens, engine.steps_per_check)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, cfg.vocab_size, prompt_len).tolist() for _ in range(batch)]
@@ -155,11 +159,12 @@ def bench_model(model: Transformer, batch: int, prompt_len: int, new_tokens: int
         # the union over the batch at each position
         sequences = np.asarray([p + t for p, t in zip(prompts, first_tokens)])
         gate_rows, up_down_rows = ffn_rows_read(model, preds, sequences, together=True)
-        predictor_bytes = sum(p.nbytes() for p in preds)
+        gate_rows, up_down_rows = (np.where(layers, v, 1.0) for v in (gate_rows, up_down_rows))  # dense layers
+        predictor_bytes = sum(p.nbytes() for p, s in zip(preds, layers) if s)
         step_bytes = decode_bytes.step_bytes(cfg, itemsize, batch, slots, gate_rows, up_down_rows, predictor_bytes)
         extra.update(gate_rows_read=[round(float(v), 4) for v in gate_rows],
                      up_down_rows_read=[round(float(v), 4) for v in up_down_rows],
-                     predictor_gb=round(predictor_bytes / 1e9, 4))
+                     predictor_gb=round(predictor_bytes / 1e9, 4), sparse_layers=int(sum(layers)))
     return {
         "dtype": jnp.dtype(dtype).name, "batch": batch, "prompt_len": prompt_len,
         "new_tokens": new_tokens, "steps_per_check": engine.steps_per_check, "decode_steps": steps,
@@ -190,7 +195,12 @@ def main() -> int:
     ap.add_argument("--steps-per-check", nargs="+", type=int, default=[EngineConfig().steps_per_check],
                     help="decode steps between two checks of the stop condition (1: a device-to-host wait "
                          "after every token)")
-    ap.add_argument("--sparse", action="store_true", help="also decode with predictors (see above)")
+    ap.add_argument("--sparse", action="store_true", help="also decode with predictors (see above), under the "
+                    "first --projections value")
+    ap.add_argument("--ffn-policy", default="measured", choices=["measured", "sparse", "dense"],
+                    help="which layers decode sparse (svdsparse_jax.policy)")
+    ap.add_argument("--ffn-costs", metavar="JSON", help="a bench.ffn report whose fitted costs (ffn_costs) replace "
+                    "the engine's table (tuning.FFN_COSTS) for the policy")
     ap.add_argument("--inactive", type=float, default=0.9)
     ap.add_argument("--s", type=float, default=0.95)
     ap.add_argument("--rank", type=int, default=256)
@@ -206,19 +216,25 @@ def main() -> int:
     args = ap.parse_args()
     rows = []
     dtype = parse_dtype(args.dtype)
+    costs = {}
+    if args.ffn_costs:
+        costs["ffn_costs"] = tuple(FFNCost(**row) for row in json.loads(Path(args.ffn_costs).read_text())["ffn_costs"])
     for shape, decay in itertools.product(args.shape, args.gate_decay):
         cfg, weights = random_weights(shape, dtype, args.inactive if args.sparse else None, decay)
         model = Transformer(cfg, weights, EngineConfig.resolve(args.kernels))
         del weights
-        preds, about = build(model, args.rank, args.s, args.calib_tokens, args.guard) if args.sparse else (None, {})
+        pset, about = build(model, args.rank, args.s, args.calib_tokens, args.guard) if args.sparse else (None, {})
         dense = {}
         for batch, projections, check, sparse in itertools.product(
                 args.batch, args.projections, args.steps_per_check, [False, True] if args.sparse else [False]):
-            engine = EngineConfig.resolve(args.kernels, projections=projections, steps_per_check=check)
+            if sparse and projections != args.projections[0]:
+                continue
+            engine = EngineConfig.resolve(args.kernels, projections=projections, steps_per_check=check,
+                                          ffn_policy=args.ffn_policy, **costs)
             mode = "sparse" if sparse else "dense"
             profile = args.profile and f"{args.profile}/{shape}_decay{decay}_b{batch}_{projections}_c{check}_{mode}"
             row = {**bench_model(with_engine(model, engine), batch, args.prompt_len, args.new_tokens, args.repeats,
-                                 preds if sparse else None, profile), **(about if sparse else {}),
+                                 pset if sparse else None, profile), **(about if sparse else {}),
                    "shape": shape, "gate_decay": decay}
             key = (batch, projections, check)
             if not sparse:

@@ -192,6 +192,29 @@ def variant_config(variant: str, batch: int) -> sf.SparseFFNConfig:
     return (fits or tuned or [sf.SparseFFNConfig(variant=variant)])[0]
 
 
+def fit_costs(rows: list[dict], rank: int, source: str) -> list[dict]:
+    """Per batch size, the policy's cost model (`tuning.FFNCost`) fitted to the rows: the dense rate from the
+    dense times, and a least-squares line through (useful bytes + predictor bytes, the guarded FFN's time with
+    predictor and compaction) over the rows' shapes and sparsities (at least two points per batch size)."""
+    out = []
+    for batch in sorted({r["batch"] for r in rows}):
+        mine = [r for r in rows if r["batch"] == batch]
+        if len({r["true_sparsity"] for r in mine}) < 2:
+            continue
+        dense_bytes = [3 * named_config(r["shape"]).d_ff * named_config(r["shape"]).d_model * 2 for r in mine]
+        pred_bytes = [rank * (named_config(r["shape"]).d_model + named_config(r["shape"]).d_ff) * 2 for r in mine]
+        x = np.asarray([r["useful_mb"] * 1e6 + p for r, p in zip(mine, pred_bytes)])
+        y = np.asarray([r["pred_us"] for r in mine])
+        slope, fixed = np.polyfit(x, y, 1)  # us per byte, us
+        if slope <= 0:  # noise larger than the signal: no model for this batch size
+            continue
+        dense = np.mean([b / (r["dense_us"] * 1e-6) for b, r in zip(dense_bytes, mine)]) / 1e12
+        out.append({"max_batch": batch, "dense_tb_s": float(f"{dense:.4g}"),
+                    "sparse_fixed_us": float(f"{max(fixed, 0.0):.4g}"),
+                    "sparse_tb_s": float(f"{1e-6 / slope / 1e12:.4g}"), "source": source})
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", nargs="+", default=["llama2-7b", "qwen2-7b"])
@@ -259,6 +282,10 @@ def main() -> int:
                                               3)
     report = harness.report(args, copy_tb_per_s=copy_bw and round(copy_bw / 1e12, 3),
                             swept_config=best and dataclasses.asdict(best), runs=rows, sweep=sweep)
+    report["ffn_costs"] = fit_costs(rows, args.rank, f"{report['device']} {report['date']} commit "
+                                                       f"{report['commit']}: {report['command']}")
+    for cost in report["ffn_costs"]:
+        print(json.dumps(cost), flush=True)
     harness.save(report, args.json_out)
     print(f"\n{report['device']}, torch copy {report['copy_tb_per_s']} TB/s; config {best or 'tuned'}")
     print(harness.table(rows, COLUMNS))

@@ -18,6 +18,7 @@ from svdsparse_jax.config import ModelConfig
 from svdsparse_jax.errors import SvdsparseError
 from svdsparse_jax.engine import XLA
 from svdsparse_jax.model import Block, Transformer, activation, linear
+from svdsparse_jax.policy import BATCH_SIZES, UnionRows, measure_union
 from svdsparse_jax.predictors.base import LowRankPredictor, OraclePredictor, Predictor
 from svdsparse_jax.predictors.baselines import mlp_predictor, signbit_predictor
 from svdsparse_jax.predictors.svd import whitened_svd
@@ -63,13 +64,16 @@ class BuildConfig:
 @dataclasses.dataclass
 class PredictorSet:
     """One predictor per layer plus what built them. info: per-layer build facts (true sparsity on the
-    calibration half, target, predicted sparsity there); timings: seconds per stage."""
+    calibration half, target, predicted sparsity there); timings: seconds per stage; union: the row fractions a
+    decode batch reads, by batch size, on the calibration half (what the engine's sparsity policy reads; None
+    for sets saved before it was measured)."""
 
     method: str
     layers: list[Predictor]
     config: dict
     info: list[dict] = dataclasses.field(default_factory=list)
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    union: UnionRows | None = None
 
 
 def layer_factors(st: LayerStats, block: Block, cfg: ModelConfig, bc: BuildConfig, target: Target,
@@ -93,7 +97,8 @@ def layer_factors(st: LayerStats, block: Block, cfg: ModelConfig, bc: BuildConfi
 def calibrate_layer(pred: Predictor, st: LayerStats, block: Block, target: Target, guard: float = GUARD
                     ) -> tuple[Predictor, dict]:
     """Sets a low-rank predictor's biases by the penalty objective (other types pass through) and returns it
-    with its facts on the calibration half."""
+    with its facts on the calibration half, among them the union row fractions of decode batches of
+    `policy.BATCH_SIZES` sequences ("union_candidates", "union_active")."""
     active2 = st.h2 != 0
     if isinstance(pred, LowRankPredictor):
         raw = dataclasses.replace(pred, bias=jnp.zeros_like(pred.bias)).scores(st.x2)
@@ -105,8 +110,10 @@ def calibrate_layer(pred: Predictor, st: LayerStats, block: Block, target: Targe
     recall = float(jnp.sum(predicted & active2) / jnp.maximum(jnp.sum(active2), 1))
     # False when the 1% guard stopped the calibration short (or, for the oracle, by construction)
     met = sparsity >= target.value - 1e-6 if target.kind == "sparsity" else recall >= target.value - 1e-6
+    union_candidates, union_active = measure_union(predicted, predicted & active2, BATCH_SIZES, seed=st.layer)
     info = {"layer": st.layer, "true_sparsity": st.true_sparsity, "target": dataclasses.asdict(target),
-            "calib_predicted_sparsity": sparsity, "calib_recall": recall, "target_met": met}
+            "calib_predicted_sparsity": sparsity, "calib_recall": recall, "target_met": met,
+            "union_candidates": union_candidates, "union_active": union_active}
     return pred, info
 
 
@@ -151,4 +158,10 @@ def build_predictors(model: Transformer, calib_tokens: np.ndarray, bc: BuildConf
         t = time.perf_counter()
     config = dataclasses.asdict(bc) | {"calibration_tokens": int(windows.size), "window": window,
                                        "dtype": jnp.dtype(dtype).name}
-    return PredictorSet(bc.method, layers, config, info, timings)
+    return PredictorSet(bc.method, layers, config, info, timings, union_of(info))
+
+
+def union_of(info: list[dict]) -> UnionRows:
+    """The set's union row fractions from its per-layer build facts."""
+    per_batch = lambda key: tuple(tuple(i[key][b] for i in info) for b in range(len(BATCH_SIZES)))  # noqa: E731
+    return UnionRows(BATCH_SIZES, per_batch("union_candidates"), per_batch("union_active"))

@@ -6,7 +6,9 @@ torch executor (`torch_npu_bridge`) alike:
                           `layers.{i}.bits` [d_ff, ceil(d/32)] int32 and `layers.{i}.alpha` [2] int32; the oracle
                           has no tensors
   manifest.json           format, kind, method and its configuration, the model's shapes, activation and
-                          threshold, the factors' dtype, per-layer types, the model's fingerprint, build facts
+                          threshold, the factors' dtype, per-layer types, the model's fingerprint, build facts,
+                          and `union_rows` (`policy.UnionRows`: the rows a decode batch reads, by batch size;
+                          absent in sets built before it was measured)
 
 A neuron is a candidate iff its score (B relu?(A x + hidden_bias))_i + bias_i is > 0 (the paper's section on the
 predictor). Loading into a model of other shapes or another fingerprint is refused. Writes are atomic
@@ -24,6 +26,7 @@ import jax.numpy as jnp
 from svdsparse_jax.config import ModelConfig
 from svdsparse_jax.errors import SvdsparseError
 from svdsparse_jax.fsutil import atomic_directory, read_versioned_json
+from svdsparse_jax.policy import UnionRows
 from svdsparse_jax.predictors.base import LowRankPredictor, OraclePredictor, SignBitPredictor
 from svdsparse_jax.predictors.build import PredictorSet
 
@@ -60,6 +63,8 @@ def save_predictors(out_dir: str | os.PathLike, pset: PredictorSet, cfg: ModelCo
                 "threshold": cfg.act_threshold if cfg.activation == "fatrelu" else 0.0,
                 "dtype": dtypes.pop() if len(dtypes) == 1 else None, "fingerprint": fingerprint,
                 "layers": entries, "info": pset.info, "timings": pset.timings}
+    if pset.union is not None:
+        manifest["union_rows"] = pset.union.to_json()
     with atomic_directory(out_dir) as tmp:
         if tensors:
             save_file({k: jnp.asarray(v) for k, v in tensors.items()}, str(tmp / TENSORS))
@@ -105,7 +110,8 @@ def load_predictors(pred_dir: str | os.PathLike, cfg: ModelConfig, fingerprint: 
         else:
             raise SvdsparseError(f"{mpath}: layer {i}: unknown predictor type {e['type']!r}")
         layers.append(p)
-    return PredictorSet(m["method"], layers, m["config"], m.get("info", []), m.get("timings", {}))
+    union = None if "union_rows" not in m else UnionRows.from_json(m["union_rows"], cfg.n_layers, str(mpath))
+    return PredictorSet(m["method"], layers, m["config"], m.get("info", []), m.get("timings", {}), union)
 
 
 def read_manifest(pred_dir: str | os.PathLike) -> dict:
