@@ -106,13 +106,22 @@ class FFNCost:
         return self.sparse_fixed_us + useful_bytes / self.sparse_tb_s * 1e-6
 
 
+_FFN_RUN = "H200 2026-12-01, docs/bench/ffn_batches_ca98fd3.json (bench.ffn, LLaMA2-7B and Qwen2-7B, 80% and 90%)"
+_DECODE_RUN = "docs/bench/decode_llama2-7b_sparse_batches_4f079a7.json"
 FFN_COSTS = (
-    FFNCost(max_batch=1, dense_tb_s=2.36, sparse_fixed_us=6.8, sparse_tb_s=1.71,
-            source="H200 2026-12-01 (docs/bench/ffn_90.json, commit 0fd53aa): LLaMA2-7B at 90% sparsity, dense "
-                   "114.4 us, kernels 17.4 us for 29.7 MB, with compaction and predictor 24.2"),
-    FFNCost(max_batch=2, dense_tb_s=3.55, sparse_fixed_us=32.0, sparse_tb_s=2.07,
-            source="H200 2026-12-01 (docs/bench/ffn_batches_split_f7ce0ab.json): split kernels, LLaMA2-7B, 55.8 MB "
-                   "in 59.0 us and 100.8 MB in 80.8 us with the predictor; dense 75.2-76.1 us"),
+    FFNCost(max_batch=1, dense_tb_s=2.708, sparse_fixed_us=20.86, sparse_tb_s=3.305,
+            source=f"{_FFN_RUN}: stream kernels; in decode ({_DECODE_RUN}) every layer sparse, 1.73x dense"),
+    FFNCost(max_batch=2, dense_tb_s=3.584, sparse_fixed_us=44.01, sparse_tb_s=3.748,
+            source=f"{_FFN_RUN}: mma kernels; in decode every layer sparse saved 14.7 us a layer, as predicted"),
+    FFNCost(max_batch=4, dense_tb_s=3.551, sparse_fixed_us=28.5, sparse_tb_s=2.365,
+            source=f"{_FFN_RUN}: mma kernels, fixed 22.15 us fitted + 6.3: in decode every layer sparse saved 6.7 "
+                   "us a layer where the fit predicted 13"),
+    FFNCost(max_batch=8, dense_tb_s=3.505, sparse_fixed_us=33.0, sparse_tb_s=2.514,
+            source=f"{_FFN_RUN}: mma kernels, fixed 18.9 us fitted + 14: in decode the 10 layers the fit called "
+                   "even with dense lost 14 us each (0.97x dense)"),
+    FFNCost(max_batch=16, dense_tb_s=3.456, sparse_fixed_us=0.0, sparse_tb_s=2.123,
+            source=f"{_FFN_RUN}: mma kernels, not run in decode; a union over (W_gate + 2 W_up/down) / 3 of 61% "
+                   "or more stays dense (the measured unions of batch 16: 83% / 65%)"),
 )
 # Batches larger than every row run the dense FFN under the measured policy.
 

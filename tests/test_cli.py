@@ -75,8 +75,16 @@ def test_build_predictors_eval_and_sparse_generate_on_the_bundled_model(tmp_path
     built = json.loads(capsys.readouterr().out)
     assert built["config"]["method"] == "whitened" and len(built["layers"]) == 8
     assert main(["eval", "--predictors", str(out), "--max-windows", "2", "--dtype", "float32", "--json",
-                 "--plots", str(tmp_path / "plots")]) == 0
+                 "--plots", str(tmp_path / "plots"), "--batch-sizes", "1,2", "--ffn-policy", "sparse"]) == 0
     rep = json.loads(capsys.readouterr().out)
+    one, two = rep["batches"]
+    # one sequence reads its own rows; two read their union, and each still keeps only its own candidates, so
+    # with every layer sparse the accuracy is the same at every batch size
+    assert one["gate_rows_union"] == pytest.approx(rep["summary"]["gate_rows_read"], rel=1e-6)
+    assert two["gate_rows_union"] > one["gate_rows_union"] and two["up_down_rows_union"] > one["up_down_rows_union"]
+    for b in (one, two):
+        assert b["sparse_layers"] == 8 and b["ppl"] == pytest.approx(rep["summary"]["ppl_sparse"], rel=1e-9)
+        assert b["top1_agreement"] == pytest.approx(rep["summary"]["top1_agreement"])
     for key in ("true_sparsity", "predicted_sparsity", "recall", "precision", "auroc", "ppl_dense", "ppl_sparse",
                 "top1_agreement", "rows_read_fraction"):
         assert 0 <= rep["summary"][key] < float("inf"), key
@@ -85,8 +93,10 @@ def test_build_predictors_eval_and_sparse_generate_on_the_bundled_model(tmp_path
     generated = []
     for kernels in ("xla", "interpret"):  # the engine picked at the edge: the kernels, interpreted, decode alike
         assert main(["generate", "--predictors", str(out), "--prompt", "import os\n", "--max-new-tokens", "8",
-                     "--dtype", "float32", "--json", "--kernels", kernels]) == 0
-        generated.append(json.loads(capsys.readouterr().out)["output_ids"])
+                     "--dtype", "float32", "--json", "--kernels", kernels, "--ffn-policy", "sparse"]) == 0
+        result = json.loads(capsys.readouterr().out)
+        assert result["sparse_layers"] == 8
+        generated.append(result["output_ids"])
     assert generated[0] == generated[1] and len(generated[0]) <= 8
     # predictors of another model are refused
     other = make_hf_checkpoint(tmp_path / "hf", "llama_relu", seed=seed)

@@ -129,7 +129,7 @@ def test_bucket():
 def test_sparse_decoding_with_an_all_active_predictor_equals_dense(llama_checkpoint):
     from svdsparse_jax.predictors import LowRankPredictor, OraclePredictor
     lm = load_model(llama_checkpoint.path, jnp.float32)
-    cfg, model = lm.cfg, Transformer(lm.cfg, lm.weights)
+    cfg, model = lm.cfg, Transformer(lm.cfg, lm.weights, EngineConfig(ffn_policy="sparse"))
     everything = LowRankPredictor(jnp.zeros((4, cfg.d_model)), jnp.zeros((cfg.d_ff, 4)), jnp.ones(cfg.d_ff))
     prompts = [[3, 4, 5], [9, 10, 11, 12, 13]]
     dense = Generator(model).generate(prompts, 32).tokens

@@ -33,7 +33,8 @@ SMALL = {"split": sf.SparseFFNConfig("split", rows=8, chunk=32, down_rows=16, do
 ACTS = [Activation("relu"), Activation("fatrelu", 0.4), Activation("drelu")]
 # The kernels interpreted, with every decode product of the tiny models through the GEMV kernel (the measured
 # table sends matrices under 4096 x 4096 weights to XLA).
-INTERPRET = EngineConfig(backend="interpret", projections=(tuning.ProjectionRule(8, 0, "gemv"),))
+INTERPRET = EngineConfig(backend="interpret", projections=(tuning.ProjectionRule(8, 0, "gemv"),), ffn_policy="sparse")
+SPARSE_XLA = EngineConfig(ffn_policy="sparse")  # XLA, every layer of every batch sparse
 
 
 @pytest.mark.parametrize("variant", sorted(SMALL))
@@ -50,12 +51,12 @@ def test_sparse_ffn_kernels_match_float64(variant, dtype, count, rng):
 def test_sparse_ffn_tuned_configs(d, rng):
     """The tuned configurations at every width of the model table, whose rows the kernels read in column pieces
     of at most 2048 (bundled 256; 1536: 1024 + 512; Qwen2-7B 3584: 2048 + 1024 + 512; LLaMA2-7B 4096;
-    LLaMA2-13B 5120: 2048 + 2048 + 1024): stream for one sequence, split for batches; each checked on the
+    LLaMA2-13B 5120: 2048 + 2048 + 1024): stream for one sequence, mma for batches up to 16; each checked on the
     kernels at d_ff = 512."""
     engine = EngineConfig(backend="interpret")
     assert engine.sparse_ffn_config(1).variant == "stream"
-    assert engine.sparse_ffn_config(4).variant == "split"
-    assert engine.sparse_ffn_config(9) is None and XLA.sparse_ffn_config(1) is None
+    assert engine.sparse_ffn_config(4).variant == engine.sparse_ffn_config(16).variant == "mma"
+    assert engine.sparse_ffn_config(17) is None and XLA.sparse_ffn_config(1) is None
     for batch in (1, 4):
         for count in (0, 1, 512, 131):
             r = check_sparse_ffn(d, 512, jnp.bfloat16, count, rng=rng, batch=batch, act=Activation("fatrelu", 0.3),
@@ -98,8 +99,8 @@ def test_projection_table_routes_each_product():
     """The engine's table decides per batch, size and dtype; no kernel without a kernel backend."""
     pallas = EngineConfig(backend="pallas", platform="gpu")
     big, small = jnp.zeros((4096, 4096), jnp.bfloat16), jnp.zeros((256, 4096), jnp.bfloat16)
-    assert pallas.projection_impl(1, big) == "gemv" and pallas.projection_impl(8, big) == "gemv"
-    assert pallas.projection_impl(9, big) == "xla"  # a batch past the table: XLA's product
+    assert pallas.projection_impl(1, big) == "gemv"  # one sequence: the Pallas GEMV measured faster
+    assert pallas.projection_impl(2, big) == pallas.projection_impl(8, big) == "xla"  # batches: XLA did
     assert pallas.projection_impl(1, small) == "xla"  # the predictor factors: XLA measured faster
     assert pallas.projection_impl(1, big.astype(jnp.float32)) == "xla"  # f32 keeps full-precision products
     assert XLA.projection_impl(1, big) == "xla"
@@ -196,7 +197,7 @@ def test_sparse_decoding_through_the_kernels(llama_checkpoint, rng):
     """The generate program with the kernels (interpret mode) gives the dense tokens under an all-active
     predictor, and the XLA-guarded tokens under a real partial one."""
     lm = load_model(llama_checkpoint.path, jnp.float32)
-    cfg, model = lm.cfg, Transformer(lm.cfg, lm.weights, XLA)
+    cfg, model = lm.cfg, Transformer(lm.cfg, lm.weights, SPARSE_XLA)
     kernels = with_engine(model, INTERPRET)
     prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (4, 9)]
     dense = Generator(model).generate(prompts, 12).tokens
