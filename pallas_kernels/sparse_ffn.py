@@ -4,7 +4,7 @@ sequences sharing one union of candidates), on the blocked neuron list of `compa
 finds the neurons at its list positions from the prefix sum of the tile counts (`_List`, `_block`), so all work
 is on dense blocks of the list and no program spends its lanes on rows that are not candidates.
 
-Three variants (`SparseFFNConfig.variant`; docs/design.md gives the measurements that chose between them):
+Four variants (`SparseFFNConfig.variant`; docs/design.md gives the measurements that chose between them):
 - "stream": one kernel with a fixed grid of `programs`; each takes list blocks p, p + programs, ...; for each it
   gathers the W_gate rows (its columns in a few power-of-two pieces, all loads in flight at once), applies the
   activation, then loads the W_up and the W_down_t rows of the active neurons together, so the down rows travel
@@ -16,6 +16,9 @@ Three variants (`SparseFFNConfig.variant`; docs/design.md gives the measurements
   a partial [B, cols] sum that XLA adds.
 - "fused": the gate / up program goes on to the down rows of its own block and adds its [B, d] contribution
   into y with f32 atomics (y zeroed first).
+- "mma" (batches): as split, but each block's rows are gathered once and multiplied by the whole batch (padded
+  to MMA_MIN_BATCH sequences) on tensor cores: the gate / up kernel writes h [list, B'] list-major in the
+  weights' dtype, the down kernel computes h^T W_down_t over column blocks and slices of the list.
 
 Interpret mode (CPU tests) runs the same kernel bodies; there gathers read clamped rows and zero them instead
 of masking the load (`common.load_rows`).
@@ -339,8 +342,9 @@ def sparse_ffn_indexed(x: jax.Array, tiles: jax.Array, counts: jax.Array, w_gate
     (distinct neurons < d_ff); weights [d_ff, d]; own (B > 1 only) bool or int8 [len(tiles), B]: whether the
     neuron in slot j of the tiles is in sequence b's own set (None: in all; `compaction.compact` gives it).
 
-    Returns (y [B, d] f32, h): h is the split variant's hidden buffer f32 [B', list_length(d_ff, cfg)] in list
-    order (B' = B padded to a power of two; zero past the count), None for the fused and stream variants.
+    Returns (y [B, d] f32, h): h is the split and mma variants' hidden buffer as f32 [B', list_length(d_ff, cfg)]
+    in list order (B' = B padded to a power of two, for mma at least MMA_MIN_BATCH; zero past the count), None for
+    the fused and stream variants.
     poison: start the kernels' output buffers as NaN (the checks' way to prove every element gets written)."""
     _check_shapes(x, w_gate, w_up, w_down_t)
     batch, d = x.shape
