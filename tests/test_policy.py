@@ -161,3 +161,25 @@ def test_union_rows_are_stored_with_the_predictors(tmp_path, rng):
     del m["union_rows"]  # a set built before the unions were measured
     manifest.write_text(json.dumps(m))
     assert load_predictors(tmp_path / "p", cfg, "fp").union is None
+
+
+def test_top_k_candidates_are_the_batch_best_scores(llama_checkpoint, rng):
+    """TopKPredictor: at every position the same k neurons for all B sequences, those with the highest score of
+    any sequence (float64 NumPy on the base predictor's scores); k = d_ff decodes the dense tokens."""
+    from svdsparse_jax.predictors.base import TopKPredictor
+    cfg, model = _model(llama_checkpoint)
+    base = _predictor(cfg, rng)
+    batch, tokens, k = 3, 5, 17
+    x = jnp.asarray(rng.standard_normal((batch * tokens, cfg.d_model)), jnp.float32)
+    got = np.asarray(TopKPredictor(base, k, batch).candidates(x).as_mask()).reshape(batch, tokens, cfg.d_ff)
+    scores = np.asarray(x, np.float64) @ np.asarray(base.a, np.float64).T @ np.asarray(base.b, np.float64).T
+    best = (scores + np.asarray(base.bias, np.float64)).reshape(batch, tokens, cfg.d_ff).max(axis=0)
+    for t in range(tokens):
+        want = np.zeros(cfg.d_ff, bool)
+        want[np.argsort(-best[t])[:k]] = True
+        assert all((got[b, t] == want).all() for b in range(batch))
+    with pytest.raises(ValueError, match="do not come from 4 sequences"):
+        TopKPredictor(base, k, 4).candidates(x)
+    prompts = _prompts(rng, cfg, 4)
+    everything = [TopKPredictor(_predictor(cfg, rng), cfg.d_ff, 4) for _ in range(cfg.n_layers)]
+    assert Generator(model, everything).generate(prompts, 12).tokens == Generator(model).generate(prompts, 12).tokens
