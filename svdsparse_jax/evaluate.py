@@ -219,6 +219,9 @@ def evaluate_predictors(model: Transformer, predictor_sets: dict, tokens: np.nda
     if n < 1 or window < 2:
         raise SvdsparseError(f"{len(tokens)} tokens: too few to evaluate (need at least one window of 2)")
     windows = np.asarray(tokens[: n * window], np.int32).reshape(n, window)
+    bad = [b for b in batch_sizes if not 1 <= b <= n]
+    if bad:  # before the long work, not after it
+        raise SvdsparseError(f"--batch-sizes {bad[0]}: expected 1 <= B <= {n}, the windows evaluated")
     layers: dict[str, list[dict]] = {name: [] for name in predictor_sets}
     for i, ffn_in in layer_inputs(model, windows):
         ffn = model.layers[i].ffn
@@ -272,8 +275,6 @@ def evaluate_batches(model: Transformer, pset, windows: np.ndarray, batch_sizes:
     itemsize = jnp.dtype(model.dtype).itemsize
     out = []
     for b in batch_sizes:
-        if b < 1 or b > len(windows):
-            raise SvdsparseError(f"--batch-sizes {b}: expected 1 <= B <= {len(windows)}, the windows evaluated")
         groups = len(windows) // b
         unions = [_union_fractions(graphdef, state, pset.layers, jnp.asarray(windows[g * b:(g + 1) * b]))
                   for g in range(groups)]

@@ -82,6 +82,8 @@ def test_build_predictors_eval_and_sparse_generate_on_the_bundled_model(tmp_path
     # with every layer sparse the accuracy is the same at every batch size
     assert one["gate_rows_union"] == pytest.approx(rep["summary"]["gate_rows_read"], rel=1e-6)
     assert two["gate_rows_union"] > one["gate_rows_union"] and two["up_down_rows_union"] > one["up_down_rows_union"]
+    assert main(["eval", "--predictors", str(out), "--max-windows", "2", "--batch-sizes", "1,4"]) == 2
+    assert "--batch-sizes 4: expected 1 <= B <= 2" in capsys.readouterr().err
     for b in (one, two):
         assert b["sparse_layers"] == 8 and b["ppl"] == pytest.approx(rep["summary"]["ppl_sparse"], rel=1e-9)
         assert b["top1_agreement"] == pytest.approx(rep["summary"]["top1_agreement"])
