@@ -54,6 +54,9 @@ def _kernel_option(p: argparse.ArgumentParser, policy: bool = False) -> None:
     p.add_argument("--kernels", choices=["auto", "pallas", "interpret", "xla"],
                    help="Pallas kernels or XLA for decode-sized products, norms and the guarded FFN (default: "
                         "SVDSPARSE_KERNELS, else auto = the kernels on a GPU, XLA elsewhere)")
+    p.add_argument("--devices", type=int, default=1,
+                   help="tensor-parallel over this many devices (heads, FFN neurons and vocabulary split; XLA's "
+                        "SPMD partitioning, no kernels yet)")
     if policy:
         p.add_argument("--ffn-policy", choices=["measured", "sparse", "dense"], default="measured",
                        help="which layers of a decode batch run sparse: where measured costs say it beats dense "
@@ -181,14 +184,31 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
 
 def engine_from_args(args: argparse.Namespace):
-    """The engine configuration of a command: --kernels, else SVDSPARSE_KERNELS, else auto; --ffn-policy."""
+    """The engine configuration of a command: --kernels, else SVDSPARSE_KERNELS, else auto; --ffn-policy;
+    --devices (more than one: a tensor-parallel mesh)."""
     from svdsparse_jax.engine import from_environment
-    return from_environment(getattr(args, "kernels", None), ffn_policy=getattr(args, "ffn_policy", "measured"))
+    from svdsparse_jax.sharding import make_mesh
+    devices = getattr(args, "devices", 1)
+    if devices < 1:
+        raise SvdsparseError(f"--devices must be >= 1, got {devices}")
+    mesh = make_mesh(devices) if devices > 1 else None
+    return from_environment(getattr(args, "kernels", None), ffn_policy=getattr(args, "ffn_policy", "measured"),
+                            mesh=mesh)
+
+
+def model_for(lm, engine):
+    """The model of a loaded checkpoint under an engine, placed on the engine's mesh when it has one (refused
+    with a one-line error where the mesh does not divide the model)."""
+    from svdsparse_jax.model import Transformer
+    from svdsparse_jax.sharding import check_mesh, shard_model
+    if engine.mesh is not None:
+        check_mesh(lm.cfg, engine.mesh.devices.size)
+    model = Transformer(lm.cfg, lm.weights, engine)
+    return model if engine.mesh is None else shard_model(model, engine.mesh)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
     from svdsparse_jax.generate import Generator, Sampler
-    from svdsparse_jax.model import Transformer
 
     if args.greedy and args.temperature is not None:
         raise SvdsparseError("--greedy and --temperature exclude each other")
@@ -207,7 +227,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         prompts = args.prompt_ids
     sampler = Sampler(temperature=args.temperature or 0.0, top_k=args.top_k, top_p=args.top_p)
     pset = load_predictors_for(args.predictors, lm) if args.predictors else None
-    model = Transformer(lm.cfg, lm.weights, engine)
+    model = model_for(lm, engine)
     del lm  # the model holds its own fused q/k/v matrix; the separate ones can go
     gen = Generator(model, pset and pset.layers, pset and pset.union)
     result = gen.generate(prompts, args.max_new_tokens, sampler, args.seed)
@@ -230,7 +250,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_score(args: argparse.Namespace) -> None:
     from svdsparse_jax.evaluate import score_tokens
-    from svdsparse_jax.model import Transformer
 
     text = None
     if args.text_file is not None:  # read before the (slow) model load, so a bad path fails at once
@@ -246,7 +265,7 @@ def cmd_score(args: argparse.Namespace) -> None:
         ids = lm.tokenizer(text)["input_ids"]
     else:
         ids = args.prompt_ids
-    r = score_tokens(Transformer(lm.cfg, lm.weights, engine), ids, args.window)
+    r = score_tokens(model_for(lm, engine), ids, args.window)
     if args.json:
         print(json.dumps({"tokens": len(ids), "logprobs": r.logprobs, "nll": r.nll, "ppl": r.ppl}))
     else:
@@ -327,7 +346,6 @@ def cmd_build_predictors(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from svdsparse_jax.evaluate import evaluate_predictors, write_plots
-    from svdsparse_jax.model import Transformer
 
     texts = _read_texts([args.text_file]) if args.text_file else None
     engine = engine_from_args(args)
@@ -339,7 +357,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         tokens = corpus_split("heldout")
     else:
         raise SvdsparseError("--text-file is required for a model other than the bundled one")
-    report = evaluate_predictors(Transformer(lm.cfg, lm.weights, engine), {pset.method: pset}, tokens,
+    report = evaluate_predictors(model_for(lm, engine), {pset.method: pset}, tokens,
                                  args.window, args.max_windows, batch_sizes=args.batch_sizes)[pset.method]
     if args.plots:
         report["plots"] = write_plots({pset.method: report}, args.plots)

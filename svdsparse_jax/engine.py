@@ -53,7 +53,8 @@ class EngineConfig:
       costs `ffn_costs` say it beats dense at the batch's union row fractions), 'sparse' (all) or 'dense'
       (none); `svdsparse_jax.policy`.
     steps_per_check: decode steps between two checks of the stop condition (generate.py).
-    mesh: the device mesh of tensor-parallel decode; not built yet, so it must be None.
+    mesh: the device mesh of tensor-parallel decode (`sharding.make_mesh`), or None for one device; with a mesh
+      every operation runs XLA's SPMD partitioning (the kernels do not run under a mesh yet).
     """
 
     backend: str = "xla"
@@ -75,8 +76,9 @@ class EngineConfig:
             raise SvdsparseError(f"engine ffn_policy {self.ffn_policy!r}: expected one of {POLICIES}")
         if self.steps_per_check < 1:
             raise SvdsparseError(f"engine steps_per_check must be >= 1, got {self.steps_per_check}")
-        if self.mesh is not None:
-            raise SvdsparseError("engine mesh: tensor-parallel decode is not built yet; leave mesh=None")
+        if self.mesh is not None and self.backend != "xla":
+            raise SvdsparseError(f"engine mesh: the {self.backend} kernels do not run under a device mesh yet; use "
+                                 "backend 'xla' (--kernels xla)")
 
     @property
     def kernels(self) -> bool:
@@ -109,8 +111,8 @@ class EngineConfig:
         platform = jax.default_backend()
         if backend not in ("auto", *BACKENDS):
             raise SvdsparseError(f"kernel backend {backend!r}: expected one of {('auto', *BACKENDS)}")
-        if backend == "auto":
-            backend = "pallas" if platform == "gpu" else "xla"
+        if backend == "auto":  # the kernels do not run under a mesh yet
+            backend = "pallas" if platform == "gpu" and fields.get("mesh") is None else "xla"
         if backend == "pallas" and platform != "gpu":
             raise SvdsparseError(f"kernel backend 'pallas' needs a GPU; this JAX backend is {platform!r} (use "
                                  "'interpret' to run the kernels on it, or 'xla')")

@@ -35,6 +35,7 @@ from svdsparse_jax import kv_cache
 from svdsparse_jax.errors import SvdsparseError
 from svdsparse_jax.model import Transformer
 from svdsparse_jax.policy import UnionRows, sparse_layers
+from svdsparse_jax.sharding import shard_model, shard_predictors
 
 MIN_BUCKET = 16
 
@@ -141,14 +142,17 @@ class GenerateResult:
 class Generator:
     """Compiles and runs the generate program for one model (dense, or sparse decoding with one predictor per
     layer) under the model's engine configuration (`model.engine`: which kernels run inside the program, which
-    layers run sparse at a batch size, the steps per stop check); keeps compiled programs by static shape,
-    greedy or sampled. union: the predictors' union row fractions by batch size (`PredictorSet.union`), which
+    layers run sparse at a batch size, the steps per stop check, the device mesh: with one, the weights and
+    predictors are placed on it first); keeps compiled programs by static shape, greedy or sampled. union: the predictors' union row fractions by batch size (`PredictorSet.union`), which
     the engine's measured policy reads."""
 
     def __init__(self, model: Transformer, predictors: list | None = None, union: UnionRows | None = None):
         self.cfg = model.cfg
         if predictors is not None and len(predictors) != model.cfg.n_layers:
             raise SvdsparseError(f"{len(predictors)} predictors for {model.cfg.n_layers} layers")
+        if model.engine.mesh is not None:  # tensor parallel: weights and predictors placed on the mesh
+            model = shard_model(model, model.engine.mesh)
+            predictors = predictors and shard_predictors(predictors, model.engine.mesh, model.cfg.d_ff)
         self.predictors, self.union, self.engine = predictors, union, model.engine
         self.itemsize = jnp.dtype(model.dtype).itemsize
         self.graphdef, self.state = nnx.split(model)

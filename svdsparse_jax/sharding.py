@@ -1,0 +1,99 @@
+"""Tensor-parallel placement: a one-axis device mesh and the `NamedSharding` of every weight, derived from the
+logical axes of the weight table (`weights.weight_specs`).
+
+  q_heads, kv_heads   attention heads split over the mesh (q/k/v by their rows, o_proj by its input); KV heads
+                      fewer than the devices are replicated (and so is the KV cache, which XLA shards like k, v)
+  ffn                 FFN neurons split: the rows of W_gate, W_up, W_down_t, and of the predictor's B and bias
+  vocab               the embedding and LM head split by vocabulary (replicated where it does not divide)
+  embed               replicated, as are the norms and the predictor's A
+
+The jitted programs take these arrays as they are placed, and XLA's SPMD partitioner inserts the collectives
+(an all-reduce after o_proj and after the FFN, which contract over a split axis). The model holds q/k/v
+concatenated (`weights.FUSED`); that matrix is split by its rows, which XLA reshards into heads.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from svdsparse_jax.config import ModelConfig
+from svdsparse_jax.errors import SvdsparseError
+from svdsparse_jax.weights import FUSED, Path, weight_specs
+
+AXIS = "model"  # the mesh's one axis: tensor parallelism
+
+
+def make_mesh(n_devices: int, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A one-axis mesh ("model") over the first n_devices devices of this process's JAX backend."""
+    devices = list(jax.devices() if devices is None else devices)
+    if not 1 <= n_devices <= len(devices):
+        raise SvdsparseError(f"--devices {n_devices}: this JAX backend has {len(devices)} "
+                             f"{devices[0].platform} device(s)")
+    return Mesh(np.asarray(devices[:n_devices]), (AXIS,))
+
+
+def check_mesh(cfg: ModelConfig, n: int) -> None:
+    """Refuses meshes that do not divide the model: heads, KV heads (unless fewer than the devices: then
+    replicated) and d_ff."""
+    for what, count in (("attention heads", cfg.n_heads), ("FFN neurons (d_ff)", cfg.d_ff)):
+        if count % n:
+            raise SvdsparseError(f"--devices {n}: the model's {count} {what} do not split evenly over {n} devices")
+    if cfg.n_kv_heads >= n and cfg.n_kv_heads % n:
+        raise SvdsparseError(f"--devices {n}: the model's {cfg.n_kv_heads} KV heads do not split evenly over {n} "
+                             "devices (fewer KV heads than devices are replicated)")
+
+
+def axis_rules(cfg: ModelConfig, n: int) -> dict[str, str | None]:
+    """Logical axis -> mesh axis (None: replicated) for a mesh of n devices."""
+    kv = AXIS if cfg.n_kv_heads % n == 0 else None
+    return {"q_heads": AXIS, "kv_heads": kv, "ffn": AXIS, "vocab": AXIS if cfg.vocab_size % n == 0 else None,
+            "embed": None, "qkv": AXIS if (cfg.q_dim + 2 * cfg.kv_dim) % n == 0 else None}
+
+
+def module_axes(cfg: ModelConfig) -> dict[Path, tuple[str, ...]]:
+    """The logical axes of every parameter the model holds: the specs', with each FUSED group as one array."""
+    axes = {s.path: s.axes for s in weight_specs(cfg)}
+    for i in range(cfg.n_layers):
+        for fused, parts in FUSED.items():
+            paths = [("layers", i, "attn", part) for part in parts]
+            if all(p in axes for p in paths):
+                first = axes[paths[0]]
+                for p in paths:
+                    del axes[p]
+                axes[("layers", i, "attn", fused)] = ("qkv", *first[1:])
+    return axes
+
+
+def _key(entry) -> str | int | None:
+    return getattr(entry, "key", getattr(entry, "idx", None))
+
+
+def shard_model(model, mesh: Mesh):
+    """The same model with every parameter placed by its logical axes on the mesh (a new module tree; the
+    arrays are copied onto their devices)."""
+    cfg = model.cfg
+    n = mesh.devices.size
+    check_mesh(cfg, n)
+    rules, axes = axis_rules(cfg, n), module_axes(cfg)
+    graphdef, state = nnx.split(model)
+
+    def place(path, x):
+        key = tuple(k for k in map(_key, path) if k is not None)
+        return jax.device_put(x, NamedSharding(mesh, PartitionSpec(*(rules[a] for a in axes[key]))))
+
+    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(place, state))
+
+
+def shard_predictors(predictors: list, mesh: Mesh, d_ff: int) -> list:
+    """Predictors placed with their neurons: every array whose first axis is the d_ff neurons (B, bias, sign
+    bits) split by rows; the rest (A, hidden biases, scalars) replicated. d_ff must divide over the mesh."""
+    def place(x):
+        rows = x.ndim >= 1 and x.shape[0] == d_ff
+        return jax.device_put(x, NamedSharding(mesh, PartitionSpec(AXIS if rows else None)))
+
+    return [jax.tree.map(place, p) for p in predictors]

@@ -1,0 +1,69 @@
+"""Run in a subprocess by test_sharding.py, with `--xla_force_host_platform_device_count` set before JAX starts:
+for a tiny checkpoint of a family, the logits and greedy tokens of the unsharded model and of the model placed on
+meshes of the given sizes, dense and with every layer sparse. Prints one JSON object."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from checkpoints import make_hf_checkpoint  # noqa: E402
+from svdsparse_jax import kv_cache  # noqa: E402
+from svdsparse_jax.convert import load_model  # noqa: E402
+from svdsparse_jax.engine import EngineConfig  # noqa: E402
+from svdsparse_jax.generate import Generator  # noqa: E402
+from svdsparse_jax.model import Transformer  # noqa: E402
+from svdsparse_jax.predictors import LowRankPredictor  # noqa: E402
+from svdsparse_jax.sharding import make_mesh, shard_model, shard_predictors  # noqa: E402
+
+
+@jax.jit
+def _logits(model, tokens, preds):
+    cache = kv_cache.init_cache(model.cfg, jnp.zeros(tokens.shape[0], jnp.int32), tokens.shape[1], model.dtype)
+    states, _ = model(tokens, cache, jnp.int32(0), preds)
+    return model.logits(states)
+
+
+def main(family: str, out_dir: str, seed: int, sizes: list[int]) -> dict:
+    ckpt = make_hf_checkpoint(Path(out_dir) / family, family, seed=seed)
+    lm = load_model(ckpt.path, jnp.float32)
+    cfg = lm.cfg
+    rng = np.random.default_rng(seed)
+    preds = [LowRankPredictor(jnp.asarray(rng.standard_normal((8, cfg.d_model)) / np.sqrt(cfg.d_model), jnp.float32),
+                              jnp.asarray(rng.standard_normal((cfg.d_ff, 8)), jnp.float32),
+                              jnp.zeros(cfg.d_ff, jnp.float32)) for _ in range(cfg.n_layers)]
+    tokens = jnp.asarray(rng.integers(0, cfg.vocab_size, (3, 12)), jnp.int32)
+    prompts = [rng.integers(0, cfg.vocab_size, n).tolist() for n in (3, 9, 6)]
+    base = EngineConfig(ffn_policy="sparse")
+    model = Transformer(cfg, lm.weights, base)
+    want = {mode: np.asarray(_logits(model, tokens, p), np.float64) for mode, p in (("dense", None), ("sparse", preds))}
+    want_tokens = {mode: Generator(model, p).generate(prompts, 12).tokens
+                   for mode, p in (("dense", None), ("sparse", preds))}
+    out = {"devices": len(jax.devices()), "runs": []}
+    for n in sizes:
+        mesh = make_mesh(n)
+        engine = EngineConfig(ffn_policy="sparse", mesh=mesh)
+        sharded = shard_model(Transformer(cfg, lm.weights, engine), mesh)
+        placed = shard_predictors(preds, mesh, cfg.d_ff)
+        ffn = sharded.layers[0].ffn.w_gate[...]
+        run = {"n": n, "w_gate_shards": len(ffn.addressable_shards),
+               "w_gate_shard_rows": ffn.addressable_shards[0].data.shape[0]}
+        for mode, p in (("dense", None), ("sparse", placed)):
+            got = np.asarray(_logits(sharded, tokens, p), np.float64)
+            run[f"{mode}_rel_err"] = float(np.linalg.norm(got - want[mode]) / np.linalg.norm(want[mode]))
+            gen = Generator(Transformer(cfg, lm.weights, engine), None if p is None else preds)
+            run[f"{mode}_tokens_equal"] = gen.generate(prompts, 12).tokens == want_tokens[mode]
+        out["runs"].append(run)
+    return out
+
+
+if __name__ == "__main__":
+    family, out_dir, seed, sizes = sys.argv[1], sys.argv[2], int(sys.argv[3]), [int(v) for v in sys.argv[4:]]
+    print(json.dumps(main(family, out_dir, seed, sizes)))

@@ -1,0 +1,71 @@
+"""Tensor-parallel decode on CPU host devices (`--xla_force_host_platform_device_count`, set in a subprocess
+before JAX starts): sharded dense and sparse logits equal the unsharded ones (f32, relative error <= 1e-5) and
+greedy tokens are identical on 1, 2 and 4 devices, for MHA, GQA with 2 KV heads (replicated on 4 devices) and
+Qwen2's qkv bias; meshes that do not divide the model are refused."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from svdsparse_jax.config import named_config
+from svdsparse_jax.errors import SvdsparseError
+from svdsparse_jax.sharding import axis_rules, check_mesh, make_mesh
+
+HERE = Path(__file__).parent
+
+
+@pytest.mark.parametrize("family", ["llama_relu", "mistral_gqa", "qwen2_tied"])
+def test_sharded_logits_and_tokens_equal_unsharded(family, tmp_path, seed):
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, str(HERE / "multidevice.py"), family, str(tmp_path), str(seed), "1", "2",
+                        "4"], capture_output=True, text=True, env=env, cwd=HERE.parent, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["devices"] == 4
+    for run in out["runs"]:
+        assert run["w_gate_shards"] == run["n"] and run["w_gate_shard_rows"] == 128 // run["n"]  # d_ff 128 split
+        for mode in ("dense", "sparse"):
+            assert run[f"{mode}_rel_err"] <= 1e-5, run
+            assert run[f"{mode}_tokens_equal"], run
+
+
+def test_meshes_that_do_not_divide_the_model_are_refused():
+    cfg = named_config("tiny")  # 4 heads, 2 KV heads, d_ff 256
+    check_mesh(cfg, 4)  # KV heads fewer than devices: replicated
+    assert axis_rules(cfg, 4)["kv_heads"] is None and axis_rules(cfg, 2)["kv_heads"] == "model"
+    with pytest.raises(SvdsparseError, match="4 attention heads do not split evenly over 3 devices"):
+        check_mesh(cfg, 3)
+    with pytest.raises(SvdsparseError, match="3 KV heads do not split evenly over 2"):
+        check_mesh(named_config("tiny", n_kv_heads=3, n_heads=6), 2)
+    with pytest.raises(SvdsparseError, match="FFN neurons"):
+        check_mesh(named_config("tiny", d_ff=255), 2)
+    with pytest.raises(SvdsparseError, match="--devices 2: this JAX backend has 1 cpu device"):
+        make_mesh(2)
+
+
+def test_cli_devices(tmp_path):
+    """`generate --devices 2` and `score --devices 2` give the one-device tokens and scores on the bundled model;
+    `--devices 3` (4 heads) is refused with a one-line error."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+
+    def cli(*argv):
+        return subprocess.run([sys.executable, "-c", "import sys; from svdsparse_jax.cli import main; "
+                               "sys.exit(main(sys.argv[1:]))", *argv], capture_output=True, text=True, env=env,
+                              cwd=HERE.parent, timeout=600)
+
+    outs = []
+    for devices in ("1", "2"):
+        gen = cli("generate", "--prompt", "def main():\n", "--max-new-tokens", "12", "--dtype", "float32", "--json",
+                  "--devices", devices)
+        score = cli("score", "--prompt-ids", "5,17,300,42,9,77", "--dtype", "float32", "--json", "--devices", devices)
+        assert gen.returncode == 0 and score.returncode == 0, gen.stderr[-2000:] + score.stderr[-2000:]
+        outs.append((json.loads(gen.stdout)["output_ids"], json.loads(score.stdout)["logprobs"]))
+    assert outs[0][0] == outs[1][0]
+    assert outs[0][1] == pytest.approx(outs[1][1], rel=1e-5, abs=1e-5)
+    bad = cli("generate", "--prompt-ids", "1,2", "--devices", "3")
+    lines = [ln for ln in bad.stderr.splitlines() if ln.strip()]
+    assert bad.returncode == 2 and "--devices 3: the model's 4 attention heads" in lines[-1] and "Traceback" not in bad.stderr
