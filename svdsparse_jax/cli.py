@@ -161,8 +161,9 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def load_from_args(args: argparse.Namespace):
-    """The model a command names (the bundled one by default), loaded as its --dtype and overrides say."""
+def load_from_args(args: argparse.Namespace, mesh=None):
+    """The model a command names (the bundled one by default), loaded as its --dtype and overrides say; with a
+    device mesh (--devices), each tensor straight onto its shards."""
     from svdsparse_jax.convert import load_model, parse_dtype
 
     path = args.model
@@ -170,7 +171,7 @@ def load_from_args(args: argparse.Namespace):
         if not (BUNDLED_MODEL / "config.json").is_file():
             raise SvdsparseError("no MODEL given and no bundled model is installed; pass a model directory")
         path = BUNDLED_MODEL
-    return load_model(path, parse_dtype(args.dtype), allow_pickle=args.allow_pickle, **_overrides(args))
+    return load_model(path, parse_dtype(args.dtype), allow_pickle=args.allow_pickle, mesh=mesh, **_overrides(args))
 
 
 def cmd_convert(args: argparse.Namespace) -> None:
@@ -217,7 +218,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if not 0 < args.top_p <= 1:
         raise SvdsparseError(f"--top-p must be in (0, 1], got {args.top_p}")
     engine = engine_from_args(args)
-    lm = load_from_args(args)
+    lm = load_from_args(args, engine.mesh)
     tok = lm.tokenizer
     if args.prompt is not None:
         if tok is None:
@@ -258,7 +259,7 @@ def cmd_score(args: argparse.Namespace) -> None:
         except OSError as e:
             raise SvdsparseError(f"{args.text_file}: cannot read ({e.strerror})") from None
     engine = engine_from_args(args)
-    lm = load_from_args(args)
+    lm = load_from_args(args, engine.mesh)
     if text is not None:
         if lm.tokenizer is None:
             raise SvdsparseError(f"{lm.path}: the model has no tokenizer files; use --prompt-ids")
@@ -349,7 +350,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
 
     texts = _read_texts([args.text_file]) if args.text_file else None
     engine = engine_from_args(args)
-    lm = load_from_args(args)
+    lm = load_from_args(args, engine.mesh)
     pset = load_predictors_for(args.predictors, lm)
     if texts is not None:
         tokens = _token_stream(texts, lm)

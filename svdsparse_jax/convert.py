@@ -28,6 +28,7 @@ import numpy as np
 from svdsparse_jax.config import ModelConfig, read_hf_config
 from svdsparse_jax.errors import SvdsparseError
 from svdsparse_jax.fsutil import atomic_directory, read_versioned_json
+from svdsparse_jax.sharding import spec_shardings
 from svdsparse_jax.weights import Path, WeightSpec, model_fingerprint, weight_specs
 
 FORMAT_VERSION = 1
@@ -165,8 +166,10 @@ def check_hf_tensors(cfg: ModelConfig, reader: _TensorReader, where: FsPath) -> 
 
 
 def read_hf_weights(hf_dir: str | os.PathLike, cfg: ModelConfig, dtype: jnp.dtype = jnp.bfloat16,
-                    allow_pickle: bool = False) -> dict[Path, jax.Array]:
-    """Reads an HF checkpoint into {spec path: array in `dtype`}, one tensor at a time, after checking it."""
+                    allow_pickle: bool = False, mesh=None) -> dict[Path, jax.Array]:
+    """Reads an HF checkpoint into {spec path: array in `dtype`}, one tensor at a time, after checking it; with a
+    device mesh each tensor goes straight to its shards (`sharding.spec_shardings`)."""
+    shardings = None if mesh is None else spec_shardings(cfg, mesh)
     hf_dir = FsPath(hf_dir)
     reader = _TensorReader(_checkpoint_index(hf_dir, allow_pickle))
     try:
@@ -174,7 +177,8 @@ def read_hf_weights(hf_dir: str | os.PathLike, cfg: ModelConfig, dtype: jnp.dtyp
         out = {}
         for spec in weight_specs(cfg):
             t = reader.get(spec.hf_name, dtype)
-            out[spec.path] = t.T if spec.hf_transposed else t
+            t = t.T if spec.hf_transposed else t
+            out[spec.path] = t if shardings is None else jax.device_put(t, shardings[spec.path])
         return out
     finally:
         reader.close()
@@ -227,14 +231,17 @@ def save_converted(out_dir: str | os.PathLike, cfg: ModelConfig, weights: dict[P
     return FsPath(out_dir).absolute()
 
 
-def read_converted(model_dir: str | os.PathLike, dtype: jnp.dtype | None = None
+def read_converted(model_dir: str | os.PathLike, dtype: jnp.dtype | None = None, mesh=None
                    ) -> tuple[ModelConfig, dict[Path, jax.Array]]:
-    """Loads a converted directory: (config, weights), weights cast to `dtype` if given."""
+    """Loads a converted directory: (config, weights), weights cast to `dtype` if given; with a device mesh orbax
+    restores each tensor's shards straight onto their devices (`sharding.spec_shardings`)."""
     model_dir = FsPath(model_dir).absolute()
     meta = read_versioned_json(model_dir / MARKER, (FORMAT_VERSION,), "a converted-model description")
     cfg = ModelConfig.from_dict(meta["config"])
     saved_dtype = jnp.dtype(meta["dtype"])
-    target = nest_weights({s.path: jax.ShapeDtypeStruct(s.shape, saved_dtype) for s in weight_specs(cfg)})
+    shardings = {} if mesh is None else spec_shardings(cfg, mesh)
+    target = nest_weights({s.path: jax.ShapeDtypeStruct(s.shape, saved_dtype, sharding=shardings.get(s.path))
+                           for s in weight_specs(cfg)})
     try:
         restored = _checkpointer().restore(model_dir / "params", target)
     except Exception as e:  # orbax raises several types for a damaged or mismatched checkpoint
@@ -310,8 +317,9 @@ def load_tokenizer(model_dir: str | os.PathLike):
 
 
 def load_model(model_dir: str | os.PathLike, dtype: jnp.dtype | None = None, *, allow_pickle: bool = False,
-               **config_overrides: Any) -> LoadedModel:
-    """Loads a converted directory, or an HF directory converted in memory (bf16 unless `dtype` says)."""
+               mesh=None, **config_overrides: Any) -> LoadedModel:
+    """Loads a converted directory, or an HF directory converted in memory (bf16 unless `dtype` says); with a
+    device mesh, every tensor is placed straight onto its shards."""
     model_dir = FsPath(model_dir)
     if not model_dir.is_dir():
         raise SvdsparseError(f"{model_dir}: not a directory (expected a converted or Hugging Face model)")
@@ -319,10 +327,10 @@ def load_model(model_dir: str | os.PathLike, dtype: jnp.dtype | None = None, *, 
         if config_overrides:
             raise SvdsparseError(f"{model_dir}: config overrides {sorted(config_overrides)} apply to HF "
                                  "directories only; this one is already converted")
-        cfg, weights = read_converted(model_dir, dtype)
+        cfg, weights = read_converted(model_dir, dtype, mesh)
     else:
         cfg = read_hf_config(model_dir, **config_overrides)
-        weights = read_hf_weights(model_dir, cfg, dtype or jnp.bfloat16, allow_pickle=allow_pickle)
+        weights = read_hf_weights(model_dir, cfg, dtype or jnp.bfloat16, allow_pickle=allow_pickle, mesh=mesh)
     return LoadedModel(cfg, weights, load_tokenizer(model_dir), model_dir)
 
 

@@ -69,6 +69,14 @@ def module_axes(cfg: ModelConfig) -> dict[Path, tuple[str, ...]]:
     return axes
 
 
+def spec_shardings(cfg: ModelConfig, mesh: Mesh) -> dict[Path, NamedSharding]:
+    """The placement of every weight of the table (`weights.weight_specs`) on the mesh, by its logical axes: what
+    conversion and loading restore each tensor's shards into, so no device holds the whole model."""
+    check_mesh(cfg, mesh.devices.size)
+    rules = axis_rules(cfg, mesh.devices.size)
+    return {s.path: NamedSharding(mesh, PartitionSpec(*(rules[a] for a in s.axes))) for s in weight_specs(cfg)}
+
+
 def _key(entry) -> str | int | None:
     return getattr(entry, "key", getattr(entry, "idx", None))
 

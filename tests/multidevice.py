@@ -64,6 +64,32 @@ def main(family: str, out_dir: str, seed: int, sizes: list[int]) -> dict:
     return out
 
 
+def round_trip(family: str, out_dir: str, seed: int, sizes: list[int]) -> dict:
+    """Conversion, then loading the converted and the HF directory onto meshes: per mesh size, whether every
+    tensor has its table sharding (`spec_shardings`), no tensor is whole on one device where it is split, and
+    every value equals the unsharded load exactly."""
+    from svdsparse_jax.convert import convert
+    from svdsparse_jax.sharding import spec_shardings
+    ckpt = make_hf_checkpoint(Path(out_dir) / family, family, seed=seed)
+    converted = convert(ckpt.path, Path(out_dir) / "converted", jnp.float32)
+    want = load_model(converted).weights
+    out = {"runs": []}
+    for n in sizes:
+        mesh = make_mesh(n)
+        for source in (converted, ckpt.path):
+            lm = load_model(source, jnp.float32, mesh=mesh)
+            placed = spec_shardings(lm.cfg, mesh)
+            out["runs"].append({
+                "n": n, "source": "converted" if source == converted else "hf",
+                "shardings": all(lm.weights[k].sharding == placed[k] for k in want),
+                "split_tensors": sum(len({s.data.shape for s in lm.weights[k].addressable_shards}) == 1
+                                     and lm.weights[k].addressable_shards[0].data.shape != lm.weights[k].shape
+                                     for k in want),
+                "equal": all(np.array_equal(np.asarray(lm.weights[k]), np.asarray(want[k])) for k in want)})
+    return out
+
+
 if __name__ == "__main__":
-    family, out_dir, seed, sizes = sys.argv[1], sys.argv[2], int(sys.argv[3]), [int(v) for v in sys.argv[4:]]
-    print(json.dumps(main(family, out_dir, seed, sizes)))
+    mode, family, out_dir, seed = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    sizes = [int(v) for v in sys.argv[5:]]
+    print(json.dumps((main if mode == "decode" else round_trip)(family, out_dir, seed, sizes)))

@@ -21,8 +21,8 @@ HERE = Path(__file__).parent
 @pytest.mark.parametrize("family", ["llama_relu", "mistral_gqa", "qwen2_tied"])
 def test_sharded_logits_and_tokens_equal_unsharded(family, tmp_path, seed):
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
-    r = subprocess.run([sys.executable, str(HERE / "multidevice.py"), family, str(tmp_path), str(seed), "1", "2",
-                        "4"], capture_output=True, text=True, env=env, cwd=HERE.parent, timeout=600)
+    r = subprocess.run([sys.executable, str(HERE / "multidevice.py"), "decode", family, str(tmp_path), str(seed),
+                        "1", "2", "4"], capture_output=True, text=True, env=env, cwd=HERE.parent, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["devices"] == 4
@@ -31,6 +31,22 @@ def test_sharded_logits_and_tokens_equal_unsharded(family, tmp_path, seed):
         for mode in ("dense", "sparse"):
             assert run[f"{mode}_rel_err"] <= 1e-5, run
             assert run[f"{mode}_tokens_equal"], run
+
+
+def test_sharded_conversion_and_loading_round_trip_exactly(tmp_path, seed):
+    """A converted directory (orbax restores each tensor's shards onto their devices) and an HF directory, loaded
+    onto 2 and 4 devices: every tensor has its table sharding, the split ones are split, values are exact."""
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    r = subprocess.run([sys.executable, str(HERE / "multidevice.py"), "convert", "qwen2_tied", str(tmp_path),
+                        str(seed), "2", "4"], capture_output=True, text=True, env=env, cwd=HERE.parent, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    runs = json.loads(r.stdout.strip().splitlines()[-1])["runs"]
+    assert len(runs) == 4
+    for run in runs:
+        # per layer q/k/v/o and the q/k/v biases (by heads), gate/up/down (by neurons); the tied embedding (by
+        # vocabulary); on 4 devices the 2 KV heads (k, v and their biases) are replicated
+        split = 2 * (10 if run["n"] == 2 else 6) + 1
+        assert run["shardings"] and run["equal"] and run["split_tensors"] == split, run
 
 
 def test_meshes_that_do_not_divide_the_model_are_refused():
