@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -56,7 +57,12 @@ def _kernel_option(p: argparse.ArgumentParser, policy: bool = False) -> None:
                         "SVDSPARSE_KERNELS, else auto = the kernels on a GPU, XLA elsewhere)")
     p.add_argument("--devices", type=int, default=1,
                    help="tensor-parallel over this many devices (heads, FFN neurons and vocabulary split; XLA's "
-                        "SPMD partitioning, no kernels yet)")
+                        "SPMD partitioning, no kernels yet); with several processes, devices of all of them")
+    p.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="run as one of several processes (hosts) of one program: process 0's address (default: "
+                        "JAX_COORDINATOR_ADDRESS); with --num-processes and --process-id")
+    p.add_argument("--num-processes", type=int, help="processes in all (default: JAX_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=int, help="this process's index, 0 to N-1 (default: JAX_PROCESS_ID)")
     if policy:
         p.add_argument("--ffn-policy", choices=["measured", "sparse", "dense"], default="measured",
                        help="which layers of a decode batch run sparse: where measured costs say it beats dense "
@@ -182,6 +188,33 @@ def cmd_convert(args: argparse.Namespace) -> None:
     out = convert(args.hf_dir, args.out_dir, parse_dtype(args.dtype), allow_pickle=args.allow_pickle,
                   **_overrides(args))
     print(f"converted {args.hf_dir} -> {out}")
+
+
+def start_processes(args: argparse.Namespace) -> int:
+    """With --coordinator (or JAX_COORDINATOR_ADDRESS), joins this process to a multi-process program through
+    `jax.distributed.initialize` before JAX touches a device (CPU devices talk through gloo). Returns this
+    process's index (0 when alone)."""
+    address = getattr(args, "coordinator", None) or os.environ.get("JAX_COORDINATOR_ADDRESS")
+    if not address:
+        return 0
+    values = {}
+    for flag, env in (("num_processes", "JAX_NUM_PROCESSES"), ("process_id", "JAX_PROCESS_ID")):
+        value = getattr(args, flag, None)
+        if value is None and os.environ.get(env):
+            try:
+                value = int(os.environ[env])
+            except ValueError:
+                raise SvdsparseError(f"{env}={os.environ[env]!r}: expected an integer") from None
+        if value is None:
+            raise SvdsparseError(f"--coordinator {address}: also give --{flag.replace('_', '-')} (or {env})")
+        values[flag] = value
+    if not 0 <= values["process_id"] < values["num_processes"]:
+        raise SvdsparseError(f"--process-id {values['process_id']}: expected 0 <= id < --num-processes "
+                             f"{values['num_processes']}")
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(address, values["num_processes"], values["process_id"])
+    return jax.process_index()
 
 
 def engine_from_args(args: argparse.Namespace):
@@ -455,6 +488,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = dict(COMMANDS)
     args = build_parser(handlers).parse_args(argv)
     try:
+        if start_processes(args) > 0:  # every process runs the program; process 0 alone prints its results
+            sys.stdout = open(os.devnull, "w")
         handlers[args.command](args)
     except SvdsparseError as e:
         if args.debug:

@@ -85,3 +85,36 @@ def test_cli_devices(tmp_path):
     bad = cli("generate", "--prompt-ids", "1,2", "--devices", "3")
     lines = [ln for ln in bad.stderr.splitlines() if ln.strip()]
     assert bad.returncode == 2 and "--devices 3: the model's 4 attention heads" in lines[-1] and "Traceback" not in bad.stderr
+
+
+def test_two_processes_run_one_program(tmp_path):
+    """`jax.distributed` on localhost: two processes of 2 CPU devices each run `generate --devices 4` as one
+    program (gloo collectives between them) and give the one-process tokens; only process 0 prints."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    run = [sys.executable, "-c", "import sys; from svdsparse_jax.cli import main; sys.exit(main(sys.argv[1:]))",
+           "generate", "--prompt", "class A:\n", "--max-new-tokens", "10", "--dtype", "float32", "--json"]
+    procs = [subprocess.Popen(run + ["--devices", "4", "--coordinator", f"localhost:{port}", "--num-processes", "2",
+                                     "--process-id", str(i)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env, cwd=HERE.parent) for i in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    alone = subprocess.run(run, capture_output=True, text=True, env=env, cwd=HERE.parent, timeout=600)
+    # gloo prints its connection lines on stdout ("[Gloo] Rank 0 is connected ..."); the JSON is the last line
+    lines = [[ln for ln in out.splitlines() if not ln.startswith("[Gloo]")] for out, _ in outs]
+    assert json.loads(lines[0][-1])["output_ids"] == json.loads(alone.stdout)["output_ids"]
+    assert lines[1] == []
+
+
+def test_incomplete_process_options_are_refused(capsys, monkeypatch):
+    from svdsparse_jax.cli import main
+    for env in ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"):
+        monkeypatch.delenv(env, raising=False)
+    assert main(["generate", "--prompt-ids", "1,2", "--coordinator", "localhost:1"]) == 2
+    assert "--coordinator localhost:1: also give --num-processes" in capsys.readouterr().err
+    assert main(["generate", "--prompt-ids", "1,2", "--coordinator", "localhost:1", "--num-processes", "2",
+                 "--process-id", "2"]) == 2
+    assert "--process-id 2: expected 0 <= id < --num-processes 2" in capsys.readouterr().err
