@@ -56,8 +56,9 @@ def _kernel_option(p: argparse.ArgumentParser, policy: bool = False) -> None:
                    help="Pallas kernels or XLA for decode-sized products, norms and the guarded FFN (default: "
                         "SVDSPARSE_KERNELS, else auto = the kernels on a GPU, XLA elsewhere)")
     p.add_argument("--devices", type=int, default=1,
-                   help="tensor-parallel over this many devices (heads, FFN neurons and vocabulary split; XLA's "
-                        "SPMD partitioning, no kernels yet); with several processes, devices of all of them")
+                   help="tensor-parallel over this many devices (heads, FFN neurons and vocabulary split; the "
+                        "guarded FFN's kernels per device, XLA's SPMD partitioning for the rest); with several "
+                        "processes, devices of all of them")
     p.add_argument("--coordinator", metavar="HOST:PORT",
                    help="run as one of several processes (hosts) of one program: process 0's address (default: "
                         "JAX_COORDINATOR_ADDRESS); with --num-processes and --process-id")

@@ -22,6 +22,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 from pallas_kernels import reference, tuning
 from pallas_kernels.compaction import Candidates, compact_pallas
@@ -53,8 +54,9 @@ class EngineConfig:
       costs `ffn_costs` say it beats dense at the batch's union row fractions), 'sparse' (all) or 'dense'
       (none); `svdsparse_jax.policy`.
     steps_per_check: decode steps between two checks of the stop condition (generate.py).
-    mesh: the device mesh of tensor-parallel decode (`sharding.make_mesh`), or None for one device; with a mesh
-      every operation runs XLA's SPMD partitioning (the kernels do not run under a mesh yet).
+    mesh: the device mesh of tensor-parallel decode (`sharding.make_mesh`), or None for one device. With a mesh,
+      XLA's SPMD partitioning runs the products and norms, and the guarded FFN runs its kernels per shard
+      (`shard_map`: each device its own neurons, then one all-reduce).
     """
 
     backend: str = "xla"
@@ -76,9 +78,6 @@ class EngineConfig:
             raise SvdsparseError(f"engine ffn_policy {self.ffn_policy!r}: expected one of {POLICIES}")
         if self.steps_per_check < 1:
             raise SvdsparseError(f"engine steps_per_check must be >= 1, got {self.steps_per_check}")
-        if self.mesh is not None and self.backend != "xla":
-            raise SvdsparseError(f"engine mesh: the {self.backend} kernels do not run under a device mesh yet; use "
-                                 "backend 'xla' (--kernels xla)")
 
     @property
     def kernels(self) -> bool:
@@ -90,8 +89,8 @@ class EngineConfig:
         return self.backend == "interpret"
 
     def projection_impl(self, batch: int, w: jax.Array) -> str:
-        """'gemv' or 'xla' for x [batch, k] @ w^T."""
-        if not self.kernels:
+        """'gemv' or 'xla' for x [batch, k] @ w^T (XLA's under a mesh, whose partitioner splits it)."""
+        if not self.kernels or self.mesh is not None:
             return "xla"
         dtype = jnp.dtype(w.dtype).name
         rule = next((r for r in self.projections if r.matches(batch, w.size, dtype)), None)
@@ -111,8 +110,8 @@ class EngineConfig:
         platform = jax.default_backend()
         if backend not in ("auto", *BACKENDS):
             raise SvdsparseError(f"kernel backend {backend!r}: expected one of {('auto', *BACKENDS)}")
-        if backend == "auto":  # the kernels do not run under a mesh yet
-            backend = "pallas" if platform == "gpu" and fields.get("mesh") is None else "xla"
+        if backend == "auto":
+            backend = "pallas" if platform == "gpu" else "xla"
         if backend == "pallas" and platform != "gpu":
             raise SvdsparseError(f"kernel backend 'pallas' needs a GPU; this JAX backend is {platform!r} (use "
                                  "'interpret' to run the kernels on it, or 'xla')")
@@ -151,7 +150,8 @@ def add_rmsnorm(engine: EngineConfig, x: jax.Array, delta: jax.Array, scale: jax
     decode-sized inputs when the engine runs kernels; XLA otherwise."""
     d = x.shape[-1]
     flat = x.reshape(-1, d)
-    if not engine.kernels or flat.shape[0] > min(engine.kernel_max_batch, tuning.ADD_NORM_MAX_BATCH) or d % 16:
+    if (not engine.kernels or engine.mesh is not None or d % 16
+            or flat.shape[0] > min(engine.kernel_max_batch, tuning.ADD_NORM_MAX_BATCH)):
         return reference.add_rmsnorm(x, delta, scale, eps, w)
     total, normed, z = add_rmsnorm_pallas(flat, delta.reshape(-1, d), scale, eps, w, rows=tuning.ADD_NORM_ROWS,
                                           num_warps=tuning.ADD_NORM_WARPS, interpret=engine.interpret)
@@ -167,6 +167,34 @@ def guarded_ffn(engine: EngineConfig, x: jax.Array, candidates: Candidates, w_ga
     active neurons' W_up and W_down_t rows; otherwise XLA computes every row and masks."""
     if act.kind == "silu":
         raise SvdsparseError("sparse FFN: silu is never zero, so a predictor cannot skip rows; run it dense")
+    if engine.mesh is not None and engine.kernels:
+        return _guarded_ffn_per_shard(engine, x, candidates, w_gate, w_up, w_down_t, act)
+    return _guarded_ffn_local(engine, x, candidates, w_gate, w_up, w_down_t, act)
+
+
+def _guarded_ffn_per_shard(engine: EngineConfig, x: jax.Array, candidates: Candidates, w_gate: jax.Array,
+                           w_up: jax.Array, w_down_t: jax.Array, act: Activation) -> jax.Array:
+    """Tensor parallel: each device runs the guarded FFN on its own neurons (its rows of the weights, its columns
+    of the candidates, as `sharding` places them) and the partial outputs are summed over the mesh: one
+    all-reduce."""
+    axis = engine.mesh.axis_names[0]
+    rows, cols, rep = PartitionSpec(axis, None), PartitionSpec(None, axis), PartitionSpec()
+    local_engine = dataclasses.replace(engine, mesh=None)
+    by_mask = candidates.mask is not None
+    parts = (candidates.mask,) if by_mask else (candidates.scores, candidates.bias)
+    specs = (cols,) if by_mask else (cols, PartitionSpec(axis))
+
+    def local(x, w_gate, w_up, w_down_t, *parts):
+        c = Candidates(mask=parts[0]) if by_mask else Candidates(scores=parts[0], bias=parts[1])
+        return jax.lax.psum(_guarded_ffn_local(local_engine, x, c, w_gate, w_up, w_down_t, act), axis)
+
+    return jax.shard_map(local, mesh=engine.mesh, in_specs=(rep, rows, rows, rows, *specs), out_specs=rep,
+                         check_vma=False)(x, w_gate, w_up, w_down_t, *parts)
+
+
+def _guarded_ffn_local(engine: EngineConfig, x: jax.Array, candidates: Candidates, w_gate: jax.Array,
+                       w_up: jax.Array, w_down_t: jax.Array, act: Activation) -> jax.Array:
+    """`guarded_ffn` on one device."""
     cfg = engine.sparse_ffn_config(x.shape[0])
     if cfg is None:
         return reference.sparse_ffn(x, candidates.as_mask(), w_gate, w_up, w_down_t, act)

@@ -60,6 +60,17 @@ def main(family: str, out_dir: str, seed: int, sizes: list[int]) -> dict:
             run[f"{mode}_rel_err"] = float(np.linalg.norm(got - want[mode]) / np.linalg.norm(want[mode]))
             gen = Generator(Transformer(cfg, lm.weights, engine), None if p is None else preds)
             run[f"{mode}_tokens_equal"] = gen.generate(prompts, 12).tokens == want_tokens[mode]
+        # the guarded FFN's kernels (interpreted) per shard, at decode sizes: the mma kernels for 3 sequences, the
+        # stream kernel for one
+        kernels = EngineConfig(backend="interpret", ffn_policy="sparse", mesh=mesh)
+        step = tokens[:, :1]
+        for rows in (3, 1):
+            want_step = np.asarray(_logits(model, step[:rows], preds), np.float64)
+            got = np.asarray(_logits(shard_model(Transformer(cfg, lm.weights, kernels), mesh), step[:rows], placed),
+                             np.float64)
+            run[f"kernels_{rows}_rel_err"] = float(np.linalg.norm(got - want_step) / np.linalg.norm(want_step))
+        gen = Generator(Transformer(cfg, lm.weights, kernels), preds)
+        run["kernels_tokens_equal"] = gen.generate(prompts, 6).tokens == [t[:6] for t in want_tokens["sparse"]]
         out["runs"].append(run)
     return out
 

@@ -1,7 +1,8 @@
 """Tensor-parallel decode on CPU host devices (`--xla_force_host_platform_device_count`, set in a subprocess
 before JAX starts): sharded dense and sparse logits equal the unsharded ones (f32, relative error <= 1e-5) and
 greedy tokens are identical on 1, 2 and 4 devices, for MHA, GQA with 2 KV heads (replicated on 4 devices) and
-Qwen2's qkv bias; meshes that do not divide the model are refused."""
+Qwen2's qkv bias, also with the guarded FFN's kernels (interpreted) per shard; sharded loading round-trips
+exactly; two processes run one program; meshes that do not divide the model are refused."""
 
 import json
 import os
@@ -28,9 +29,9 @@ def test_sharded_logits_and_tokens_equal_unsharded(family, tmp_path, seed):
     assert out["devices"] == 4
     for run in out["runs"]:
         assert run["w_gate_shards"] == run["n"] and run["w_gate_shard_rows"] == 128 // run["n"]  # d_ff 128 split
-        for mode in ("dense", "sparse"):
+        for mode in ("dense", "sparse", "kernels_3", "kernels_1"):
             assert run[f"{mode}_rel_err"] <= 1e-5, run
-            assert run[f"{mode}_tokens_equal"], run
+        assert run["dense_tokens_equal"] and run["sparse_tokens_equal"] and run["kernels_tokens_equal"], run
 
 
 def test_sharded_conversion_and_loading_round_trip_exactly(tmp_path, seed):
