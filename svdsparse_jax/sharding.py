@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from svdsparse_jax.config import ModelConfig
 from svdsparse_jax.errors import SvdsparseError
-from svdsparse_jax.weights import FUSED, Path, weight_specs
+from svdsparse_jax.weights import Path, module_view, weight_specs
 
 AXIS = "model"  # the mesh's one axis: tensor parallelism
 
@@ -56,17 +56,8 @@ def axis_rules(cfg: ModelConfig, n: int) -> dict[str, str | None]:
 
 
 def module_axes(cfg: ModelConfig) -> dict[Path, tuple[str, ...]]:
-    """The logical axes of every parameter the model holds: the specs', with each FUSED group as one array."""
-    axes = {s.path: s.axes for s in weight_specs(cfg)}
-    for i in range(cfg.n_layers):
-        for fused, parts in FUSED.items():
-            paths = [("layers", i, "attn", part) for part in parts]
-            if all(p in axes for p in paths):
-                first = axes[paths[0]]
-                for p in paths:
-                    del axes[p]
-                axes[("layers", i, "attn", fused)] = ("qkv", *first[1:])
-    return axes
+    """The logical axes of every parameter the model holds: the specs', each FUSED group as one "qkv" array."""
+    return module_view(cfg, lambda s: s.axes, lambda axes: ("qkv", *axes[0][1:]))
 
 
 def spec_shardings(cfg: ModelConfig, mesh: Mesh) -> dict[Path, NamedSharding]:

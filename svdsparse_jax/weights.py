@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -80,16 +81,22 @@ def weight_specs(cfg: ModelConfig) -> list[WeightSpec]:
 FUSED = {"wqkv": ("wq", "wk", "wv"), "bqkv": ("bq", "bk", "bv")}
 
 
-def module_shapes(cfg: ModelConfig) -> dict[Path, tuple[int, ...]]:
-    """The model's parameter paths and shapes: those of the specs, with every FUSED group as one array."""
-    shapes = {s.path: s.shape for s in weight_specs(cfg)}
+def module_view(cfg: ModelConfig, value: Callable[[WeightSpec], Any], merge: Callable[[list], Any]
+                ) -> dict[Path, Any]:
+    """One value per parameter the model holds: value(spec) for each spec, every FUSED group's values merged
+    (in the group's order) into one under the group's path."""
+    out = {s.path: value(s) for s in weight_specs(cfg)}
     for i in range(cfg.n_layers):
         for fused, parts in FUSED.items():
             paths = [("layers", i, "attn", part) for part in parts]
-            if all(p in shapes for p in paths):
-                parts_shapes = [shapes.pop(p) for p in paths]
-                shapes[("layers", i, "attn", fused)] = (sum(ps[0] for ps in parts_shapes), *parts_shapes[0][1:])
-    return shapes
+            if all(p in out for p in paths):
+                out[("layers", i, "attn", fused)] = merge([out.pop(p) for p in paths])
+    return out
+
+
+def module_shapes(cfg: ModelConfig) -> dict[Path, tuple[int, ...]]:
+    """The model's parameter paths and shapes: those of the specs, with every FUSED group as one array."""
+    return module_view(cfg, lambda s: s.shape, lambda shapes: (sum(sh[0] for sh in shapes), *shapes[0][1:]))
 
 
 def init_weights(cfg: ModelConfig, key: jax.Array, dtype: jnp.dtype = jnp.bfloat16,
