@@ -80,10 +80,10 @@ SPARSE_FFN = (
     SparseFFNRow(
         max_batch=16, config=SparseFFNConfig(variant="mma", rows=32, chunk=256, num_warps=4, num_stages=3,
                                              down_rows=32, down_cols=256, splits=8),
-        source="H200 2026-12-01: the split kernels took 104 us per LLaMA2-7B layer at batch 4 where dense XLA "
-               "took 79 (docs/bench/ffn_batches_split_f7ce0ab.json); the mma kernels replace them"),
+        source="H200 2026-12-01 (docs/bench/ffn_batches_ca98fd3.json): 73.7 us per LLaMA2-7B layer at batch 4, "
+               "90%, with predictor and compaction, where the split kernels took 104 and dense XLA 79 "
+               "(docs/bench/ffn_batches_split_f7ce0ab.json); the tile not swept yet"),
 )
-
 
 
 @dataclasses.dataclass(frozen=True)
