@@ -231,19 +231,9 @@ def engine_from_args(args: argparse.Namespace):
                             mesh=mesh)
 
 
-def model_for(lm, engine):
-    """The model of a loaded checkpoint under an engine, placed on the engine's mesh when it has one (refused
-    with a one-line error where the mesh does not divide the model)."""
-    from svdsparse_jax.model import Transformer
-    from svdsparse_jax.sharding import check_mesh, shard_model
-    if engine.mesh is not None:
-        check_mesh(lm.cfg, engine.mesh.devices.size)
-    model = Transformer(lm.cfg, lm.weights, engine)
-    return model if engine.mesh is None else shard_model(model, engine.mesh)
-
-
 def cmd_generate(args: argparse.Namespace) -> None:
     from svdsparse_jax.generate import Generator, Sampler
+    from svdsparse_jax.model import Transformer
 
     if args.greedy and args.temperature is not None:
         raise SvdsparseError("--greedy and --temperature exclude each other")
@@ -262,7 +252,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         prompts = args.prompt_ids
     sampler = Sampler(temperature=args.temperature or 0.0, top_k=args.top_k, top_p=args.top_p)
     pset = load_predictors_for(args.predictors, lm) if args.predictors else None
-    model = model_for(lm, engine)
+    model = Transformer(lm.cfg, lm.weights, engine)
     del lm  # the model holds its own fused q/k/v matrix; the separate ones can go
     gen = Generator(model, pset and pset.layers, pset and pset.union)
     result = gen.generate(prompts, args.max_new_tokens, sampler, args.seed)
@@ -285,6 +275,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 def cmd_score(args: argparse.Namespace) -> None:
     from svdsparse_jax.evaluate import score_tokens
+    from svdsparse_jax.model import Transformer
 
     text = None
     if args.text_file is not None:  # read before the (slow) model load, so a bad path fails at once
@@ -300,7 +291,7 @@ def cmd_score(args: argparse.Namespace) -> None:
         ids = lm.tokenizer(text)["input_ids"]
     else:
         ids = args.prompt_ids
-    r = score_tokens(model_for(lm, engine), ids, args.window)
+    r = score_tokens(Transformer(lm.cfg, lm.weights, engine), ids, args.window)
     if args.json:
         print(json.dumps({"tokens": len(ids), "logprobs": r.logprobs, "nll": r.nll, "ppl": r.ppl}))
     else:
@@ -381,6 +372,7 @@ def cmd_build_predictors(args: argparse.Namespace) -> None:
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from svdsparse_jax.evaluate import evaluate_predictors, write_plots
+    from svdsparse_jax.model import Transformer
 
     texts = _read_texts([args.text_file]) if args.text_file else None
     engine = engine_from_args(args)
@@ -392,7 +384,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
         tokens = corpus_split("heldout")
     else:
         raise SvdsparseError("--text-file is required for a model other than the bundled one")
-    report = evaluate_predictors(model_for(lm, engine), {pset.method: pset}, tokens,
+    report = evaluate_predictors(Transformer(lm.cfg, lm.weights, engine), {pset.method: pset}, tokens,
                                  args.window, args.max_windows, batch_sizes=args.batch_sizes)[pset.method]
     if args.plots:
         report["plots"] = write_plots({pset.method: report}, args.plots)

@@ -78,6 +78,18 @@ def _union_fractions(graphdef, state, predictors, tokens: jax.Array):
     return union(probe.candidates), union([h != 0 for h in probe.hidden])
 
 
+def union_rows_read(model: Transformer, predictors: list, windows: np.ndarray, batch: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """The rows decode batches of `batch` sequences read: windows [n, L] teacher-forced in groups of `batch`
+    consecutive windows (a short last group is left out), per layer [n_layers] f64, the union's fraction of
+    W_gate rows (candidates) and of W_up / W_down rows (active candidates), averaged over positions and groups."""
+    graphdef, state = nnx.split(model)
+    windows = np.asarray(windows, np.int32)
+    unions = [_union_fractions(graphdef, state, predictors, jnp.asarray(windows[g:g + batch]))
+              for g in range(0, len(windows) // batch * batch, batch)]
+    return tuple(np.mean([np.asarray(u[i], np.float64) for u in unions], axis=0) for i in (0, 1))
+
+
 def ffn_rows_read(model: Transformer, predictors: list, sequences: np.ndarray, batch: int = 4,
                   together: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """The fraction of W_gate rows (candidates) and of W_up / W_down rows (active candidates) the guarded FFNs
@@ -85,9 +97,7 @@ def ffn_rows_read(model: Transformer, predictors: list, sequences: np.ndarray, b
     `together`, per position of the n sequences decoded as one batch, which reads the union of their rows."""
     sequences = np.asarray(sequences, np.int32)
     if together:
-        graphdef, state = nnx.split(model)
-        gate_rows, up_down_rows = _union_fractions(graphdef, state, predictors, jnp.asarray(sequences))
-        return np.asarray(gate_rows, np.float64), np.asarray(up_down_rows, np.float64)
+        return union_rows_read(model, predictors, sequences, len(sequences))
     _, _, gate_rows, up_down_rows = _stream_pass(model, predictors, sequences, batch)
     return gate_rows, up_down_rows
 
@@ -271,15 +281,10 @@ def evaluate_batches(model: Transformer, pset, windows: np.ndarray, batch_sizes:
     the tokens of a batch depend on B only through the layers the policy runs sparse."""
     from svdsparse_jax.policy import sparse_layers
 
-    graphdef, state = nnx.split(model)
     itemsize = jnp.dtype(model.dtype).itemsize
     out = []
     for b in batch_sizes:
-        groups = len(windows) // b
-        unions = [_union_fractions(graphdef, state, pset.layers, jnp.asarray(windows[g * b:(g + 1) * b]))
-                  for g in range(groups)]
-        gate_rows = np.mean([np.asarray(u[0], np.float64) for u in unions], axis=0)
-        up_down_rows = np.mean([np.asarray(u[1], np.float64) for u in unions], axis=0)
+        gate_rows, up_down_rows = union_rows_read(model, pset.layers, windows, b)
         gate_rows = np.where([p.needs_gate for p in pset.layers], 1.0, gate_rows)
         layers = sparse_layers(model.engine, model.cfg, pset.layers, pset.union, b, itemsize)
         preds = [p if s else None for p, s in zip(pset.layers, layers)]

@@ -35,7 +35,7 @@ from svdsparse_jax import kv_cache
 from svdsparse_jax.errors import SvdsparseError
 from svdsparse_jax.model import Transformer
 from svdsparse_jax.policy import UnionRows, sparse_layers
-from svdsparse_jax.sharding import shard_model, shard_predictors
+from svdsparse_jax.sharding import shard_predictors
 
 MIN_BUCKET = 16
 
@@ -142,16 +142,15 @@ class GenerateResult:
 class Generator:
     """Compiles and runs the generate program for one model (dense, or sparse decoding with one predictor per
     layer) under the model's engine configuration (`model.engine`: which kernels run inside the program, which
-    layers run sparse at a batch size, the steps per stop check, the device mesh: with one, the weights and
-    predictors are placed on it first); keeps compiled programs by static shape, greedy or sampled. union: the predictors' union row fractions by batch size (`PredictorSet.union`), which
+    layers run sparse at a batch size, the steps per stop check, the device mesh: with one, the predictors are
+    placed on it first, like the model's weights); keeps compiled programs by static shape, greedy or sampled. union: the predictors' union row fractions by batch size (`PredictorSet.union`), which
     the engine's measured policy reads."""
 
     def __init__(self, model: Transformer, predictors: list | None = None, union: UnionRows | None = None):
         self.cfg = model.cfg
         if predictors is not None and len(predictors) != model.cfg.n_layers:
             raise SvdsparseError(f"{len(predictors)} predictors for {model.cfg.n_layers} layers")
-        if model.engine.mesh is not None:  # tensor parallel: weights and predictors placed on the mesh
-            model = shard_model(model, model.engine.mesh)
+        if model.engine.mesh is not None:  # tensor parallel: the predictors go with their neurons
             predictors = predictors and shard_predictors(predictors, model.engine.mesh, model.cfg.d_ff)
         self.predictors, self.union, self.engine = predictors, union, model.engine
         self.itemsize = jnp.dtype(model.dtype).itemsize
@@ -195,8 +194,8 @@ class Generator:
             eos = np.full(1, -2, np.int32)  # matches no token
         layers = self.sparse_layers(len(prompts))
         preds = None if not any(layers) else [p if s else None for p, s in zip(self.predictors, layers)]
-        args = (self.graphdef, self.state, preds, jnp.asarray(tokens), jnp.asarray(pad), jnp.int32(max_new_tokens),
-                jax.tree.map(jnp.asarray, sampler), jax.random.key(seed), jnp.asarray(eos))
+        args = (self.graphdef, self.state, preds, jnp.asarray(tokens), jnp.asarray(pad),
+                jnp.int32(max_new_tokens), jax.tree.map(jnp.asarray, sampler), jax.random.key(seed), jnp.asarray(eos))
         key = (len(prompts), prompt_len, new_bucket, eos.size, sampler.greedy, layers)
         compile_s = 0.0
         if key not in self.compiled:

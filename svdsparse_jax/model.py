@@ -23,6 +23,7 @@ from pallas_kernels.reference import Activation, rms_norm
 from svdsparse_jax import kv_cache
 from svdsparse_jax.config import ModelConfig
 from svdsparse_jax.engine import XLA, EngineConfig, add_rmsnorm, guarded_ffn, project
+from svdsparse_jax.sharding import place_model
 from svdsparse_jax.weights import FUSED, Path
 
 if TYPE_CHECKING:
@@ -246,6 +247,8 @@ class Transformer(nnx.Module):
         self.final_norm = RMSNorm(weights[("final_norm", "scale")], cfg.rms_eps)
         if not cfg.tie_embeddings:
             self.lm_head = nnx.Param(weights[("lm_head",)])
+        if engine.mesh is not None:  # tensor parallel: every parameter on the mesh by its logical axes
+            place_model(self, engine.mesh)
 
     @property
     def dtype(self) -> jnp.dtype:
@@ -281,10 +284,13 @@ class Transformer(nnx.Module):
 
 
 def with_engine(model: Transformer, engine: EngineConfig) -> Transformer:
-    """The same model (sharing its arrays) running under another engine configuration."""
+    """The same model (sharing its arrays) running under another engine configuration (placed on its mesh, if
+    it has one)."""
     graphdef, state = nnx.split(model)
     other = nnx.merge(graphdef, state)
     for _, module in nnx.iter_modules(other):
         if hasattr(module, "engine"):
             module.engine = engine
+    if engine.mesh is not None:
+        place_model(other, engine.mesh)
     return other

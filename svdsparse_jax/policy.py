@@ -55,8 +55,8 @@ class UnionRows:
     @classmethod
     def from_json(cls, d: dict, n_layers: int, where: str) -> "UnionRows":
         try:
-            out = cls(tuple(int(b) for b in d["batch_sizes"]), tuple(tuple(float(v) for v in c) for c in d["candidates"]),
-                      tuple(tuple(float(v) for v in a) for a in d["active"]))
+            rows = lambda key: tuple(tuple(float(v) for v in per_batch) for per_batch in d[key])  # noqa: E731
+            out = cls(tuple(int(b) for b in d["batch_sizes"]), rows("candidates"), rows("active"))
         except (KeyError, TypeError, ValueError) as e:
             raise SvdsparseError(f"{where}: union_rows is malformed ({type(e).__name__}: {e})") from None
         if not (len(out.batch_sizes) == len(out.candidates) == len(out.active)) or any(

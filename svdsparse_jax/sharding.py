@@ -72,20 +72,20 @@ def _key(entry) -> str | int | None:
     return getattr(entry, "key", getattr(entry, "idx", None))
 
 
-def shard_model(model, mesh: Mesh):
-    """The same model with every parameter placed by its logical axes on the mesh (a new module tree; the
-    arrays are copied onto their devices)."""
+def place_model(model, mesh: Mesh) -> None:
+    """Places every parameter of a model on the mesh by its logical axes, in place (the arrays are copied onto
+    their devices; already placed ones stay). `model.Transformer` calls it when its engine has a mesh."""
     cfg = model.cfg
     n = mesh.devices.size
     check_mesh(cfg, n)
     rules, axes = axis_rules(cfg, n), module_axes(cfg)
-    graphdef, state = nnx.split(model)
+    _, state = nnx.split(model)
 
     def place(path, x):
         key = tuple(k for k in map(_key, path) if k is not None)
         return jax.device_put(x, NamedSharding(mesh, PartitionSpec(*(rules[a] for a in axes[key]))))
 
-    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(place, state))
+    nnx.update(model, jax.tree_util.tree_map_with_path(place, state))
 
 
 def shard_predictors(predictors: list, mesh: Mesh, d_ff: int) -> list:

@@ -12,16 +12,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from checkpoints import make_hf_checkpoint  # noqa: E402
-from svdsparse_jax import kv_cache  # noqa: E402
-from svdsparse_jax.convert import load_model  # noqa: E402
-from svdsparse_jax.engine import EngineConfig  # noqa: E402
-from svdsparse_jax.generate import Generator  # noqa: E402
-from svdsparse_jax.model import Transformer  # noqa: E402
-from svdsparse_jax.predictors import LowRankPredictor  # noqa: E402
-from svdsparse_jax.sharding import make_mesh, shard_model, shard_predictors  # noqa: E402
+from checkpoints import make_hf_checkpoint  # the script's own directory is on sys.path
+from svdsparse_jax import kv_cache
+from svdsparse_jax.convert import load_model
+from svdsparse_jax.engine import EngineConfig
+from svdsparse_jax.generate import Generator
+from svdsparse_jax.model import Transformer
+from svdsparse_jax.predictors import LowRankPredictor
+from svdsparse_jax.sharding import make_mesh, shard_predictors
 
 
 @jax.jit
@@ -50,7 +48,7 @@ def main(family: str, out_dir: str, seed: int, sizes: list[int]) -> dict:
     for n in sizes:
         mesh = make_mesh(n)
         engine = EngineConfig(ffn_policy="sparse", mesh=mesh)
-        sharded = shard_model(Transformer(cfg, lm.weights, engine), mesh)
+        sharded = Transformer(cfg, lm.weights, engine)  # placed on the mesh
         placed = shard_predictors(preds, mesh, cfg.d_ff)
         ffn = sharded.layers[0].ffn.w_gate[...]
         run = {"n": n, "w_gate_shards": len(ffn.addressable_shards),
@@ -66,8 +64,7 @@ def main(family: str, out_dir: str, seed: int, sizes: list[int]) -> dict:
         step = tokens[:, :1]
         for rows in (3, 1):
             want_step = np.asarray(_logits(model, step[:rows], preds), np.float64)
-            got = np.asarray(_logits(shard_model(Transformer(cfg, lm.weights, kernels), mesh), step[:rows], placed),
-                             np.float64)
+            got = np.asarray(_logits(Transformer(cfg, lm.weights, kernels), step[:rows], placed), np.float64)
             run[f"kernels_{rows}_rel_err"] = float(np.linalg.norm(got - want_step) / np.linalg.norm(want_step))
         gen = Generator(Transformer(cfg, lm.weights, kernels), preds)
         run["kernels_tokens_equal"] = gen.generate(prompts, 6).tokens == [t[:6] for t in want_tokens["sparse"]]

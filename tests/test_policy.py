@@ -15,7 +15,7 @@ from svdsparse_jax.convert import load_model
 from svdsparse_jax.engine import EngineConfig
 from svdsparse_jax.errors import SvdsparseError
 from svdsparse_jax.generate import Generator
-from svdsparse_jax.model import Transformer
+from svdsparse_jax.model import Transformer, with_engine
 from svdsparse_jax.policy import BATCH_SIZES, UnionRows, measure_union, sparse_layers
 from svdsparse_jax.predictors import LowRankPredictor, load_predictors, save_predictors
 from svdsparse_jax.predictors.build import PredictorSet
@@ -123,8 +123,7 @@ def test_the_policy_runs_the_dense_ffn_where_it_says(llama_checkpoint, rng):
     result = gen.generate(prompts, 16)
     assert result.sparse_layers == (True, False)
     assert result.tokens == Generator(model).generate(prompts, 16).tokens
-    assert Generator(Transformer(cfg, load_model(llama_checkpoint.path, jnp.float32).weights, SPARSE),
-                     preds).generate(prompts, 16).tokens != result.tokens
+    assert Generator(with_engine(model, SPARSE), preds).generate(prompts, 16).tokens != result.tokens
     text = next(iter(gen.compiled.values())).as_text()
     assert " conditional(" not in text
     loops = [line for line in text.splitlines() if " while(" in line]

@@ -19,17 +19,15 @@ import json
 import math
 import sys
 
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from scripts.bench import harness
 from svdsparse_jax.assets import BUNDLED_MODEL, corpus_split
 from svdsparse_jax.convert import load_model, parse_dtype
 from svdsparse_jax.engine import EngineConfig
-from svdsparse_jax.evaluate import _stream_pass, _union_fractions
+from svdsparse_jax.evaluate import _stream_pass, union_rows_read
 from svdsparse_jax.model import Transformer
-from svdsparse_jax.predictors import BuildConfig, build_predictors, load_predictors
+from svdsparse_jax.predictors import build_predictors, load_predictors
 from svdsparse_jax.predictors.base import TopKPredictor
 
 COLUMNS = {"batch": "batch", "selection": "selection", "W_gate rows": lambda r: f"{r['gate_rows']:.4f}",
@@ -39,12 +37,9 @@ COLUMNS = {"batch": "batch", "selection": "selection", "W_gate rows": lambda r: 
 
 def run(model: Transformer, preds: list, windows: np.ndarray, batch: int, dense_top: np.ndarray) -> dict:
     """Accuracy and rows read of `preds` over windows decoded in groups of `batch`."""
-    graphdef, state = nnx.split(model)
     lp, top, _, _ = _stream_pass(model, preds, windows, batch)
-    unions = [_union_fractions(graphdef, state, preds, jnp.asarray(windows[g:g + batch]))
-              for g in range(0, len(windows), batch)]
-    return {"gate_rows_per_layer": np.mean([np.asarray(u[0]) for u in unions], axis=0),
-            "up_down_rows": float(np.mean([np.asarray(u[1]) for u in unions])),
+    gate_rows, up_down_rows = union_rows_read(model, preds, windows, batch)
+    return {"gate_rows_per_layer": gate_rows, "up_down_rows": float(np.mean(up_down_rows)),
             "ppl": math.exp(-lp.mean()), "top1_agreement": float(np.mean(top == dense_top))}
 
 

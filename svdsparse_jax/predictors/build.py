@@ -162,6 +162,8 @@ def build_predictors(model: Transformer, calib_tokens: np.ndarray, bc: BuildConf
 
 
 def union_of(info: list[dict]) -> UnionRows:
-    """The set's union row fractions from its per-layer build facts."""
-    per_batch = lambda key: tuple(tuple(i[key][b] for i in info) for b in range(len(BATCH_SIZES)))  # noqa: E731
-    return UnionRows(BATCH_SIZES, per_batch("union_candidates"), per_batch("union_active"))
+    """The set's union row fractions, taken out of its per-layer build facts (so a manifest stores them once,
+    as union_rows)."""
+    candidates = [facts.pop("union_candidates") for facts in info]
+    active = [facts.pop("union_active") for facts in info]
+    return UnionRows(BATCH_SIZES, tuple(zip(*candidates)), tuple(zip(*active)))
