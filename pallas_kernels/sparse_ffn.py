@@ -307,6 +307,8 @@ def _mma(inputs, w_down_t, *, act, cfg, batch, has_own, interpret, poison):
     bp = inputs[-3].shape[0]
     dtype = w_down_t.dtype
     precision = jax.lax.Precision.HIGHEST if dtype == F32 else None
+    # f32 products at full precision come out wrong under Triton's software pipelining (docs/design.md)
+    stages = 1 if dtype == F32 else cfg.num_stages
     chunk = column_chunk(d, cfg.chunk, f"sparse FFN weights {w_down_t.shape}")
     h, idx = call(functools.partial(_mma_gate_up_kernel, act=act, rows=cfg.rows, chunk=chunk, has_own=has_own,
                                     precision=precision, interpret=interpret),
@@ -314,13 +316,13 @@ def _mma(inputs, w_down_t, *, act, cfg, batch, has_own, interpret, poison):
                   grid=(length // cfg.rows,), in_specs=[pl.no_block_spec] * len(inputs),
                   out_specs=(pl.BlockSpec((cfg.rows, bp), lambda i: (i, 0)),
                              pl.BlockSpec((cfg.rows,), lambda i: (i,))),
-                  poison=poison, num_warps=cfg.num_warps, num_stages=cfg.num_stages, interpret=interpret)(*inputs)
+                  poison=poison, num_warps=cfg.num_warps, num_stages=stages, interpret=interpret)(*inputs)
     cols = column_chunk(d, cfg.down_cols, f"sparse FFN weights {w_down_t.shape}")
     partial = call(functools.partial(_mma_down_kernel, rows=cfg.down_rows, cols=cols, splits=cfg.splits,
                                      precision=precision, interpret=interpret),
                    out_shape=jax.ShapeDtypeStruct((cfg.splits, bp, d), F32), grid=(d // cols, cfg.splits),
                    in_specs=[pl.no_block_spec] * 4, out_specs=pl.BlockSpec((1, bp, cols), lambda j, s: (s, 0, j)),
-                   poison=poison, num_warps=cfg.down_warps, num_stages=cfg.num_stages,
+                   poison=poison, num_warps=cfg.down_warps, num_stages=stages,
                    interpret=interpret)(inputs[0], idx, h, w_down_t)
     return jnp.sum(partial[:, :batch], axis=0), h.T.astype(F32)
 

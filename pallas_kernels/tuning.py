@@ -79,10 +79,10 @@ SPARSE_FFN = (
                "LLaMA2-7B 21.7 us per layer, Qwen2-7B 30.1 (next best 2 rows / 264 programs 21.2 / 31.2)"),
     SparseFFNRow(
         max_batch=16, config=SparseFFNConfig(variant="mma", rows=32, chunk=256, num_warps=4, num_stages=3,
-                                             down_rows=32, down_cols=256, splits=8),
-        source="H200 2026-12-01 (docs/bench/ffn_batches_ca98fd3.json): 73.7 us per LLaMA2-7B layer at batch 4, "
-               "90%, with predictor and compaction, where the split kernels took 104 and dense XLA 79 "
-               "(docs/bench/ffn_batches_split_f7ce0ab.json); the tile not swept yet"),
+                                             down_rows=32, down_cols=128, splits=16),
+        source="H200 2026-12-01 (docs/bench/ffn_mma_sweep_b4_d4503fc.json): the fastest of 26 mma tiles that compiled, "
+               "LLaMA2-7B, batch 4, 90%: kernels 56.7 us per layer (rows 64 or down 64x128x8 within 0.2 us; "
+               "the earlier down tile 32x256x8: 63.3), dense XLA 76.1"),
 )
 
 
@@ -108,20 +108,18 @@ class FFNCost:
 
 _FFN_RUN = "H200 2026-12-01, docs/bench/ffn_batches_ca98fd3.json (bench.ffn, LLaMA2-7B and Qwen2-7B, 80% and 90%)"
 _DECODE_RUN = "docs/bench/decode_llama2-7b_sparse_batches_4f079a7.json"
+_MMA_RUN = ("H200 2026-12-01, docs/bench/ffn_batches_mma_tile.json (bench.ffn, the swept mma tile, LLaMA2-7B and "
+            "Qwen2-7B, 80% and 90%), fitted as bench.ffn prints it")
 FFN_COSTS = (
     FFNCost(max_batch=1, dense_tb_s=2.708, sparse_fixed_us=20.86, sparse_tb_s=3.305,
             source=f"{_FFN_RUN}: stream kernels; in decode ({_DECODE_RUN}) every layer sparse, 1.73x dense"),
-    FFNCost(max_batch=2, dense_tb_s=3.584, sparse_fixed_us=44.01, sparse_tb_s=3.748,
-            source=f"{_FFN_RUN}: mma kernels; in decode every layer sparse saved 14.7 us a layer, as predicted"),
-    FFNCost(max_batch=4, dense_tb_s=3.551, sparse_fixed_us=28.5, sparse_tb_s=2.365,
-            source=f"{_FFN_RUN}: mma kernels, fixed 22.15 us fitted + 6.3: in decode every layer sparse saved 6.7 "
-                   "us a layer where the fit predicted 13"),
-    FFNCost(max_batch=8, dense_tb_s=3.505, sparse_fixed_us=33.0, sparse_tb_s=2.514,
-            source=f"{_FFN_RUN}: mma kernels, fixed 18.9 us fitted + 14: in decode the 10 layers the fit called "
-                   "even with dense lost 14 us each (0.97x dense)"),
-    FFNCost(max_batch=16, dense_tb_s=3.456, sparse_fixed_us=0.0, sparse_tb_s=2.123,
-            source=f"{_FFN_RUN}: mma kernels, not run in decode; a union over (W_gate + 2 W_up/down) / 3 of 61% "
-                   "or more stays dense (the measured unions of batch 16: 83% / 65%)"),
+    FFNCost(max_batch=2, dense_tb_s=3.716, sparse_fixed_us=43.33, sparse_tb_s=5.149, source=_MMA_RUN),
+    FFNCost(max_batch=4, dense_tb_s=3.679, sparse_fixed_us=27.63, sparse_tb_s=3.216, source=_MMA_RUN),
+    FFNCost(max_batch=8, dense_tb_s=3.617, sparse_fixed_us=61.3, sparse_tb_s=3.589,
+            source=f"{_MMA_RUN}, fixed 32.54 us + 28.8: in decode (docs/bench/decode_qwen2-7b_batches_mma.json) "
+                   "the 28 layers this row called sparse with 32.54 lost 12.4 us each where it predicted 16.4 saved "
+                   "(LLaMA2-7B: 3.4 lost, 1.6 predicted)"),
+    FFNCost(max_batch=16, dense_tb_s=3.522, sparse_fixed_us=0.0, sparse_tb_s=2.539, source=_MMA_RUN),
 )
 # Batches larger than every row run the dense FFN under the measured policy.
 

@@ -53,7 +53,7 @@ def test_sparse_ffn(d, d_ff, variant, rng):
 def test_sparse_ffn_batches(d, d_ff, rng):
     """The batch kernels (mma) at every decode batch size the engine runs them for, bf16 and f32 (f32 products
     at full precision), the union at about a third and at all of d_ff."""
-    for dtype in (jnp.bfloat16, jnp.float32):
+    for dtype in (jnp.bfloat16, jnp.float16, jnp.float32):
         weights = random_weights(rng, d, d_ff, dtype)
         for batch in (2, 4, 8, 16):
             for count in (d_ff // 3 + 5, d_ff):

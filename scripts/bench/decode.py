@@ -46,10 +46,11 @@ from svdsparse_jax.evaluate import ffn_rows_read
 from svdsparse_jax.generate import Generator, bucket, decode_steps
 from svdsparse_jax.model import Transformer, with_engine
 from svdsparse_jax.predictors import BuildConfig, build_predictors
+from svdsparse_jax.predictors.base import TopKPredictor
 from svdsparse_jax.weights import init_weights
 
 NOT_KERNELS = ("parameter", "get-tuple-element", "tuple", "bitcast", "constant")
-COLUMNS = {"shape": "shape", "batch": "batch", "mode": lambda r: "sparse" if r["sparse"] else "dense",
+COLUMNS = {"shape": "shape", "batch": "batch", "mode": lambda r: r["candidates"] or "dense",
            "proj": "projections", "check": "steps_per_check", "e2e tok/s": "end_to_end_tokens_per_s",
            "decode tok/s": "decode_tokens_per_s", "step ms": "decode_step_ms", "GB/step": "gb_per_step",
            "TB/s": "decode_tb_per_s", "of copy": "fraction_of_copy", "launches": "launches_per_step",
@@ -111,8 +112,19 @@ def build(model: Transformer, rank: int, s: float, calib_tokens: int, guard: flo
         "predictor": f"whitened r{rank} s{s} guard{guard}"}
 
 
+def topk_predictors(pset, batch: int, multiplier: float, d_ff: int) -> list:
+    """Polar Sparsity's fixed top-k for `batch` sequences in place of the union: per layer
+    `predictors.base.TopKPredictor` over the set's predictors with k = multiplier x the union's mean W_gate row
+    count for that batch size (`pset.union`)."""
+    union = pset.union and pset.union.at(batch)
+    if union is None:
+        raise SystemExit(f"--topk: the predictor set has no union rows for batch {batch}")
+    return [TopKPredictor(p, max(1, min(d_ff, round(multiplier * c * d_ff))), batch)
+            for p, c in zip(pset.layers, union[0])]
+
+
 def bench_model(model: Transformer, batch: int, prompt_len: int, new_tokens: int, repeats: int,
-                pset=None, profile_dir: str | None = None) -> dict:
+                pset=None, profile_dir: str | None = None, topk: float | None = None) -> dict:
     """Decode timing of `model` under its engine, dense, or sparse with the predictor set `pset` (on the layers
     the engine's policy picks for the batch size). With
     `profile_dir`, one more call of each length runs under `jax.profiler.trace` and the row gets the GPU time per
@@ -121,6 +133,8 @@ def bench_model(model: Transformer, batch: int, prompt_len: int, new_tokens: int
     cfg, dtype, engine = model.cfg, model.dtype, model.engine
     extra = {}
     preds = None if pset is None else pset.layers
+    if topk:
+        preds = topk_predictors(pset, batch, topk, cfg.d_ff)
     gen = Generator(model, preds, None if pset is None else pset.union)
     layers = gen.sparse_layers(batch)
     steps = decode_steps(new_tokens, engine.steps_per_check)
@@ -175,7 +189,8 @@ def bench_model(model: Transformer, batch: int, prompt_len: int, new_tokens: int
         "slots": slots, "gb_per_step": round(step_bytes / 1e9, 4),
         "decode_tb_per_s": round(step_bytes / step_s / 1e12, 3),
         "launches_per_step": launches, "kernels": engine.backend,
-        "projections": "xla" if not engine.projections else "table", "sparse": preds is not None, **extra,
+        "projections": "xla" if not engine.projections else "table", "sparse": preds is not None,
+        "candidates": f"top-k x{topk}" if topk else "union" if preds is not None else None, **extra,
     }
 
 
@@ -201,6 +216,10 @@ def main() -> int:
                     help="which layers decode sparse (svdsparse_jax.policy)")
     ap.add_argument("--ffn-costs", metavar="JSON", help="a bench.ffn report whose fitted costs (ffn_costs) replace "
                     "the engine's table (tuning.FFN_COSTS) for the policy")
+    ap.add_argument("--topk", type=float, nargs="+", default=[], metavar="MULT",
+                    help="also decode batches (B > 1) sparse with a fixed top-k per layer in place of the union "
+                         "(Polar Sparsity), k = MULT x the union's mean row count for B (scripts.bench.topk "
+                         "gives the multiplier of equal accuracy)")
     ap.add_argument("--inactive", type=float, default=0.9)
     ap.add_argument("--s", type=float, default=0.95)
     ap.add_argument("--rank", type=int, default=256)
@@ -225,16 +244,18 @@ def main() -> int:
         del weights
         pset, about = build(model, args.rank, args.s, args.calib_tokens, args.guard) if args.sparse else (None, {})
         dense = {}
-        for batch, projections, check, sparse in itertools.product(
-                args.batch, args.projections, args.steps_per_check, [False, True] if args.sparse else [False]):
-            if sparse and projections != args.projections[0]:
+        modes = [None, "union", *args.topk] if args.sparse else [None]
+        for batch, projections, check, sparse in itertools.product(args.batch, args.projections,
+                                                                    args.steps_per_check, modes):
+            if sparse and projections != args.projections[0] or sparse not in (None, "union") and batch == 1:
                 continue
             engine = EngineConfig.resolve(args.kernels, projections=projections, steps_per_check=check,
                                           ffn_policy=args.ffn_policy, **costs)
-            mode = "sparse" if sparse else "dense"
+            mode = "dense" if not sparse else "union" if sparse == "union" else f"topk{sparse}"
             profile = args.profile and f"{args.profile}/{shape}_decay{decay}_b{batch}_{projections}_c{check}_{mode}"
             row = {**bench_model(with_engine(model, engine), batch, args.prompt_len, args.new_tokens, args.repeats,
-                                 pset if sparse else None, profile), **(about if sparse else {}),
+                                 pset if sparse else None, profile, None if sparse == "union" else sparse),
+                   **(about if sparse else {}),
                    "shape": shape, "gate_decay": decay}
             key = (batch, projections, check)
             if not sparse:
