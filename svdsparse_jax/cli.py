@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import math
 import os
+import signal
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -20,6 +23,7 @@ import numpy as np
 
 from svdsparse_jax.assets import BUNDLED_MODEL, corpus_split, is_bundled_model
 from svdsparse_jax.errors import SvdsparseError
+from svdsparse_jax.fsutil import check_new_output, exit_on_signal
 
 DEFAULT_S = 0.7
 PLUGIN_GROUP = "svdsparse.commands"
@@ -36,6 +40,55 @@ def _ids(text: str) -> list[int]:
     return ids
 
 
+def _finite_json(obj: Any, bad: list[str], where: str = "") -> Any:
+    """obj with every NaN or infinite float replaced by None (JSON has no such numbers); their places in `bad`."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        bad.append(where or "value")
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite_json(v, bad, f"{where}.{k}" if where else str(k)) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_json(v, bad, f"{where}[{i}]") for i, v in enumerate(obj)]
+    return obj
+
+
+def print_json(obj: Any) -> None:
+    """Prints obj as one line of strict JSON: non-finite numbers become null, with a warning on stderr."""
+    bad: list[str] = []
+    text = json.dumps(_finite_json(obj, bad), allow_nan=False)
+    if bad:
+        print(f"warning: {len(bad)} non-finite values written as null ({', '.join(bad[:5])}"
+              f"{', ...' if len(bad) > 5 else ''})", file=sys.stderr)
+    print(text)
+
+
+SEED_LIMIT = 2 ** 64
+
+
+def number(kind: type = float, lo: float | None = None, hi: float | None = None, *, lo_open: bool = False,
+           hi_open: bool = False) -> Callable[[str], Any]:
+    """An argparse type: an int or a finite float within [lo, hi] (open ends where said); anything else is
+    refused with the value and the range."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") \
+                from None
+        low_bad = lo is not None and (value <= lo if lo_open else value < lo)
+        high_bad = hi is not None and (value >= hi if hi_open else value > hi)
+        if not math.isfinite(value) or low_bad or high_bad:
+            interval = (f"{'(' if lo_open else '['}{'-inf' if lo is None else lo}, "
+                        f"{'inf' if hi is None else hi}{')' if hi_open or hi is None else ']'}")
+            raise argparse.ArgumentTypeError(f"{text} is outside {interval}")
+        return value
+    return parse
+
+
+POSITIVE = number(int, 1)
+FRACTION = number(float, 0.0, 1.0, lo_open=True)  # (0, 1]
+
+
 def model_options(p: argparse.ArgumentParser, optional_model: bool = True) -> None:
     """The options of every command that loads a model (plug-ins use them too)."""
     if optional_model:
@@ -46,7 +99,7 @@ def model_options(p: argparse.ArgumentParser, optional_model: bool = True) -> No
                    help="allow activations without sparsity (silu); the model then runs dense only")
     p.add_argument("--activation", choices=["relu", "fatrelu", "drelu"],
                    help="override the config's hidden_act (e.g. drelu for TurboSparse / SparseQwen2)")
-    p.add_argument("--act-threshold", type=float, help="override the FATReLU threshold (hidden_act_param)")
+    p.add_argument("--act-threshold", type=number(), help="override the FATReLU threshold (hidden_act_param)")
     p.add_argument("--allow-pickle", action="store_true", help="allow reading .bin (pickle) checkpoints")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
@@ -55,15 +108,15 @@ def _kernel_option(p: argparse.ArgumentParser, policy: bool = False) -> None:
     p.add_argument("--kernels", choices=["auto", "pallas", "interpret", "xla"],
                    help="Pallas kernels or XLA for decode-sized products, norms and the guarded FFN (default: "
                         "SVDSPARSE_KERNELS, else auto = the kernels on a GPU, XLA elsewhere)")
-    p.add_argument("--devices", type=int, default=1,
+    p.add_argument("--devices", type=POSITIVE, default=1,
                    help="tensor-parallel over this many devices (heads, FFN neurons and vocabulary split; the "
                         "guarded FFN's kernels per device, XLA's SPMD partitioning for the rest); with several "
                         "processes, devices of all of them")
     p.add_argument("--coordinator", metavar="HOST:PORT",
                    help="run as one of several processes (hosts) of one program: process 0's address (default: "
                         "JAX_COORDINATOR_ADDRESS); with --num-processes and --process-id")
-    p.add_argument("--num-processes", type=int, help="processes in all (default: JAX_NUM_PROCESSES)")
-    p.add_argument("--process-id", type=int, help="this process's index, 0 to N-1 (default: JAX_PROCESS_ID)")
+    p.add_argument("--num-processes", type=POSITIVE, help="processes in all (default: JAX_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=number(int, 0), help="this process's index, 0 to N-1 (default: JAX_PROCESS_ID)")
     if policy:
         p.add_argument("--ffn-policy", choices=["measured", "sparse", "dense"], default="measured",
                        help="which layers of a decode batch run sparse: where measured costs say it beats dense "
@@ -93,12 +146,13 @@ def build_parser(plugins: dict[str, Command] | None = None) -> argparse.Argument
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
     src.add_argument("--prompt-ids", type=_ids, action="append", help="comma-separated token ids (repeatable)")
-    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=64)
     p.add_argument("--greedy", action="store_true", help="argmax decoding (the default)")
-    p.add_argument("--temperature", type=float)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=number(float, 0.0))
+    p.add_argument("--top-k", type=number(int, 0), default=0)
+    p.add_argument("--top-p", type=FRACTION, default=1.0)
+    p.add_argument("--seed", type=number(int, 0, SEED_LIMIT, hi_open=True), default=0,
+                   help="sampling seed, 0 to 2^64 - 1 (each a distinct stream)")
     p.add_argument("--predictors", help="predictor directory: decode with the predictor-guarded FFN")
     _kernel_option(p, policy=True)
     p.add_argument("--json", action="store_true")
@@ -109,7 +163,7 @@ def build_parser(plugins: dict[str, Command] | None = None) -> argparse.Argument
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text-file")
     src.add_argument("--prompt-ids", type=_ids)
-    p.add_argument("--window", type=int, help="score in windows of this many tokens (default: the context)")
+    p.add_argument("--window", type=number(int, 2), help="score in windows of this many tokens (default: the context)")
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("build-predictors", help="build and calibrate contextual-sparsity predictors")
@@ -120,12 +174,13 @@ def build_parser(plugins: dict[str, Command] | None = None) -> argparse.Argument
     p.add_argument("--method", default="whitened", choices=["whitened", "plain", "signbit", "mlp", "oracle"])
     p.add_argument("--rank", type=_ids, help="rank, or one rank per layer (comma-separated); default d_model/4")
     target = p.add_mutually_exclusive_group()
-    target.add_argument("--s", type=float, help="predicted sparsity = s x true sparsity (s-0.1 on layers 0-1); "
+    target.add_argument("--s", type=FRACTION, help="predicted sparsity = s x true sparsity (s-0.1 on layers 0-1); "
                                                 f"default {DEFAULT_S}")
-    target.add_argument("--target-sparsity", type=float, help="absolute predicted sparsity per layer")
-    target.add_argument("--target-recall", type=float, help="minimum recall per layer")
-    p.add_argument("--tokens", type=int, default=16384, help="calibration tokens (half build, half calibrate)")
-    p.add_argument("--window", type=int, default=512)
+    target.add_argument("--target-sparsity", type=number(float, 0.0, 1.0, hi_open=True),
+                        help="absolute predicted sparsity per layer")
+    target.add_argument("--target-recall", type=FRACTION, help="minimum recall per layer")
+    p.add_argument("--tokens", type=POSITIVE, default=16384, help="calibration tokens (half build, half calibrate)")
+    p.add_argument("--window", type=number(int, 2), default=512)
     p.add_argument("--json", action="store_true")
 
     p = sub.add_parser("eval", help="evaluate predictors against the dense model")
@@ -136,8 +191,8 @@ def build_parser(plugins: dict[str, Command] | None = None) -> argparse.Argument
                    help="also report, per decode batch size, the union of the batch's rows and the accuracy of "
                         "the layers the policy runs sparse at that size (e.g. 1,2,4,8,16)")
     p.add_argument("--text-file", help="held-out text (default for the bundled model: its held-out split)")
-    p.add_argument("--window", type=int, default=512)
-    p.add_argument("--max-windows", type=int, default=32)
+    p.add_argument("--window", type=number(int, 2), default=512)
+    p.add_argument("--max-windows", type=POSITIVE, default=32)
     p.add_argument("--plots", help="directory for PNG plots")
     p.add_argument("--json", action="store_true")
 
@@ -186,6 +241,7 @@ def cmd_convert(args: argparse.Namespace) -> None:
 
     if not Path(args.hf_dir).is_dir():
         raise SvdsparseError(f"{args.hf_dir}: not a directory")
+    check_new_output(args.out_dir, "OUT_DIR")  # before any weight is read
     out = convert(args.hf_dir, args.out_dir, parse_dtype(args.dtype), allow_pickle=args.allow_pickle,
                   **_overrides(args))
     print(f"converted {args.hf_dir} -> {out}")
@@ -264,7 +320,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
     if args.json:
         timing = {"tokens_per_s": tps, "compile_s": result.compile_s, "run_s": result.run_s,
                   "sparse_layers": sum(result.sparse_layers)}
-        print(json.dumps({**rows[0], **timing} if len(rows) == 1 else {"results": rows, **timing}))
+        print_json({**rows[0], **timing} if len(rows) == 1 else {"results": rows, **timing})
         return
     for row in rows:
         print(row["text"] if row["text"] is not None else ",".join(map(str, row["output_ids"])))
@@ -274,28 +330,22 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_score(args: argparse.Namespace) -> None:
-    from svdsparse_jax.evaluate import score_tokens
+    from svdsparse_jax.evaluate import score_stream
     from svdsparse_jax.model import Transformer
 
-    text = None
-    if args.text_file is not None:  # read before the (slow) model load, so a bad path fails at once
-        try:
-            text = Path(args.text_file).read_text()
-        except OSError as e:
-            raise SvdsparseError(f"{args.text_file}: cannot read ({e.strerror})") from None
+    if args.text_file is not None:  # checked before the (slow) model load, so a bad path fails at once
+        next(iter(_file_pieces(args.text_file, progress=False)), None)
     engine = engine_from_args(args)
     lm = load_from_args(args, engine.mesh)
-    if text is not None:
-        if lm.tokenizer is None:
-            raise SvdsparseError(f"{lm.path}: the model has no tokenizer files; use --prompt-ids")
-        ids = lm.tokenizer(text)["input_ids"]
+    if args.text_file is not None:  # tokenized and scored piece by piece: memory bounded for any length
+        pieces = _file_token_pieces(args.text_file, lm, special=True)
     else:
-        ids = args.prompt_ids
-    r = score_tokens(Transformer(lm.cfg, lm.weights, engine), ids, args.window)
+        pieces = [np.asarray(args.prompt_ids)]
+    r = score_stream(Transformer(lm.cfg, lm.weights, engine), pieces, args.window, keep_logprobs=args.json)
     if args.json:
-        print(json.dumps({"tokens": len(ids), "logprobs": r.logprobs, "nll": r.nll, "ppl": r.ppl}))
+        print_json({"tokens": r.tokens, "logprobs": r.logprobs, "nll": r.nll, "ppl": r.ppl})
     else:
-        print(f"tokens {len(ids)}  nll {r.nll:.4f}  ppl {r.ppl:.3f}")
+        print(f"tokens {r.tokens}  nll {r.nll:.4f}  ppl {r.ppl:.3f}")
 
 
 def load_predictors_for(path: str, lm):
@@ -308,10 +358,52 @@ def _read_texts(files: Sequence[str]) -> list[str]:
     texts = []
     for f in files:
         try:
-            texts.append(Path(f).read_text())
+            texts.append(Path(f).read_text(encoding="utf-8"))
         except OSError as e:
             raise SvdsparseError(f"{f}: cannot read ({e.strerror})") from None
+        except UnicodeDecodeError as e:
+            raise SvdsparseError(f"{f}: not UTF-8 text (byte {e.start}: {e.reason})") from None
     return texts
+
+
+def _file_pieces(path: str, progress: bool = True):
+    """A text file's pieces (`evaluate.text_pieces`), with a progress bar by bytes read on a terminal."""
+    from tqdm import tqdm
+
+    from svdsparse_jax.evaluate import text_pieces
+
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise SvdsparseError(f"{path}: cannot read ({e.strerror})") from None
+    with tqdm(total=size, unit="B", unit_scale=True, desc=Path(path).name, disable=None if progress else True,
+              leave=False) as bar:
+        for piece in text_pieces(path):
+            yield piece
+            bar.update(len(piece.encode("utf-8")))
+
+
+def _file_token_pieces(path: str, lm, special: bool = False, eos: bool = False):
+    """A text file's tokens, piece by piece (special tokens such as BOS on the first piece only, given
+    `special`; the EOS token after the last piece, given `eos`)."""
+    if lm.tokenizer is None:
+        raise SvdsparseError(f"{lm.path}: the model has no tokenizer files; use --prompt-ids")
+    for i, piece in enumerate(_file_pieces(path)):
+        yield np.asarray(lm.tokenizer(piece, add_special_tokens=special and i == 0)["input_ids"], np.int64)
+    if eos:
+        yield np.asarray(lm.cfg.eos_ids[:1], np.int64)
+
+
+def _file_tokens(path: str, lm, limit: int) -> np.ndarray:
+    """The first `limit` tokens of a text file and its closing EOS (as `_token_stream` of the whole file),
+    tokenizing only as much of it as they need."""
+    out, count = [], 0
+    for piece in _file_token_pieces(path, lm, eos=True):
+        out.append(piece)
+        count += len(piece)
+        if count >= limit:
+            break
+    return np.concatenate(out)[:limit] if out else np.zeros(0, np.int64)
 
 
 def _token_stream(texts: list[str], lm) -> np.ndarray:
@@ -342,8 +434,7 @@ def cmd_build_predictors(args: argparse.Namespace) -> None:
     from svdsparse_jax.model import Transformer
     from svdsparse_jax.predictors import BuildConfig, build_predictors, save_predictors
 
-    if Path(args.out).exists():
-        raise SvdsparseError(f"{args.out}: already exists; remove it or choose another output directory")
+    check_new_output(args.out, "--out")  # before the build
     texts = _read_texts(args.calib_text) if args.calib_text else None
     lm = load_from_args(args)
     if texts is not None:
@@ -359,7 +450,7 @@ def cmd_build_predictors(args: argparse.Namespace) -> None:
     pset = build_predictors(Transformer(lm.cfg, lm.weights), calib, bc)
     out = save_predictors(args.out, pset, lm.cfg, lm.fingerprint)
     if args.json:
-        print(json.dumps({"out": str(out), "config": pset.config, "timings": pset.timings, "layers": pset.info}))
+        print_json({"out": str(out), "config": pset.config, "timings": pset.timings, "layers": pset.info})
         return
     print(f"{'layer':>5} {'true sp':>8} {'target':>16} {'pred sp':>8} {'recall':>7}   (calibration half)")
     for r in pset.info:
@@ -374,12 +465,15 @@ def cmd_eval(args: argparse.Namespace) -> None:
     from svdsparse_jax.evaluate import evaluate_predictors, write_plots
     from svdsparse_jax.model import Transformer
 
-    texts = _read_texts([args.text_file]) if args.text_file else None
+    if args.plots and Path(args.plots).exists() and not Path(args.plots).is_dir():
+        raise SvdsparseError(f"{args.plots} (--plots): exists and is not a directory")
+    if args.text_file:  # checked before the (slow) model load, so a bad path fails at once
+        next(iter(_file_pieces(args.text_file, progress=False)), None)
     engine = engine_from_args(args)
     lm = load_from_args(args, engine.mesh)
     pset = load_predictors_for(args.predictors, lm)
-    if texts is not None:
-        tokens = _token_stream(texts, lm)
+    if args.text_file:  # as many tokens as the windows read, tokenized piece by piece
+        tokens = _file_tokens(args.text_file, lm, args.max_windows * args.window + 1)
     elif is_bundled_model(lm.path):
         tokens = corpus_split("heldout")
     else:
@@ -389,7 +483,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.plots:
         report["plots"] = write_plots({pset.method: report}, args.plots)
     if args.json:
-        print(json.dumps(report))
+        print_json(report)
         return
     print(_layer_table(report["layers"]))
     print(_summary_line(pset.method, report["summary"]))
@@ -435,6 +529,8 @@ def cmd_demo(args: argparse.Namespace) -> None:
     from svdsparse_jax.model import Transformer
     from svdsparse_jax.predictors import build_predictors, save_predictors
 
+    if args.out:
+        check_new_output(args.out, "--out")  # before the build
     t0 = time.perf_counter()
     lm = load_model(BUNDLED_MODEL, parse_dtype(args.dtype))
     # every layer sparse: the demo shows the predictors' effect, where the measured policy would run a model
@@ -480,6 +576,12 @@ COMMANDS: dict[str, Command] = {"convert": cmd_convert, "generate": cmd_generate
 def main(argv: Sequence[str] | None = None) -> int:
     handlers = dict(COMMANDS)
     args = build_parser(handlers).parse_args(argv)
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # partial outputs removed, one line, exit
+        signal.signal(sig, lambda signum, frame: exit_on_signal(signum, f"svdsparse {args.command}"))
+    if not args.debug:  # orbax's writer threads log every failure they pass up, and its callbacks into a closed
+        # event loop print unraisable tracebacks (hundreds of lines for a full disk); the one-line error says it
+        logging.getLogger("absl").setLevel(logging.CRITICAL)
+        sys.unraisablehook = lambda unraisable: None
     try:
         if start_processes(args) > 0:  # every process runs the program; process 0 alone prints its results
             sys.stdout = open(os.devnull, "w")
@@ -489,10 +591,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"svdsparse {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"svdsparse {args.command}: interrupted", file=sys.stderr)
+        return 130
     except Exception as e:  # anything else still gets one line; --debug shows where it came from
         if args.debug:
             raise
-        print(f"svdsparse {args.command}: error: {type(e).__name__}: {e}", file=sys.stderr)
+        detail = f"{e.strerror}: {e.filename}" if isinstance(e, OSError) and e.strerror and e.filename else e
+        print(f"svdsparse {args.command}: error: {type(e).__name__}: {detail}", file=sys.stderr)
         return 1
     return 0
 

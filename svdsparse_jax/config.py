@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,7 @@ class ModelConfig:
     model_type: str = "llama"
 
     def __post_init__(self) -> None:
+        _check_fields(self)
         if self.activation not in SPARSE_ACTIVATIONS + DENSE_ONLY_ACTIVATIONS:
             raise SvdsparseError(f"activation {self.activation!r} is not supported; expected one of "
                                  f"{SPARSE_ACTIVATIONS + DENSE_ONLY_ACTIVATIONS}")
@@ -64,6 +66,9 @@ class ModelConfig:
             raise SvdsparseError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
         for name in ("vocab_size", "d_model", "d_ff", "n_layers", "n_heads", "n_kv_heads", "head_dim", "max_seq_len"):
             if getattr(self, name) <= 0:
+                raise SvdsparseError(f"config field {name} must be positive, got {getattr(self, name)}")
+        for name in ("rms_eps", "rope_theta", "rope_scale"):
+            if not getattr(self, name) > 0:
                 raise SvdsparseError(f"config field {name} must be positive, got {getattr(self, name)}")
 
     @property
@@ -85,13 +90,43 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        if not isinstance(d, dict):
+            raise SvdsparseError(f"ModelConfig: expected a JSON object, got {type(d).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
             raise SvdsparseError(f"unknown ModelConfig fields {unknown}")
         d = dict(d)
         d["eos_ids"] = tuple(d.get("eos_ids", ()))
-        return cls(**d)
+        try:
+            return cls(**d)
+        except TypeError as e:  # a required field missing
+            raise SvdsparseError(f"ModelConfig: {e}") from None
+
+
+_INTS = ("vocab_size", "d_model", "d_ff", "n_layers", "n_heads", "n_kv_heads", "head_dim", "max_seq_len")
+_FLOATS = ("act_threshold", "rms_eps", "rope_theta", "rope_scale")
+_OPTIONAL_IDS = ("sliding_window", "bos_id", "pad_id")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _check_fields(cfg: ModelConfig) -> None:
+    """Types and finiteness of every field (ranges are `ModelConfig.__post_init__`'s)."""
+    bad = [f"{n}={getattr(cfg, n)!r} (expected an integer)" for n in _INTS if not _is_int(getattr(cfg, n))]
+    bad += [f"{n}={getattr(cfg, n)!r} (expected a finite number)" for n in _FLOATS
+            if not (isinstance(getattr(cfg, n), (int, float)) and not isinstance(getattr(cfg, n), bool)
+                    and math.isfinite(getattr(cfg, n)))]
+    bad += [f"{n}={getattr(cfg, n)!r} (expected a non-negative integer or null)" for n in _OPTIONAL_IDS
+            if getattr(cfg, n) is not None and not (_is_int(getattr(cfg, n)) and getattr(cfg, n) >= 0)]
+    if not (isinstance(cfg.eos_ids, tuple) and all(_is_int(e) and e >= 0 for e in cfg.eos_ids)):
+        bad.append(f"eos_ids={cfg.eos_ids!r} (expected non-negative integers)")
+    bad += [f"{n}={getattr(cfg, n)!r} (expected true or false)" for n in ("qkv_bias", "o_bias", "tie_embeddings")
+            if not isinstance(getattr(cfg, n), bool)]
+    if bad:
+        raise SvdsparseError(f"config fields {'; '.join(bad)}")
 
 
 def _rope(hf: dict[str, Any], where: str) -> tuple[float, float]:
@@ -101,24 +136,52 @@ def _rope(hf: dict[str, Any], where: str) -> tuple[float, float]:
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     if rope_type == "default":
-        return float(theta), 1.0
+        return _float_field({"rope_theta": theta}, "rope_theta", 0.0), 1.0
     if rope_type == "linear":
         factor = params.get("factor", scaling.get("factor"))
-        return float(theta), float(factor)
+        return (_float_field({"rope_theta": theta}, "rope_theta", 0.0),
+                _float_field({"rope_scaling.factor": factor}, "rope_scaling.factor", 0.0))
     raise SvdsparseError(f"{where}: rope_type {rope_type!r} is not supported; expected 'default' or 'linear'")
 
 
 def _eos_ids(value: Any) -> tuple[int, ...]:
     if value is None:
         return ()
-    if isinstance(value, int):
-        return (value,)
-    return tuple(int(v) for v in value)
+    values = value if isinstance(value, list) else [value]
+    if not all(_is_int(v) and v >= 0 for v in values):
+        raise SvdsparseError(f"eos_token_id {value!r}: expected a non-negative integer or a list of them")
+    return tuple(values)
 
 
-def from_hf_config(hf: dict[str, Any], *, where: str = "config.json", activation: str | None = None,
-                   act_threshold: float | None = None, dense_only: bool = False,
-                   max_seq_len: int | None = None) -> ModelConfig:
+def _int_field(hf: dict[str, Any], key: str, default: Any = None) -> int:
+    v = hf.get(key, default)
+    if not (_is_int(v) or (isinstance(v, float) and v.is_integer())):
+        raise SvdsparseError(f"{key}={v!r}: expected an integer")
+    return int(v)
+
+
+def _float_field(hf: dict[str, Any], key: str, default: float) -> float:
+    v = hf.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise SvdsparseError(f"{key}={v!r}: expected a finite number")
+    return float(v)
+
+
+def from_hf_config(hf: dict[str, Any], *, where: str = "config.json", **overrides: Any) -> ModelConfig:
+    """`_from_hf_config` (see there), every problem with a field raised as one error that names `where`."""
+    if not isinstance(hf, dict):
+        raise SvdsparseError(f"{where}: expected a JSON object, got {type(hf).__name__}")
+    try:
+        return _from_hf_config(hf, where=where, **overrides)
+    except SvdsparseError as e:
+        raise SvdsparseError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
+    except (TypeError, ValueError, KeyError, AttributeError, ZeroDivisionError, OverflowError) as e:
+        raise SvdsparseError(f"{where}: a field has the wrong type or value ({type(e).__name__}: {e})") from None
+
+
+def _from_hf_config(hf: dict[str, Any], *, where: str = "config.json", activation: str | None = None,
+                    act_threshold: float | None = None, dense_only: bool = False,
+                    max_seq_len: int | None = None) -> ModelConfig:
     """Builds a ModelConfig from a parsed HF config.json.
 
     Args:
@@ -150,13 +213,14 @@ def from_hf_config(hf: dict[str, Any], *, where: str = "config.json", activation
         else:
             raise SvdsparseError(f"{where}: hidden_act {act!r} is not supported; expected one of "
                                  f"{list(SPARSE_ACTIVATIONS)} (or {list(DENSE_ONLY_ACTIVATIONS)} with dense_only)")
-    threshold = act_threshold if act_threshold is not None else float(hf.get("hidden_act_param") or 0.0)
+    threshold = act_threshold if act_threshold is not None else _float_field(hf, "hidden_act_param", 0.0) \
+        if hf.get("hidden_act_param") is not None else 0.0
     if act != "fatrelu":
         threshold = 0.0
     if hf.get("mlp_bias"):
         raise SvdsparseError(f"{where}: mlp_bias=true is not supported (ReGLU FFNs here have no biases)")
-    n_heads = int(hf["num_attention_heads"])
-    head_dim = hf.get("head_dim") or hf["hidden_size"] // n_heads
+    n_heads = _int_field(hf, "num_attention_heads")
+    head_dim = _int_field(hf, "head_dim") if hf.get("head_dim") else _int_field(hf, "hidden_size") // max(n_heads, 1)
     theta, scale = _rope(hf, where)
     if model_type == "qwen2":
         qkv_bias, o_bias = True, False
@@ -166,14 +230,15 @@ def from_hf_config(hf: dict[str, Any], *, where: str = "config.json", activation
     else:
         qkv_bias = o_bias = bool(hf.get("attention_bias", False))
         window = hf.get("sliding_window") if model_type == "mistral" else None
-    max_len = max_seq_len or int(hf.get("max_position_embeddings", 4096))
+    max_len = max_seq_len or _int_field(hf, "max_position_embeddings", 4096)
     if window is not None and window >= max_len:
         window = None  # never binds
     return ModelConfig(
-        vocab_size=int(hf["vocab_size"]), d_model=int(hf["hidden_size"]), d_ff=int(hf["intermediate_size"]),
-        n_layers=int(hf["num_hidden_layers"]), n_heads=n_heads,
-        n_kv_heads=int(hf.get("num_key_value_heads") or n_heads), head_dim=int(head_dim),
-        activation=act, act_threshold=float(threshold), rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
+        vocab_size=_int_field(hf, "vocab_size"), d_model=_int_field(hf, "hidden_size"),
+        d_ff=_int_field(hf, "intermediate_size"), n_layers=_int_field(hf, "num_hidden_layers"), n_heads=n_heads,
+        n_kv_heads=_int_field(hf, "num_key_value_heads") if hf.get("num_key_value_heads") else n_heads,
+        head_dim=head_dim, activation=act, act_threshold=float(threshold),
+        rms_eps=_float_field(hf, "rms_norm_eps", 1e-6),
         rope_theta=theta, rope_scale=scale, max_seq_len=max_len, qkv_bias=qkv_bias, o_bias=o_bias,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         sliding_window=int(window) if window is not None else None,
@@ -187,8 +252,8 @@ def read_hf_config(model_dir: str | Path, **overrides: Any) -> ModelConfig:
     if not path.is_file():
         raise SvdsparseError(f"{path}: not found (expected a Hugging Face model directory)")
     try:
-        hf = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        hf = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise SvdsparseError(f"{path}: not valid JSON ({e})") from None
     return from_hf_config(hf, where=str(path), **overrides)
 

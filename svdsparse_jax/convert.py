@@ -14,8 +14,11 @@ Converted directory layout:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import json
+import math
 import os
 import shutil
 from pathlib import Path as FsPath
@@ -27,7 +30,7 @@ import numpy as np
 
 from svdsparse_jax.config import ModelConfig, read_hf_config
 from svdsparse_jax.errors import SvdsparseError
-from svdsparse_jax.fsutil import atomic_directory, read_versioned_json
+from svdsparse_jax.fsutil import atomic_directory, check_free_space, read_versioned_json
 from svdsparse_jax.sharding import spec_shardings
 from svdsparse_jax.weights import Path, WeightSpec, model_fingerprint, weight_specs
 
@@ -41,7 +44,7 @@ DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float
 
 
 def parse_dtype(name: str) -> jnp.dtype:
-    if name not in DTYPES:
+    if not isinstance(name, str) or name not in DTYPES:
         raise SvdsparseError(f"dtype {name!r} is not supported; expected one of {sorted(DTYPES)}")
     return DTYPES[name]
 
@@ -66,9 +69,12 @@ def _safetensors_index(hf_dir: FsPath, index_path: FsPath) -> dict[str, FsPath]:
 
     if index_path.is_file():
         try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise SvdsparseError(f"{index_path}: not a valid safetensors index ({e})") from None
+            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise SvdsparseError(f"{index_path}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise SvdsparseError(f"{index_path}: not a valid safetensors index (weight_map must map tensor names "
+                                 "to file names)")
         missing_files = sorted({f for f in weight_map.values() if not (hf_dir / f).is_file()})
         if missing_files:
             raise SvdsparseError(f"{index_path}: shard files listed in the index are missing: {missing_files}")
@@ -77,8 +83,9 @@ def _safetensors_index(hf_dir: FsPath, index_path: FsPath) -> dict[str, FsPath]:
     if len(files) > 1 and not (hf_dir / "model.safetensors").is_file():
         raise SvdsparseError(f"{hf_dir}: {len(files)} safetensors shards but no model.safetensors.index.json")
     path = hf_dir / "model.safetensors" if (hf_dir / "model.safetensors").is_file() else files[0]
-    with safe_open(str(path), framework="flax") as f:
-        return {name: path for name in f.keys()}
+    with _reading(path):
+        with safe_open(str(path), framework="flax") as f:
+            return {name: path for name in f.keys()}
 
 
 def _bin_index(hf_dir: FsPath) -> dict[str, FsPath]:
@@ -93,12 +100,42 @@ def _bin_index(hf_dir: FsPath) -> dict[str, FsPath]:
     return {name: path for name in _torch_load(path)}
 
 
+@contextlib.contextmanager
+def _reading(path: FsPath):
+    """Turns any failure to read a checkpoint file (damaged, truncated, not that format, a refused pickle) into
+    one error that names the file."""
+    try:
+        yield
+    except SvdsparseError:
+        raise
+    except Exception as e:  # safetensors, torch and pickle raise many types for a damaged file
+        raise SvdsparseError(f"{path}: cannot read this checkpoint file ({type(e).__name__}: {e})") from None
+
+
 def _torch_load(path: FsPath) -> dict[str, Any]:
     try:
         import torch
     except ImportError:
         raise SvdsparseError(f"{path}: reading .bin checkpoints needs torch (pip install torch)") from None
-    return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    with _reading(path):
+        return torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+
+
+def checked_tensor(t: jax.Array, dtype: jnp.dtype, where: str) -> jax.Array:
+    """t cast to `dtype`, refused (naming `where`) unless it is floating point and every value is finite, before
+    and after the cast (a float32 value past float16's range becomes infinite)."""
+    if not jnp.issubdtype(t.dtype, jnp.floating):
+        raise SvdsparseError(f"{where} is {t.dtype}; only floating-point weights are read (bfloat16, float16, "
+                             "float32)")
+    bad = int(t.size - jnp.isfinite(t).sum())
+    if bad:
+        raise SvdsparseError(f"{where}: {bad} of {t.size} values are NaN or infinite")
+    out = t.astype(dtype)
+    bad = int(out.size - jnp.isfinite(out).sum())
+    if bad:
+        raise SvdsparseError(f"{where}: {bad} values overflow {jnp.dtype(dtype).name} (largest "
+                             f"{float(jnp.finfo(dtype).max):g}); convert with --dtype bfloat16 or float32")
+    return out
 
 
 class _TensorReader:
@@ -112,7 +149,8 @@ class _TensorReader:
         if path not in self._open:
             if path.suffix == ".safetensors":
                 from safetensors import safe_open
-                self._open[path] = safe_open(str(path), framework="flax")
+                with _reading(path):
+                    self._open[path] = safe_open(str(path), framework="flax")
             else:
                 self._open[path] = _torch_load(path)
         return self._open[path]
@@ -123,13 +161,22 @@ class _TensorReader:
             return tuple(f[name].shape)
         if name not in f.keys():
             raise SvdsparseError(f"{self.index[name]}: tensor {name} is listed in the index but not in the file")
-        return tuple(f.get_slice(name).get_shape())
+        with _reading(self.index[name]):
+            return tuple(f.get_slice(name).get_shape())
 
     def get(self, name: str, dtype: jnp.dtype) -> jax.Array:
-        f = self._file(self.index[name])
-        if isinstance(f, dict):  # a torch tensor from a .bin file
-            return jnp.asarray(f[name].float().numpy(), dtype)
-        return f.get_tensor(name).astype(dtype)
+        """The tensor cast to `dtype`, checked (`checked_tensor`)."""
+        path = self.index[name]
+        f = self._file(path)
+        with _reading(path):
+            if isinstance(f, dict):  # a torch tensor from a .bin file
+                t = f[name]
+                if not t.is_floating_point():
+                    raise SvdsparseError(f"{path}: tensor {name} is {t.dtype}; only floating-point weights are read")
+                t = jnp.asarray(t.float().numpy())
+            else:
+                t = f.get_tensor(name)
+        return checked_tensor(t, dtype, f"{path}: tensor {name}")
 
     def close(self) -> None:
         for f in self._open.values():
@@ -219,8 +266,14 @@ def save_converted(out_dir: str | os.PathLike, cfg: ModelConfig, weights: dict[P
     with atomic_directory(out_dir) as tmp:
         dtype = next(iter(weights.values())).dtype
         ckpt = _checkpointer()
-        ckpt.save(tmp / "params", nest_weights(weights))
-        ckpt.wait_until_finished()
+        try:
+            ckpt.save(tmp / "params", nest_weights(weights))
+            ckpt.wait_until_finished()
+        except Exception as e:  # orbax reports a full disk as ValueError / RuntimeError from its writer threads
+            if "No space left on device" in str(e) or "RESOURCE_EXHAUSTED" in str(e):
+                raise SvdsparseError(f"{FsPath(out_dir).absolute()}: no space left on the device while writing "
+                                     "the parameters") from None
+            raise
         if source_dir is not None:
             for name in ("config.json",) + TOKENIZER_FILES:
                 if (FsPath(source_dir) / name).is_file():
@@ -237,8 +290,11 @@ def read_converted(model_dir: str | os.PathLike, dtype: jnp.dtype | None = None,
     restores each tensor's shards straight onto their devices (`sharding.spec_shardings`)."""
     model_dir = FsPath(model_dir).absolute()
     meta = read_versioned_json(model_dir / MARKER, (FORMAT_VERSION,), "a converted-model description")
-    cfg = ModelConfig.from_dict(meta["config"])
-    saved_dtype = jnp.dtype(meta["dtype"])
+    try:
+        cfg = ModelConfig.from_dict(meta.get("config"))
+        saved_dtype = parse_dtype(meta.get("dtype"))
+    except SvdsparseError as e:
+        raise SvdsparseError(f"{model_dir / MARKER}: {e}") from None
     shardings = {} if mesh is None else spec_shardings(cfg, mesh)
     target = nest_weights({s.path: jax.ShapeDtypeStruct(s.shape, saved_dtype, sharding=shardings.get(s.path))
                            for s in weight_specs(cfg)})
@@ -257,6 +313,8 @@ def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: jnp.dt
             allow_pickle: bool = False, **config_overrides: Any) -> FsPath:
     """HF directory -> converted directory (see the module docstring). Returns the output path."""
     cfg = read_hf_config(hf_dir, **config_overrides)
+    check_free_space(out_dir, sum(math.prod(s.shape) for s in weight_specs(cfg)) * jnp.dtype(dtype).itemsize,
+                     "OUT_DIR")  # before the weights are read
     weights = read_hf_weights(hf_dir, cfg, dtype, allow_pickle=allow_pickle)
     return save_converted(out_dir, cfg, weights, hf_dir, source=str(FsPath(hf_dir).absolute()))
 
@@ -297,9 +355,10 @@ class LoadedModel:
     tokenizer: Any
     path: FsPath
 
-    @property
+    @functools.cached_property
     def fingerprint(self) -> str:
-        """The model's fingerprint (`weights.model_fingerprint`), which predictor directories record."""
+        """The model's fingerprint (`weights.model_fingerprint`: every weight hashed), which predictor
+        directories record; computed once."""
         return model_fingerprint(self.cfg, self.weights)
 
 
@@ -313,7 +372,11 @@ def load_tokenizer(model_dir: str | os.PathLike):
     if not any((model_dir / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         return None
     from transformers import AutoTokenizer
-    return AutoTokenizer.from_pretrained(str(model_dir))
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as e:  # tokenizers and transformers raise many types for damaged files
+        raise SvdsparseError(f"{model_dir}: cannot load the tokenizer ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def load_model(model_dir: str | os.PathLike, dtype: jnp.dtype | None = None, *, allow_pickle: bool = False,

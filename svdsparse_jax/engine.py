@@ -89,7 +89,8 @@ class EngineConfig:
         return self.backend == "interpret"
 
     def projection_impl(self, batch: int, w: jax.Array) -> str:
-        """'gemv' or 'xla' for x [batch, k] @ w^T (XLA's under a mesh, whose partitioner splits it)."""
+        """'gemv' or 'xla' for x [batch, k] @ w^T (XLA's under a mesh, whose partitioner splits it; `project` runs
+        split weights' products per shard, each under the mesh-less engine)."""
         if not self.kernels or self.mesh is not None:
             return "xla"
         dtype = jnp.dtype(w.dtype).name
@@ -129,9 +130,16 @@ def from_environment(backend: str | None = None, **fields: Any) -> EngineConfig:
 
 
 def project(engine: EngineConfig, x: jax.Array, w: jax.Array, norm: tuple[jax.Array, float] | None = None,
-            out_dtype=F32) -> jax.Array:
+            out_dtype=F32, split: str | None = None) -> jax.Array:
     """x [..., k] @ w [n, k]^T -> [..., n] out_dtype, accumulated in f32; given norm = (scale [k], eps),
-    RMSNorm(x) @ w^T (the GEMV kernel forms the norm inside, saving XLA's norm launches)."""
+    RMSNorm(x) @ w^T (the GEMV kernel forms the norm inside, saving XLA's norm launches).
+
+    split: how w lies on the engine's mesh (`sharding`): "rows" (its n output rows split: x replicated, the
+    result split on its last axis), "cols" (its k input columns split: x split on its last axis, the partial
+    products summed over the mesh: one all-reduce), None (replicated). With kernels, split products run per shard
+    under `shard_map`, each device choosing its product for its own block; otherwise XLA partitions them."""
+    if engine.mesh is not None and engine.kernels and split is not None:
+        return _project_per_shard(engine, x, w, norm, out_dtype, split)
     flat = x.reshape(-1, x.shape[-1])
     scale, eps = (None, 0.0) if norm is None else norm
     if engine.projection_impl(flat.shape[0], w) == "gemv":
@@ -143,14 +151,47 @@ def project(engine: EngineConfig, x: jax.Array, w: jax.Array, norm: tuple[jax.Ar
     return y.reshape(*x.shape[:-1], w.shape[0])
 
 
+def _local(engine: EngineConfig) -> EngineConfig:
+    """The engine a device runs inside `shard_map`: the same, without the mesh."""
+    return dataclasses.replace(engine, mesh=None)
+
+
+def _project_per_shard(engine: EngineConfig, x: jax.Array, w: jax.Array, norm: tuple[jax.Array, float] | None,
+                       out_dtype, split: str) -> jax.Array:
+    """`project` of a split weight, each device on its own block (see `project`)."""
+    if split not in ("rows", "cols") or (split == "cols" and norm is not None):
+        raise ValueError(f"project: split {split!r} (with a norm: {norm is not None}) is not a product layout")
+    axis = engine.mesh.axis_names[0]
+    rep, last = PartitionSpec(), PartitionSpec(*([None] * (x.ndim - 1)), axis)
+    local_engine = _local(engine)
+    scale, eps = (None, 0.0) if norm is None else norm
+
+    def local(x, w, *scale):
+        y = project(local_engine, x, w, None if not scale else (scale[0], eps), out_dtype)
+        return y if split == "rows" else jax.lax.psum(y, axis)
+
+    specs = (rep, PartitionSpec(axis, None)) if split == "rows" else (last, PartitionSpec(None, axis))
+    return jax.shard_map(local, mesh=engine.mesh, in_specs=(*specs, *((rep,) if norm else ())),
+                         out_specs=last if split == "rows" else rep,
+                         check_vma=False)(x, w, *((scale,) if norm else ()))
+
+
 def add_rmsnorm(engine: EngineConfig, x: jax.Array, delta: jax.Array, scale: jax.Array, eps: float,
                 w: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """(x + delta, RMSNorm(x + delta), w @ RMSNorm(x + delta) or None): x, delta [..., d], scale [d], w [n, d];
     the sum in x's dtype, the norm in the scale's dtype, the product f32 [..., n]. One Pallas launch for
     decode-sized inputs when the engine runs kernels; XLA otherwise."""
     d = x.shape[-1]
+    if engine.mesh is not None and engine.kernels:  # replicated inputs: every device forms the same result
+        rep = PartitionSpec()
+        extra = () if w is None else (w,)
+        total, normed, z = jax.shard_map(
+            lambda x, delta, scale, *w: add_rmsnorm(_local(engine), x, delta, scale, eps, *w), mesh=engine.mesh,
+            in_specs=(rep,) * (3 + len(extra)), out_specs=(rep, rep, rep if w is not None else None),
+            check_vma=False)(x, delta, scale, *extra)
+        return total, normed, z
     flat = x.reshape(-1, d)
-    if (not engine.kernels or engine.mesh is not None or d % 16
+    if (not engine.kernels or d % 16
             or flat.shape[0] > min(engine.kernel_max_batch, tuning.ADD_NORM_MAX_BATCH)):
         return reference.add_rmsnorm(x, delta, scale, eps, w)
     total, normed, z = add_rmsnorm_pallas(flat, delta.reshape(-1, d), scale, eps, w, rows=tuning.ADD_NORM_ROWS,
@@ -179,7 +220,7 @@ def _guarded_ffn_per_shard(engine: EngineConfig, x: jax.Array, candidates: Candi
     all-reduce."""
     axis = engine.mesh.axis_names[0]
     rows, cols, rep = PartitionSpec(axis, None), PartitionSpec(None, axis), PartitionSpec()
-    local_engine = dataclasses.replace(engine, mesh=None)
+    local_engine = _local(engine)
     by_mask = candidates.mask is not None
     parts = (candidates.mask,) if by_mask else (candidates.scores, candidates.bias)
     specs = (cols,) if by_mask else (cols, PartitionSpec(axis))

@@ -1,8 +1,8 @@
 """Evaluation: a model on text, and predictors against the dense model.
 
-- `score_tokens`: per-token log-probabilities, NLL and perplexity. Texts longer than the window are scored in
-  windows that overlap by one token, so every token after the first is predicted once; each window restarts
-  the context.
+- `score_tokens` / `score_stream`: per-token log-probabilities, NLL and perplexity. Texts longer than the window
+  are scored in windows that overlap by one token, so every token after the first is predicted once; each
+  window restarts the context. `score_stream` takes the tokens piece by piece (`text_pieces`), in bounded memory.
 - `evaluate_stream`: perplexity and per-layer FFN sparsity of a token stream in non-overlapping windows.
 - `evaluate_predictors`: per-layer predictor metrics (sparsity, recall, precision, exact AUROC, FFN error) and
   whole-model ones (perplexity dense vs sparse, top-1 agreement, rows read), plus `write_plots`.
@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+import os
+from typing import Iterable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -104,39 +105,86 @@ def ffn_rows_read(model: Transformer, predictors: list, sequences: np.ndarray, b
 
 @dataclasses.dataclass
 class ScoreResult:
-    """logprobs[j] = log p(ids[j+1] | ids[:j+1]) (natural log); nll = -mean(logprobs); ppl = exp(nll)."""
+    """logprobs[j] = log p(ids[j+1] | ids[:j+1]) (natural log; empty when not kept); tokens: the tokens scored;
+    nll = -mean of the log-probabilities; ppl = exp(nll)."""
 
     logprobs: list[float]
     nll: float
     ppl: float
+    tokens: int = 0
 
 
 def score_tokens(model: Transformer, ids: Sequence[int], window: int | None = None) -> ScoreResult:
     """Scores a token sequence (at least 2 tokens) in windows of at most `window` tokens (default: the
     model's context)."""
+    return score_stream(model, [np.asarray(ids, np.int64)], window)
+
+
+def score_stream(model: Transformer, pieces: Iterable[np.ndarray], window: int | None = None,
+                 keep_logprobs: bool = True) -> ScoreResult:
+    """`score_tokens` of the concatenation of token pieces that arrive one at a time (a long text tokenized
+    piece by piece), in memory bounded by a window's tokens (and 4 bytes a token for the log-probabilities, if
+    kept). Windows of `window` tokens overlap by one, so every token after the first is predicted once."""
     cfg = model.cfg
     window = min(window or cfg.max_seq_len, cfg.max_seq_len)
-    if len(ids) < 2:
-        raise SvdsparseError(f"scoring needs at least 2 tokens, got {len(ids)}")
     if window < 2:
         raise SvdsparseError(f"window must be >= 2, got {window}")
-    bad = [t for t in ids if not 0 <= t < cfg.vocab_size]
-    if bad:
-        raise SvdsparseError(f"token ids {bad[:5]} outside the vocabulary [0, {cfg.vocab_size})")
     graphdef, state = nnx.split(model)
-    logprobs: list[float] = []
-    start = 0
-    while start < len(ids) - 1:
-        chunk = np.asarray(ids[start:start + window], np.int32)
+    kept: list[np.ndarray] = []
+    total, count = 0.0, 0
+    buffer = np.zeros(0, np.int64)
+
+    def score(chunk: np.ndarray) -> None:
+        nonlocal total, count
+        bad = chunk[(chunk < 0) | (chunk >= cfg.vocab_size)]
+        if bad.size:
+            raise SvdsparseError(f"token ids {bad[:5].tolist()} outside the vocabulary [0, {cfg.vocab_size})")
         length = min(bucket(len(chunk)), window) if len(chunk) < window else window
         tokens = np.zeros((1, length), np.int32)
         tokens[0, length - len(chunk):] = chunk
         pad = np.array([length - len(chunk)], np.int32)
         lp = np.asarray(_forward_stats(graphdef, state, None, jnp.asarray(tokens), jnp.asarray(pad))[0])[0]
-        logprobs += lp[length - len(chunk):].tolist()
-        start += len(chunk) - 1
-    nll = -float(np.mean(logprobs))
-    return ScoreResult(logprobs, nll, math.exp(nll))
+        lp = lp[length - len(chunk):]
+        total, count = total + float(np.sum(lp, dtype=np.float64)), count + len(lp)
+        if keep_logprobs:
+            kept.append(lp.astype(np.float32))
+
+    for piece in pieces:
+        buffer = np.concatenate([buffer, np.asarray(piece, np.int64).reshape(-1)])
+        while len(buffer) > window:  # a full window, and at least one token after it
+            score(buffer[:window])
+            buffer = buffer[window - 1:]
+    if count + len(buffer) < 2:
+        raise SvdsparseError(f"scoring needs at least 2 tokens, got {count + len(buffer)}")
+    if len(buffer) >= 2:
+        score(buffer)
+    nll = -total / count
+    logprobs = np.concatenate(kept).tolist() if kept else []
+    return ScoreResult(logprobs, nll, math.exp(nll), count + 1)
+
+
+def text_pieces(path: str | os.PathLike, chars: int = 1 << 20) -> Iterator[str]:
+    """A UTF-8 text file in pieces of about `chars` characters, read lazily. Each new piece starts with a line
+    end followed by a non-space character: byte-level BPE pre-tokenizers (GPT-2's pattern) split both before
+    and after such a line end, so tokenizing piece by piece gives the whole text's tokens (a tokenizer that
+    adds a prefix space to every call adds one per piece)."""
+    piece: list[str] = []
+    size = 0
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if size >= chars and line[:1].strip():
+                    text = "".join(piece)  # ends with the line end, which moves to the next piece
+                    yield text[:-1]
+                    piece, size = ["\n"], 1
+                piece.append(line)
+                size += len(line)
+    except UnicodeDecodeError as e:
+        raise SvdsparseError(f"{path}: not UTF-8 text (byte {e.start} of a block: {e.reason})") from None
+    except OSError as e:
+        raise SvdsparseError(f"{path}: cannot read ({e.strerror})") from None
+    if piece:
+        yield "".join(piece)
 
 
 @dataclasses.dataclass

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
+import signal
+import socket
+import sys
 import tempfile
 from pathlib import Path
 from typing import Iterator
@@ -12,21 +16,103 @@ from typing import Iterator
 from svdsparse_jax.errors import SvdsparseError
 
 
+PARTIAL = ".partial-"  # temporary output directories: .NAME.partial-HOST-PID-XXXX beside NAME
+# The partial directories this process is writing now: what `exit_on_signal` removes. Process state, like
+# tempfile's; nothing traced reads it.
+_WRITING: set[Path] = set()
+
+
+def exit_on_signal(signum: int, prefix: str) -> None:
+    """For SIGINT, SIGTERM and SIGHUP: removes this process's partial output directories and exits at once with
+    128 + signum and one line on stderr. (Unwinding with an exception instead could hang in a library's writer
+    threads, as orbax's did under SIGTERM.)"""
+    for path in list(_WRITING):
+        for _ in range(5):  # a writer thread may still add files while the tree is removed
+            shutil.rmtree(path, ignore_errors=True)
+            if not path.exists():
+                break
+    sys.stdout.flush()
+    print(f"{prefix}: stopped by {signal.Signals(signum).name}", file=sys.stderr, flush=True)
+    os._exit(128 + signum)
+
+
+def check_new_output(out: str | os.PathLike, flag: str = "output") -> Path:
+    """Refuses, before any work, an output path that exists (a dangling link too) or whose parent cannot be
+    written; returns it absolute. flag: how the user named it (e.g. "--out")."""
+    out = Path(out).absolute()
+    if out.exists() or out.is_symlink():
+        raise SvdsparseError(f"{out} ({flag}): already exists; remove it or choose another path")
+    parent = next((p for p in out.parents if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise SvdsparseError(f"{out} ({flag}): cannot be created (its parent {parent} is not a writable directory)")
+    return out
+
+
+def check_free_space(out: str | os.PathLike, nbytes: int, flag: str = "output") -> None:
+    """Refuses, before any work, an output whose filesystem has less than `nbytes` (plus 5%) free."""
+    out = Path(out).absolute()
+    parent = next((p for p in out.parents if p.exists()), out.anchor)
+    free = shutil.disk_usage(parent).free
+    if free < nbytes * 1.05:
+        raise SvdsparseError(f"{out} ({flag}): needs about {_size(nbytes)}, but its filesystem has {_size(free)} "
+                             "free")
+
+
+def _size(n: float) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e9 else f"{n / 1e6:.2f} MB"
+
+
+def remove_stale_partials(parent: Path) -> list[Path]:
+    """Removes the temporary output directories in `parent` left by processes of this host that no longer run
+    (killed by SIGKILL or a power cut, which no handler sees); returns them."""
+    host, removed = socket.gethostname(), []
+    for p in parent.glob(f".*{PARTIAL}*"):
+        m = re.fullmatch(rf"\..+{re.escape(PARTIAL)}(.+)-(\d+)-[^-]+", p.name)
+        if not m or m.group(1) != host or not p.is_dir() or _alive(int(m.group(2))):
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+        removed.append(p)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
     """Yields a fresh temporary directory beside `out_dir`; when the block completes it is renamed to out_dir,
-    when it raises (or is interrupted) it is removed. An existing out_dir is refused before anything is written."""
+    when it raises it is removed (and on SIGINT, SIGTERM or SIGHUP, by the CLI's `exit_on_signal`). An
+    existing out_dir is refused before anything is written, and partial directories of dead processes in the
+    same parent are removed first."""
     out_dir = Path(out_dir).absolute()
-    if out_dir.exists():
+    if out_dir.exists() or out_dir.is_symlink():
         raise SvdsparseError(f"{out_dir}: already exists; remove it or choose another output directory")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.partial-", dir=out_dir.parent))
+    remove_stale_partials(out_dir.parent)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{PARTIAL}{socket.gethostname()}-{os.getpid()}-",
+                                dir=out_dir.parent))
+    _WRITING.add(tmp)
     try:
         yield tmp
-        os.rename(tmp, out_dir)
+        try:
+            os.rename(tmp, out_dir)
+        except OSError as e:
+            if out_dir.exists():  # another run finished the same output first
+                raise SvdsparseError(f"{out_dir}: was written by another run meanwhile; this run's copy is "
+                                     "discarded") from None
+            raise SvdsparseError(f"{out_dir}: cannot move the finished output into place ({e.strerror})") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    finally:
+        _WRITING.discard(tmp)
 
 
 def read_versioned_json(path: Path, versions: tuple[int, ...], what: str) -> dict:

@@ -139,12 +139,22 @@ class GenerateResult:
     sparse_layers: tuple[bool, ...] = ()
 
 
+def seed_key(seed: int) -> jax.Array:
+    """A PRNG key for a seed of 0 to 2^64 - 1, each seed its own stream (jax.random.key alone keeps 32 bits):
+    the low 32 bits make the key and the high 32 bits, when any, are folded into it."""
+    if not (isinstance(seed, (int, np.integer)) and 0 <= seed < 2 ** 64):
+        raise SvdsparseError(f"seed {seed!r}: expected an integer from 0 to 2^64 - 1")
+    key = jax.random.key(int(seed) & 0xFFFFFFFF)
+    return key if seed < 2 ** 32 else jax.random.fold_in(key, int(seed) >> 32)
+
+
 class Generator:
     """Compiles and runs the generate program for one model (dense, or sparse decoding with one predictor per
     layer) under the model's engine configuration (`model.engine`: which kernels run inside the program, which
     layers run sparse at a batch size, the steps per stop check, the device mesh: with one, the predictors are
-    placed on it first, like the model's weights); keeps compiled programs by static shape, greedy or sampled. union: the predictors' union row fractions by batch size (`PredictorSet.union`), which
-    the engine's measured policy reads."""
+    placed on it first, like the model's weights); keeps compiled programs by static shape, greedy or sampled.
+    union: the predictors' union row fractions by batch size (`PredictorSet.union`), which the engine's measured
+    policy reads."""
 
     def __init__(self, model: Transformer, predictors: list | None = None, union: UnionRows | None = None):
         self.cfg = model.cfg
@@ -195,7 +205,7 @@ class Generator:
         layers = self.sparse_layers(len(prompts))
         preds = None if not any(layers) else [p if s else None for p, s in zip(self.predictors, layers)]
         args = (self.graphdef, self.state, preds, jnp.asarray(tokens), jnp.asarray(pad),
-                jnp.int32(max_new_tokens), jax.tree.map(jnp.asarray, sampler), jax.random.key(seed), jnp.asarray(eos))
+                jnp.int32(max_new_tokens), jax.tree.map(jnp.asarray, sampler), seed_key(seed), jnp.asarray(eos))
         key = (len(prompts), prompt_len, new_bucket, eos.size, sampler.greedy, layers)
         compile_s = 0.0
         if key not in self.compiled:

@@ -23,8 +23,8 @@ from pallas_kernels.reference import Activation, rms_norm
 from svdsparse_jax import kv_cache
 from svdsparse_jax.config import ModelConfig
 from svdsparse_jax.engine import XLA, EngineConfig, add_rmsnorm, guarded_ffn, project
-from svdsparse_jax.sharding import place_model
-from svdsparse_jax.weights import FUSED, Path
+from svdsparse_jax.sharding import mesh_size, place_model, split_qkv, vocab_split
+from svdsparse_jax.weights import FUSED, Path, fuse_qkv, unfuse_qkv
 
 if TYPE_CHECKING:
     from svdsparse_jax.predictors.base import Predictor
@@ -47,11 +47,11 @@ def einsum(spec: str, a: jax.Array, b: jax.Array, widen_batched: bool = False) -
 
 
 def linear(engine: EngineConfig, x: jax.Array, w: jax.Array, b: jax.Array | None = None,
-           norm: RMSNorm | None = None, out_dtype=F32) -> jax.Array:
+           norm: RMSNorm | None = None, out_dtype=F32, split: str | None = None) -> jax.Array:
     """norm(x) [..., in] @ w [out, in]^T (+ b) -> [..., out] out_dtype, accumulated in f32 (x itself without a
-    norm), through the engine's choice of product (`engine.project`)."""
+    norm), through the engine's choice of product (`engine.project`; split: how w lies on the mesh)."""
     y = project(engine, x, w, None if norm is None else (norm.scale[...], norm.eps),
-                F32 if b is not None else out_dtype)
+                F32 if b is not None else out_dtype, split)
     return (y if b is None else y + b.astype(F32)).astype(out_dtype)
 
 
@@ -120,12 +120,21 @@ class Attention(nnx.Module):
 
     def __init__(self, cfg: ModelConfig, engine: EngineConfig, w: Callable[[str], jax.Array]):
         self.cfg, self.engine = cfg, engine
-        self.wqkv = nnx.Param(jnp.concatenate([w(n) for n in FUSED["wqkv"]], axis=0))
+        self.qkv_shards = shards = mesh_size(engine.mesh)  # the devices wqkv's blocks are laid out for
+        self.wqkv = nnx.Param(fuse_qkv([w(n) for n in FUSED["wqkv"]], cfg, shards))
         self.wo = nnx.Param(w("wo"))
         if cfg.qkv_bias:
-            self.bqkv = nnx.Param(jnp.concatenate([w(n) for n in FUSED["bqkv"]], axis=0))
+            self.bqkv = nnx.Param(fuse_qkv([w(n) for n in FUSED["bqkv"]], cfg, shards))
         if cfg.o_bias:
             self.bo = nnx.Param(w("bo"))
+
+    def lay_out_qkv(self, shards: int) -> None:
+        """Re-lays the fused q/k/v matrix (and bias) out for a mesh of `shards` devices (`weights.fuse_qkv`)."""
+        for name in FUSED:
+            if hasattr(self, name):
+                parts = unfuse_qkv(getattr(self, name)[...], self.cfg, self.qkv_shards)
+                setattr(self, name, nnx.Param(fuse_qkv(parts, self.cfg, shards)))
+        self.qkv_shards = shards
 
     def _bias(self, name: str) -> jax.Array | None:
         return getattr(self, name)[...] if hasattr(self, name) else None
@@ -137,8 +146,8 @@ class Attention(nnx.Module):
         cfg, engine, dt = self.cfg, self.engine, x.dtype
         b, t, _ = x.shape
         with jax.named_scope("norm_qkv"):  # the GEMV kernel forms the norm itself, where it takes this product
-            qkv = linear(engine, x, self.wqkv[...], self._bias("bqkv"), norm, dt)
-        q, k, v = jnp.split(qkv, [cfg.q_dim, cfg.q_dim + cfg.kv_dim], axis=-1)
+            qkv = linear(engine, x, self.wqkv[...], self._bias("bqkv"), norm, dt, split="rows")
+        q, k, v = split_qkv(qkv, cfg, engine.mesh)
         q = q.reshape(b, t, cfg.n_heads, cfg.head_dim)
         k = k.reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
         v = v.reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
@@ -157,7 +166,7 @@ class Attention(nnx.Module):
             out = einsum("bkgts,bksh->btkgh", probs, v_cache, widen)
             out = out.astype(dt).reshape(b, t, cfg.q_dim)
         with jax.named_scope("o_proj"):
-            return linear(engine, out, self.wo[...], self._bias("bo"), out_dtype=dt), k_cache, v_cache
+            return linear(engine, out, self.wo[...], self._bias("bo"), out_dtype=dt, split="cols"), k_cache, v_cache
 
 
 class FFN(nnx.Module):
@@ -176,7 +185,8 @@ class FFN(nnx.Module):
     def hidden(self, x: jax.Array) -> jax.Array:
         """h = act(gate) * up, [..., d_ff] f32: the input of down_proj (zero for inactive neurons)."""
         engine = self.engine
-        return ffn_hidden(self.cfg, linear(engine, x, self.w_gate[...]), linear(engine, x, self.w_up[...]))
+        return ffn_hidden(self.cfg, linear(engine, x, self.w_gate[...], split="rows"),
+                          linear(engine, x, self.w_up[...], split="rows"))
 
     def __call__(self, x: jax.Array, predictor: Predictor | None = None, projected: jax.Array | None = None,
                  probe: FFNProbe | None = None) -> jax.Array:
@@ -192,7 +202,7 @@ class FFN(nnx.Module):
         else:
             flat = x.reshape(-1, x.shape[-1])
             with jax.named_scope("predictor_scores"):
-                gate = linear(engine, flat, self.w_gate[...]) if predictor.needs_gate else None  # the oracle's
+                gate = linear(engine, flat, self.w_gate[...], split="rows") if predictor.needs_gate else None
                 candidates = predictor.candidates(flat, engine=engine, gate=gate, projected=None if projected is None
                                                   else projected.reshape(len(flat), -1))
             y = guarded_ffn(engine, flat, candidates, self.w_gate[...], self.w_up[...], self.w_down_t[...],
@@ -280,7 +290,7 @@ class Transformer(nnx.Module):
         LM head)."""
         head = self.embed[...] if self.cfg.tie_embeddings else self.lm_head[...]
         with jax.named_scope("lm_head"):
-            return linear(self.engine, states, head)
+            return linear(self.engine, states, head, split="rows" if vocab_split(self.cfg, self.engine.mesh) else None)
 
 
 def with_engine(model: Transformer, engine: EngineConfig) -> Transformer:
@@ -291,6 +301,8 @@ def with_engine(model: Transformer, engine: EngineConfig) -> Transformer:
     for _, module in nnx.iter_modules(other):
         if hasattr(module, "engine"):
             module.engine = engine
+        if isinstance(module, Attention) and module.qkv_shards != mesh_size(engine.mesh):
+            module.lay_out_qkv(mesh_size(engine.mesh))  # new arrays: the layout follows the mesh's size
     if engine.mesh is not None:
         place_model(other, engine.mesh)
     return other

@@ -8,8 +8,9 @@ logical axes of the weight table (`weights.weight_specs`).
   embed               replicated, as are the norms and the predictor's A
 
 The jitted programs take these arrays as they are placed, and XLA's SPMD partitioner inserts the collectives
-(an all-reduce after o_proj and after the FFN, which contract over a split axis). The model holds q/k/v
-concatenated (`weights.FUSED`); that matrix is split by its rows, which XLA reshards into heads.
+(an all-reduce after o_proj and after the FFN, which contract over a split axis). The model holds q/k/v as one
+matrix (`weights.FUSED`) laid out per device (`weights.fuse_qkv`): each device's rows are its own heads' q, k
+and v, which `split_qkv` takes apart on each device.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from svdsparse_jax.config import ModelConfig
 from svdsparse_jax.errors import SvdsparseError
-from svdsparse_jax.weights import Path, module_view, weight_specs
+from svdsparse_jax.weights import Path, module_view, qkv_block_rows, weight_specs
 
 AXIS = "model"  # the mesh's one axis: tensor parallelism
 
@@ -52,7 +53,32 @@ def axis_rules(cfg: ModelConfig, n: int) -> dict[str, str | None]:
     """Logical axis -> mesh axis (None: replicated) for a mesh of n devices."""
     kv = AXIS if cfg.n_kv_heads % n == 0 else None
     return {"q_heads": AXIS, "kv_heads": kv, "ffn": AXIS, "vocab": AXIS if cfg.vocab_size % n == 0 else None,
-            "embed": None, "qkv": AXIS if (cfg.q_dim + 2 * cfg.kv_dim) % n == 0 else None}
+            "embed": None, "qkv": AXIS}  # "qkv": the fused q/k/v rows, in one block per device (weights.fuse_qkv)
+
+
+def mesh_size(mesh: Mesh | None) -> int:
+    """Devices of a mesh (1 for None: one device)."""
+    return 1 if mesh is None else mesh.devices.size
+
+
+def vocab_split(cfg: ModelConfig, mesh: Mesh | None) -> bool:
+    """Whether the embedding and LM head are split by vocabulary on the mesh."""
+    return mesh is not None and axis_rules(cfg, mesh_size(mesh))["vocab"] is not None
+
+
+def split_qkv(qkv: jax.Array, cfg: ModelConfig, mesh: Mesh | None) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The product with the fused q/k/v matrix, [..., rows] (laid out for the mesh by `weights.fuse_qkv`), as q
+    [..., q_dim], k and v [..., kv_dim]: q split over the mesh by heads, k and v by KV heads or replicated. Each
+    device takes its own block apart (no communication)."""
+    n = mesh_size(mesh)
+    qr, kr = qkv_block_rows(cfg, n)
+    if n == 1:
+        return qkv[..., :qr], qkv[..., qr:qr + kr], qkv[..., qr + kr:]
+    last = PartitionSpec(*([None] * (qkv.ndim - 1)), AXIS)
+    kv = last if kr < cfg.kv_dim else PartitionSpec()
+    # check_vma off: replicated k and v are the same on every device by construction (each block holds them all)
+    return jax.shard_map(lambda b: (b[..., :qr], b[..., qr:qr + kr], b[..., qr + kr:]), mesh=mesh, in_specs=last,
+                         out_specs=(last, kv, kv), check_vma=False)(qkv)
 
 
 def module_axes(cfg: ModelConfig) -> dict[Path, tuple[str, ...]]:

@@ -81,6 +81,37 @@ def weight_specs(cfg: ModelConfig) -> list[WeightSpec]:
 FUSED = {"wqkv": ("wq", "wk", "wv"), "bqkv": ("bq", "bk", "bv")}
 
 
+def qkv_block_rows(cfg: ModelConfig, shards: int) -> tuple[int, int]:
+    """(q rows, k rows = v rows) of one device's block of the fused q/k/v matrix on a mesh of `shards` devices:
+    its share of the query heads, and its share of the KV heads, or all of them where there are fewer KV heads
+    than devices (replicated)."""
+    kv = cfg.kv_dim // shards if cfg.n_kv_heads % shards == 0 else cfg.kv_dim
+    return cfg.q_dim // shards, kv
+
+
+def fuse_qkv(parts: list[jax.Array], cfg: ModelConfig, shards: int = 1) -> jax.Array:
+    """q, k, v (matrices [rows, d] or biases [rows]) as the one array the model holds: `shards` equal blocks of
+    rows, block i holding device i's query heads, then the k and the v rows of the KV heads they read
+    (`qkv_block_rows`). So a device's rows of the product are its own heads' q, k and v, and splitting them needs
+    no communication. One device: [q; k; v]."""
+    q, k, v = parts
+    if shards == 1:
+        return jnp.concatenate(parts, axis=0)
+    split_kv = cfg.n_kv_heads % shards == 0
+    ks, vs = ((jnp.split(a, shards) if split_kv else [a] * shards) for a in (k, v))
+    return jnp.concatenate([t for i, qi in enumerate(jnp.split(q, shards)) for t in (qi, ks[i], vs[i])], axis=0)
+
+
+def unfuse_qkv(fused: jax.Array, cfg: ModelConfig, shards: int = 1) -> list[jax.Array]:
+    """The inverse of `fuse_qkv`: [q, k, v]."""
+    qr, kr = qkv_block_rows(cfg, shards)
+    blocks = jnp.split(fused, shards)
+    q = jnp.concatenate([b[:qr] for b in blocks])
+    if kr == cfg.kv_dim:  # replicated KV heads: every block has them all
+        return [q, blocks[0][qr:qr + kr], blocks[0][qr + kr:]]
+    return [q, jnp.concatenate([b[qr:qr + kr] for b in blocks]), jnp.concatenate([b[qr + kr:] for b in blocks])]
+
+
 def module_view(cfg: ModelConfig, value: Callable[[WeightSpec], Any], merge: Callable[[list], Any]
                 ) -> dict[Path, Any]:
     """One value per parameter the model holds: value(spec) for each spec, every FUSED group's values merged
@@ -114,16 +145,27 @@ def init_weights(cfg: ModelConfig, key: jax.Array, dtype: jnp.dtype = jnp.bfloat
     return out
 
 
-FINGERPRINT_SAMPLE = 4096  # values of each sampled tensor that the fingerprint reads
+FINGERPRINT_SCHEME = "w2"  # prefixes every fingerprint; manifests without it hold the old sampled one
+
+
+def _host_array(x: jax.Array) -> np.ndarray:
+    """x's values on this host (gathered from other processes' devices when it is sharded across them)."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
 
 
 def model_fingerprint(cfg: ModelConfig, weights: dict) -> str:
-    """sha256 of the config and of a sample of the weights (the first FINGERPRINT_SAMPLE values of the embedding
-    and of every layer's W_gate) rounded to bf16, so the same model loaded as bf16, f16 or f32 keeps its
-    fingerprint. Predictor directories record it and refuse another model (weights: arrays keyed by spec path;
-    only those tensors are read)."""
+    """"w2-" + sha256 of the config and of every weight (in the spec table's order, each with its path and
+    shape) rounded to bf16, magnitudes below float16's normal range (2^-14) as zero: so a bf16 checkpoint loaded
+    as bf16, f16 or f32 keeps its fingerprint, while a change to any value changes it. Streamed one tensor at a
+    time (a 7B model: seconds, and never a second copy). Predictor directories record it and refuse another
+    model (weights: arrays, or anything indexable, keyed by spec path)."""
     h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
-    for path in [("embed",)] + [("layers", i, "ffn", "w_gate") for i in range(cfg.n_layers)]:
-        sample = jnp.asarray(weights[path]).reshape(-1)[:FINGERPRINT_SAMPLE].astype(jnp.bfloat16)
-        h.update(np.asarray(sample).tobytes())
-    return h.hexdigest()[:32]
+    for spec in weight_specs(cfg):
+        w = jnp.asarray(weights[spec.path], jnp.float32)
+        w = jnp.where(jnp.abs(w) < 2.0 ** -14, 0.0, w).astype(jnp.bfloat16)
+        h.update(json.dumps([list(map(str, spec.path)), list(w.shape)]).encode())
+        h.update(np.ascontiguousarray(_host_array(w)).view(np.uint16).tobytes())
+    return f"{FINGERPRINT_SCHEME}-{h.hexdigest()[:32]}"

@@ -1,11 +1,15 @@
 """Run in a subprocess by test_sharding.py, with `--xla_force_host_platform_device_count` set before JAX starts:
 for a tiny checkpoint of a family, the logits and greedy tokens of the unsharded model and of the model placed on
-meshes of the given sizes, dense and with every layer sparse. Prints one JSON object."""
+meshes of the given sizes, dense and with every layer sparse; the layout of the fused q/k/v matrix on the devices
+and the collectives of the compiled forward pass. Prints one JSON object."""
 
 from __future__ import annotations
 
+import itertools
 import json
+import re
 import sys
+from collections import Counter
 from pathlib import Path
 
 import jax
@@ -13,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from checkpoints import make_hf_checkpoint  # the script's own directory is on sys.path
+from pallas_kernels.tuning import ProjectionRule
 from svdsparse_jax import kv_cache
 from svdsparse_jax.convert import load_model
 from svdsparse_jax.engine import EngineConfig
@@ -27,6 +32,28 @@ def _logits(model, tokens, preds):
     cache = kv_cache.init_cache(model.cfg, jnp.zeros(tokens.shape[0], jnp.int32), tokens.shape[1], model.dtype)
     states, _ = model(tokens, cache, jnp.int32(0), preds)
     return model.logits(states)
+
+
+def collectives(model, tokens, preds) -> dict[str, int]:
+    """The collectives in the compiled program of one forward pass and its logits, by kind."""
+    text = _logits.lower(model, tokens, preds).compile().as_text()
+    return dict(Counter(re.findall(r"= \S+ (all-reduce|all-gather|all-to-all|collective-permute|reduce-scatter)"
+                                   r"(?:-start)?\(", text)))
+
+
+def qkv_blocks_are_heads(model, weights, cfg, n: int) -> bool:
+    """Whether each device's rows of layer 0's fused q/k/v matrix are exactly its own query heads' rows of wq
+    and the rows of wk and wv of the KV heads they read (its share, or all where KV heads are replicated)."""
+    fused = model.layers[0].attn.wqkv[...]
+    q, k, v = (np.asarray(weights[("layers", 0, "attn", name)]) for name in ("wq", "wk", "wv"))
+    qr, kr = cfg.q_dim // n, (cfg.kv_dim // n if cfg.n_kv_heads % n == 0 else cfg.kv_dim)
+    ok = len(fused.addressable_shards) == n
+    for shard in fused.addressable_shards:
+        i = (shard.index[0].start or 0) // (qr + 2 * kr)
+        j = i if kr < cfg.kv_dim else 0
+        want = np.concatenate([q[i * qr:(i + 1) * qr], k[j * kr:(j + 1) * kr], v[j * kr:(j + 1) * kr]])
+        ok &= np.array_equal(np.asarray(shard.data), want)
+    return bool(ok)
 
 
 def main(family: str, out_dir: str, seed: int, sizes: list[int]) -> dict:
@@ -44,7 +71,7 @@ def main(family: str, out_dir: str, seed: int, sizes: list[int]) -> dict:
     want = {mode: np.asarray(_logits(model, tokens, p), np.float64) for mode, p in (("dense", None), ("sparse", preds))}
     want_tokens = {mode: Generator(model, p).generate(prompts, 12).tokens
                    for mode, p in (("dense", None), ("sparse", preds))}
-    out = {"devices": len(jax.devices()), "runs": []}
+    out = {"devices": len(jax.devices()), "layers": cfg.n_layers, "runs": []}
     for n in sizes:
         mesh = make_mesh(n)
         engine = EngineConfig(ffn_policy="sparse", mesh=mesh)
@@ -53,19 +80,23 @@ def main(family: str, out_dir: str, seed: int, sizes: list[int]) -> dict:
         ffn = sharded.layers[0].ffn.w_gate[...]
         run = {"n": n, "w_gate_shards": len(ffn.addressable_shards),
                "w_gate_shard_rows": ffn.addressable_shards[0].data.shape[0]}
+        run["qkv_blocks_are_heads"] = qkv_blocks_are_heads(sharded, lm.weights, cfg, n)
+        run["collectives"] = {mode: collectives(sharded, tokens[:, :1], p) for mode, p in (("dense", None),
+                                                                                          ("sparse", placed))}
         for mode, p in (("dense", None), ("sparse", placed)):
             got = np.asarray(_logits(sharded, tokens, p), np.float64)
             run[f"{mode}_rel_err"] = float(np.linalg.norm(got - want[mode]) / np.linalg.norm(want[mode]))
             gen = Generator(Transformer(cfg, lm.weights, engine), None if p is None else preds)
             run[f"{mode}_tokens_equal"] = gen.generate(prompts, 12).tokens == want_tokens[mode]
-        # the guarded FFN's kernels (interpreted) per shard, at decode sizes: the mma kernels for 3 sequences, the
-        # stream kernel for one
-        kernels = EngineConfig(backend="interpret", ffn_policy="sparse", mesh=mesh)
+        # the kernels (interpreted) per shard, at decode sizes: the GEMV for every split product, the fused add +
+        # norm, and the guarded FFN's kernels (the mma kernels for 3 sequences, the stream kernel for one)
+        kernels = EngineConfig(backend="interpret", ffn_policy="sparse", mesh=mesh,
+                               projections=(ProjectionRule(8, 0, "gemv", ("float32",)),))
         step = tokens[:, :1]
-        for rows in (3, 1):
-            want_step = np.asarray(_logits(model, step[:rows], preds), np.float64)
-            got = np.asarray(_logits(Transformer(cfg, lm.weights, kernels), step[:rows], placed), np.float64)
-            run[f"kernels_{rows}_rel_err"] = float(np.linalg.norm(got - want_step) / np.linalg.norm(want_step))
+        for (mode, p), rows in itertools.product((("dense", None), ("sparse", placed)), (3, 1)):
+            want_step = np.asarray(_logits(model, step[:rows], None if p is None else preds), np.float64)
+            got = np.asarray(_logits(Transformer(cfg, lm.weights, kernels), step[:rows], p), np.float64)
+            run[f"kernels_{mode}_{rows}_rel_err"] = float(np.linalg.norm(got - want_step) / np.linalg.norm(want_step))
         gen = Generator(Transformer(cfg, lm.weights, kernels), preds)
         run["kernels_tokens_equal"] = gen.generate(prompts, 6).tokens == [t[:6] for t in want_tokens["sparse"]]
         out["runs"].append(run)

@@ -34,6 +34,38 @@ def test_score_matches_torch(llama_checkpoint, rng):
     np.testing.assert_allclose(w.logprobs, ref_w, rtol=1e-4, atol=1e-5)
 
 
+def test_long_texts_are_scored_piece_by_piece(tmp_path, rng):
+    """A text file read in pieces (`text_pieces`, cut at line ends) tokenizes to the whole text's tokens, and
+    scoring tokens that arrive in pieces of any size equals scoring them at once, window for window."""
+    import inspect
+    import json.decoder
+    import textwrap
+
+    from svdsparse_jax.assets import BUNDLED_MODEL
+    from svdsparse_jax.engine import XLA
+    from svdsparse_jax.evaluate import score_stream, text_pieces
+
+    text = inspect.getsource(json.decoder) + inspect.getsource(textwrap)
+    path = tmp_path / "text.txt"
+    path.write_text(text, encoding="utf-8")
+    pieces = list(text_pieces(path, chars=2000))
+    assert len(pieces) > 5 and "".join(pieces) == text
+    lm = load_model(BUNDLED_MODEL, jnp.float32)
+    whole = lm.tokenizer(text)["input_ids"]
+    piecewise = sum((lm.tokenizer(p, add_special_tokens=i == 0)["input_ids"] for i, p in enumerate(pieces)), [])
+    assert piecewise == whole
+    model = Transformer(lm.cfg, lm.weights, XLA)
+    ids = np.asarray(whole[:1500])
+    # pieces shorter and longer than a window
+    cuts = np.sort(rng.choice(np.arange(1, len(ids)), size=12, replace=False))
+    want = score_tokens(model, ids.tolist(), window=200)
+    got = score_stream(model, iter(np.split(ids, cuts)), window=200)
+    assert got.tokens == len(ids) and len(got.logprobs) == len(ids) - 1
+    np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(got.nll, want.nll, rtol=1e-6)
+    assert score_stream(model, iter(np.split(ids, cuts)), window=200, keep_logprobs=False).logprobs == []
+
+
 def test_auroc_matches_pairwise_counting_with_ties(rng):
     from svdsparse_jax.evaluate import auroc
     scores = np.round(rng.normal(size=(60, 7)) * 2)  # integer scores: many ties

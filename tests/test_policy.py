@@ -149,17 +149,17 @@ def test_union_rows_are_stored_with_the_predictors(tmp_path, rng):
     union = UnionRows(BATCH_SIZES, tuple(tuple(rng.random(n)) for _ in BATCH_SIZES),
                       tuple(tuple(rng.random(n)) for _ in BATCH_SIZES))
     pset = PredictorSet("whitened", [_predictor(cfg, rng) for _ in range(n)], {}, union=union)
-    save_predictors(tmp_path / "p", pset, cfg, "fp")
-    assert load_predictors(tmp_path / "p", cfg, "fp").union == union
+    save_predictors(tmp_path / "p", pset, cfg, "w2-fp")
+    assert load_predictors(tmp_path / "p", cfg, "w2-fp").union == union
     manifest = tmp_path / "p" / "manifest.json"
     m = json.loads(manifest.read_text())
     m["union_rows"]["candidates"][0] = m["union_rows"]["candidates"][0][:-1]
     manifest.write_text(json.dumps(m))
     with pytest.raises(SvdsparseError, match=f"{manifest}: union_rows must give {n} layers"):
-        load_predictors(tmp_path / "p", cfg, "fp")
+        load_predictors(tmp_path / "p", cfg, "w2-fp")
     del m["union_rows"]  # a set built before the unions were measured
     manifest.write_text(json.dumps(m))
-    assert load_predictors(tmp_path / "p", cfg, "fp").union is None
+    assert load_predictors(tmp_path / "p", cfg, "w2-fp").union is None
 
 
 def test_top_k_candidates_are_the_batch_best_scores(llama_checkpoint, rng):

@@ -1,6 +1,7 @@
 """Baselines, the guarded FFN, calibration statistics, the build pipeline and predictor storage."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +24,27 @@ from svdsparse_jax.weights import init_weights, model_fingerprint
 CFG = named_config("tiny", activation="fatrelu", act_threshold=0.02, max_seq_len=128, vocab_size=64)
 
 
+def _init(seed: int) -> dict:
+    return init_weights(CFG, jax.random.key(seed), jnp.float32, std=0.2)
+
+
 def _model(seed: int):
-    return Transformer(CFG, init_weights(CFG, jax.random.key(seed), jnp.float32, std=0.2))
+    return Transformer(CFG, _init(seed))
+
+
+def test_fingerprint_covers_every_weight(seed, rng):
+    """Changing one value of any weight (not only the embedding and W_gate the old fingerprint sampled) changes
+    the fingerprint; the same model in bf16, f16 or f32 keeps it (values rounded to bf16)."""
+    weights = {k: v.astype(jnp.bfloat16).astype(jnp.float32) for k, v in _init(seed).items()}
+    fp = model_fingerprint(CFG, weights)
+    assert fp.startswith("w2-")
+    for dtype in (jnp.bfloat16, jnp.float16):
+        assert model_fingerprint(CFG, {k: v.astype(dtype) for k, v in weights.items()}) == fp
+    for path in weights:
+        w = np.asarray(weights[path]).copy()
+        i = tuple(int(rng.integers(0, n)) for n in w.shape)
+        w[i] = w[i] + 0.5 * (abs(w[i]) + 1.0)  # a change bf16 rounding keeps
+        assert model_fingerprint(CFG, {**weights, path: jnp.asarray(w)}) != fp, path
 
 
 @pytest.mark.parametrize("rows", [3, 40])  # the popcount path (decode) and the +-1 matmul path (batches)
@@ -109,7 +129,7 @@ def test_build_reaches_the_targets_on_the_calibration_half(method, seed, rng):
 
 def test_store_round_trip_and_refusals(tmp_path, seed, rng):
     model = _model(seed)
-    fp = model_fingerprint(CFG, {s: v for s, v in _weights(model).items()})
+    fp = model_fingerprint(CFG, _init(seed))
     for method in ("whitened", "mlp", "signbit", "oracle"):
         bc = BuildConfig(method=method, ranks=8, rule="s", value=0.6, tokens=4096, window=128, mlp_steps=20,
                          seed=seed)
@@ -123,7 +143,13 @@ def test_store_round_trip_and_refusals(tmp_path, seed, rng):
             assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
     other = _model(seed + 1)
     with pytest.raises(SvdsparseError, match="fingerprint"):
-        load_predictors(tmp_path / "whitened", CFG, model_fingerprint(CFG, _weights(other)))
+        load_predictors(tmp_path / "whitened", CFG, model_fingerprint(CFG, _init(seed + 1)))
+    manifest = tmp_path / "whitened" / "manifest.json"  # a set from before the fingerprint hashed every weight
+    old = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**old, "fingerprint": "0123456789abcdef0123456789abcdef"}))
+    with pytest.raises(SvdsparseError, match="older model fingerprint.*rebuild"):
+        load_predictors(tmp_path / "whitened", CFG, fp)
+    manifest.write_text(json.dumps(old))
     with pytest.raises(SvdsparseError, match=r"\(layers, d_model, d_ff\)"):
         load_predictors(tmp_path / "whitened", dataclasses.replace(CFG, n_layers=3), None)
     with pytest.raises(SvdsparseError, match="already exists"):

@@ -29,9 +29,17 @@ def test_sharded_logits_and_tokens_equal_unsharded(family, tmp_path, seed):
     assert out["devices"] == 4
     for run in out["runs"]:
         assert run["w_gate_shards"] == run["n"] and run["w_gate_shard_rows"] == 128 // run["n"]  # d_ff 128 split
-        for mode in ("dense", "sparse", "kernels_3", "kernels_1"):
+        for mode in ("dense", "sparse", "kernels_dense_3", "kernels_dense_1", "kernels_sparse_3", "kernels_sparse_1"):
             assert run[f"{mode}_rel_err"] <= 1e-5, run
         assert run["dense_tokens_equal"] and run["sparse_tokens_equal"] and run["kernels_tokens_equal"], run
+        # heads split with no resharding: each device's q/k/v rows are its heads', and the only collectives are
+        # the all-reduces after o_proj and the FFN of each layer (and one for the vocabulary-split embedding)
+        assert run["qkv_blocks_are_heads"], run
+        for mode, ops in run["collectives"].items():
+            if run["n"] == 1:
+                assert ops == {}, (mode, ops)
+            else:
+                assert set(ops) == {"all-reduce"} and ops["all-reduce"] - 2 * out["layers"] in (0, 1), (mode, ops)
 
 
 def test_sharded_conversion_and_loading_round_trip_exactly(tmp_path, seed):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 
 from svdsparse_jax.cli import Command, load_from_args, load_predictors_for, model_options
+from svdsparse_jax.fsutil import check_new_output
 
 
 def register(sub) -> dict[str, Command]:
@@ -33,6 +34,7 @@ def cmd_export_svdp(args: argparse.Namespace) -> None:
     from torch_npu_bridge.factors import factors_of
     from torch_npu_bridge.svdp_format import write_svdp
 
+    check_new_output(args.out, "--out")  # before any work
     lm = load_from_args(args)
     pset = load_predictors_for(args.predictors, lm)
     layers = [factors_of(p, i) for i, p in enumerate(pset.layers)]
@@ -45,6 +47,7 @@ def cmd_import_svdp(args: argparse.Namespace) -> None:
     from svdsparse_jax.predictors import LowRankPredictor, PredictorSet, save_predictors
     from torch_npu_bridge.svdp_format import read_svdp
 
+    check_new_output(args.out, "--out")  # before any work
     lm = load_from_args(args)
     cfg = lm.cfg
     dt = lm.weights[("embed",)].dtype

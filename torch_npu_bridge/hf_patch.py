@@ -13,7 +13,7 @@ import torch
 
 from svdsparse_jax.config import from_hf_config
 from svdsparse_jax.errors import SvdsparseError
-from svdsparse_jax.weights import FINGERPRINT_SAMPLE, model_fingerprint
+from svdsparse_jax.weights import model_fingerprint, weight_specs
 from torch_npu_bridge.executor import GuardedFFN, pick_device
 from torch_npu_bridge.factors import PredictorFactors, read_factors
 
@@ -39,18 +39,32 @@ def _layers(model) -> list:
     return list(layers)
 
 
+class _HFWeights:
+    """A transformers model's weights by this project's spec paths, each read (as float32 NumPy, transposed as
+    the spec table says) only when asked for, so fingerprinting holds one extra tensor at a time."""
+
+    def __init__(self, model, cfg):
+        self.params = dict(model.named_parameters(remove_duplicate=False))
+        self.specs = {s.path: s for s in weight_specs(cfg)}
+
+    def __getitem__(self, path):
+        spec = self.specs[path]
+        name = spec.hf_name
+        if name not in self.params:  # a patched layer keeps its MLP as mlp.original
+            name = name.replace(".mlp.", ".mlp.original.")
+        if name not in self.params and spec.hf_name == "lm_head.weight":
+            name = "model.embed_tokens.weight"
+        w = self.params[name].detach()
+        return (w.T if spec.hf_transposed else w).float().cpu().numpy()
+
+
 def hf_fingerprint(model, activation: str, threshold: float) -> str:
-    """This project's model fingerprint (`weights.model_fingerprint`) of a transformers model, read with the
-    predictors' activation (transformers has no FATReLU, so such models are often built as relu)."""
+    """This project's model fingerprint (`weights.model_fingerprint`: every weight) of a transformers model, read
+    with the predictors' activation (transformers has no FATReLU, so such models are often built as relu)."""
     cfg = from_hf_config(model.config.to_dict(), where=f"{type(model).__name__}.config")
     cfg = dataclasses.replace(cfg, activation=activation, act_threshold=threshold if activation == "fatrelu"
                               else cfg.act_threshold)
-    sample = lambda w: w.detach().reshape(-1)[:FINGERPRINT_SAMPLE].float().cpu().numpy()  # noqa: E731
-    weights = {("embed",): sample(model.model.embed_tokens.weight)}
-    for i, layer in enumerate(_layers(model)):
-        mlp = layer.original if isinstance(layer.mlp, PatchedMLP) else layer.mlp
-        weights[("layers", i, "ffn", "w_gate")] = sample(mlp.gate_proj.weight)
-    return model_fingerprint(cfg, weights)
+    return model_fingerprint(cfg, _HFWeights(model, cfg))
 
 
 def patch_hf_model(model, predictors: str | os.PathLike | PredictorFactors, device: str | torch.device | None = None,

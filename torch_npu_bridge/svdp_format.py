@@ -53,12 +53,32 @@ def read_svdp(svdp_dir: str | os.PathLike, n_layers: int, d: int, d_ff: int) -> 
         path = root / layer_file(i)
         if not path.is_file():
             raise SvdsparseError(f"{path}: missing (the model has {n_layers} layers)")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        missing = [k for k in ("fc1.weight", "fc2.weight", "fc2.bias") if k not in state]
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # empty, truncated, random bytes, a refused pickle payload
+            raise SvdsparseError(f"{path}: cannot read this predictor file ({type(e).__name__}: "
+                                 f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        if not isinstance(state, dict):
+            raise SvdsparseError(f"{path}: expected a state dict, got {type(state).__name__}")
+        keys = ("fc1.weight", "fc2.weight", "fc2.bias")
+        missing = [k for k in keys if k not in state]
         if missing:
             raise SvdsparseError(f"{path}: missing {missing} (expected fc1.weight [r, d], fc2.weight [d_ff, r], "
                                  "fc2.bias [d_ff])")
-        arr = {k: state[k].float().numpy() for k in ("fc1.weight", "fc2.weight", "fc2.bias")}
+        extra = sorted(set(state) - set(keys))
+        if extra:  # e.g. fc1.bias: a predictor this format cannot hold, not to be dropped in silence
+            raise SvdsparseError(f"{path}: unexpected tensors {extra} (the format holds fc1.weight, fc2.weight, "
+                                 "fc2.bias)")
+        for k in keys:
+            t = state[k]
+            if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+                raise SvdsparseError(f"{path}: {k} is {getattr(t, 'dtype', type(t).__name__)}, expected floating point")
+            # an infinite bias means always (+) or never (-) a candidate (fp16 holds the calibration's 3e38 so)
+            bad, what = ((int(torch.isnan(t).sum()), "NaN") if k == "fc2.bias"
+                         else (int((~torch.isfinite(t)).sum()), "NaN or infinite"))
+            if bad:
+                raise SvdsparseError(f"{path}: {k}: {bad} of {t.numel()} values are {what}")
+        arr = {k: state[k].float().numpy() for k in keys}
         layers.append(LayerFactors(arr["fc1.weight"], arr["fc2.weight"], arr["fc2.bias"]))
         check_layers(layers[-1:], 1, d, d_ff, str(path))
     check_layers(layers, n_layers, d, d_ff, str(root))

@@ -29,6 +29,7 @@ from svdsparse_jax.fsutil import atomic_directory, read_versioned_json
 from svdsparse_jax.policy import UnionRows
 from svdsparse_jax.predictors.base import LowRankPredictor, OraclePredictor, SignBitPredictor
 from svdsparse_jax.predictors.build import PredictorSet
+from svdsparse_jax.weights import FINGERPRINT_SCHEME
 
 FORMAT = 2
 READABLE_FORMATS = (1, 2)
@@ -82,14 +83,23 @@ def load_predictors(pred_dir: str | os.PathLike, cfg: ModelConfig, fingerprint: 
     if shape != (cfg.n_layers, cfg.d_model, cfg.d_ff):
         raise SvdsparseError(f"{mpath}: predictors for (layers, d_model, d_ff) = {shape}, but the model has "
                              f"{(cfg.n_layers, cfg.d_model, cfg.d_ff)}")
-    if fingerprint is not None and m["fingerprint"] != fingerprint:
-        raise SvdsparseError(f"{mpath}: built for model fingerprint {m['fingerprint']}, but this model's is "
-                             f"{fingerprint} (another checkpoint or config)")
+    if fingerprint is not None:
+        if not str(m["fingerprint"]).startswith(FINGERPRINT_SCHEME + "-"):
+            raise SvdsparseError(f"{mpath}: records the older model fingerprint, which sampled a few weights and "
+                                 "cannot tell models apart; rebuild these predictors for the model (svdsparse "
+                                 "build-predictors MODEL --out DIR)")
+        if m["fingerprint"] != fingerprint:
+            raise SvdsparseError(f"{mpath}: built for model fingerprint {m['fingerprint']}, but this model's is "
+                                 f"{fingerprint} (another checkpoint, config or weights)")
     tensors = {}
     if (pred_dir / TENSORS).is_file():
         from safetensors import safe_open
-        with safe_open(str(pred_dir / TENSORS), framework="flax") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        try:
+            with safe_open(str(pred_dir / TENSORS), framework="flax") as f:
+                tensors = {k: f.get_tensor(k) for k in f.keys()}
+        except Exception as e:  # safetensors raises several types for a damaged file
+            raise SvdsparseError(f"{pred_dir / TENSORS}: cannot read ({type(e).__name__}: {e})") from None
+    check_predictor_tensors(tensors, str(pred_dir / TENSORS))
     layers = []
     for i, e in enumerate(m["layers"]):
         def t(name):
@@ -114,10 +124,39 @@ def load_predictors(pred_dir: str | os.PathLike, cfg: ModelConfig, fingerprint: 
     return PredictorSet(m["method"], layers, m["config"], m.get("info", []), m.get("timings", {}), union)
 
 
+INT_TENSORS = (".bits", ".alpha")  # the sign-bit predictor's packed signs and its threshold ratio
+
+
+def check_predictor_tensors(tensors: dict, where: str) -> None:
+    """Refuses predictor tensors of the wrong kind (factors and biases must be floating point, sign bits and
+    ratios int32), factors with NaN or infinite values and biases with NaN, naming the tensor."""
+    for name, t in tensors.items():
+        if name.endswith(INT_TENSORS):
+            if jnp.dtype(t.dtype) != jnp.int32:
+                raise SvdsparseError(f"{where}: tensor {name} is {t.dtype}, expected int32")
+            if name.endswith(".alpha") and not (t.shape == (2,) and int(t[1]) > 0):
+                raise SvdsparseError(f"{where}: tensor {name} must be [numerator, denominator > 0]")
+            continue
+        if not jnp.issubdtype(t.dtype, jnp.floating):
+            raise SvdsparseError(f"{where}: tensor {name} is {t.dtype}, expected floating point")
+        if name.endswith(".bias"):  # an infinite bias means always (+) or never (-) a candidate; NaN means nothing
+            bad, what = int(jnp.isnan(t).sum()), "NaN"
+        else:
+            bad, what = int(t.size - jnp.isfinite(t).sum()), "NaN or infinite"
+        if bad:
+            raise SvdsparseError(f"{where}: tensor {name}: {bad} of {t.size} values are {what}")
+
+
 def read_manifest(pred_dir: str | os.PathLike) -> dict:
-    """The manifest of a predictor directory, checked for its format and kind."""
+    """The manifest of a predictor directory, checked for its format, kind and the fields loading reads."""
     mpath = Path(pred_dir) / MANIFEST
     m = read_versioned_json(mpath, READABLE_FORMATS, "a predictor manifest")
     if m.get("kind", KIND) != KIND:
         raise SvdsparseError(f"{mpath}: kind {m.get('kind')!r}, expected {KIND!r}")
+    missing = [k for k in ("method", "n_layers", "d_model", "d_ff", "fingerprint", "layers") if k not in m]
+    if missing:
+        raise SvdsparseError(f"{mpath}: missing fields {missing}")
+    if not (isinstance(m["layers"], list) and len(m["layers"]) == m["n_layers"]
+            and all(isinstance(e, dict) and "type" in e for e in m["layers"])):
+        raise SvdsparseError(f"{mpath}: layers must list {m['n_layers']} entries with a type, one per layer")
     return m
