@@ -297,6 +297,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise SvdsparseError(f"--temperature must be >= 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise SvdsparseError(f"--top-p must be in (0, 1], got {args.top_p}")
+    for i, p in enumerate(args.prompt or []):  # arguments that are not UTF-8 arrive with surrogate escapes
+        try:
+            p.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise SvdsparseError(f"--prompt {i + 1}: not valid UTF-8 (byte {e.start})") from None
     engine = engine_from_args(args)
     lm = load_from_args(args, engine.mesh)
     tok = lm.tokenizer

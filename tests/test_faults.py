@@ -122,6 +122,12 @@ def test_text_that_is_not_utf8_is_named(hf, tmp_path, capsys):
     assert code == 2 and f"{f}: not UTF-8 text" in line, line
 
 
+def test_prompts_that_are_not_utf8_are_named(hf, capsys):
+    bad = b"caf\xe9".decode("utf-8", "surrogateescape")  # how Python hands over such a command-line argument
+    code, line = run_cli(capsys, "generate", str(hf), "--prompt", "fine", "--prompt", bad)
+    assert code == 2 and "--prompt 2: not valid UTF-8 (byte 3)" in line, line
+
+
 @pytest.mark.parametrize("argv,flag", [
     (["build-predictors", "--out", "X", "--s", "nan"], "--s"),
     (["build-predictors", "--out", "X", "--s", "2"], "--s"),
