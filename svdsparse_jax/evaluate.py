@@ -120,11 +120,15 @@ def score_tokens(model: Transformer, ids: Sequence[int], window: int | None = No
     return score_stream(model, [np.asarray(ids, np.int64)], window)
 
 
+SCORE_BATCH = 8  # full windows scored in one forward pass
+
+
 def score_stream(model: Transformer, pieces: Iterable[np.ndarray], window: int | None = None,
                  keep_logprobs: bool = True) -> ScoreResult:
     """`score_tokens` of the concatenation of token pieces that arrive one at a time (a long text tokenized
-    piece by piece), in memory bounded by a window's tokens (and 4 bytes a token for the log-probabilities, if
-    kept). Windows of `window` tokens overlap by one, so every token after the first is predicted once."""
+    piece by piece), in memory bounded by a few windows' tokens (and 4 bytes a token for the log-probabilities,
+    if kept). Windows of `window` tokens overlap by one, so every token after the first is predicted once; full
+    windows go SCORE_BATCH to a forward pass."""
     cfg = model.cfg
     window = min(window or cfg.max_seq_len, cfg.max_seq_len)
     if window < 2:
@@ -133,31 +137,41 @@ def score_stream(model: Transformer, pieces: Iterable[np.ndarray], window: int |
     kept: list[np.ndarray] = []
     total, count = 0.0, 0
     buffer = np.zeros(0, np.int64)
+    full: list[np.ndarray] = []  # full windows waiting for a batch
 
-    def score(chunk: np.ndarray) -> None:
+    def score(chunks: list[np.ndarray]) -> None:
+        """Scores chunks of one length (full windows, or one shorter tail), padded to a bucket of rows."""
         nonlocal total, count
-        bad = chunk[(chunk < 0) | (chunk >= cfg.vocab_size)]
-        if bad.size:
-            raise SvdsparseError(f"token ids {bad[:5].tolist()} outside the vocabulary [0, {cfg.vocab_size})")
-        length = min(bucket(len(chunk)), window) if len(chunk) < window else window
-        tokens = np.zeros((1, length), np.int32)
-        tokens[0, length - len(chunk):] = chunk
-        pad = np.array([length - len(chunk)], np.int32)
-        lp = np.asarray(_forward_stats(graphdef, state, None, jnp.asarray(tokens), jnp.asarray(pad))[0])[0]
-        lp = lp[length - len(chunk):]
-        total, count = total + float(np.sum(lp, dtype=np.float64)), count + len(lp)
-        if keep_logprobs:
-            kept.append(lp.astype(np.float32))
+        n = len(chunks[0])
+        for chunk in chunks:
+            bad = chunk[(chunk < 0) | (chunk >= cfg.vocab_size)]
+            if bad.size:
+                raise SvdsparseError(f"token ids {bad[:5].tolist()} outside the vocabulary [0, {cfg.vocab_size})")
+        length = min(bucket(n), window) if n < window else window
+        rows = bucket(len(chunks), minimum=1)  # a few static batch shapes, not one per count
+        tokens = np.zeros((rows, length), np.int32)
+        tokens[:len(chunks), length - n:] = np.stack(chunks)
+        pad = np.full(rows, length - n, np.int32)
+        lp = np.asarray(_forward_stats(graphdef, state, None, jnp.asarray(tokens), jnp.asarray(pad))[0])
+        for row in lp[:len(chunks), length - n:]:
+            total, count = total + float(np.sum(row, dtype=np.float64)), count + len(row)
+            if keep_logprobs:
+                kept.append(row.astype(np.float32))
 
     for piece in pieces:
         buffer = np.concatenate([buffer, np.asarray(piece, np.int64).reshape(-1)])
         while len(buffer) > window:  # a full window, and at least one token after it
-            score(buffer[:window])
+            full.append(buffer[:window])
             buffer = buffer[window - 1:]
+            if len(full) == SCORE_BATCH:
+                score(full)
+                full = []
+    if full:
+        score(full)
     if count + len(buffer) < 2:
         raise SvdsparseError(f"scoring needs at least 2 tokens, got {count + len(buffer)}")
     if len(buffer) >= 2:
-        score(buffer)
+        score([buffer])
     nll = -total / count
     logprobs = np.concatenate(kept).tolist() if kept else []
     return ScoreResult(logprobs, nll, math.exp(nll), count + 1)
