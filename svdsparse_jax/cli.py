@@ -133,7 +133,10 @@ def _batch_sizes(text: str) -> list[int]:
 def build_parser(plugins: dict[str, Command] | None = None) -> argparse.ArgumentParser:
     """The argument parser; the commands of installed plug-ins are added to it and their handlers to
     `plugins`."""
+    from svdsparse_jax import __version__
+
     parser = argparse.ArgumentParser(prog="svdsparse", description="SVD contextual-sparsity LLM decoding in JAX")
+    parser.add_argument("--version", action="version", version=f"svdsparse {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="convert a Hugging Face checkpoint to this project's format")
@@ -297,11 +300,16 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise SvdsparseError(f"--temperature must be >= 0, got {args.temperature}")
     if not 0 < args.top_p <= 1:
         raise SvdsparseError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if not args.temperature and (args.top_k or args.top_p < 1):  # greedy decoding would ignore them in silence
+        raise SvdsparseError(f"--top-k / --top-p filter sampling; give --temperature > 0 with them (got "
+                             f"{args.temperature or 'none: greedy'})")
     for i, p in enumerate(args.prompt or []):  # arguments that are not UTF-8 arrive with surrogate escapes
         try:
             p.encode("utf-8")
         except UnicodeEncodeError as e:
             raise SvdsparseError(f"--prompt {i + 1}: not valid UTF-8 (byte {e.start})") from None
+        if not p.strip():
+            raise SvdsparseError(f"--prompt {i + 1}: empty or only whitespace")
     engine = engine_from_args(args)
     lm = load_from_args(args, engine.mesh)
     tok = lm.tokenizer
@@ -580,7 +588,11 @@ COMMANDS: dict[str, Command] = {"convert": cmd_convert, "generate": cmd_generate
 
 def main(argv: Sequence[str] | None = None) -> int:
     handlers = dict(COMMANDS)
-    args = build_parser(handlers).parse_args(argv)
+    parser = build_parser(handlers)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # the command's own usage, not the top level's
+        commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        commands.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # partial outputs removed, one line, exit
         signal.signal(sig, lambda signum, frame: exit_on_signal(signum, f"svdsparse {args.command}"))
     if not args.debug:  # orbax's writer threads log every failure they pass up, and its callbacks into a closed

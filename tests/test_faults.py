@@ -146,6 +146,23 @@ def test_bad_numbers_on_the_command_line_are_refused(capsys, argv, flag):
     assert code == 2 and f"argument {flag}" in line, line
 
 
+def test_flags_that_would_be_ignored_or_misplaced_are_named(capsys):
+    """Sampling filters without a temperature (greedy would ignore them), a whitespace-only prompt, and an
+    unknown flag, which gets the command's usage rather than the top level's; --version prints the package's."""
+    code, line = run_cli(capsys, "generate", "--prompt", "a", "--top-p", "0.9")
+    assert code == 2 and "--top-k / --top-p filter sampling; give --temperature > 0" in line, line
+    code, line = run_cli(capsys, "generate", "--prompt", " \n\t")
+    assert code == 2 and "--prompt 1: empty or only whitespace" in line, line
+    with pytest.raises(SystemExit) as e:
+        cli.main(["score", "--prompt-ids", "1,2", "--bogus"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "usage: svdsparse score" in err and "unrecognized arguments: --bogus" in err, err
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    from svdsparse_jax import __version__
+    assert e.value.code == 0 and capsys.readouterr().out.strip() == f"svdsparse {__version__}" != "svdsparse "
+
+
 def test_json_output_never_holds_nan(capsys):
     cli.print_json({"nll": float("nan"), "logprobs": [0.5, float("-inf")], "ok": 1.0})
     out = capsys.readouterr()
