@@ -282,9 +282,7 @@ def engine_from_args(args: argparse.Namespace):
     --devices (more than one: a tensor-parallel mesh)."""
     from svdsparse_jax.engine import from_environment
     from svdsparse_jax.sharding import make_mesh
-    devices = getattr(args, "devices", 1)
-    if devices < 1:
-        raise SvdsparseError(f"--devices must be >= 1, got {devices}")
+    devices = getattr(args, "devices", 1)  # >= 1: its argparse type
     mesh = make_mesh(devices) if devices > 1 else None
     return from_environment(getattr(args, "kernels", None), ffn_policy=getattr(args, "ffn_policy", "measured"),
                             mesh=mesh)
@@ -296,10 +294,6 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
     if args.greedy and args.temperature is not None:
         raise SvdsparseError("--greedy and --temperature exclude each other")
-    if args.temperature is not None and args.temperature < 0:
-        raise SvdsparseError(f"--temperature must be >= 0, got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        raise SvdsparseError(f"--top-p must be in (0, 1], got {args.top_p}")
     if not args.temperature and (args.top_k or args.top_p < 1):  # greedy decoding would ignore them in silence
         raise SvdsparseError(f"--top-k / --top-p filter sampling; give --temperature > 0 with them (got "
                              f"{args.temperature or 'none: greedy'})")
@@ -347,7 +341,7 @@ def cmd_score(args: argparse.Namespace) -> None:
     from svdsparse_jax.model import Transformer
 
     if args.text_file is not None:  # checked before the (slow) model load, so a bad path fails at once
-        next(iter(_file_pieces(args.text_file, progress=False)), None)
+        _check_text_file(args.text_file)
     engine = engine_from_args(args)
     lm = load_from_args(args, engine.mesh)
     if args.text_file is not None:  # tokenized and scored piece by piece: memory bounded for any length
@@ -367,16 +361,24 @@ def load_predictors_for(path: str, lm):
     return load_predictors(path, lm.cfg, lm.fingerprint)
 
 
+def _read_text(path: str, chars: int = -1) -> str:
+    """A UTF-8 text file (its first `chars` characters, if given), errors naming the file."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read(chars)
+    except OSError as e:
+        raise SvdsparseError(f"{path}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError as e:
+        raise SvdsparseError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
+
+
 def _read_texts(files: Sequence[str]) -> list[str]:
-    texts = []
-    for f in files:
-        try:
-            texts.append(Path(f).read_text(encoding="utf-8"))
-        except OSError as e:
-            raise SvdsparseError(f"{f}: cannot read ({e.strerror})") from None
-        except UnicodeDecodeError as e:
-            raise SvdsparseError(f"{f}: not UTF-8 text (byte {e.start}: {e.reason})") from None
-    return texts
+    return [_read_text(f) for f in files]
+
+
+def _check_text_file(path: str) -> None:
+    """Refuses a text file that cannot be opened, or whose start is not UTF-8, before the slow model load."""
+    _read_text(path, 1 << 16)
 
 
 def _file_pieces(path: str, progress: bool = True):
@@ -481,7 +483,7 @@ def cmd_eval(args: argparse.Namespace) -> None:
     if args.plots and Path(args.plots).exists() and not Path(args.plots).is_dir():
         raise SvdsparseError(f"{args.plots} (--plots): exists and is not a directory")
     if args.text_file:  # checked before the (slow) model load, so a bad path fails at once
-        next(iter(_file_pieces(args.text_file, progress=False)), None)
+        _check_text_file(args.text_file)
     engine = engine_from_args(args)
     lm = load_from_args(args, engine.mesh)
     pset = load_predictors_for(args.predictors, lm)

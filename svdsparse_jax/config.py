@@ -136,11 +136,10 @@ def _rope(hf: dict[str, Any], where: str) -> tuple[float, float]:
     theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
     rope_type = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
     if rope_type == "default":
-        return _float_field({"rope_theta": theta}, "rope_theta", 0.0), 1.0
+        return _finite(theta, "rope_theta"), 1.0
     if rope_type == "linear":
         factor = params.get("factor", scaling.get("factor"))
-        return (_float_field({"rope_theta": theta}, "rope_theta", 0.0),
-                _float_field({"rope_scaling.factor": factor}, "rope_scaling.factor", 0.0))
+        return _finite(theta, "rope_theta"), _finite(factor, "rope_scaling.factor")
     raise SvdsparseError(f"{where}: rope_type {rope_type!r} is not supported; expected 'default' or 'linear'")
 
 
@@ -153,18 +152,18 @@ def _eos_ids(value: Any) -> tuple[int, ...]:
     return tuple(values)
 
 
-def _int_field(hf: dict[str, Any], key: str, default: Any = None) -> int:
-    v = hf.get(key, default)
-    if not (_is_int(v) or (isinstance(v, float) and v.is_integer())):
-        raise SvdsparseError(f"{key}={v!r}: expected an integer")
-    return int(v)
+def _integer(value: Any, name: str) -> int:
+    """An HF config value that must be an integer (2.0 counts), by its key `name`."""
+    if not (_is_int(value) or (isinstance(value, float) and value.is_integer())):
+        raise SvdsparseError(f"{name}={value!r}: expected an integer")
+    return int(value)
 
 
-def _float_field(hf: dict[str, Any], key: str, default: float) -> float:
-    v = hf.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-        raise SvdsparseError(f"{key}={v!r}: expected a finite number")
-    return float(v)
+def _finite(value: Any, name: str) -> float:
+    """An HF config value that must be a finite number, by its key `name`."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise SvdsparseError(f"{name}={value!r}: expected a finite number")
+    return float(value)
 
 
 def from_hf_config(hf: dict[str, Any], *, where: str = "config.json", **overrides: Any) -> ModelConfig:
@@ -213,14 +212,14 @@ def _from_hf_config(hf: dict[str, Any], *, where: str = "config.json", activatio
         else:
             raise SvdsparseError(f"{where}: hidden_act {act!r} is not supported; expected one of "
                                  f"{list(SPARSE_ACTIVATIONS)} (or {list(DENSE_ONLY_ACTIVATIONS)} with dense_only)")
-    threshold = act_threshold if act_threshold is not None else _float_field(hf, "hidden_act_param", 0.0) \
-        if hf.get("hidden_act_param") is not None else 0.0
-    if act != "fatrelu":
-        threshold = 0.0
+    if act_threshold is None:
+        act_threshold = _finite(hf.get("hidden_act_param") or 0.0, "hidden_act_param")
+    threshold = act_threshold if act == "fatrelu" else 0.0
     if hf.get("mlp_bias"):
         raise SvdsparseError(f"{where}: mlp_bias=true is not supported (ReGLU FFNs here have no biases)")
-    n_heads = _int_field(hf, "num_attention_heads")
-    head_dim = _int_field(hf, "head_dim") if hf.get("head_dim") else _int_field(hf, "hidden_size") // max(n_heads, 1)
+    n_heads = _integer(hf["num_attention_heads"], "num_attention_heads")
+    d_model = _integer(hf["hidden_size"], "hidden_size")
+    head_dim = _integer(hf["head_dim"], "head_dim") if hf.get("head_dim") else d_model // max(n_heads, 1)
     theta, scale = _rope(hf, where)
     if model_type == "qwen2":
         qkv_bias, o_bias = True, False
@@ -230,15 +229,17 @@ def _from_hf_config(hf: dict[str, Any], *, where: str = "config.json", activatio
     else:
         qkv_bias = o_bias = bool(hf.get("attention_bias", False))
         window = hf.get("sliding_window") if model_type == "mistral" else None
-    max_len = max_seq_len or _int_field(hf, "max_position_embeddings", 4096)
+    max_len = max_seq_len or _integer(hf.get("max_position_embeddings", 4096), "max_position_embeddings")
     if window is not None and window >= max_len:
         window = None  # never binds
     return ModelConfig(
-        vocab_size=_int_field(hf, "vocab_size"), d_model=_int_field(hf, "hidden_size"),
-        d_ff=_int_field(hf, "intermediate_size"), n_layers=_int_field(hf, "num_hidden_layers"), n_heads=n_heads,
-        n_kv_heads=_int_field(hf, "num_key_value_heads") if hf.get("num_key_value_heads") else n_heads,
+        vocab_size=_integer(hf["vocab_size"], "vocab_size"), d_model=d_model,
+        d_ff=_integer(hf["intermediate_size"], "intermediate_size"),
+        n_layers=_integer(hf["num_hidden_layers"], "num_hidden_layers"), n_heads=n_heads,
+        n_kv_heads=_integer(hf["num_key_value_heads"], "num_key_value_heads") if hf.get("num_key_value_heads")
+        else n_heads,
         head_dim=head_dim, activation=act, act_threshold=float(threshold),
-        rms_eps=_float_field(hf, "rms_norm_eps", 1e-6),
+        rms_eps=_finite(hf.get("rms_norm_eps", 1e-6), "rms_norm_eps"),
         rope_theta=theta, rope_scale=scale, max_seq_len=max_len, qkv_bias=qkv_bias, o_bias=o_bias,
         tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
         sliding_window=int(window) if window is not None else None,

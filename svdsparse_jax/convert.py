@@ -131,7 +131,8 @@ def checked_tensor(t: jax.Array, dtype: jnp.dtype, where: str) -> jax.Array:
     if bad:
         raise SvdsparseError(f"{where}: {bad} of {t.size} values are NaN or infinite")
     out = t.astype(dtype)
-    bad = int(out.size - jnp.isfinite(out).sum())
+    narrower = jnp.finfo(dtype).max < jnp.finfo(t.dtype).max  # only a narrower range can overflow
+    bad = int(out.size - jnp.isfinite(out).sum()) if narrower else 0
     if bad:
         raise SvdsparseError(f"{where}: {bad} values overflow {jnp.dtype(dtype).name} (largest "
                              f"{float(jnp.finfo(dtype).max):g}); convert with --dtype bfloat16 or float32")
@@ -169,11 +170,9 @@ class _TensorReader:
         path = self.index[name]
         f = self._file(path)
         with _reading(path):
-            if isinstance(f, dict):  # a torch tensor from a .bin file
+            if isinstance(f, dict):  # a torch tensor from a .bin file (bf16 has no NumPy type: read as f32)
                 t = f[name]
-                if not t.is_floating_point():
-                    raise SvdsparseError(f"{path}: tensor {name} is {t.dtype}; only floating-point weights are read")
-                t = jnp.asarray(t.float().numpy())
+                t = jnp.asarray((t.float() if t.is_floating_point() else t).numpy())
             else:
                 t = f.get_tensor(name)
         return checked_tensor(t, dtype, f"{path}: tensor {name}")

@@ -97,7 +97,7 @@ def fuse_qkv(parts: list[jax.Array], cfg: ModelConfig, shards: int = 1) -> jax.A
     q, k, v = parts
     if shards == 1:
         return jnp.concatenate(parts, axis=0)
-    split_kv = cfg.n_kv_heads % shards == 0
+    split_kv = qkv_block_rows(cfg, shards)[1] < cfg.kv_dim
     ks, vs = ((jnp.split(a, shards) if split_kv else [a] * shards) for a in (k, v))
     return jnp.concatenate([t for i, qi in enumerate(jnp.split(q, shards)) for t in (qi, ks[i], vs[i])], axis=0)
 
