@@ -26,6 +26,7 @@ from svdsparse_jax.errors import SvdsparseError
 from svdsparse_jax.fsutil import check_new_output, exit_on_signal
 
 DEFAULT_S = 0.7
+EVAL_WINDOWS = 64  # eval's and the demo's windows of held-out text: one perplexity per model and text
 PLUGIN_GROUP = "svdsparse.commands"
 Command = Callable[[argparse.Namespace], None]
 
@@ -94,7 +95,8 @@ def model_options(p: argparse.ArgumentParser, optional_model: bool = True) -> No
     if optional_model:
         p.add_argument("model", nargs="?", help="converted or Hugging Face model directory "
                                                 "(default: the bundled model)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"],
+                   help="weight dtype (products accumulate in float32)")
     p.add_argument("--dense-only", action="store_true",
                    help="allow activations without sparsity (silu); the model then runs dense only")
     p.add_argument("--activation", choices=["relu", "fatrelu", "drelu"],
@@ -130,6 +132,16 @@ def _batch_sizes(text: str) -> list[int]:
     return sizes
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds a flag's default to its help where the default is a value (not None, off or empty) and the help
+    does not already say it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default in (None, False, [], argparse.SUPPRESS) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser(plugins: dict[str, Command] | None = None) -> argparse.ArgumentParser:
     """The argument parser; the commands of installed plug-ins are added to it and their handlers to
     `plugins`."""
@@ -140,41 +152,55 @@ def build_parser(plugins: dict[str, Command] | None = None) -> argparse.Argument
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("convert", help="convert a Hugging Face checkpoint to this project's format")
-    p.add_argument("hf_dir")
-    p.add_argument("out_dir")
+    p.add_argument("hf_dir", help="Hugging Face model directory (config.json, safetensors, tokenizer)")
+    p.add_argument("out_dir", help="directory to write (must not exist)")
     model_options(p, optional_model=False)
 
     p = sub.add_parser("generate", help="generate text (one jitted program: prefill + decode loop)")
     model_options(p)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", action="append", help="prompt text (repeat for a batch)")
+    src.add_argument("--prompt-file", action="append", metavar="FILE",
+                     help="a file whose whole text is one prompt, - for standard input (repeat for a batch)")
     src.add_argument("--prompt-ids", type=_ids, action="append", help="comma-separated token ids (repeatable)")
-    p.add_argument("--max-new-tokens", type=POSITIVE, default=64)
-    p.add_argument("--greedy", action="store_true", help="argmax decoding (the default)")
-    p.add_argument("--temperature", type=number(float, 0.0))
-    p.add_argument("--top-k", type=number(int, 0), default=0)
-    p.add_argument("--top-p", type=FRACTION, default=1.0)
-    p.add_argument("--seed", type=number(int, 0, SEED_LIMIT, hi_open=True), default=0,
-                   help="sampling seed, 0 to 2^64 - 1 (each a distinct stream)")
+    p.add_argument("--max-new-tokens", type=POSITIVE, default=64, help="new tokens per sample, at most")
+    p.add_argument("--greedy", action="store_true", help="argmax decoding (the default without sampling flags)")
+    p.add_argument("--temperature", type=number(float, 0.0),
+                   help="sample at this temperature (default: 1.0 when --top-k or --top-p is given, else greedy)")
+    p.add_argument("--top-k", type=number(int, 0), default=0, help="sample from the k likeliest tokens (0: all)")
+    p.add_argument("--top-p", type=FRACTION, default=1.0, help="sample from the smallest set holding this mass")
+    p.add_argument("--repetition-penalty", type=number(float, 0.0, lo_open=True), default=1.0,
+                   help="divide the logits (multiply where negative) of tokens already present by this "
+                        "(transformers' rule; 1: off)")
+    p.add_argument("--num-samples", type=POSITIVE, default=1, help="samples per prompt (needs sampling)")
+    p.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                   help="end a sample once its text holds TEXT (cut before it; repeatable)")
+    p.add_argument("--stream", action="store_true",
+                   help="print the text as it is produced (one prompt and one sample; a host callback per token)")
+    p.add_argument("--seed", type=number(int, 0, SEED_LIMIT, hi_open=True),
+                   help="sampling seed, 0 to 2^64 - 1 (default: a random one, printed)")
     p.add_argument("--predictors", help="predictor directory: decode with the predictor-guarded FFN")
     _kernel_option(p, policy=True)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object (docs/cli.md)")
 
     p = sub.add_parser("score", help="per-token log-probabilities, NLL and perplexity of a text")
     model_options(p)
     _kernel_option(p)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--text-file")
-    src.add_argument("--prompt-ids", type=_ids)
-    p.add_argument("--window", type=number(int, 2), help="score in windows of this many tokens (default: the context)")
-    p.add_argument("--json", action="store_true")
+    src.add_argument("--text-file", help="UTF-8 text to score (read in pieces: any length)")
+    src.add_argument("--prompt-ids", type=_ids, help="comma-separated token ids to score")
+    p.add_argument("--window", type=number(int, 2), help="score in windows of this many tokens, overlapping by one "
+                                                         "(default: the model's context)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (docs/cli.md)")
 
     p = sub.add_parser("build-predictors", help="build and calibrate contextual-sparsity predictors")
     model_options(p)
     p.add_argument("--calib-text", nargs="+", metavar="FILE",
                    help="calibration text files (default for the bundled model: its calibration split)")
-    p.add_argument("--out", required=True)
-    p.add_argument("--method", default="whitened", choices=["whitened", "plain", "signbit", "mlp", "oracle"])
+    p.add_argument("--out", required=True, help="predictor directory to write (must not exist)")
+    p.add_argument("--method", default="whitened", choices=["whitened", "plain", "signbit", "mlp", "oracle"],
+                   help="whitened SVD (the paper's), plain SVD, or a baseline: sign bits, a trained MLP, the exact "
+                        "gate (oracle)")
     p.add_argument("--rank", type=_ids, help="rank, or one rank per layer (comma-separated); default d_model/4")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--s", type=FRACTION, help="predicted sparsity = s x true sparsity (s-0.1 on layers 0-1); "
@@ -183,26 +209,28 @@ def build_parser(plugins: dict[str, Command] | None = None) -> argparse.Argument
                         help="absolute predicted sparsity per layer")
     target.add_argument("--target-recall", type=FRACTION, help="minimum recall per layer")
     p.add_argument("--tokens", type=POSITIVE, default=16384, help="calibration tokens (half build, half calibrate)")
-    p.add_argument("--window", type=number(int, 2), default=512)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--window", type=number(int, 2), default=512, help="calibration windows of this many tokens")
+    p.add_argument("--json", action="store_true", help="print one JSON object (docs/cli.md)")
 
     p = sub.add_parser("eval", help="evaluate predictors against the dense model")
     model_options(p)
     _kernel_option(p, policy=True)
-    p.add_argument("--predictors", required=True)
+    p.add_argument("--predictors", required=True, help="predictor directory (build-predictors)")
     p.add_argument("--batch-sizes", type=_batch_sizes, default=[], metavar="B,B,...",
                    help="also report, per decode batch size, the union of the batch's rows and the accuracy of "
                         "the layers the policy runs sparse at that size (e.g. 1,2,4,8,16)")
     p.add_argument("--text-file", help="held-out text (default for the bundled model: its held-out split)")
-    p.add_argument("--window", type=number(int, 2), default=512)
-    p.add_argument("--max-windows", type=POSITIVE, default=32)
-    p.add_argument("--plots", help="directory for PNG plots")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--window", type=number(int, 2), default=512, help="evaluation windows of this many tokens")
+    p.add_argument("--max-windows", type=POSITIVE, default=EVAL_WINDOWS,
+                   help="evaluate at most this many windows, spread evenly over the text")
+    p.add_argument("--plots", help="directory for PNG plots (needs the plots extra: matplotlib)")
+    p.add_argument("--json", action="store_true", help="print one JSON object (docs/cli.md)")
 
     p = sub.add_parser("demo", help="the whole pipeline on the bundled model, offline")
     p.add_argument("--out", help="keep the predictors here (default: a temporary directory)")
-    p.add_argument("--dtype", default="float32", choices=["bfloat16", "float16", "float32"])
-    p.add_argument("--debug", action="store_true")
+    p.add_argument("--dtype", default="float32", choices=["bfloat16", "float16", "float32"],
+                   help="weight dtype (the bundled model was trained in float32)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
     for ep in entry_points(group=PLUGIN_GROUP):
         try:
             register = ep.load()
@@ -212,6 +240,8 @@ def build_parser(plugins: dict[str, Command] | None = None) -> argparse.Argument
         handlers = register(sub)
         if plugins is not None:
             plugins.update(handlers)
+    for command in sub.choices.values():  # every flag's default in its help, plug-ins' too
+        command.formatter_class = _HelpFormatter
     return parser
 
 
@@ -288,52 +318,121 @@ def engine_from_args(args: argparse.Namespace):
                             mesh=mesh)
 
 
+def _sampler_from_args(args: argparse.Namespace):
+    """The Sampler the flags ask for: --top-k / --top-p alone imply sampling at temperature 1.0."""
+    from svdsparse_jax.generate import Sampler
+
+    filters = args.top_k > 0 or args.top_p < 1
+    if args.greedy and (args.temperature is not None or filters):
+        raise SvdsparseError("--greedy excludes --temperature, --top-k and --top-p")
+    temperature = args.temperature if args.temperature is not None else 1.0 if filters else 0.0
+    if filters and temperature == 0:
+        raise SvdsparseError("--temperature 0 is greedy decoding, which ignores --top-k / --top-p")
+    sampler = Sampler(temperature=temperature, top_k=args.top_k, top_p=args.top_p,
+                      repetition_penalty=args.repetition_penalty)
+    if args.num_samples > 1 and sampler.greedy:
+        raise SvdsparseError(f"--num-samples {args.num_samples}: greedy samples are all the same; give "
+                             "--temperature, --top-k or --top-p")
+    return sampler
+
+
+def _prompt_texts(args: argparse.Namespace) -> list[str] | None:
+    """The prompt texts of --prompt or --prompt-file (- reads standard input), checked; None for --prompt-ids."""
+    if args.prompt_file:
+        texts, names = [], []
+        for path in args.prompt_file:
+            if path == "-":
+                data = sys.stdin.buffer.read()
+                try:
+                    texts.append(data.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    raise SvdsparseError(f"--prompt-file - (standard input): not UTF-8 text (byte {e.start})") \
+                        from None
+            else:
+                texts.append(_read_text(path))
+            names.append(f"--prompt-file {path}")
+    elif args.prompt is not None:
+        texts, names = [], []
+        for i, p in enumerate(args.prompt):  # arguments that are not UTF-8 arrive with surrogate escapes
+            try:
+                p.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise SvdsparseError(f"--prompt {i + 1}: not valid UTF-8 (byte {e.start})") from None
+            texts.append(p)
+            names.append(f"--prompt {i + 1}")
+    else:
+        return None
+    for text, name in zip(texts, names):
+        if not text.strip():
+            raise SvdsparseError(f"{name}: empty or only whitespace")
+    return texts
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
-    from svdsparse_jax.generate import Generator, Sampler
+    import secrets
+
+    from svdsparse_jax.generate import Generator, Watcher
     from svdsparse_jax.model import Transformer
 
-    if args.greedy and args.temperature is not None:
-        raise SvdsparseError("--greedy and --temperature exclude each other")
-    if not args.temperature and (args.top_k or args.top_p < 1):  # greedy decoding would ignore them in silence
-        raise SvdsparseError(f"--top-k / --top-p filter sampling; give --temperature > 0 with them (got "
-                             f"{args.temperature or 'none: greedy'})")
-    for i, p in enumerate(args.prompt or []):  # arguments that are not UTF-8 arrive with surrogate escapes
-        try:
-            p.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise SvdsparseError(f"--prompt {i + 1}: not valid UTF-8 (byte {e.start})") from None
-        if not p.strip():
-            raise SvdsparseError(f"--prompt {i + 1}: empty or only whitespace")
+    sampler = _sampler_from_args(args)
+    if any(not stop for stop in args.stop):
+        raise SvdsparseError("--stop '': stop strings must not be empty")
+    texts = _prompt_texts(args)
+    n_prompts = len(texts) if texts is not None else len(args.prompt_ids)
+    if args.stream and n_prompts * args.num_samples > 1:
+        raise SvdsparseError(f"--stream prints one sample; got {n_prompts} prompts x --num-samples "
+                             f"{args.num_samples}")
+    if (args.stream or args.stop) and args.devices > 1:
+        raise SvdsparseError("--stream and --stop run a host callback per token, not supported with --devices > 1")
+    seed = args.seed if args.seed is not None else secrets.randbits(64)
     engine = engine_from_args(args)
     lm = load_from_args(args, engine.mesh)
     tok = lm.tokenizer
-    if args.prompt is not None:
-        if tok is None:
-            raise SvdsparseError(f"{lm.path}: the model has no tokenizer files; use --prompt-ids")
-        prompts = [tok(p)["input_ids"] for p in args.prompt]
-    else:
-        prompts = args.prompt_ids
-    sampler = Sampler(temperature=args.temperature or 0.0, top_k=args.top_k, top_p=args.top_p)
+    if tok is None and (texts is not None or args.stop or args.stream):
+        flag = "--prompt" if texts is not None else "--stop" if args.stop else "--stream"
+        raise SvdsparseError(f"{lm.path}: the model has no tokenizer files, which {flag} needs; use --prompt-ids")
+    prompts = [tok(t)["input_ids"] for t in texts] if texts is not None else args.prompt_ids
     pset = load_predictors_for(args.predictors, lm) if args.predictors else None
     model = Transformer(lm.cfg, lm.weights, engine)
     del lm  # the model holds its own fused q/k/v matrix; the separate ones can go
     gen = Generator(model, pset and pset.layers, pset and pset.union)
-    result = gen.generate(prompts, args.max_new_tokens, sampler, args.seed)
+    batch = [p for p in prompts for _ in range(args.num_samples)]  # the samples of a prompt, side by side
+    watcher = None
+    if args.stop or args.stream:
+        stream = (lambda piece: print(piece, end="", flush=True)) if args.stream and not args.json else None
+        watcher = Watcher(lambda ids: tok.decode(ids, skip_special_tokens=True), len(batch), args.stop, stream)
+    result = gen.generate(batch, args.max_new_tokens, sampler, seed, watcher=watcher)
+
+    def text(i: int) -> str | None:
+        return watcher.text(i) if watcher is not None else \
+            tok.decode(result.tokens[i], skip_special_tokens=True) if tok is not None else None
+
+    samples = [{"output_ids": out, "text": text(i), "finish_reason": reason}
+               for i, (out, reason) in enumerate(zip(result.tokens, result.finish_reasons))]
+    n = args.num_samples
+    results = [{"prompt": texts[j] if texts is not None else None, "prompt_ids": list(p),
+                "samples": samples[j * n:(j + 1) * n]} for j, p in enumerate(prompts)]
     n_new = sum(len(t) for t in result.tokens)
     tps = n_new / result.run_s if result.run_s > 0 else float("nan")
-    rows = [{"prompt_ids": list(p), "output_ids": out,
-             "text": tok.decode(out, skip_special_tokens=True) if tok is not None else None}
-            for p, out in zip(prompts, result.tokens)]
     if args.json:
-        timing = {"tokens_per_s": tps, "compile_s": result.compile_s, "run_s": result.run_s,
-                  "sparse_layers": sum(result.sparse_layers)}
-        print_json({**rows[0], **timing} if len(rows) == 1 else {"results": rows, **timing})
+        print_json({"results": results, "seed": seed,
+                    "sampler": {"temperature": sampler.temperature, "top_k": sampler.top_k, "top_p": sampler.top_p,
+                                "repetition_penalty": sampler.repetition_penalty},
+                    "new_tokens": n_new, "tokens_per_s": tps, "compile_s": result.compile_s, "run_s": result.run_s,
+                    "sparse_layers": sum(result.sparse_layers)})
         return
-    for row in rows:
-        print(row["text"] if row["text"] is not None else ",".join(map(str, row["output_ids"])))
+    if args.stream:
+        print()
+    else:
+        for r in results:
+            for j, sample in enumerate(r["samples"]):
+                if len(batch) > 1:
+                    print(f"--- prompt {results.index(r) + 1}" + (f", sample {j + 1}" if n > 1 else ""))
+                print(sample["text"] if sample["text"] is not None else ",".join(map(str, sample["output_ids"])))
     sparse = f"; {sum(result.sparse_layers)} of {len(result.sparse_layers)} layers sparse" if pset else ""
-    print(f"[{n_new} tokens in {result.run_s:.3f} s: {tps:.1f} tokens/s; compile {result.compile_s:.1f} s{sparse}]",
-          file=sys.stderr)
+    how = "greedy" if sampler.greedy else f"sampled, seed {seed}"
+    print(f"[{n_new} tokens in {result.run_s:.3f} s: {tps:.1f} tokens/s; compile {result.compile_s:.1f} s; "
+          f"{how}{sparse}]", file=sys.stderr)
 
 
 def cmd_score(args: argparse.Namespace) -> None:
@@ -349,16 +448,26 @@ def cmd_score(args: argparse.Namespace) -> None:
     else:
         pieces = [np.asarray(args.prompt_ids)]
     r = score_stream(Transformer(lm.cfg, lm.weights, engine), pieces, args.window, keep_logprobs=args.json)
-    if args.json:
-        print_json({"tokens": r.tokens, "logprobs": r.logprobs, "nll": r.nll, "ppl": r.ppl})
+    window = min(args.window or lm.cfg.max_seq_len, lm.cfg.max_seq_len)
+    if args.json:  # logprobs[j]: token j + 1 given those before it (the first token has no prediction)
+        print_json({"tokens": r.tokens, "predicted": r.tokens - 1, "window": window, "logprobs": r.logprobs,
+                    "nll": r.nll, "ppl": r.ppl})
     else:
-        print(f"tokens {r.tokens}  nll {r.nll:.4f}  ppl {r.ppl:.3f}")
+        print(f"tokens {r.tokens} ({r.tokens - 1} predicted, in windows of {window} tokens overlapping by one)  "
+              f"nll {r.nll:.4f}  ppl {r.ppl:.3f}")
+
+
+def require(module: str, extra: str, what: str) -> None:
+    """Refuses, before any work, a command that needs an optional dependency that is not installed."""
+    import importlib.util
+    if importlib.util.find_spec(module) is None:
+        raise SvdsparseError(f"{what} needs {module}, which is not installed: pip install 'svdsparse-jax[{extra}]'")
 
 
 def load_predictors_for(path: str, lm):
     """The predictor directory `path`, checked against the loaded model `lm` (shapes and fingerprint)."""
     from svdsparse_jax.predictors import load_predictors
-    return load_predictors(path, lm.cfg, lm.fingerprint)
+    return load_predictors(path, lm.cfg, lm.fingerprint, lm.weights[("embed",)].dtype)
 
 
 def _read_text(path: str, chars: int = -1) -> str:
@@ -467,21 +576,45 @@ def cmd_build_predictors(args: argparse.Namespace) -> None:
     if args.json:
         print_json({"out": str(out), "config": pset.config, "timings": pset.timings, "layers": pset.info})
         return
-    print(f"{'layer':>5} {'true sp':>8} {'target':>16} {'pred sp':>8} {'recall':>7}   (calibration half)")
-    for r in pset.info:
-        t = r["target"]
-        note = "" if r["target_met"] or args.method == "oracle" else "  target not met (1% guard)"
-        print(f"{r['layer']:>5} {r['true_sparsity']:>8.4f} {t['kind'] + ' ' + format(t['value'], '.4f'):>16} "
-              f"{r['calib_predicted_sparsity']:>8.4f} {r['calib_recall']:>7.4f}{note}")
+    print(_build_table(pset.info, pset.config))
     print(f"saved {out}; seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in pset.timings.items()))
+
+
+TARGET_WORDS = {"s": "s x the layer's true sparsity (s - 0.1 on layers 0 and 1)",
+                "sparsity": "that fraction of neuron/token pairs switched off", "recall": "keep that fraction of the "
+                "active pairs"}
+
+
+def _build_table(info: list[dict], config: dict) -> str:
+    """build-predictors' per-layer table on the calibration half, with what each column and the target mean."""
+    lines = [f"Per layer, on the calibration half ({config['calibration_tokens'] // 2:,} tokens):",
+             f"{'layer':>5}  {'true sparsity':>13}  {'target':>16}  {'predicted sparsity':>18}  {'recall':>7}"]
+    short = False
+    for r in info:
+        t = r["target"]
+        reached = r["calib_predicted_sparsity"] if t["kind"] == "sparsity" else r["calib_recall"]
+        # the penalty grid moves in steps of about 1/256 of the tokens: a target missed by less than that is met
+        missed = not r["target_met"] and reached < t["value"] - 1e-3 and config.get("method") != "oracle"
+        short |= missed
+        lines.append(f"{r['layer']:>5}  {r['true_sparsity']:>13.4f}  {t['kind'] + ' ' + format(t['value'], '.4f'):>16}"
+                     f"  {r['calib_predicted_sparsity']:>18.4f}  {r['calib_recall']:>7.4f}{'  *' if missed else ''}")
+    lines += [METRIC_WORDS[0] + "; " + METRIC_WORDS[1] + "; recall: the fraction of the nonzero pairs kept",
+              f"target: the calibration sets each neuron's threshold until the layer reaches it; "
+              f"{config['rule']} {config['value']} means {TARGET_WORDS.get(config['rule'], config['rule'])}."]
+    if short:
+        lines.append("* stopped short of its target: going further would switch off more than 1% of the layer's "
+                     "neurons for every token (the calibration's guard against dropping whole neurons).")
+    return "\n".join(lines[:2 + len(info)] + [_wrap(w) for w in lines[2 + len(info):]])
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
     from svdsparse_jax.evaluate import evaluate_predictors, write_plots
     from svdsparse_jax.model import Transformer
 
-    if args.plots and Path(args.plots).exists() and not Path(args.plots).is_dir():
-        raise SvdsparseError(f"{args.plots} (--plots): exists and is not a directory")
+    if args.plots:
+        require("matplotlib", "plots", "--plots")
+        if Path(args.plots).exists() and not Path(args.plots).is_dir():
+            raise SvdsparseError(f"{args.plots} (--plots): exists and is not a directory")
     if args.text_file:  # checked before the (slow) model load, so a bad path fails at once
         _check_text_file(args.text_file)
     engine = engine_from_args(args)
@@ -494,15 +627,18 @@ def cmd_eval(args: argparse.Namespace) -> None:
     else:
         raise SvdsparseError("--text-file is required for a model other than the bundled one")
     report = evaluate_predictors(Transformer(lm.cfg, lm.weights, engine), {pset.method: pset}, tokens,
-                                 args.window, args.max_windows, batch_sizes=args.batch_sizes)[pset.method]
+                                 args.window, args.max_windows, batch_sizes=args.batch_sizes,
+                                 progress=True)[pset.method]
     if args.plots:
         report["plots"] = write_plots({pset.method: report}, args.plots)
     if args.json:
         print_json(report)
         return
-    print(_layer_table(report["layers"]))
-    print(_summary_line(pset.method, report["summary"]))
+    print(_layer_table(report["layers"], report["summary"]))
+    print()
+    print(_summary_table(pset.method, report["summary"]))
     if report.get("batches"):
+        print()
         print(_batch_table(report["batches"]))
 
 
@@ -514,32 +650,77 @@ def _batch_table(batches: list[dict]) -> str:
     lines += [f"{b['batch']:>5} {b['gate_rows_union']:>11.4f} {b['up_down_rows_union']:>14.4f} "
               f"{b['sparse_layers']:>6}/{len(b['layers']):<6} {b['rows_read_fraction']:>9.4f} {b['ppl']:>9.4f} "
               f"{b['top1_agreement']:>15.4f}" for b in batches]
+    return "\n".join(lines + [_wrap("W_gate rows, W_up/down rows: the fraction the union of a batch's candidates "
+                                     "reads (all layers sparse); sparse layers: those the policy runs sparse at that "
+                                     "batch size; rows read, ppl, top-1 agreement: with that policy")])
+
+
+LAYER_COLUMNS = (("true_sparsity", "true sparsity"), ("predicted_sparsity", "predicted sparsity"),
+                 ("recall", "recall"), ("precision", "precision"), ("auroc", "AUROC"), ("ffn_rel_error", "FFN error"))
+METRIC_WORDS = (
+    "true sparsity: the fraction of neuron/token pairs whose activation is zero",
+    "predicted sparsity: the fraction the predictor switches off (rows decode does not read)",
+    "recall: the fraction of the nonzero pairs the predictor keeps; precision: the fraction of kept pairs that "
+    "are nonzero",
+    "AUROC: how well the predictor's scores rank nonzero above zero pairs (1 is perfect, 0.5 is chance)",
+    "FFN error: the FFN output's relative error when only the kept neurons are computed",
+    "top-1 agreement: the fraction of positions where the sparse model's likeliest next token is the dense one's",
+    "rows read: the fraction of FFN weight rows decode reads (W_gate: candidates; W_up / W_down: the active ones)",
+    "predictor cost: the predictor's bytes per token, as a fraction of the FFN's")
+
+
+def _layer_table(layers: list[dict], summary: dict) -> str:
+    """eval's per-layer table, at most 80 columns."""
+    from svdsparse_jax.evaluate import windowing
+    lines = [f"Per layer ({windowing(summary)}):",
+             f"{'layer':>5}  " + "  ".join(f"{name:>{max(len(name), 7)}}" for _, name in LAYER_COLUMNS)]
+    lines += [f"{r['layer']:>5}  " + "  ".join(f"{r[k]:>{max(len(name), 7)}.4f}" for k, name in LAYER_COLUMNS)
+              for r in layers]
     return "\n".join(lines)
 
 
-def _layer_table(layers: list[dict]) -> str:
-    cols = ("true_sparsity", "predicted_sparsity", "recall", "precision", "auroc", "ffn_rel_error")
-    lines = [f"{'layer':>5} " + " ".join(f"{c[:12]:>12}" for c in cols)]
-    lines += [f"{r['layer']:>5} " + " ".join(f"{r[c]:>12.4f}" for c in cols) for r in layers]
-    return "\n".join(lines)
+def _summary_table(name: str, s: dict) -> str:
+    """eval's whole-model comparison, dense and sparse side by side, with what each metric means."""
+    from svdsparse_jax.evaluate import windowing
+    rows = [("perplexity", f"{s['ppl_dense']:.4f}", f"{s['ppl_sparse']:.4f} ({100 * s['ppl_increase']:+.2f}%)"),
+            ("top-1 agreement with dense", "1", f"{s['top1_agreement']:.4f}"),
+            ("recall / AUROC", "", f"{s['recall']:.4f} / {s['auroc']:.4f}"),
+            ("FFN rows read", "1", f"{s['rows_read_fraction']:.4f} (effective sparsity "
+                                   f"{s['effective_sparsity']:.4f})"),
+            ("predictor cost", "0", f"{s['predictor_cost']:.4f} of the FFN")]
+    lines = [f"Whole model, {name} predictors ({windowing(s)}):", f"{'':28}{'dense':>10}  sparse"]
+    lines += [f"{label:28}{a:>10}  {b}" for label, a, b in rows]
+    return "\n".join(lines + [""] + [_wrap(w) for w in METRIC_WORDS])
 
 
-def _summary_line(name: str, s: dict) -> str:
-    return (f"{name}: ppl dense {s['ppl_dense']:.4f} sparse {s['ppl_sparse']:.4f} ({100 * s['ppl_increase']:+.2f}%), "
-            f"top-1 agreement {s['top1_agreement']:.4f}, recall {s['recall']:.4f}, AUROC {s['auroc']:.4f}, "
-            f"rows read {s['rows_read_fraction']:.4f} (effective sparsity {s['effective_sparsity']:.4f}), "
-            f"predictor cost {s['predictor_cost']:.4f} of the FFN")
+def _wrap(text: str) -> str:
+    """A legend line, wrapped at 100 columns."""
+    import textwrap
+    return textwrap.fill(text, 100, subsequent_indent="  ")
+
+
+def _stage(i: int, n: int, what: str) -> None:
+    print(f"svdsparse demo [{i}/{n}]: {what}", file=sys.stderr, flush=True)
+
+
+def _decode_speed(gen, ids: list[int], n: int) -> tuple[list[int], float]:
+    """Greedy tokens of one prompt and the decode speed in tokens/s, timed on a second run (compiled)."""
+    first = gen.generate([ids], n)
+    again = gen.generate([ids], n)
+    return first.tokens[0], len(again.tokens[0]) / again.run_s
 
 
 def cmd_demo(args: argparse.Namespace) -> None:
     """Build whitened-SVD predictors for the bundled model on its calibration split, evaluate dense vs sparse
-    on held-out text, and generate a sample both ways."""
+    on held-out text, and generate a sample both ways, timing each."""
     import tempfile
     import time
 
+    import jax
+
     from svdsparse_jax.convert import load_model, parse_dtype
     from svdsparse_jax.engine import EngineConfig
-    from svdsparse_jax.evaluate import evaluate_predictors
+    from svdsparse_jax.evaluate import evaluate_predictors, windowing
     from svdsparse_jax.generate import Generator
     from svdsparse_jax.model import Transformer
     from svdsparse_jax.predictors import build_predictors, save_predictors
@@ -547,37 +728,55 @@ def cmd_demo(args: argparse.Namespace) -> None:
     if args.out:
         check_new_output(args.out, "--out")  # before the build
     t0 = time.perf_counter()
+    _stage(1, 4, "loading the bundled model")
     lm = load_model(BUNDLED_MODEL, parse_dtype(args.dtype))
     # every layer sparse: the demo shows the predictors' effect, where the measured policy would run a model
     # this small dense (its FFN costs less than the sparse path's fixed launches)
     model = Transformer(lm.cfg, lm.weights, EngineConfig.resolve(ffn_policy="sparse"))
     bc = demo_build_config(lm.cfg)
-    pset = build_predictors(model, corpus_split("calib"), bc, progress=False)
-    out = Path(args.out) if args.out else Path(tempfile.mkdtemp(prefix="svdsparse-demo-")) / "predictors"
-    save_predictors(out, pset, lm.cfg, lm.fingerprint)
-    t_build = time.perf_counter() - t0
-    report = evaluate_predictors(model, {"whitened": pset}, corpus_split("heldout"), 512, max_windows=8,
-                                 auroc_tokens=2048)["whitened"]
+    _stage(2, 4, f"building whitened-SVD predictors (rank {bc.ranks}) from {bc.tokens:,} calibration tokens")
+    t1 = time.perf_counter()
+    pset = build_predictors(model, corpus_split("calib"), bc, progress=True)
+    t_build = time.perf_counter() - t1
+    if args.out:
+        save_predictors(args.out, pset, lm.cfg, lm.fingerprint)
+    _stage(3, 4, f"evaluating dense and sparse on held-out text ({EVAL_WINDOWS} windows of 512 tokens)")
+    heldout = corpus_split("heldout")
+    report = evaluate_predictors(model, {"whitened": pset}, heldout, 512, max_windows=EVAL_WINDOWS,
+                                 auroc_tokens=2048, progress=True)["whitened"]
     s = report["summary"]
-    prompt = "def read_config(path):\n"
+    _stage(4, 4, "generating a sample dense and sparse, timing decode")
+    prompt, n_new = "def read_config(path):\n", 48
     ids = lm.tokenizer(prompt)["input_ids"]
-    dense = Generator(model).generate([ids], 48).tokens[0]
-    sparse = Generator(model, pset.layers).generate([ids], 48).tokens[0]
+    dense, dense_tps = _decode_speed(Generator(model), ids, n_new)
+    sparse, sparse_tps = _decode_speed(Generator(model, pset.layers), ids, n_new)
     same = next((i for i, (a, b) in enumerate(zip(dense, sparse)) if a != b), min(len(dense), len(sparse)))
-    print(f"svdsparse demo: bundled model ({lm.cfg.n_layers} layers, d_model {lm.cfg.d_model}, d_ff {lm.cfg.d_ff}, "
-          f"{lm.cfg.activation}), whitened SVD rank {bc.ranks}, s = {bc.value}; predictors in {out}")
-    print(f"built in {t_build:.1f} s from {pset.config['calibration_tokens']} calibration tokens; "
-          f"evaluated on {s['tokens']} held-out tokens\n")
-    rows = [("perplexity", f"{s['ppl_dense']:.4f}", f"{s['ppl_sparse']:.4f}"),
-            ("top-1 agreement with dense", "1", f"{s['top1_agreement']:.4f}"),
-            ("FFN sparsity (true / predicted)", f"{s['true_sparsity']:.4f}", f"{s['predicted_sparsity']:.4f}"),
-            ("recall / precision / AUROC", "", f"{s['recall']:.4f} / {s['precision']:.4f} / {s['auroc']:.4f}"),
-            ("W_gate rows read", "1", f"{s['gate_rows_read']:.4f}"),
-            ("W_up, W_down rows read", "1", f"{s['up_down_rows_read']:.4f}"),
-            ("FFN bytes read (+ predictor)", "1", f"{s['rows_read_fraction']:.4f} (+{s['predictor_cost']:.4f})")]
-    print(f"{'':34}{'dense':>12}{'sparse':>24}")
-    for name, a, b in rows:
-        print(f"{name:34}{a:>12}{b:>24}")
+    device = jax.devices()[0].platform.upper()
+
+    print(f"svdsparse demo: the bundled model ({lm.cfg.n_layers} layers, d_model {lm.cfg.d_model}, d_ff "
+          f"{lm.cfg.d_ff}, {lm.cfg.activation}, {args.dtype}); whitened-SVD predictors of rank {bc.ranks} "
+          f"built in {t_build:.1f} s" + (f", saved in {args.out}" if args.out else " (--out DIR keeps them)"))
+    print(f"held-out text: {windowing(s)}\n")
+    rows = [("perplexity", f"{s['ppl_dense']:.4f}", f"{s['ppl_sparse']:.4f}",
+             "how surprised the model is by the held-out text (lower is better)"),
+            ("top-1 agreement", "1", f"{s['top1_agreement']:.4f}",
+             "positions where the likeliest next token is the dense model's"),
+            ("FFN neurons zero", f"{s['true_sparsity']:.4f}", f"{s['true_sparsity']:.4f}",
+             "neuron/token pairs whose activation is zero (the model's sparsity)"),
+            ("FFN neurons skipped", "0", f"{s['predicted_sparsity']:.4f}",
+             "neuron/token pairs the predictor switches off"),
+            ("recall", "1", f"{s['recall']:.4f}", "of the nonzero neurons, the fraction the predictor keeps"),
+            ("AUROC", "", f"{s['auroc']:.4f}", "how well its scores rank nonzero above zero (1 is perfect)"),
+            ("W_gate rows read", "1", f"{s['gate_rows_read']:.4f}", "the predictor's candidates"),
+            ("W_up, W_down rows read", "1", f"{s['up_down_rows_read']:.4f}", "the candidates that are active"),
+            ("FFN bytes read", "1", f"{s['rows_read_fraction']:.4f}",
+             f"of the dense FFN's, plus the predictor's {s['predictor_cost']:.4f}"),
+            (f"decode tokens/s ({device})", f"{dense_tps:.0f}", f"{sparse_tps:.0f}",
+             f"{n_new} greedy tokens, batch 1" + ("; on a CPU, gathers cost what they save" if device == "CPU"
+                                                  else ""))]
+    print(f"{'':24}{'dense':>8}{'sparse':>9}  what it means")
+    for name, a, b, words in rows:
+        print(f"{name:24}{a:>8}{b:>9}  {words}")
     print(f"\nprompt: {prompt!r}")
     print(f"dense : {lm.tokenizer.decode(dense, skip_special_tokens=True)!r}")
     print(f"sparse: {lm.tokenizer.decode(sparse, skip_special_tokens=True)!r}")

@@ -221,7 +221,9 @@ def read_hf_weights(hf_dir: str | os.PathLike, cfg: ModelConfig, dtype: jnp.dtyp
     try:
         check_hf_tensors(cfg, reader, hf_dir)
         out = {}
-        for spec in weight_specs(cfg):
+        from tqdm import tqdm
+        for spec in tqdm(weight_specs(cfg), desc=f"reading {hf_dir.name}", unit="tensor", leave=False,
+                         disable=None):  # a bar on a terminal only
             t = reader.get(spec.hf_name, dtype)
             t = t.T if spec.hf_transposed else t
             out[spec.path] = t if shardings is None else jax.device_put(t, shardings[spec.path])

@@ -216,6 +216,25 @@ class StreamResult:
         return float(np.mean(self.sparsity))
 
 
+def pick_windows(tokens: np.ndarray, window: int, max_windows: int | None = None) -> np.ndarray:
+    """Non-overlapping windows [n, window] int32 of a token stream: all of them, or `max_windows` spread evenly
+    over it (the first and the last included), so that a few windows of a text whose parts differ estimate the
+    whole text's perplexity, not its beginning's."""
+    total = len(tokens) // window if window >= 2 else 0
+    if total < 1:
+        raise SvdsparseError(f"{len(tokens)} tokens: too few to evaluate (need at least one window of 2)")
+    every = np.asarray(tokens[: total * window], np.int32).reshape(total, window)
+    if max_windows is None or max_windows >= total:
+        return every
+    return every[np.linspace(0, total - 1, max_windows).round().astype(int)]
+
+
+def windowing(summary: dict) -> str:
+    """How an evaluation's perplexity was measured, in words (from an `evaluate_predictors` summary)."""
+    return (f"{summary['windows']} windows of {summary['window']} tokens spread evenly over "
+            f"{summary['stream_tokens']:,} tokens")
+
+
 def evaluate_stream(model: Transformer, stream: np.ndarray, window: int = 512, batch: int = 8,
                     max_windows: int | None = None) -> StreamResult:
     """Perplexity and FFN sparsity of a token stream cut into non-overlapping windows of `window` tokens
@@ -269,7 +288,7 @@ _layer_metrics = jax.jit(_layer_metrics, static_argnums=(5, 6))
 
 def evaluate_predictors(model: Transformer, predictor_sets: dict, tokens: np.ndarray, window: int = 512,
                         max_windows: int | None = None, batch: int = 4, auroc_tokens: int = 4096,
-                        batch_sizes: Sequence[int] = ()) -> dict[str, dict]:
+                        batch_sizes: Sequence[int] = (), progress: bool = False) -> dict[str, dict]:
     """Evaluates predictor sets (name -> predictors.PredictorSet) on a held-out token stream cut into windows.
 
     Per layer (on the dense model's FFN inputs): true and predicted sparsity, recall and precision over (token,
@@ -277,7 +296,8 @@ def evaluate_predictors(model: Transformer, predictor_sets: dict, tokens: np.nda
     token is the costliest step on a CPU), and the FFN output's relative error. Whole model (every token through
     the guarded FFNs, teacher-forced): perplexity dense vs sparse, top-1 next-token agreement with the dense
     model, and the fraction of W_gate / W_up / W_down rows read (gate: candidates; up and down: active
-    candidates). With batch_sizes, each report also has "batches" (`evaluate_batches`).
+    candidates). With batch_sizes, each report also has "batches" (`evaluate_batches`). The windows:
+    `pick_windows` (all, or max_windows spread evenly over the stream). progress: a progress bar on a terminal.
     Returns {name: {"summary": {...}, "layers": [...]}}.
     """
     from svdsparse_jax.calibration import layer_inputs
@@ -285,17 +305,17 @@ def evaluate_predictors(model: Transformer, predictor_sets: dict, tokens: np.nda
 
     cfg = model.cfg
     window = min(window, cfg.max_seq_len, len(tokens))
-    n = len(tokens) // window
-    if max_windows is not None:
-        n = min(n, max_windows)
-    if n < 1 or window < 2:
-        raise SvdsparseError(f"{len(tokens)} tokens: too few to evaluate (need at least one window of 2)")
-    windows = np.asarray(tokens[: n * window], np.int32).reshape(n, window)
+    windows = pick_windows(tokens, window, max_windows)
+    n = len(windows)
     bad = [b for b in batch_sizes if not 1 <= b <= n]
     if bad:  # before the long work, not after it
         raise SvdsparseError(f"--batch-sizes {bad[0]}: expected 1 <= B <= {n}, the windows evaluated")
+    from tqdm import tqdm
+    bar = tqdm(total=cfg.n_layers + (1 + len(batch_sizes)) * len(predictor_sets) + 1, desc="evaluate",
+               unit="pass", leave=False, disable=None if progress else True)
     layers: dict[str, list[dict]] = {name: [] for name in predictor_sets}
     for i, ffn_in in layer_inputs(model, windows):
+        bar.update()
         ffn = model.layers[i].ffn
         x = ffn_in.reshape(-1, cfg.d_model)
         for name, ps in predictor_sets.items():
@@ -303,6 +323,7 @@ def evaluate_predictors(model: Transformer, predictor_sets: dict, tokens: np.nda
             layers[name].append({"layer": i} | {k: float(v) for k, v in m.items()})
 
     def run(preds):
+        bar.update()
         return _stream_pass(model, preds, windows, batch)
 
     dense_lp, dense_top, _, _ = run(None)
@@ -325,17 +346,20 @@ def evaluate_predictors(model: Transformer, predictor_sets: dict, tokens: np.nda
         summary.update(ppl_dense=ppl_dense, ppl_sparse=math.exp(-lp.mean()),
                        top1_agreement=float(np.mean(top == dense_top)), rows_read_fraction=rows_read,
                        effective_sparsity=1 - rows_read, gate_rows_read=float(np.mean(gate_rows)),
-                       up_down_rows_read=float(np.mean(updown_rows)), tokens=int(n * window))
+                       up_down_rows_read=float(np.mean(updown_rows)), tokens=int(n * window),
+                       windows=n, window=window, stream_tokens=len(tokens))
         summary["ppl_increase"] = summary["ppl_sparse"] / ppl_dense - 1
         reports[name] = {"method": ps.method, "config": ps.config, "summary": summary, "layers": per,
                          "ffn_bytes_per_layer": ffn_bytes(cfg, itemsize)}
         if batch_sizes:
-            reports[name]["batches"] = evaluate_batches(model, ps, windows, batch_sizes, dense_lp, dense_top, batch)
+            reports[name]["batches"] = evaluate_batches(model, ps, windows, batch_sizes, dense_lp, dense_top, batch,
+                                                        step=bar.update)
+    bar.close()
     return reports
 
 
 def evaluate_batches(model: Transformer, pset, windows: np.ndarray, batch_sizes: Sequence[int], dense_lp: np.ndarray,
-                     dense_top: np.ndarray, batch: int = 4) -> list[dict]:
+                     dense_top: np.ndarray, batch: int = 4, step=lambda: None) -> list[dict]:
     """For each decode batch size B: which layers the engine's policy runs sparse (from the calibration's union
     fractions, `pset.union`), the union row fractions on these windows (B windows decoded together, the union at
     each position, per layer, averaged), and that policy's accuracy: perplexity and top-1 agreement against the
@@ -346,6 +370,7 @@ def evaluate_batches(model: Transformer, pset, windows: np.ndarray, batch_sizes:
     itemsize = jnp.dtype(model.dtype).itemsize
     out = []
     for b in batch_sizes:
+        step()  # progress
         gate_rows, up_down_rows = union_rows_read(model, pset.layers, windows, b)
         gate_rows = np.where([p.needs_gate for p in pset.layers], 1.0, gate_rows)
         layers = sparse_layers(model.engine, model.cfg, pset.layers, pset.union, b, itemsize)

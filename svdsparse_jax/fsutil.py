@@ -85,6 +85,19 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _normal_modes(root: Path) -> None:
+    """Gives a finished output the modes a plain mkdir / open would (mkdtemp and some writers use 0700 / 0600
+    for their temporary names only)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(root, 0o777 & ~mask)
+    for parent, dirs, files in os.walk(root):
+        for d in dirs:
+            os.chmod(os.path.join(parent, d), 0o777 & ~mask)
+        for f in files:
+            os.chmod(os.path.join(parent, f), 0o666 & ~mask)
+
+
 @contextlib.contextmanager
 def atomic_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
     """Yields a fresh temporary directory beside `out_dir`; when the block completes it is renamed to out_dir,
@@ -101,6 +114,7 @@ def atomic_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
     _WRITING.add(tmp)
     try:
         yield tmp
+        _normal_modes(tmp)
         try:
             os.rename(tmp, out_dir)
         except OSError as e:

@@ -2,8 +2,8 @@
 
 Prompts of a batch are left-padded to a bucketed length (a power of two, at least 16) and the number of new
 tokens is bucketed the same way, so a new prompt of similar length reuses the compiled program: only
-(batch size, prompt bucket, new-token bucket, greedy or sampled) are static. Sampling parameters, the seed, the
-real number of new tokens and the EOS ids are traced values. Weights are passed in (never captured as constants)
+(batch size, prompt bucket, new-token bucket, greedy or sampled, repetition penalty on or off, watched or not)
+are static. Sampling parameters, the seed, the real number of new tokens and the EOS ids are traced values. Weights are passed in (never captured as constants)
 and reused across calls; the KV cache lives only inside the program.
 
 No host round trip per token: on a GPU, XLA runs a while loop whose trip count it cannot tell by copying the
@@ -12,6 +12,10 @@ condition to the host and waiting for the device after every iteration, and a `l
 every sequence at EOS) is checked once per `steps_per_check` decode steps (the engine configuration's), run as
 an inner loop of fixed trip count, which XLA runs without a copy; steps past the stop write nothing. Greedy or
 sampled is decided when the program is built, not by a `lax.cond` per token.
+
+A watched program (`Watcher`: stop strings, streaming to a terminal) calls the host once per decode step with
+the step's tokens, and the host's answer (which sequences met a stop string) ends those sequences; unwatched
+programs have no callback at all, so only the printing path pays for the round trips.
 
 With predictors, the engine's sparsity policy (`svdsparse_jax.policy`) picks the layers that decode sparse for
 the batch size when the program is built; the others get no predictor and run dense.
@@ -24,12 +28,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import io_callback
 
 from svdsparse_jax import kv_cache
 from svdsparse_jax.errors import SvdsparseError
@@ -49,17 +54,30 @@ def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
 @dataclasses.dataclass(frozen=True)
 class Sampler:
     """How the next token is chosen from the logits. temperature <= 0 means greedy (argmax); top_k <= 0 and
-    top_p >= 1 switch those filters off. Applied in HF's order: temperature, top-k, top-p. The fields are
-    traced (pytree leaves), so changing them never recompiles."""
+    top_p >= 1 switch those filters off. Applied in HF's order: repetition penalty, temperature, top-k, top-p.
+    repetition_penalty (> 0; 1 is off): as transformers' (CTRL's), the logit of every token already in the
+    prompt or the output is divided by it where positive and multiplied by it where negative. The fields are
+    traced (pytree leaves), so changing them never recompiles (only switching the penalty on or off does)."""
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
+    repetition_penalty: float = 1.0
 
     @property
     def greedy(self) -> bool:
         """Whether this sampler takes the argmax (decided on the host: the fields must be concrete)."""
         return float(self.temperature) <= 0
+
+    @property
+    def penalized(self) -> bool:
+        """Whether the repetition penalty is on (decided on the host, like `greedy`)."""
+        return float(self.repetition_penalty) != 1.0
+
+    def penalize(self, logits: jax.Array, seen: jax.Array) -> jax.Array:
+        """logits [B, V] f32, seen [B, V] bool (tokens already in the sequence) -> the penalized logits."""
+        p = self.repetition_penalty
+        return jnp.where(seen, jnp.where(logits > 0, logits / p, logits * p), logits)
 
     def argmax(self, logits: jax.Array, key: jax.Array | None = None) -> jax.Array:
         """logits [B, V] f32 -> the most likely tokens [B] int32."""
@@ -85,33 +103,58 @@ def decode_steps(max_new: int, steps_per_check: int) -> int:
 
 
 def _generate_program(graphdef, state, predictors, tokens, pad, max_new, sampler, key, eos_ids, *, new_bucket,
-                      greedy):
+                      greedy, penalized=False, watch=None):
     """tokens [B, P] left-padded prompts, pad [B]; returns out [B, new_bucket] int32, -1 where nothing was
-    generated (after a sequence's first EOS, and past max_new). Prefill is dense; with predictors (one per layer,
-    None for a layer that runs dense) every decode step runs the predictor-guarded FFN on those layers. greedy:
-    argmax, else `sampler.sample`."""
+    generated (after a sequence's first EOS or stop, and past max_new). Prefill is dense; with predictors (one
+    per layer, None for a layer that runs dense) every decode step runs the predictor-guarded FFN on those
+    layers. greedy: argmax, else `sampler.sample`; penalized: the repetition penalty applies. watch: a host
+    function (step, tokens [B] int32, -1 where stopped) -> [B] bool, the sequences to stop, called once per
+    token."""
     model: Transformer = nnx.merge(graphdef, state)
     steps_per_check = model.engine.steps_per_check
     batch, prompt_len = tokens.shape
-    choose = sampler.argmax if greedy else sampler.sample
+    vocab = model.cfg.vocab_size
+    draw = sampler.argmax if greedy else sampler.sample
     # The last group of steps may run up to steps_per_check - 1 steps past new_bucket: room for them.
     room = new_bucket + steps_per_check
     cache = kv_cache.init_cache(model.cfg, pad, prompt_len + room, model.dtype)
 
+    def choose(logits, seen, step):
+        if penalized:
+            logits = sampler.penalize(logits, seen)
+        return draw(logits, jax.random.fold_in(key, step))
+
+    def watched(step, token, stopped):
+        if watch is None:
+            return stopped
+        told = io_callback(watch, jax.ShapeDtypeStruct((batch,), jnp.bool_), step,
+                                            jnp.where(stopped, -1, token))
+        return stopped | told
+
+    # seen [B, V]: the tokens of each prompt (not its padding) and of its output so far (penalty only)
+    real = jnp.arange(prompt_len)[None, :] >= pad[:, None]
+    seen = (jnp.zeros((batch, vocab), jnp.bool_).at[jnp.arange(batch)[:, None], tokens].max(real)
+            if penalized else jnp.zeros((batch, 1), jnp.bool_))
+
+    def mark(seen, token):
+        return seen.at[jnp.arange(batch), token].set(True) if penalized else seen
+
     with jax.named_scope("prefill"):
         states, cache = model(tokens, cache, jnp.int32(0))
-        first = choose(model.logits(states[:, -1]), jax.random.fold_in(key, 0))
+        first = choose(model.logits(states[:, -1]), seen, 0)
     out = jnp.full((batch, room), -1, jnp.int32).at[:, 0].set(first)
-    done = jnp.isin(first, eos_ids)
+    done = watched(0, first, jnp.isin(first, eos_ids))
+    seen = mark(seen, first)
 
     def step(i, carry):
-        token, cache, out, done = carry
+        token, cache, out, done, seen = carry
         with jax.named_scope("decode_step"):
             states, cache = model(token[:, None], cache, prompt_len + i - 1, predictors)
-            nxt = choose(model.logits(states[:, 0]), jax.random.fold_in(key, i))
+            nxt = choose(model.logits(states[:, 0]), seen, i)
         stopped = done | (i >= max_new)
         out = out.at[:, i].set(jnp.where(stopped, -1, nxt))
-        return jnp.where(stopped, token, nxt), cache, out, stopped | jnp.isin(nxt, eos_ids)
+        done = watched(i, nxt, stopped) | jnp.isin(nxt, eos_ids)
+        return jnp.where(stopped, token, nxt), cache, out, done, mark(seen, nxt)
 
     def group(carry):  # steps i .. i + steps_per_check - 1, a loop of fixed trip count
         i, *rest = carry
@@ -119,16 +162,17 @@ def _generate_program(graphdef, state, predictors, tokens, pad, max_new, sampler
         return i + steps_per_check, *rest
 
     def cond(carry):
-        i, _, _, _, done = carry
+        i, _, _, _, done, _ = carry
         return (i < max_new) & ~jnp.all(done)
 
-    _, _, _, out, _ = jax.lax.while_loop(cond, group, (jnp.int32(1), first, cache, out, done))
+    _, _, _, out, _, _ = jax.lax.while_loop(cond, group, (jnp.int32(1), first, cache, out, done, seen))
     return out[:, :new_bucket]
 
 
 @dataclasses.dataclass
 class GenerateResult:
-    """tokens: the new tokens of each prompt, through its first EOS (included) or max_new_tokens.
+    """tokens: the new tokens of each prompt, through its first EOS (included), the token that completed a stop
+    string (included) or max_new_tokens. finish_reasons: per prompt "eos", "stop" (a stop string) or "length".
     compile_s: time spent compiling in this call (0 when the program was cached); run_s: time of the
     program itself (prefill + decode, device synchronised); sparse_layers: per layer, whether decode ran it
     sparse (all False without predictors)."""
@@ -137,6 +181,56 @@ class GenerateResult:
     compile_s: float
     run_s: float
     sparse_layers: tuple[bool, ...] = ()
+    finish_reasons: list[str] = dataclasses.field(default_factory=list)
+
+
+class Watcher:
+    """The host side of a watched program: ends a sequence once its text holds a stop string, and streams the
+    first sequence's text as it is produced. decode: token ids -> text; stream: called with each new piece of
+    text (held back while it could still become a stop string or an incomplete character)."""
+
+    def __init__(self, decode: Callable[[list[int]], str], batch: int, stops: Sequence[str] = (),
+                 stream: Callable[[str], None] | None = None):
+        if any(not s for s in stops):
+            raise SvdsparseError("stop strings must not be empty")
+        self.decode, self.stops, self.stream = decode, tuple(stops), stream
+        self.tokens: list[list[int]] = [[] for _ in range(batch)]
+        self.stopped = np.zeros(batch, bool)
+        self.streamed = 0  # characters of sequence 0's text already passed to `stream`
+
+    def __call__(self, step, tokens) -> np.ndarray:
+        """tokens [B] of one step (-1 where a sequence has stopped) -> [B] bool, the sequences to stop."""
+        for b, t in enumerate(np.asarray(tokens).tolist()):
+            if t < 0 or self.stopped[b]:
+                continue
+            self.tokens[b].append(t)
+            if self.stops and any(s in self.decode(self.tokens[b]) for s in self.stops):
+                self.stopped[b] = True
+        if self.stream is not None:
+            self._stream(final=False)
+        return self.stopped.copy()
+
+    def text(self, b: int) -> str:
+        """Sequence b's text so far, cut before its first stop string."""
+        text = self.decode(self.tokens[b])
+        cut = min((i for i in (text.find(s) for s in self.stops) if i >= 0), default=len(text))
+        return text[:cut]
+
+    def finish(self) -> None:
+        """Streams what was held back (call once the program has returned)."""
+        if self.stream is not None:
+            self._stream(final=True)
+
+    def _stream(self, final: bool) -> None:
+        text = self.text(0)
+        end = len(text)
+        if not (final or self.stopped[0]):
+            end -= max((len(s) for s in self.stops), default=1) - 1  # might become a stop string
+            while end > self.streamed and text[end - 1] == "\ufffd":  # an incomplete UTF-8 character
+                end -= 1
+        if end > self.streamed:
+            self.stream(text[self.streamed:end])
+            self.streamed = end
 
 
 def seed_key(seed: int) -> jax.Array:
@@ -165,8 +259,14 @@ class Generator:
         self.predictors, self.union, self.engine = predictors, union, model.engine
         self.itemsize = jnp.dtype(model.dtype).itemsize
         self.graphdef, self.state = nnx.split(model)
-        self._jitted = jax.jit(_generate_program, static_argnums=(0,), static_argnames=("new_bucket", "greedy"))
+        self._jitted = jax.jit(_generate_program, static_argnums=(0,),
+                               static_argnames=("new_bucket", "greedy", "penalized", "watch"))
         self.compiled: dict[tuple, object] = {}
+        self._watcher: Watcher | None = None
+
+    def _watch(self, step, tokens) -> np.ndarray:
+        """The callback compiled into watched programs: the current call's Watcher."""
+        return self._watcher(step, tokens)
 
     def sparse_layers(self, batch: int) -> tuple[bool, ...]:
         """Per layer, whether a batch of `batch` sequences decodes it sparse (the engine's policy)."""
@@ -175,9 +275,11 @@ class Generator:
         return sparse_layers(self.engine, self.cfg, self.predictors, self.union, batch, self.itemsize)
 
     def generate(self, prompts: Sequence[Sequence[int]], max_new_tokens: int, sampler: Sampler = Sampler(),
-                 seed: int = 0, eos_ids: Sequence[int] | None = None) -> GenerateResult:
+                 seed: int = 0, eos_ids: Sequence[int] | None = None, watcher: Watcher | None = None
+                 ) -> GenerateResult:
         """Generates up to max_new_tokens for each prompt (lists of token ids). eos_ids defaults to the
-        config's; pass () to never stop early."""
+        config's; pass () to never stop early. watcher: stop strings and streaming (a `Watcher` for this
+        batch), through a callback per step."""
         cfg = self.cfg
         if not prompts:
             raise SvdsparseError("no prompts given")
@@ -206,16 +308,30 @@ class Generator:
         preds = None if not any(layers) else [p if s else None for p, s in zip(self.predictors, layers)]
         args = (self.graphdef, self.state, preds, jnp.asarray(tokens), jnp.asarray(pad),
                 jnp.int32(max_new_tokens), jax.tree.map(jnp.asarray, sampler), seed_key(seed), jnp.asarray(eos))
-        key = (len(prompts), prompt_len, new_bucket, eos.size, sampler.greedy, layers)
+        if watcher is not None and len(watcher.tokens) != len(prompts):
+            raise SvdsparseError(f"a Watcher for {len(watcher.tokens)} sequences, but {len(prompts)} prompts")
+        static = dict(new_bucket=new_bucket, greedy=sampler.greedy, penalized=sampler.penalized,
+                      watch=self._watch if watcher is not None else None)
+        key = (len(prompts), prompt_len, new_bucket, eos.size, layers, *static.values())
         compile_s = 0.0
         if key not in self.compiled:
             t0 = time.perf_counter()
-            self.compiled[key] = self._jitted.lower(*args, new_bucket=new_bucket, greedy=sampler.greedy).compile()
+            self.compiled[key] = self._jitted.lower(*args, **static).compile()
             compile_s = time.perf_counter() - t0
-        t1 = time.perf_counter()
-        out = self.compiled[key](*args[1:])
-        out = np.asarray(jax.block_until_ready(out))
-        t2 = time.perf_counter()
-        # The program writes -1 after a sequence's first EOS and past max_new_tokens: what remains is the answer.
-        return GenerateResult([row[row >= 0].tolist() for row in out], compile_s=compile_s, run_s=t2 - t1,
-                              sparse_layers=layers)
+        self._watcher = watcher
+        try:
+            t1 = time.perf_counter()
+            out = self.compiled[key](*args[1:])
+            out = np.asarray(jax.block_until_ready(out))
+            t2 = time.perf_counter()
+        finally:
+            self._watcher = None
+        # The program writes -1 after a sequence's first EOS or stop and past max_new_tokens: what remains is
+        # the answer.
+        tokens = [row[row >= 0].tolist() for row in out]
+        reasons = ["stop" if watcher is not None and watcher.stopped[b] else
+                   "eos" if t and t[-1] in eos else "length" for b, t in enumerate(tokens)]
+        if watcher is not None:
+            watcher.finish()
+        return GenerateResult(tokens, compile_s=compile_s, run_s=t2 - t1, sparse_layers=layers,
+                              finish_reasons=reasons)

@@ -63,4 +63,5 @@ def test_cli_uses_the_bundled_model_by_default(capsys):
     from svdsparse_jax.cli import main
     assert main(["generate", "--prompt", "import os\n", "--max-new-tokens", "8", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert len(out["output_ids"]) <= 8 and isinstance(out["text"], str)
+    sample = out["results"][0]["samples"][0]
+    assert len(sample["output_ids"]) <= 8 and isinstance(sample["text"], str)

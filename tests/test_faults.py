@@ -147,12 +147,20 @@ def test_bad_numbers_on_the_command_line_are_refused(capsys, argv, flag):
 
 
 def test_flags_that_would_be_ignored_or_misplaced_are_named(capsys):
-    """Sampling filters without a temperature (greedy would ignore them), a whitespace-only prompt, and an
-    unknown flag, which gets the command's usage rather than the top level's; --version prints the package's."""
-    code, line = run_cli(capsys, "generate", "--prompt", "a", "--top-p", "0.9")
-    assert code == 2 and "--top-k / --top-p filter sampling; give --temperature > 0" in line, line
+    """Sampling flags that greedy decoding would ignore, greedy samples asked for more than once, streaming of
+    several samples, a whitespace-only prompt, and an unknown flag, which gets the command's usage rather than
+    the top level's; --version prints the package's."""
+    for argv, want in ((["--greedy", "--top-p", "0.9"], "--greedy excludes --temperature, --top-k and --top-p"),
+                       (["--temperature", "0", "--top-k", "5"], "--temperature 0 is greedy decoding"),
+                       (["--num-samples", "2"], "--num-samples 2: greedy samples are all the same"),
+                       (["--temperature", "1", "--num-samples", "2", "--stream"], "--stream prints one sample"),
+                       (["--stop", ""], "stop strings must not be empty")):
+        code, line = run_cli(capsys, "generate", "--prompt", "a", *argv)
+        assert code == 2 and want in line, line
     code, line = run_cli(capsys, "generate", "--prompt", " \n\t")
     assert code == 2 and "--prompt 1: empty or only whitespace" in line, line
+    code, line = run_cli(capsys, "generate", "--prompt", "a", "--repetition-penalty", "0")
+    assert code == 2 and "argument --repetition-penalty" in line, line
     with pytest.raises(SystemExit) as e:
         cli.main(["score", "--prompt-ids", "1,2", "--bogus"])
     err = capsys.readouterr().err

@@ -32,6 +32,21 @@ def test_greedy_matches_transformers_batch_of_different_lengths(hf_checkpoint, r
         assert got == _hf_greedy(hf_checkpoint.torch_model, prompt, 32)
 
 
+def test_repetition_penalty_matches_transformers(hf_checkpoint, rng):
+    """Greedy decoding with a repetition penalty (prompt and output tokens penalised) gives transformers' tokens,
+    at a batch of different lengths; the penalty changes them."""
+    gen = _generator(hf_checkpoint)
+    prompts = [rng.integers(0, 128, n).tolist() for n in (4, 9)]
+    result = gen.generate(prompts, 24, Sampler(repetition_penalty=1.8))
+    plain = gen.generate(prompts, 24)
+    for prompt, got in zip(prompts, result.tokens):
+        with torch.no_grad():
+            out = hf_checkpoint.torch_model.generate(torch.tensor([prompt]), max_new_tokens=24, min_new_tokens=24,
+                                                     do_sample=False, repetition_penalty=1.8)
+        assert got == out[0, len(prompt):].tolist()
+    assert result.tokens != plain.tokens
+
+
 def test_sampling_is_reproducible_and_seed_dependent(llama_checkpoint):
     gen = _generator(llama_checkpoint)
     sampler = Sampler(temperature=1.0, top_k=50, top_p=0.95)

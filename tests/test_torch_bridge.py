@@ -3,6 +3,7 @@ checkpoint (same active sets, logits within f32 tolerance at every decode step, 
 side decoding through the XLA path and through the interpreted kernels; the predictor directory -> torch ->
 SVDP files -> import -> JAX round trip; the CLI plug-in; bad inputs."""
 
+import copy
 import dataclasses
 import json
 
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from checkpoints import draw_well_conditioned, fatrelu_float64, make_hf_checkpoint, torch_logits, well_conditioned
 from svdsparse_jax.assets import BUNDLED_MODEL, corpus_split
 from svdsparse_jax.cli import main
 from svdsparse_jax.convert import load_model
@@ -67,7 +69,7 @@ def test_patched_transformers_matches_the_jax_sparse_model(bundled, backend, rng
                           do_sample=False)
     ours = Generator(model, pset.layers).generate([prompt.tolist()], STEPS, eos_ids=()).tokens[0]
     assert gen[0, len(prompt):].tolist() == ours
-    # unpatch restores the original modules (transformers' MLP)
+    # unpatch restores the original modules (transformers' MLP, with the model's FATReLU)
     unpatch(hf)
     assert not guarded_modules(hf)
     assert type(hf.model.layers[0].mlp).__name__ == "LlamaMLP"
@@ -154,3 +156,59 @@ def test_compare_sets_tells_rounding_ties_from_disagreements():
     # neuron 0 inactive in JAX although its gate is far above the threshold: real
     got = compare_sets([[(np.array([0, 1, 2]), np.array([1]))]], [torch_step])
     assert got["disagreements"] == 1 and got["rounding_ties"] == 0
+
+
+@pytest.mark.parametrize("family", ["llama_fatrelu", "llama_drelu"])
+def test_sparse_activations_load_in_stock_transformers(tmp_path, family, seed, rng):
+    """A FATReLU / dReLU checkpoint loads with its true activation, through `load_hf_model` and through stock
+    AutoModelForCausalLM with the remote code (auto_map + sparse_mlp.py), and both match the test's own torch
+    MLP (checkpoints.py) and the JAX model."""
+    import shutil
+
+    from transformers import AutoModelForCausalLM
+
+    import torch_npu_bridge.sparse_mlp as sparse_mlp
+    from svdsparse_jax.evaluate import score_tokens
+
+    ckpt = make_hf_checkpoint(tmp_path / family, family, seed=seed)
+    config = json.loads((ckpt.path / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "sparse_mlp.SparseLlamaForCausalLM"}
+    (ckpt.path / "config.json").write_text(json.dumps(config))
+    shutil.copy(sparse_mlp.__file__, ckpt.path / "sparse_mlp.py")
+    loaded = load_hf_model(ckpt.path, torch.float32)
+    stock = AutoModelForCausalLM.from_pretrained(ckpt.path, trust_remote_code=True, dtype=torch.float32).eval()
+    assert type(stock).__name__ == "SparseLlamaForCausalLM" and loaded.config.hidden_act == config["hidden_act"]
+    ids = well_conditioned(ckpt, lambda: [rng.integers(0, 128, 16)])[0]
+    want = torch_logits(ckpt.torch_model, ids[None])[0]
+    for model in (loaded, stock):
+        np.testing.assert_allclose(torch_logits(model, ids[None])[0], want, atol=1e-4, rtol=0)
+    relu = sparse_mlp.set_sparse_activation(copy.deepcopy(loaded), "relu")
+    assert np.abs(torch_logits(relu, ids[None])[0] - want).max() > 1e-3  # the activation matters
+    with pytest.raises(KeyError):  # what the remote code is for: stock transformers alone has no such activation
+        AutoModelForCausalLM.from_pretrained(ckpt.path, dtype=torch.float32)
+    lm = load_model(ckpt.path, jnp.float32)
+    logp = torch.log_softmax(torch.as_tensor(want), -1).numpy()[np.arange(15), ids[1:]]
+    np.testing.assert_allclose(score_tokens(Transformer(lm.cfg, lm.weights), ids).logprobs, logp, atol=1e-4)
+
+
+def test_unpatch_restores_the_true_activation(bundled, rng):
+    """After patch + unpatch, the bundled FATReLU model computes what it computed before (not ReLU), which
+    equals stock transformers loading it through its remote code."""
+    from transformers import AutoModelForCausalLM
+
+    lm, _, _, root = bundled
+    model = hf_model()
+    heldout = corpus_split("heldout")
+    ref, gaps = fatrelu_float64(model, lm.cfg.act_threshold)
+
+    def draw():
+        start = int(rng.integers(0, len(heldout) - 64))
+        return [heldout[start:start + 48]]
+    ids = draw_well_conditioned(ref, gaps, draw)[0][None]
+    before = torch_logits(model, ids)
+    unpatch(patch_hf_model(model, root / "pred", device="cpu"))
+    assert type(model.model.layers[0].mlp.act_fn).__name__ == "FATReLU"
+    np.testing.assert_array_equal(torch_logits(model, ids), before)
+    np.testing.assert_allclose(before, torch_logits(ref, ids), atol=1e-4, rtol=0)  # float64 FATReLU
+    stock = AutoModelForCausalLM.from_pretrained(BUNDLED_MODEL, trust_remote_code=True, dtype=torch.float32).eval()
+    np.testing.assert_array_equal(torch_logits(stock, ids), before)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 
-from svdsparse_jax.cli import Command, load_from_args, load_predictors_for, model_options
+from svdsparse_jax.cli import Command, load_from_args, load_predictors_for, model_options, require
 from svdsparse_jax.fsutil import check_new_output
 
 
@@ -34,6 +34,7 @@ def cmd_export_svdp(args: argparse.Namespace) -> None:
     from torch_npu_bridge.factors import factors_of
     from torch_npu_bridge.svdp_format import write_svdp
 
+    require("torch", "torch", "export-svdp")
     check_new_output(args.out, "--out")  # before any work
     lm = load_from_args(args)
     pset = load_predictors_for(args.predictors, lm)
@@ -47,6 +48,7 @@ def cmd_import_svdp(args: argparse.Namespace) -> None:
     from svdsparse_jax.predictors import LowRankPredictor, PredictorSet, save_predictors
     from torch_npu_bridge.svdp_format import read_svdp
 
+    require("torch", "torch", "import-svdp")
     check_new_output(args.out, "--out")  # before any work
     lm = load_from_args(args)
     cfg = lm.cfg

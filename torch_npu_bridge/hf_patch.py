@@ -16,6 +16,7 @@ from svdsparse_jax.errors import SvdsparseError
 from svdsparse_jax.weights import model_fingerprint, weight_specs
 from torch_npu_bridge.executor import GuardedFFN, pick_device
 from torch_npu_bridge.factors import PredictorFactors, read_factors
+from torch_npu_bridge.sparse_mlp import set_sparse_activation
 
 
 class PatchedMLP(torch.nn.Module):
@@ -102,7 +103,8 @@ def patch_hf_model(model, predictors: str | os.PathLike | PredictorFactors, devi
 
 
 def unpatch(model):
-    """Restores the original MLPs (a no-op for layers that are not patched). Returns the model."""
+    """Restores the original MLPs, with the activation they had (a no-op for layers that are not patched).
+    Returns the model."""
     for layer in _layers(model):
         if isinstance(layer.mlp, PatchedMLP):
             layer.mlp = layer.mlp.original
@@ -115,12 +117,17 @@ def guarded_modules(model) -> list[GuardedFFN]:
 
 
 def load_hf_model(path: str | os.PathLike, dtype: torch.dtype = torch.bfloat16):
-    """AutoModelForCausalLM from a Hugging Face directory, also when its hidden_act is one transformers lacks
-    (fatrelu, drelu): the model is then built with relu MLPs, which `patch_hf_model` replaces by the
-    predictors' activation (dense for prefill, guarded for decode). Until patched, such a model computes relu."""
+    """AutoModelForCausalLM from a Hugging Face directory, also when its hidden_act is one transformers lacks:
+    fatrelu (threshold hidden_act_param) or drelu, which `sparse_mlp.set_sparse_activation` puts in (the model's
+    config keeps its own hidden_act). No remote code runs."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     cfg = AutoConfig.from_pretrained(path)
-    if cfg.hidden_act in ("fatrelu", "drelu"):
+    act = cfg.hidden_act
+    if act in ("fatrelu", "drelu"):
         cfg.hidden_act = "relu"
-    return AutoModelForCausalLM.from_pretrained(path, config=cfg, dtype=dtype).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, config=cfg, dtype=dtype).eval()
+    if act in ("fatrelu", "drelu"):
+        set_sparse_activation(model, act, getattr(cfg, "hidden_act_param", 0.0) or 0.0)
+        model.config.hidden_act = act
+    return model

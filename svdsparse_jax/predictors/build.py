@@ -140,7 +140,8 @@ def build_predictors(model: Transformer, calib_tokens: np.ndarray, bc: BuildConf
     stats_iter = layer_statistics(model, windows)
     if progress:
         from tqdm import tqdm
-        stats_iter = tqdm(stats_iter, total=cfg.n_layers, desc=f"build {bc.method}", leave=False)
+        stats_iter = tqdm(stats_iter, total=cfg.n_layers, desc=f"build {bc.method}", leave=False,
+                          disable=None)  # a bar on a terminal only
     t = time.perf_counter()
     for st in stats_iter:
         jax.block_until_ready(st.h2)

@@ -17,6 +17,7 @@ predictor). Loading into a model of other shapes or another fingerprint is refus
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -73,9 +74,11 @@ def save_predictors(out_dir: str | os.PathLike, pset: PredictorSet, cfg: ModelCo
     return Path(out_dir).absolute()
 
 
-def load_predictors(pred_dir: str | os.PathLike, cfg: ModelConfig, fingerprint: str | None) -> PredictorSet:
+def load_predictors(pred_dir: str | os.PathLike, cfg: ModelConfig, fingerprint: str | None,
+                    dtype: jnp.dtype | None = None) -> PredictorSet:
     """Loads a predictor directory for a model; refuses other shapes and, when `fingerprint` is given, another
-    model."""
+    model. dtype: the model's weight dtype, which the low-rank factors A and B are cast to (decode then reads
+    them at the model's width, whatever dtype they were built in)."""
     pred_dir = Path(pred_dir)
     mpath = pred_dir / MANIFEST
     m = read_manifest(pred_dir)
@@ -113,6 +116,8 @@ def load_predictors(pred_dir: str | os.PathLike, cfg: ModelConfig, fingerprint: 
             bad = [f"{k} {getattr(p, k).shape} (expected {v})" for k, v in want.items() if getattr(p, k).shape != v]
             if bad:
                 raise SvdsparseError(f"{pred_dir / TENSORS}: layer {i}: misshapen tensors {bad}")
+            if dtype is not None:
+                p = dataclasses.replace(p, a=p.a.astype(dtype), b=p.b.astype(dtype))
         elif e["type"] == "signbit":
             p = SignBitPredictor(t("bits").view(jnp.uint32), t("alpha")[0], t("alpha")[1], e["d"])
         elif e["type"] == "oracle":

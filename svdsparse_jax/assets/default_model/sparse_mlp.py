@@ -1,0 +1,1 @@
+../../../torch_npu_bridge/sparse_mlp.py
