@@ -128,7 +128,8 @@ def score_stream(model: Transformer, pieces: Iterable[np.ndarray], window: int |
     """`score_tokens` of the concatenation of token pieces that arrive one at a time (a long text tokenized
     piece by piece), in memory bounded by a few windows' tokens (and 4 bytes a token for the log-probabilities,
     if kept). Windows of `window` tokens overlap by one, so every token after the first is predicted once; full
-    windows go SCORE_BATCH to a forward pass."""
+    windows go SCORE_BATCH to a forward pass. The last, shorter window is extended back over the tokens before it
+    to a full window of context, predicting only its own tokens (as lm-evaluation-harness' rolling windows)."""
     cfg = model.cfg
     window = min(window or cfg.max_seq_len, cfg.max_seq_len)
     if window < 2:
@@ -138,9 +139,11 @@ def score_stream(model: Transformer, pieces: Iterable[np.ndarray], window: int |
     total, count = 0.0, 0
     buffer = np.zeros(0, np.int64)
     full: list[np.ndarray] = []  # full windows waiting for a batch
+    last = np.zeros(0, np.int64)  # the last full window: the context of a shorter tail
 
-    def score(chunks: list[np.ndarray]) -> None:
-        """Scores chunks of one length (full windows, or one shorter tail), padded to a bucket of rows."""
+    def score(chunks: list[np.ndarray], predicted: int | None = None) -> None:
+        """Scores chunks of one length (full windows, or the tail with its context), padded to a bucket of
+        rows; counts every prediction of a chunk, or its last `predicted`."""
         nonlocal total, count
         n = len(chunks[0])
         for chunk in chunks:
@@ -154,6 +157,7 @@ def score_stream(model: Transformer, pieces: Iterable[np.ndarray], window: int |
         pad = np.full(rows, length - n, np.int32)
         lp = np.asarray(_forward_stats(graphdef, state, None, jnp.asarray(tokens), jnp.asarray(pad))[0])
         for row in lp[:len(chunks), length - n:]:
+            row = row[len(row) - (predicted or len(row)):]
             total, count = total + float(np.sum(row, dtype=np.float64)), count + len(row)
             if keep_logprobs:
                 kept.append(row.astype(np.float32))
@@ -162,6 +166,7 @@ def score_stream(model: Transformer, pieces: Iterable[np.ndarray], window: int |
         buffer = np.concatenate([buffer, np.asarray(piece, np.int64).reshape(-1)])
         while len(buffer) > window:  # a full window, and at least one token after it
             full.append(buffer[:window])
+            last = buffer[:window]
             buffer = buffer[window - 1:]
             if len(full) == SCORE_BATCH:
                 score(full)
@@ -170,8 +175,8 @@ def score_stream(model: Transformer, pieces: Iterable[np.ndarray], window: int |
         score(full)
     if count + len(buffer) < 2:
         raise SvdsparseError(f"scoring needs at least 2 tokens, got {count + len(buffer)}")
-    if len(buffer) >= 2:
-        score([buffer])
+    if len(buffer) >= 2:  # last[-1] is buffer[0]: together, the tokens before the tail and the tail
+        score([np.concatenate([last[:-1], buffer])[-window:]], len(buffer) - 1)
     nll = -total / count
     logprobs = np.concatenate(kept).tolist() if kept else []
     return ScoreResult(logprobs, nll, math.exp(nll), count + 1)

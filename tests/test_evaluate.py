@@ -26,10 +26,11 @@ def test_score_matches_torch(llama_checkpoint, rng):
     np.testing.assert_allclose(r.logprobs, ref, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(r.nll, -ref.mean(), rtol=1e-5)
     np.testing.assert_allclose(r.ppl, np.exp(-ref.mean()), rtol=1e-5)
-    # windows of 16 tokens overlapping by one: each window is scored from a fresh context
+    # windows of 16 tokens overlapping by one: each window is scored from a fresh context; the last, shorter one
+    # (tokens 45-49) after the 11 tokens before it, a full window
     w = score_tokens(model, ids, window=16)
-    starts = range(0, len(ids) - 1, 15)
-    ref_w = np.concatenate([_torch_logprobs(llama_checkpoint.torch_model, ids[s:s + 16]) for s in starts])
+    ref_w = np.concatenate([_torch_logprobs(llama_checkpoint.torch_model, ids[s:s + 16]) for s in (0, 15, 30)]
+                           + [_torch_logprobs(llama_checkpoint.torch_model, ids[34:])[-4:]])
     assert len(w.logprobs) == len(ids) - 1
     np.testing.assert_allclose(w.logprobs, ref_w, rtol=1e-4, atol=1e-5)
 

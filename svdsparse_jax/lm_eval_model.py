@@ -1,0 +1,200 @@
+"""The lm-evaluation-harness model `svdsparse`: lm-eval's tasks on this engine, dense or with predictors.
+
+    svdsparse-lm-eval --model svdsparse --model_args pretrained=DIR,predictors=DIR,batch_size=8 --tasks ...
+
+`svdsparse-lm-eval` is lm-eval's own command (`lm_eval.__main__.cli_evaluate`, every flag the same) with this
+model registered first: lm-eval 0.4 finds models only among the modules it imports itself, so the stock
+`lm_eval` command cannot see a model of another package. From Python, importing this module registers it
+(`lm_eval.simple_evaluate(model="svdsparse", model_args=...)`), or pass `SvdsparseLM(...)` as the model.
+
+model_args: pretrained (a converted or Hugging Face directory; default: the bundled model), predictors (a
+predictor directory; without it the model runs dense), dtype (bfloat16), kernels (auto, pallas, interpret,
+xla; default: auto), ffn_policy (sparse: every layer guarded, the default, so that accuracy shows the
+predictors' effect; measured; dense), batch_size (8), max_gen_toks (256).
+
+How each request runs:
+- loglikelihood: context and continuation in one teacher-forced pass (every token through the guarded FFN
+  when there are predictors, as `svdsparse eval` runs them), batched, left-padded; contexts longer than the
+  model's context lose their first tokens.
+- loglikelihood_rolling: lm-eval's rolling windows of max_length = the model's context - 1 inputs, each
+  predicting as many tokens after one token of context, so a text's total equals `svdsparse score`'s (windows
+  of the model's context overlapping by one token) on the same tokens.
+- generate_until: the project's generate program (prefill dense, decode with the predictors on the layers the
+  policy picks), batched over requests with the same generation arguments, greedy or sampled, stopping at EOS
+  or at the `until` strings (cut before them).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax.numpy as jnp
+import lm_eval.models  # noqa: F401  lm-eval's own models first: a registry holding only ours would hide them
+import numpy as np
+from flax import nnx
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from tqdm import tqdm
+
+from svdsparse_jax.errors import SvdsparseError
+from svdsparse_jax.evaluate import _forward_stats
+from svdsparse_jax.generate import Generator, Sampler, Watcher, bucket
+
+NAME = "svdsparse"
+
+
+@register_model(NAME)
+class SvdsparseLM(TemplateLM):
+    """An lm-eval model over the project's jitted programs (see the module's docstring for the arguments)."""
+
+    def __init__(self, pretrained: str | None = None, predictors: str | None = None, dtype: str = "bfloat16",
+                 kernels: str | None = None, ffn_policy: str = "sparse", batch_size: int | str = 8,
+                 max_gen_toks: int | str = 256, device: str | None = None, max_batch_size: Any = None,
+                 **unknown: Any):
+        super().__init__()
+        from svdsparse_jax.assets import BUNDLED_MODEL
+        from svdsparse_jax.convert import load_model, parse_dtype
+        from svdsparse_jax.engine import EngineConfig
+        from svdsparse_jax.model import Transformer
+        from svdsparse_jax.predictors import load_predictors
+
+        if unknown:  # lm-eval passes its own options too; anything else is a typo
+            raise SvdsparseError(f"--model_args: unknown argument(s) {sorted(unknown)} for model {NAME!r}")
+        self.batch_size = _positive(8 if str(batch_size).startswith("auto") else batch_size, "batch_size")
+        self.max_gen_toks = _positive(max_gen_toks, "max_gen_toks")
+        if ffn_policy not in ("sparse", "measured", "dense"):
+            raise SvdsparseError(f"--model_args ffn_policy={ffn_policy}: expected sparse, measured or dense")
+        lm = load_model(pretrained or BUNDLED_MODEL, parse_dtype(dtype))
+        if lm.tokenizer is None:
+            raise SvdsparseError(f"{lm.path}: the model has no tokenizer files, which lm-eval's text tasks need")
+        self.cfg, self.tokenizer = lm.cfg, lm.tokenizer
+        self.pset = (load_predictors(predictors, lm.cfg, lm.fingerprint, lm.weights[("embed",)].dtype)
+                     if predictors else None)
+        self.model = Transformer(lm.cfg, lm.weights, EngineConfig.resolve(kernels, ffn_policy=ffn_policy))
+        self.guarded = self.pset.layers if self.pset is not None and ffn_policy != "dense" else None
+        self.generator = Generator(self.model, self.pset and self.pset.layers, self.pset and self.pset.union)
+        self._graph = nnx.split(self.model)
+
+    # ---- what TemplateLM asks for
+
+    @property
+    def eot_token_id(self) -> int:
+        return int(self.cfg.eos_ids[0])
+
+    @property
+    def max_length(self) -> int:
+        """Input tokens of one scoring pass: the context less the one token being predicted last."""
+        return self.cfg.max_seq_len - 1
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs: Any) -> list[int]:
+        return self.tokenizer(string, add_special_tokens=bool(add_special_tokens))["input_ids"]
+
+    def tok_decode(self, tokens: Sequence[int]) -> str:
+        return self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs: Any) -> list[tuple[float, bool]]:
+        """requests: ((context, continuation), context_ids, continuation_ids) -> (sum of the continuation's
+        log-probabilities, whether every continuation token is the greedy one)."""
+        sequences = [(list(ctx) + list(cont))[-self.cfg.max_seq_len:] for _, ctx, cont in requests]
+        lengths = [len(cont) for _, _, cont in requests]
+        if any(n == 0 for n in lengths):
+            raise SvdsparseError("lm-eval asked for the likelihood of an empty continuation")
+        scores = self.score_sequences(sequences, lengths, disable_tqdm)
+        return [(float(lp.sum()), bool(greedy.all())) for lp, greedy in scores]
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        from lm_eval import utils
+
+        out = []
+        for (string,) in tqdm([r.args for r in requests], disable=disable_tqdm, desc="rolling loglikelihood"):
+            windows = [utils.make_disjoint_window(w) for w in utils.get_rolling_token_windows(
+                token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
+                max_seq_len=self.max_length, context_len=1)]
+            scores = self.score_sequences([ctx + cont for ctx, cont in windows], [len(c) for _, c in windows], True)
+            out.append(float(sum(lp.sum() for lp, _ in scores)))
+        return out
+
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        results: list[str | None] = [None] * len(requests)
+        groups: dict[str, list[int]] = {}
+        for i, r in enumerate(requests):  # one batch shape and sampler per set of generation arguments
+            groups.setdefault(repr(sorted(r.args[1].items())), []).append(i)
+        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="generate_until")
+        for indices in groups.values():
+            kwargs = dict(requests[indices[0]].args[1])
+            until = kwargs.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = _positive(kwargs.pop("max_gen_toks", self.max_gen_toks), "max_gen_toks")
+            max_new = min(max_new, self.cfg.max_seq_len - 1)
+            sampler, seed = _sampler(kwargs)
+            for start in range(0, len(indices), self.batch_size):
+                batch = indices[start:start + self.batch_size]
+                prompts = [(self.tok_encode(requests[i].args[0]) or [self.prefix_token_id])
+                           [-(self.cfg.max_seq_len - max_new):] for i in batch]
+                watcher = Watcher(self.tok_decode, len(prompts), until)
+                self.generator.generate(prompts, max_new, sampler, seed, watcher=watcher)
+                for b, i in enumerate(batch):
+                    results[i] = watcher.text(b)
+                bar.update(len(batch))
+        bar.close()
+        return results
+
+    # ---- the scoring pass
+
+    def score_sequences(self, sequences: list[list[int]], lengths: list[int], disable_tqdm: bool = False
+                        ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """For each token sequence (at most the model's context), the log-probabilities [n] f64 of its last
+        `lengths[i]` tokens given those before them, and whether each was the greedy token [n] bool: one
+        teacher-forced pass per batch of `batch_size`, longest first, left-padded to a bucketed length."""
+        graphdef, state = self._graph
+        order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+        out: list[Any] = [None] * len(sequences)
+        for start in tqdm(range(0, len(order), self.batch_size), disable=disable_tqdm, desc="loglikelihood"):
+            chunk = order[start:start + self.batch_size]
+            longest = len(sequences[chunk[0]])
+            length = min(bucket(longest), self.cfg.max_seq_len)
+            tokens = np.zeros((self.batch_size, length), np.int32)
+            pad = np.full(self.batch_size, length, np.int32)  # rows past the chunk: all padding
+            for row, i in enumerate(chunk):
+                seq = sequences[i]
+                bad = [t for t in seq if not 0 <= t < self.cfg.vocab_size]
+                if bad:
+                    raise SvdsparseError(f"token ids {bad[:5]} outside the vocabulary [0, {self.cfg.vocab_size})")
+                tokens[row, length - len(seq):] = seq
+                pad[row] = length - len(seq)
+            lp, top, _, _ = _forward_stats(graphdef, state, self.guarded, jnp.asarray(tokens), jnp.asarray(pad))
+            lp, top = np.asarray(lp, np.float64), np.asarray(top)
+            for row, i in enumerate(chunk):  # lp[:, j] scores token j + 1
+                n = lengths[i]
+                out[i] = (lp[row, length - 1 - n:], top[row, length - 1 - n:] == tokens[row, length - n:])
+        return out
+
+
+def _positive(value: Any, name: str) -> int:
+    try:
+        n = int(value)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1:
+        raise SvdsparseError(f"--model_args {name}={value}: expected an integer >= 1")
+    return n
+
+
+def _sampler(kwargs: dict) -> tuple[Sampler, int]:
+    """lm-eval's generation arguments (do_sample, temperature, top_k, top_p, seed) -> Sampler and seed; greedy
+    unless do_sample or a temperature > 0 asks otherwise."""
+    kwargs = dict(kwargs)
+    do_sample = bool(kwargs.pop("do_sample", False))
+    temperature = float(kwargs.pop("temperature", 1.0 if do_sample else 0.0))
+    sampler = Sampler(temperature=temperature if do_sample or temperature > 0 else 0.0,
+                      top_k=int(kwargs.pop("top_k", 0) or 0), top_p=float(kwargs.pop("top_p", 1.0) or 1.0))
+    seed = int(kwargs.pop("seed", 0) or 0)
+    if kwargs:
+        raise SvdsparseError(f"generation arguments {sorted(kwargs)} are not supported by model {NAME!r}")
+    return sampler, seed
+
+
+def main() -> None:
+    """`svdsparse-lm-eval`: lm-eval's command line with the `svdsparse` model registered."""
+    from lm_eval.__main__ import cli_evaluate
+    cli_evaluate()
