@@ -208,6 +208,9 @@ def build_parser(plugins: dict[str, Command] | None = None) -> argparse.Argument
     target.add_argument("--target-sparsity", type=number(float, 0.0, 1.0, hi_open=True),
                         help="absolute predicted sparsity per layer")
     target.add_argument("--target-recall", type=FRACTION, help="minimum recall per layer")
+    target.add_argument("--target-loss", type=FRACTION,
+                        help="maximum importance loss per layer: the dropped neurons' share of sum (|h| ||W_down[:, "
+                             "i]||)^2 on the calibration tokens")
     p.add_argument("--tokens", type=POSITIVE, default=16384, help="calibration tokens (half build, half calibrate)")
     p.add_argument("--window", type=number(int, 2), default=512, help="calibration windows of this many tokens")
     p.add_argument("--json", action="store_true", help="print one JSON object (docs/cli.md)")
@@ -551,6 +554,8 @@ def _target(args) -> tuple[str, float]:
         return "sparsity", args.target_sparsity
     if args.target_recall is not None:
         return "recall", args.target_recall
+    if args.target_loss is not None:
+        return "loss", args.target_loss
     return "s", args.s if args.s is not None else DEFAULT_S
 
 
@@ -582,7 +587,7 @@ def cmd_build_predictors(args: argparse.Namespace) -> None:
 
 TARGET_WORDS = {"s": "s x the layer's true sparsity (s - 0.1 on layers 0 and 1)",
                 "sparsity": "that fraction of neuron/token pairs switched off", "recall": "keep that fraction of the "
-                "active pairs"}
+                "active pairs", "loss": "drop at most that share of the layer's importance, sum (|h| ||W_down[:, i]||)^2"}
 
 
 def _build_table(info: list[dict], config: dict) -> str:
@@ -594,7 +599,8 @@ def _build_table(info: list[dict], config: dict) -> str:
         t = r["target"]
         reached = r["calib_predicted_sparsity"] if t["kind"] == "sparsity" else r["calib_recall"]
         # the penalty grid moves in steps of about 1/256 of the tokens: a target missed by less than that is met
-        missed = not r["target_met"] and reached < t["value"] - 1e-3 and config.get("method") != "oracle"
+        missed = (not r["target_met"] and t["kind"] != "loss" and reached < t["value"] - 1e-3
+                  and config.get("method") != "oracle")
         short |= missed
         lines.append(f"{r['layer']:>5}  {r['true_sparsity']:>13.4f}  {t['kind'] + ' ' + format(t['value'], '.4f'):>16}"
                      f"  {r['calib_predicted_sparsity']:>18.4f}  {r['calib_recall']:>7.4f}{'  *' if missed else ''}")

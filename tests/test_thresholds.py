@@ -22,7 +22,8 @@ def _problem(rng, n=512, f=300, dead=0):
 
 
 @pytest.mark.parametrize("target", [Target("sparsity", 0.5), Target("sparsity", 0.75), Target("recall", 0.97),
-                                    Target("recall", 0.85), Target("sparsity", 0.999)])
+                                    Target("recall", 0.85), Target("sparsity", 0.999), Target("loss", 0.01),
+                                    Target("loss", 0.1)])
 def test_matches_the_greedy_loop(target, rng):
     scores, importance, active = _problem(rng)
     ref = greedy_reference(scores, importance, active, target, grid=GRID)
@@ -42,6 +43,11 @@ def test_matches_the_greedy_loop(target, rng):
         assert sparsity >= target.value
     if target.kind == "recall":
         assert (predicted_active & active).sum() / active.sum() >= target.value
+    if target.kind == "loss":  # the dropped pairs' m^2 within the budget, and one more step would break it
+        i64 = importance.astype(np.float64) ** 2
+        assert (i64 * ~predicted_active).sum() <= target.value * i64.sum() * (1 + 1e-5)
+        if not guard_hit:  # the budget binds: the loop went most of the way
+            assert p_ref / i64.sum() > 0.5 * target.value
 
 
 def test_guard_stops_when_too_many_neurons_switch_off(rng):
@@ -58,6 +64,7 @@ def test_target_rules_and_errors():
     assert layer_target("s", 0.6, 0, 0.9) == Target("sparsity", 0.5 * 0.9)
     assert layer_target("s", 0.6, 2, 0.9) == Target("sparsity", 0.6 * 0.9)
     assert layer_target("recall", 0.95, 5, 0.9) == Target("recall", 0.95)
+    assert layer_target("loss", 0.01, 5, 0.9) == Target("loss", 0.01)
     with pytest.raises(SvdsparseError):
         Target("sparsity", 1.5)
     with pytest.raises(SvdsparseError, match="calibration tokens"):

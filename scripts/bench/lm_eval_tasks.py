@@ -19,9 +19,16 @@ GEN_TASK = "svdsparse_code_gen"
 
 
 def code_lines(tokenizer, tokens: np.ndarray) -> list[str]:
-    """Non-trivial lines of held-out code (20 to 80 characters, not comments)."""
+    """Non-trivial lines of held-out code (20 to 80 characters, not comments) with a space near the middle."""
     text = tokenizer.decode(tokens.tolist(), skip_special_tokens=True)
-    return [ln for ln in text.split("\n") if 20 <= len(ln.strip()) <= 80 and not ln.strip().startswith("#")]
+    return [ln for ln in text.split("\n") if 20 <= len(ln.strip()) <= 80 and not ln.strip().startswith("#")
+            and _cut(ln) > 4]
+
+
+def _cut(line: str) -> int:
+    """Where a line splits into question and answer: the last space before its middle (so the answer starts a
+    word, and context and answer tokenize apart)."""
+    return line.rfind(" ", 0, len(line) // 2 + 1)
 
 
 def write_tasks(root: Path, tokenizer, tokens: np.ndarray, n: int, seed: int) -> Path:
@@ -33,13 +40,12 @@ def write_tasks(root: Path, tokenizer, tokens: np.ndarray, n: int, seed: int) ->
     mc = []
     for i in picks:
         line = lines[i]
-        cut = len(line) // 2
-        others = [lines[j] for j in rng.choice(len(lines), size=3, replace=False) if j != i][:3]
-        while len(others) < 3:
-            others.append(lines[int(rng.integers(len(lines)))])
-        choices = [line[cut:]] + [o[len(o) // 2:] for o in others]
-        order = rng.permutation(4)
-        mc.append({"context": line[:cut], "choices": [choices[k] for k in order], "gold": int(np.argmax(order == 0))})
+        others = [j for j in rng.choice(len(lines), size=4, replace=False) if lines[j][_cut(lines[j]):] !=
+                  line[_cut(line):]][:3]
+        choices = [line[_cut(line):]] + [lines[j][_cut(lines[j]):] for j in others]
+        order = rng.permutation(len(choices))
+        mc.append({"context": line[:_cut(line)], "choices": [choices[k] for k in order],
+                   "gold": int(np.argmax(order == 0))})
     gen = []
     starts = rng.choice(len(text) - 4, size=n, replace=False)
     for s in starts:

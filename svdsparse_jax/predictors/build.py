@@ -25,14 +25,14 @@ from svdsparse_jax.predictors.svd import whitened_svd
 from svdsparse_jax.predictors.thresholds import GUARD, Target, calibrate_bias, layer_target
 
 METHODS = ("whitened", "plain", "signbit", "mlp", "oracle")
-RULES = ("s", "sparsity", "recall")
+RULES = ("s", "sparsity", "recall", "loss")
 
 
 @dataclasses.dataclass(frozen=True)
 class BuildConfig:
     """method: one of METHODS. ranks: one rank for all layers or one per layer (SVD and MLP methods).
     rule/value: the per-layer target ('s': s x true sparsity with s - 0.1 on layers 0-1; 'sparsity': absolute;
-    'recall': minimum recall). tokens: calibration tokens used at most (split in two halves); window: tokens
+    'recall': minimum recall; 'loss': maximum importance loss, `thresholds.Target`). tokens: calibration tokens used at most (split in two halves); window: tokens
     per context window. dtype: storage dtype of the factors (the model's by default). guard: calibration stops
     once this fraction of a layer's neurons is never predicted active (the reference's 1%)."""
 
@@ -108,11 +108,15 @@ def calibrate_layer(pred: Predictor, st: LayerStats, block: Block, target: Targe
     predicted = pred.predict(st.x2, gate)
     sparsity = float(1 - jnp.mean(predicted))
     recall = float(jnp.sum(predicted & active2) / jnp.maximum(jnp.sum(active2), 1))
+    m2 = st.importance ** 2
+    loss = float(jnp.sum(jnp.where(predicted, 0.0, m2)) / jnp.maximum(jnp.sum(m2), 1e-30))
     # False when the 1% guard stopped the calibration short (or, for the oracle, by construction)
-    met = sparsity >= target.value - 1e-6 if target.kind == "sparsity" else recall >= target.value - 1e-6
+    reached = {"sparsity": sparsity, "recall": recall, "loss": -loss}[target.kind]
+    met = reached >= (-target.value if target.kind == "loss" else target.value) - 1e-6
     union_candidates, union_active = measure_union(predicted, predicted & active2, BATCH_SIZES, seed=st.layer)
     info = {"layer": st.layer, "true_sparsity": st.true_sparsity, "target": dataclasses.asdict(target),
-            "calib_predicted_sparsity": sparsity, "calib_recall": recall, "target_met": met,
+            "calib_predicted_sparsity": sparsity, "calib_recall": recall, "calib_importance_loss": loss,
+            "target_met": met,
             "union_candidates": union_candidates, "union_active": union_active}
     return pred, info
 

@@ -37,30 +37,31 @@ NO_THRESHOLD = 3e38  # bias of a neuron whose threshold sits below every score: 
 @dataclasses.dataclass(frozen=True)
 class Target:
     """The budget of one layer. kind: 'sparsity' (stop once the mean predicted sparsity over the calibration
-    tokens reaches `value`) or 'recall' (take steps while the recall of truly active (token, neuron) pairs
-    stays >= `value`)."""
+    tokens reaches `value`), 'recall' (take steps while the recall of truly active (token, neuron) pairs
+    stays >= `value`) or 'loss' (take steps while the penalty of the dropped pairs, sum of m^2, stays <= `value`
+    of the layer's total sum of m^2: a budget on the FFN output's squared error, summed over neurons)."""
 
     kind: str
     value: float
 
     def __post_init__(self):
-        if self.kind not in ("sparsity", "recall"):
-            raise SvdsparseError(f"target kind {self.kind!r}: expected 'sparsity' or 'recall'")
+        if self.kind not in ("sparsity", "recall", "loss"):
+            raise SvdsparseError(f"target kind {self.kind!r}: expected 'sparsity', 'recall' or 'loss'")
         if not 0.0 <= self.value <= 1.0:
             raise SvdsparseError(f"target {self.kind} {self.value}: expected a value in [0, 1]")
 
 
 def layer_target(rule: str, value: float, layer: int, true_sparsity: float) -> Target:
     """The reference's rules. 's': predicted sparsity = s x true sparsity (s - 0.1 on layers 0 and 1);
-    'sparsity': an absolute predicted sparsity; 'recall': a minimum recall."""
+    'sparsity': an absolute predicted sparsity; 'recall': a minimum recall; 'loss': a maximum importance loss."""
     if rule == "s":
         s = value - 0.1 if layer < 2 else value
         return Target("sparsity", max(0.0, s) * true_sparsity)
     if rule == "sparsity":
         return Target("sparsity", value)
-    if rule == "recall":
-        return Target("recall", value)
-    raise SvdsparseError(f"target rule {rule!r}: expected 's', 'sparsity' or 'recall'")
+    if rule in ("recall", "loss"):
+        return Target(rule, value)
+    raise SvdsparseError(f"target rule {rule!r}: expected 's', 'sparsity', 'recall' or 'loss'")
 
 
 def _grid(n: int, grid: int) -> np.ndarray:
@@ -101,12 +102,16 @@ def _calibrate(scores, importance, active, value, *, kind: str, grid: int, start
         reached = progress >= value
         first_reach = jnp.argmax(reached)  # the step that reaches the target is taken, then the loop stops
         budget_end = jnp.where(base / (n * f) >= value, 0, jnp.where(jnp.any(reached), first_reach + 1, perm.size))
-    else:
-        total_active = jnp.maximum(jnp.sum(active).astype(dtype), 1)
-        lost0 = jnp.sum(act[start, jnp.arange(f)])
-        lost = lost0 + jnp.cumsum((act[1:] - act[:-1]).T.reshape(-1)[perm])
-        ok = 1 - lost / total_active >= value  # a step is taken only if recall stays at or above the target
-        budget_end = jnp.where(1 - lost0 / total_active >= value, jnp.argmin(ok), 0)
+    else:  # recall or loss: a step is taken only if the layer stays within the target
+        if kind == "recall":
+            total, per_step = jnp.maximum(jnp.sum(active).astype(dtype), 1), act
+        else:
+            total, per_step = jnp.maximum(cum_pen[-1].sum(), jnp.finfo(dtype).tiny), pen
+        lost0 = jnp.sum(per_step[start, jnp.arange(f)])
+        lost = lost0 + jnp.cumsum((per_step[1:] - per_step[:-1]).T.reshape(-1)[perm])
+        within = (lambda x: 1 - x / total >= value) if kind == "recall" else (lambda x: x / total <= value)
+        ok = within(lost)
+        budget_end = jnp.where(within(lost0), jnp.argmin(ok), 0)
         budget_end = jnp.where(jnp.all(ok), perm.size, budget_end)
     finishing = (step == grid - 1).astype(jnp.int32)
     over_guard = jnp.cumsum(finishing) > guard * f  # this step switches off one neuron too many: the last one
@@ -155,6 +160,7 @@ def greedy_reference(scores: np.ndarray, importance: np.ndarray, active: np.ndar
     j = np.array([np.max(np.nonzero(pen[:, i] == 0)[0]) for i in range(f)])
     j = np.minimum(j, int(start_cap * grid))
     total_active = max(np.asarray(active).sum(), 1)
+    total_penalty = max(float((importance ** 2).sum()), np.finfo(np.float64).tiny)
     off = 0
     while True:
         if target.kind == "sparsity" and k[j].sum() / (n * f) >= target.value:
@@ -167,6 +173,8 @@ def greedy_reference(scores: np.ndarray, importance: np.ndarray, active: np.ndar
             lost = act[j, np.arange(f)].sum() + act[j[i] + 1, i] - act[j[i], i]
             if 1 - lost / total_active < target.value:
                 break
+        if target.kind == "loss" and (pen[j, np.arange(f)].sum() + nxt[i]) / total_penalty > target.value:
+            break
         j[i] += 1
         off += int(j[i] == grid)
         if off > guard * f:  # as the reference: the step is taken, then the loop stops
