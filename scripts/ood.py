@@ -85,6 +85,18 @@ def _margin(logits):
     return top2[..., 0] - top2[..., 1]
 
 
+def dense_margins(model: Transformer, windows: np.ndarray) -> np.ndarray:
+    """The dense model's top-1 probability minus its top-2 at every predicted position [n, W - 1]."""
+    from svdsparse_jax import kv_cache
+    out = []
+    for k in range(0, len(windows), 4):
+        x = jnp.asarray(windows[k:k + 4], jnp.int32)
+        cache = kv_cache.init_cache(model.cfg, jnp.zeros(len(x), jnp.int32), x.shape[1], model.dtype)
+        states, _ = model(x, cache, jnp.int32(0))
+        out.append(np.asarray(_margin(model.logits(states[:, :-1]))))
+    return np.concatenate(out)
+
+
 def diagnose(model: Transformer, pset: PredictorSet, windows: np.ndarray) -> dict:
     """Where a predictor set loses top-1 agreement: per layer (the predictors on that layer alone), per neuron
     (which share of the dropped importance the worst 1% and 10% of neurons carry) and per token (the dense
@@ -108,14 +120,7 @@ def diagnose(model: Transformer, pset: PredictorSet, windows: np.ndarray) -> dic
         neurons.append({"layer": i, "loss": float(dropped.sum() / float(jnp.sum(m2))),
                         "top1pct_share": float(worst[:max(1, cfg.d_ff // 100)].sum() / max(worst.sum(), 1e-30)),
                         "top10pct_share": float(worst[:cfg.d_ff // 10].sum() / max(worst.sum(), 1e-30))})
-    margins = []
-    for k in range(0, len(windows), 4):  # the dense model's top-1 margin at every predicted position
-        x = jnp.asarray(windows[k:k + 4], jnp.int32)
-        from svdsparse_jax import kv_cache
-        cache = kv_cache.init_cache(cfg, jnp.zeros(len(x), jnp.int32), x.shape[1], model.dtype)
-        states, _ = model(x, cache, jnp.int32(0))
-        margins.append(np.asarray(_margin(model.logits(states[:, :-1]))))
-    margin = np.concatenate(margins)
+    margin = dense_margins(model, windows)
     differ = top != dense_top
     return {"top1_agreement": float(np.mean(~differ)), "layer_alone_agreement": alone, "neurons": neurons,
             "disagreements": int(differ.sum()), "positions": int(differ.size),
@@ -130,6 +135,8 @@ def main() -> None:
     ap.add_argument("--out", default="docs/results/ood.json")
     ap.add_argument("--max-windows", type=int, default=64)
     ap.add_argument("--calib-tokens", type=int, default=16384)
+    ap.add_argument("--only", nargs="+", metavar="NAME",
+                    help="run only these configurations and merge them into an existing --out (no diagnosis)")
     args = ap.parse_args()
     t0 = time.time()
     lm = load_model(BUNDLED_MODEL, jnp.float32)
@@ -142,7 +149,9 @@ def main() -> None:
     mixed = np.concatenate([half, pick_windows(mix, 512, len(half))])
     # the two calibration halves (build / calibrate) alternate windows, so both hold both sources
     mixed = mixed[np.argsort(np.r_[np.arange(len(half)) * 2, np.arange(len(half)) * 2 + 1])]
+    big = calibration_windows(corpus_split("calib"), 512, 4 * args.calib_tokens)
     stats = {"stdlib": list(layer_statistics(model, stdlib)), "mixed": list(layer_statistics(model, mixed))}
+    stats["stdlib x4"] = lambda: list(layer_statistics(model, big))  # built when a configuration asks
     d4 = cfg.d_model // 4
     alloc = energy_ranks(model, stats["stdlib"], d4 * cfg.n_layers)
     print(f"energy-allocated ranks: {alloc} ({time.time() - t0:.0f} s)", flush=True)
@@ -160,9 +169,21 @@ def main() -> None:
         "loss 0.01 mixed": ("mixed", "whitened", d4, "loss", 0.01),
         "loss 0.003 mixed": ("mixed", "whitened", d4, "loss", 0.003),
         "mlp loss 0.01": ("stdlib", "mlp", d4, "loss", 0.01),
+        "recall 0.99 energy ranks": ("stdlib", "whitened", alloc, "recall", 0.99),
+        "recall 0.99 mixed": ("mixed", "whitened", d4, "recall", 0.99),
+        "recall 0.995 mixed": ("mixed", "whitened", d4, "recall", 0.995),
+        "paper s=0.7 mixed": ("mixed", "whitened", d4, "s", 0.7),
+        "recall 0.99 x4 tokens": ("stdlib x4", "whitened", d4, "recall", 0.99),
+        "recall 0.995 x4 tokens": ("stdlib x4", "whitened", d4, "recall", 0.995),
+        "paper s=0.7 x4 tokens": ("stdlib x4", "whitened", d4, "s", 0.7),
+        "mlp recall 0.99 x4 tokens": ("stdlib x4", "mlp", d4, "recall", 0.99),
     }
+    if args.only:
+        configs = {n: configs[n] for n in args.only}
     sets = {}
     for name, (calib, method, ranks, rule, value) in configs.items():
+        if callable(stats[calib]):
+            stats[calib] = stats[calib]()
         sets[name] = build(model, stats[calib], method, ranks, rule, value, model.dtype)
         print(f"built {name} ({time.time() - t0:.0f} s)", flush=True)
     report = {"meta": {"ood_packages": ood_facts, "mix_packages": mix_facts, "ood_tokens": len(ood),
@@ -172,9 +193,21 @@ def main() -> None:
         reports = evaluate_predictors(model, sets, tokens, 512, args.max_windows)
         report["domains"][domain] = {n: {"summary": r["summary"], "layers": r["layers"]} for n, r in reports.items()}
         print(f"evaluated {domain} ({time.time() - t0:.0f} s)", flush=True)
-    windows = pick_windows(ood, 512, args.max_windows)
-    report["diagnosis"] = {n: diagnose(model, sets[n], windows) for n in ("paper s=0.7", "loss 0.003")}
+    report["margins"] = {}  # how often the dense model's top-1 is a near tie, in each domain
+    for domain, tokens in (("in-domain", corpus_split("heldout")), ("out-of-domain", ood)):
+        m = dense_margins(model, pick_windows(tokens, 512, args.max_windows))
+        report["margins"][domain] = {"median": float(np.median(m)), "below_0.1": float(np.mean(m < 0.1))}
     report["meta"]["seconds"] = round(time.time() - t0, 1)
+    if args.only:  # merged into the full run's report
+        full = json.loads(Path(args.out).read_text())
+        for domain, reports in report["domains"].items():
+            full["domains"][domain].update(reports)
+        full["margins"] = report["margins"]
+        full["meta"].setdefault("added", []).append({"configurations": args.only, "seconds": report["meta"]["seconds"]})
+        report = full
+    else:
+        windows = pick_windows(ood, 512, args.max_windows)
+        report["diagnosis"] = {n: diagnose(model, sets[n], windows) for n in ("paper s=0.7", "loss 0.003")}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=1) + "\n")
     print(table(report))

@@ -3,8 +3,9 @@
 Prompts of a batch are left-padded to a bucketed length (a power of two, at least 16) and the number of new
 tokens is bucketed the same way, so a new prompt of similar length reuses the compiled program: only
 (batch size, prompt bucket, new-token bucket, greedy or sampled, repetition penalty on or off, watched or not)
-are static. Sampling parameters, the seed, the real number of new tokens and the EOS ids are traced values. Weights are passed in (never captured as constants)
-and reused across calls; the KV cache lives only inside the program.
+are static. Sampling parameters, the seed, the real number of new tokens and the EOS ids are traced values.
+Weights are passed in (never captured as constants) and reused across calls; the KV cache lives only inside the
+program.
 
 No host round trip per token: on a GPU, XLA runs a while loop whose trip count it cannot tell by copying the
 condition to the host and waiting for the device after every iteration, and a `lax.cond` likewise

@@ -9,8 +9,8 @@ model registered first: lm-eval 0.4 finds models only among the modules it impor
 
 model_args: pretrained (a converted or Hugging Face directory; default: the bundled model), predictors (a
 predictor directory; without it the model runs dense), dtype (bfloat16), kernels (auto, pallas, interpret,
-xla; default: auto), ffn_policy (sparse: every layer guarded, the default, so that accuracy shows the
-predictors' effect; measured; dense), batch_size (8), max_gen_toks (256).
+xla; default: SVDSPARSE_KERNELS, else auto), ffn_policy (sparse: every layer guarded, the default, so that
+accuracy shows the predictors' effect; measured; dense), batch_size (8), max_gen_toks (256).
 
 How each request runs:
 - loglikelihood: context and continuation in one teacher-forced pass (every token through the guarded FFN
@@ -54,7 +54,7 @@ class SvdsparseLM(TemplateLM):
         super().__init__()
         from svdsparse_jax.assets import BUNDLED_MODEL
         from svdsparse_jax.convert import load_model, parse_dtype
-        from svdsparse_jax.engine import EngineConfig
+        from svdsparse_jax.engine import from_environment
         from svdsparse_jax.model import Transformer
         from svdsparse_jax.predictors import load_predictors
 
@@ -70,10 +70,21 @@ class SvdsparseLM(TemplateLM):
         self.cfg, self.tokenizer = lm.cfg, lm.tokenizer
         self.pset = (load_predictors(predictors, lm.cfg, lm.fingerprint, lm.weights[("embed",)].dtype)
                      if predictors else None)
-        self.model = Transformer(lm.cfg, lm.weights, EngineConfig.resolve(kernels, ffn_policy=ffn_policy))
+        self.model = Transformer(lm.cfg, lm.weights, from_environment(kernels, ffn_policy=ffn_policy))
         self.guarded = self.pset.layers if self.pset is not None and ffn_policy != "dense" else None
         self.generator = Generator(self.model, self.pset and self.pset.layers, self.pset and self.pset.union)
         self._graph = nnx.split(self.model)
+
+    @classmethod
+    def create_from_arg_obj(cls, arg_dict: dict, additional_config: dict | None = None) -> "SvdsparseLM":
+        """lm-eval's constructor hook: --model_args win over lm-eval's own options (its --batch_size default)."""
+        extra = {k: v for k, v in (additional_config or {}).items() if v is not None}
+        return cls(**{**extra, **arg_dict})
+
+    @classmethod
+    def create_from_arg_string(cls, arg_string: str, additional_config: dict | None = None) -> "SvdsparseLM":
+        from lm_eval.utils import simple_parse_args_string
+        return cls.create_from_arg_obj(simple_parse_args_string(arg_string), additional_config)
 
     # ---- what TemplateLM asks for
 

@@ -133,6 +133,7 @@ def test_prompts_that_are_not_utf8_are_named(hf, capsys):
     (["build-predictors", "--out", "X", "--s", "2"], "--s"),
     (["build-predictors", "--out", "X", "--s", "0"], "--s"),
     (["build-predictors", "--out", "X", "--tokens", "0"], "--tokens"),
+    (["build-predictors", "--out", "X", "--target-loss", "0"], "--target-loss"),
     (["generate", "--prompt", "a", "--temperature", "nan"], "--temperature"),
     (["generate", "--prompt", "a", "--top-k", "-5"], "--top-k"),
     (["generate", "--prompt", "a", "--top-p", "0"], "--top-p"),

@@ -113,3 +113,21 @@ def test_bad_model_args_are_named():
         SvdsparseLM(batch_size=0)
     with pytest.raises(SvdsparseError, match="ffn_policy=half"):
         SvdsparseLM(ffn_policy="half")
+
+
+def test_the_command_line_runs_the_model(dense, tmp_path, seed):
+    """`svdsparse-lm-eval run --model svdsparse --model_args ...` (lm-eval's own command line, the model
+    registered first) on the local tasks, offline; model_args win over lm-eval's --batch_size default."""
+    import os
+    import subprocess
+    import sys
+
+    write_tasks(tmp_path, dense.tokenizer, corpus_split("heldout"), n=4, seed=seed)
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_DATASETS_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-c", "from svdsparse_jax.lm_eval_model import main; main()", "run",
+                          "--model", "svdsparse", "--model_args", "dtype=float32", "batch_size=3", "--tasks", MC_TASK,
+                          "--include_path", str(tmp_path), "--output_path", str(tmp_path / "out")],
+                         capture_output=True, text=True, env=env, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert MC_TASK in run.stdout and "acc_norm" in run.stdout
+    assert SvdsparseLM.create_from_arg_string("dtype=float32,batch_size=3", {"batch_size": 1}).batch_size == 3

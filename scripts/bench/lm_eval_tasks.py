@@ -107,7 +107,7 @@ def main() -> None:
     args = ap.parse_args()
     root = Path(tempfile.mkdtemp(prefix="svdsparse-lm-eval-"))
     lm = load_model(BUNDLED_MODEL, jnp.dtype(args.dtype))
-    bc = demo_build_config(lm.cfg)  # the defaults: whitened SVD, rank d/4, s = 0.7
+    bc = demo_build_config(lm.cfg)  # the defaults: whitened SVD, rank d/4, recall 0.99, 65,536 tokens
     pset = build_predictors(Transformer(lm.cfg, lm.weights), corpus_split("calib"), bc)
     save_predictors(root / "predictors", pset, lm.cfg, lm.fingerprint)
     write_tasks(root, lm.tokenizer, corpus_split("heldout"), args.items, args.seed)

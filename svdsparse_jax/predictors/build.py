@@ -20,7 +20,7 @@ from svdsparse_jax.engine import XLA
 from svdsparse_jax.model import Block, Transformer, activation, linear
 from svdsparse_jax.policy import BATCH_SIZES, UnionRows, measure_union
 from svdsparse_jax.predictors.base import LowRankPredictor, OraclePredictor, Predictor
-from svdsparse_jax.predictors.baselines import mlp_predictor, signbit_predictor
+from svdsparse_jax.predictors.baselines import MLP_STEPS, mlp_predictor, signbit_predictor
 from svdsparse_jax.predictors.svd import whitened_svd
 from svdsparse_jax.predictors.thresholds import GUARD, Target, calibrate_bias, layer_target
 
@@ -32,9 +32,10 @@ RULES = ("s", "sparsity", "recall", "loss")
 class BuildConfig:
     """method: one of METHODS. ranks: one rank for all layers or one per layer (SVD and MLP methods).
     rule/value: the per-layer target ('s': s x true sparsity with s - 0.1 on layers 0-1; 'sparsity': absolute;
-    'recall': minimum recall; 'loss': maximum importance loss, `thresholds.Target`). tokens: calibration tokens used at most (split in two halves); window: tokens
-    per context window. dtype: storage dtype of the factors (the model's by default). guard: calibration stops
-    once this fraction of a layer's neurons is never predicted active (the reference's 1%)."""
+    'recall': minimum recall; 'loss': maximum importance loss, `thresholds.Target`). tokens: calibration tokens
+    used at most (split in two halves); window: tokens per context window. dtype: storage dtype of the factors
+    (the model's by default). guard: calibration stops once this fraction of a layer's neurons is never
+    predicted active (the reference's 1%)."""
 
     method: str = "whitened"
     ranks: int | tuple[int, ...] = 256
@@ -44,7 +45,7 @@ class BuildConfig:
     window: int = 512
     ridge: float = 1e-3
     dtype: str | None = None
-    mlp_steps: int = 400
+    mlp_steps: int = MLP_STEPS
     seed: int = 0
     guard: float = GUARD
 
