@@ -788,7 +788,7 @@ def cmd_demo(args: argparse.Namespace) -> None:
             ("FFN bytes read", "1", f"{s['rows_read_fraction']:.4f}",
              f"of the dense FFN's, plus the predictor's {s['predictor_cost']:.4f}"),
             (f"decode tokens/s ({device})", f"{dense_tps:.0f}", f"{sparse_tps:.0f}",
-             f"{n_new} greedy tokens, batch 1" + ("; on a CPU, gathers cost what they save" if device == "CPU"
+             f"{n_new} greedy tokens, batch 1" + ("; on a CPU the gathers outweigh the rows saved" if device == "CPU"
                                                   else ""))]
     print(f"{'':24}{'dense':>8}{'sparse':>9}  what it means")
     for name, a, b, words in rows:
