@@ -52,9 +52,16 @@ def test_patched_transformers_matches_the_jax_sparse_model(bundled, backend, rng
     interpreted), observed by a probe."""
     lm, model, pset, root = bundled
     heldout = corpus_split("heldout")
-    start = int(rng.integers(0, len(heldout) - 64))
-    prompt = heldout[start:start + 24].astype(np.int32)
     steps = STEPS if backend == "xla" else 8  # interpreted kernels are slow on the CPU
+    gen = Generator(model, pset.layers)
+
+    def draw():  # a prompt and the JAX model's greedy decode of it: every position the comparison sees
+        start = int(rng.integers(0, len(heldout) - 64))
+        prompt = heldout[start:start + 24].astype(np.int32)
+        return [np.concatenate([prompt, gen.generate([prompt.tolist()], steps, eos_ids=()).tokens[0]])]
+    # FATReLU jumps at its threshold: a gate within f32 rounding of it flips a neuron in one implementation and
+    # not the other (one held-out prompt in about 30 here); such inputs are drawn again (checkpoints.py)
+    prompt = draw_well_conditioned(*fatrelu_float64(hf_model(), lm.cfg.act_threshold), draw)[0][:24]
     r = decode_parity(lm, with_engine(model, EngineConfig(backend=backend)), pset.layers, root / "pred", prompt,
                       steps, "cpu")
     assert r["ok"], r  # logits within 1e-4 (f32) and identical tokens, candidates and active sets at every step
