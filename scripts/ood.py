@@ -168,7 +168,6 @@ def main() -> None:
         "loss 0.003 energy ranks": ("stdlib", "whitened", alloc, "loss", 0.003),
         "loss 0.01 mixed": ("mixed", "whitened", d4, "loss", 0.01),
         "loss 0.003 mixed": ("mixed", "whitened", d4, "loss", 0.003),
-        "mlp loss 0.01": ("stdlib", "mlp", d4, "loss", 0.01),
         "recall 0.99 energy ranks": ("stdlib", "whitened", alloc, "recall", 0.99),
         "recall 0.99 mixed": ("mixed", "whitened", d4, "recall", 0.99),
         "recall 0.995 mixed": ("mixed", "whitened", d4, "recall", 0.995),

@@ -128,8 +128,7 @@ def _generate_program(graphdef, state, predictors, tokens, pad, max_new, sampler
     def watched(step, token, stopped):
         if watch is None:
             return stopped
-        told = io_callback(watch, jax.ShapeDtypeStruct((batch,), jnp.bool_), step,
-                                            jnp.where(stopped, -1, token))
+        told = io_callback(watch, jax.ShapeDtypeStruct((batch,), jnp.bool_), step, jnp.where(stopped, -1, token))
         return stopped | told
 
     # seen [B, V]: the tokens of each prompt (not its padding) and of its output so far (penalty only)
