@@ -111,13 +111,15 @@ def calibrate_layer(pred: Predictor, st: LayerStats, block: Block, target: Targe
     recall = float(jnp.sum(predicted & active2) / jnp.maximum(jnp.sum(active2), 1))
     m2 = st.importance ** 2
     loss = float(jnp.sum(jnp.where(predicted, 0.0, m2)) / jnp.maximum(jnp.sum(m2), 1e-30))
-    # False when the 1% guard stopped the calibration short (or, for the oracle, by construction)
+    # False when the guard stopped the calibration short: more than `guard` of the neurons switched off on every
+    # calibration token (or, for the oracle, by construction)
+    neurons_off = int(jnp.sum(~jnp.any(predicted, axis=0)))
     reached = {"sparsity": sparsity, "recall": recall, "loss": -loss}[target.kind]
     met = reached >= (-target.value if target.kind == "loss" else target.value) - 1e-6
     union_candidates, union_active = measure_union(predicted, predicted & active2, BATCH_SIZES, seed=st.layer)
     info = {"layer": st.layer, "true_sparsity": st.true_sparsity, "target": dataclasses.asdict(target),
             "calib_predicted_sparsity": sparsity, "calib_recall": recall, "calib_importance_loss": loss,
-            "target_met": met,
+            "target_met": met, "neurons_off": neurons_off,
             "union_candidates": union_candidates, "union_active": union_active}
     return pred, info
 
