@@ -148,7 +148,15 @@ def test_build_predictors_eval_and_sparse_generate_on_the_bundled_model(tmp_path
     assert code == 2 and "predictors for" in capsys.readouterr().err
 
 
-def test_demo_runs(capsys):
+def test_demo_runs(capsys, monkeypatch):
+    """Every stage of the demo, at a quarter of its calibration tokens and windows (its full run is timed in the
+    README)."""
+    import dataclasses
+
+    import svdsparse_jax.cli as cli
+    full = cli.demo_build_config
+    monkeypatch.setattr(cli, "demo_build_config", lambda cfg: dataclasses.replace(full(cfg), tokens=16384))
+    monkeypatch.setattr(cli, "EVAL_WINDOWS", 16)
     assert main(["demo"]) == 0
     out = capsys.readouterr().out
     assert "perplexity" in out and "top-1 agreement" in out and "sparse:" in out

@@ -19,11 +19,12 @@ from svdsparse_jax.sharding import axis_rules, check_mesh, make_mesh
 HERE = Path(__file__).parent
 
 
-@pytest.mark.parametrize("family", ["llama_relu", "mistral_gqa", "qwen2_tied"])
-def test_sharded_logits_and_tokens_equal_unsharded(family, tmp_path, seed):
+@pytest.mark.parametrize("family,sizes", [("llama_relu", "124"), ("mistral_gqa", "24"), ("qwen2_tied", "24")])
+def test_sharded_logits_and_tokens_equal_unsharded(family, sizes, tmp_path, seed):
+    """The one-device mesh once; GQA at 2 devices (KV heads split) and 4 (replicated)."""
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
     r = subprocess.run([sys.executable, str(HERE / "multidevice.py"), "decode", family, str(tmp_path), str(seed),
-                        "1", "2", "4"], capture_output=True, text=True, env=env, cwd=HERE.parent, timeout=600)
+                        *sizes], capture_output=True, text=True, env=env, cwd=HERE.parent, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["devices"] == 4

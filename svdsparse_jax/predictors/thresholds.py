@@ -80,33 +80,35 @@ def _sort_by_score(scores, importance, active):
 
 
 def _stable_argsort_rows(s: np.ndarray) -> np.ndarray:
-    """np.argsort(s, axis=1, kind="stable"), 3x faster where ties are rare (real-valued scores): an unstable
-    sort, then the tied runs put back in index order by one small sort over all of them."""
-    order = np.argsort(s, axis=1)
-    ss = np.take_along_axis(s, order, axis=1)
-    tied = ss[:, 1:] == ss[:, :-1]  # position j+1 holds the same score as j
-    if tied.mean() > 0.01:  # many ties (integer scores of 'signbit'): the stable sort itself is faster
+    """np.argsort(s, axis=1, kind="stable") for s [f, n], 3x faster for float32 (finite scores): each score's
+    bits made an unsigned integer of the same order, above its token index, so one SIMD sort of 64-bit keys
+    orders ties by token as the stable sort does (zeros made +0 first: -0.0 and 0.0 tie, as in XLA's sort)."""
+    f, n = s.shape
+    if s.dtype != np.float32:
         return np.argsort(s, axis=1, kind="stable")
-    if tied.any():
-        in_run = np.zeros(s.shape, bool)
-        in_run[:, 1:] |= tied
-        in_run[:, :-1] |= tied
-        rows, cols = np.nonzero(in_run)  # row-major: each run's positions are consecutive
-        run = np.cumsum(np.concatenate([np.ones((s.shape[0], 1), bool), ~tied], axis=1)[rows, cols])
-        members = order[rows, cols]
-        order[rows, cols] = members[np.lexsort((members, run))]
-    return order
+    u = np.add(s, np.float32(0), order="C").view(np.uint32)
+    u ^= (u.view(np.int32) >> 31).view(np.uint32) | np.uint32(1 << 31)  # negatives: every bit; others: the sign
+    key = u.astype(np.uint64)
+    key <<= np.uint64(32)
+    key |= np.arange(n, dtype=np.uint64)
+    key.sort(axis=1)
+    key &= np.uint64(0xFFFFFFFF)
+    return key.view(np.int64)
 
 
 def _sort_by_score_numpy(scores, importance, active):
-    """`_sort_by_score` on the host, the same order: XLA's CPU sort took 7 s for 32,768 x 1,024 scores, NumPy's
-    about 1 s."""
-    s = np.asarray(scores).T
-    order = _stable_argsort_rows(s)
-    take = lambda a: np.take_along_axis(np.ascontiguousarray(np.asarray(a).T), order, axis=1)  # noqa: E731
+    """`_sort_by_score` on the host, the same order: XLA's CPU sort took 7 s for 32,768 x 1,024 scores, this
+    about 2.5 s."""
+    s = np.asarray(scores)
+    n, f = s.shape
+    order = _stable_argsort_rows(s.T)  # [f, n]
+    # one flat index for the three gathers, read straight from the [n, f] arrays: (i, j) -> (order[i, j], i)
+    flat = order * f
+    flat += np.arange(f)[:, None]
+    flat = flat.ravel()
+    take = lambda a: np.take(np.asarray(a).ravel(), flat).reshape(f, n)  # noqa: E731
     m2 = np.asarray(importance, s.dtype) ** 2
-    return (jnp.asarray(np.take_along_axis(s, order, axis=1).T), jnp.asarray(take(m2)),
-            jnp.asarray(take(np.asarray(active, s.dtype))))
+    return jnp.asarray(take(s).T), jnp.asarray(take(m2)), jnp.asarray(take(active).astype(s.dtype))
 
 
 @functools.partial(jax.jit, static_argnames=("grid", "start_cap", "guard", "kind"))
