@@ -1,7 +1,7 @@
 """Fixtures shared by the tests. Every random draw is seeded: the run has one base seed (fresh each run unless
 --seed is given, printed in the header and in every failure report) and each test draws from its own generator,
-seeded by the base seed and the test's id, so a failure reruns exactly with `--seed BASE`. torch is imported
-only by the fixtures that build Hugging Face checkpoints."""
+seeded by the base seed and the test's id, so a failure reruns exactly with `--seed BASE` (with or without
+pytest-xdist's workers). torch is imported only by the fixtures that build Hugging Face checkpoints."""
 
 from __future__ import annotations
 
@@ -19,7 +19,15 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     seed = config.getoption("--seed")
+    if hasattr(config, "workerinput"):  # a pytest-xdist worker: the controller's seed
+        seed = config.workerinput["base_seed"]
     config.base_seed = secrets.randbelow(1 << 31) if seed is None else seed
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):
+    """pytest-xdist, on the controller: every worker draws from the one base seed the header prints."""
+    node.workerinput["base_seed"] = node.config.base_seed
 
 
 def pytest_report_header(config):
