@@ -73,15 +73,15 @@ def test_target_rules_and_errors():
 
 @pytest.mark.parametrize("ties", ["few", "many"])
 def test_the_host_sort_equals_the_device_sort(ties, rng):
-    """calibrate_bias sorts on the host when its scores are on the CPU (NumPy's sort is 7x faster there), with
+    """calibrate_bias sorts on the host when its scores are on the CPU (NumPy's sort is faster there), with
     XLA elsewhere: both put tied scores in token order, the order of the float64 greedy loop."""
     from svdsparse_jax.predictors.thresholds import _sort_by_score, _sort_by_score_numpy
     scores, importance, active = _problem(rng)
-    if ties == "few":  # copies of other tokens' scores, with other payloads: the fix-up of the unstable sort
+    if ties == "few":  # copies of other tokens' scores, with other payloads
         n, f = scores.shape
         rows, src, cols = rng.integers(0, n, 200), rng.integers(0, n, 200), rng.integers(0, f, 200)
         scores[rows, cols] = scores[src, cols]
-    else:  # integer-like scores (the signbit predictor's counts): the stable sort itself
+    else:  # integer-like scores (the signbit predictor's counts), among them -0.0 and 0.0, which tie
         scores = np.round(scores * 4).astype(np.float32)
     host = _sort_by_score_numpy(scores, importance, active)
     for a, b in zip(_sort_by_score(jnp.asarray(scores), jnp.asarray(importance), jnp.asarray(active)), host):

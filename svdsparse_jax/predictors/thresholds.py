@@ -83,7 +83,7 @@ def _stable_argsort_rows(s: np.ndarray) -> np.ndarray:
     """np.argsort(s, axis=1, kind="stable") for s [f, n], 3x faster for float32 (finite scores): each score's
     bits made an unsigned integer of the same order, above its token index, so one SIMD sort of 64-bit keys
     orders ties by token as the stable sort does (zeros made +0 first: -0.0 and 0.0 tie, as in XLA's sort)."""
-    f, n = s.shape
+    n = s.shape[1]
     if s.dtype != np.float32:
         return np.argsort(s, axis=1, kind="stable")
     u = np.add(s, np.float32(0), order="C").view(np.uint32)
@@ -98,7 +98,7 @@ def _stable_argsort_rows(s: np.ndarray) -> np.ndarray:
 
 def _sort_by_score_numpy(scores, importance, active):
     """`_sort_by_score` on the host, the same order: XLA's CPU sort took 7 s for 32,768 x 1,024 scores, this
-    about 2.5 s."""
+    about 4 s."""
     s = np.asarray(scores)
     n, f = s.shape
     order = _stable_argsort_rows(s.T)  # [f, n]
