@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 
 import jax
-import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels.common import F32, call, column_pieces, dot_pieces, pow2_divisor, rms_pieces

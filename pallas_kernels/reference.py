@@ -1,5 +1,5 @@
 """XLA implementations of what the kernels compute: the fallback wherever the engine does not run a kernel (CPU,
-prefill, evaluation), and float64 NumPy oracles for the checks.
+prefill, evaluation). (The checks' float64 oracles live with the tests: tests/kernel_checks.py.)
 
 Every jax function here is plain `jax.numpy`, accumulates in f32 and reads whole matrices (XLA has no cheap
 data-dependent row skipping); the Pallas versions compute the same values while reading only the rows that
@@ -66,6 +66,12 @@ def gemv(x: jax.Array, w: jax.Array, scale: jax.Array | None = None, eps: float 
     return jnp.einsum("bk,nk->bn", x.astype(w.dtype), w, preferred_element_type=F32, precision=precision)
 
 
+def gemv_t(x: jax.Array, w_t: jax.Array) -> jax.Array:
+    """x [B, k] @ w_t [k, n] -> [B, n] f32 for a weight stored input-major (W_down_t), x rounded to its dtype."""
+    precision = jax.lax.Precision.HIGHEST if w_t.dtype == F32 else None
+    return jnp.einsum("bk,kn->bn", x.astype(w_t.dtype), w_t, preferred_element_type=F32, precision=precision)
+
+
 def add_rmsnorm(x: jax.Array, delta: jax.Array, scale: jax.Array, eps: float,
                 w: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array | None]:
     """(x + delta, RMSNorm(x + delta), w @ RMSNorm(x + delta) or None) for x, delta [..., d], scale [d],
@@ -107,22 +113,3 @@ def sparse_ffn(x: jax.Array, candidates: jax.Array, w_gate: jax.Array, w_up: jax
     h = jnp.where(candidates, h, 0.0)
     return jnp.einsum("bf,fd->bd", h.astype(w_down_t.dtype), w_down_t, preferred_element_type=F32,
                       precision=jax.lax.Precision.HIGHEST if w_down_t.dtype == F32 else None)
-
-
-def sparse_ffn_float64(x, candidates, w_gate, w_up, w_down_t, act: Activation):
-    """The guarded FFN in float64 NumPy, written independently of the jax code as the checks' oracle: same
-    arguments as `sparse_ffn` (any array type), returns y float64 [B, d]. h is rounded to the weights' dtype
-    before W_down_t, as the model and the kernels round it."""
-    import numpy as np
-
-    x64, wg, wu, wd = (np.asarray(jnp.asarray(a).astype(F32), np.float64) for a in (x, w_gate, w_up, w_down_t))
-    g, u = x64 @ wg.T, x64 @ wu.T
-    if act.kind == "fatrelu":
-        a = np.where(g >= act.threshold, g, 0.0)
-    elif act.kind == "silu":
-        a = g / (1.0 + np.exp(-g))
-    else:
-        a = np.maximum(g, 0.0)
-    h = np.where(np.asarray(candidates), a * (np.maximum(u, 0.0) if act.kind == "drelu" else u), 0.0)
-    h = np.asarray(jnp.asarray(h, F32).astype(jnp.asarray(w_down_t).dtype).astype(F32), np.float64)
-    return h @ wd

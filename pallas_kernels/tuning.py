@@ -24,6 +24,20 @@ class GemvTile:
 
 
 @dataclasses.dataclass(frozen=True)
+class GemvTTile:
+    """`gemv.gemv_t_pallas`'s tile (x @ w_t for w_t [k, n], the dense FFN's down product): rows of w_t per
+    loop step and columns of y per program (each cut to a power of two dividing its dimension), partial sums per
+    column block, warps, pipeline stages."""
+
+    rows: int = 64
+    cols: int = 256
+    splits: int = 16
+    num_warps: int = 4
+    num_stages: int = 3
+    source: str = dataclasses.field(default="", compare=False, repr=False)
+
+
+@dataclasses.dataclass(frozen=True)
 class ProjectionRule:
     """Decode products x [B, k] @ w [n, k]^T with B <= max_batch, n * k >= min_weights and weights of a dtype
     in `dtypes` take `impl`: 'gemv' (the Pallas GEMV, `gemv.gemv_pallas`) or 'xla' (XLA's product). The first
@@ -56,6 +70,13 @@ GEMV_TILE = GemvTile(
     rows=4, cap=4096, num_warps=8,
     source="H100 2026-11-23 (docs/design.md, decode GEMVs): within 1 us of the best of 12 tiles on every 7B "
            "shape; 12288x4096 40.5 us, 11008x4096 36.3, 32000x4096 93.9")
+
+GEMV_T_TILE = GemvTTile(
+    rows=64, cols=128, splits=32, num_warps=4, num_stages=3,
+    source="H200 2026-12-02 (docs/bench/gemv_t_sweep.json): the fastest of 36 tiles at batch 1, 11008x4096 28.3 us "
+           "(3.19 TB/s; XLA 43.1) and 18944x3584 41.7 us (3.26; XLA 46.1); more splits were faster throughout; "
+           "in decode 27.9 us a layer, dense 225.0 -> 239.9 tok/s. Two stages: within 0.6 us alone "
+           "(docs/bench/gemv_t_sweep2.json), 80 us a step faster in decode, not yet through the GPU checks")
 
 # Which decode products take the Pallas GEMV: one sequence's products of 3584 x 3584 weights and more. Below
 # that (the predictor factors) and at 2 sequences and more XLA measured faster; f32 models keep XLA's

@@ -5,6 +5,7 @@ program takes as a static argument (`Generator` programs key on it), and the thr
 it, and nothing else, to pick a Pallas kernel or XLA for each decode operation while it is traced:
 
   project      x @ w^T, optionally RMSNorm(x) @ w^T: the Pallas GEMV or XLA's product, by `projections`
+  project_t    x @ w_t for a weight stored input-major (W_down_t): the Pallas GEMV or XLA's, by the same rules
   add_rmsnorm  residual add + RMSNorm (+ the predictor's input projection): one Pallas launch, or XLA
   guarded_ffn  candidates -> neuron list -> gate on the candidates, activation, up / down on the active rows
 
@@ -26,11 +27,11 @@ from jax.sharding import PartitionSpec
 
 from pallas_kernels import reference, tuning
 from pallas_kernels.compaction import Candidates, compact_pallas
-from pallas_kernels.gemv import gemv_pallas
+from pallas_kernels.gemv import gemv_pallas, gemv_t_pallas
 from pallas_kernels.norm import add_rmsnorm_pallas
 from pallas_kernels.reference import Activation
 from pallas_kernels.sparse_ffn import SparseFFNConfig, sparse_ffn_indexed
-from pallas_kernels.tuning import FFNCost, GemvTile, ProjectionRule, SparseFFNRow
+from pallas_kernels.tuning import FFNCost, GemvTile, GemvTTile, ProjectionRule, SparseFFNRow
 from svdsparse_jax.errors import SvdsparseError
 from svdsparse_jax.policy import POLICIES
 
@@ -48,7 +49,8 @@ class EngineConfig:
     platform: the JAX backend the engine was resolved for ('cpu', 'gpu', ...).
     projections: which decode products take the Pallas GEMV (`tuning.ProjectionRule`, first match wins; none:
       XLA). Given RMSNorm(x) @ w^T, the GEMV forms the norm itself.
-    gemv_tile, sparse_ffn (kernel configuration by batch size), compaction_tile: the kernels' tiles.
+    gemv_tile, gemv_t_tile, sparse_ffn (kernel configuration by batch size), compaction_tile: the kernels'
+      tiles.
     kernel_max_batch: more rows than this (prefill, evaluation windows) always run XLA.
     ffn_policy: which layers of a decode batch run the predictor-guarded FFN: 'measured' (where the measured
       costs `ffn_costs` say it beats dense at the batch's union row fractions), 'sparse' (all) or 'dense'
@@ -63,6 +65,7 @@ class EngineConfig:
     platform: str = "cpu"
     projections: tuple[ProjectionRule, ...] = tuning.PROJECTIONS
     gemv_tile: GemvTile = tuning.GEMV_TILE
+    gemv_t_tile: GemvTTile = tuning.GEMV_T_TILE
     sparse_ffn: tuple[SparseFFNRow, ...] = tuning.SPARSE_FFN
     compaction_tile: int = tuning.COMPACTION_TILE
     kernel_max_batch: int = 16
@@ -149,6 +152,21 @@ def project(engine: EngineConfig, x: jax.Array, w: jax.Array, norm: tuple[jax.Ar
     else:
         y = reference.gemv(flat, w, scale, eps).astype(out_dtype)
     return y.reshape(*x.shape[:-1], w.shape[0])
+
+
+def project_t(engine: EngineConfig, x: jax.Array, w_t: jax.Array, out_dtype=F32) -> jax.Array:
+    """x [..., k] @ w_t [k, n] -> [..., n] out_dtype, accumulated in f32, for a weight stored input-major (the
+    dense FFN's W_down_t): the Pallas GEMV (`gemv.gemv_t_pallas`) where the projection table sends a product of
+    that size, else XLA's. Under a mesh XLA partitions it (w_t split by rows: one all-reduce)."""
+    flat = x.reshape(-1, x.shape[-1])
+    if engine.projection_impl(flat.shape[0], w_t) == "gemv":
+        tile = engine.gemv_t_tile
+        y = gemv_t_pallas(flat, w_t, out_dtype=jnp.dtype(out_dtype), rows=tile.rows, cols=tile.cols,
+                          splits=tile.splits, num_warps=tile.num_warps, num_stages=tile.num_stages,
+                          interpret=engine.interpret)
+    else:
+        y = reference.gemv_t(flat, w_t).astype(out_dtype)
+    return y.reshape(*x.shape[:-1], w_t.shape[1])
 
 
 def _local(engine: EngineConfig) -> EngineConfig:

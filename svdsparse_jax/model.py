@@ -22,7 +22,7 @@ from flax import nnx
 from pallas_kernels.reference import Activation, rms_norm
 from svdsparse_jax import kv_cache
 from svdsparse_jax.config import ModelConfig
-from svdsparse_jax.engine import XLA, EngineConfig, add_rmsnorm, guarded_ffn, project
+from svdsparse_jax.engine import XLA, EngineConfig, add_rmsnorm, guarded_ffn, project, project_t
 from svdsparse_jax.sharding import mesh_size, place_model, split_qkv, vocab_split
 from svdsparse_jax.weights import FUSED, Path, fuse_qkv, unfuse_qkv
 
@@ -198,7 +198,7 @@ class FFN(nnx.Module):
             with jax.named_scope("gate_up_activation"):
                 h = self.hidden(x)
             with jax.named_scope("down"):
-                y = einsum("...f,fd->...d", h.astype(x.dtype), self.w_down_t[...]).astype(x.dtype)
+                y = project_t(engine, h.astype(x.dtype), self.w_down_t[...], x.dtype)
         else:
             flat = x.reshape(-1, x.shape[-1])
             with jax.named_scope("predictor_scores"):

@@ -1,4 +1,4 @@
-"""The Pallas kernels in interpret mode (CPU) against a float64 NumPy oracle on seeded random inputs, with
+"""The Pallas kernels in interpret mode (CPU) against float64 oracles on seeded random inputs, with
 NaN-started outputs; the engine's routing of each decode operation; sparse decoding through the kernels inside
 the generate program."""
 
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import rel_err
-from kernel_checks import (TOLERANCE, blocked_list_numpy, check_add_rmsnorm, check_gemv, check_sparse_ffn,
-                           scores_for)
+from kernel_checks import (TOLERANCE, blocked_list_numpy, check_add_rmsnorm, check_gemv, check_gemv_t,
+                           check_sparse_ffn, scores_for)
 from pallas_kernels import compaction, reference, tuning
 from pallas_kernels import sparse_ffn as sf
 from pallas_kernels.common import column_chunk, column_pieces
@@ -80,6 +80,18 @@ def test_gemv_kernel_matches_float64(n, k, dtype, rng):
             for out_dtype in (jnp.float32, dtype):
                 r = check_gemv(n, k, dtype, rng=rng, batch=batch, interpret=True, kernel=kernel,
                                out_dtype=out_dtype, rows=8, cap=64)
+                assert r.ok, r
+
+
+@pytest.mark.parametrize("k,n,rows,cols,splits", [(96, 48, 16, 16, 4), (200, 64, 8, 32, 3), (64, 32, 64, 32, 8)])
+def test_gemv_t_kernel_matches_float64(k, n, rows, cols, splits, rng):
+    """x @ w_t for w_t [k, n] stored input-major: row blocks shared unevenly among the splits (6 blocks in 4, 25
+    in 3), a single block (splits cut to 1), f32 and bf16 results, one and three sequences."""
+    for dtype in (jnp.bfloat16, jnp.float32):
+        for batch in (1, 3):
+            for out_dtype in (jnp.float32, dtype):
+                r = check_gemv_t(k, n, dtype, rng=rng, batch=batch, interpret=True, out_dtype=out_dtype, rows=rows,
+                                 cols=cols, splits=splits)
                 assert r.ok, r
 
 

@@ -1,9 +1,12 @@
 """The Pallas kernels compiled for the GPU against the float64 oracle, at the model table's shapes: every (d, d_ff)
-for the sparse FFN and the compaction, the decode products for the GEMV, every width for the fused add + RMSNorm;
+for the sparse FFN, the compaction and the down product (`gemv_t`), the decode products for the GEMV, every width
+for the fused add + RMSNorm;
 bf16 and f16, candidate counts 0, 1, all and not a multiple of any block size, batch 1 and 3, relu / FATReLU /
 dReLU, outputs started as NaN. Then one decode step of a LLaMA2-7B-shaped model through the Pallas engine against
-the XLA engine. These run where JAX has a GPU (`python -m pytest tests/test_kernels_gpu.py` on the device; `-k
-quick` for one shape per family); the CPU runs the same kernels interpreted in test_kernels.py."""
+the XLA engine. Weights are drawn and the float64 oracles computed on the GPU (tests/kernel_checks.py), so the
+host's work is the compiling. These run where JAX has a GPU: `bash scripts/bench/device_session.sh` runs them on
+8 workers sharing the GPU, then the decode benchmark (`-k quick` for one shape per family); the CPU runs the same
+kernels interpreted in test_kernels.py."""
 
 import dataclasses
 
@@ -13,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import rel_err
-from kernel_checks import (TOLERANCE, check_add_rmsnorm, check_compact, check_gemv, check_sparse_ffn,
+from kernel_checks import (TOLERANCE, check_add_rmsnorm, check_compact, check_gemv, check_gemv_t, check_sparse_ffn,
                            random_weights)
 from pallas_kernels import sparse_ffn as sf
 from pallas_kernels import tuning
@@ -82,6 +85,18 @@ def test_gemv(n, k, rng):
                     r = check_gemv(n, k, dtype, rng=rng, batch=batch, interpret=False, kernel=kernel,
                                    out_dtype=out_dtype, **tile)
                     assert r.ok, r
+
+
+@pytest.mark.parametrize("d,d_ff", SHAPES, ids=_ids(SHAPES))
+def test_gemv_t(d, d_ff, rng):
+    """The dense FFN's down product h [B, d_ff] @ W_down_t [d_ff, d] at the tuned tile."""
+    tile = dataclasses.asdict(tuning.GEMV_T_TILE)
+    tile.pop("source")
+    for dtype in (jnp.bfloat16, jnp.float16):
+        for batch in (1, 4):
+            for out_dtype in (jnp.float32, dtype):
+                r = check_gemv_t(d_ff, d, dtype, rng=rng, batch=batch, interpret=False, out_dtype=out_dtype, **tile)
+                assert r.ok, r
 
 
 @pytest.mark.parametrize("d", sorted({s[0] for s in SHAPES}), ids=lambda d: f"quick-{d}" if d == 4096 else str(d))

@@ -38,7 +38,7 @@ import numpy as np
 
 from scripts.bench import bytes as decode_bytes
 from scripts.bench import harness, trace
-from pallas_kernels.tuning import FFNCost
+from pallas_kernels.tuning import FFNCost, GemvTTile
 from svdsparse_jax.config import NAMED_SHAPES, named_config
 from svdsparse_jax.convert import parse_dtype
 from svdsparse_jax.engine import EngineConfig
@@ -220,6 +220,8 @@ def main() -> int:
                     help="also decode batches (B > 1) sparse with a fixed top-k per layer in place of the union "
                          "(Polar Sparsity), k = MULT x the union's mean row count for B (scripts.bench.topk "
                          "gives the multiplier of equal accuracy)")
+    ap.add_argument("--gemv-t-tile", metavar="TILE", help="the down product's tile instead of tuning.GEMV_T_TILE, "
+                    "as scripts.bench.gemv_t prints it: 'rows=64 cols=128 splits=32 num_warps=4 num_stages=3'")
     ap.add_argument("--inactive", type=float, default=0.9)
     ap.add_argument("--s", type=float, default=0.95)
     ap.add_argument("--rank", type=int, default=256)
@@ -235,9 +237,13 @@ def main() -> int:
     args = ap.parse_args()
     rows = []
     dtype = parse_dtype(args.dtype)
-    costs = {}
+    engine_fields = {}
+    if args.gemv_t_tile:
+        tile = dict(kv.split("=") for kv in args.gemv_t_tile.split())
+        engine_fields["gemv_t_tile"] = GemvTTile(**{k: int(v) for k, v in tile.items()})
     if args.ffn_costs:
-        costs["ffn_costs"] = tuple(FFNCost(**row) for row in json.loads(Path(args.ffn_costs).read_text())["ffn_costs"])
+        fitted = json.loads(Path(args.ffn_costs).read_text())["ffn_costs"]
+        engine_fields["ffn_costs"] = tuple(FFNCost(**row) for row in fitted)
     for shape, decay in itertools.product(args.shape, args.gate_decay):
         cfg, weights = random_weights(shape, dtype, args.inactive if args.sparse else None, decay)
         model = Transformer(cfg, weights, EngineConfig.resolve(args.kernels))
@@ -250,7 +256,7 @@ def main() -> int:
             if sparse and projections != args.projections[0] or sparse not in (None, "union") and batch == 1:
                 continue
             engine = EngineConfig.resolve(args.kernels, projections=projections, steps_per_check=check,
-                                          ffn_policy=args.ffn_policy, **costs)
+                                          ffn_policy=args.ffn_policy, **engine_fields)
             mode = "dense" if not sparse else "union" if sparse == "union" else f"topk{sparse}"
             profile = args.profile and f"{args.profile}/{shape}_decay{decay}_b{batch}_{projections}_c{check}_{mode}"
             row = {**bench_model(with_engine(model, engine), batch, args.prompt_len, args.new_tokens, args.repeats,
