@@ -728,7 +728,6 @@ def _decode_speed(gen, ids: list[int], n: int) -> tuple[list[int], float]:
 def cmd_demo(args: argparse.Namespace) -> None:
     """Build whitened-SVD predictors for the bundled model on its calibration split, evaluate dense vs sparse
     on held-out text, and generate a sample both ways, timing each."""
-    import tempfile
     import time
 
     import jax

@@ -248,8 +248,11 @@ def _from_hf_config(hf: dict[str, Any], *, where: str = "config.json", activatio
 
 
 def read_hf_config(model_dir: str | Path, **overrides: Any) -> ModelConfig:
-    """Reads `model_dir/config.json` (see `from_hf_config` for the overrides)."""
-    path = Path(model_dir) / "config.json"
+    """Reads `model_dir/config.json` (see `from_hf_config` for the overrides); a link out of model_dir is
+    refused (`fsutil.inside`)."""
+    from svdsparse_jax.fsutil import inside
+
+    path = inside(model_dir, "config.json", f"{model_dir}: config")
     if not path.is_file():
         raise SvdsparseError(f"{path}: not found (expected a Hugging Face model directory)")
     try:

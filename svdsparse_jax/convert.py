@@ -30,7 +30,7 @@ import numpy as np
 
 from svdsparse_jax.config import ModelConfig, read_hf_config
 from svdsparse_jax.errors import SvdsparseError
-from svdsparse_jax.fsutil import atomic_directory, check_free_space, read_versioned_json
+from svdsparse_jax.fsutil import atomic_directory, check_free_space, inside, read_versioned_json
 from svdsparse_jax.sharding import spec_shardings
 from svdsparse_jax.weights import Path, WeightSpec, model_fingerprint, weight_specs
 
@@ -41,6 +41,12 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 # Tensors an HF checkpoint may hold that carry no weights of ours.
 _IGNORED_SUFFIXES = (".rotary_emb.inv_freq",)
 DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float32}
+
+
+def _copy_inside(source_dir: str | os.PathLike, name: str, out: FsPath) -> None:
+    """Copies source_dir/name, which must stay inside source_dir (`fsutil.inside`: no link out of it), into out
+    with its permissions."""
+    shutil.copy2(inside(source_dir, name, f"{source_dir}: {name}"), out / name)
 
 
 def parse_dtype(name: str) -> jnp.dtype:
@@ -75,10 +81,7 @@ def _safetensors_index(hf_dir: FsPath, index_path: FsPath) -> dict[str, FsPath]:
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise SvdsparseError(f"{index_path}: not a valid safetensors index (weight_map must map tensor names "
                                  "to file names)")
-        missing_files = sorted({f for f in weight_map.values() if not (hf_dir / f).is_file()})
-        if missing_files:
-            raise SvdsparseError(f"{index_path}: shard files listed in the index are missing: {missing_files}")
-        return {name: hf_dir / f for name, f in weight_map.items()}
+        return _index_files(hf_dir, index_path, weight_map, ".safetensors")
     files = sorted(hf_dir.glob("*.safetensors"))
     if len(files) > 1 and not (hf_dir / "model.safetensors").is_file():
         raise SvdsparseError(f"{hf_dir}: {len(files)} safetensors shards but no model.safetensors.index.json")
@@ -88,14 +91,29 @@ def _safetensors_index(hf_dir: FsPath, index_path: FsPath) -> dict[str, FsPath]:
             return {name: path for name in f.keys()}
 
 
+def _index_files(hf_dir: FsPath, index_path: FsPath, weight_map: dict[str, str], suffix: str) -> dict[str, FsPath]:
+    """The index's tensor -> shard map as paths: every shard a file of this format (`suffix`, so a safetensors
+    index cannot hand a pickle to the reader) inside the checkpoint directory (`fsutil.inside`), present."""
+    shards = {f: inside(hf_dir, f, f"{index_path}: shard") for f in set(weight_map.values())}
+    wrong = sorted(f for f in shards if not f.endswith(suffix))
+    if wrong:
+        raise SvdsparseError(f"{index_path}: shards must be {suffix} files; the index lists {wrong}")
+    missing_files = sorted(f for f, path in shards.items() if not path.is_file())
+    if missing_files:
+        raise SvdsparseError(f"{index_path}: shard files listed in the index are missing: {missing_files}")
+    return {name: shards[f] for name, f in weight_map.items()}
+
+
 def _bin_index(hf_dir: FsPath) -> dict[str, FsPath]:
     index_path = hf_dir / "pytorch_model.bin.index.json"
     if index_path.is_file():
-        weight_map = json.loads(index_path.read_text())["weight_map"]
-        missing_files = sorted({f for f in weight_map.values() if not (hf_dir / f).is_file()})
-        if missing_files:
-            raise SvdsparseError(f"{index_path}: shard files listed in the index are missing: {missing_files}")
-        return {name: hf_dir / f for name, f in weight_map.items()}
+        try:
+            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, RecursionError) as e:
+            raise SvdsparseError(f"{index_path}: not a valid index ({type(e).__name__})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise SvdsparseError(f"{index_path}: not a valid index (weight_map must map tensor names to file names)")
+        return _index_files(hf_dir, index_path, weight_map, ".bin")
     path = hf_dir / "pytorch_model.bin"
     return {name: path for name in _torch_load(path)}
 
@@ -278,7 +296,7 @@ def save_converted(out_dir: str | os.PathLike, cfg: ModelConfig, weights: dict[P
         if source_dir is not None:
             for name in ("config.json",) + TOKENIZER_FILES:
                 if (FsPath(source_dir) / name).is_file():
-                    shutil.copy2(FsPath(source_dir) / name, tmp / name)
+                    _copy_inside(source_dir, name, tmp)
         meta = {"format": FORMAT_VERSION, "config": cfg.to_dict(), "dtype": jnp.dtype(dtype).name,
                 "source": source or (str(source_dir) if source_dir else "")}
         (tmp / MARKER).write_text(json.dumps(meta, indent=2) + "\n")
@@ -338,7 +356,7 @@ def write_hf_checkpoint(out_dir: str | os.PathLike, cfg: ModelConfig, weights: d
         if tokenizer_dir is not None:
             for name in TOKENIZER_FILES:
                 if (FsPath(tokenizer_dir) / name).is_file():
-                    shutil.copy2(FsPath(tokenizer_dir) / name, tmp / name)
+                    _copy_inside(tokenizer_dir, name, tmp)
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
     return FsPath(out_dir).absolute()

@@ -36,6 +36,23 @@ def exit_on_signal(signum: int, prefix: str) -> None:
     os._exit(128 + signum)
 
 
+def inside(base: str | os.PathLike, name: str, what: str) -> Path:
+    """base / name, refused (one line naming `what`) unless it stays inside base: a relative name without '..'
+    whose real path, links followed, lies under base's real path. Every file a model directory names is read
+    through this, so a crafted index or a link cannot reach another model's files or the rest of the system."""
+    base = Path(base)
+    rel = Path(name)
+    if not name or rel.is_absolute() or ".." in rel.parts:
+        raise SvdsparseError(f"{what}: {name!r} is not a file name inside {base} (absolute paths and '..' are "
+                             "refused)")
+    path = base / rel
+    real, root = path.resolve(), base.resolve()
+    if real != root and root not in real.parents:
+        raise SvdsparseError(f"{what}: {path} leads outside {base} (to {real}); links out of a model directory "
+                             "are refused")
+    return path
+
+
 def check_new_output(out: str | os.PathLike, flag: str = "output") -> Path:
     """Refuses, before any work, an output path that exists (a dangling link too) or whose parent cannot be
     written; returns it absolute. flag: how the user named it (e.g. "--out")."""

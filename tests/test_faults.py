@@ -115,6 +115,48 @@ def test_damaged_checkpoint_files_are_named(hf, tmp_path, capsys):
     assert code == 2 and f"{d}: cannot load the tokenizer" in line, line
 
 
+def test_nothing_outside_the_checkpoint_directory_is_read(hf, tmp_path, capsys):
+    """A safetensors index naming a shard by '..', by an absolute path, through a link out of the directory, or
+    a pickle shard under a safetensors index; a config or a copied file (the generation config) that links out:
+    each refused in one line naming the index or file, before anything is written, so another model's tensors
+    are never loaded."""
+    other = make_hf_checkpoint(tmp_path / "other", "llama_relu", seed=4).path
+    names = list(load_file(str(hf / "model.safetensors")))
+
+    def checkpoint(name: str, shard: str) -> Path:
+        d = tmp_path / name
+        d.mkdir(exist_ok=True)
+        (d / "config.json").write_text((hf / "config.json").read_text())
+        (d / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {n: shard for n in names}}))
+        return d
+
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "model.safetensors").symlink_to(other / "model.safetensors")
+    cases = {"dotdot": "../other/model.safetensors", "absolute": str(other / "model.safetensors"),
+             "linked": "model.safetensors", "pickle": "pytorch_model.bin"}
+    for name, shard in cases.items():
+        d = checkpoint(name, shard)
+        if name == "pickle":
+            torch.save({n: torch.zeros(1) for n in names}, d / shard)
+        want = "shards must be .safetensors" if name == "pickle" else "refused"
+        code, line = run_cli(capsys, "convert", str(d), str(tmp_path / f"out_{name}"))
+        assert code == 2 and str(d / "model.safetensors.index.json") in line and want in line, (name, line)
+        assert not (tmp_path / f"out_{name}").exists()
+    for linked in ("config.json", "generation_config.json"):
+        d = tmp_path / f"link_{linked}"
+        d.mkdir()
+        for f in hf.iterdir():
+            if f.name != linked:
+                (d / f.name).write_bytes(f.read_bytes())
+        secret = tmp_path / f"secret_{linked}"
+        secret.write_bytes((hf / linked).read_bytes())
+        secret.chmod(0o600)
+        (d / linked).symlink_to(secret)
+        code, line = run_cli(capsys, "convert", str(d), str(tmp_path / f"out_{linked}"))
+        assert code == 2 and f"{d / linked} leads outside {d}" in line, (linked, line)
+        assert not (tmp_path / f"out_{linked}").exists()
+
+
 def test_text_that_is_not_utf8_is_named(hf, tmp_path, capsys):
     f = tmp_path / "latin1.txt"
     f.write_bytes("café déjà vu".encode("latin-1"))

@@ -70,11 +70,13 @@ def test_loglikelihoods_equal_svdsparse_score(dense, capsys, rng):
     ids = [dense.prefix_token_id] + dense.tok_encode(text)
     assert len(ids) > 2 * dense.cfg.max_seq_len
     assert rolled == pytest.approx(sum(score_cli(capsys, ids)), abs=1e-3, rel=1e-6)
-    # the greedy flag: a continuation made of the model's own greedy tokens is greedy
+    # the greedy flag: a continuation made of the model's own greedy tokens is greedy (their ids: the text
+    # generate_until returns need not encode back to the same tokens where it meets the context)
     ctx_ids = dense.tok_encode(text[:200])
     gen = dense.generate_until(requests("generate_until", [(text[:200], {"until": [], "max_gen_toks": 8})]))[0]
-    cont_ids = dense.tok_encode(text[:200] + gen)[len(ctx_ids):]
-    assert dense._loglikelihood_tokens([(("", ""), ctx_ids, cont_ids)])[0][1] is True
+    greedy_ids = list(dense.generator.generate([ctx_ids], 8, eos_ids=()).tokens[0])
+    assert dense.tok_decode(greedy_ids) == gen
+    assert dense._loglikelihood_tokens([(("", ""), ctx_ids, greedy_ids)])[0][1] is True
 
 
 def test_dense_and_all_active_predictors_agree_and_real_ones_change_little(dense, predictor_dirs, tmp_path, seed):
