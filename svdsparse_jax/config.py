@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from svdsparse_jax.errors import SvdsparseError
+from svdsparse_jax.fsutil import inside
 
 # Activations the sparse method applies to: the FFN output is exactly zero for most neurons.
 SPARSE_ACTIVATIONS = ("relu", "fatrelu", "drelu")
@@ -250,8 +251,6 @@ def _from_hf_config(hf: dict[str, Any], *, where: str = "config.json", activatio
 def read_hf_config(model_dir: str | Path, **overrides: Any) -> ModelConfig:
     """Reads `model_dir/config.json` (see `from_hf_config` for the overrides); a link out of model_dir is
     refused (`fsutil.inside`)."""
-    from svdsparse_jax.fsutil import inside
-
     path = inside(model_dir, "config.json", f"{model_dir}: config")
     if not path.is_file():
         raise SvdsparseError(f"{path}: not found (expected a Hugging Face model directory)")

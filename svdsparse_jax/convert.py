@@ -74,14 +74,7 @@ def _safetensors_index(hf_dir: FsPath, index_path: FsPath) -> dict[str, FsPath]:
     from safetensors import safe_open
 
     if index_path.is_file():
-        try:
-            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
-            raise SvdsparseError(f"{index_path}: not a valid safetensors index ({type(e).__name__}: {e})") from None
-        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
-            raise SvdsparseError(f"{index_path}: not a valid safetensors index (weight_map must map tensor names "
-                                 "to file names)")
-        return _index_files(hf_dir, index_path, weight_map, ".safetensors")
+        return _index_files(hf_dir, index_path, ".safetensors")
     files = sorted(hf_dir.glob("*.safetensors"))
     if len(files) > 1 and not (hf_dir / "model.safetensors").is_file():
         raise SvdsparseError(f"{hf_dir}: {len(files)} safetensors shards but no model.safetensors.index.json")
@@ -91,9 +84,16 @@ def _safetensors_index(hf_dir: FsPath, index_path: FsPath) -> dict[str, FsPath]:
             return {name: path for name in f.keys()}
 
 
-def _index_files(hf_dir: FsPath, index_path: FsPath, weight_map: dict[str, str], suffix: str) -> dict[str, FsPath]:
-    """The index's tensor -> shard map as paths: every shard a file of this format (`suffix`, so a safetensors
-    index cannot hand a pickle to the reader) inside the checkpoint directory (`fsutil.inside`), present."""
+def _index_files(hf_dir: FsPath, index_path: FsPath, suffix: str) -> dict[str, FsPath]:
+    """An index's tensor -> shard map (its `weight_map`) as paths: every shard a file of this format (`suffix`, so
+    a safetensors index cannot hand a pickle to the reader) inside the checkpoint directory (`fsutil.inside`),
+    present."""
+    try:
+        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, RecursionError) as e:
+        raise SvdsparseError(f"{index_path}: not a valid index ({type(e).__name__}: {e})") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+        raise SvdsparseError(f"{index_path}: not a valid index (weight_map must map tensor names to file names)")
     shards = {f: inside(hf_dir, f, f"{index_path}: shard") for f in set(weight_map.values())}
     wrong = sorted(f for f in shards if not f.endswith(suffix))
     if wrong:
@@ -107,13 +107,7 @@ def _index_files(hf_dir: FsPath, index_path: FsPath, weight_map: dict[str, str],
 def _bin_index(hf_dir: FsPath) -> dict[str, FsPath]:
     index_path = hf_dir / "pytorch_model.bin.index.json"
     if index_path.is_file():
-        try:
-            weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, RecursionError) as e:
-            raise SvdsparseError(f"{index_path}: not a valid index ({type(e).__name__})") from None
-        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
-            raise SvdsparseError(f"{index_path}: not a valid index (weight_map must map tensor names to file names)")
-        return _index_files(hf_dir, index_path, weight_map, ".bin")
+        return _index_files(hf_dir, index_path, ".bin")
     path = hf_dir / "pytorch_model.bin"
     return {name: path for name in _torch_load(path)}
 

@@ -5,8 +5,8 @@ bf16 and f16, candidate counts 0, 1, all and not a multiple of any block size, b
 dReLU, outputs started as NaN. Then one decode step of a LLaMA2-7B-shaped model through the Pallas engine against
 the XLA engine. Weights are drawn and the float64 oracles computed on the GPU (tests/kernel_checks.py), so the
 host's work is the compiling. These run where JAX has a GPU: `bash scripts/bench/device_session.sh` runs them on
-8 workers sharing the GPU, then the decode benchmark (`-k quick` for one shape per family); the CPU runs the same
-kernels interpreted in test_kernels.py."""
+8 workers sharing the GPU, then the decode benchmark (`python -m pytest tests/test_kernels_gpu.py -k quick`: one
+shape per family); the CPU runs the same kernels interpreted in test_kernels.py."""
 
 import dataclasses
 

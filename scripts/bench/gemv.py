@@ -23,7 +23,6 @@ from pallas_kernels import reference
 from pallas_kernels.gemv import gemv_pallas
 from pallas_kernels.reference import rms_norm
 from scripts.bench import harness
-from scripts.bench.harness import looped
 
 SHAPES = ["12288x4096", "4096x4096", "11008x4096", "4096x11008", "32000x4096", "256x4096", "11008x256"]
 
@@ -47,10 +46,8 @@ def main() -> int:
         x = jax.random.normal(jax.random.key(99), (batch, k), jnp.bfloat16)
         scale = 1 + 0.1 * jax.random.normal(jax.random.key(98), (k,), jnp.bfloat16)
 
-        def bench(fn, mats=mats, k=k):
-            # every output element feeds the result, so XLA cannot slice the product down
-            step = looped(lambda x, ws: sum(jnp.sum(fn(x, w), axis=1, keepdims=True) for w in ws) * jnp.ones((1, k)))
-            return harness.median_s(step, x, mats, repeats=args.repeats) / harness.INNER / len(mats)
+        def bench(fn, mats=mats):
+            return harness.per_product_s(fn, x, mats, args.repeats)
 
         def attempt(key, fn):
             try:

@@ -21,7 +21,6 @@ import jax.numpy as jnp
 from pallas_kernels import reference
 from pallas_kernels.gemv import gemv_t_pallas
 from scripts.bench import harness
-from scripts.bench.harness import looped
 
 
 def f64_error(k: int, n: int, batch: int, seed: int, **tile) -> float:
@@ -56,10 +55,8 @@ def main() -> int:
         mats = [jax.random.normal(jax.random.key(i), (k, n), jnp.bfloat16) for i in range(args.mats)]
         x = jax.random.normal(jax.random.key(99), (batch, k), jnp.bfloat16)
 
-        def bench(fn, mats=mats, n=n):
-            step = looped(lambda x, ws: sum(jnp.sum(fn(x, w), axis=1, keepdims=True) for w in ws)
-                          * jnp.ones((1, x.shape[1])))
-            return harness.median_s(step, x, mats, repeats=args.repeats) / harness.INNER / len(mats)
+        def bench(fn, mats=mats):
+            return harness.per_product_s(fn, x, mats, args.repeats)
 
         results = {"xla": bench(reference.gemv_t)}
         for r, c, sp, wps, st in itertools.product(args.rows, args.cols, args.splits, args.warps, args.stages):

@@ -44,6 +44,15 @@ def looped(step: Callable, inner: int = INNER):
     return run
 
 
+def per_product_s(product: Callable, x: jax.Array, mats: list, repeats: int) -> float:
+    """Seconds per product(x, w) -> [B, n], over the separate matrices `mats` in turn (reads from device memory,
+    not L2), INNER passes in one jitted call; every output element feeds the result, so XLA cannot slice the
+    product down."""
+    step = looped(lambda x, ws: sum(jnp.sum(product(x, w), axis=1, keepdims=True) for w in ws)
+                  * jnp.ones((1, x.shape[1])))
+    return median_s(step, x, mats, repeats=repeats) / INNER / len(mats)
+
+
 def median_s(fn: Callable, *args, repeats: int) -> float:
     """Median seconds of fn(*args) over `repeats` calls after one warm-up call (which compiles), each call's
     result waited for."""
