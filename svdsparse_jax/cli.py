@@ -9,6 +9,7 @@ resolved here, once, from --kernels or the environment (`engine.from_environment
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import math
@@ -23,7 +24,8 @@ import numpy as np
 
 from svdsparse_jax.assets import BUNDLED_MODEL, corpus_split, is_bundled_model
 from svdsparse_jax.errors import SvdsparseError
-from svdsparse_jax.fsutil import check_new_output, exit_on_signal
+from svdsparse_jax.fsutil import check_free_space, check_new_output, exit_on_signal
+from svdsparse_jax.limits import PROMPT_BYTES, check_count, read_bounded, regular_file
 
 # The default predictors (docs/RESULTS.md, "Off the calibration domain"): a recall target calibrated on 65,536
 # tokens held both domains' top-1 agreement higher at more sparsity than the paper's s = 0.7 on 16,384 tokens.
@@ -350,14 +352,14 @@ def _prompt_texts(args: argparse.Namespace) -> list[str] | None:
         texts, names = [], []
         for path in args.prompt_file:
             if path == "-":
-                data = sys.stdin.buffer.read()
+                data = read_bounded(sys.stdin.buffer, PROMPT_BYTES, "--prompt-file - (standard input)")
                 try:
                     texts.append(data.decode("utf-8"))
                 except UnicodeDecodeError as e:
                     raise SvdsparseError(f"--prompt-file - (standard input): not UTF-8 text (byte {e.start})") \
                         from None
             else:
-                texts.append(_read_text(path))
+                texts.append(_read_text(path, limit=PROMPT_BYTES, what="--prompt-file"))
             names.append(f"--prompt-file {path}")
     elif args.prompt is not None:
         texts, names = [], []
@@ -379,7 +381,7 @@ def _prompt_texts(args: argparse.Namespace) -> list[str] | None:
 def cmd_generate(args: argparse.Namespace) -> None:
     import secrets
 
-    from svdsparse_jax.generate import Generator, Watcher
+    from svdsparse_jax.generate import Generator, Watcher, bucket, sequence_bytes
     from svdsparse_jax.model import Transformer
 
     sampler = _sampler_from_args(args)
@@ -401,6 +403,10 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise SvdsparseError(f"{lm.path}: the model has no tokenizer files, which {flag} needs; use --prompt-ids")
     prompts = [tok(t)["input_ids"] for t in texts] if texts is not None else args.prompt_ids
     pset = load_predictors_for(args.predictors, lm) if args.predictors else None
+    longest = bucket(max(len(p) for p in prompts))
+    check_count("--num-samples", args.num_samples, len(prompts) * sequence_bytes(
+        lm.cfg, longest, longest + bucket(args.max_new_tokens) + engine.steps_per_check,
+        lm.weights[("embed",)].dtype.itemsize))
     model = Transformer(lm.cfg, lm.weights, engine)
     del lm  # the model holds its own fused q/k/v matrix; the separate ones can go
     gen = Generator(model, pset and pset.layers, pset and pset.union)
@@ -448,7 +454,7 @@ def cmd_score(args: argparse.Namespace) -> None:
     from svdsparse_jax.model import Transformer
 
     if args.text_file is not None:  # checked before the (slow) model load, so a bad path fails at once
-        _check_text_file(args.text_file)
+        _check_text_file(args.text_file, "--text-file")
     engine = engine_from_args(args)
     lm = load_from_args(args, engine.mesh)
     if args.text_file is not None:  # tokenized and scored piece by piece: memory bounded for any length
@@ -478,9 +484,13 @@ def load_predictors_for(path: str, lm):
     return load_predictors(path, lm.cfg, lm.fingerprint, lm.weights[("embed",)].dtype)
 
 
-def _read_text(path: str, chars: int = -1) -> str:
-    """A UTF-8 text file (its first `chars` characters, if given), errors naming the file."""
+def _read_text(path: str, chars: int = -1, limit: int | None = None, what: str = "") -> str:
+    """A UTF-8 text file (its first `chars` characters, if given), errors naming the file; with `limit`, a file
+    (or device, pipe) of more bytes is refused, naming it as `what` (a flag)."""
     try:
+        if limit is not None:
+            with open(path, "rb") as f:
+                return read_bounded(f, limit, f"{path} ({what})").decode("utf-8")
         with open(path, encoding="utf-8") as f:
             return f.read(chars)
     except OSError as e:
@@ -489,12 +499,10 @@ def _read_text(path: str, chars: int = -1) -> str:
         raise SvdsparseError(f"{path}: not UTF-8 text (byte {e.start}: {e.reason})") from None
 
 
-def _read_texts(files: Sequence[str]) -> list[str]:
-    return [_read_text(f) for f in files]
-
-
-def _check_text_file(path: str) -> None:
-    """Refuses a text file that cannot be opened, or whose start is not UTF-8, before the slow model load."""
+def _check_text_file(path: str, flag: str) -> None:
+    """Refuses a text file that is not a regular file (a device or pipe never ends), cannot be opened, or whose
+    start is not UTF-8, before the slow model load."""
+    regular_file(path, flag)
     _read_text(path, 1 << 16)
 
 
@@ -527,8 +535,8 @@ def _file_token_pieces(path: str, lm, special: bool = False, eos: bool = False):
 
 
 def _file_tokens(path: str, lm, limit: int) -> np.ndarray:
-    """The first `limit` tokens of a text file and its closing EOS (as `_token_stream` of the whole file),
-    tokenizing only as much of it as they need."""
+    """The first `limit` tokens of a text file followed by the EOS token, tokenizing only as much of it as they
+    need."""
     out, count = [], 0
     for piece in _file_token_pieces(path, lm, eos=True):
         out.append(piece)
@@ -538,13 +546,17 @@ def _file_tokens(path: str, lm, limit: int) -> np.ndarray:
     return np.concatenate(out)[:limit] if out else np.zeros(0, np.int64)
 
 
-def _token_stream(texts: list[str], lm) -> np.ndarray:
-    """Tokenizes texts into one stream, documents separated by the EOS token (as the bundled corpus)."""
-    if lm.tokenizer is None:
-        raise SvdsparseError(f"{lm.path}: the model has no tokenizer files")
-    eos = lm.cfg.eos_ids[:1]
-    ids = lm.tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return np.concatenate([np.asarray(list(x) + list(eos), np.int64) for x in ids])
+def _calibration_tokens(files: Sequence[str], lm, limit: int) -> np.ndarray:
+    """The calibration text files as one token stream, documents separated by the EOS token (as the bundled
+    corpus), read piece by piece and only until `limit` tokens: memory bounded by what calibration uses."""
+    out, count = [], 0
+    for path in files:
+        piece = _file_tokens(path, lm, limit - count)
+        out.append(piece)
+        count += len(piece)
+        if count >= limit:
+            break
+    return np.concatenate(out)
 
 
 def demo_build_config(cfg):
@@ -570,12 +582,16 @@ def _target(args) -> tuple[str, float]:
 def cmd_build_predictors(args: argparse.Namespace) -> None:
     from svdsparse_jax.model import Transformer
     from svdsparse_jax.predictors import BuildConfig, build_predictors, save_predictors
+    from svdsparse_jax.predictors.build import calibration_bytes_per_token
+    from svdsparse_jax.predictors.store import predictor_bytes
 
     check_new_output(args.out, "--out")  # before the build
-    texts = _read_texts(args.calib_text) if args.calib_text else None
+    for path in args.calib_text or ():
+        _check_text_file(path, "--calib-text")
     lm = load_from_args(args)
-    if texts is not None:
-        calib = _token_stream(texts, lm)
+    check_count("--tokens", args.tokens, calibration_bytes_per_token(lm.cfg))
+    if args.calib_text:
+        calib = _calibration_tokens(args.calib_text, lm, args.tokens)
     elif is_bundled_model(lm.path):
         calib = corpus_split("calib")
     else:
@@ -584,6 +600,9 @@ def cmd_build_predictors(args: argparse.Namespace) -> None:
     ranks = args.rank or [max(1, lm.cfg.d_model // 4)]
     bc = BuildConfig(method=args.method, ranks=ranks[0] if len(ranks) == 1 else tuple(ranks), rule=rule,
                      value=value, tokens=args.tokens, window=args.window)
+    itemsize = lm.weights[("embed",)].dtype.itemsize
+    check_free_space(args.out, predictor_bytes(lm.cfg, bc.method, tuple(bc.rank_of(i, lm.cfg.n_layers) for i in
+                                                                        range(lm.cfg.n_layers)), itemsize), "--out")
     pset = build_predictors(Transformer(lm.cfg, lm.weights), calib, bc)
     out = save_predictors(args.out, pset, lm.cfg, lm.fingerprint)
     if args.json:
@@ -623,18 +642,19 @@ def _build_table(info: list[dict], config: dict) -> str:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from svdsparse_jax.evaluate import evaluate_predictors, write_plots
+    from svdsparse_jax.evaluate import check_plot_dir, evaluate_predictors, evaluation_bytes_per_token, write_plots
     from svdsparse_jax.model import Transformer
 
     if args.plots:
         require("matplotlib", "plots", "--plots")
-        if Path(args.plots).exists() and not Path(args.plots).is_dir():
-            raise SvdsparseError(f"{args.plots} (--plots): exists and is not a directory")
+        check_plot_dir(args.plots)
     if args.text_file:  # checked before the (slow) model load, so a bad path fails at once
-        _check_text_file(args.text_file)
+        _check_text_file(args.text_file, "--text-file")
     engine = engine_from_args(args)
     lm = load_from_args(args, engine.mesh)
     pset = load_predictors_for(args.predictors, lm)
+    window = min(args.window, lm.cfg.max_seq_len)
+    check_count("--max-windows", args.max_windows, window * evaluation_bytes_per_token(lm.cfg))
     if args.text_file:  # as many tokens as the windows read, tokenized piece by piece
         tokens = _file_tokens(args.text_file, lm, args.max_windows * args.window + 1)
     elif is_bundled_model(lm.path):
@@ -802,6 +822,18 @@ COMMANDS: dict[str, Command] = {"convert": cmd_convert, "generate": cmd_generate
                                  "build-predictors": cmd_build_predictors, "eval": cmd_eval, "demo": cmd_demo}
 
 
+_WRITE_ERRNOS = (errno.ENOSPC, errno.EPIPE, errno.EIO, errno.EDQUOT, errno.EFBIG)
+
+
+def _stdout_broken() -> bool:
+    """Whether standard output cannot take what is left in its buffer (a full disk, a closed pipe)."""
+    try:
+        sys.stdout.flush()
+        return False
+    except OSError:
+        return True
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     handlers = dict(COMMANDS)
     parser = build_parser(handlers)
@@ -816,9 +848,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.getLogger("absl").setLevel(logging.CRITICAL)
         sys.unraisablehook = lambda unraisable: None
     try:
+        if sys.stdout is None or sys.stdout.closed:  # started with stdout closed: the results would be lost
+            raise SvdsparseError("standard output is closed; the results would be lost (redirect it to a file, or "
+                                 "to /dev/null to discard them)")
         if start_processes(args) > 0:  # every process runs the program; process 0 alone prints its results
             sys.stdout = open(os.devnull, "w")
-        handlers[args.command](args)
+        try:
+            handlers[args.command](args)
+            sys.stdout.flush()  # a full disk or a closed pipe behind stdout fails here, not silently at exit
+        except OSError as e:  # a write error with no file named: stdout's (files the commands open are named)
+            if not (_stdout_broken() or (e.filename is None and e.errno in _WRITE_ERRNOS)):
+                raise
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # exit would report the rest again
+            raise SvdsparseError(f"cannot write the results to standard output ({e.strerror})") from None
     except SvdsparseError as e:
         if args.debug:
             raise

@@ -8,13 +8,13 @@ Both the transformers 4.x keys (`torch_dtype`, `rope_theta`, `rope_scaling`) and
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from svdsparse_jax.errors import SvdsparseError
 from svdsparse_jax.fsutil import inside
+from svdsparse_jax.limits import read_json
 
 # Activations the sparse method applies to: the FFN output is exactly zero for most neurons.
 SPARSE_ACTIVATIONS = ("relu", "fatrelu", "drelu")
@@ -254,11 +254,7 @@ def read_hf_config(model_dir: str | Path, **overrides: Any) -> ModelConfig:
     path = inside(model_dir, "config.json", f"{model_dir}: config")
     if not path.is_file():
         raise SvdsparseError(f"{path}: not found (expected a Hugging Face model directory)")
-    try:
-        hf = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SvdsparseError(f"{path}: not valid JSON ({e})") from None
-    return from_hf_config(hf, where=str(path), **overrides)
+    return from_hf_config(read_json(path, "a model config"), where=str(path), **overrides)
 
 
 # Named shapes of the paper's models (and a tiny one), for benchmarks and random-weight models.

@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import functools
 import json
-import math
 import os
 import shutil
 from pathlib import Path as FsPath
@@ -31,8 +30,9 @@ import numpy as np
 from svdsparse_jax.config import ModelConfig, read_hf_config
 from svdsparse_jax.errors import SvdsparseError
 from svdsparse_jax.fsutil import atomic_directory, check_free_space, inside, read_versioned_json
+from svdsparse_jax.limits import read_json
 from svdsparse_jax.sharding import spec_shardings
-from svdsparse_jax.weights import Path, WeightSpec, model_fingerprint, weight_specs
+from svdsparse_jax.weights import Path, WeightSpec, check_weights_fit, model_fingerprint, weight_count, weight_specs
 
 FORMAT_VERSION = 1
 MARKER = "svdsparse.json"
@@ -53,6 +53,19 @@ def parse_dtype(name: str) -> jnp.dtype:
     if not isinstance(name, str) or name not in DTYPES:
         raise SvdsparseError(f"dtype {name!r} is not supported; expected one of {sorted(DTYPES)}")
     return DTYPES[name]
+
+
+def weight_dtype(dtype: Any) -> jnp.dtype:
+    """A weight dtype given by name or as a dtype, refused unless bfloat16, float16 or float32."""
+    if isinstance(dtype, str):
+        return parse_dtype(dtype)
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or dt.name not in DTYPES:
+        raise SvdsparseError(f"dtype {dtype!r} is not supported; expected one of {sorted(DTYPES)}")
+    return dt
 
 
 # ----------------------------------------------------------------------------------------------- reading HF
@@ -88,10 +101,8 @@ def _index_files(hf_dir: FsPath, index_path: FsPath, suffix: str) -> dict[str, F
     """An index's tensor -> shard map (its `weight_map`) as paths: every shard a file of this format (`suffix`, so
     a safetensors index cannot hand a pickle to the reader) inside the checkpoint directory (`fsutil.inside`),
     present."""
-    try:
-        weight_map = json.loads(index_path.read_text(encoding="utf-8"))["weight_map"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, RecursionError) as e:
-        raise SvdsparseError(f"{index_path}: not a valid index ({type(e).__name__}: {e})") from None
+    index = read_json(index_path, "a checkpoint index")
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
         raise SvdsparseError(f"{index_path}: not a valid index (weight_map must map tensor names to file names)")
     shards = {f: inside(hf_dir, f, f"{index_path}: shard") for f in set(weight_map.values())}
@@ -200,8 +211,17 @@ def _hf_shape(spec: WeightSpec) -> tuple[int, ...]:
     return spec.shape[::-1] if spec.hf_transposed else spec.shape
 
 
+def _few(names: list[str], n: int = 8) -> list[str]:
+    """The first n names, and how many more (so an error stays one readable line)."""
+    return names if len(names) <= n else names[:n] + [f"... {len(names) - n} more"]
+
+
 def check_hf_tensors(cfg: ModelConfig, reader: _TensorReader, where: FsPath) -> None:
-    """Raises one SvdsparseError naming every missing, extra and misshapen tensor."""
+    """Raises one SvdsparseError naming the missing, extra and misshapen tensors (the first few of each)."""
+    want = weight_count(cfg)[0]
+    if len(reader.index) < want - cfg.tie_embeddings:  # before a hostile layer count's specs are listed
+        raise SvdsparseError(f"{where}: checkpoint does not match config.json: it holds {len(reader.index)} tensors, "
+                             f"the config describes {want}")
     specs = weight_specs(cfg)
     expected = {s.hf_name: s for s in specs}
     present = set(reader.index)
@@ -214,11 +234,11 @@ def check_hf_tensors(cfg: ModelConfig, reader: _TensorReader, where: FsPath) -> 
                  if n in present and reader.shape(n) != _hf_shape(s)]
     problems = []
     if missing:
-        problems.append(f"missing tensors {missing}")
+        problems.append(f"missing tensors {_few(missing)}")
     if extra:
-        problems.append(f"unexpected tensors {extra}")
+        problems.append(f"unexpected tensors {_few(extra)}")
     if misshapen:
-        problems.append(f"misshapen tensors [{'; '.join(misshapen)}]")
+        problems.append(f"misshapen tensors [{'; '.join(_few(misshapen))}]")
     if problems:
         raise SvdsparseError(f"{where}: checkpoint does not match config.json: " + "; ".join(problems))
 
@@ -227,8 +247,9 @@ def read_hf_weights(hf_dir: str | os.PathLike, cfg: ModelConfig, dtype: jnp.dtyp
                     allow_pickle: bool = False, mesh=None) -> dict[Path, jax.Array]:
     """Reads an HF checkpoint into {spec path: array in `dtype`}, one tensor at a time, after checking it; with a
     device mesh each tensor goes straight to its shards (`sharding.spec_shardings`)."""
-    shardings = None if mesh is None else spec_shardings(cfg, mesh)
     hf_dir = FsPath(hf_dir)
+    check_weights_fit(cfg, dtype, str(hf_dir / "config.json"), 1 if mesh is None else mesh.size)
+    shardings = None if mesh is None else spec_shardings(cfg, mesh)
     reader = _TensorReader(_checkpoint_index(hf_dir, allow_pickle))
     try:
         check_hf_tensors(cfg, reader, hf_dir)
@@ -297,17 +318,28 @@ def save_converted(out_dir: str | os.PathLike, cfg: ModelConfig, weights: dict[P
     return FsPath(out_dir).absolute()
 
 
+def _no_links_out(model_dir: FsPath, *paths: FsPath) -> None:
+    """Every file under `paths` (orbax reads a tree of them) must stay inside model_dir (`fsutil.inside`)."""
+    for top in paths:
+        for parent, dirs, files in os.walk(top):
+            for name in dirs + files:
+                inside(model_dir, os.path.relpath(os.path.join(parent, name), model_dir), f"{model_dir}: file")
+
+
 def read_converted(model_dir: str | os.PathLike, dtype: jnp.dtype | None = None, mesh=None
                    ) -> tuple[ModelConfig, dict[Path, jax.Array]]:
     """Loads a converted directory: (config, weights), weights cast to `dtype` if given; with a device mesh orbax
     restores each tensor's shards straight onto their devices (`sharding.spec_shardings`)."""
     model_dir = FsPath(model_dir).absolute()
+    _no_links_out(model_dir, inside(model_dir, MARKER, f"{model_dir}: description"), inside(model_dir, "params",
+                                                                                         f"{model_dir}: parameters"))
     meta = read_versioned_json(model_dir / MARKER, (FORMAT_VERSION,), "a converted-model description")
     try:
         cfg = ModelConfig.from_dict(meta.get("config"))
         saved_dtype = parse_dtype(meta.get("dtype"))
     except SvdsparseError as e:
         raise SvdsparseError(f"{model_dir / MARKER}: {e}") from None
+    check_weights_fit(cfg, dtype or saved_dtype, str(model_dir / MARKER), 1 if mesh is None else mesh.size)
     shardings = {} if mesh is None else spec_shardings(cfg, mesh)
     target = nest_weights({s.path: jax.ShapeDtypeStruct(s.shape, saved_dtype, sharding=shardings.get(s.path))
                            for s in weight_specs(cfg)})
@@ -325,9 +357,11 @@ def read_converted(model_dir: str | os.PathLike, dtype: jnp.dtype | None = None,
 def convert(hf_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: jnp.dtype = jnp.bfloat16, *,
             allow_pickle: bool = False, **config_overrides: Any) -> FsPath:
     """HF directory -> converted directory (see the module docstring). Returns the output path."""
+    dtype = weight_dtype(dtype)
     cfg = read_hf_config(hf_dir, **config_overrides)
-    check_free_space(out_dir, sum(math.prod(s.shape) for s in weight_specs(cfg)) * jnp.dtype(dtype).itemsize,
-                     "OUT_DIR")  # before the weights are read
+    check_weights_fit(cfg, dtype, str(FsPath(hf_dir) / "config.json"))
+    # both before the weights are read
+    check_free_space(out_dir, weight_count(cfg)[1] * jnp.dtype(dtype).itemsize, "OUT_DIR")
     weights = read_hf_weights(hf_dir, cfg, dtype, allow_pickle=allow_pickle)
     return save_converted(out_dir, cfg, weights, hf_dir, source=str(FsPath(hf_dir).absolute()))
 
@@ -384,6 +418,9 @@ def load_tokenizer(model_dir: str | os.PathLike):
     model_dir = FsPath(model_dir)
     if not any((model_dir / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")):
         return None
+    for name in TOKENIZER_FILES:  # the library opens these itself: none may lead out of the directory
+        if (model_dir / name).exists() or (model_dir / name).is_symlink():
+            inside(model_dir, name, f"{model_dir}: tokenizer file")
     from transformers import AutoTokenizer
     try:
         return AutoTokenizer.from_pretrained(str(model_dir))
@@ -397,6 +434,7 @@ def load_model(model_dir: str | os.PathLike, dtype: jnp.dtype | None = None, *, 
     """Loads a converted directory, or an HF directory converted in memory (bf16 unless `dtype` says); with a
     device mesh, every tensor is placed straight onto its shards."""
     model_dir = FsPath(model_dir)
+    dtype = None if dtype is None else weight_dtype(dtype)
     if not model_dir.is_dir():
         raise SvdsparseError(f"{model_dir}: not a directory (expected a converted or Hugging Face model)")
     if is_converted(model_dir):

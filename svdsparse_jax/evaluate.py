@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from typing import Iterable, Iterator, Sequence
 
 import jax
@@ -21,7 +22,8 @@ import numpy as np
 from flax import nnx
 
 from svdsparse_jax import kv_cache
-from svdsparse_jax.errors import SvdsparseError
+from svdsparse_jax.errors import SvdsparseError, is_int
+from svdsparse_jax.limits import check_count
 from svdsparse_jax.generate import bucket
 from svdsparse_jax.engine import XLA
 from svdsparse_jax.model import FFNProbe, Transformer, einsum, ffn_hidden, linear
@@ -131,9 +133,12 @@ def score_stream(model: Transformer, pieces: Iterable[np.ndarray], window: int |
     windows go SCORE_BATCH to a forward pass. The last, shorter window is extended back over the tokens before it
     to a full window of context, predicting only its own tokens (as lm-evaluation-harness' rolling windows)."""
     cfg = model.cfg
+    if window is not None and not (is_int(window) and window >= 2):
+        raise SvdsparseError(f"window={window!r}: expected an integer >= 2 (or None: the model's context)")
     window = min(window or cfg.max_seq_len, cfg.max_seq_len)
-    if window < 2:
-        raise SvdsparseError(f"window must be >= 2, got {window}")
+    # SCORE_BATCH windows at a time, each token with its f32 log-probabilities over the vocabulary
+    check_count("window (--window; default: the model's context)", window,
+                SCORE_BATCH * (evaluation_bytes_per_token(cfg) + 8 * cfg.vocab_size))
     graphdef, state = nnx.split(model)
     kept: list[np.ndarray] = []
     total, count = 0.0, 0
@@ -182,28 +187,45 @@ def score_stream(model: Transformer, pieces: Iterable[np.ndarray], window: int |
     return ScoreResult(logprobs, nll, math.exp(nll), count + 1)
 
 
+_LINE_CUT = re.compile(r"\n(?=\S)")  # a line end before a non-space: pre-tokenizers split on both sides
+_SPACE_CUT = re.compile(r"(?<=\S) (?=\S)")  # one space between words: the start of a " word" pre-token
+
+
 def text_pieces(path: str | os.PathLike, chars: int = 1 << 20) -> Iterator[str]:
-    """A UTF-8 text file in pieces of about `chars` characters, read lazily. Each new piece starts with a line
-    end followed by a non-space character: byte-level BPE pre-tokenizers (GPT-2's pattern) split both before
-    and after such a line end, so tokenizing piece by piece gives the whole text's tokens (a tokenizer that
-    adds a prefix space to every call adds one per piece)."""
-    piece: list[str] = []
-    size = 0
+    """A UTF-8 text file in pieces of about `chars` characters (at most 2 x chars), read lazily in blocks, so
+    memory stays bounded whatever the file holds. A piece ends where byte-level BPE pre-tokenizers (GPT-2's
+    pattern) split anyway, so tokenizing piece by piece gives the whole text's tokens: before a line end followed
+    by a non-space (the next piece starts with it), else, in a text with no such line end, before a single space
+    between two words; a run of 2 x chars characters with neither is cut where it is (a tokenizer that adds a
+    prefix space to every call adds one per piece)."""
+    buffer = ""
     try:
         with open(path, encoding="utf-8") as f:
-            for line in f:
-                if size >= chars and line[:1].strip():
-                    text = "".join(piece)  # ends with the line end, which moves to the next piece
-                    yield text[:-1]
-                    piece, size = ["\n"], 1
-                piece.append(line)
-                size += len(line)
+            while True:
+                block = f.read(chars)
+                buffer += block
+                if not block:
+                    if buffer:
+                        yield buffer
+                    return
+                while len(buffer) >= 2 * chars:
+                    head = buffer[:2 * chars]
+                    cut = _last_match(_LINE_CUT, head, chars // 2) or _last_match(_SPACE_CUT, head, chars // 2) \
+                        or 2 * chars
+                    yield buffer[:cut]
+                    buffer = buffer[cut:]
     except UnicodeDecodeError as e:
         raise SvdsparseError(f"{path}: not UTF-8 text (byte {e.start} of a block: {e.reason})") from None
     except OSError as e:
         raise SvdsparseError(f"{path}: cannot read ({e.strerror})") from None
-    if piece:
-        yield "".join(piece)
+
+
+def _last_match(pattern: re.Pattern, text: str, start: int) -> int | None:
+    """The position of pattern's last match in text at or after `start` (None if there is none)."""
+    last = None
+    for m in pattern.finditer(text, start):
+        last = m.start()
+    return last
 
 
 @dataclasses.dataclass
@@ -291,6 +313,13 @@ def _layer_metrics(pred, x, w_gate, w_up, w_down_t, cfg, auroc_tokens):
 _layer_metrics = jax.jit(_layer_metrics, static_argnums=(5, 6))
 
 
+def evaluation_bytes_per_token(cfg) -> int:
+    """Memory an evaluation holds per token of its windows, about: the residual stream and FFN inputs (d values
+    each, and the FFN outputs dense and sparse), the gate, up, activations and scores with their masks (d_ff
+    each)."""
+    return 16 * cfg.d_model + 20 * cfg.d_ff
+
+
 def evaluate_predictors(model: Transformer, predictor_sets: dict, tokens: np.ndarray, window: int = 512,
                         max_windows: int | None = None, batch: int = 4, auroc_tokens: int = 4096,
                         batch_sizes: Sequence[int] = (), progress: bool = False) -> dict[str, dict]:
@@ -309,9 +338,15 @@ def evaluate_predictors(model: Transformer, predictor_sets: dict, tokens: np.nda
     from svdsparse_jax.predictors.base import ffn_bytes
 
     cfg = model.cfg
+    for name, v, low in (("window", window, 2), ("batch", batch, 1), ("auroc_tokens", auroc_tokens, 1)):
+        if not (is_int(v) and v >= low):
+            raise SvdsparseError(f"{name}={v!r}: expected an integer >= {low}")
+    if max_windows is not None and not (is_int(max_windows) and max_windows >= 1):
+        raise SvdsparseError(f"max_windows={max_windows!r}: expected an integer >= 1 or None")
     window = min(window, cfg.max_seq_len, len(tokens))
     windows = pick_windows(tokens, window, max_windows)
     n = len(windows)
+    check_count("max_windows (evaluation windows)", n, window * evaluation_bytes_per_token(cfg))
     bad = [b for b in batch_sizes if not 1 <= b <= n]
     if bad:  # before the long work, not after it
         raise SvdsparseError(f"--batch-sizes {bad[0]}: expected 1 <= B <= {n}, the windows evaluated")
@@ -391,17 +426,40 @@ def evaluate_batches(model: Transformer, pset, windows: np.ndarray, batch_sizes:
     return out
 
 
+PLOTS = (("predicted_sparsity", "predicted sparsity"), ("recall", "recall"), ("auroc", "AUROC"))
+
+
+def check_plot_dir(out_dir: str | os.PathLike, flag: str = "--plots") -> None:
+    """Refuses, before any work, a plot directory that holds a file a plot would replace, or that cannot be
+    written (or created)."""
+    from pathlib import Path
+
+    out = Path(out_dir).absolute()
+    if out.exists() and not out.is_dir():
+        raise SvdsparseError(f"{out} ({flag}): exists and is not a directory")
+    taken = [str(out / f"{key}.png") for key, _ in PLOTS if (out / f"{key}.png").exists()
+             or (out / f"{key}.png").is_symlink()]
+    if taken:
+        raise SvdsparseError(f"{taken[0]} ({flag}): already exists; plots never replace files (choose another "
+                             "directory)")
+    existing = out if out.is_dir() else next(p for p in out.parents if p.exists())
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise SvdsparseError(f"{out} ({flag}): cannot be written ({existing} is not a writable directory)")
+
+
 def write_plots(reports: dict[str, dict], out_dir: str) -> list[str]:
-    """PNG plots of per-layer predicted vs true sparsity, recall and AUROC, one line per report."""
+    """PNG plots of per-layer predicted vs true sparsity, recall and AUROC, one line per report; each file is
+    created new (an existing one is refused, never replaced)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from pathlib import Path
 
+    check_plot_dir(out_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for key, label in (("predicted_sparsity", "predicted sparsity"), ("recall", "recall"), ("auroc", "AUROC")):
+    for key, label in PLOTS:
         fig, ax = plt.subplots(figsize=(6, 4))
         for name, rep in reports.items():
             ax.plot([r["layer"] for r in rep["layers"]], [r[key] for r in rep["layers"]], marker="o", label=name)
@@ -414,7 +472,12 @@ def write_plots(reports: dict[str, dict], out_dir: str) -> list[str]:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
         path = out / f"{key}.png"
-        fig.savefig(path, dpi=120, bbox_inches="tight")
-        plt.close(fig)
+        try:
+            with open(path, "xb") as f:  # exclusive: a file that appeared meanwhile is not overwritten
+                fig.savefig(f, format="png", dpi=120, bbox_inches="tight")
+        except FileExistsError:
+            raise SvdsparseError(f"{path} (--plots): appeared while evaluating; not replaced") from None
+        finally:
+            plt.close(fig)
         written.append(str(path))
     return written

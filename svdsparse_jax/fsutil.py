@@ -17,6 +17,8 @@ from svdsparse_jax.errors import SvdsparseError
 
 
 PARTIAL = ".partial-"  # temporary output directories: .NAME.partial-HOST-PID-XXXX beside NAME
+OWNER_MARK = ".svdsparse-writing"  # inside a partial directory while it is written: what cleanup looks for
+_PARTIAL_EXTRA = len(PARTIAL) + 2 + 10 + 8  # the dots, a pid and mkdtemp's 8 characters, beside NAME and HOST
 # The partial directories this process is writing now: what `exit_on_signal` removes. Process state, like
 # tempfile's; nothing traced reads it.
 _WRITING: set[Path] = set()
@@ -62,7 +64,22 @@ def check_new_output(out: str | os.PathLike, flag: str = "output") -> Path:
     parent = next((p for p in out.parents if p.exists()), None)
     if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise SvdsparseError(f"{out} ({flag}): cannot be created (its parent {parent} is not a writable directory)")
+    check_name_length(out, flag, parent)
     return out
+
+
+def check_name_length(out: Path, flag: str, existing: Path | None = None) -> None:
+    """Refuses an output name too long for its filesystem once the temporary name's additions are counted
+    (`atomic_directory` writes beside it as .NAME.partial-HOST-PID-XXXXXXXX)."""
+    existing = existing or next((p for p in out.parents if p.exists()), Path(out.anchor))
+    try:
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    room = name_max - _PARTIAL_EXTRA - len(socket.gethostname().encode())
+    if len(out.name.encode()) > room:
+        raise SvdsparseError(f"{out} ({flag}): the name has {len(out.name.encode())} bytes; at most {room} fit this "
+                             f"filesystem's {name_max} with the temporary name written first")
 
 
 def check_free_space(out: str | os.PathLike, nbytes: int, flag: str = "output") -> None:
@@ -81,11 +98,18 @@ def _size(n: float) -> str:
 
 def remove_stale_partials(parent: Path) -> list[Path]:
     """Removes the temporary output directories in `parent` left by processes of this host that no longer run
-    (killed by SIGKILL or a power cut, which no handler sees); returns them."""
+    (killed by SIGKILL or a power cut, which no handler sees); returns them. Only directories this user made
+    through `atomic_directory` (they hold its mark) go: nothing of another user or another program."""
     host, removed = socket.gethostname(), []
     for p in parent.glob(f".*{PARTIAL}*"):
         m = re.fullmatch(rf"\..+{re.escape(PARTIAL)}(.+)-(\d+)-[^-]+", p.name)
-        if not m or m.group(1) != host or not p.is_dir() or _alive(int(m.group(2))):
+        if not m or m.group(1) != host or p.is_symlink() or not p.is_dir() or _alive(int(m.group(2))):
+            continue
+        mark = p / OWNER_MARK
+        try:
+            if p.stat().st_uid != os.getuid() or not mark.is_file() or mark.is_symlink():
+                continue
+        except OSError:
             continue
         shutil.rmtree(p, ignore_errors=True)
         removed.append(p)
@@ -124,13 +148,16 @@ def atomic_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
     out_dir = Path(out_dir).absolute()
     if out_dir.exists() or out_dir.is_symlink():
         raise SvdsparseError(f"{out_dir}: already exists; remove it or choose another output directory")
+    check_name_length(out_dir, "output")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(out_dir.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{PARTIAL}{socket.gethostname()}-{os.getpid()}-",
                                 dir=out_dir.parent))
     _WRITING.add(tmp)
     try:
+        (tmp / OWNER_MARK).write_text(f"{socket.gethostname()} {os.getpid()}\n")
         yield tmp
+        (tmp / OWNER_MARK).unlink()
         _normal_modes(tmp)
         try:
             os.rename(tmp, out_dir)
@@ -149,12 +176,9 @@ def atomic_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
 def read_versioned_json(path: Path, versions: tuple[int, ...], what: str) -> dict:
     """Reads a JSON file whose "format" field must be one of `versions`; errors name the file and say what it
     is."""
-    import json
+    from svdsparse_jax.limits import read_json
 
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise SvdsparseError(f"{path}: cannot read {what} ({e})") from None
+    data = read_json(path, what)
     if not isinstance(data, dict) or data.get("format") not in versions:
         got = data.get("format") if isinstance(data, dict) else None
         raise SvdsparseError(f"{path}: {what} format {got!r}, expected one of {list(versions)}")

@@ -38,12 +38,20 @@ from flax import nnx
 from jax.experimental import io_callback
 
 from svdsparse_jax import kv_cache
-from svdsparse_jax.errors import SvdsparseError
+from svdsparse_jax.errors import SvdsparseError, is_int, is_real
+from svdsparse_jax.limits import check_count
 from svdsparse_jax.model import Transformer
 from svdsparse_jax.policy import UnionRows, sparse_layers
 from svdsparse_jax.sharding import shard_predictors
 
 MIN_BUCKET = 16
+
+
+def _is_ids(p) -> bool:
+    """A 1-D list (or integer array) of integer token ids."""
+    if isinstance(p, np.ndarray):
+        return p.ndim == 1 and np.issubdtype(p.dtype, np.integer)
+    return isinstance(p, Sequence) and not isinstance(p, str) and all(is_int(t) for t in p)
 
 
 def bucket(n: int, minimum: int = MIN_BUCKET) -> int:
@@ -64,6 +72,18 @@ class Sampler:
     top_k: int = 0
     top_p: float = 1.0
     repetition_penalty: float = 1.0
+
+    def check(self) -> None:
+        """Refuses fields of the wrong type or range (one line naming the field), on the host before a call:
+        temperature >= 0, top_k an integer >= 0, top_p in (0, 1], repetition_penalty > 0, all finite."""
+        checks = {"temperature": (is_real(self.temperature) and self.temperature >= 0, "a finite number >= 0"),
+                  "top_k": (is_int(self.top_k) and 0 <= self.top_k < 2 ** 31, "an integer >= 0"),
+                  "top_p": (is_real(self.top_p) and 0 < self.top_p <= 1, "a number in (0, 1]"),
+                  "repetition_penalty": (is_real(self.repetition_penalty) and self.repetition_penalty > 0,
+                                         "a finite number > 0")}
+        for name, (ok, want) in checks.items():
+            if not ok:
+                raise SvdsparseError(f"Sampler {name}={getattr(self, name)!r}: expected {want}")
 
     @property
     def greedy(self) -> bool:
@@ -95,6 +115,14 @@ class Sampler:
         ranked = jnp.where((rank == 0) | (mass_before < self.top_p), ranked, -jnp.inf)
         pick = jax.random.categorical(key, ranked, axis=-1)
         return jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0].astype(jnp.int32)
+
+
+def sequence_bytes(cfg, prompt_len: int, slots: int, itemsize: int) -> int:
+    """Memory one sequence of a generate call holds, about: its KV cache (slots per layer, keys and values), the
+    prefill's activations over its prompt (d and d_ff values per token, f32) and the sampler's [V] rows (logits,
+    order, mask, f32 / int32)."""
+    return (2 * cfg.n_layers * slots * cfg.kv_dim * itemsize + prompt_len * 4 * (4 * cfg.d_model + 3 * cfg.d_ff)
+            + 16 * cfg.vocab_size)
 
 
 def decode_steps(max_new: int, steps_per_check: int) -> int:
@@ -281,21 +309,32 @@ class Generator:
         config's; pass () to never stop early. watcher: stop strings and streaming (a `Watcher` for this
         batch), through a callback per step."""
         cfg = self.cfg
-        if not prompts:
-            raise SvdsparseError("no prompts given")
-        if max_new_tokens < 1:
-            raise SvdsparseError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        if not isinstance(prompts, (Sequence, np.ndarray)) or isinstance(prompts, str) or len(prompts) == 0:
+            raise SvdsparseError(f"prompts: expected a non-empty list of token-id lists, got {type(prompts).__name__}")
+        if not is_int(max_new_tokens) or max_new_tokens < 1:
+            raise SvdsparseError(f"max_new_tokens={max_new_tokens!r}: expected an integer >= 1")
+        if not isinstance(sampler, Sampler):
+            raise SvdsparseError(f"sampler: expected a Sampler, got {type(sampler).__name__}")
+        sampler.check()
+        seed_key(seed)  # its range, before the work
+        if eos_ids is not None and not (_is_ids(eos_ids) and all(0 <= e < cfg.vocab_size for e in eos_ids)):
+            raise SvdsparseError(f"eos_ids={eos_ids!r}: expected token ids in [0, {cfg.vocab_size})")
         for i, p in enumerate(prompts):
+            if not _is_ids(p):
+                raise SvdsparseError(f"prompt {i + 1}: expected a list of integer token ids")
             if len(p) == 0:
-                raise SvdsparseError(f"prompt {i} is empty")
+                raise SvdsparseError(f"prompt {i + 1} is empty")
             bad = [t for t in p if not 0 <= t < cfg.vocab_size]
             if bad:
-                raise SvdsparseError(f"prompt {i}: token ids {bad[:5]} outside the vocabulary [0, {cfg.vocab_size})")
+                raise SvdsparseError(f"prompt {i + 1}: token ids {bad[:5]} outside the vocabulary [0, "
+                                     f"{cfg.vocab_size})")
             if len(p) + max_new_tokens > cfg.max_seq_len:
-                raise SvdsparseError(f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that "
+                raise SvdsparseError(f"prompt {i + 1} has {len(p)} tokens; with max_new_tokens={max_new_tokens} that "
                                      f"exceeds the model's context of {cfg.max_seq_len} tokens")
         longest = max(len(p) for p in prompts)
         prompt_len, new_bucket = bucket(longest), bucket(max_new_tokens)
+        check_count("prompts (the batch of sequences)", len(prompts), sequence_bytes(
+            cfg, prompt_len, prompt_len + new_bucket + self.engine.steps_per_check, self.itemsize))
         tokens = np.zeros((len(prompts), prompt_len), np.int32)
         pad = np.zeros(len(prompts), np.int32)
         for i, p in enumerate(prompts):

@@ -37,7 +37,8 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from svdsparse_jax.errors import SvdsparseError
-from svdsparse_jax.evaluate import _forward_stats
+from svdsparse_jax.evaluate import _forward_stats, evaluation_bytes_per_token
+from svdsparse_jax.limits import check_count
 from svdsparse_jax.generate import Generator, Sampler, Watcher, bucket
 
 NAME = "svdsparse"
@@ -68,6 +69,9 @@ class SvdsparseLM(TemplateLM):
         if lm.tokenizer is None:
             raise SvdsparseError(f"{lm.path}: the model has no tokenizer files, which lm-eval's text tasks need")
         self.cfg, self.tokenizer = lm.cfg, lm.tokenizer
+        # a batch of rows of up to the model's context, each with f32 log-probabilities over the vocabulary
+        check_count("--model_args batch_size", self.batch_size, self.cfg.max_seq_len * (
+            evaluation_bytes_per_token(self.cfg) + 8 * self.cfg.vocab_size))
         self.pset = (load_predictors(predictors, lm.cfg, lm.fingerprint, lm.weights[("embed",)].dtype)
                      if predictors else None)
         self.model = Transformer(lm.cfg, lm.weights, from_environment(kernels, ffn_policy=ffn_policy))
@@ -205,7 +209,25 @@ def _sampler(kwargs: dict) -> tuple[Sampler, int]:
     return sampler, seed
 
 
-def main() -> None:
-    """`svdsparse-lm-eval`: lm-eval's command line with the `svdsparse` model registered."""
+def main() -> int:
+    """`svdsparse-lm-eval`: lm-eval's command line with the `svdsparse` model registered. A bad model argument
+    or file ends in one line and exit status 2, any other failure in one line and status 1, as the `svdsparse`
+    commands do (SVDSPARSE_DEBUG=1 shows the traceback)."""
+    import os
+    import sys
+
     from lm_eval.__main__ import cli_evaluate
-    cli_evaluate()
+    debug = os.environ.get("SVDSPARSE_DEBUG") == "1"  # read once, at the edge
+    try:
+        cli_evaluate()
+    except SvdsparseError as e:
+        if debug:
+            raise
+        print(f"svdsparse-lm-eval: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if debug:
+            raise
+        print(f"svdsparse-lm-eval: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    return 0

@@ -62,6 +62,12 @@ class UnionRows:
         if not (len(out.batch_sizes) == len(out.candidates) == len(out.active)) or any(
                 len(c) != n_layers for c in out.candidates + out.active):
             raise SvdsparseError(f"{where}: union_rows must give {n_layers} layers for each of its batch sizes")
+        if not all(b >= 1 for b in out.batch_sizes) or list(out.batch_sizes) != sorted(set(out.batch_sizes)):
+            raise SvdsparseError(f"{where}: union_rows batch_sizes {list(out.batch_sizes)}: expected ascending "
+                                 "sizes >= 1")
+        if not all(0.0 <= v <= 1.0 for rows in out.candidates + out.active for v in rows):  # NaN fails too
+            raise SvdsparseError(f"{where}: union_rows fractions must lie in [0, 1] (NaN, negative or larger "
+                                 "values would steer the sparsity policy)")
         return out
 
 

@@ -75,6 +75,26 @@ def weight_specs(cfg: ModelConfig) -> list[WeightSpec]:
     return specs
 
 
+def weight_count(cfg: ModelConfig) -> tuple[int, int]:
+    """(tensors, parameters) of `weight_specs(cfg)`, in closed form: what a config asks for is known before a
+    list of its specs (millions, for a hostile layer count) is built or any memory is taken."""
+    d, f, q, kv, v = cfg.d_model, cfg.d_ff, cfg.q_dim, cfg.kv_dim, cfg.vocab_size
+    per_layer = 2 * d + 2 * q * d + 2 * kv * d + 3 * f * d + (q + 2 * kv if cfg.qkv_bias else 0) \
+        + (d if cfg.o_bias else 0)
+    tensors = 1 + cfg.n_layers * (8 + 3 * cfg.qkv_bias + cfg.o_bias) + 1 + (not cfg.tie_embeddings)
+    return tensors, v * d * (1 + (not cfg.tie_embeddings)) + d + cfg.n_layers * per_layer
+
+
+def check_weights_fit(cfg: ModelConfig, dtype, where: str, devices: int = 1) -> None:
+    """Refuses a config whose weights in `dtype` cannot fit in memory (`limits.check_memory`), before any is
+    read; `where` names the file, `devices` the mesh's devices that share them."""
+    from svdsparse_jax.limits import available_memory, check_memory
+
+    n = weight_count(cfg)[1]
+    check_memory(n * jnp.dtype(dtype).itemsize, f"{where}: {n:,} weights in {jnp.dtype(dtype).name}",
+                 available_memory(devices))
+
+
 # Weights the model holds concatenated along axis 0, so that a decode step reads them in one matrix-vector
 # product instead of three (model.Attention): the module's name for the group and the spec names it is made of,
 # in order. Conversion and checkpoints keep the separate tensors of the specs.

@@ -167,6 +167,10 @@ def test_store_round_trip_and_refusals(tmp_path, seed, rng):
     tensors = load_file(path)
     del tensors["layers.1.b"]
     save_file(tensors, path)
+    with pytest.raises(SvdsparseError, match="is not the tensor file this manifest was written with"):
+        load_predictors(tmp_path / "whitened", CFG, fp)
+    from svdsparse_jax.predictors.store import file_sha256
+    manifest.write_text(json.dumps({**old, "tensors_sha256": file_sha256(path)}))  # a manifest made to match
     with pytest.raises(SvdsparseError, match="layers.1.b is missing"):
         load_predictors(tmp_path / "whitened", CFG, fp)
 

@@ -92,7 +92,7 @@ def test_round_trip_jax_torch_svdp_import(bundled, tmp_path):
     write_svdp(tmp_path / "svdp", ex.layers)
     state = torch.load(tmp_path / "svdp" / layer_file(0), weights_only=True)
     assert state["fc1.weight"].dtype == torch.float16 and state["fc2.weight"].shape == (lm.cfg.d_ff, 64)
-    assert main(["import-svdp", "--dtype", "float32", "--svdp", str(tmp_path / "svdp"),
+    assert main(["import-svdp", "--allow-pickle", "--dtype", "float32", "--svdp", str(tmp_path / "svdp"),
                  "--out", str(tmp_path / "imported")]) == 0
     back = load_predictors(tmp_path / "imported", lm.cfg, lm.fingerprint)
     for p, q in zip(pset.layers, back.layers):  # SVDP files are fp16 by definition: equal after that rounding
@@ -107,8 +107,11 @@ def test_plugin_cli_and_refusals(bundled, tmp_path, capsys):
     assert main(["export-svdp", "--dtype", "float32", "--predictors", str(root / "pred"), "--out",
                  str(tmp_path / "svdp")]) == 0
     assert "SVDP-layout files of 8 layers" in capsys.readouterr().out
-    np.testing.assert_array_equal(read_svdp(tmp_path / "svdp", 8, lm.cfg.d_model, lm.cfg.d_ff)[2].b,
+    exported = read_svdp(tmp_path / "svdp", 8, lm.cfg.d_model, lm.cfg.d_ff, allow_pickle=True)
+    np.testing.assert_array_equal(exported[2].b,
                                   np.asarray(pset.layers[2].b, np.float32).astype(np.float16).astype(np.float32))
+    with pytest.raises(SvdsparseError, match="are pickles"):
+        read_svdp(tmp_path / "svdp", 8, lm.cfg.d_model, lm.cfg.d_ff)
     layers = read_factors(root / "pred").layers
     # wrong layer count, wrong shapes
     with pytest.raises(SvdsparseError, match="7 predictor layers for a model with 8"):
@@ -117,7 +120,7 @@ def test_plugin_cli_and_refusals(bundled, tmp_path, capsys):
     with pytest.raises(SvdsparseError, match="layer 0: misshapen predictor tensors: b"):
         check_layers(bad, 8, lm.cfg.d_model, lm.cfg.d_ff, "factors")
     with pytest.raises(SvdsparseError, match="beyond the model's 7 layers"):
-        read_svdp(tmp_path / "svdp", 7, lm.cfg.d_model, lm.cfg.d_ff)
+        read_svdp(tmp_path / "svdp", 7, lm.cfg.d_model, lm.cfg.d_ff, allow_pickle=True)
     # directories the torch executor cannot run: no factors (sign bits), or no activation (format 1)
     manifest = json.loads((root / "pred" / "manifest.json").read_text())
     for name, change in (("signbit", {"layers": [{"type": "signbit", "d": lm.cfg.d_model}] * 8}),
@@ -130,7 +133,7 @@ def test_plugin_cli_and_refusals(bundled, tmp_path, capsys):
     # a missing layer file
     (tmp_path / "svdp" / layer_file(3)).unlink()
     with pytest.raises(SvdsparseError, match="model_3.pt: missing"):
-        read_svdp(tmp_path / "svdp", lm.cfg.n_layers, lm.cfg.d_model, lm.cfg.d_ff)
+        read_svdp(tmp_path / "svdp", lm.cfg.n_layers, lm.cfg.d_model, lm.cfg.d_ff, allow_pickle=True)
     # another model (fingerprint), or another layer count
     other = hf_model()
     with torch.no_grad():

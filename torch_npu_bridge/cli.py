@@ -1,7 +1,7 @@
 """The bridge's commands for the `svdsparse` CLI, a plug-in (entry point group `svdsparse.commands`):
 
   svdsparse export-svdp [MODEL] --predictors DIR --out SVDP_DIR   predictors -> the paper's model_{layer}.pt files
-  svdsparse import-svdp [MODEL] --svdp SVDP_DIR --out DIR         model_{layer}.pt files -> a predictor directory
+  svdsparse import-svdp [MODEL] --svdp SVDP_DIR --allow-pickle --out DIR   model_{layer}.pt -> a predictor directory
 
 The torch executor itself reads predictor directories as they are (`hf_patch.patch_hf_model(model, DIR)`).
 torch is imported only when a command runs.
@@ -10,9 +10,11 @@ torch is imported only when a command runs.
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from svdsparse_jax.cli import Command, load_from_args, load_predictors_for, model_options, require
-from svdsparse_jax.fsutil import check_new_output
+from svdsparse_jax.errors import SvdsparseError
+from svdsparse_jax.fsutil import check_free_space, check_new_output
 
 
 def register(sub) -> dict[str, Command]:
@@ -31,11 +33,14 @@ def register(sub) -> dict[str, Command]:
 
 
 def cmd_export_svdp(args: argparse.Namespace) -> None:
+    from svdsparse_jax.predictors.store import TENSORS
     from torch_npu_bridge.factors import factors_of
     from torch_npu_bridge.svdp_format import write_svdp
 
     require("torch", "torch", "export-svdp")
     check_new_output(args.out, "--out")  # before any work
+    tensors = Path(args.predictors) / TENSORS  # float16 files hold about as many bytes as bf16 factors (f32: half)
+    check_free_space(args.out, tensors.stat().st_size if tensors.is_file() else 0, "--out")
     lm = load_from_args(args)
     pset = load_predictors_for(args.predictors, lm)
     layers = [factors_of(p, i) for i, p in enumerate(pset.layers)]
@@ -46,16 +51,23 @@ def cmd_import_svdp(args: argparse.Namespace) -> None:
     import jax.numpy as jnp
 
     from svdsparse_jax.predictors import LowRankPredictor, PredictorSet, save_predictors
+    from svdsparse_jax.predictors.store import check_predictor_tensors, predictor_bytes
     from torch_npu_bridge.svdp_format import read_svdp
 
     require("torch", "torch", "import-svdp")
+    if not args.allow_pickle:  # before the model is loaded
+        raise SvdsparseError(f"{args.svdp} (--svdp): SVDP files (model_{{layer}}.pt) are pickles; pass "
+                             "--allow-pickle to read them")
     check_new_output(args.out, "--out")  # before any work
     lm = load_from_args(args)
     cfg = lm.cfg
     dt = lm.weights[("embed",)].dtype
-    layers = read_svdp(args.svdp, cfg.n_layers, cfg.d_model, cfg.d_ff)
+    layers = read_svdp(args.svdp, cfg.n_layers, cfg.d_model, cfg.d_ff, args.allow_pickle)
     preds = [LowRankPredictor(jnp.asarray(f.a, dt), jnp.asarray(f.b, dt), jnp.asarray(f.bias, jnp.float32))
              for f in layers]
+    check_predictor_tensors({f"layers.{i}.{k}": getattr(p, k) for i, p in enumerate(preds) for k in ("a", "b")},
+                            f"{args.svdp} (as --dtype {args.dtype})")  # a float16 cast can overflow
+    check_free_space(args.out, predictor_bytes(cfg, "whitened", tuple(p.rank for p in preds), dt.itemsize), "--out")
     pset = PredictorSet("svdp-import", preds, {"source": str(args.svdp)}, [], {})
     out = save_predictors(args.out, pset, cfg, lm.fingerprint)
     print(f"imported {len(preds)} layers from {args.svdp} to {out}")

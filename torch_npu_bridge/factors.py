@@ -15,7 +15,7 @@ import numpy as np
 
 from svdsparse_jax.errors import SvdsparseError
 from svdsparse_jax.predictors.base import LowRankPredictor
-from svdsparse_jax.predictors.store import MANIFEST, TENSORS, read_manifest
+from svdsparse_jax.predictors.store import MANIFEST, TENSORS, check_no_stray_tensors, check_tensor_file, read_manifest
 
 
 @dataclasses.dataclass
@@ -81,10 +81,12 @@ def read_factors(pred_dir: str | os.PathLike) -> PredictorFactors:
     if kinds != {"lowrank"}:
         raise SvdsparseError(f"{d / MANIFEST}: {sorted(kinds - {'lowrank'})} predictors have no factors for the "
                              "torch executor (only low-rank ones: whitened / plain SVD or the trained MLP)")
-    if not (d / TENSORS).is_file():
+    path = check_tensor_file(d, m)  # the manifest's own file (its hash), inside the directory
+    if path is None:
         raise SvdsparseError(f"{d / TENSORS}: missing")
-    with safe_open(str(d / TENSORS), framework="pt") as f:
+    with safe_open(str(path), framework="pt") as f:
         tensors = {k: f.get_tensor(k) for k in f.keys()}
+    check_no_stray_tensors(tensors, m, path)
     layers = []
     for i, e in enumerate(m["layers"]):
         def t(name, required=True):

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from svdsparse_jax.errors import SvdsparseError
-from svdsparse_jax.fsutil import atomic_directory
+from svdsparse_jax.fsutil import atomic_directory, check_free_space, inside
 from torch_npu_bridge.factors import LayerFactors, check_layers
 
 
@@ -25,24 +25,40 @@ def write_svdp(out_dir: str | os.PathLike, layers: list[LayerFactors]) -> Path:
     """Writes model_{i}.pt for every layer (fp16), atomically as a directory."""
     import torch
 
+    states = []
     for i, f in enumerate(layers):
         if f.relu or f.hidden_bias is not None:
             raise SvdsparseError(f"layer {i}: an MLP predictor (ReLU + hidden bias) has no SVDP-layout equivalent")
+        state = {"fc1.weight": torch.from_numpy(np.asarray(f.a, np.float32)).half(),
+                 "fc2.weight": torch.from_numpy(np.asarray(f.b, np.float32)).half(),
+                 "fc2.bias": torch.from_numpy(np.asarray(f.bias, np.float32)).half()}
+        for k in ("fc1.weight", "fc2.weight"):  # an infinite bias is meaningful (always / never); a factor is not
+            bad = int((~torch.isfinite(state[k])).sum())
+            if bad:
+                raise SvdsparseError(f"layer {i}: {k}: {bad} values overflow float16, the SVDP files' dtype")
+        states.append(state)
+    check_free_space(out_dir, sum(2 * sum(t.numel() for t in st.values()) + 4096 for st in states), "--out")
     with atomic_directory(out_dir) as tmp:
-        for i, f in enumerate(layers):
-            state = {"fc1.weight": torch.from_numpy(np.asarray(f.a, np.float32)).half(),
-                     "fc2.weight": torch.from_numpy(np.asarray(f.b, np.float32)).half(),
-                     "fc2.bias": torch.from_numpy(np.asarray(f.bias, np.float32)).half()}
-            torch.save(state, tmp / layer_file(i))
+        for i, state in enumerate(states):
+            try:
+                torch.save(state, tmp / layer_file(i))
+            except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError of its writer
+                raise SvdsparseError(f"{tmp / layer_file(i)}: cannot write ({type(e).__name__}: "
+                                     f"{str(e).splitlines()[0] if str(e) else ''})") from None
     return Path(out_dir).absolute()
 
 
-def read_svdp(svdp_dir: str | os.PathLike, n_layers: int, d: int, d_ff: int) -> list[LayerFactors]:
+def read_svdp(svdp_dir: str | os.PathLike, n_layers: int, d: int, d_ff: int, allow_pickle: bool = False
+              ) -> list[LayerFactors]:
     """Reads model_0.pt ... model_{n_layers-1}.pt (float32 NumPy); a missing file, a missing key or a wrong
-    shape is an error naming the file."""
+    shape is an error naming the file. The files are pickles (read with torch's weights-only unpickler), so
+    they are read only with allow_pickle (CLI: --allow-pickle), as .bin checkpoints are."""
     import torch
 
     root = Path(svdp_dir)
+    if not allow_pickle:
+        raise SvdsparseError(f"{root}: SVDP files (model_{{layer}}.pt) are pickles; they are read only with "
+                             "allow_pickle=True (CLI: --allow-pickle)")
     if not root.is_dir():
         raise SvdsparseError(f"{root}: not a directory of model_{{layer}}.pt predictor files")
     extra = sorted(p.name for p in root.glob("model_*.pt") if p.name not in {layer_file(i) for i in range(n_layers)})
@@ -50,7 +66,7 @@ def read_svdp(svdp_dir: str | os.PathLike, n_layers: int, d: int, d_ff: int) -> 
         raise SvdsparseError(f"{root}: files {extra} beyond the model's {n_layers} layers")
     layers = []
     for i in range(n_layers):
-        path = root / layer_file(i)
+        path = inside(root, layer_file(i), f"{root}: predictor file")
         if not path.is_file():
             raise SvdsparseError(f"{path}: missing (the model has {n_layers} layers)")
         try:

@@ -64,8 +64,8 @@ def main() -> int:
         from svdsparse_jax.cli import demo_build_config
         pset = build_predictors(model, corpus_split("calib"), demo_build_config(cfg), progress=False)
     if args.text_file:
-        from svdsparse_jax.cli import _token_stream
-        tokens = _token_stream([open(args.text_file).read()], lm)
+        from svdsparse_jax.cli import _calibration_tokens
+        tokens = _calibration_tokens([args.text_file], lm, args.windows * args.window)
     else:
         tokens = corpus_split("heldout")
     n = min(args.windows, len(tokens) // args.window)

@@ -15,7 +15,8 @@ import numpy as np
 
 from svdsparse_jax.calibration import LayerStats, calibration_windows, layer_statistics
 from svdsparse_jax.config import ModelConfig
-from svdsparse_jax.errors import SvdsparseError
+from svdsparse_jax.errors import SvdsparseError, is_int, is_real
+from svdsparse_jax.limits import check_count
 from svdsparse_jax.engine import XLA
 from svdsparse_jax.model import Block, Transformer, activation, linear
 from svdsparse_jax.policy import BATCH_SIZES, UnionRows, measure_union
@@ -54,6 +55,23 @@ class BuildConfig:
             raise SvdsparseError(f"method {self.method!r}: expected one of {METHODS}")
         if self.rule not in RULES:
             raise SvdsparseError(f"target rule {self.rule!r}: expected one of {RULES}")
+        ranks = (self.ranks,) if is_int(self.ranks) else self.ranks
+        value_ok = is_real(self.value) and (0 <= self.value < 1 if self.rule == "sparsity" else 0 < self.value <= 1)
+        checks = {
+            "ranks": (isinstance(ranks, (tuple, list)) and len(ranks) > 0 and all(is_int(r) and r >= 1 for r in ranks),
+                      "an integer >= 1 or a tuple of them"),
+            "value": (value_ok, "in [0, 1) for rule 'sparsity', in (0, 1] for the others"),
+            "tokens": (is_int(self.tokens) and self.tokens >= 1, "an integer >= 1"),
+            "window": (is_int(self.window) and self.window >= 2, "an integer >= 2"),
+            "ridge": (is_real(self.ridge) and self.ridge >= 0, "a finite number >= 0"),
+            "dtype": (self.dtype in (None, "bfloat16", "float16", "float32"), "None, bfloat16, float16 or float32"),
+            "mlp_steps": (is_int(self.mlp_steps) and self.mlp_steps >= 0, "an integer >= 0"),
+            "seed": (is_int(self.seed) and 0 <= self.seed < 2 ** 32, "an integer from 0 to 2^32 - 1"),
+            "guard": (is_real(self.guard) and 0 <= self.guard <= 1, "a number in [0, 1]"),
+        }
+        for name, (ok, want) in checks.items():
+            if not ok:
+                raise SvdsparseError(f"BuildConfig {name}={getattr(self, name)!r}: expected {want}")
 
     def rank_of(self, layer: int, n_layers: int) -> int:
         ranks = (self.ranks,) * n_layers if isinstance(self.ranks, int) else tuple(self.ranks)
@@ -134,13 +152,27 @@ def check_build(cfg: ModelConfig, bc: BuildConfig) -> None:
             raise SvdsparseError(f"rank {r} for layer {i}: expected 1 <= rank <= {min(cfg.d_model, cfg.d_ff)}")
 
 
+def calibration_bytes_per_token(cfg: ModelConfig) -> int:
+    """Memory the build holds per calibration token, about: the residual stream and the FFN inputs (d values
+    each), and on the calibration half the activations, scores and their temporaries (d_ff each)."""
+    return 8 * cfg.d_model + 8 * cfg.d_ff
+
+
 def build_predictors(model: Transformer, calib_tokens: np.ndarray, bc: BuildConfig,
                      progress: bool = True) -> PredictorSet:
     """Builds one predictor per layer from calibration tokens (a 1-D token stream)."""
     cfg = model.cfg
     check_build(cfg, bc)
     window = min(bc.window, cfg.max_seq_len)
+    calib_tokens = np.asarray(calib_tokens)
+    if calib_tokens.ndim != 1 or not np.issubdtype(calib_tokens.dtype, np.integer):
+        raise SvdsparseError(f"calibration tokens: expected a 1-D array of integer token ids, got "
+                             f"{calib_tokens.dtype} {calib_tokens.shape}")
+    bad = calib_tokens[(calib_tokens < 0) | (calib_tokens >= cfg.vocab_size)]
+    if bad.size:
+        raise SvdsparseError(f"calibration tokens {bad[:5].tolist()} outside the vocabulary [0, {cfg.vocab_size})")
     windows = calibration_windows(calib_tokens, window, bc.tokens)
+    check_count("tokens (calibration)", int(windows.size), calibration_bytes_per_token(cfg))
     dtype = jnp.dtype(bc.dtype) if bc.dtype else model.dtype
     timings = {"statistics": 0.0, "factors": 0.0, "bias calibration": 0.0}
     layers, info = [], []

@@ -18,7 +18,9 @@ predictor). Loading into a model of other shapes or another fingerprint is refus
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
+import math
 import os
 from pathlib import Path
 
@@ -26,14 +28,14 @@ import jax.numpy as jnp
 
 from svdsparse_jax.config import ModelConfig
 from svdsparse_jax.errors import SvdsparseError
-from svdsparse_jax.fsutil import atomic_directory, read_versioned_json
+from svdsparse_jax.fsutil import atomic_directory, inside, read_versioned_json
 from svdsparse_jax.policy import UnionRows
 from svdsparse_jax.predictors.base import LowRankPredictor, OraclePredictor, SignBitPredictor
 from svdsparse_jax.predictors.build import PredictorSet
 from svdsparse_jax.weights import FINGERPRINT_SCHEME
 
-FORMAT = 2
-READABLE_FORMATS = (1, 2)
+FORMAT = 3  # 3: the manifest binds its tensor file (tensors_sha256)
+READABLE_FORMATS = (1, 2, 3)
 KIND = "svdsparse-predictors"
 MANIFEST = "manifest.json"
 TENSORS = "predictors.safetensors"
@@ -49,6 +51,17 @@ def _layer_entry(i: int, p) -> tuple[dict, dict]:
         return {"type": "signbit", "d": p.d}, {f"layers.{i}.bits": p.bits.view(jnp.int32),
                                                f"layers.{i}.alpha": jnp.stack([p.alpha_num, p.alpha_den])}
     return {"type": "oracle", "threshold": p.threshold}, {}
+
+
+def predictor_bytes(cfg: ModelConfig, method: str, ranks: tuple[int, ...], itemsize: int) -> int:
+    """About the size of a predictor directory, known before the build: low-rank factors A [r, d] and B [d_ff, r]
+    in the factors' dtype with f32 biases, or sign bits; plus the manifest."""
+    manifest = 1 << 16
+    if method == "oracle":
+        return manifest
+    if method == "signbit":
+        return manifest + cfg.n_layers * (cfg.d_ff * (-(-cfg.d_model // 32)) * 4 + 8)
+    return manifest + sum(r * (cfg.d_model + cfg.d_ff) * itemsize + 4 * (cfg.d_ff + r) for r in ranks)
 
 
 def save_predictors(out_dir: str | os.PathLike, pset: PredictorSet, cfg: ModelConfig, fingerprint: str) -> Path:
@@ -68,10 +81,41 @@ def save_predictors(out_dir: str | os.PathLike, pset: PredictorSet, cfg: ModelCo
     if pset.union is not None:
         manifest["union_rows"] = pset.union.to_json()
     with atomic_directory(out_dir) as tmp:
+        manifest["tensors_sha256"] = None
         if tensors:
             save_file({k: jnp.asarray(v) for k, v in tensors.items()}, str(tmp / TENSORS))
+            manifest["tensors_sha256"] = file_sha256(tmp / TENSORS)
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     return Path(out_dir).absolute()
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file, read in 16 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_tensor_file(pred_dir: str | os.PathLike, m: dict) -> Path | None:
+    """The directory's tensor file (None when the set has none), refused unless it is the one the manifest
+    records (format 3 and later: its SHA-256), so another set's tensors cannot pass under this manifest."""
+    path = inside(pred_dir, TENSORS, f"{pred_dir}: tensors")
+    present = path.is_file()
+    if m["format"] < 3:
+        return path if present else None
+    want = m.get("tensors_sha256")
+    if want is None:
+        if present:
+            raise SvdsparseError(f"{path}: the manifest records no tensor file, but one is present")
+        return None
+    if not present:
+        raise SvdsparseError(f"{path}: missing (the manifest records one)")
+    if file_sha256(path) != want:
+        raise SvdsparseError(f"{path}: is not the tensor file this manifest was written with (SHA-256 differs); "
+                             "a file of another predictor set, or damaged")
+    return path
 
 
 def load_predictors(pred_dir: str | os.PathLike, cfg: ModelConfig, fingerprint: str | None,
@@ -95,14 +139,16 @@ def load_predictors(pred_dir: str | os.PathLike, cfg: ModelConfig, fingerprint: 
             raise SvdsparseError(f"{mpath}: built for model fingerprint {m['fingerprint']}, but this model's is "
                                  f"{fingerprint} (another checkpoint, config or weights)")
     tensors = {}
-    if (pred_dir / TENSORS).is_file():
+    tensor_file = check_tensor_file(pred_dir, m)
+    if tensor_file is not None:
         from safetensors import safe_open
         try:
-            with safe_open(str(pred_dir / TENSORS), framework="flax") as f:
+            with safe_open(str(tensor_file), framework="flax") as f:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}
         except Exception as e:  # safetensors raises several types for a damaged file
             raise SvdsparseError(f"{pred_dir / TENSORS}: cannot read ({type(e).__name__}: {e})") from None
     check_predictor_tensors(tensors, str(pred_dir / TENSORS))
+    check_no_stray_tensors(tensors, m, pred_dir / TENSORS)
     layers = []
     for i, e in enumerate(m["layers"]):
         def t(name):
@@ -127,6 +173,20 @@ def load_predictors(pred_dir: str | os.PathLike, cfg: ModelConfig, fingerprint: 
         layers.append(p)
     union = None if "union_rows" not in m else UnionRows.from_json(m["union_rows"], cfg.n_layers, str(mpath))
     return PredictorSet(m["method"], layers, m["config"], m.get("info", []), m.get("timings", {}), union)
+
+
+def check_no_stray_tensors(tensors: dict, m: dict, where: str | os.PathLike) -> None:
+    """Refuses tensors that no layer entry of the manifest uses (a layer the model lacks, a misnamed one)."""
+    names = {"lowrank": ("a", "b", "bias"), "signbit": ("bits", "alpha"), "oracle": ()}
+    used = set()
+    for i, e in enumerate(m["layers"]):
+        used |= {f"layers.{i}.{n}" for n in names.get(e["type"], ())}
+        if e["type"] == "lowrank" and e.get("relu"):
+            used.add(f"layers.{i}.hidden_bias")
+    stray = sorted(set(tensors) - used)
+    if stray:
+        raise SvdsparseError(f"{where}: tensors no layer of the manifest uses: {stray[:8]}"
+                             f"{f' and {len(stray) - 8} more' if len(stray) > 8 else ''}")
 
 
 INT_TENSORS = (".bits", ".alpha")  # the sign-bit predictor's packed signs and its threshold ratio
@@ -154,14 +214,45 @@ def check_predictor_tensors(tensors: dict, where: str) -> None:
 
 def read_manifest(pred_dir: str | os.PathLike) -> dict:
     """The manifest of a predictor directory, checked for its format, kind and the fields loading reads."""
-    mpath = Path(pred_dir) / MANIFEST
+    mpath = inside(pred_dir, MANIFEST, f"{pred_dir}: manifest")
     m = read_versioned_json(mpath, READABLE_FORMATS, "a predictor manifest")
     if m.get("kind", KIND) != KIND:
         raise SvdsparseError(f"{mpath}: kind {m.get('kind')!r}, expected {KIND!r}")
     missing = [k for k in ("method", "n_layers", "d_model", "d_ff", "fingerprint", "layers") if k not in m]
     if missing:
         raise SvdsparseError(f"{mpath}: missing fields {missing}")
+    for k in ("n_layers", "d_model", "d_ff"):
+        if not (isinstance(m[k], int) and not isinstance(m[k], bool) and m[k] > 0):
+            raise SvdsparseError(f"{mpath}: {k} {m[k]!r}: expected a positive integer")
+    if not isinstance(m["method"], str) or not isinstance(m.get("config", {}), dict):
+        raise SvdsparseError(f"{mpath}: method must be a string and config an object")
+    if not isinstance(m["fingerprint"], str):
+        raise SvdsparseError(f"{mpath}: fingerprint {m['fingerprint']!r}: expected a string")
+    if m["format"] >= 3 and not (m.get("tensors_sha256") is None or (
+            isinstance(m["tensors_sha256"], str) and len(m["tensors_sha256"]) == 64)):
+        raise SvdsparseError(f"{mpath}: tensors_sha256 {m.get('tensors_sha256')!r}: expected 64 hex digits or null")
     if not (isinstance(m["layers"], list) and len(m["layers"]) == m["n_layers"]
             and all(isinstance(e, dict) and "type" in e for e in m["layers"])):
         raise SvdsparseError(f"{mpath}: layers must list {m['n_layers']} entries with a type, one per layer")
+    for i, e in enumerate(m["layers"]):
+        _check_layer_entry(e, m["d_model"], f"{mpath}: layer {i}")
     return m
+
+
+def _check_layer_entry(e: dict, d_model: int, where: str) -> None:
+    """One manifest layer entry's fields, by its type (`_layer_entry` writes them)."""
+    def positive_int(v):
+        return isinstance(v, int) and not isinstance(v, bool) and v > 0
+    if e["type"] == "lowrank":
+        ok = positive_int(e.get("rank")) and isinstance(e.get("relu"), bool)
+        want = "rank a positive integer and relu true or false"
+    elif e["type"] == "signbit":
+        ok, want = e.get("d") == d_model, f"d = d_model = {d_model}"
+    elif e["type"] == "oracle":
+        t = e.get("threshold")
+        ok = isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t)
+        want = "threshold a finite number"
+    else:
+        raise SvdsparseError(f"{where}: unknown predictor type {e['type']!r}")
+    if not ok:
+        raise SvdsparseError(f"{where}: {e['type']} entry {e}: expected {want}")
