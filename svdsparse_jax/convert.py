@@ -219,7 +219,7 @@ def _few(names: list[str], n: int = 8) -> list[str]:
 def check_hf_tensors(cfg: ModelConfig, reader: _TensorReader, where: FsPath) -> None:
     """Raises one SvdsparseError naming the missing, extra and misshapen tensors (the first few of each)."""
     want = weight_count(cfg)[0]
-    if len(reader.index) < want - cfg.tie_embeddings:  # before a hostile layer count's specs are listed
+    if len(reader.index) < want:  # before a hostile layer count's specs are listed
         raise SvdsparseError(f"{where}: checkpoint does not match config.json: it holds {len(reader.index)} tensors, "
                              f"the config describes {want}")
     specs = weight_specs(cfg)

@@ -81,7 +81,7 @@ def weight_count(cfg: ModelConfig) -> tuple[int, int]:
     d, f, q, kv, v = cfg.d_model, cfg.d_ff, cfg.q_dim, cfg.kv_dim, cfg.vocab_size
     per_layer = 2 * d + 2 * q * d + 2 * kv * d + 3 * f * d + (q + 2 * kv if cfg.qkv_bias else 0) \
         + (d if cfg.o_bias else 0)
-    tensors = 1 + cfg.n_layers * (8 + 3 * cfg.qkv_bias + cfg.o_bias) + 1 + (not cfg.tie_embeddings)
+    tensors = 1 + cfg.n_layers * (9 + 3 * cfg.qkv_bias + cfg.o_bias) + 1 + (not cfg.tie_embeddings)
     return tensors, v * d * (1 + (not cfg.tie_embeddings)) + d + cfg.n_layers * per_layer
 
 
