@@ -22,6 +22,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from svdsparse_jax import compile_cache
 from svdsparse_jax.assets import BUNDLED_MODEL, corpus_split, is_bundled_model
 from svdsparse_jax.errors import SvdsparseError
 from svdsparse_jax.fsutil import check_free_space, check_new_output, exit_on_signal
@@ -108,6 +109,13 @@ def model_options(p: argparse.ArgumentParser, optional_model: bool = True) -> No
                    help="override the config's hidden_act (e.g. drelu for TurboSparse / SparseQwen2)")
     p.add_argument("--act-threshold", type=number(), help="override the FATReLU threshold (hidden_act_param)")
     p.add_argument("--allow-pickle", action="store_true", help="allow reading .bin (pickle) checkpoints")
+    _common_options(p)
+
+
+def _common_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compile-cache", metavar="DIR|off",
+                   help="keep compiled programs here for the next run, or off (default: SVDSPARSE_COMPILE_CACHE, "
+                        "else ~/.cache/svdsparse-jax/xla)")
     p.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
@@ -240,7 +248,7 @@ def build_parser(plugins: dict[str, Command] | None = None) -> argparse.Argument
     p.add_argument("--out", help="keep the predictors here (default: a temporary directory)")
     p.add_argument("--dtype", default="float32", choices=["bfloat16", "float16", "float32"],
                    help="weight dtype (the bundled model was trained in float32)")
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    _common_options(p)
     for ep in entry_points(group=PLUGIN_GROUP):
         try:
             register = ep.load()
@@ -851,6 +859,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if sys.stdout is None or sys.stdout.closed:  # started with stdout closed: the results would be lost
             raise SvdsparseError("standard output is closed; the results would be lost (redirect it to a file, or "
                                  "to /dev/null to discard them)")
+        compile_cache.enable(getattr(args, "compile_cache", None))  # before anything compiles
         if start_processes(args) > 0:  # every process runs the program; process 0 alone prints its results
             sys.stdout = open(os.devnull, "w")
         try:

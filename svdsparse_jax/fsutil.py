@@ -99,7 +99,7 @@ def _size(n: float) -> str:
 def remove_stale_partials(parent: Path) -> list[Path]:
     """Removes the temporary output directories in `parent` left by processes of this host that no longer run
     (killed by SIGKILL or a power cut, which no handler sees); returns them. Only directories this user made
-    through `atomic_directory` (they hold its mark) go: nothing of another user or another program."""
+    through `atomic_directory` (they hold its mark, or are still empty) go: nothing of another user or program."""
     host, removed = socket.gethostname(), []
     for p in parent.glob(f".*{PARTIAL}*"):
         m = re.fullmatch(rf"\..+{re.escape(PARTIAL)}(.+)-(\d+)-[^-]+", p.name)
@@ -107,7 +107,11 @@ def remove_stale_partials(parent: Path) -> list[Path]:
             continue
         mark = p / OWNER_MARK
         try:
-            if p.stat().st_uid != os.getuid() or not mark.is_file() or mark.is_symlink():
+            if p.stat().st_uid != os.getuid():
+                continue
+            if not mark.is_file() or mark.is_symlink():
+                os.rmdir(p)  # killed before its mark was written: only an empty directory goes (rmdir refuses more)
+                removed.append(p)
                 continue
         except OSError:
             continue

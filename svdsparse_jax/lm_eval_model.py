@@ -217,8 +217,11 @@ def main() -> int:
     import sys
 
     from lm_eval.__main__ import cli_evaluate
+    from svdsparse_jax import compile_cache
+
     debug = os.environ.get("SVDSPARSE_DEBUG") == "1"  # read once, at the edge
     try:
+        compile_cache.enable()  # SVDSPARSE_COMPILE_CACHE, else the user's cache directory
         cli_evaluate()
     except SvdsparseError as e:
         if debug:

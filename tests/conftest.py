@@ -5,11 +5,16 @@ pytest-xdist's workers). torch is imported only by the fixtures that build Huggi
 
 from __future__ import annotations
 
+import os
 import secrets
 import zlib
 
 import numpy as np
 import pytest
+
+# The CLI keeps compiled programs in the user's cache by default; the tests (and the commands they start) do not
+# write there. test_cli's compilation-cache test names its own directory.
+os.environ.setdefault("SVDSPARSE_COMPILE_CACHE", "off")
 
 
 def pytest_addoption(parser):

@@ -113,14 +113,16 @@ def test_cleanup_removes_only_our_own_dead_partials(tmp_path):
     host = socket.gethostname()
     theirs = tmp_path / f".data{PARTIAL}{host}-{dead}-abcd1234"
     ours = tmp_path / f".model{PARTIAL}{host}-{dead}-efgh5678"
-    for d in (theirs, ours):
+    empty = tmp_path / f".other{PARTIAL}{host}-{dead}-ijkl9012"  # killed before its mark was written
+    for d in (theirs, ours, empty):
         d.mkdir()
+    for d in (theirs, ours):
         (d / "payload").write_text("x")
     (ours / OWNER_MARK).write_text(f"{host} {dead}\n")
     with atomic_directory(tmp_path / "new") as tmp:
         (tmp / "file").write_text("y")
     assert theirs.is_dir() and (theirs / "payload").is_file()
-    assert not ours.exists()
+    assert not ours.exists() and not empty.exists()
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["file"]  # the mark does not stay
 
 

@@ -93,7 +93,7 @@ def test_generate_and_score_text(tiny_with_tokenizer, tmp_path, capsys):
 
 @pytest.mark.parametrize("argv, message", [
     (["generate", "/no/such/dir", "--prompt-ids", "1,2"], "/no/such/dir: not a directory"),
-    (["score", "MODEL", "--text-file", "/no/such/file"], "/no/such/file: cannot read"),
+    (["score", "MODEL", "--text-file", "/no/such/file"], "/no/such/file (--text-file): cannot read"),
     (["generate", "MODEL", "--prompt-ids", "1,2", "--max-new-tokens", "1000"], "exceeds the model's context"),
     (["generate", "MODEL", "--prompt", "hi"], "has no tokenizer files"),
     (["convert", "MODEL", "MODEL"], "already exists"),
@@ -236,3 +236,23 @@ def test_outputs_have_normal_modes(tmp_path, capsys):
     capsys.readouterr()
     assert (tmp_path / "p").stat().st_mode & 0o777 == 0o755
     assert all(f.stat().st_mode & 0o777 == 0o644 for f in (tmp_path / "p").iterdir())
+
+
+def test_a_second_run_loads_its_programs_from_the_compilation_cache(tmp_path):
+    """The same command twice with --compile-cache DIR: the second compiles nothing (JAX's debug log shows no
+    cache miss and the decode program's hit), and `--compile-cache off` writes no cache."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "JAX_LOGGING_LEVEL": "DEBUG"}
+    argv = [sys.executable, "-m", "svdsparse_jax.cli", "generate", "--prompt-ids", "1,2,3", "--max-new-tokens", "4",
+            "--dtype", "float32", "--compile-cache"]
+    runs = [subprocess.run(argv + [str(tmp_path / "cache")], capture_output=True, text=True, env=env, timeout=300)
+            for _ in range(2)]
+    assert all(r.returncode == 0 for r in runs), runs[-1].stderr[-2000:]
+    assert "CACHE MISS" in runs[0].stderr and len(list((tmp_path / "cache").iterdir())) > 1
+    assert "CACHE MISS" not in runs[1].stderr and "cache hit for 'jit__generate_program'" in runs[1].stderr
+    off = subprocess.run(argv + ["off"], capture_output=True, text=True, env=env, timeout=300, cwd=tmp_path)
+    assert off.returncode == 0 and "Initialized persistent compilation cache" in runs[0].stderr
+    assert "Initialized persistent compilation cache" not in off.stderr
