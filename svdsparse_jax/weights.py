@@ -165,7 +165,10 @@ def init_weights(cfg: ModelConfig, key: jax.Array, dtype: jnp.dtype = jnp.bfloat
     return out
 
 
-FINGERPRINT_SCHEME = "w2"  # prefixes every fingerprint; manifests without it hold the old sampled one
+FINGERPRINT_SCHEME = "w3"  # prefixes every fingerprint; manifests without it hold the old sampled one
+# w2 zeroed small magnitudes before rounding to bf16, so an f32 value just below 2^-14 that rounds up to it hashed
+# differently in f32 and in bf16. Its digests equal w3's for every model that has no such value (every bf16 one).
+READABLE_FINGERPRINT_SCHEMES = ("w2", "w3")
 
 
 def _host_array(x: jax.Array) -> np.ndarray:
@@ -177,15 +180,16 @@ def _host_array(x: jax.Array) -> np.ndarray:
 
 
 def model_fingerprint(cfg: ModelConfig, weights: dict) -> str:
-    """"w2-" + sha256 of the config and of every weight (in the spec table's order, each with its path and
-    shape) rounded to bf16, magnitudes below float16's normal range (2^-14) as zero: so a bf16 checkpoint loaded
-    as bf16, f16 or f32 keeps its fingerprint, while a change to any value changes it. Streamed one tensor at a
+    """"w3-" + sha256 of the config and of every weight (in the spec table's order, each with its path and
+    shape) rounded to bf16, then magnitudes below float16's normal range (2^-14) as zero: so a checkpoint keeps
+    its fingerprint whether loaded as f32 or converted to bf16 (or f16, values in f16's normal range), while a
+    change to any value that bf16 keeps changes it. Streamed one tensor at a
     time (a 7B model: seconds, and never a second copy). Predictor directories record it and refuse another
     model (weights: arrays, or anything indexable, keyed by spec path)."""
     h = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode())
     for spec in weight_specs(cfg):
-        w = jnp.asarray(weights[spec.path], jnp.float32)
-        w = jnp.where(jnp.abs(w) < 2.0 ** -14, 0.0, w).astype(jnp.bfloat16)
+        w = jnp.asarray(weights[spec.path]).astype(jnp.bfloat16)
+        w = jnp.where(jnp.abs(w) < 2.0 ** -14, jnp.zeros((), jnp.bfloat16), w)
         h.update(json.dumps([list(map(str, spec.path)), list(w.shape)]).encode())
         h.update(np.ascontiguousarray(_host_array(w)).view(np.uint16).tobytes())
     return f"{FINGERPRINT_SCHEME}-{h.hexdigest()[:32]}"

@@ -37,9 +37,15 @@ def test_fingerprint_covers_every_weight(seed, rng):
     the fingerprint; the same model in bf16, f16 or f32 keeps it (values rounded to bf16)."""
     weights = {k: v.astype(jnp.bfloat16).astype(jnp.float32) for k, v in _init(seed).items()}
     fp = model_fingerprint(CFG, weights)
-    assert fp.startswith("w2-")
+    assert fp.startswith("w3-")
     for dtype in (jnp.bfloat16, jnp.float16):
         assert model_fingerprint(CFG, {k: v.astype(dtype) for k, v in weights.items()}) == fp
+    # f32 weights and their bf16 conversion, values just below 2^-14 that bf16 rounds up to it included
+    f32 = {k: v * (1 + 2.0 ** -12) for k, v in _init(seed).items()}
+    path = next(iter(f32))
+    f32[path] = f32[path].at[0, 0].set(2.0 ** -14 * (1 - 2.0 ** -10))
+    assert jnp.abs(f32[path][0, 0].astype(jnp.bfloat16)) == 2.0 ** -14  # rounds up to f16's normal range
+    assert model_fingerprint(CFG, f32) == model_fingerprint(CFG, {k: v.astype(jnp.bfloat16) for k, v in f32.items()})
     for path in weights:
         w = np.asarray(weights[path]).copy()
         i = tuple(int(rng.integers(0, n)) for n in w.shape)
@@ -149,9 +155,11 @@ def test_store_round_trip_and_refusals(tmp_path, seed, rng):
             la, lb = jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)
             assert type(a) is type(b) and len(la) == len(lb)
             assert all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
-    other = _model(seed + 1)
-    with pytest.raises(SvdsparseError, match="fingerprint"):
+    with pytest.raises(SvdsparseError, match="another checkpoint, or its weights or config differ"):
         load_predictors(tmp_path / "whitened", CFG, model_fingerprint(CFG, _init(seed + 1)))
+    overridden = dataclasses.replace(CFG, activation="fatrelu", act_threshold=0.25)
+    with pytest.raises(SvdsparseError, match="check --activation / --act-threshold"):
+        load_predictors(tmp_path / "whitened", overridden, model_fingerprint(overridden, _init(seed)))
     manifest = tmp_path / "whitened" / "manifest.json"  # a set from before the fingerprint hashed every weight
     old = json.loads(manifest.read_text())
     manifest.write_text(json.dumps({**old, "fingerprint": "0123456789abcdef0123456789abcdef"}))

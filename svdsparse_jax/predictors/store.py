@@ -32,7 +32,7 @@ from svdsparse_jax.fsutil import atomic_directory, inside, read_versioned_json
 from svdsparse_jax.policy import UnionRows
 from svdsparse_jax.predictors.base import LowRankPredictor, OraclePredictor, SignBitPredictor
 from svdsparse_jax.predictors.build import PredictorSet
-from svdsparse_jax.weights import FINGERPRINT_SCHEME
+from svdsparse_jax.weights import FINGERPRINT_SCHEME, READABLE_FINGERPRINT_SCHEMES
 
 FORMAT = 3  # 3: the manifest binds its tensor file (tensors_sha256)
 READABLE_FORMATS = (1, 2, 3)
@@ -89,6 +89,30 @@ def save_predictors(out_dir: str | os.PathLike, pset: PredictorSet, cfg: ModelCo
     return Path(out_dir).absolute()
 
 
+def check_fingerprint(m: dict, cfg: ModelConfig, fingerprint: str, mpath: Path) -> None:
+    """Refuses a manifest recorded for another model, saying why where it can: the activation or its threshold
+    differ (an --activation / --act-threshold override), the set predates the current fingerprint, or the weights
+    or config differ."""
+    scheme, _, digest = str(m["fingerprint"]).partition("-")
+    if scheme not in READABLE_FINGERPRINT_SCHEMES:
+        raise SvdsparseError(f"{mpath}: records the older model fingerprint, which sampled a few weights and "
+                             "cannot tell models apart; rebuild these predictors for the model (svdsparse "
+                             "build-predictors MODEL --out DIR)")
+    if digest == fingerprint.partition("-")[2]:
+        return
+    threshold = cfg.act_threshold if cfg.activation == "fatrelu" else 0.0
+    if "activation" in m and (m["activation"], float(m.get("threshold", 0.0))) != (cfg.activation, threshold):
+        why = (f"built for activation {m['activation']} (threshold {m.get('threshold', 0.0)}), but the model runs "
+               f"{cfg.activation} (threshold {threshold}): check --activation / --act-threshold")
+    elif scheme != FINGERPRINT_SCHEME:
+        why = (f"built under fingerprint scheme {scheme}, which differs from {FINGERPRINT_SCHEME}'s for float32 "
+               "weights just below 2^-14; rebuild these predictors for the model (svdsparse build-predictors)")
+    else:
+        why = "another checkpoint, or its weights or config differ (the weight dtype alone does not matter)"
+    raise SvdsparseError(f"{mpath}: built for model fingerprint {m['fingerprint']}, but this model's is "
+                         f"{fingerprint}: {why}")
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     """The SHA-256 of a file, read in 16 MiB blocks."""
     h = hashlib.sha256()
@@ -131,13 +155,7 @@ def load_predictors(pred_dir: str | os.PathLike, cfg: ModelConfig, fingerprint: 
         raise SvdsparseError(f"{mpath}: predictors for (layers, d_model, d_ff) = {shape}, but the model has "
                              f"{(cfg.n_layers, cfg.d_model, cfg.d_ff)}")
     if fingerprint is not None:
-        if not str(m["fingerprint"]).startswith(FINGERPRINT_SCHEME + "-"):
-            raise SvdsparseError(f"{mpath}: records the older model fingerprint, which sampled a few weights and "
-                                 "cannot tell models apart; rebuild these predictors for the model (svdsparse "
-                                 "build-predictors MODEL --out DIR)")
-        if m["fingerprint"] != fingerprint:
-            raise SvdsparseError(f"{mpath}: built for model fingerprint {m['fingerprint']}, but this model's is "
-                                 f"{fingerprint} (another checkpoint, config or weights)")
+        check_fingerprint(m, cfg, fingerprint, mpath)
     tensors = {}
     tensor_file = check_tensor_file(pred_dir, m)
     if tensor_file is not None:
