@@ -213,6 +213,9 @@ def _from_hf_config(hf: dict[str, Any], *, where: str = "config.json", activatio
         else:
             raise SvdsparseError(f"{where}: hidden_act {act!r} is not supported; expected one of "
                                  f"{list(SPARSE_ACTIVATIONS)} (or {list(DENSE_ONLY_ACTIVATIONS)} with dense_only)")
+    if act_threshold is not None and act != "fatrelu":
+        raise SvdsparseError(f"act_threshold={act_threshold} (--act-threshold) applies to fatrelu; this model's "
+                             f"activation is {act} (add --activation fatrelu to run it as FATReLU)")
     if act_threshold is None:
         act_threshold = _finite(hf.get("hidden_act_param") or 0.0, "hidden_act_param")
     threshold = act_threshold if act == "fatrelu" else 0.0

@@ -257,9 +257,13 @@ def pick_windows(tokens: np.ndarray, window: int, max_windows: int | None = None
 
 
 def windowing(summary: dict) -> str:
-    """How an evaluation's perplexity was measured, in words (from an `evaluate_predictors` summary)."""
-    return (f"{summary['windows']} windows of {summary['window']} tokens spread evenly over "
-            f"{summary['stream_tokens']:,} tokens")
+    """How an evaluation's perplexity was measured, in words (from an `evaluate_predictors` summary): windows
+    spread evenly over a longer stream, or every window of the tokens read (`eval --text-file` reads only as many
+    as its windows take)."""
+    n, w, total = summary["windows"], summary["window"], summary["stream_tokens"]
+    if n >= total // w:
+        return f"{n} windows of {w} tokens, every window of the {total:,} tokens read"
+    return f"{n} windows of {w} tokens spread evenly over {total:,} tokens"
 
 
 def evaluate_stream(model: Transformer, stream: np.ndarray, window: int = 512, batch: int = 8,
@@ -427,6 +431,7 @@ def evaluate_batches(model: Transformer, pset, windows: np.ndarray, batch_sizes:
 
 
 PLOTS = (("predicted_sparsity", "predicted sparsity"), ("recall", "recall"), ("auroc", "AUROC"))
+PLOT_FILES = tuple(f"{key}.png" for key, _ in PLOTS) + ("batches.png",)  # batches: with --batch-sizes
 
 
 def check_plot_dir(out_dir: str | os.PathLike, flag: str = "--plots") -> None:
@@ -437,8 +442,7 @@ def check_plot_dir(out_dir: str | os.PathLike, flag: str = "--plots") -> None:
     out = Path(out_dir).absolute()
     if out.exists() and not out.is_dir():
         raise SvdsparseError(f"{out} ({flag}): exists and is not a directory")
-    taken = [str(out / f"{key}.png") for key, _ in PLOTS if (out / f"{key}.png").exists()
-             or (out / f"{key}.png").is_symlink()]
+    taken = [str(out / f"{key}") for key in PLOT_FILES if (out / key).exists() or (out / key).is_symlink()]
     if taken:
         raise SvdsparseError(f"{taken[0]} ({flag}): already exists; plots never replace files (choose another "
                              "directory)")
@@ -447,28 +451,75 @@ def check_plot_dir(out_dir: str | os.PathLike, flag: str = "--plots") -> None:
         raise SvdsparseError(f"{out} ({flag}): cannot be written ({existing} is not a writable directory)")
 
 
-def write_plots(reports: dict[str, dict], out_dir: str) -> list[str]:
-    """PNG plots of per-layer predicted vs true sparsity, recall and AUROC, one line per report; each file is
-    created new (an existing one is refused, never replaced)."""
+TITLES = {"predicted_sparsity": "Predicted against true sparsity, per layer",
+          "recall": "Recall per layer: the share of active neurons the predictor keeps",
+          "auroc": "AUROC per layer: how well the scores rank active above inactive neurons",
+          "batches": "Rows a decode batch reads (the union of its sequences' rows)"}
+
+
+def write_plots(reports: dict[str, dict], out_dir: str, targets: dict[str, tuple[str, float]] | None = None
+                ) -> list[str]:
+    """PNG plots, one line per report: per layer, predicted against true sparsity, recall and AUROC, each with
+    its calibration target where one applies (targets: report name -> (rule, value) of its build, as
+    `thresholds.layer_target` reads them); and, for reports with batches (`evaluate_batches`), the rows read
+    against the batch size. Every figure has a title and the windows it was measured on; recall and AUROC axes
+    end at 1 and start low enough to show how far from it a layer is. Each file is created new (an existing one
+    is refused, never replaced)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from pathlib import Path
 
+    from svdsparse_jax.predictors.thresholds import layer_target
+
     check_plot_dir(out_dir)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    written = []
+    first = next(iter(reports.values()))
+    figures = []
     for key, label in PLOTS:
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        values = []
         for name, rep in reports.items():
-            ax.plot([r["layer"] for r in rep["layers"]], [r[key] for r in rep["layers"]], marker="o", label=name)
+            layers = [r["layer"] for r in rep["layers"]]
+            ys = [r[key] for r in rep["layers"]]
+            values += ys
+            line, = ax.plot(layers, ys, marker="o", label=name)
+            rule = (targets or {}).get(name)
+            if rule is not None:
+                goal = [layer_target(rule[0], rule[1], r["layer"], r["true_sparsity"]) for r in rep["layers"]]
+                kind = {"predicted_sparsity": "sparsity", "recall": "recall"}.get(key)
+                if kind is not None and all(g.kind == kind for g in goal):
+                    ax.plot(layers, [g.value for g in goal], ":", color=line.get_color(),
+                            label=f"{name}: target ({rule[0]} {rule[1]:g})")
+                    values += [g.value for g in goal]
         if key == "predicted_sparsity":
-            first = next(iter(reports.values()))
             ax.plot([r["layer"] for r in first["layers"]], [r["true_sparsity"] for r in first["layers"]], "k--",
                     label="true sparsity")
-        ax.set_xlabel("layer")
-        ax.set_ylabel(label)
+            ax.set_ylim(0, 1)
+        else:
+            low = min(values) if values else 0.0
+            ax.set_ylim(max(0.0, low - 0.25 * (1 - low) - 0.005), 1.005)
+        figures.append((key, fig, ax, "layer", label))
+    if any(rep.get("batches") for rep in reports.values()):
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for name, rep in reports.items():
+            bs = rep.get("batches") or []
+            sizes = [b["batch"] for b in bs]
+            ax.plot(sizes, [b["gate_rows_union"] for b in bs], marker="o", label=f"{name}: W_gate rows (union)")
+            ax.plot(sizes, [b["up_down_rows_union"] for b in bs], marker="s", label=f"{name}: W_up / W_down rows")
+            ax.plot(sizes, [b["rows_read_fraction"] for b in bs], marker="^", label=f"{name}: read, with the policy")
+        ax.set_xscale("log", base=2)
+        sizes = sorted({b["batch"] for rep in reports.values() for b in rep.get("batches") or []})
+        ax.set_xticks(sizes, [str(b) for b in sizes])
+        ax.set_ylim(0, 1.02)
+        ax.axhline(1.0, color="k", lw=0.8, ls="--", label="dense (every row)")
+        figures.append(("batches", fig, ax, "decode batch size", "fraction of FFN rows"))
+    written = []
+    for key, fig, ax, xlabel, ylabel in figures:
+        ax.set_title(f"{TITLES[key]}\n{windowing(first['summary'])}", fontsize=9)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
         path = out / f"{key}.png"

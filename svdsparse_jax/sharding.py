@@ -33,8 +33,10 @@ def make_mesh(n_devices: int, devices: Sequence[jax.Device] | None = None) -> Me
     """A one-axis mesh ("model") over the first n_devices devices of this process's JAX backend."""
     devices = list(jax.devices() if devices is None else devices)
     if not 1 <= n_devices <= len(devices):
+        hint = (f"; for host devices on a CPU, set XLA_FLAGS=--xla_force_host_platform_device_count={n_devices} "
+                "before the command" if devices[0].platform == "cpu" else "")
         raise SvdsparseError(f"--devices {n_devices}: this JAX backend has {len(devices)} "
-                             f"{devices[0].platform} device(s)")
+                             f"{devices[0].platform} device(s){hint}")
     return Mesh(np.asarray(devices[:n_devices]), (AXIS,))
 
 

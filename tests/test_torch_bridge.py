@@ -112,6 +112,11 @@ def test_plugin_cli_and_refusals(bundled, tmp_path, capsys):
                                   np.asarray(pset.layers[2].b, np.float32).astype(np.float16).astype(np.float32))
     with pytest.raises(SvdsparseError, match="are pickles"):
         read_svdp(tmp_path / "svdp", 8, lm.cfg.d_model, lm.cfg.d_ff)
+    # the round trip through the CLI keeps the measured unions, so the policy decides as for the original set
+    assert main(["import-svdp", "--allow-pickle", "--dtype", "float32", "--svdp", str(tmp_path / "svdp"), "--out",
+                 str(tmp_path / "back")]) == 0
+    original = load_predictors(root / "pred", lm.cfg, lm.fingerprint).union
+    assert original is not None and load_predictors(tmp_path / "back", lm.cfg, lm.fingerprint).union == original
     layers = read_factors(root / "pred").layers
     # wrong layer count, wrong shapes
     with pytest.raises(SvdsparseError, match="7 predictor layers for a model with 8"):

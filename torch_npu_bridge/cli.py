@@ -44,7 +44,8 @@ def cmd_export_svdp(args: argparse.Namespace) -> None:
     lm = load_from_args(args)
     pset = load_predictors_for(args.predictors, lm)
     layers = [factors_of(p, i) for i, p in enumerate(pset.layers)]
-    print(f"SVDP-layout files of {len(layers)} layers ({pset.method}) in {write_svdp(args.out, layers)}")
+    union = pset.union.to_json() if pset.union is not None else None
+    print(f"SVDP-layout files of {len(layers)} layers ({pset.method}) in {write_svdp(args.out, layers, union)}")
 
 
 def cmd_import_svdp(args: argparse.Namespace) -> None:
@@ -52,7 +53,7 @@ def cmd_import_svdp(args: argparse.Namespace) -> None:
 
     from svdsparse_jax.predictors import LowRankPredictor, PredictorSet, save_predictors
     from svdsparse_jax.predictors.store import check_predictor_tensors, predictor_bytes
-    from torch_npu_bridge.svdp_format import read_svdp
+    from torch_npu_bridge.svdp_format import read_svdp, read_union_rows
 
     require("torch", "torch", "import-svdp")
     if not args.allow_pickle:  # before the model is loaded
@@ -68,6 +69,7 @@ def cmd_import_svdp(args: argparse.Namespace) -> None:
     check_predictor_tensors({f"layers.{i}.{k}": getattr(p, k) for i, p in enumerate(preds) for k in ("a", "b")},
                             f"{args.svdp} (as --dtype {args.dtype})")  # a float16 cast can overflow
     check_free_space(args.out, predictor_bytes(cfg, "whitened", tuple(p.rank for p in preds), dt.itemsize), "--out")
-    pset = PredictorSet("svdp-import", preds, {"source": str(args.svdp)}, [], {})
+    union = read_union_rows(args.svdp, cfg.n_layers)  # written by export-svdp; the paper's files have none
+    pset = PredictorSet("svdp-import", preds, {"source": str(args.svdp)}, [], {}, union)
     out = save_predictors(args.out, pset, cfg, lm.fingerprint)
     print(f"imported {len(preds)} layers from {args.svdp} to {out}")

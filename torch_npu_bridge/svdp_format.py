@@ -7,6 +7,7 @@ two layers) have no place in this layout and are refused. Reading uses `torch.lo
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -21,8 +22,12 @@ def layer_file(i: int) -> str:
     return f"model_{i}.pt"
 
 
-def write_svdp(out_dir: str | os.PathLike, layers: list[LayerFactors]) -> Path:
-    """Writes model_{i}.pt for every layer (fp16), atomically as a directory."""
+UNION_FILE = "union_rows.json"  # beside the paper's files: the set's measured unions, so a round trip keeps its policy
+
+
+def write_svdp(out_dir: str | os.PathLike, layers: list[LayerFactors], union_rows: dict | None = None) -> Path:
+    """Writes model_{i}.pt for every layer (fp16), and the predictor set's union row fractions (`UNION_FILE`,
+    `policy.UnionRows.to_json`) when given, atomically as a directory."""
     import torch
 
     states = []
@@ -45,7 +50,21 @@ def write_svdp(out_dir: str | os.PathLike, layers: list[LayerFactors]) -> Path:
             except (OSError, RuntimeError) as e:  # torch reports a full disk as a RuntimeError of its writer
                 raise SvdsparseError(f"{tmp / layer_file(i)}: cannot write ({type(e).__name__}: "
                                      f"{str(e).splitlines()[0] if str(e) else ''})") from None
+        if union_rows is not None:
+            (tmp / UNION_FILE).write_text(json.dumps(union_rows) + "\n")
     return Path(out_dir).absolute()
+
+
+def read_union_rows(svdp_dir: str | os.PathLike, n_layers: int):
+    """The `UNION_FILE` an export wrote beside the layer files, as `policy.UnionRows` (None without one: files
+    from the paper's code carry none)."""
+    from svdsparse_jax.limits import read_json
+    from svdsparse_jax.policy import UnionRows
+
+    path = inside(svdp_dir, UNION_FILE, f"{svdp_dir}: union rows")
+    if not path.is_file():
+        return None
+    return UnionRows.from_json(read_json(path, "the union row fractions"), n_layers, str(path))
 
 
 def read_svdp(svdp_dir: str | os.PathLike, n_layers: int, d: int, d_ff: int, allow_pickle: bool = False
