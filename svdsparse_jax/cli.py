@@ -459,6 +459,8 @@ def cmd_generate(args: argparse.Namespace) -> None:
                     print(f"--- prompt {results.index(r) + 1}" + (f", sample {j + 1}" if n > 1 else ""))
                 print(sample["text"] if sample["text"] is not None else ",".join(map(str, sample["output_ids"])))
     sparse = f"; {sum(result.sparse_layers)} of {len(result.sparse_layers)} layers sparse" if pset else ""
+    if pset and not any(result.sparse_layers) and args.ffn_policy == "measured":
+        sparse += " (the measured policy found dense faster for this model and batch; --ffn-policy sparse forces it)"
     how = "greedy" if sampler.greedy else f"sampled, seed {seed}"
     print(f"[{n_new} tokens in {result.run_s:.3f} s: {tps:.1f} tokens/s; compile {result.compile_s:.1f} s; "
           f"{how}{sparse}]", file=sys.stderr)

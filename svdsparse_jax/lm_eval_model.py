@@ -77,6 +77,12 @@ class SvdsparseLM(TemplateLM):
         self.model = Transformer(lm.cfg, lm.weights, from_environment(kernels, ffn_policy=ffn_policy))
         self.guarded = self.pset.layers if self.pset is not None and ffn_policy != "dense" else None
         self.generator = Generator(self.model, self.pset and self.pset.layers, self.pset and self.pset.union)
+        if self.pset is not None:  # the CLI defaults to the measured policy: say which one runs here
+            import sys
+            print(f"svdsparse lm-eval model: ffn_policy={ffn_policy} (scoring runs every layer guarded unless "
+                  "ffn_policy=dense; generation: "
+                  f"{sum(self.generator.sparse_layers(self.batch_size))} of {self.cfg.n_layers} layers sparse at "
+                  f"batch {self.batch_size})", file=sys.stderr)
         self._graph = nnx.split(self.model)
 
     @classmethod
