@@ -72,11 +72,12 @@ GEMV_TILE = GemvTile(
            "shape; 12288x4096 40.5 us, 11008x4096 36.3, 32000x4096 93.9")
 
 GEMV_T_TILE = GemvTTile(
-    rows=64, cols=128, splits=32, num_warps=4, num_stages=3,
+    rows=64, cols=128, splits=32, num_warps=4, num_stages=2,
     source="H200 2026-12-02 (docs/bench/gemv_t_sweep.json): the fastest of 36 tiles at batch 1, 11008x4096 28.3 us "
            "(3.19 TB/s; XLA 43.1) and 18944x3584 41.7 us (3.26; XLA 46.1); more splits were faster throughout; "
-           "in decode 27.9 us a layer, dense 225.0 -> 239.9 tok/s. Two stages: within 0.6 us alone "
-           "(docs/bench/gemv_t_sweep2.json), 80 us a step faster in decode, not yet through the GPU checks")
+           "in decode 27.9 us a layer with 3 stages, dense 225.0 -> 239.9 tok/s. Two stages: within 0.6 us alone "
+           "(docs/bench/gemv_t_sweep2.json), 80 us a step faster in decode (244.5 tok/s); PENDING the GPU checks "
+           "and decode of device_session.sh")
 
 # Which decode products take the Pallas GEMV: one sequence's products of 3584 x 3584 weights and more. Below
 # that (the predictor factors) and at 2 sequences and more XLA measured faster; f32 models keep XLA's
