@@ -24,6 +24,21 @@ class GemvTile:
 
 
 @dataclasses.dataclass(frozen=True)
+class GemvShapeTile:
+    """Products with a weight of exactly [n, k] take `tile` instead of the default `GEMV_TILE`."""
+
+    n: int
+    k: int
+    tile: GemvTile
+    source: str = dataclasses.field(default="", compare=False, repr=False)
+
+
+def gemv_tile_for(n: int, k: int, default: GemvTile, shape_tiles: tuple[GemvShapeTile, ...]) -> GemvTile:
+    """The row GEMV's tile for a weight [n, k]: the first row of `shape_tiles` of that shape, else `default`."""
+    return next((row.tile for row in shape_tiles if (row.n, row.k) == (n, k)), default)
+
+
+@dataclasses.dataclass(frozen=True)
 class GemvTTile:
     """`gemv.gemv_t_pallas`'s tile (x @ w_t for w_t [k, n], the dense FFN's down product): rows of w_t per
     loop step and columns of y per program (each cut to a power of two dividing its dimension), partial sums per
@@ -70,6 +85,17 @@ GEMV_TILE = GemvTile(
     rows=4, cap=4096, num_warps=8,
     source="H100 2026-11-23 (docs/design.md, decode GEMVs): within 1 us of the best of 12 tiles on every 7B "
            "shape; 12288x4096 40.5 us, 11008x4096 36.3, 32000x4096 93.9")
+
+_GEMV_SWEEP = ("H200 2026-12-02 (docs/bench/gemv_sweep_rows_66ded68.json, 36 tiles, batch 1, no norm; "
+               "GEMV_TILE there: 12288x4096 32.32 us, 4096x4096 14.78, 11008x4096 27.63)")
+# Shapes whose best tile beat GEMV_TILE by more than the sweep's noise (~0.7 us): LLaMA2-7B's q/k/v and o_proj.
+# 11008x4096 (gate, up): the best, rows=2 warps=16, 27.46 us, within noise of the default.
+GEMV_SHAPE_TILES = (
+    GemvShapeTile(n=12288, k=4096, tile=GemvTile(rows=1, cap=4096, num_warps=8),
+                  source=f"{_GEMV_SWEEP}: 30.68 us (3.28 TB/s), the best of 36"),
+    GemvShapeTile(n=4096, k=4096, tile=GemvTile(rows=2, cap=4096, num_warps=4),
+                  source=f"{_GEMV_SWEEP}: 13.30 us (2.52 TB/s), the best of 36 (rows=1 warps=8 13.32)"),
+)
 
 GEMV_T_TILE = GemvTTile(
     rows=64, cols=128, splits=32, num_warps=4, num_stages=2,
