@@ -88,13 +88,15 @@ GEMV_TILE = GemvTile(
 
 _GEMV_SWEEP = ("H200 2026-12-02 (docs/bench/gemv_sweep_rows_66ded68.json, 36 tiles, batch 1, no norm; "
                "GEMV_TILE there: 12288x4096 32.32 us, 4096x4096 14.78, 11008x4096 27.63)")
-# Shapes whose best tile beat GEMV_TILE by more than the sweep's noise (~0.7 us): LLaMA2-7B's q/k/v and o_proj.
-# 11008x4096 (gate, up): the best, rows=2 warps=16, 27.46 us, within noise of the default.
+# Shapes whose best tile beat GEMV_TILE in the sweep and then in decode: LLaMA2-7B's o_proj. Not kept: q/k/v
+# (12288x4096), whose best plain tile rows=1 warps=8 (30.68 us) ran its product with the norm inside at 38.6 us a
+# layer in decode against 30.7 at GEMV_TILE (each of its 12288 programs forms the norm again; docs/bench/
+# decode_llama2-7b_shape_tiles_d243aaa.json: dense 244.5 -> 233.4 tok/s); 11008x4096 (gate, up): the best,
+# rows=2 warps=16, 27.46 us, within noise of the default.
 GEMV_SHAPE_TILES = (
-    GemvShapeTile(n=12288, k=4096, tile=GemvTile(rows=1, cap=4096, num_warps=8),
-                  source=f"{_GEMV_SWEEP}: 30.68 us (3.28 TB/s), the best of 36"),
     GemvShapeTile(n=4096, k=4096, tile=GemvTile(rows=2, cap=4096, num_warps=4),
-                  source=f"{_GEMV_SWEEP}: 13.30 us (2.52 TB/s), the best of 36 (rows=1 warps=8 13.32)"),
+                  source=f"{_GEMV_SWEEP}: 13.30 us (2.52 TB/s), the best of 36 (rows=1 warps=8 13.32); in decode "
+                         "(docs/bench/decode_llama2-7b_shape_tiles_d243aaa.json) o_proj 10.96 -> 10.58 us a layer"),
 )
 
 GEMV_T_TILE = GemvTTile(
