@@ -35,7 +35,8 @@ PROMPTS = (
     "def binary_search(a, x):\n    lo, hi = 0, len(a)\n    while lo < hi:\n",
     "import re\n\nEMAIL = re.compile(r\"[^@]+@[^@]+\")\n\n\ndef valid_email(s):\n",
     "def flatten(nested):\n    out = []\n    for item in nested:\n        if isinstance(item, list):\n",
-    "from dataclasses import dataclass\n\n\n@dataclass\nclass Point:\n    x: float\n    y: float\n\n    def norm(self):\n",
+    "from dataclasses import dataclass\n\n\n@dataclass\nclass Point:\n    x: float\n    y: float\n\n"
+    "    def norm(self):\n",
     "def word_counts(text):\n    counts = {}\n    for word in text.split():\n",
     "import argparse\n\n\ndef main():\n    parser = argparse.ArgumentParser(description=\"Copy files\")\n",
     "def merge(a, b):\n    i = j = 0\n    out = []\n    while i < len(a) and j < len(b):\n",
