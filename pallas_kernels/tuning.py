@@ -24,6 +24,21 @@ class GemvTile:
 
 
 @dataclasses.dataclass(frozen=True)
+class GemvShapeTile:
+    """Products with a weight of exactly [n, k] take `tile` instead of the default `GEMV_TILE`."""
+
+    n: int
+    k: int
+    tile: GemvTile
+    source: str = dataclasses.field(default="", compare=False, repr=False)
+
+
+def gemv_tile_for(n: int, k: int, default: GemvTile, shape_tiles: tuple[GemvShapeTile, ...]) -> GemvTile:
+    """The row GEMV's tile for a weight [n, k]: the first row of `shape_tiles` of that shape, else `default`."""
+    return next((row.tile for row in shape_tiles if (row.n, row.k) == (n, k)), default)
+
+
+@dataclasses.dataclass(frozen=True)
 class GemvTTile:
     """`gemv.gemv_t_pallas`'s tile (x @ w_t for w_t [k, n], the dense FFN's down product): rows of w_t per
     loop step and columns of y per program (each cut to a power of two dividing its dimension), partial sums per
@@ -71,12 +86,26 @@ GEMV_TILE = GemvTile(
     source="H100 2026-11-23 (docs/design.md, decode GEMVs): within 1 us of the best of 12 tiles on every 7B "
            "shape; 12288x4096 40.5 us, 11008x4096 36.3, 32000x4096 93.9")
 
+_GEMV_SWEEP = ("H200 2026-12-02 (docs/bench/gemv_sweep_rows_66ded68.json, 36 tiles, batch 1, no norm; "
+               "GEMV_TILE there: 12288x4096 32.32 us, 4096x4096 14.78, 11008x4096 27.63)")
+# Shapes whose best tile beat GEMV_TILE in the sweep and then in decode: LLaMA2-7B's o_proj. Not kept: q/k/v
+# (12288x4096), whose best plain tile rows=1 warps=8 (30.68 us) ran its product with the norm inside at 38.6 us a
+# layer in decode against 30.7 at GEMV_TILE (each of its 12288 programs forms the norm again; docs/bench/
+# decode_llama2-7b_shape_tiles_d243aaa.json: dense 244.5 -> 233.4 tok/s); 11008x4096 (gate, up): the best,
+# rows=2 warps=16, 27.46 us, within noise of the default.
+GEMV_SHAPE_TILES = (
+    GemvShapeTile(n=4096, k=4096, tile=GemvTile(rows=2, cap=4096, num_warps=4),
+                  source=f"{_GEMV_SWEEP}: 13.30 us (2.52 TB/s), the best of 36 (rows=1 warps=8 13.32); in decode "
+                         "(docs/bench/decode_llama2-7b_shape_tiles_d243aaa.json) o_proj 10.96 -> 10.58 us a layer"),
+)
+
 GEMV_T_TILE = GemvTTile(
-    rows=64, cols=128, splits=32, num_warps=4, num_stages=3,
+    rows=64, cols=128, splits=32, num_warps=4, num_stages=2,
     source="H200 2026-12-02 (docs/bench/gemv_t_sweep.json): the fastest of 36 tiles at batch 1, 11008x4096 28.3 us "
            "(3.19 TB/s; XLA 43.1) and 18944x3584 41.7 us (3.26; XLA 46.1); more splits were faster throughout; "
-           "in decode 27.9 us a layer, dense 225.0 -> 239.9 tok/s. Two stages: within 0.6 us alone "
-           "(docs/bench/gemv_t_sweep2.json), 80 us a step faster in decode, not yet through the GPU checks")
+           "in decode 27.9 us a layer with 3 stages, dense 225.0 -> 239.9 tok/s. Two stages: within 0.6 us alone "
+           "(docs/bench/gemv_t_sweep2.json), 80 us a step faster in decode (244.5 tok/s); PENDING the GPU checks "
+           "and decode of device_session.sh")
 
 # Which decode products take the Pallas GEMV: one sequence's products of 3584 x 3584 weights and more. Below
 # that (the predictor factors) and at 2 sequences and more XLA measured faster; f32 models keep XLA's

@@ -31,7 +31,7 @@ from pallas_kernels.gemv import gemv_pallas, gemv_t_pallas
 from pallas_kernels.norm import add_rmsnorm_pallas
 from pallas_kernels.reference import Activation
 from pallas_kernels.sparse_ffn import SparseFFNConfig, sparse_ffn_indexed
-from pallas_kernels.tuning import FFNCost, GemvTile, GemvTTile, ProjectionRule, SparseFFNRow
+from pallas_kernels.tuning import FFNCost, GemvShapeTile, GemvTile, GemvTTile, ProjectionRule, SparseFFNRow
 from svdsparse_jax.errors import SvdsparseError
 from svdsparse_jax.policy import POLICIES
 
@@ -50,7 +50,8 @@ class EngineConfig:
     projections: which decode products take the Pallas GEMV (`tuning.ProjectionRule`, first match wins; none:
       XLA). Given RMSNorm(x) @ w^T, the GEMV forms the norm itself.
     gemv_tile, gemv_t_tile, sparse_ffn (kernel configuration by batch size), compaction_tile: the kernels'
-      tiles.
+      tiles; gemv_shape_tiles: the row GEMV's tiles for particular weight shapes (`gemv_tile_for`), before
+      gemv_tile.
     kernel_max_batch: more rows than this (prefill, evaluation windows) always run XLA.
     ffn_policy: which layers of a decode batch run the predictor-guarded FFN: 'measured' (where the measured
       costs `ffn_costs` say it beats dense at the batch's union row fractions), 'sparse' (all) or 'dense'
@@ -65,6 +66,7 @@ class EngineConfig:
     platform: str = "cpu"
     projections: tuple[ProjectionRule, ...] = tuning.PROJECTIONS
     gemv_tile: GemvTile = tuning.GEMV_TILE
+    gemv_shape_tiles: tuple[GemvShapeTile, ...] = tuning.GEMV_SHAPE_TILES
     gemv_t_tile: GemvTTile = tuning.GEMV_T_TILE
     sparse_ffn: tuple[SparseFFNRow, ...] = tuning.SPARSE_FFN
     compaction_tile: int = tuning.COMPACTION_TILE
@@ -99,6 +101,10 @@ class EngineConfig:
         dtype = jnp.dtype(w.dtype).name
         rule = next((r for r in self.projections if r.matches(batch, w.size, dtype)), None)
         return "xla" if rule is None else rule.impl
+
+    def gemv_tile_for(self, n: int, k: int) -> GemvTile:
+        """The row GEMV's tile for a weight [n, k] (`tuning.gemv_tile_for`)."""
+        return tuning.gemv_tile_for(n, k, self.gemv_tile, self.gemv_shape_tiles)
 
     def sparse_ffn_config(self, batch: int) -> SparseFFNConfig | None:
         """The sparse FFN kernels' configuration for a batch, or None where XLA's masked FFN runs."""
@@ -146,7 +152,7 @@ def project(engine: EngineConfig, x: jax.Array, w: jax.Array, norm: tuple[jax.Ar
     flat = x.reshape(-1, x.shape[-1])
     scale, eps = (None, 0.0) if norm is None else norm
     if engine.projection_impl(flat.shape[0], w) == "gemv":
-        tile = engine.gemv_tile
+        tile = engine.gemv_tile_for(*w.shape)
         y = gemv_pallas(flat, w, scale, eps, out_dtype=jnp.dtype(out_dtype), rows=tile.rows, cap=tile.cap,
                         num_warps=tile.num_warps, interpret=engine.interpret)
     else:

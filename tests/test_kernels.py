@@ -2,6 +2,8 @@
 NaN-started outputs; the engine's routing of each decode operation; sparse decoding through the kernels inside
 the generate program."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -81,6 +83,35 @@ def test_gemv_kernel_matches_float64(n, k, dtype, rng):
                 r = check_gemv(n, k, dtype, rng=rng, batch=batch, interpret=True, kernel=kernel,
                                out_dtype=out_dtype, rows=8, cap=64)
                 assert r.ok, r
+
+
+@pytest.mark.parametrize("rows,num_warps", [(1, 8), (2, 4)])
+def test_gemv_kernel_at_the_shape_tiles_rows(rows, num_warps, rng):
+    """The row counts of `tuning.GEMV_SHAPE_TILES` (one and two rows per program) against float64."""
+    for kernel in ("plain", "norm"):
+        for batch in (1, 3):
+            r = check_gemv(24, 96, jnp.bfloat16, rng=rng, batch=batch, interpret=True, kernel=kernel,
+                           out_dtype=jnp.float32, rows=rows, cap=64, num_warps=num_warps)
+            assert r.ok, r
+
+
+def test_engine_picks_the_gemv_tile_by_shape(rng):
+    """A weight shape with a row in the shape table takes its tile; every other shape the default; the engine
+    stays hashable (it is a jit static argument)."""
+    special = tuning.GemvTile(rows=1, cap=64, num_warps=8)
+    engine = EngineConfig(backend="interpret", gemv_shape_tiles=(tuning.GemvShapeTile(24, 96, special),))
+    assert engine.gemv_tile_for(24, 96) == special
+    assert engine.gemv_tile_for(96, 24) == engine.gemv_tile == tuning.GEMV_TILE
+    assert hash(engine) != hash(EngineConfig(backend="interpret", gemv_shape_tiles=()))
+    for row in tuning.GEMV_SHAPE_TILES:  # the measured table: each shape once
+        assert EngineConfig().gemv_tile_for(row.n, row.k) == row.tile
+    assert len({(r.n, r.k) for r in tuning.GEMV_SHAPE_TILES}) == len(tuning.GEMV_SHAPE_TILES)
+    x = jnp.asarray(rng.standard_normal((2, 96)), jnp.bfloat16)
+    w = jnp.asarray(rng.standard_normal((24, 96)), jnp.bfloat16)
+    engine = dataclasses.replace(engine, projections=(tuning.ProjectionRule(8, 0, "gemv"),))
+    y = eng.project(engine, x, w)
+    ref = np.asarray(x, np.float64) @ np.asarray(w, np.float64).T
+    assert rel_err(np.asarray(y, np.float64), ref) < TOLERANCE["bfloat16"]
 
 
 @pytest.mark.parametrize("k,n,rows,cols,splits", [(96, 48, 16, 16, 4), (200, 64, 8, 32, 3), (64, 32, 64, 32, 8)])

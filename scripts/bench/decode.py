@@ -82,10 +82,12 @@ def decay_gate_columns(weights: dict, cfg, alpha: float) -> dict:
     return out
 
 
-def random_weights(shape: str, dtype, inactive: float | None, gate_decay: float):
-    """(config, weights) of a named shape: random, std 0.02; with `inactive`, a FATReLU gate whose threshold
-    leaves about that fraction of neurons at zero."""
+def random_weights(shape: str, dtype, inactive: float | None, gate_decay: float, vocab_size: int | None = None):
+    """(config, weights) of a named shape (with vocab_size, that vocabulary instead): random, std 0.02; with
+    `inactive`, a FATReLU gate whose threshold leaves about that fraction of neurons at zero."""
     cfg = named_config(shape)
+    if vocab_size is not None:
+        cfg = dataclasses.replace(cfg, vocab_size=vocab_size)
     std = 0.02
     if inactive is not None:
         threshold = statistics.NormalDist().inv_cdf(inactive) * std * cfg.d_model ** 0.5
