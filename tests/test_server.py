@@ -10,6 +10,7 @@ the module's tests run on one pytest-xdist worker (xdist_group), so each server 
 
 from __future__ import annotations
 
+import atexit
 import concurrent.futures
 import os
 import re
@@ -52,6 +53,7 @@ class Server:
                                       "--port", "0", "--max-batch", str(SLOTS), "--max-queue", str(QUEUE),
                                       "--served-model-name", NAME, "--log-level", "warning", *flags],
                                      stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=env)
+        atexit.register(self.stop)  # also when a worker is interrupted before the fixture's teardown
         deadline = time.monotonic() + STARTUP_S
         while not (m := re.search(r"on (http://\S+) ", log.read_text())):
             assert self.proc.poll() is None and time.monotonic() < deadline, log.read_text()

@@ -228,6 +228,8 @@ def create_app(service: Service) -> FastAPI:
             async def stream():
                 try:
                     async for k, piece in job.events():
+                        if not (piece.text or piece.finish_reason or piece.logprobs):
+                            continue  # tokens whose text is held back (a possible stop string, a partial character)
                         yield _sse({**head, "choices": [{"index": k * n + piece.index, "text": piece.text,
                                                          "logprobs": lp(piece),
                                                          "finish_reason": piece.finish_reason}]})
@@ -285,6 +287,8 @@ def create_app(service: Service) -> FastAPI:
                 chunk = {**head, "object": "chat.completion.chunk"}
                 try:
                     async for _, piece in job.events():
+                        if not (piece.text or piece.finish_reason or piece.logprobs or piece.index not in started):
+                            continue
                         delta = {"content": piece.text}
                         if piece.index not in started:
                             started.add(piece.index)

@@ -11,6 +11,8 @@ live in one process, as in tests).
   svdsparse_time_to_first_token_seconds         histogram: arrival to first token, per request
   svdsparse_time_per_output_token_seconds       histogram: (last token - first token) / (tokens - 1), per choice
   svdsparse_e2e_request_latency_seconds         histogram: arrival to the last token, per finished request
+  svdsparse_programs{kind}                      programs compiled so far: admit, fork, decode (a count that
+                                                grows while serving means requests met new buckets)
 """
 
 from __future__ import annotations
@@ -46,6 +48,7 @@ class Metrics:
                               "per choice", buckets=TOKEN_BUCKETS, registry=r)
         self.e2e = Histogram("svdsparse_e2e_request_latency_seconds", "Arrival to last token, per finished "
                              "request", buckets=LATENCY_BUCKETS, registry=r)
+        self.programs = Gauge("svdsparse_programs", "Programs compiled so far", ["kind"], registry=r)
 
     def text(self) -> bytes:
         return generate_latest(self.registry)

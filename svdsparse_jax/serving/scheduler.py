@@ -188,6 +188,8 @@ class Scheduler:
                 self._admit()
                 if self.busy:
                     self._decode()
+                for kind, n in self.decoder.compiles.items():
+                    self.metrics.programs.labels(kind).set(n)
             except Exception as e:  # a device error: fail what runs, start the slots afresh, keep serving
                 log.exception("decode failed")
                 failed = [r for r in self.owner_request if r is not None] + [self.starting] * bool(self.starting)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import NamedTuple
 
 import jax
@@ -43,6 +44,7 @@ from svdsparse_jax.policy import UnionRows, sparse_layers
 from svdsparse_jax.sharding import shard_predictors
 
 F32 = jnp.float32
+log = logging.getLogger("svdsparse.serve")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,6 +232,8 @@ class SlotDecoder:
     statistics for the engine's policy) and holds the device state of the slots. Not thread-safe: one thread
     (the scheduler's) drives it. `compiles` counts the programs built, by kind."""
 
+    KEY_FIELDS = {"admit": ("prompt_bucket",), "fork": (), "decode": ("slots", "context", "sparse_layers", "greedy")}
+
     def __init__(self, model: Transformer, sc: SlotConfig, predictors: list | None = None,
                  union: UnionRows | None = None):
         self.cfg, self.sc, self.engine = model.cfg, sc, model.engine
@@ -256,6 +260,7 @@ class SlotDecoder:
         if key not in self.seen:
             self.seen.add(key)
             self.compiles[key[0]] += 1
+            log.info("compiling %s %s", key[0], dict(zip(self.KEY_FIELDS[key[0]], key[1:])))
 
     def sparse_layers(self, live: int) -> tuple[bool, ...]:
         """Per layer, whether a decode step with `live` sequences runs it sparse (the engine's policy)."""
