@@ -115,6 +115,28 @@ def run_workload(server: Server, prompts: list[list[int]], args) -> dict:
             "tpot_p99_ms": 1e3 * q(tpot, 99) if tpot else None}
 
 
+def generate_baseline(prompts: list[list[int]], args) -> dict:
+    """The same prompts through `Generator` (what `svdsparse generate` runs), dense, in batches of max_batch in
+    arrival order: output tokens over the programs' run time (a first pass compiles)."""
+    import jax.numpy as jnp
+
+    from svdsparse_jax.assets import BUNDLED_MODEL
+    from svdsparse_jax.convert import load_model
+    from svdsparse_jax.engine import EngineConfig
+    from svdsparse_jax.generate import Generator
+    from svdsparse_jax.model import Transformer
+
+    lm = load_model(args.model or BUNDLED_MODEL, getattr(jnp, args.dtype))
+    gen = Generator(Transformer(lm.cfg, lm.weights, EngineConfig.resolve()))
+    groups = [prompts[i:i + args.max_batch] for i in range(0, len(prompts), args.max_batch)]
+    for g in groups:
+        gen.generate(g, args.max_tokens)
+    runs = [gen.generate(g, args.max_tokens) for g in groups]
+    tokens, run_s = sum(len(t) for r in runs for t in r.tokens), sum(r.run_s for r in runs)
+    return {"mode": f"generate, batch {args.max_batch}", "output_tokens": tokens, "wall_s": run_s,
+            "output_tokens_per_s": tokens / run_s, "requests_per_s": len(prompts) / run_s}
+
+
 def workload(args) -> list[list[int]]:
     """Held-out token ids of mixed lengths, uniformly from prompt_min to prompt_max tokens (seeded)."""
     from svdsparse_jax.assets import corpus_split
@@ -138,7 +160,9 @@ def main() -> None:
     ap.add_argument("--prompt-max", type=int, default=100)
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--decode-chunk", type=int, default=4)
-    ap.add_argument("--modes", nargs="+", default=["dense", "sparse"], choices=["dense", "sparse"])
+    ap.add_argument("--modes", nargs="+", default=["dense", "sparse", "generate"],
+                    choices=["dense", "sparse", "generate"],
+                    help="generate: the prompts through Generator in batches of --max-batch (no server)")
     ap.add_argument("--predictors", help="predictor directory for the sparse mode (default: built for the bundled "
                                          "model)")
     ap.add_argument("--ffn-policy", default="sparse", choices=["measured", "sparse", "dense"])
@@ -157,6 +181,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for mode in args.modes:
+            if mode == "generate":
+                rows.append(generate_baseline(prompts, args))
+                continue
             flags = list(common)
             if mode == "sparse":
                 pred = args.predictors

@@ -23,6 +23,7 @@ import threading
 import time
 from typing import Callable
 
+import jax
 import numpy as np
 
 from svdsparse_jax.generate import Sampler, seed_key
@@ -104,6 +105,16 @@ class Choice:
 
 
 @dataclasses.dataclass
+class InFlight:
+    """A decode chunk dispatched and not yet read: its outputs (device arrays) and the choice (and request)
+    each slot held when it was dispatched."""
+
+    out: Drawn
+    owners: list[Choice | None]
+    requests: list[Request | None]
+
+
+@dataclasses.dataclass
 class Request:
     """A request as the scheduler holds it. emit: receives its events (from the scheduler's thread)."""
 
@@ -131,6 +142,7 @@ class Scheduler:
         self.cv = threading.Condition()
         self.closing = False
         self.starting: Request | None = None  # the request being admitted (failed with the slots on an error)
+        self.inflight: InFlight | None = None  # the decode chunk running on the device
         self.warm = warmup  # compile every program first
         self.ready = threading.Event()  # set once the thread serves (after the warm-up)
         self.thread = threading.Thread(target=self._loop, name="svdsparse-scheduler", daemon=True)
@@ -179,15 +191,16 @@ class Scheduler:
         self.ready.set()
         while True:
             with self.cv:
-                while not (self.waiting or self.busy or self.closing):
+                while not (self.waiting or self.busy or self.inflight or self.closing):
                     self.cv.wait()
-                if self.closing and not self.waiting and not self.busy:
+                if self.closing and not (self.waiting or self.busy or self.inflight):
                     return
             try:
                 self._drop_cancelled()
                 self._admit()
-                if self.busy:
-                    self._decode()
+                previous, self.inflight = self.inflight, self._dispatch()
+                if previous is not None:  # while the next chunk runs on the device
+                    self._collect(previous)
                 for kind, n in self.decoder.compiles.items():
                     self.metrics.programs.labels(kind).set(n)
             except Exception as e:  # a device error: fail what runs, start the slots afresh, keep serving
@@ -196,6 +209,7 @@ class Scheduler:
                 for r in {id(r): r for r in failed}.values():
                     self._finish(r, error=f"{type(e).__name__}: {e}")
                 self.decoder.reset()
+                self.inflight = None
             self.starting = None
 
     def _drop_cancelled(self) -> None:
@@ -249,23 +263,29 @@ class Scheduler:
         self._flush(r)
         self.metrics.occupied.set(self.busy)
 
-    def _decode(self) -> None:
+    def _dispatch(self) -> InFlight | None:
+        """Starts a decode chunk over the live slots (those whose choice goes on, as far as the host knows: a
+        choice that ended in the chunk still in flight runs one chunk more, and its tokens are dropped)."""
         live = np.array([c is not None and c.finish_reason is None for c in self.owner])
         if not live.any():
-            return
-        lengths = np.zeros(self.n_slots, np.int64)
-        greedy = True
-        for i, c in enumerate(self.owner):
-            if live[i]:
-                r = self.owner_request[i]
-                lengths[i] = len(r.prompt) + len(c.tokens) - 1
-                greedy &= r.params.greedy
-        self.metrics.occupancy.observe(int(live.sum()))
-        out = self.decoder.decode(live, lengths, greedy)
-        self.metrics.decode_steps.inc(self.decoder.sc.chunk)
-        touched = {}
+            return None
+        chunk, needed, greedy = self.decoder.sc.chunk, 0, True
         for i in np.flatnonzero(live):
             c, r = self.owner[i], self.owner_request[i]
+            lag = chunk if self.inflight is not None and self.inflight.owners[i] is c else 0  # tokens not yet seen
+            needed = max(needed, len(r.prompt) + len(c.tokens) - 1 + lag + chunk)
+            greedy &= r.params.greedy
+        self.metrics.occupancy.observe(int(live.sum()))
+        self.metrics.decode_steps.inc(chunk)
+        return InFlight(self.decoder.decode(live, needed, greedy), list(self.owner), list(self.owner_request))
+
+    def _collect(self, f: InFlight) -> None:
+        """Hands each choice of a finished chunk its tokens (up to its end), then sends what is new."""
+        out = jax.tree.map(np.asarray, f.out)
+        touched = {}
+        for i, (c, r) in enumerate(zip(f.owners[:out.token.shape[0]], f.requests)):
+            if c is None or r.done or c.finish_reason is not None:
+                continue  # free, cancelled or ended: whatever the slot drew is dropped
             for j in range(out.token.shape[1]):
                 if out.token[i, j] < 0 or c.finish_reason is not None:
                     break

@@ -283,7 +283,7 @@ class SlotDecoder:
                 live[b - n:b] = True
                 for c in sc.context_sizes():
                     for greedy in (True, False):
-                        self.decode(live, np.full(sc.slots, max(1, c - sc.chunk)), greedy)
+                        jax.block_until_ready(self.decode(live, c, greedy))
         self.reset()
         return len(self.seen) - before
 
@@ -314,17 +314,18 @@ class SlotDecoder:
                                        self._sampler(sampler))
         return jax.tree.map(np.asarray, first)
 
-    def decode(self, live: np.ndarray, lengths: np.ndarray, greedy: bool) -> Drawn:
-        """One chunk of decode steps. live: bool [N], the slots that go on; lengths: int [N], their current
-        lengths (the host's copy: which context bucket to read); greedy: every live slot is greedy. Returns the
-        tokens drawn, NumPy Drawn fields [bucket, chunk] (bucket: the slots covered; -1 where nothing)."""
+    def decode(self, live: np.ndarray, needed: int, greedy: bool) -> Drawn:
+        """Starts one chunk of decode steps (asynchronously). live: bool [N], the slots that go on; needed: the
+        cache slots every live sequence needs by the chunk's end (which context bucket to read); greedy: every
+        live slot is greedy. Returns the tokens drawn, Drawn fields [bucket, chunk] on the device (bucket: the
+        slots covered; -1 where nothing)."""
         idx = np.flatnonzero(live)
         bucket = self.sc.slot_bucket(int(idx.max()))
-        context = self.sc.context_bucket(int(lengths[idx].max()) + self.sc.chunk)
+        context = self.sc.context_bucket(needed)
         layers = self.sparse_layers(len(idx))
         preds = None if not any(layers) else [p if s else None for p, s in zip(self.predictors, layers)]
         self._count(("decode", bucket, context, layers, greedy))
         self.slots, out = self._decode(self.graphdef, self.state, preds, self.slots, jnp.asarray(live), self.eos,
                                        bucket=bucket, context=context, chunk=self.sc.chunk, greedy=greedy,
                                        top=self.sc.top_logprobs)
-        return jax.tree.map(np.asarray, out)
+        return out
