@@ -185,6 +185,17 @@ def test_sparse_concurrent_greedy_requests_equal_generate_alone(sparse, lm, refe
     concurrent_greedy_equals_generate_alone(sparse, lm, reference, rng)
 
 
+def test_the_readme_snippet(dense, lm, reference):
+    """README.md's serve snippet, as written but for the server's address and model name."""
+    from test_readme import python_snippets
+    snippet = python_snippets()[2].replace("http://127.0.0.1:8000/v1", dense.url + "/v1")
+    out = subprocess.run([sys.executable, "-c", snippet.replace('"default_model"', repr(NAME))],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    want = text_of(lm, greedy_alone(reference, ids_of(lm, "def read_config(path):\n"), 48)[0])
+    assert out.stdout.startswith(want + " CompletionUsage(completion_tokens=48")
+
+
 def test_models_health_and_metrics(dense):
     (model,) = dense.client.models.list().data
     assert model.id == NAME and model.owned_by == "svdsparse"
