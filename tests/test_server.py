@@ -381,3 +381,32 @@ def test_sigterm_answers_every_accepted_request(sparse):
         assert [f.result() for f in futures] == [(limit, "length")] * count
     assert sparse.proc.wait(timeout=60) == 0
     assert "stopped by SIGTERM, every accepted request answered" in sparse.log.read_text()
+
+
+def test_decode_slots_through_the_kernels_equal_generate_alone(lm):
+    """The slot programs with the Pallas kernels (interpret mode: compaction, the guarded FFN over the union of
+    the live rows) and predictors whose candidates differ by sequence: two sequences in slots 0 and 2 (slot 1
+    free, inside the bucket, draws nothing), each equal to its sparse `Generator` output alone (XLA's masked
+    FFN)."""
+    from svdsparse_jax.generate import seed_key
+    from svdsparse_jax.predictors import LowRankPredictor
+    from svdsparse_jax.serving.slots import SlotConfig, SlotDecoder
+
+    cfg = lm.cfg
+    rng = np.random.default_rng(0)
+    a, b = (jnp.asarray(rng.normal(size=shape), jnp.float32) for shape in ((8, cfg.d_model), (cfg.d_ff, 8)))
+    preds = [LowRankPredictor(a, b, jnp.zeros(cfg.d_ff))] * cfg.n_layers
+    ref = Generator(Transformer(cfg, lm.weights, EngineConfig.resolve("xla", ffn_policy="sparse")), preds)
+    decoder = SlotDecoder(Transformer(cfg, lm.weights, EngineConfig.resolve("interpret", ffn_policy="sparse")),
+                          SlotConfig(4, cfg.max_seq_len, 4), preds)
+    prompts = {0: [5, 6, 7, 8], 2: [100, 200, 300]}
+    got = {s: [int(decoder.admit(s, p, 9, seed_key(0), Sampler())[0].token)] for s, p in prompts.items()}
+    live = np.array([True, False, True, False])
+    for _ in range(2):
+        out = jax.tree.map(np.asarray, decoder.decode(live, 40, True))
+        assert (out.token[1] == -1).all()
+        for s in prompts:
+            got[s] += [int(t) for t in out.token[s] if t >= 0]
+    assert decoder.sparse_layers(2) == (True,) * cfg.n_layers
+    for s, p in prompts.items():
+        assert got[s] == ref.generate([p], 9).tokens[0]
