@@ -1,4 +1,4 @@
-"""The `svdsparse` command: convert, generate, score, build-predictors, eval, demo, and the commands of installed
+"""The `svdsparse` command: convert, generate, score, build-predictors, eval, demo, serve, and the commands of installed
 plug-ins (entry point group `svdsparse.commands`: `torch_npu_bridge` adds export-svdp and import-svdp).
 
 Every command exits non-zero with a one-line error on bad input (add --debug for the traceback). With --json,
@@ -251,6 +251,8 @@ def build_parser(plugins: dict[str, Command] | None = None) -> argparse.Argument
     p.add_argument("--dtype", default="float32", choices=["bfloat16", "float16", "float32"],
                    help="weight dtype (the bundled model was trained in float32)")
     _common_options(p)
+    from svdsparse_jax.serving.command import add_parser as add_serve_parser
+    add_serve_parser(sub)  # serve: svdsparse_jax/serving/command.py
     for ep in entry_points(group=PLUGIN_GROUP):
         try:
             register = ep.load()
@@ -840,8 +842,14 @@ def cmd_demo(args: argparse.Namespace) -> None:
     print(f"(greedy; the two agree on the first {same} of {len(dense)} tokens; total {time.perf_counter() - t0:.0f} s)")
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    from svdsparse_jax.serving.command import serve
+    serve(args)
+
+
 COMMANDS: dict[str, Command] = {"convert": cmd_convert, "generate": cmd_generate, "score": cmd_score,
-                                 "build-predictors": cmd_build_predictors, "eval": cmd_eval, "demo": cmd_demo}
+                                 "build-predictors": cmd_build_predictors, "eval": cmd_eval, "demo": cmd_demo,
+                                 "serve": cmd_serve}
 
 
 _WRITE_ERRNOS = (errno.ENOSPC, errno.EPIPE, errno.EIO, errno.EDQUOT, errno.EFBIG)

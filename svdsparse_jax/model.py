@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from pallas_kernels.compaction import Candidates
 from pallas_kernels.reference import Activation, rms_norm
 from svdsparse_jax import kv_cache
 from svdsparse_jax.config import ModelConfig
@@ -189,10 +190,12 @@ class FFN(nnx.Module):
                           linear(engine, x, self.w_up[...], split="rows"))
 
     def __call__(self, x: jax.Array, predictor: Predictor | None = None, projected: jax.Array | None = None,
-                 probe: FFNProbe | None = None) -> jax.Array:
+                 probe: FFNProbe | None = None, rows: jax.Array | None = None) -> jax.Array:
         """x [..., d] (the normed FFN input) -> y [..., d] in x's dtype. With a predictor only its candidates
         count; projected: x @ predictor.input_projection^T f32 [..., r] when already computed (decode: in the
-        kernel that formed x). probe: records this FFN's statistics (`FFNProbe`)."""
+        kernel that formed x). probe: records this FFN's statistics (`FFNProbe`). rows: bool [N] over the N
+        tokens of x (with a predictor): the others get no candidates (an output of 0), so the batch reads only
+        the union of these rows' candidates (the server's occupied slots)."""
         engine, mask = self.engine, None
         if predictor is None:
             with jax.named_scope("gate_up_activation"):
@@ -205,6 +208,8 @@ class FFN(nnx.Module):
                 gate = linear(engine, flat, self.w_gate[...], split="rows") if predictor.needs_gate else None
                 candidates = predictor.candidates(flat, engine=engine, gate=gate, projected=None if projected is None
                                                   else projected.reshape(len(flat), -1))
+                if rows is not None:
+                    candidates = Candidates(mask=candidates.as_mask() & rows.reshape(-1, 1))
             y = guarded_ffn(engine, flat, candidates, self.w_gate[...], self.w_up[...], self.w_down_t[...],
                             activation(self.cfg)).astype(x.dtype).reshape(x.shape)
             if probe is not None:
@@ -226,9 +231,9 @@ class Block(nnx.Module):
         self.ffn = FFN(cfg, engine, lambda n: w(f"ffn.{n}"))
 
     def __call__(self, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, start: jax.Array, pos: jax.Array,
-                 mask: jax.Array, predictor: Predictor | None = None, probe: FFNProbe | None = None
-                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """x [B, T, d] (the residual stream) -> (x after this layer, updated k_cache, v_cache)."""
+                 mask: jax.Array, predictor: Predictor | None = None, probe: FFNProbe | None = None,
+                 rows: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """x [B, T, d] (the residual stream) -> (x after this layer, updated k_cache, v_cache); rows: `FFN`'s."""
         with jax.named_scope("attention"):  # norm, q/k/v, RoPE, cache write, softmax and values, o_proj
             attn, k_cache, v_cache = self.attn(x, k_cache, v_cache, start, pos, mask, self.attn_norm)
         # The residual add, the FFN's norm and the predictor's input projection A (normed x): one kernel at decode.
@@ -236,7 +241,7 @@ class Block(nnx.Module):
             x, normed, projected = add_rmsnorm(self.engine, x, attn, self.ffn_norm.scale[...], self.ffn_norm.eps,
                                                None if predictor is None else predictor.input_projection)
         with jax.named_scope("ffn"):  # predictor scores, candidates, gate, activation, up / down on active rows
-            y = self.ffn(normed, predictor, projected, probe)
+            y = self.ffn(normed, predictor, projected, probe, rows)
         with jax.named_scope("residual"):
             return x + y, k_cache, v_cache
 
@@ -265,13 +270,15 @@ class Transformer(nnx.Module):
         return self.embed[...].dtype
 
     def __call__(self, tokens: jax.Array, cache: kv_cache.KVCache, start: jax.Array,
-                 predictors: list[Predictor] | None = None, probe: FFNProbe | None = None
-                 ) -> tuple[jax.Array, kv_cache.KVCache]:
-        """Runs tokens [B, T] int32 that occupy cache slots [start, start + T).
+                 predictors: list[Predictor] | None = None, probe: FFNProbe | None = None,
+                 rows: jax.Array | None = None) -> tuple[jax.Array, kv_cache.KVCache]:
+        """Runs tokens [B, T] int32 that occupy cache slots [start, start + T) (start int32 [], or [B]: each
+        sequence from its own slot on).
 
         Returns (the final-normed hidden states [B, T, d], the updated cache). Prefill is a call with the whole
         left-padded prompt at start=0; a decode step is a call with T=1. `predictors` (one per layer) makes
-        every FFN predictor-guarded. `probe` records every FFN's statistics (`FFNProbe`)."""
+        every FFN predictor-guarded; rows (bool [B], with predictors): only these sequences' candidates count,
+        the others' FFNs output 0 (free decode slots). `probe` records every FFN's statistics (`FFNProbe`)."""
         t = tokens.shape[1]
         pos = kv_cache.positions(cache.pad, start, t)
         mask = kv_cache.attention_bias(self.cfg, cache.pad, start, t, cache.slots)
@@ -280,7 +287,8 @@ class Transformer(nnx.Module):
         for i, layer in enumerate(self.layers):
             with jax.named_scope(f"layer_{i}"):
                 x, k, v = layer(x, cache.k[i], cache.v[i], start, pos, mask,
-                                None if predictors is None else predictors[i], probe)
+                                None if predictors is None else predictors[i], probe,
+                                None if rows is None else jnp.repeat(rows, t))
             ks.append(k)
             vs.append(v)
         return self.final_norm(x), kv_cache.KVCache(k=ks, v=vs, pad=cache.pad)

@@ -1,0 +1,331 @@
+"""Decode slots: the device half of continuous batching, as pure functions of arrays and one class that compiles
+them per bucket and holds the device state.
+
+The server keeps a fixed number of decode slots (`--max-batch`), each the state of one sequence: its own KV
+cache rows, length, last token, sampling parameters and key. Three programs act on them:
+
+  admit          one prompt's prefill (right-padded to a power-of-two bucket; dense, like `generate`'s) straight
+                 into a free slot's cache rows, and its first token, drawn with the slot's own sampling parameters;
+                 compiled per prompt bucket
+  fork           another choice of the same prompt (a request of n choices): a copy of the slot's rows and its
+                 own first token from the prompt's logits; compiled once
+  decode_chunk   `chunk` decode steps of the first `bucket` slots in a loop of fixed trip count (no host round
+                 trip inside); each live slot feeds its last token at its own cache slot (`kv_cache` with a
+                 per-sequence start), draws the next with its own parameters and key, and stops at EOS or its
+                 max_new; compiled once per (slot bucket, context bucket, sparse layers, greedy or sampled)
+
+The slot bucket is the smallest power of two (or the maximum) covering the highest occupied slot; the context
+bucket (a few fractions of the model's positions) covers every live slot's length plus a chunk, so a step reads
+only that much of each cache row. Free slots below the bucket run along and are masked out: they write nothing
+that is read, and with predictors their rows are left out of the union of candidates (`Transformer(rows=)`).
+The sparse layers are those the engine's policy picks for the number of live slots.
+
+A sequence's i-th new token is drawn with `fold_in(key, i)` on its own logits, exactly as `Generator` draws it
+for a batch of one, so a request reproduces `svdsparse generate` of its prompt alone with the same seed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from svdsparse_jax import kv_cache
+from svdsparse_jax.config import ModelConfig
+from svdsparse_jax.generate import MIN_BUCKET, Sampler, bucket, seed_key
+from svdsparse_jax.model import Transformer
+from svdsparse_jax.policy import UnionRows, sparse_layers
+from svdsparse_jax.sharding import shard_predictors
+
+F32 = jnp.float32
+log = logging.getLogger("svdsparse.serve")
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotConfig:
+    """Static shape of the decode slots. slots: how many (the largest decode batch); context: cache slots per
+    sequence (the model's positions); chunk: decode steps per call (per host round trip); top_logprobs: the most
+    alternatives a token's log-probabilities list; context_buckets: how many context lengths a step may read
+    (context / 2^k for k < context_buckets, at least one prompt bucket)."""
+
+    slots: int
+    context: int
+    chunk: int = 4
+    top_logprobs: int = 20
+    context_buckets: int = 4
+
+    def slot_buckets(self) -> list[int]:
+        return sorted({self.slot_bucket(i) for i in range(self.slots)})
+
+    def context_sizes(self) -> list[int]:
+        return sorted({max(MIN_BUCKET, self.context >> k) for k in range(self.context_buckets)} | {self.context})
+
+    def prompt_buckets(self) -> list[int]:
+        return sorted({self.prompt_bucket(n) for n in range(1, self.context + 1)})
+
+    def slot_bucket(self, highest: int) -> int:
+        """Slots a decode call runs to cover slot index `highest` (0-based): a power of two, at most `slots`."""
+        return min(self.slots, bucket(highest + 1, 1))
+
+    def context_bucket(self, needed: int) -> int:
+        """Cache slots a decode call reads so that every live sequence fits `needed` tokens."""
+        return next((c for c in self.context_sizes() if c >= needed), self.context)
+
+    def prompt_bucket(self, length: int) -> int:
+        """The padded length of a prompt of `length` tokens (a power of two, at most `context`)."""
+        return min(self.context, bucket(length))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class Slots:
+    """The device state of the decode slots (N = SlotConfig.slots, L = SlotConfig.context).
+
+    k, v: per layer [N, n_kv_heads, L, head_dim], the model's dtype; a slot's row holds its sequence's keys and
+      values in cache slots [0, length) (what lies beyond is never read).
+    length: int32 [N], tokens in the cache; the slot's next token is written at slot `length` (= its position).
+    token: int32 [N], the last token drawn, not yet in the cache.
+    step: int32 [N], tokens drawn so far (the next one is drawn with fold_in(key, step)).
+    max_new: int32 [N], tokens the sequence may draw in all.
+    key: PRNG keys [N], one stream per sequence.
+    sampler: `Sampler` whose fields are [N] arrays (temperature <= 0: greedy; repetition_penalty unused).
+    """
+
+    k: list[jax.Array]
+    v: list[jax.Array]
+    length: jax.Array
+    token: jax.Array
+    step: jax.Array
+    max_new: jax.Array
+    key: jax.Array
+    sampler: Sampler
+
+
+class Drawn(NamedTuple):
+    """Tokens drawn by a call, with their log-probabilities (log-softmax of the raw logits, before temperature
+    and filters). token: int32 [...] (-1 where a slot drew nothing); logprob: f32 [...], the token's;
+    top_ids int32 / top_logprobs f32 [..., T]: the T likeliest tokens."""
+
+    token: jax.Array
+    logprob: jax.Array
+    top_ids: jax.Array
+    top_logprobs: jax.Array
+
+
+def init_slots(cfg: ModelConfig, dtype: jnp.dtype, sc: SlotConfig) -> Slots:
+    """All slots free: zero caches (dtype: the model's), lengths and steps, greedy samplers."""
+    n = sc.slots
+    shape = (n, cfg.n_kv_heads, sc.context, cfg.head_dim)
+    zeros = lambda dtype=jnp.int32: jnp.zeros(n, dtype)  # noqa: E731  (distinct buffers: all are donated)
+    return Slots(k=[jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)],
+                 v=[jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)],
+                 length=zeros(), token=zeros(), step=zeros(), max_new=zeros(),
+                 key=jax.random.split(jax.random.key(0), n),
+                 sampler=Sampler(zeros(F32), zeros(), jnp.ones(n, F32), jnp.ones(n, F32)))
+
+
+def draw(logits: jax.Array, sampler: Sampler, keys: jax.Array, greedy: bool, top: int) -> Drawn:
+    """Per row: the next token of logits f32 [B, V] under that row's sampler ([B] fields) and key ([B]): the
+    argmax where its temperature is <= 0, else `Sampler.sample` of the row alone (as a batch of one).
+    greedy: every row is greedy (no sampling compiled)."""
+    best = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if greedy:
+        token = best
+    else:
+        sampled = jax.vmap(lambda s, row, k: s.sample(row[None], k)[0])(sampler, logits, keys)
+        token = jnp.where(sampler.temperature <= 0, best, sampled)
+    logprobs = jax.nn.log_softmax(logits, axis=-1)
+    top_lp, top_ids = jax.lax.top_k(logprobs, top)
+    chosen = jnp.take_along_axis(logprobs, token[:, None], axis=-1)[:, 0]
+    return Drawn(token, chosen, top_ids.astype(jnp.int32), top_lp)
+
+
+def _start(slots: Slots, slot: jax.Array, logits: jax.Array, length: jax.Array, max_new: jax.Array,
+           key: jax.Array, sampler: Sampler, top: int) -> tuple[Slots, Drawn]:
+    """Slot `slot` (int32 []) starts a sequence whose cache holds `length` tokens: its first token (number 0) is
+    drawn from logits f32 [V] with its sampler (scalar fields) and key. Returns the slots and that token (Drawn
+    fields of shape [])."""
+    first = draw(logits[None], jax.tree.map(lambda x: jnp.asarray(x)[None], sampler), jax.random.fold_in(key, 0)[None],
+                 greedy=False, top=top)
+    row = lambda a, v: jax.lax.dynamic_update_index_in_dim(a, v, slot, 0)  # noqa: E731
+    slots = dataclasses.replace(slots, length=row(slots.length, length), token=row(slots.token, first.token[0]),
+                                step=row(slots.step, jnp.int32(1)), max_new=row(slots.max_new, max_new),
+                                key=row(slots.key, key), sampler=jax.tree.map(row, slots.sampler, sampler))
+    return slots, jax.tree.map(lambda x: x[0], first)
+
+
+def admit(graphdef, state, slots: Slots, tokens: jax.Array, length: jax.Array, slot: jax.Array, max_new: jax.Array,
+          key: jax.Array, sampler: Sampler, *, top: int) -> tuple[Slots, Drawn, jax.Array]:
+    """The prefill of one prompt into slot `slot`, then its first token: tokens int32 [1, P] (the prompt
+    right-padded to its bucket P; the padding's keys and values land past the prompt, where decoding overwrites
+    them before any query sees them), length int32 [] its real length; dense, like `generate`'s prefill.
+    Returns the slots, the first token, and the prompt's last logits f32 [V] (for `fork`)."""
+    model: Transformer = nnx.merge(graphdef, state)
+    p = tokens.shape[1]
+    row = lambda a: jax.lax.dynamic_slice_in_dim(a, slot, 1, 0)[:, :, :p]  # noqa: E731
+    cache = kv_cache.KVCache([row(a) for a in slots.k], [row(a) for a in slots.v], jnp.zeros(1, jnp.int32))
+    with jax.named_scope("prefill"):
+        states, cache = model(tokens, cache, jnp.int32(0))
+        logits = model.logits(jax.lax.dynamic_index_in_dim(states[0], length - 1, keepdims=False))
+    put = lambda a, v: jax.lax.dynamic_update_slice(a, v, (slot, 0, 0, 0))  # noqa: E731
+    slots = dataclasses.replace(slots, k=[put(a, v) for a, v in zip(slots.k, cache.k)],
+                                v=[put(a, v) for a, v in zip(slots.v, cache.v)])
+    slots, first = _start(slots, slot, logits, length, max_new, key, sampler, top)
+    return slots, first, logits
+
+
+def fork(slots: Slots, src: jax.Array, dst: jax.Array, logits: jax.Array, max_new: jax.Array, key: jax.Array,
+         sampler: Sampler, *, top: int) -> tuple[Slots, Drawn]:
+    """Another choice of the prompt in slot `src`: slot `dst` gets a copy of its cache rows and draws its own
+    first token from the prompt's logits f32 [V] (`admit`'s) with its own key and sampler."""
+    copy = lambda a: jax.lax.dynamic_update_slice_in_dim(a, jax.lax.dynamic_slice_in_dim(a, src, 1, 0), dst, 0)  # noqa: E731
+    slots = dataclasses.replace(slots, k=[copy(a) for a in slots.k], v=[copy(a) for a in slots.v])
+    return _start(slots, dst, logits, slots.length[src], max_new, key, sampler, top)
+
+
+def decode_chunk(graphdef, state, predictors, slots: Slots, live: jax.Array, eos: jax.Array, *, bucket: int,
+                 context: int, chunk: int, greedy: bool, top: int) -> tuple[Slots, Drawn]:
+    """`chunk` decode steps of slots [0, bucket), reading cache slots [0, context). live: bool [N], the slots
+    whose sequences go on (occupied and not finished); eos: int32 [E]. predictors: one per layer (None: that
+    layer dense), or None. Returns the slots and the tokens drawn, Drawn fields [bucket, chunk] (-1 where a slot
+    drew nothing: not live, or past its EOS or max_new)."""
+    model: Transformer = nnx.merge(graphdef, state)
+    cut = lambda a: a[:bucket, :, :context]  # noqa: E731
+    k, v = [cut(a) for a in slots.k], [cut(a) for a in slots.v]
+    sub = jax.tree.map(lambda a: a[:bucket], (slots.length, slots.token, slots.step, slots.max_new, slots.key,
+                                              slots.sampler))
+    length, token, step, max_new, key, sampler = sub
+    pad = jnp.zeros(bucket, jnp.int32)
+    out = Drawn(jnp.full((bucket, chunk), -1, jnp.int32), jnp.zeros((bucket, chunk), F32),
+                jnp.zeros((bucket, chunk, top), jnp.int32), jnp.zeros((bucket, chunk, top), F32))
+
+    def one(j, carry):
+        k, v, length, token, step, done, out = carry
+        active = ~done
+        with jax.named_scope("decode_step"):
+            states, cache = model(token[:, None], kv_cache.KVCache(k, v, pad), jnp.where(active, length, 0),
+                                  predictors, rows=None if predictors is None else active)
+            got = draw(model.logits(states[:, 0]), sampler, jax.vmap(jax.random.fold_in)(key, step), greedy, top)
+        out = Drawn(out.token.at[:, j].set(jnp.where(active, got.token, -1)), out.logprob.at[:, j].set(got.logprob),
+                    out.top_ids.at[:, j].set(got.top_ids), out.top_logprobs.at[:, j].set(got.top_logprobs))
+        step = step + active
+        done = done | (active & (jnp.isin(got.token, eos) | (step >= max_new)))
+        return (cache.k, cache.v, length + active, jnp.where(active, got.token, token), step, done, out)
+
+    done = ~live[:bucket] | (slots.step[:bucket] >= max_new)
+    k, v, length, token, step, _, out = jax.lax.fori_loop(0, chunk, one, (k, v, length, token, step, done, out))
+    put = lambda a, b: jax.lax.dynamic_update_slice(a, b, (0,) * a.ndim)  # noqa: E731
+    slots = dataclasses.replace(slots, k=[put(a, b) for a, b in zip(slots.k, k)],
+                                v=[put(a, b) for a, b in zip(slots.v, v)], length=put(slots.length, length),
+                                token=put(slots.token, token), step=put(slots.step, step))
+    return slots, out
+
+
+class SlotDecoder:
+    """Compiles the slot programs for one model (dense, or with one predictor per layer and their union
+    statistics for the engine's policy) and holds the device state of the slots. Not thread-safe: one thread
+    (the scheduler's) drives it. `compiles` counts the programs built, by kind."""
+
+    KEY_FIELDS = {"admit": ("prompt_bucket",), "fork": (), "decode": ("slots", "context", "sparse_layers", "greedy")}
+
+    def __init__(self, model: Transformer, sc: SlotConfig, predictors: list | None = None,
+                 union: UnionRows | None = None):
+        self.cfg, self.sc, self.engine = model.cfg, sc, model.engine
+        if predictors is not None and model.engine.mesh is not None:
+            predictors = shard_predictors(predictors, model.engine.mesh, model.cfg.d_ff)
+        self.predictors, self.union = predictors, union
+        self.itemsize = jnp.dtype(model.dtype).itemsize
+        self.graphdef, self.state = nnx.split(model)
+        self.dtype = model.dtype
+        self.reset()
+        self.eos = jnp.asarray(np.asarray(model.cfg.eos_ids or [-2], np.int32).reshape(-1))
+        self._admit = jax.jit(functools.partial(admit, top=sc.top_logprobs), static_argnums=(0,), donate_argnums=(2,))
+        self._fork = jax.jit(functools.partial(fork, top=sc.top_logprobs), donate_argnums=(0,))
+        self._decode = jax.jit(decode_chunk, static_argnums=(0,), donate_argnums=(3,),
+                               static_argnames=("bucket", "context", "chunk", "greedy", "top"))
+        self.seen: set[tuple] = set()
+        self.compiles = {"admit": 0, "fork": 0, "decode": 0}
+
+    def reset(self) -> None:
+        """Every slot free, zero caches (after a failed call, whose donated state is gone)."""
+        self.slots = init_slots(self.cfg, self.dtype, self.sc)
+
+    def _count(self, key: tuple) -> None:
+        if key not in self.seen:
+            self.seen.add(key)
+            self.compiles[key[0]] += 1
+            log.info("compiling %s %s", key[0], dict(zip(self.KEY_FIELDS[key[0]], key[1:])))
+
+    def sparse_layers(self, live: int) -> tuple[bool, ...]:
+        """Per layer, whether a decode step with `live` sequences runs it sparse (the engine's policy)."""
+        if self.predictors is None or live == 0:
+            return (False,) * self.cfg.n_layers
+        return sparse_layers(self.engine, self.cfg, self.predictors, self.union, live, self.itemsize)
+
+    def warmup(self) -> int:
+        """Compiles every program a request can meet: admit per prompt bucket, fork, decode per slot
+        bucket, context bucket, distinct sparse layers of the live counts that bucket covers, greedy or sampled.
+        Returns the number of programs; the slots are left free."""
+        sc, before = self.sc, len(self.seen)
+        for pb in sc.prompt_buckets():
+            _, logits = self.admit(0, [0] * pb, 1, seed_key(0), Sampler())
+        self.fork(0, sc.slots - 1, logits, 1, seed_key(0), Sampler())
+        for b in sc.slot_buckets():
+            counts = {self.sparse_layers(n): n for n in range(b, 0, -1)}
+            for n in counts.values():
+                live = np.zeros(sc.slots, bool)
+                live[b - n:b] = True
+                for c in sc.context_sizes():
+                    for greedy in (True, False):
+                        jax.block_until_ready(self.decode(live, c, greedy))
+        self.reset()
+        return len(self.seen) - before
+
+    @staticmethod
+    def _sampler(sampler: Sampler) -> Sampler:
+        """A sampler with array fields (traced, so its values never recompile)."""
+        return Sampler(*(jnp.asarray(getattr(sampler, f.name), jnp.int32 if f.name == "top_k" else F32)
+                         for f in dataclasses.fields(Sampler)))
+
+    def admit(self, slot: int, prompt: list[int], max_new: int, key: jax.Array, sampler: Sampler
+              ) -> tuple[Drawn, jax.Array]:
+        """Slot `slot` starts the sequence of a prompt (token ids, 1 <= len < context; at most max_new new tokens).
+        Returns its first token (NumPy) and the prompt's logits (on the device, for `fork`)."""
+        pb = self.sc.prompt_bucket(len(prompt))
+        tokens = np.zeros((1, pb), np.int32)
+        tokens[0, :len(prompt)] = prompt
+        self._count(("admit", pb))
+        self.slots, first, logits = self._admit(self.graphdef, self.state, self.slots, jnp.asarray(tokens),
+                                                jnp.int32(len(prompt)), jnp.int32(slot), jnp.int32(max_new), key,
+                                                self._sampler(sampler))
+        return jax.tree.map(np.asarray, first), logits
+
+    def fork(self, src: int, dst: int, logits: jax.Array, max_new: int, key: jax.Array, sampler: Sampler) -> Drawn:
+        """Slot `dst` starts another choice of the prompt `admit` put in slot `src` (its logits); returns its
+        first token (NumPy)."""
+        self._count(("fork",))
+        self.slots, first = self._fork(self.slots, jnp.int32(src), jnp.int32(dst), logits, jnp.int32(max_new), key,
+                                       self._sampler(sampler))
+        return jax.tree.map(np.asarray, first)
+
+    def decode(self, live: np.ndarray, needed: int, greedy: bool) -> Drawn:
+        """Starts one chunk of decode steps (asynchronously). live: bool [N], the slots that go on; needed: the
+        cache slots every live sequence needs by the chunk's end (which context bucket to read); greedy: every
+        live slot is greedy. Returns the tokens drawn, Drawn fields [bucket, chunk] on the device (bucket: the
+        slots covered; -1 where nothing)."""
+        idx = np.flatnonzero(live)
+        bucket = self.sc.slot_bucket(int(idx.max()))
+        context = self.sc.context_bucket(needed)
+        layers = self.sparse_layers(len(idx))
+        preds = None if not any(layers) else [p if s else None for p, s in zip(self.predictors, layers)]
+        self._count(("decode", bucket, context, layers, greedy))
+        self.slots, out = self._decode(self.graphdef, self.state, preds, self.slots, jnp.asarray(live), self.eos,
+                                       bucket=bucket, context=context, chunk=self.sc.chunk, greedy=greedy,
+                                       top=self.sc.top_logprobs)
+        return out
