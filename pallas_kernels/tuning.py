@@ -96,7 +96,9 @@ _GEMV_SWEEP = ("H200 2026-12-02 (docs/bench/gemv_sweep_rows_66ded68.json, 36 til
 GEMV_SHAPE_TILES = (
     GemvShapeTile(n=4096, k=4096, tile=GemvTile(rows=2, cap=4096, num_warps=4),
                   source=f"{_GEMV_SWEEP}: 13.30 us (2.52 TB/s), the best of 36 (rows=1 warps=8 13.32); in decode "
-                         "(docs/bench/decode_llama2-7b_shape_tiles_d243aaa.json) o_proj 10.96 -> 10.58 us a layer"),
+                         "(docs/bench/decode_llama2-7b_shape_tiles_d243aaa.json, GPU checks passed) o_proj 10.96 -> "
+                         "10.58 us a layer, 10.64 at e70e805 (docs/bench/decode_llama2-7b_b1_e70e805.json: dense "
+                         "243.8 tok/s against 244.5 before, a step-level difference within noise)"),
 )
 
 GEMV_T_TILE = GemvTTile(
@@ -104,8 +106,8 @@ GEMV_T_TILE = GemvTTile(
     source="H200 2026-12-02 (docs/bench/gemv_t_sweep.json): the fastest of 36 tiles at batch 1, 11008x4096 28.3 us "
            "(3.19 TB/s; XLA 43.1) and 18944x3584 41.7 us (3.26; XLA 46.1); more splits were faster throughout; "
            "in decode 27.9 us a layer with 3 stages, dense 225.0 -> 239.9 tok/s. Two stages: within 0.6 us alone "
-           "(docs/bench/gemv_t_sweep2.json), 80 us a step faster in decode (244.5 tok/s); PENDING the GPU checks "
-           "and decode of device_session.sh")
+           "(docs/bench/gemv_t_sweep2.json); kept after device_session.sh at 66ded68 (GPU checks: 54 passed in 108 s; "
+           "dense 244.5 tok/s, 0.771 of a 4.223 TB/s copy: docs/bench/decode_llama2-7b_gemv_t_2stage_66ded68.json)")
 
 # Which decode products take the Pallas GEMV: one sequence's products of 3584 x 3584 weights and more. Below
 # that (the predictor factors) and at 2 sequences and more XLA measured faster; f32 models keep XLA's
