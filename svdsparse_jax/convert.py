@@ -19,7 +19,6 @@ import dataclasses
 import functools
 import json
 import os
-import shutil
 from pathlib import Path as FsPath
 from typing import Any
 
@@ -29,7 +28,7 @@ import numpy as np
 
 from svdsparse_jax.config import ModelConfig, read_hf_config
 from svdsparse_jax.errors import SvdsparseError
-from svdsparse_jax.fsutil import atomic_directory, check_free_space, inside, read_versioned_json
+from svdsparse_jax.fsutil import atomic_directory, check_free_space, copy_keeping_mode, inside, read_versioned_json
 from svdsparse_jax.limits import read_json
 from svdsparse_jax.sharding import spec_shardings
 from svdsparse_jax.weights import Path, WeightSpec, check_weights_fit, model_fingerprint, weight_count, weight_specs
@@ -45,8 +44,8 @@ DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16, "float32": jnp.float
 
 def _copy_inside(source_dir: str | os.PathLike, name: str, out: FsPath) -> None:
     """Copies source_dir/name, which must stay inside source_dir (`fsutil.inside`: no link out of it), into out
-    with its permissions."""
-    shutil.copy2(inside(source_dir, name, f"{source_dir}: {name}"), out / name)
+    with its permissions (never widened: a 0600 file stays 0600)."""
+    copy_keeping_mode(inside(source_dir, name, f"{source_dir}: {name}"), out / name)
 
 
 def parse_dtype(name: str) -> jnp.dtype:

@@ -130,9 +130,20 @@ def _alive(pid: int) -> bool:
     return True
 
 
+# Files copied into an output with their own, narrower modes (a 0600 tokenizer file stays 0600): what
+# `_normal_modes` leaves alone. Process state, like _WRITING.
+_KEEP_MODE: set[Path] = set()
+
+
+def copy_keeping_mode(source: Path, dest: Path) -> None:
+    """Copies a file with its modes; `atomic_directory` keeps them (it never widens a copied file)."""
+    shutil.copy2(source, dest)
+    _KEEP_MODE.add(Path(dest).absolute())
+
+
 def _normal_modes(root: Path) -> None:
     """Gives a finished output the modes a plain mkdir / open would (mkdtemp and some writers use 0700 / 0600
-    for their temporary names only)."""
+    for their temporary names only); files copied with `copy_keeping_mode` keep theirs, narrowed by the umask."""
     mask = os.umask(0)
     os.umask(mask)
     os.chmod(root, 0o777 & ~mask)
@@ -140,7 +151,12 @@ def _normal_modes(root: Path) -> None:
         for d in dirs:
             os.chmod(os.path.join(parent, d), 0o777 & ~mask)
         for f in files:
-            os.chmod(os.path.join(parent, f), 0o666 & ~mask)
+            path = Path(parent, f).absolute()
+            if path in _KEEP_MODE:
+                os.chmod(path, path.stat().st_mode & 0o777 & ~mask)
+                _KEEP_MODE.discard(path)
+            else:
+                os.chmod(path, 0o666 & ~mask)
 
 
 @contextlib.contextmanager

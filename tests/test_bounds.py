@@ -94,6 +94,16 @@ def test_tokenizer_and_predictor_files_that_lead_outside_are_refused(hf, lm, pre
             load_predictors(p, lm.cfg, lm.fingerprint)
 
 
+def test_copied_files_keep_their_narrow_modes(hf, tmp_path, capsys):
+    """A tokenizer file only its owner may read is copied into a conversion as such, never made 0644."""
+    d = copy_dir(hf, tmp_path / "model")
+    (d / "tokenizer_config.json").chmod(0o600)
+    code, _ = run_cli(capsys, "convert", str(d), str(tmp_path / "out"))
+    assert code == 0
+    assert (tmp_path / "out" / "tokenizer_config.json").stat().st_mode & 0o777 == 0o600
+    assert (tmp_path / "out" / "tokenizer.json").stat().st_mode & 0o077 == (d / "tokenizer.json").stat().st_mode & 0o077
+
+
 # ------------------------------------------------------------------------- 2. overwriting and deleting
 
 def test_plots_never_replace_files(tmp_path, capsys):
