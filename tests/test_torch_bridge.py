@@ -227,3 +227,102 @@ def test_unpatch_restores_the_true_activation(bundled, rng):
     np.testing.assert_allclose(before, torch_logits(ref, ids), atol=1e-4, rtol=0)  # float64 FATReLU
     stock = AutoModelForCausalLM.from_pretrained(BUNDLED_MODEL, trust_remote_code=True, dtype=torch.float32).eval()
     np.testing.assert_array_equal(torch_logits(stock, ids), before)
+
+
+def _decode_inputs(hf, prompt, steps):
+    """Greedy-decodes `steps` tokens with the patched model; returns (the tokens, per layer the decode inputs
+    x [steps, 1, 1, d] its MLP saw)."""
+    seen = [[] for _ in guarded_modules(hf)]
+    hooks = [g.register_forward_pre_hook(lambda m, a, i=i: seen[i].append(a[0].clone()) if a[0].shape[1] == 1
+                                         else None) for i, g in enumerate(guarded_modules(hf))]
+    with torch.no_grad():
+        out = hf.generate(torch.tensor(prompt[None], dtype=torch.long), max_new_tokens=steps, min_new_tokens=steps,
+                          do_sample=False)
+    for h in hooks:
+        h.remove()
+    return out[0, len(prompt):].tolist(), [torch.stack(s) for s in seen]
+
+
+def test_sync_free_path_equals_the_exact_path(bundled):
+    """With a capacity that holds every candidate (d_ff, or each layer's largest union rounded up to 64 rows), the
+    sync-free executor decodes the exact path's tokens, with its candidate and active sets and its FFN outputs to
+    f32 rounding; a too small capacity counts the dropped candidates."""
+    from torch_npu_bridge.hf_patch import overflow_count
+
+    lm, _, _, root = bundled
+    prompt = corpus_split("heldout")[1000:1024].astype(np.int64)
+    exact = patch_hf_model(hf_model(), root / "pred", device="cpu")
+    want, inputs = _decode_inputs(exact, prompt, STEPS)
+    exact_mods = guarded_modules(exact)
+    peaks = []
+    for m, xs in zip(exact_mods, inputs):
+        m.record = []
+        with torch.no_grad():
+            for x in xs:
+                m(x)
+        peaks.append(max(len(r[0]) for r in m.record))
+    covering = [-(-p // 64) * 64 for p in peaks]
+    assert max(covering) < lm.cfg.d_ff and sum(covering) < 0.6 * len(peaks) * lm.cfg.d_ff  # really fewer rows
+    for capacity in (None, covering):
+        model = patch_hf_model(hf_model(), root / "pred", device="cpu", mode="sync_free", capacity=capacity)
+        got, _ = _decode_inputs(model, prompt, STEPS)
+        assert got == want
+        assert overflow_count(model) == (0, peaks)
+        for m, e, xs in zip(guarded_modules(model), exact_mods, inputs):
+            m.record, e.record = [], []
+            with torch.no_grad():
+                for x in xs:
+                    np.testing.assert_allclose(m(x).numpy(), e(x).numpy(), rtol=1e-5, atol=1e-6)
+            for r, s in zip(m.record, e.record):  # the same candidates and active rows, scores, gate values
+                for a, b in zip(r[:3], s[:3]):
+                    np.testing.assert_array_equal(a.numpy(), b.numpy())
+                np.testing.assert_allclose(r[3].numpy(), s[3].numpy(), rtol=1e-5, atol=1e-6)
+    small = patch_hf_model(hf_model(), root / "pred", device="cpu", mode="sync_free", capacity=64)
+    _decode_inputs(small, prompt, 4)
+    dropped, seen = overflow_count(small)
+    assert dropped > 0 and max(seen) > 64
+    # the measured capacity: the set's mean union at batch 1 x 1.5, rounded up to 64 rows
+    union = read_factors(root / "pred").union.at(1)[0]
+    model = patch_hf_model(hf_model(), root / "pred", device="cpu", mode="sync_free", capacity="measured")
+    assert [m.capacity for m in guarded_modules(model)] == [min(1024, max(64, -(-int(np.ceil(f * 1.5 * 1024)) // 64)
+                                                                          * 64)) for f in union]
+    with pytest.raises(SvdsparseError, match="capacity is for mode='sync_free'"):
+        patch_hf_model(hf_model(), root / "pred", device="cpu", capacity=64)
+    with pytest.raises(SvdsparseError, match="capacity 2048"):
+        patch_hf_model(hf_model(), root / "pred", device="cpu", mode="sync_free", capacity=2048)
+
+
+def test_sync_free_path_never_waits_for_the_host(bundled, monkeypatch):
+    """The sync-free decode step calls nothing that needs the host to see a device value (nonzero, item, bool,
+    tolist, boolean-mask indexing), and torch.compile traces it as one graph (fullgraph: no break, so CUDA /
+    NPU graphs can capture it)."""
+    _, _, _, root = bundled
+    model = patch_hf_model(hf_model(), root / "pred", device="cpu", mode="sync_free", capacity=512)
+    mods = guarded_modules(model)
+    x = torch.randn(2, 1, 256)  # a batch of two decode tokens
+
+    def refuse(name):
+        def fn(*a, **k):
+            raise AssertionError(f"{name} synchronises with the host")
+        return fn
+    getitem = torch.Tensor.__getitem__
+
+    def checked_getitem(self, index):
+        parts = index if isinstance(index, tuple) else (index,)
+        if any(isinstance(p, torch.Tensor) and p.dtype == torch.bool for p in parts):
+            raise AssertionError("boolean-mask indexing synchronises with the host")
+        return getitem(self, index)
+    with torch.no_grad():
+        want = [m(x) for m in mods]
+        compiled = [torch.compile(m, backend="eager", fullgraph=True) for m in mods]
+        for c, w in zip(compiled, want):
+            np.testing.assert_array_equal(c(x).numpy(), w.numpy())
+        for name in ("nonzero", "argwhere", "masked_select"):
+            monkeypatch.setattr(torch, name, refuse(f"torch.{name}"))
+        for name in ("nonzero", "item", "tolist", "__bool__", "masked_select"):
+            monkeypatch.setattr(torch.Tensor, name, refuse(f"Tensor.{name}"))
+        monkeypatch.setattr(torch.Tensor, "__getitem__", checked_getitem)
+        for m, w in zip(mods, want):
+            np.testing.assert_array_equal(m(x).numpy(), w.numpy())
+        with pytest.raises(AssertionError, match="synchronises"):  # the check sees the exact path's nonzero
+            patch_hf_model(unpatch(hf_model()), root / "pred", device="cpu").model.layers[0].mlp(x)

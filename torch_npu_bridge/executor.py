@@ -10,11 +10,24 @@ instead of per-row branching:
   T = neurons of C with a != 0 for some sequence; u = x W_up[T]^T; h = a[T] * u (dReLU: relu(u))
   y = h W_down_t[T]                    down_proj stored transposed [d_ff, d], so T's rows are contiguous
 Prefill (more than one token per sequence) runs dense with the same activation.
+
+That path ("exact") finds C and T with `torch.nonzero` and boolean indexing, which wait for the device twice per
+layer (the host needs the sizes). The "sync_free" path has static shapes and never waits, so CUDA graphs, NPU
+graph mode and torch.compile can capture it: a fixed `capacity` of rows per layer,
+  key = max over the batch of the scores          [d_ff] f32, > 0 exactly for the union's candidates
+  idx = topk(key, capacity)                       [capacity] int64: every candidate when there are <= capacity
+  g = x W_gate[idx]^T; a = act(g) * own[:, idx]  (a slot that holds no candidate has own False, so a = 0)
+  u = x W_up[idx]^T; h = a * u (dReLU: relu(u)); y = h W_down_t[idx]
+one gather of `capacity` rows per matrix instead of two compactions. With capacity >= the union's candidate count
+it computes what the exact path computes (to f32 rounding: the sums include the zero terms of inactive rows);
+beyond it, the lowest-scored candidates are dropped and `overflow` (a device counter, read after generation)
+counts them. capacity == d_ff runs the three dense matmuls with the same masks (exact, no gather).
 """
 
 from __future__ import annotations
 
 import importlib.util
+import math
 
 import torch
 
@@ -53,16 +66,49 @@ def activate(kind: str, threshold: float, g: torch.Tensor) -> torch.Tensor:
     raise SvdsparseError(f"activation {kind!r}: the guarded FFN needs relu, fatrelu or drelu")
 
 
+MODES = ("exact", "sync_free")
+
+
+def round_capacity(fraction: float, d_ff: int, margin: float = 1.5, multiple: int = 64) -> int:
+    """Rows a sync-free layer gathers for a measured mean candidate fraction of d_ff: fraction x margin x d_ff,
+    rounded up to a multiple of `multiple`, at least `multiple`, at most d_ff."""
+    rows = math.ceil(fraction * margin * d_ff / multiple) * multiple
+    return int(min(d_ff, max(multiple, rows)))
+
+
+def measured_capacities(union, batch: int, d_ff: int, margin: float = 1.5, multiple: int = 64) -> list[int]:
+    """Per layer, `round_capacity` of the candidate union fraction a predictor set measured at `batch` sequences
+    (`policy.UnionRows.at`); d_ff (exact) everywhere when nothing was measured at that batch size or above."""
+    rows = None if union is None else union.at(batch)
+    if rows is None:
+        raise SvdsparseError(f"the predictor set has no measured candidate unions for batch {batch} (build the "
+                             "predictors with this version, or give capacity as a number of rows)")
+    return [round_capacity(f, d_ff, margin, multiple) for f in rows[0]]
+
+
 class GuardedFFN(torch.nn.Module):
     """One layer's guarded FFN. w_gate, w_up [d_ff, d] and w_down_t [d_ff, d] (down_proj transposed), all on
-    one device in the model's dtype; the predictor factors are kept in that dtype too. `record`, when a list,
+    one device in the model's dtype; the predictor factors are kept in that dtype too. `mode` "exact" compacts
+    with the host's help, "sync_free" gathers `capacity` rows (default d_ff) without host synchronisation (the
+    module docstring). `overflow` (int64 [] on the device) sums, over sync-free decode calls, the candidates that
+    did not fit in `capacity`; `max_candidates` (int64 []) is the largest union seen. `record`, when a list,
     receives per decode call (candidate indices, active indices, scores [B, d_ff] f32, gate [B, d_ff] f32 with
-    NaN outside the candidates): what a parity check needs to tell a real disagreement from a rounding tie."""
+    NaN outside the candidates): what a parity check needs to tell a real disagreement from a rounding tie
+    (recording copies to the host, so it synchronises in either mode)."""
 
     def __init__(self, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor, factors: LayerFactors,
-                 activation: str, threshold: float):
+                 activation: str, threshold: float, mode: str = "exact", capacity: int | None = None):
         super().__init__()
         dev, dt = w_gate.device, w_gate.dtype
+        d_ff = w_gate.shape[0]
+        if mode not in MODES:
+            raise SvdsparseError(f"executor mode {mode!r}: expected one of {MODES}")
+        capacity = d_ff if capacity is None else int(capacity)
+        if not 1 <= capacity <= d_ff:
+            raise SvdsparseError(f"capacity {capacity}: expected 1 to d_ff = {d_ff} rows")
+        self.mode, self.capacity = mode, capacity
+        self.overflow = torch.zeros((), dtype=torch.int64, device=dev)
+        self.max_candidates = torch.zeros((), dtype=torch.int64, device=dev)
         self.w_gate, self.w_up, self.w_down_t = w_gate, w_up, w_down_t
         to = lambda a: None if a is None else torch.as_tensor(a, dtype=torch.float32).to(dev, dt)  # noqa: E731
         self.a, self.b, self.hidden_bias = to(factors.a), to(factors.b), to(factors.hidden_bias)
@@ -92,6 +138,8 @@ class GuardedFFN(torch.nn.Module):
             return self.dense(x)
         flat = x.reshape(-1, x.shape[-1])
         scores = self.scores(flat)
+        if self.mode == "sync_free":
+            return self.sync_free(flat, scores).reshape(x.shape)
         own = scores > 0  # [B, d_ff]
         cand = torch.nonzero(own.any(0)).squeeze(1)
         g = (flat @ torch.index_select(self.w_gate, 0, cand).T).float()
@@ -109,3 +157,36 @@ class GuardedFFN(torch.nn.Module):
             self.record.append((cand.cpu(), active.cpu(), scores.cpu(), gate.cpu()))
         y = h.to(x.dtype) @ torch.index_select(self.w_down_t, 0, active)
         return y.reshape(x.shape)
+
+    def sync_free(self, flat: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        """flat [N, d] (model dtype), scores [N, d_ff] f32 -> y [N, d]: the guarded FFN on `capacity` gathered rows,
+        with static shapes and no host synchronisation (no nonzero, no boolean indexing, no .item())."""
+        own = scores > 0  # [N, d_ff] bool
+        key = scores.amax(0)  # [d_ff] f32: > 0 iff some sequence's candidate
+        count = (key > 0).sum()  # int64 [], stays on the device
+        self.max_candidates.copy_(torch.maximum(self.max_candidates, count))
+        self.overflow.add_((count - self.capacity).clamp_(min=0))
+        if self.capacity == self.w_gate.shape[0]:  # every row: dense matmuls, the same masks
+            idx, w_gate, w_up, w_down_t, mask = None, self.w_gate, self.w_up, self.w_down_t, own
+        else:
+            idx = torch.topk(key, self.capacity, sorted=False).indices  # [capacity] int64
+            w_gate, w_up = self.w_gate.index_select(0, idx), self.w_up.index_select(0, idx)
+            w_down_t, mask = self.w_down_t.index_select(0, idx), own.index_select(1, idx)
+        g = (flat @ w_gate.T).float()  # [N, capacity]
+        a = activate(self.activation, self.threshold, g) * mask
+        u = (flat @ w_up.T).float()
+        h = a * (torch.relu(u) if self.activation == "drelu" else u)
+        if self.record is not None:
+            self._record_sync_free(scores, idx, mask, g, h if self.activation == "drelu" else a)
+        return h.to(flat.dtype) @ w_down_t
+
+    def _record_sync_free(self, scores: torch.Tensor, idx: torch.Tensor | None, mask: torch.Tensor, g: torch.Tensor,
+                          live: torch.Tensor) -> None:
+        """The exact path's record (ascending candidate and active ids, scores, gate) from a sync-free call; live
+        [N, capacity]: a (h for dReLU), non-zero for the active rows."""
+        if idx is None:
+            idx = torch.arange(scores.shape[1], device=scores.device)
+        cand, active = idx[mask.any(0)].sort().values, idx[(live != 0).any(0)].sort().values
+        gate = torch.full_like(scores, float("nan"))
+        gate[:, idx] = torch.where(mask.any(0), g, float("nan"))
+        self.record.append((cand.cpu(), active.cpu(), scores.cpu(), gate.cpu()))

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from svdsparse_jax.errors import SvdsparseError
+from svdsparse_jax.policy import UnionRows
 from svdsparse_jax.predictors.base import LowRankPredictor
 from svdsparse_jax.predictors.store import MANIFEST, TENSORS, check_no_stray_tensors, check_tensor_file, read_manifest
 
@@ -41,6 +42,7 @@ class PredictorFactors:
     dtype: str
     fingerprint: str
     method: str
+    union: UnionRows | None = None  # the candidate / active union fractions the set measured, by batch size
 
 
 def factors_of(pred, layer: int) -> LayerFactors:
@@ -98,5 +100,6 @@ def read_factors(pred_dir: str | os.PathLike) -> PredictorFactors:
             return tensors[key].float().numpy()
         layers.append(LayerFactors(t("a"), t("b"), t("bias"), t("hidden_bias", e["relu"]), e["relu"]))
     check_layers(layers, m["n_layers"], m["d_model"], m["d_ff"], str(d))
+    union = None if "union_rows" not in m else UnionRows.from_json(m["union_rows"], m["n_layers"], str(d / MANIFEST))
     return PredictorFactors(layers, m["activation"], float(m["threshold"]), m["d_model"], m["d_ff"], m["dtype"],
-                            m["fingerprint"], m["method"])
+                            m["fingerprint"], m["method"], union)

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 
 import torch
 
 from svdsparse_jax.config import from_hf_config
 from svdsparse_jax.errors import SvdsparseError
 from svdsparse_jax.weights import model_fingerprint, weight_specs
-from torch_npu_bridge.executor import GuardedFFN, pick_device
+from torch_npu_bridge.executor import MODES, GuardedFFN, measured_capacities, pick_device
 from torch_npu_bridge.factors import PredictorFactors, read_factors
 from torch_npu_bridge.sparse_mlp import set_sparse_activation
 
@@ -69,11 +70,22 @@ def hf_fingerprint(model, activation: str, threshold: float) -> str:
 
 
 def patch_hf_model(model, predictors: str | os.PathLike | PredictorFactors, device: str | torch.device | None = None,
-                   check_fingerprint: bool = True):
+                   check_fingerprint: bool = True, mode: str = "exact",
+                   capacity: int | str | Sequence[int] | None = None, batch: int = 1, margin: float = 1.5):
     """Makes every MLP of `model` predictor-guarded for decode with a predictor directory (`svdsparse
     build-predictors`), on `device` (default: npu if torch_npu sees one, else cuda, else cpu; the model is moved
     there). Returns the model. Refuses a model with another layer count, other shapes or (unless
-    check_fingerprint=False) another fingerprint than the predictors'."""
+    check_fingerprint=False) another fingerprint than the predictors'.
+
+    mode "exact" (the default) compacts the candidates with two host synchronisations per layer; "sync_free"
+    gathers a fixed `capacity` of rows per layer without any (graph-capturable; `executor` says how): capacity
+    None is d_ff (exact always), an int (or one per layer) that many rows, "measured" the set's measured mean
+    candidate union at `batch` sequences x `margin`, rounded up to 64 rows (`executor.measured_capacities`).
+    Candidates beyond the capacity are dropped and counted (`overflow_count`)."""
+    if mode not in MODES:
+        raise SvdsparseError(f"executor mode {mode!r}: expected one of {MODES}")
+    if capacity is not None and mode != "sync_free":
+        raise SvdsparseError("capacity is for mode='sync_free' (the exact path reads every candidate)")
     ex = predictors if isinstance(predictors, PredictorFactors) else read_factors(predictors)
     layers = _layers(model)
     if any(isinstance(layer.mlp, PatchedMLP) for layer in layers):
@@ -92,14 +104,33 @@ def patch_hf_model(model, predictors: str | os.PathLike | PredictorFactors, devi
         if got != ex.fingerprint:
             raise SvdsparseError(f"the predictors were built for model fingerprint {ex.fingerprint}, but this "
                                  f"model's is {got} (another checkpoint or config)")
+    if capacity == "measured":
+        capacities = measured_capacities(ex.union, batch, ex.d_ff, margin)
+    elif capacity is None or isinstance(capacity, int):
+        capacities = [capacity] * len(layers)
+    elif isinstance(capacity, str):
+        raise SvdsparseError(f"capacity {capacity!r}: expected None, a number of rows, one per layer, or 'measured'")
+    else:
+        capacities = [int(c) for c in capacity]
+        if len(capacities) != len(layers):
+            raise SvdsparseError(f"{len(capacities)} capacities for a model with {len(layers)} layers")
     dev = pick_device(device)
     model.to(dev)
-    for layer, factors in zip(layers, ex.layers):
+    for layer, factors, cap in zip(layers, ex.layers, capacities):
         mlp = layer.mlp
         guarded = GuardedFFN(mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach(),
-                             mlp.down_proj.weight.detach().T.contiguous(), factors, ex.activation, ex.threshold)
+                             mlp.down_proj.weight.detach().T.contiguous(), factors, ex.activation, ex.threshold,
+                             mode, cap)
         layer.mlp = PatchedMLP(mlp, guarded)
     return model
+
+
+def overflow_count(model) -> tuple[int, list[int]]:
+    """(candidates dropped for lack of capacity, summed over every sync-free decode call and layer since
+    patching; per layer the largest candidate union seen). Reads the device counters (one synchronisation: call
+    it after generation, not per token)."""
+    mods = guarded_modules(model)
+    return int(sum(int(m.overflow) for m in mods)), [int(m.max_candidates) for m in mods]
 
 
 def unpatch(model):

@@ -9,7 +9,10 @@ that about `--candidates` of the neurons are candidates (random weights have no 
 are not accurate; only the bytes they make the executor read matter here, and the measured candidate and
 active fractions are reported).
 
-  python -m scripts.bench.torch_bridge [--device cuda] [--json-out F]
+`--mode sync_free` runs the executor's sync-free path with capacity `--candidates` x `--margin` of d_ff (rounded
+up to 64 rows; the dropped candidates are reported as overflow).
+
+  python -m scripts.bench.torch_bridge [--device cuda] [--mode exact|sync_free] [--margin 1.5] [--json-out F]
 """
 
 from __future__ import annotations
@@ -46,11 +49,12 @@ def parity(device: str) -> dict:
         return decode_parity(lm, model, pset.layers, Path(tmp) / "pred", prompt, 32, device)
 
 
-def speed(device: str, candidates: float, new_tokens: int, repeats: int) -> dict:
+def speed(device: str, candidates: float, new_tokens: int, repeats: int, mode: str = "exact",
+          margin: float = 1.5) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
-    from torch_npu_bridge.executor import GuardedFFN
+    from torch_npu_bridge.executor import GuardedFFN, round_capacity
     from torch_npu_bridge.factors import LayerFactors
-    from torch_npu_bridge.hf_patch import PatchedMLP, guarded_modules, unpatch
+    from torch_npu_bridge.hf_patch import PatchedMLP, guarded_modules, overflow_count, unpatch
 
     cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
                       num_attention_heads=32, num_key_value_heads=32, hidden_act="relu", max_position_embeddings=4096)
@@ -67,6 +71,7 @@ def speed(device: str, candidates: float, new_tokens: int, repeats: int) -> dict
     for h in hooks:
         h.remove()
     torch.set_grad_enabled(False)
+    capacity = round_capacity(candidates, cfg.intermediate_size, margin) if mode == "sync_free" else None
     for i, layer in enumerate(model.model.layers):  # top-256 SVD of W_gate; bias for `candidates` per neuron
         w = layer.mlp.gate_proj.weight.float()
         u, s, v = torch.svd_lowrank(w, q=256, niter=2)
@@ -76,7 +81,8 @@ def speed(device: str, candidates: float, new_tokens: int, repeats: int) -> dict
         f = LayerFactors(a.cpu().numpy(), b.cpu().numpy(), bias.cpu().numpy())
         mlp = layer.mlp
         layer.mlp = PatchedMLP(mlp, GuardedFFN(mlp.gate_proj.weight, mlp.up_proj.weight,
-                                               mlp.down_proj.weight.T.contiguous(), f, "fatrelu", threshold))
+                                               mlp.down_proj.weight.T.contiguous(), f, "fatrelu", threshold,
+                                               mode, capacity))
     prompt = torch.randint(0, cfg.vocab_size, (1, 64), device=device)
 
     def timed() -> float:
@@ -92,6 +98,7 @@ def speed(device: str, candidates: float, new_tokens: int, repeats: int) -> dict
         return new_tokens / statistics.median(times)
 
     sparse_tps = timed()  # without recording: a record copies to the host every layer
+    dropped, _ = overflow_count(model)
     for g in guarded_modules(model):
         g.record = []
     with torch.no_grad():  # one more generation, recorded, for the candidate and active fractions
@@ -101,7 +108,8 @@ def speed(device: str, candidates: float, new_tokens: int, repeats: int) -> dict
     active = float(np.mean([len(r[1]) for r in recs])) / cfg.intermediate_size
     unpatch(model)
     dense_tps = timed()
-    return {"shape": "llama2-7b", "dtype": "bfloat16", "new_tokens": new_tokens, "prompt": 64,
+    return {"shape": "llama2-7b", "dtype": "bfloat16", "mode": mode, "capacity": capacity, "overflow": dropped,
+            "new_tokens": new_tokens, "prompt": 64,
             "threshold": round(threshold, 4), "candidate_fraction": round(cand, 4),
             "active_fraction": round(active, 4), "unpatched_tokens_per_s": round(dense_tps, 2),
             "patched_tokens_per_s": round(sparse_tps, 2), "speedup": round(sparse_tps / dense_tps, 3)}
@@ -114,6 +122,8 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-parity", action="store_true")
+    ap.add_argument("--mode", choices=("exact", "sync_free"), default="exact")
+    ap.add_argument("--margin", type=float, default=1.5)
     harness.add_report_args(ap)
     args = ap.parse_args()
     import transformers
@@ -122,7 +132,8 @@ def main() -> int:
     if not args.skip_parity:
         report["parity"] = parity(args.device)
         print(json.dumps(report["parity"]), flush=True)
-    report["speed"] = speed(args.device, args.candidates, args.new_tokens, args.repeats)
+    report["speed"] = speed(args.device, args.candidates, args.new_tokens, args.repeats, args.mode,
+                            args.margin)
     print(json.dumps(report["speed"]), flush=True)
     harness.save(report, args.json_out)
     return 0 if args.skip_parity or report["parity"]["ok"] else 1
