@@ -9,7 +9,6 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from checkpoints import make_hf_checkpoint
-from svdsparse_jax import convert as convert_mod
 from svdsparse_jax.convert import convert, load_model, read_converted, read_hf_weights, weights_equal
 from svdsparse_jax.config import read_hf_config
 from svdsparse_jax.errors import SvdsparseError
@@ -100,7 +99,8 @@ def test_interrupted_write_leaves_nothing(tmp_path, monkeypatch, seed):
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(convert_mod.shutil, "copy2", boom)  # fails after the params were written
+    import shutil
+    monkeypatch.setattr(shutil, "copy2", boom)  # the config's copy fails after the params were written
     with pytest.raises(KeyboardInterrupt):
         convert(ckpt.path, tmp_path / "out")
     assert _no_output(tmp_path / "out")
