@@ -61,9 +61,16 @@ def test_patched_transformers_matches_the_jax_sparse_model(bundled, backend, rng
         return [np.concatenate([prompt, gen.generate([prompt.tolist()], steps, eos_ids=()).tokens[0]])]
     # FATReLU jumps at its threshold: a gate within f32 rounding of it flips a neuron in one implementation and
     # not the other (one held-out prompt in about 30 here); such inputs are drawn again (checkpoints.py)
-    prompt = draw_well_conditioned(*fatrelu_float64(hf_model(), lm.cfg.act_threshold), draw)[0][:24]
-    r = decode_parity(lm, with_engine(model, EngineConfig(backend=backend)), pset.layers, root / "pred", prompt,
-                      steps, "cpu")
+    # The same holds for the sparse run's own decisions (a score within rounding of 0, a gate of a candidate
+    # within rounding of the threshold), which the dense check above cannot see: a prompt whose comparison meets
+    # such a rounding tie (and no real disagreement) is drawn again, up to 5 times (seed 132444248 met one).
+    for _ in range(5):
+        prompt = draw_well_conditioned(*fatrelu_float64(hf_model(), lm.cfg.act_threshold), draw)[0][:24]
+        r = decode_parity(lm, with_engine(model, EngineConfig(backend=backend)), pset.layers, root / "pred",
+                          prompt, steps, "cpu")
+        assert r["disagreements"] == 0, r
+        if r["rounding_ties"] == 0:
+            break
     assert r["ok"], r  # logits within 1e-4 (f32) and identical tokens, candidates and active sets at every step
     assert r["mean_active_fraction"] < 0.3 and r["mean_candidate_fraction"] < 0.5  # really sparse
     if backend == "interpret":
