@@ -19,23 +19,13 @@ import pytest
 import torch
 
 from checkpoints import make_hf_checkpoint
-from svdsparse_jax import cli
+from test_faults import run_cli
 from svdsparse_jax.assets import BUNDLED_MODEL
 from svdsparse_jax.errors import SvdsparseError
 from svdsparse_jax.fsutil import OWNER_MARK, PARTIAL, atomic_directory
 
 ROOT = Path(__file__).parent.parent
 HUGE = 10 ** 15
-
-
-def run_cli(capsys, *argv) -> tuple[int, str]:
-    """(exit code, the last line of stderr) of the CLI run in this process."""
-    try:
-        code = cli.main(list(argv))
-    except SystemExit as e:  # argparse refusals
-        code = e.code
-    err = capsys.readouterr().err.strip().splitlines()
-    return code, err[-1] if err else ""
 
 
 def copy_dir(src: Path, dst: Path, **replace: bytes) -> Path:

@@ -22,7 +22,7 @@ import json
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 from fastapi import FastAPI, Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
@@ -156,6 +156,26 @@ def _chat_logprobs(service: Service, lps: list[TokenLogprob]) -> dict:
                         for lp in lps], "refusal": None}
 
 
+def _event_stream(job, req, head: dict, choice: Callable[[int, Piece], dict | None]) -> StreamingResponse:
+    """A streamed answer as server-sent events: a chunk (head + one choice) per piece that `choice` makes one of
+    (None: nothing to send yet), the usage chunk when the request asks for it, then [DONE]; an error mid-way is
+    sent as its OpenAI body, and the job is cancelled however the stream ends (a client that goes away too)."""
+    async def stream():
+        try:
+            async for k, piece in job.events():
+                c = choice(k, piece)
+                if c is not None:
+                    yield _sse({**head, "choices": [c]})
+            if req.stream_options is not None and req.stream_options.include_usage:
+                yield _sse({**head, "choices": [], "usage": job.usage})
+            yield "data: [DONE]\n\n"
+        except ApiError as e:
+            yield _sse(e.body())
+        finally:
+            job.cancel()
+    return StreamingResponse(stream(), media_type="text/event-stream")
+
+
 def _sse(obj: Any) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
@@ -225,22 +245,12 @@ def create_app(service: Service) -> FastAPI:
             return None if piece.logprobs is None else _completion_logprobs(service, piece.logprobs)
 
         if req.stream:
-            async def stream():
-                try:
-                    async for k, piece in job.events():
-                        if not (piece.text or piece.finish_reason or piece.logprobs):
-                            continue  # tokens whose text is held back (a possible stop string, a partial character)
-                        yield _sse({**head, "choices": [{"index": k * n + piece.index, "text": piece.text,
-                                                         "logprobs": lp(piece),
-                                                         "finish_reason": piece.finish_reason}]})
-                    if req.stream_options is not None and req.stream_options.include_usage:
-                        yield _sse({**head, "choices": [], "usage": job.usage})
-                    yield "data: [DONE]\n\n"
-                except ApiError as e:
-                    yield _sse(e.body())
-                finally:
-                    job.cancel()
-            return StreamingResponse(stream(), media_type="text/event-stream")
+            def choice(k: int, piece: Piece) -> dict | None:
+                if not (piece.text or piece.finish_reason or piece.logprobs):
+                    return None  # tokens whose text is held back (a possible stop string, a partial character)
+                return {"index": k * n + piece.index, "text": piece.text, "logprobs": lp(piece),
+                        "finish_reason": piece.finish_reason}
+            return _event_stream(job, req, head, choice)
 
         choices = [{"index": i, "text": "", "logprobs": None if req.logprobs is None else
                     {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []},
@@ -282,27 +292,18 @@ def create_app(service: Service) -> FastAPI:
             return None if piece.logprobs is None else _chat_logprobs(service, piece.logprobs)
 
         if req.stream:
-            async def stream():
-                started = set()
-                chunk = {**head, "object": "chat.completion.chunk"}
-                try:
-                    async for _, piece in job.events():
-                        if not (piece.text or piece.finish_reason or piece.logprobs or piece.index not in started):
-                            continue
-                        delta = {"content": piece.text}
-                        if piece.index not in started:
-                            started.add(piece.index)
-                            delta = {"role": "assistant", **delta}
-                        yield _sse({**chunk, "choices": [{"index": piece.index, "delta": delta, "logprobs": lp(piece),
-                                                          "finish_reason": piece.finish_reason}]})
-                    if req.stream_options is not None and req.stream_options.include_usage:
-                        yield _sse({**chunk, "choices": [], "usage": job.usage})
-                    yield "data: [DONE]\n\n"
-                except ApiError as e:
-                    yield _sse(e.body())
-                finally:
-                    job.cancel()
-            return StreamingResponse(stream(), media_type="text/event-stream")
+            started = set()
+
+            def choice(_: int, piece: Piece) -> dict | None:
+                if not (piece.text or piece.finish_reason or piece.logprobs or piece.index not in started):
+                    return None
+                delta = {"content": piece.text}
+                if piece.index not in started:
+                    started.add(piece.index)
+                    delta = {"role": "assistant", **delta}
+                return {"index": piece.index, "delta": delta, "logprobs": lp(piece),
+                        "finish_reason": piece.finish_reason}
+            return _event_stream(job, req, {**head, "object": "chat.completion.chunk"}, choice)
 
         choices = [{"index": i, "message": {"role": "assistant", "content": ""},
                     "logprobs": None if logprobs is None else {"content": [], "refusal": None},
