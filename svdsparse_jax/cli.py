@@ -396,7 +396,7 @@ def _prompt_texts(args: argparse.Namespace) -> list[str] | None:
 def cmd_generate(args: argparse.Namespace) -> None:
     import secrets
 
-    from svdsparse_jax.generate import Generator, Watcher, bucket, sequence_bytes
+    from svdsparse_jax.generate import Generator, Watcher
     from svdsparse_jax.model import Transformer
 
     sampler = _sampler_from_args(args)
@@ -420,13 +420,11 @@ def cmd_generate(args: argparse.Namespace) -> None:
         raise SvdsparseError(f"{lm.path}: the model has no tokenizer files, which {flag} needs; use --prompt-ids")
     prompts = [tok(t)["input_ids"] for t in texts] if texts is not None else args.prompt_ids
     pset = load_predictors_for(args.predictors, lm) if args.predictors else None
-    longest = bucket(max(len(p) for p in prompts))
-    check_count("--num-samples", args.num_samples, len(prompts) * sequence_bytes(
-        lm.cfg, longest, longest + bucket(args.max_new_tokens) + engine.steps_per_check,
-        lm.weights[("embed",)].dtype.itemsize))
     model = Transformer(lm.cfg, lm.weights, engine)
     del lm  # the model holds its own fused q/k/v matrix; the separate ones can go
     gen = Generator(model, pset and pset.layers, pset and pset.union)
+    gen.check_batch_fits("--num-samples", args.num_samples, max(len(p) for p in prompts), args.max_new_tokens,
+                         per_count=len(prompts))
     batch = [p for p in prompts for _ in range(args.num_samples)]  # the samples of a prompt, side by side
     watcher = None
     if args.stop or args.stream:

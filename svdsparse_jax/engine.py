@@ -9,10 +9,13 @@ it, and nothing else, to pick a Pallas kernel or XLA for each decode operation w
   add_rmsnorm  residual add + RMSNorm (+ the predictor's input projection): one Pallas launch, or XLA
   guarded_ffn  candidates -> neuron list -> gate on the candidates, activation, up / down on the active rows
 
-Environment variables are read in this module only, by `from_environment`, which the CLI calls once; the
-Python API never reads them:
+Environment variables are read only at the edge, once per command, never while JAX traces and never by the
+Python API: this module's `from_environment` (which the CLI calls), `compile_cache.enable` and
+`svdsparse-lm-eval`'s `main`:
 
   SVDSPARSE_KERNELS=auto|pallas|interpret|xla   the backend when the CLI's --kernels is not given (default auto)
+  SVDSPARSE_COMPILE_CACHE=DIR|off               the compilation cache (`compile_cache`)
+  SVDSPARSE_DEBUG=1                             svdsparse-lm-eval shows tracebacks
 """
 
 from __future__ import annotations

@@ -442,7 +442,7 @@ def check_plot_dir(out_dir: str | os.PathLike, flag: str = "--plots") -> None:
     out = Path(out_dir).absolute()
     if out.exists() and not out.is_dir():
         raise SvdsparseError(f"{out} ({flag}): exists and is not a directory")
-    taken = [str(out / f"{key}") for key in PLOT_FILES if (out / key).exists() or (out / key).is_symlink()]
+    taken = [str(out / name) for name in PLOT_FILES if (out / name).exists() or (out / name).is_symlink()]
     if taken:
         raise SvdsparseError(f"{taken[0]} ({flag}): already exists; plots never replace files (choose another "
                              "directory)")

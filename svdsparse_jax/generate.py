@@ -296,6 +296,15 @@ class Generator:
         """The callback compiled into watched programs: the current call's Watcher."""
         return self._watcher(step, tokens)
 
+    def check_batch_fits(self, what: str, count: int, longest: int, max_new_tokens: int, per_count: int = 1
+                         ) -> None:
+        """Refuses a batch of count x per_count sequences (prompts of at most `longest` tokens, max_new_tokens
+        each) whose caches and activations (`sequence_bytes`, at the call's buckets) do not fit in memory;
+        `what` names the count (a flag or argument)."""
+        prompt_len = bucket(longest)
+        slots = prompt_len + bucket(max_new_tokens) + self.engine.steps_per_check
+        check_count(what, count, per_count * sequence_bytes(self.cfg, prompt_len, slots, self.itemsize))
+
     def sparse_layers(self, batch: int) -> tuple[bool, ...]:
         """Per layer, whether a batch of `batch` sequences decodes it sparse (the engine's policy)."""
         if self.predictors is None:
@@ -333,8 +342,7 @@ class Generator:
                                      f"exceeds the model's context of {cfg.max_seq_len} tokens")
         longest = max(len(p) for p in prompts)
         prompt_len, new_bucket = bucket(longest), bucket(max_new_tokens)
-        check_count("prompts (the batch of sequences)", len(prompts), sequence_bytes(
-            cfg, prompt_len, prompt_len + new_bucket + self.engine.steps_per_check, self.itemsize))
+        self.check_batch_fits("prompts (the batch of sequences)", len(prompts), longest, max_new_tokens)
         tokens = np.zeros((len(prompts), prompt_len), np.int32)
         pad = np.zeros(len(prompts), np.int32)
         for i, p in enumerate(prompts):

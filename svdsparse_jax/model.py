@@ -284,11 +284,11 @@ class Transformer(nnx.Module):
         mask = kv_cache.attention_bias(self.cfg, cache.pad, start, t, cache.slots)
         x = self.embed[...][tokens]
         ks, vs = [], []
+        token_rows = None if rows is None else jnp.repeat(rows, t)  # [B * T]: the FFN's flattened tokens
         for i, layer in enumerate(self.layers):
             with jax.named_scope(f"layer_{i}"):
                 x, k, v = layer(x, cache.k[i], cache.v[i], start, pos, mask,
-                                None if predictors is None else predictors[i], probe,
-                                None if rows is None else jnp.repeat(rows, t))
+                                None if predictors is None else predictors[i], probe, token_rows)
             ks.append(k)
             vs.append(v)
         return self.final_norm(x), kv_cache.KVCache(k=ks, v=vs, pad=cache.pad)
