@@ -91,6 +91,7 @@ def test_dense_and_all_active_predictors_agree_and_real_ones_change_little(dense
                                       log_samples=True, random_seed=0, numpy_random_seed=0, torch_random_seed=0,
                                       fewshot_random_seed=0)
         samples = {t: [s["resps"] for s in out["samples"][t]] for t in (MC_TASK, GEN_TASK)}
+        samples["args"] = [s["arguments"] for s in out["samples"][MC_TASK]]
         return out["results"], samples
 
     dense_results, dense_samples = run(dense)
@@ -104,7 +105,10 @@ def test_dense_and_all_active_predictors_agree_and_real_ones_change_little(dense
     real = SvdsparseLM(predictors=str(predictor_dirs / "real"), dtype="float32", batch_size=4, kernels="xla")
     real_results, real_samples = run(real)
     diff = np.abs(lls(real_samples) - lls(dense_samples))
-    assert 0 < diff.max() and np.median(diff) < 0.5  # the predictors act, and cost little likelihood
+    n_tokens = np.array([[len(dense._encode_pair(*a)[1]) for a in item] for item in dense_samples["args"]])
+    # the predictors act, and cost little likelihood per token: over 30 seeds this set's mean change was
+    # 0.031-0.062 nats a token (the per-choice median, 0.28-0.61, grows with the choice's length)
+    assert 0 < diff.max() and diff.sum() / n_tokens.sum() < 0.1
     assert abs(real_results[MC_TASK]["acc,none"] - dense_results[MC_TASK]["acc,none"]) <= 0.25
 
 
