@@ -230,96 +230,106 @@ def create_app(service: Service) -> FastAPI:
                                             "max_model_len": service.context}]}
 
     @app.post("/v1/completions")
-    async def completions(req: CompletionRequest, http: HttpRequest):
-        _check_common(service, req)
-        tok = service.tokenizer
-        prompts = [tok(p)["input_ids"] if isinstance(p, str) else p for p in req.prompts()]
-        limits = [_check_length(service, ids, req.max_tokens, "prompt") for ids in prompts]
-        if len(set(limits)) > 1:  # only when max_tokens is None (a null): each prompt's rest differs
-            limits = [min(limits)] * len(limits)
-        job = Job(service, prompts, _params(req, limits[0], req.logprobs))
-        rid, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), req.n
-        head = {"id": rid, "object": "text_completion", "created": created, "model": service.model_name}
-
-        def lp(piece: Piece):
-            return None if piece.logprobs is None else _completion_logprobs(service, piece.logprobs)
-
-        if req.stream:
-            def choice(k: int, piece: Piece) -> dict | None:
-                if not (piece.text or piece.finish_reason or piece.logprobs):
-                    return None  # tokens whose text is held back (a possible stop string, a partial character)
-                return {"index": k * n + piece.index, "text": piece.text, "logprobs": lp(piece),
-                        "finish_reason": piece.finish_reason}
-            return _event_stream(job, req, head, choice)
-
-        choices = [{"index": i, "text": "", "logprobs": None if req.logprobs is None else
-                    {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []},
-                    "finish_reason": None} for i in range(len(prompts) * n)]
-
-        async def collect():
-            async for k, piece in job.events():
-                c = choices[k * n + piece.index]
-                c["text"] += piece.text
-                c["finish_reason"] = piece.finish_reason or c["finish_reason"]
-                if piece.logprobs is not None:
-                    for key, values in lp(piece).items():
-                        c["logprobs"][key] += values
-        await _until_done_or_gone(collect(), job, http)
-        return {**head, "choices": choices, "usage": job.usage}
+    async def _completions(req: CompletionRequest, http: HttpRequest):
+        return await completions(service, req, http)
 
     @app.post("/v1/chat/completions")
-    async def chat(req: ChatRequest, http: HttpRequest):
-        _check_common(service, req)
-        if service.chat_template is None:
-            raise ApiError(400, f"messages: the model `{service.model_name}` has no chat template (start the server "
-                                "with --chat-template FILE), use /v1/completions", "messages", "no_chat_template")
-        tok = service.tokenizer
-        try:
-            text = tok.apply_chat_template([{"role": m.role, "content": m.text()} for m in req.messages],
-                                           chat_template=service.chat_template, add_generation_prompt=True,
-                                           tokenize=False)
-        except Exception as e:  # jinja raises many types (a template may also raise on purpose)
-            raise ApiError(400, f"messages: the chat template refused them ({type(e).__name__}: {e})",
-                           "messages") from None
-        ids = tok(text, add_special_tokens=False)["input_ids"]
-        limit = _check_length(service, ids, req.limit, "messages")
-        logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        job = Job(service, [ids], _params(req, limit, logprobs))
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        head = {"id": rid, "object": "chat.completion", "created": created, "model": service.model_name}
-
-        def lp(piece: Piece):
-            return None if piece.logprobs is None else _chat_logprobs(service, piece.logprobs)
-
-        if req.stream:
-            started = set()
-
-            def choice(_: int, piece: Piece) -> dict | None:
-                if not (piece.text or piece.finish_reason or piece.logprobs or piece.index not in started):
-                    return None
-                delta = {"content": piece.text}
-                if piece.index not in started:
-                    started.add(piece.index)
-                    delta = {"role": "assistant", **delta}
-                return {"index": piece.index, "delta": delta, "logprobs": lp(piece),
-                        "finish_reason": piece.finish_reason}
-            return _event_stream(job, req, {**head, "object": "chat.completion.chunk"}, choice)
-
-        choices = [{"index": i, "message": {"role": "assistant", "content": ""},
-                    "logprobs": None if logprobs is None else {"content": [], "refusal": None},
-                    "finish_reason": None} for i in range(req.n)]
-
-        async def collect():
-            async for _, piece in job.events():
-                c = choices[piece.index]
-                c["message"]["content"] += piece.text
-                c["finish_reason"] = piece.finish_reason or c["finish_reason"]
-                if piece.logprobs is not None:
-                    c["logprobs"]["content"] += lp(piece)["content"]
-        await _until_done_or_gone(collect(), job, http)
-        return {**head, "choices": choices, "usage": job.usage}
+    async def _chat(req: ChatRequest, http: HttpRequest):
+        return await chat_completions(service, req, http)
 
     return app
+
+
+async def completions(service: Service, req: CompletionRequest, http: HttpRequest) -> Any:
+    """POST /v1/completions: a JSON answer, or server-sent events with `stream`."""
+    _check_common(service, req)
+    tok = service.tokenizer
+    prompts = [tok(p)["input_ids"] if isinstance(p, str) else p for p in req.prompts()]
+    limits = [_check_length(service, ids, req.max_tokens, "prompt") for ids in prompts]
+    if len(set(limits)) > 1:  # only when max_tokens is None (a null): each prompt's rest differs
+        limits = [min(limits)] * len(limits)
+    job = Job(service, prompts, _params(req, limits[0], req.logprobs))
+    rid, created, n = f"cmpl-{uuid.uuid4().hex}", int(time.time()), req.n
+    head = {"id": rid, "object": "text_completion", "created": created, "model": service.model_name}
+
+    def lp(piece: Piece):
+        return None if piece.logprobs is None else _completion_logprobs(service, piece.logprobs)
+
+    if req.stream:
+        def choice(k: int, piece: Piece) -> dict | None:
+            if not (piece.text or piece.finish_reason or piece.logprobs):
+                return None  # tokens whose text is held back (a possible stop string, a partial character)
+            return {"index": k * n + piece.index, "text": piece.text, "logprobs": lp(piece),
+                    "finish_reason": piece.finish_reason}
+        return _event_stream(job, req, head, choice)
+
+    choices = [{"index": i, "text": "", "logprobs": None if req.logprobs is None else
+                {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []},
+                "finish_reason": None} for i in range(len(prompts) * n)]
+
+    async def collect():
+        async for k, piece in job.events():
+            c = choices[k * n + piece.index]
+            c["text"] += piece.text
+            c["finish_reason"] = piece.finish_reason or c["finish_reason"]
+            if piece.logprobs is not None:
+                for key, values in lp(piece).items():
+                    c["logprobs"][key] += values
+    await _until_done_or_gone(collect(), job, http)
+    return {**head, "choices": choices, "usage": job.usage}
+
+
+async def chat_completions(service: Service, req: ChatRequest, http: HttpRequest) -> Any:
+    """POST /v1/chat/completions: the messages through the chat template; a JSON answer or events."""
+    _check_common(service, req)
+    if service.chat_template is None:
+        raise ApiError(400, f"messages: the model `{service.model_name}` has no chat template (start the server "
+                            "with --chat-template FILE), use /v1/completions", "messages", "no_chat_template")
+    tok = service.tokenizer
+    try:
+        text = tok.apply_chat_template([{"role": m.role, "content": m.text()} for m in req.messages],
+                                       chat_template=service.chat_template, add_generation_prompt=True,
+                                       tokenize=False)
+    except Exception as e:  # jinja raises many types (a template may also raise on purpose)
+        raise ApiError(400, f"messages: the chat template refused them ({type(e).__name__}: {e})",
+                       "messages") from None
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    limit = _check_length(service, ids, req.limit, "messages")
+    logprobs = (req.top_logprobs or 0) if req.logprobs else None
+    job = Job(service, [ids], _params(req, limit, logprobs))
+    rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+    head = {"id": rid, "object": "chat.completion", "created": created, "model": service.model_name}
+
+    def lp(piece: Piece):
+        return None if piece.logprobs is None else _chat_logprobs(service, piece.logprobs)
+
+    if req.stream:
+        started = set()
+
+        def choice(_: int, piece: Piece) -> dict | None:
+            if not (piece.text or piece.finish_reason or piece.logprobs or piece.index not in started):
+                return None
+            delta = {"content": piece.text}
+            if piece.index not in started:
+                started.add(piece.index)
+                delta = {"role": "assistant", **delta}
+            return {"index": piece.index, "delta": delta, "logprobs": lp(piece),
+                    "finish_reason": piece.finish_reason}
+        return _event_stream(job, req, {**head, "object": "chat.completion.chunk"}, choice)
+
+    choices = [{"index": i, "message": {"role": "assistant", "content": ""},
+                "logprobs": None if logprobs is None else {"content": [], "refusal": None},
+                "finish_reason": None} for i in range(req.n)]
+
+    async def collect():
+        async for _, piece in job.events():
+            c = choices[piece.index]
+            c["message"]["content"] += piece.text
+            c["finish_reason"] = piece.finish_reason or c["finish_reason"]
+            if piece.logprobs is not None:
+                c["logprobs"]["content"] += lp(piece)["content"]
+    await _until_done_or_gone(collect(), job, http)
+    return {**head, "choices": choices, "usage": job.usage}
 
 
 async def _until_done_or_gone(work, job: Job, http: HttpRequest) -> None:
