@@ -6,7 +6,7 @@ the attention projections ask for). Each shape is timed over `--mats` separate m
 device memory, not L2), INNER passes inside one jitted call; bandwidth counts the matrix bytes once per product.
 
   python -m scripts.bench.gemv [--shapes 12288x4096 ...] [--batch 1 4] [--rows 4 8] [--caps 2048 4096]
-                              [--warps 4 8] [--json-out F]
+                              [--warps 4 8] [--norm] [--out-dtype bfloat16] [--json-out F]
 """
 
 from __future__ import annotations
@@ -36,15 +36,21 @@ def main() -> int:
     ap.add_argument("--caps", type=int, nargs="+", default=[2048, 4096])
     ap.add_argument("--warps", type=int, nargs="+", default=[4, 8])
     ap.add_argument("--batch", type=int, nargs="+", default=[1])
+    ap.add_argument("--norm", action="store_true",
+                    help="sweep RMSNorm(x) @ w^T, the norm inside the kernel (decode's q/k/v); XLA: its norm and dot")
+    ap.add_argument("--out-dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="the swept products' output dtype (decode's q/k/v and o_proj write bfloat16)")
     harness.add_report_args(ap)
     args = ap.parse_args()
     copy_bw = harness.torch_copy_rate()
+    out_dtype, plain = jnp.dtype(args.out_dtype), not args.norm and args.out_dtype == "float32"
     rows = []
     for shape, batch in itertools.product(args.shapes, args.batch):
         n, k = map(int, shape.split("x"))
         mats = [jax.random.normal(jax.random.key(i), (n, k), jnp.bfloat16) for i in range(args.mats)]
         x = jax.random.normal(jax.random.key(99), (batch, k), jnp.bfloat16)
         scale = 1 + 0.1 * jax.random.normal(jax.random.key(98), (k,), jnp.bfloat16)
+        norm_args = (scale, 1e-5) if args.norm else ()
 
         def bench(fn, mats=mats):
             return harness.per_product_s(fn, x, mats, args.repeats)
@@ -55,16 +61,19 @@ def main() -> int:
             except Exception as e:  # a tile the compiler rejects is skipped
                 print(f"  {n}x{k} {key}: {type(e).__name__}", flush=True)
 
-        results = {"xla": bench(reference.gemv)}
+        results = {"xla": bench(lambda x, w: reference.gemv(x, w, *norm_args).astype(out_dtype))}
         for r, c, wps in itertools.product(args.rows, args.caps, args.warps):
             attempt(f"rows={r} cap={c} warps={wps}",
-                    lambda x, w, r=r, c=c, wps=wps: gemv_pallas(x, w, rows=r, cap=c, num_warps=wps))
-        attempt("default, bf16 out", lambda x, w: gemv_pallas(x, w, out_dtype=jnp.dtype(jnp.bfloat16)))
+                    lambda x, w, r=r, c=c, wps=wps: gemv_pallas(x, w, *norm_args, out_dtype=out_dtype, rows=r, cap=c,
+                                                                num_warps=wps))
+        if plain:  # the default tile's bf16 result beside the plain sweep (another product under --norm/--out-dtype)
+            attempt("default, bf16 out", lambda x, w: gemv_pallas(x, w, out_dtype=jnp.dtype(jnp.bfloat16)))
         norm = {"xla": bench(lambda x, w: reference.gemv(rms_norm(x, scale, 1e-5), w)),
                 "kernel": bench(lambda x, w: gemv_pallas(x, w, scale, 1e-5))}
         print(f"  {n}x{k}: " + ", ".join(f"{key} {v * 1e6:.2f} us" for key, v in results.items()), flush=True)
         best = min((v, key) for key, v in results.items() if key != "xla")
-        row = {"n": n, "k": k, "batch": batch, "xla_us": round(results["xla"] * 1e6, 2),
+        row = {"n": n, "k": k, "batch": batch, "norm": args.norm, "out_dtype": args.out_dtype,
+               "xla_us": round(results["xla"] * 1e6, 2),
                "pallas_us": round(best[0] * 1e6, 2),
                "pallas_config": best[1], "xla_tb_s": round(2 * n * k / results["xla"] / 1e12, 3),
                "pallas_tb_s": round(2 * n * k / best[0] / 1e12, 3),
