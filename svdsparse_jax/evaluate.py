@@ -354,7 +354,7 @@ def evaluate_predictors(model: Transformer, predictor_sets: dict, tokens: np.nda
     bad = [b for b in batch_sizes if not 1 <= b <= n]
     if bad:  # before the long work, not after it
         raise SvdsparseError(f"--batch-sizes {bad[0]}: expected 1 <= B <= {n}, the windows evaluated")
-    from tqdm import tqdm
+    from svdsparse_jax.progress import tqdm
     bar = tqdm(total=cfg.n_layers + (1 + len(batch_sizes)) * len(predictor_sets) + 1, desc="evaluate",
                unit="pass", leave=False, disable=None if progress else True)
     layers: dict[str, list[dict]] = {name: [] for name in predictor_sets}

@@ -10,7 +10,9 @@ model registered first: lm-eval 0.4 finds models only among the modules it impor
 model_args: pretrained (a converted or Hugging Face directory; default: the bundled model), predictors (a
 predictor directory; without it the model runs dense), dtype (bfloat16), kernels (auto, pallas, interpret,
 xla; default: SVDSPARSE_KERNELS, else auto), ffn_policy (sparse: every layer guarded, the default, so that
-accuracy shows the predictors' effect; measured; dense), batch_size (8), max_gen_toks (256).
+accuracy shows the predictors' effect; measured; dense), batch_size (lm-eval's --batch_size, else 8; on the
+command line model_args' batch_size is passed to lm-eval as --batch_size, so its report says the size that
+runs), max_gen_toks (256). The model loads through `session.load`.
 
 How each request runs:
 - loglikelihood: context and continuation in one teacher-forced pass (every token through the guarded FFN
@@ -34,12 +36,12 @@ import numpy as np
 from flax import nnx
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from tqdm import tqdm
-
+from svdsparse_jax import session
 from svdsparse_jax.errors import SvdsparseError
 from svdsparse_jax.evaluate import _forward_stats, evaluation_bytes_per_token
 from svdsparse_jax.limits import check_count
-from svdsparse_jax.generate import Generator, Sampler, Watcher, bucket
+from svdsparse_jax.generate import Sampler, Watcher, bucket
+from svdsparse_jax.progress import tqdm
 
 NAME = "svdsparse"
 
@@ -53,30 +55,24 @@ class SvdsparseLM(TemplateLM):
                  max_gen_toks: int | str = 256, device: str | None = None, max_batch_size: Any = None,
                  **unknown: Any):
         super().__init__()
-        from svdsparse_jax.assets import BUNDLED_MODEL
-        from svdsparse_jax.convert import load_model, parse_dtype
-        from svdsparse_jax.engine import from_environment
-        from svdsparse_jax.model import Transformer
-        from svdsparse_jax.predictors import load_predictors
+        from svdsparse_jax.policy import POLICIES
 
         if unknown:  # lm-eval passes its own options too; anything else is a typo
             raise SvdsparseError(f"--model_args: unknown argument(s) {sorted(unknown)} for model {NAME!r}")
-        self.batch_size = _positive(8 if str(batch_size).startswith("auto") else batch_size, "batch_size")
+        self.batch_size = _batch_size(batch_size)
         self.max_gen_toks = _positive(max_gen_toks, "max_gen_toks")
-        if ffn_policy not in ("sparse", "measured", "dense"):
-            raise SvdsparseError(f"--model_args ffn_policy={ffn_policy}: expected sparse, measured or dense")
-        lm = load_model(pretrained or BUNDLED_MODEL, parse_dtype(dtype))
+        if ffn_policy not in POLICIES:
+            raise SvdsparseError(f"--model_args ffn_policy={ffn_policy}: expected one of {', '.join(POLICIES)}")
+        lm = session.load(pretrained, dtype=dtype, kernels=kernels, ffn_policy=ffn_policy, predictors=predictors)
         if lm.tokenizer is None:
             raise SvdsparseError(f"{lm.path}: the model has no tokenizer files, which lm-eval's text tasks need")
         self.cfg, self.tokenizer = lm.cfg, lm.tokenizer
         # a batch of rows of up to the model's context, each with f32 log-probabilities over the vocabulary
         check_count("--model_args batch_size", self.batch_size, self.cfg.max_seq_len * (
             evaluation_bytes_per_token(self.cfg) + 8 * self.cfg.vocab_size))
-        self.pset = (load_predictors(predictors, lm.cfg, lm.fingerprint, lm.weights[("embed",)].dtype)
-                     if predictors else None)
-        self.model = Transformer(lm.cfg, lm.weights, from_environment(kernels, ffn_policy=ffn_policy))
+        self.pset, self.model = lm.predictors, lm.model
         self.guarded = self.pset.layers if self.pset is not None and ffn_policy != "dense" else None
-        self.generator = Generator(self.model, self.pset and self.pset.layers, self.pset and self.pset.union)
+        self.generator = lm.generator()
         if self.pset is not None:  # the CLI defaults to the measured policy: say which one runs here
             import sys
             print(f"svdsparse lm-eval model: ffn_policy={ffn_policy} (scoring runs every layer guarded unless "
@@ -127,7 +123,7 @@ class SvdsparseLM(TemplateLM):
         from lm_eval import utils
 
         out = []
-        for (string,) in tqdm([r.args for r in requests], disable=disable_tqdm, desc="rolling loglikelihood"):
+        for (string,) in tqdm([r.args for r in requests], disable=_quiet(disable_tqdm), desc="rolling loglikelihood"):
             windows = [utils.make_disjoint_window(w) for w in utils.get_rolling_token_windows(
                 token_list=self.tok_encode(string), prefix_token=self.prefix_token_id,
                 max_seq_len=self.max_length, context_len=1)]
@@ -140,7 +136,7 @@ class SvdsparseLM(TemplateLM):
         groups: dict[str, list[int]] = {}
         for i, r in enumerate(requests):  # one batch shape and sampler per set of generation arguments
             groups.setdefault(repr(sorted(r.args[1].items())), []).append(i)
-        bar = tqdm(total=len(requests), disable=disable_tqdm, desc="generate_until")
+        bar = tqdm(total=len(requests), disable=_quiet(disable_tqdm), desc="generate_until")
         for indices in groups.values():
             kwargs = dict(requests[indices[0]].args[1])
             until = kwargs.pop("until", None) or []
@@ -170,7 +166,7 @@ class SvdsparseLM(TemplateLM):
         graphdef, state = self._graph
         order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
         out: list[Any] = [None] * len(sequences)
-        for start in tqdm(range(0, len(order), self.batch_size), disable=disable_tqdm, desc="loglikelihood"):
+        for start in tqdm(range(0, len(order), self.batch_size), disable=_quiet(disable_tqdm), desc="loglikelihood"):
             chunk = order[start:start + self.batch_size]
             longest = len(sequences[chunk[0]])
             length = min(bucket(longest), self.cfg.max_seq_len)
@@ -189,6 +185,36 @@ class SvdsparseLM(TemplateLM):
                 n = lengths[i]
                 out[i] = (lp[row, length - 1 - n:], top[row, length - 1 - n:] == tokens[row, length - n:])
         return out
+
+
+def _quiet(disable_tqdm: bool) -> bool | None:
+    """tqdm's `disable` for lm-eval's flag: off when lm-eval says so, else a bar on a terminal and plain progress
+    lines in a log (`progress.tqdm`)."""
+    return True if disable_tqdm else None
+
+
+def _batch_size(value: Any) -> int:
+    """The batch size a model_args batch_size runs: the integer, or 8 for lm-eval's "auto" / "auto:N" (the
+    harness's automatic search is Hugging Face's only)."""
+    return _positive(8 if str(value).startswith("auto") else value, "batch_size")
+
+
+def _report_true_batch_size(args: Any) -> None:
+    """lm-eval's command prints and records its own --batch_size (default 1), never the model's: for this model
+    with model_args batch_size=N, it is given N (what the model runs) too; the two disagreeing are refused."""
+    if getattr(args, "command", None) != "run" or getattr(args, "model", None) != NAME:
+        return
+    from lm_eval.utils import simple_parse_args_string
+    model_args = getattr(args, "model_args", None)
+    model_args = simple_parse_args_string(model_args) if isinstance(model_args, str) else model_args or {}
+    if model_args.get("batch_size") is None:
+        return
+    runs = _batch_size(model_args["batch_size"])
+    flag = getattr(args, "batch_size", None)
+    if flag is not None and str(flag) != str(runs):
+        raise SvdsparseError(f"--batch_size {flag} and --model_args batch_size={model_args['batch_size']} disagree "
+                             f"(the model runs the latter); give one of them")
+    args.batch_size = str(runs)
 
 
 def _positive(value: Any, name: str) -> int:
@@ -222,13 +248,19 @@ def main() -> int:
     import os
     import sys
 
-    from lm_eval.__main__ import cli_evaluate
+    from lm_eval._cli import HarnessCLI
+    from lm_eval.utils import setup_logging
+
     from svdsparse_jax import compile_cache
 
     debug = os.environ.get("SVDSPARSE_DEBUG") == "1"  # read once, at the edge
     try:
         compile_cache.enable()  # SVDSPARSE_COMPILE_CACHE, else the user's cache directory
-        cli_evaluate()
+        setup_logging()  # what lm_eval.__main__.cli_evaluate does, with the batch size made true between
+        cli = HarnessCLI()
+        args = cli.parse_args()
+        _report_true_batch_size(args)
+        cli.execute(args)
     except SvdsparseError as e:
         if debug:
             raise

@@ -100,6 +100,12 @@ def _key(entry) -> str | int | None:
     return getattr(entry, "key", getattr(entry, "idx", None))
 
 
+def module_path(path) -> Path:
+    """A parameter's path in the model's nnx state as the weight table's module path (`weights.module_view`):
+    its attribute names and layer indices."""
+    return tuple(k for k in map(_key, path) if k is not None)
+
+
 def place_model(model, mesh: Mesh) -> None:
     """Places every parameter of a model on the mesh by its logical axes, in place (the arrays are copied onto
     their devices; already placed ones stay). `model.Transformer` calls it when its engine has a mesh."""
@@ -110,8 +116,7 @@ def place_model(model, mesh: Mesh) -> None:
     _, state = nnx.split(model)
 
     def place(path, x):
-        key = tuple(k for k in map(_key, path) if k is not None)
-        return jax.device_put(x, NamedSharding(mesh, PartitionSpec(*(rules[a] for a in axes[key]))))
+        return jax.device_put(x, NamedSharding(mesh, PartitionSpec(*(rules[a] for a in axes[module_path(path)]))))
 
     nnx.update(model, jax.tree_util.tree_map_with_path(place, state))
 

@@ -44,7 +44,7 @@ def hf(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def lm(hf):
-    from svdsparse_jax.convert import load_model
+    from svdsparse_jax.checkpoint import load_model
     return load_model(hf, np.float32)
 
 
@@ -148,7 +148,7 @@ def test_a_text_without_line_ends_is_read_in_bounded_pieces(tmp_path):
     import inspect
     import textwrap
 
-    from svdsparse_jax.convert import load_tokenizer
+    from svdsparse_jax.checkpoint import load_tokenizer
     from svdsparse_jax.evaluate import text_pieces
 
     text = " ".join(inspect.getsource(textwrap).split())  # words and single spaces
@@ -271,7 +271,7 @@ def test_results_that_cannot_be_written_are_an_error(tmp_path):
 # ----------------------------------------------------------------------------------- 5. the Python API
 
 def test_the_python_api_checks_its_arguments(lm, tmp_path):
-    from svdsparse_jax.convert import load_model
+    from svdsparse_jax.checkpoint import load_model
     from svdsparse_jax.evaluate import score_tokens
     from svdsparse_jax.generate import Generator, Sampler
     from svdsparse_jax.model import Transformer
@@ -310,7 +310,7 @@ def test_the_python_api_checks_its_arguments(lm, tmp_path):
 def test_lm_eval_refuses_bad_model_args_in_one_line(tmp_path):
     from scripts.bench.lm_eval_tasks import MC_TASK, write_tasks
     from svdsparse_jax.assets import corpus_split
-    from svdsparse_jax.convert import load_tokenizer
+    from svdsparse_jax.checkpoint import load_tokenizer
     from svdsparse_jax.lm_eval_model import SvdsparseLM
 
     for args, want in (("batch_size=0", "batch_size=0: expected an integer >= 1"),

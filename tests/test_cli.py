@@ -155,10 +155,11 @@ def test_demo_runs(capsys, monkeypatch):
     README)."""
     import dataclasses
 
-    import svdsparse_jax.cli as cli
-    full = cli.demo_build_config
-    monkeypatch.setattr(cli, "demo_build_config", lambda cfg: dataclasses.replace(full(cfg), tokens=16384))
-    monkeypatch.setattr(cli, "EVAL_WINDOWS", 16)
+    from svdsparse_jax.cli import build_predictors, demo
+    full = build_predictors.demo_build_config
+    monkeypatch.setattr(build_predictors, "demo_build_config",
+                        lambda cfg: dataclasses.replace(full(cfg), tokens=16384))
+    monkeypatch.setattr(demo, "EVAL_WINDOWS", 16)
     assert main(["demo"]) == 0
     out = capsys.readouterr().out
     assert "perplexity" in out and "top-1 agreement" in out and "sparse:" in out

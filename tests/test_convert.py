@@ -9,10 +9,19 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from checkpoints import make_hf_checkpoint
-from svdsparse_jax.convert import convert, load_model, read_converted, read_hf_weights, weights_equal
+from svdsparse_jax.checkpoint import load_model
+from svdsparse_jax.convert import convert
+from svdsparse_jax.converted import read_converted
+from svdsparse_jax.hf_checkpoint import read_hf_weights
 from svdsparse_jax.config import read_hf_config
 from svdsparse_jax.errors import SvdsparseError
 from svdsparse_jax.weights import FUSED, module_shapes
+
+
+def weights_equal(a: dict, b: dict) -> bool:
+    """True when both hold the same paths with identical dtypes and values."""
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype and np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
 
 
 def _no_output(out):

@@ -334,7 +334,7 @@ def test_a_conversion_killed_while_writing_then_a_clean_rerun(tmp_path, sig):
 def test_damaged_predictors_are_refused(hf, tmp_path, capsys):
     """NaN / Inf or integer factors in a predictor file, a manifest without its fingerprint or with too few
     layers: each refused, naming the file and the tensor or field."""
-    from svdsparse_jax.convert import load_model
+    from svdsparse_jax.checkpoint import load_model
     from svdsparse_jax.model import Transformer
     from svdsparse_jax.predictors import BuildConfig, build_predictors, load_predictors, save_predictors
     from svdsparse_jax.predictors.store import file_sha256

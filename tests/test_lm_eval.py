@@ -123,7 +123,8 @@ def test_bad_model_args_are_named():
 
 def test_the_command_line_runs_the_model(dense, tmp_path, seed):
     """`svdsparse-lm-eval run --model svdsparse --model_args ...` (lm-eval's own command line, the model
-    registered first) on the local tasks, offline; model_args win over lm-eval's --batch_size default."""
+    registered first) on the local tasks, offline; model_args win over lm-eval's --batch_size default, and
+    lm-eval's report says the batch size they give."""
     import os
     import subprocess
     import sys
@@ -136,4 +137,15 @@ def test_the_command_line_runs_the_model(dense, tmp_path, seed):
                          capture_output=True, text=True, env=env, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     assert MC_TASK in run.stdout and "acc_norm" in run.stdout
-    assert SvdsparseLM.create_from_arg_string("dtype=float32,batch_size=3", {"batch_size": 1}).batch_size == 3
+    runs = SvdsparseLM.create_from_arg_string("dtype=float32,batch_size=3", {"batch_size": 1}).batch_size
+    assert runs == 3
+    # lm-eval's report (its header line and the results file) says the batch size the model ran
+    header = next(line for line in run.stdout.splitlines() if line.startswith("svdsparse ("))
+    assert header.endswith(f"batch_size: {runs}"), header
+    results = json.loads(next((tmp_path / "out").rglob("results_*.json")).read_text())
+    assert int(results["config"]["batch_size"]) == runs
+    clash = subprocess.run([sys.executable, "-c", "import sys; from svdsparse_jax.lm_eval_model import main; "
+                            "sys.exit(main())", "run", "--model", "svdsparse", "--model_args", "batch_size=3",
+                            "--batch_size", "2", "--tasks", MC_TASK, "--include_path", str(tmp_path)],
+                           capture_output=True, text=True, env=env, timeout=600)
+    assert clash.returncode == 2 and "--batch_size 2 and --model_args batch_size=3 disagree" in clash.stderr

@@ -31,16 +31,9 @@ def test_readme_snippets_run_as_written(tmp_path):
     assert out.stdout.startswith(dense_text + "\n") and out.stdout.rstrip().endswith(("length", "eos"))
     # the torch snippet, with its sparse tokens checked against the JAX sparse model (greedy, f32)
     check = torch_snippet + """
-import jax.numpy as jnp
-from svdsparse_jax.convert import load_model
-from svdsparse_jax.engine import EngineConfig
-from svdsparse_jax.generate import Generator
-from svdsparse_jax.model import Transformer
-from svdsparse_jax.predictors import load_predictors
-lm = load_model(BUNDLED_MODEL, jnp.float32)
-pset = load_predictors("predictors", lm.cfg, lm.fingerprint, jnp.float32)
-jax_model = Transformer(lm.cfg, lm.weights, EngineConfig.resolve("xla", ffn_policy="sparse"))
-ours = Generator(jax_model, pset.layers).generate([input_ids[0].tolist()], 48).tokens[0]
+from svdsparse_jax import session
+jax_model = session.load(BUNDLED_MODEL, dtype="float32", predictors="predictors", kernels="xla", ffn_policy="sparse")
+ours = jax_model.generator().generate([input_ids[0].tolist()], 48).tokens[0]
 print("SAME" if out[0, input_ids.shape[1]:].tolist()[:len(ours)] == ours else "DIFFERENT")
 """
     out = subprocess.run(run + [check], capture_output=True, text=True, cwd=tmp_path, env=env, timeout=600)

@@ -189,7 +189,7 @@ def test_sparse_activations_load_in_stock_transformers(tmp_path, family, seed, r
 
     from transformers import AutoModelForCausalLM
 
-    import torch_npu_bridge.sparse_mlp as sparse_mlp
+    import svdsparse_jax.assets.default_model.sparse_mlp as sparse_mlp
     from svdsparse_jax.evaluate import score_tokens
 
     ckpt = make_hf_checkpoint(tmp_path / family, family, seed=seed)

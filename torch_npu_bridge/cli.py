@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from svdsparse_jax.cli import Command, load_from_args, load_predictors_for, model_options, require
+from svdsparse_jax.cli.arguments import Command, load_session, model_options, require
 from svdsparse_jax.errors import SvdsparseError
 from svdsparse_jax.fsutil import check_free_space, check_new_output
 
@@ -41,8 +41,7 @@ def cmd_export_svdp(args: argparse.Namespace) -> None:
     check_new_output(args.out, "--out")  # before any work
     tensors = Path(args.predictors) / TENSORS  # float16 files hold about as many bytes as bf16 factors (f32: half)
     check_free_space(args.out, tensors.stat().st_size if tensors.is_file() else 0, "--out")
-    lm = load_from_args(args)
-    pset = load_predictors_for(args.predictors, lm)
+    pset = load_session(args, args.predictors).predictors
     layers = [factors_of(p, i) for i, p in enumerate(pset.layers)]
     union = pset.union.to_json() if pset.union is not None else None
     print(f"SVDP-layout files of {len(layers)} layers ({pset.method}) in {write_svdp(args.out, layers, union)}")
@@ -51,7 +50,7 @@ def cmd_export_svdp(args: argparse.Namespace) -> None:
 def cmd_import_svdp(args: argparse.Namespace) -> None:
     import jax.numpy as jnp
 
-    from svdsparse_jax.predictors import LowRankPredictor, PredictorSet, save_predictors
+    from svdsparse_jax.predictors import LowRankPredictor, PredictorSet
     from svdsparse_jax.predictors.store import check_predictor_tensors, predictor_bytes
     from torch_npu_bridge.svdp_format import read_svdp, read_union_rows
 
@@ -60,9 +59,8 @@ def cmd_import_svdp(args: argparse.Namespace) -> None:
         raise SvdsparseError(f"{args.svdp} (--svdp): SVDP files (model_{{layer}}.pt) are pickles; pass "
                              "--allow-pickle to read them")
     check_new_output(args.out, "--out")  # before any work
-    lm = load_from_args(args)
-    cfg = lm.cfg
-    dt = lm.weights[("embed",)].dtype
+    lm = load_session(args)
+    cfg, dt = lm.cfg, lm.dtype
     layers = read_svdp(args.svdp, cfg.n_layers, cfg.d_model, cfg.d_ff, args.allow_pickle)
     preds = [LowRankPredictor(jnp.asarray(f.a, dt), jnp.asarray(f.b, dt), jnp.asarray(f.bias, jnp.float32))
              for f in layers]
@@ -71,5 +69,5 @@ def cmd_import_svdp(args: argparse.Namespace) -> None:
     check_free_space(args.out, predictor_bytes(cfg, "whitened", tuple(p.rank for p in preds), dt.itemsize), "--out")
     union = read_union_rows(args.svdp, cfg.n_layers)  # written by export-svdp; the paper's files have none
     pset = PredictorSet("svdp-import", preds, {"source": str(args.svdp)}, [], {}, union)
-    out = save_predictors(args.out, pset, cfg, lm.fingerprint)
+    out = lm.save_predictors(args.out, pset)
     print(f"imported {len(preds)} layers from {args.svdp} to {out}")

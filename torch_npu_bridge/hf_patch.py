@@ -12,12 +12,13 @@ from collections.abc import Sequence
 
 import torch
 
+# sparse_mlp's one copy is the bundled model's remote code (transformers loads it from beside config.json)
+from svdsparse_jax.assets.default_model.sparse_mlp import set_sparse_activation
 from svdsparse_jax.config import from_hf_config
 from svdsparse_jax.errors import SvdsparseError
 from svdsparse_jax.weights import model_fingerprint, weight_specs
 from torch_npu_bridge.executor import MODES, GuardedFFN, measured_capacities, pick_device
 from torch_npu_bridge.factors import PredictorFactors, read_factors
-from torch_npu_bridge.sparse_mlp import set_sparse_activation
 
 
 class PatchedMLP(torch.nn.Module):

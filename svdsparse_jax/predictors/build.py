@@ -181,7 +181,7 @@ def build_predictors(model: Transformer, calib_tokens: np.ndarray, bc: BuildConf
     layers, info = [], []
     stats_iter = layer_statistics(model, windows)
     if progress:
-        from tqdm import tqdm
+        from svdsparse_jax.progress import tqdm
         stats_iter = tqdm(stats_iter, total=cfg.n_layers, desc=f"build {bc.method}", leave=False,
                           disable=None)  # a bar on a terminal only
     t = time.perf_counter()

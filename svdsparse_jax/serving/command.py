@@ -20,18 +20,12 @@ LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 
 def add_parser(sub) -> None:
     """Adds the `serve` command to the `svdsparse` subparsers."""
-    from svdsparse_jax.cli import POSITIVE, model_options, number
+    from svdsparse_jax.cli.arguments import POSITIVE, kernel_options, model_options, number
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with continuous batching, dense or sparse")
     model_options(p)
     p.add_argument("--predictors", help="predictor directory: decode with the predictor-guarded FFN")
-    p.add_argument("--ffn-policy", choices=["measured", "sparse", "dense"], default="measured",
-                   help="which layers of a decode batch run sparse: where measured costs say it beats dense at the "
-                        "live sequences' union of rows (measured, the default), every layer, or none")
-    p.add_argument("--kernels", choices=["auto", "pallas", "interpret", "xla"],
-                   help="Pallas kernels or XLA for decode (default: SVDSPARSE_KERNELS, else auto = the kernels on a "
-                        "GPU, XLA elsewhere)")
-    p.add_argument("--devices", type=POSITIVE, default=1, help="tensor-parallel over this many devices")
+    kernel_options(p, policy="the live sequences' union of rows", processes=False)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on")
     p.add_argument("--port", type=number(int, 0, 65535), default=8000, help="port to listen on (0: any free one)")
     p.add_argument("--max-batch", type=POSITIVE, default=8,
@@ -61,17 +55,15 @@ def _listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> None:
     """Loads the model (and predictors), then serves until SIGTERM or Ctrl-C."""
-    from svdsparse_jax.cli import require
+    from svdsparse_jax.cli.arguments import load_session, require
     for module in ("fastapi", "uvicorn", "prometheus_client"):
         require(module, "serve", "svdsparse serve")
     import uvicorn
 
-    from svdsparse_jax.cli import engine_from_args, load_from_args, load_predictors_for
     from svdsparse_jax.generate import sequence_bytes
     from svdsparse_jax.limits import check_count
-    from svdsparse_jax.model import Transformer
     from svdsparse_jax.serving.api import Service, create_app
     from svdsparse_jax.serving.metrics import Metrics
     from svdsparse_jax.serving.scheduler import Scheduler
@@ -84,20 +76,16 @@ def serve(args: argparse.Namespace) -> None:
         except (OSError, UnicodeDecodeError) as e:
             raise SvdsparseError(f"--chat-template {args.chat_template}: cannot read ({e})") from None
     sock = _listen(args.host, args.port)  # before the (slow) load: a busy port fails at once
-    engine = engine_from_args(args)
-    lm = load_from_args(args, engine.mesh)
+    lm = load_session(args, args.predictors)
     if lm.tokenizer is None:
         raise SvdsparseError(f"{lm.path}: the model has no tokenizer files, which serve needs")
-    tok, cfg = lm.tokenizer, lm.cfg
-    pset = load_predictors_for(args.predictors, lm) if args.predictors else None
+    tok, cfg, pset = lm.tokenizer, lm.cfg, lm.predictors
     # every slot holds a KV cache of the model's whole context, and a prefill of up to that many tokens
     check_count("--max-batch", args.max_batch, sequence_bytes(cfg, cfg.max_seq_len, cfg.max_seq_len,
-                                                              lm.weights[("embed",)].dtype.itemsize))
-    model = Transformer(cfg, lm.weights, engine)
+                                                              lm.dtype.itemsize))
     name = args.served_model_name or Path(lm.path).name
-    del lm
     sc = SlotConfig(slots=args.max_batch, context=cfg.max_seq_len, chunk=args.decode_chunk)
-    decoder = SlotDecoder(model, sc, pset and pset.layers, pset and pset.union)
+    decoder = SlotDecoder(lm.model, sc, pset and pset.layers, pset and pset.union)
     logging.basicConfig(format="%(levelname)s:     %(message)s")
     logging.getLogger("svdsparse.serve").setLevel(args.log_level.upper())
     scheduler = Scheduler(decoder, lambda ids: tok.decode(ids, skip_special_tokens=True), tuple(cfg.eos_ids),
