@@ -29,10 +29,11 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from pallas_kernels import reference, tuning
-from pallas_kernels.compaction import Candidates, compact_pallas
+from pallas_kernels.candidates import Candidates
+from pallas_kernels.compaction import compact_pallas
 from pallas_kernels.gemv import gemv_pallas, gemv_t_pallas
 from pallas_kernels.norm import add_rmsnorm_pallas
-from pallas_kernels.reference import Activation
+from pallas_kernels.numerics import Activation
 from pallas_kernels.sparse_ffn import SparseFFNConfig, sparse_ffn_indexed
 from pallas_kernels.tuning import FFNCost, GemvShapeTile, GemvTile, GemvTTile, ProjectionRule, SparseFFNRow
 from svdsparse_jax.errors import SvdsparseError

@@ -19,8 +19,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pallas_kernels.compaction import Candidates
-from pallas_kernels.reference import Activation, rms_norm
+from pallas_kernels.candidates import Candidates
+from pallas_kernels.numerics import Activation, rms_norm
 from svdsparse_jax import kv_cache
 from svdsparse_jax.config import ModelConfig
 from svdsparse_jax.engine import XLA, EngineConfig, add_rmsnorm, guarded_ffn, project, project_t

@@ -192,3 +192,17 @@ def _weights(model):
 def json_round(d):
     import json
     return json.loads(json.dumps(d))
+
+
+def test_predictor_format_imports_nothing_heavy():
+    """Reading predictor directories (what the torch executor imports) loads no model, calibration, engine or
+    kernels: the format's modules are leaves."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch_npu_bridge.factors, svdsparse_jax.predictors.store; "
+            "print(' '.join(m for m in ('svdsparse_jax.model', 'svdsparse_jax.calibration', 'svdsparse_jax.engine', "
+            "'svdsparse_jax.predictors.build', 'pallas_kernels.gemv', 'pallas_kernels.compaction', 'flax') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
