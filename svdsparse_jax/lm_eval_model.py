@@ -37,7 +37,7 @@ from lm_eval.api.registry import register_model
 from tqdm import tqdm
 
 from svdsparse_jax.errors import SvdsparseError
-from svdsparse_jax.evaluate import _forward_stats, evaluation_bytes_per_token
+from svdsparse_jax.evaluate import forward_stats, evaluation_bytes_per_token
 from svdsparse_jax.limits import check_count
 from svdsparse_jax.generate import Generator, Sampler, Watcher, bucket
 
@@ -183,7 +183,7 @@ class SvdsparseLM(TemplateLM):
                     raise SvdsparseError(f"token ids {bad[:5]} outside the vocabulary [0, {self.cfg.vocab_size})")
                 tokens[row, length - len(seq):] = seq
                 pad[row] = length - len(seq)
-            lp, top, _, _ = _forward_stats(graphdef, state, self.guarded, jnp.asarray(tokens), jnp.asarray(pad))
+            lp, top, _, _ = forward_stats(graphdef, state, self.guarded, jnp.asarray(tokens), jnp.asarray(pad))
             lp, top = np.asarray(lp, np.float64), np.asarray(top)
             for row, i in enumerate(chunk):  # lp[:, j] scores token j + 1
                 n = lengths[i]

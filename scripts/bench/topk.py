@@ -25,10 +25,10 @@ from scripts.bench import harness
 from svdsparse_jax.assets import BUNDLED_MODEL, corpus_split
 from svdsparse_jax.convert import load_model, parse_dtype
 from svdsparse_jax.engine import EngineConfig
-from svdsparse_jax.evaluate import _stream_pass, union_rows_read
+from svdsparse_jax.evaluate import stream_pass as _stream_pass, union_rows_read
+from scripts.lab import TopKPredictor
 from svdsparse_jax.model import Transformer
 from svdsparse_jax.predictors import build_predictors, load_predictors
-from svdsparse_jax.predictors.base import TopKPredictor
 
 COLUMNS = {"batch": "batch", "selection": "selection", "W_gate rows": lambda r: f"{r['gate_rows']:.4f}",
            "W_up/down rows": lambda r: f"{r['up_down_rows']:.4f}", "ppl": lambda r: f"{r['ppl']:.4f}",

@@ -1,5 +1,5 @@
 """Trains a small LLaMA-style ReLU LM on the stdlib corpus with the ProSparse sparsity recipe (see
-svdsparse_jax/training.py), then searches the FATReLU threshold on calibration text, evaluates held-out
+scripts/bundled_model/training.py), then searches the FATReLU threshold on calibration text, evaluates held-out
 perplexity and per-layer FFN sparsity, and exports an HF-format directory (bf16 safetensors + tokenizer).
 
   python -m scripts.bundled_model.build_corpus                      # once: data/corpus
@@ -29,9 +29,9 @@ import numpy as np
 from svdsparse_jax.config import ModelConfig
 from svdsparse_jax.convert import DTYPES, write_hf_checkpoint
 from svdsparse_jax.engine import EngineConfig
-from svdsparse_jax.evaluate import evaluate_stream
+from scripts.lab import evaluate_stream
 from svdsparse_jax.model import Transformer
-from svdsparse_jax.training import (TrainConfig, bf16_weights, init_state, restore_checkpoint,
+from scripts.bundled_model.training import (TrainConfig, bf16_weights, init_state, restore_checkpoint,
                                     sample_batch, save_checkpoint, train_step)
 from svdsparse_jax.weights import weight_specs
 

@@ -192,49 +192,6 @@ class OraclePredictor(Predictor):
 jax.tree_util.register_dataclass(OraclePredictor, data_fields=[], meta_fields=["threshold"])
 
 
-
-@dataclasses.dataclass(frozen=True)
-class TopKPredictor(Predictor):
-    """Polar Sparsity's alternative to the union for batches: a fixed number k of candidates per layer and batch
-    size, shared by the batch's sequences: the k neurons whose best score over the batch's sequences (`base`'s
-    scores) is highest, at each position. Static shapes and no per-sequence sets. x's rows must come
-    sequence-major from `batch` sequences ([batch * tokens, d], as a forward pass flattens [B, T, d])."""
-
-    base: Predictor
-    k: int
-    batch: int
-
-    @property
-    def input_projection(self) -> jax.Array | None:
-        return self.base.input_projection
-
-    @property
-    def needs_gate(self) -> bool:  # type: ignore[override]
-        return self.base.needs_gate
-
-    def candidates(self, x: jax.Array, *, engine: EngineConfig | None = None, projected: jax.Array | None = None,
-                   gate: jax.Array | None = None) -> Candidates:
-        c = self.base.candidates(x, engine=engine, projected=projected, gate=gate)
-        s = c.as_mask().astype(F32) if c.scores is None else c.scores + c.bias.astype(F32)
-        d_ff = s.shape[-1]
-        flat = s.reshape(-1, d_ff)
-        if flat.shape[0] % self.batch:
-            raise ValueError(f"top-k predictor: {flat.shape[0]} rows do not come from {self.batch} sequences")
-        best = jnp.max(flat.reshape(self.batch, -1, d_ff), axis=0)  # [tokens, d_ff]
-        _, idx = jax.lax.top_k(best, self.k)
-        chosen = jnp.zeros(best.shape, bool).at[jnp.arange(best.shape[0])[:, None], idx].set(True)
-        return Candidates(mask=jnp.broadcast_to(chosen, (self.batch, *chosen.shape)).reshape(s.shape))
-
-    def scores(self, x: jax.Array, gate: jax.Array | None = None) -> jax.Array:
-        return self.base.scores(x, gate)
-
-    def nbytes(self) -> int:
-        return self.base.nbytes()
-
-
-jax.tree_util.register_dataclass(TopKPredictor, data_fields=["base"], meta_fields=["k", "batch"])
-
-
 @dataclasses.dataclass
 class PredictorSet:
     """One predictor per layer plus what built them. info: per-layer build facts (true sparsity on the
