@@ -99,7 +99,7 @@ def dot_rows(x_ref, w_ref, rows: jax.Array, live: jax.Array, *, chunk: int, batc
 
 def rms_pieces(xs: list[jax.Array], scale_ref, pieces: list[pl.Slice], eps: float, dtype) -> list[jax.Array]:
     """Inside a kernel: one sequence's RMSNorm from its f32 column pieces xs (the columns `pieces`) and the scale
-    [k], in f32, rounded to dtype as `reference.rms_norm` rounds it."""
+    [k], in f32, rounded to dtype as `numerics.rms_norm` rounds it."""
     inv = jax.lax.rsqrt(sum(jnp.sum(v * v) for v in xs) / sum(c.size for c in pieces) + eps)
     return [(v * inv * scale_ref[c].astype(F32)).astype(dtype) for v, c in zip(xs, pieces)]
 

@@ -37,7 +37,7 @@ from jax.experimental.pallas import triton as plt
 from pallas_kernels import compaction
 from pallas_kernels.common import (F32, call, column_chunk, column_pieces, dot_rows, dot_tiles, load_rows,
                                    pad_batch)
-from pallas_kernels.reference import Activation
+from pallas_kernels.numerics import Activation
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,7 +20,7 @@ from flax import nnx
 
 from svdsparse_jax import kv_cache
 from svdsparse_jax.errors import SvdsparseError
-from svdsparse_jax.model import Block, FFNProbe, Transformer, einsum
+from svdsparse_jax.model import Block, Transformer, einsum
 
 F32 = jnp.float32
 
@@ -50,8 +50,8 @@ class LayerStats:
 @jax.jit(static_argnums=(0,))
 def _block_pass(graphdef, state, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     """x [B, T, d] (the residual stream, each row its own context) -> (the residual stream after the layer,
-    the layer's FFN input [B, T, d]): the block as every forward pass runs it, its FFN input recorded by a
-    probe."""
+    the layer's FFN input [B, T, d]): the block as every forward pass runs it, its FFN input from the block's
+    trace."""
     block: Block = nnx.merge(graphdef, state)
     b, t, _ = x.shape
     cfg = block.attn.cfg
@@ -59,9 +59,8 @@ def _block_pass(graphdef, state, x: jax.Array) -> tuple[jax.Array, jax.Array]:
     pad = jnp.zeros(b, jnp.int32)
     pos = kv_cache.positions(pad, jnp.int32(0), t)
     mask = kv_cache.attention_bias(cfg, pad, jnp.int32(0), t, t)
-    probe = FFNProbe(record=("inputs",))
-    out, _, _ = block(x, zeros, zeros, jnp.int32(0), pos, mask, probe=probe)
-    return out, probe.inputs[0]
+    out, _, _, trace = block(x, zeros, zeros, jnp.int32(0), pos, mask)
+    return out, trace.inputs
 
 
 @jax.jit
@@ -97,12 +96,26 @@ def layer_statistics(model: Transformer, windows: np.ndarray, batch: int = 8) ->
         yield LayerStats(i, gram, x1, x2, h2, down_norms)
 
 
+def cut_windows(tokens: np.ndarray, window: int, max_windows: int | None = None, spread: bool = False
+                ) -> np.ndarray:
+    """A token stream [n_tokens] cut into non-overlapping windows [n, window] int32 (a shorter tail dropped): all
+    of them, or at most `max_windows`: the first ones, or with `spread` ones spread evenly over the stream (the
+    first and the last included), so that a few windows of a text whose parts differ stand for the whole text,
+    not its beginning. The one place token streams become windows (calibration, evaluation, the lab)."""
+    total = len(tokens) // window
+    every = np.asarray(tokens[: total * window], np.int32).reshape(total, window)
+    if max_windows is None or max_windows >= total:
+        return every
+    if not spread:
+        return every[:max_windows]
+    return every[np.linspace(0, total - 1, max_windows).round().astype(int)]
+
+
 def calibration_windows(tokens: np.ndarray, window: int, max_tokens: int | None = None) -> np.ndarray:
-    """Cuts a token stream into [n, window] windows (dropping the tail), at most max_tokens tokens in all."""
-    n = len(tokens) // window
-    if max_tokens is not None:
-        n = min(n, max_tokens // window)
-    if n < 2:
+    """The calibration's windows: the first ones of the stream (`cut_windows`), at most max_tokens tokens in all;
+    at least 2."""
+    windows = cut_windows(tokens, window, None if max_tokens is None else max_tokens // window)
+    if len(windows) < 2:
         raise SvdsparseError(f"{len(tokens)} calibration tokens give fewer than 2 windows of {window}; "
                              "give more text or a smaller window")
-    return np.asarray(tokens[: n * window]).reshape(n, window)
+    return windows

@@ -29,10 +29,11 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
 from pallas_kernels import reference, tuning
-from pallas_kernels.compaction import Candidates, compact_pallas
+from pallas_kernels.candidates import Candidates
+from pallas_kernels.compaction import compact_pallas
 from pallas_kernels.gemv import gemv_pallas, gemv_t_pallas
 from pallas_kernels.norm import add_rmsnorm_pallas
-from pallas_kernels.reference import Activation
+from pallas_kernels.numerics import Activation
 from pallas_kernels.sparse_ffn import SparseFFNConfig, sparse_ffn_indexed
 from pallas_kernels.tuning import FFNCost, GemvShapeTile, GemvTile, GemvTTile, ProjectionRule, SparseFFNRow
 from svdsparse_jax.errors import SvdsparseError
@@ -231,13 +232,22 @@ def guarded_ffn(engine: EngineConfig, x: jax.Array, candidates: Candidates, w_ga
                 w_down_t: jax.Array, act: Activation) -> jax.Array:
     """The predictor-guarded FFN: x [N, d], the predictor's candidates for each of the N rows, weights [d_ff, d]
     (w_down_t is down_proj transposed). Returns y [N, d] f32 = sum over candidates i of (act(g_i) * u_i) *
-    w_down_t[i]. Decode-sized inputs run the kernels, which read only the candidates' W_gate rows and the
-    active neurons' W_up and W_down_t rows; otherwise XLA computes every row and masks."""
+    w_down_t[i]. Decode-sized inputs run the kernels (the compaction of the candidates into a neuron list, then
+    one kernel for gate, activation, up and down), which read only the candidates' W_gate rows and the active
+    neurons' W_up and W_down_t rows; otherwise XLA computes every row and masks. Under a mesh with kernels, each
+    device runs this on its own neurons (`_guarded_ffn_per_shard`)."""
     if act.kind == "silu":
         raise SvdsparseError("sparse FFN: silu is never zero, so a predictor cannot skip rows; run it dense")
     if engine.mesh is not None and engine.kernels:
         return _guarded_ffn_per_shard(engine, x, candidates, w_gate, w_up, w_down_t, act)
-    return _guarded_ffn_local(engine, x, candidates, w_gate, w_up, w_down_t, act)
+    cfg = engine.sparse_ffn_config(x.shape[0])
+    if cfg is None:
+        return reference.sparse_ffn(x, candidates.as_mask(), w_gate, w_up, w_down_t, act)
+    with jax.named_scope("compaction"):  # the candidate set (scores + bias > 0) as a blocked neuron list
+        tiles, counts, own = compact_pallas(candidates, tile=engine.compaction_tile, interpret=engine.interpret)
+    with jax.named_scope("gate_activation_up_down"):  # one kernel: gate on candidates, up / down on active rows
+        return sparse_ffn_indexed(x, tiles, counts, w_gate, w_up, w_down_t, own, act=act, cfg=cfg,
+                                  interpret=engine.interpret)[0]
 
 
 def _guarded_ffn_per_shard(engine: EngineConfig, x: jax.Array, candidates: Candidates, w_gate: jax.Array,
@@ -254,20 +264,7 @@ def _guarded_ffn_per_shard(engine: EngineConfig, x: jax.Array, candidates: Candi
 
     def local(x, w_gate, w_up, w_down_t, *parts):
         c = Candidates(mask=parts[0]) if by_mask else Candidates(scores=parts[0], bias=parts[1])
-        return jax.lax.psum(_guarded_ffn_local(local_engine, x, c, w_gate, w_up, w_down_t, act), axis)
+        return jax.lax.psum(guarded_ffn(local_engine, x, c, w_gate, w_up, w_down_t, act), axis)
 
     return jax.shard_map(local, mesh=engine.mesh, in_specs=(rep, rows, rows, rows, *specs), out_specs=rep,
                          check_vma=False)(x, w_gate, w_up, w_down_t, *parts)
-
-
-def _guarded_ffn_local(engine: EngineConfig, x: jax.Array, candidates: Candidates, w_gate: jax.Array,
-                       w_up: jax.Array, w_down_t: jax.Array, act: Activation) -> jax.Array:
-    """`guarded_ffn` on one device."""
-    cfg = engine.sparse_ffn_config(x.shape[0])
-    if cfg is None:
-        return reference.sparse_ffn(x, candidates.as_mask(), w_gate, w_up, w_down_t, act)
-    with jax.named_scope("candidates"):  # the candidate set (scores + bias > 0) as a neuron list
-        tiles, counts, own = compact_pallas(candidates, tile=engine.compaction_tile, interpret=engine.interpret)
-    with jax.named_scope("gate_activation_up_down"):  # one kernel: gate on candidates, up / down on active rows
-        return sparse_ffn_indexed(x, tiles, counts, w_gate, w_up, w_down_t, own, act=act, cfg=cfg,
-                                  interpret=engine.interpret)[0]

@@ -3,14 +3,17 @@
 - `score_tokens` / `score_stream`: per-token log-probabilities, NLL and perplexity. Texts longer than the window
   are scored in windows that overlap by one token, so every token after the first is predicted once; each
   window restarts the context. `score_stream` takes the tokens piece by piece (`text_pieces`), in bounded memory.
-- `evaluate_stream`: perplexity and per-layer FFN sparsity of a token stream in non-overlapping windows.
+- `forward_stats` / `stream_pass`: the teacher-forced pass over windows with per-layer candidate and activation
+  counts (`Transformer.forward_with_stats`), one batch or a stream of windows.
 - `evaluate_predictors`: per-layer predictor metrics (sparsity, recall, precision, exact AUROC, FFN error) and
-  whole-model ones (perplexity dense vs sparse, top-1 agreement, rows read), plus `write_plots`.
+  whole-model ones (perplexity dense vs sparse, top-1 agreement, rows read), streamed over batches of windows in
+  bounded memory, plus `write_plots`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -26,30 +29,30 @@ from svdsparse_jax.errors import SvdsparseError, is_int
 from svdsparse_jax.limits import check_count
 from svdsparse_jax.generate import bucket
 from svdsparse_jax.engine import XLA
-from svdsparse_jax.model import FFNProbe, Transformer, einsum, ffn_hidden, linear
+from svdsparse_jax.model import Transformer, einsum, ffn_hidden, linear
+from svdsparse_jax.policy import ffn_rows, gate_rows_read
 
 
 @jax.jit(static_argnums=(0,))
-def _forward_stats(graphdef, state, predictors, tokens: jax.Array, pad: jax.Array):
+def forward_stats(graphdef, state, predictors, tokens: jax.Array, pad: jax.Array):
     """Teacher-forced pass over left-padded windows tokens [B, L] (every token through the guarded FFNs when
     predictors are given, as the model's engine runs them). Returns (log p(tokens[:, j+1] | tokens[:, :j+1])
     [B, L-1] f32, the argmax next token [B, L-1], and per layer, over the non-padding tokens, the number of
     candidate neurons [n_layers] and of non-zero FFN activations [n_layers], f32)."""
     model: Transformer = nnx.merge(graphdef, state)
     cache = kv_cache.init_cache(model.cfg, pad, tokens.shape[1], model.dtype)
-    probe = FFNProbe()
-    states, _ = model(tokens, cache, jnp.int32(0), predictors, probe)
+    states, _, stats = model.forward_with_stats(tokens, cache, jnp.int32(0), predictors)
     logp = jax.nn.log_softmax(model.logits(states[:, :-1]), axis=-1)
     lp = jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
     real = (jnp.arange(tokens.shape[1])[None, :] >= pad[:, None])[..., None]
     count = lambda m: jnp.sum(m & real, dtype=jnp.float32)  # noqa: E731
     # a dense layer (no predictor) computes every neuron
-    candidates = [count(real) * model.cfg.d_ff if m is None else count(m) for m in probe.candidates]
-    return lp, jnp.argmax(logp, -1), jnp.stack(candidates), jnp.stack([count(a != 0) for a in probe.hidden])
+    candidates = [count(real) * model.cfg.d_ff if s.candidates is None else count(s.candidates) for s in stats]
+    return lp, jnp.argmax(logp, -1), jnp.stack(candidates), jnp.stack([count(s.hidden != 0) for s in stats])
 
 
-def _stream_pass(model: Transformer, predictors, windows: np.ndarray, batch: int):
-    """_forward_stats over windows [n, W] in batches of `batch` (a short last batch is filled with all-padding
+def stream_pass(model: Transformer, predictors, windows: np.ndarray, batch: int):
+    """`forward_stats` over windows [n, W] in batches of `batch` (a short last batch is filled with all-padding
     rows, so one program serves every batch). Returns (log-probs [n, W-1] f64, argmax [n, W-1], candidate and
     active fractions per layer [n_layers])."""
     graphdef, state = nnx.split(model)
@@ -59,7 +62,7 @@ def _stream_pass(model: Transformer, predictors, windows: np.ndarray, batch: int
         chunk, real = windows[i:i + batch], min(batch, n - i)
         chunk = np.concatenate([chunk, np.zeros((batch - real, window), np.int32)])
         pad = np.asarray([0] * real + [window] * (batch - real), np.int32)
-        lp, top, c, a = _forward_stats(graphdef, state, predictors, jnp.asarray(chunk), jnp.asarray(pad))
+        lp, top, c, a = forward_stats(graphdef, state, predictors, jnp.asarray(chunk), jnp.asarray(pad))
         lps.append(np.asarray(lp, np.float64)[:real])
         tops.append(np.asarray(top)[:real])
         cands, active = cands + np.asarray(c, np.float64), active + np.asarray(a, np.float64)
@@ -74,11 +77,10 @@ def _union_fractions(graphdef, state, predictors, tokens: jax.Array):
     for some sequence, averaged over the L positions."""
     model: Transformer = nnx.merge(graphdef, state)
     b, length = tokens.shape
-    probe = FFNProbe()
-    model(tokens, kv_cache.init_cache(model.cfg, jnp.zeros(b, jnp.int32), length, model.dtype), jnp.int32(0),
-          predictors, probe)
+    _, _, stats = model.forward_with_stats(
+        tokens, kv_cache.init_cache(model.cfg, jnp.zeros(b, jnp.int32), length, model.dtype), jnp.int32(0), predictors)
     union = lambda masks: jnp.stack([jnp.mean(jnp.any(m, axis=0)) for m in masks])  # noqa: E731
-    return union(probe.candidates), union([h != 0 for h in probe.hidden])
+    return union([s.candidates for s in stats]), union([s.hidden != 0 for s in stats])
 
 
 def union_rows_read(model: Transformer, predictors: list, windows: np.ndarray, batch: int
@@ -91,18 +93,6 @@ def union_rows_read(model: Transformer, predictors: list, windows: np.ndarray, b
     unions = [_union_fractions(graphdef, state, predictors, jnp.asarray(windows[g:g + batch]))
               for g in range(0, len(windows) // batch * batch, batch)]
     return tuple(np.mean([np.asarray(u[i], np.float64) for u in unions], axis=0) for i in (0, 1))
-
-
-def ffn_rows_read(model: Transformer, predictors: list, sequences: np.ndarray, batch: int = 4,
-                  together: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """The fraction of W_gate rows (candidates) and of W_up / W_down rows (active candidates) the guarded FFNs
-    read, per layer [n_layers] f64, teacher-forced over every token of sequences [n, L] int: per token, or, with
-    `together`, per position of the n sequences decoded as one batch, which reads the union of their rows."""
-    sequences = np.asarray(sequences, np.int32)
-    if together:
-        return union_rows_read(model, predictors, sequences, len(sequences))
-    _, _, gate_rows, up_down_rows = _stream_pass(model, predictors, sequences, batch)
-    return gate_rows, up_down_rows
 
 
 @dataclasses.dataclass
@@ -160,7 +150,7 @@ def score_stream(model: Transformer, pieces: Iterable[np.ndarray], window: int |
         tokens = np.zeros((rows, length), np.int32)
         tokens[:len(chunks), length - n:] = np.stack(chunks)
         pad = np.full(rows, length - n, np.int32)
-        lp = np.asarray(_forward_stats(graphdef, state, None, jnp.asarray(tokens), jnp.asarray(pad))[0])
+        lp = np.asarray(forward_stats(graphdef, state, None, jnp.asarray(tokens), jnp.asarray(pad))[0])
         for row in lp[:len(chunks), length - n:]:
             row = row[len(row) - (predicted or len(row)):]
             total, count = total + float(np.sum(row, dtype=np.float64)), count + len(row)
@@ -228,32 +218,14 @@ def _last_match(pattern: re.Pattern, text: str, start: int) -> int | None:
     return last
 
 
-@dataclasses.dataclass
-class StreamResult:
-    """nll / ppl over every predicted token; sparsity[l] = fraction of layer l's FFN activations
-    (act(gate) * up) that are exactly zero, over every token of the windows."""
-
-    tokens: int
-    nll: float
-    ppl: float
-    sparsity: list[float]
-
-    @property
-    def mean_sparsity(self) -> float:
-        return float(np.mean(self.sparsity))
-
-
 def pick_windows(tokens: np.ndarray, window: int, max_windows: int | None = None) -> np.ndarray:
-    """Non-overlapping windows [n, window] int32 of a token stream: all of them, or `max_windows` spread evenly
-    over it (the first and the last included), so that a few windows of a text whose parts differ estimate the
-    whole text's perplexity, not its beginning's."""
-    total = len(tokens) // window if window >= 2 else 0
-    if total < 1:
+    """The evaluation's windows [n, window] int32: all of them, or `max_windows` spread evenly over the stream
+    (`calibration.cut_windows`); at least one."""
+    from svdsparse_jax.calibration import cut_windows
+
+    if window < 2 or len(tokens) < window:
         raise SvdsparseError(f"{len(tokens)} tokens: too few to evaluate (need at least one window of 2)")
-    every = np.asarray(tokens[: total * window], np.int32).reshape(total, window)
-    if max_windows is None or max_windows >= total:
-        return every
-    return every[np.linspace(0, total - 1, max_windows).round().astype(int)]
+    return cut_windows(tokens, window, max_windows, spread=True)
 
 
 def windowing(summary: dict) -> str:
@@ -264,21 +236,6 @@ def windowing(summary: dict) -> str:
     if n >= total // w:
         return f"{n} windows of {w} tokens, every window of the {total:,} tokens read"
     return f"{n} windows of {w} tokens spread evenly over {total:,} tokens"
-
-
-def evaluate_stream(model: Transformer, stream: np.ndarray, window: int = 512, batch: int = 8,
-                    max_windows: int | None = None) -> StreamResult:
-    """Perplexity and FFN sparsity of a token stream cut into non-overlapping windows of `window` tokens
-    (each window predicts its last window-1 tokens from a fresh context; a shorter tail is dropped)."""
-    n = len(stream) // window
-    if max_windows is not None:
-        n = min(n, max_windows)
-    if n == 0:
-        raise SvdsparseError(f"the stream has {len(stream)} tokens, fewer than one window of {window}")
-    windows = np.asarray(stream[: n * window], np.int32).reshape(n, window)
-    lp, _, _, active = _stream_pass(model, None, windows, batch)
-    nll = -float(lp.mean())
-    return StreamResult(n * window, nll, math.exp(nll), (1 - active).tolist())
 
 
 # ------------------------------------------------------------------------------------ predictor evaluation
@@ -298,27 +255,84 @@ def auroc(scores: jax.Array, labels: jax.Array) -> jax.Array:
     return jnp.where((n_pos > 0) & (n_neg > 0), u / jnp.maximum(n_pos * n_neg, 1), jnp.nan)
 
 
-def _layer_metrics(pred, x, w_gate, w_up, w_down_t, cfg, auroc_tokens):
-    """Per-layer metrics of one predictor on dense FFN inputs x [n, d] (AUROC on the first auroc_tokens)."""
+@jax.jit(static_argnums=(0,))
+def _ffn_inputs(graphdef, state, tokens: jax.Array) -> list[jax.Array]:
+    """Every layer's FFN input [B * L, d] of the dense model over windows tokens [B, L] (`forward_with_stats`;
+    the statistics it does not return are not computed)."""
+    model: Transformer = nnx.merge(graphdef, state)
+    b, length = tokens.shape
+    cache = kv_cache.init_cache(model.cfg, jnp.zeros(b, jnp.int32), length, model.dtype)
+    _, _, stats = model.forward_with_stats(tokens, cache, jnp.int32(0))
+    return [st.inputs.reshape(b * length, -1) for st in stats]
+
+
+@functools.partial(jax.jit, static_argnums=(5,))
+def _layer_sums(pred, x, w_gate, w_up, w_down_t, cfg) -> dict[str, jax.Array]:
+    """One predictor's sums over dense FFN inputs x [n, d] (int32 counts, f32 squared norms): active neurons,
+    predicted ones, both, and the FFN outputs' ||y_sparse - y||^2 and ||y||^2."""
     gate, up = linear(XLA, x, w_gate), linear(XLA, x, w_up)
     h = ffn_hidden(cfg, gate, up)
     active = h != 0
     predicted = pred.predict(x, gate)
-    hit = jnp.sum(predicted & active)
     dt = w_down_t.dtype
     y = einsum("nf,fd->nd", h.astype(dt), w_down_t)
     y_sparse = einsum("nf,fd->nd", jnp.where(predicted, h, 0).astype(dt), w_down_t)
-    return {"true_sparsity": 1 - jnp.mean(active), "predicted_sparsity": 1 - jnp.mean(predicted),
-            "recall": hit / jnp.maximum(jnp.sum(active), 1), "precision": hit / jnp.maximum(jnp.sum(predicted), 1),
-            "auroc": jnp.nanmean(auroc(pred.scores(x[:auroc_tokens], gate[:auroc_tokens]), active[:auroc_tokens])),
-            "ffn_rel_error": jnp.linalg.norm(y_sparse - y) / jnp.maximum(jnp.linalg.norm(y), 1e-30)}
+    count = lambda m: jnp.sum(m, dtype=jnp.int32)  # noqa: E731
+    return {"active": count(active), "predicted": count(predicted), "hit": count(predicted & active),
+            "err2": jnp.sum(jnp.square(y_sparse - y)), "y2": jnp.sum(jnp.square(y))}
 
 
-_layer_metrics = jax.jit(_layer_metrics, static_argnums=(5, 6))
+@functools.partial(jax.jit, static_argnums=(4,))
+def _layer_auroc(pred, x, w_gate, w_up, cfg) -> jax.Array:
+    """The mean per-neuron AUROC (`auroc`) of the predictor's scores on dense FFN inputs x [n, d]."""
+    gate = linear(XLA, x, w_gate)
+    active = ffn_hidden(cfg, gate, linear(XLA, x, w_up)) != 0
+    return jnp.nanmean(auroc(pred.scores(x, gate), active))
+
+
+def _layer_reports(model: Transformer, predictor_sets: dict, windows: np.ndarray, batch: int, auroc_tokens: int
+                   ) -> dict[str, list[dict]]:
+    """Per predictor set and layer, the metrics of `evaluate_predictors` on the dense model's FFN inputs, from
+    `batch` windows at a time: the sums of `_layer_sums` add up over the batches and the first `auroc_tokens`
+    inputs of each layer are kept for the AUROC, so memory is bounded by one batch's activations whatever the
+    number of windows."""
+    cfg = model.cfg
+    graphdef, state = nnx.split(model)
+    weights = [(layer.ffn.w_gate[...], layer.ffn.w_up[...], layer.ffn.w_down_t[...]) for layer in model.layers]
+    sums = {name: [{} for _ in range(cfg.n_layers)] for name in predictor_sets}
+    held: list[list[jax.Array]] = [[] for _ in range(cfg.n_layers)]  # the first auroc_tokens inputs per layer
+    kept = 0
+    for s in range(0, len(windows), batch):
+        inputs = _ffn_inputs(graphdef, state, jnp.asarray(windows[s:s + batch], jnp.int32))
+        for i, x in enumerate(inputs):
+            for name, ps in predictor_sets.items():
+                for k, v in _layer_sums(ps.layers[i], x, *weights[i], cfg).items():
+                    sums[name][i][k] = sums[name][i].get(k, 0.0) + float(v)
+            if kept < auroc_tokens:
+                held[i].append(x[:auroc_tokens - kept])
+        kept = min(auroc_tokens, kept + len(inputs[0]))
+    total = windows.size * cfg.d_ff  # (token, neuron) pairs
+    reports = {}
+    for name, ps in predictor_sets.items():
+        reports[name] = []
+        for i, t in enumerate(sums[name]):
+            x = jnp.concatenate(held[i])
+            reports[name].append({
+                "layer": i, "true_sparsity": 1 - t["active"] / total, "predicted_sparsity": 1 - t["predicted"] / total,
+                "recall": t["hit"] / max(t["active"], 1), "precision": t["hit"] / max(t["predicted"], 1),
+                "auroc": float(_layer_auroc(ps.layers[i], x, *weights[i][:2], cfg)),
+                "ffn_rel_error": math.sqrt(t["err2"]) / max(math.sqrt(t["y2"]), 1e-30)})
+    return reports
+
+
+# What an evaluation keeps per token of its windows, whatever their number: the token (int32) and, per pass
+# (dense, each predictor set and batch size), its log-probability (f64) and argmax (int64); a forward pass's
+# activations are bounded by one batch of windows.
+EVALUATION_BYTES_KEPT = 4 + 3 * 16
 
 
 def evaluation_bytes_per_token(cfg) -> int:
-    """Memory an evaluation holds per token of its windows, about: the residual stream and FFN inputs (d values
+    """Memory a forward pass with statistics holds per token, about: the residual stream and FFN inputs (d values
     each, and the FFN outputs dense and sparse), the gate, up, activations and scores with their masks (d_ff
     each)."""
     return 16 * cfg.d_model + 20 * cfg.d_ff
@@ -338,7 +352,6 @@ def evaluate_predictors(model: Transformer, predictor_sets: dict, tokens: np.nda
     `pick_windows` (all, or max_windows spread evenly over the stream). progress: a progress bar on a terminal.
     Returns {name: {"summary": {...}, "layers": [...]}}.
     """
-    from svdsparse_jax.calibration import layer_inputs
     from svdsparse_jax.predictors.base import ffn_bytes
 
     cfg = model.cfg
@@ -350,25 +363,19 @@ def evaluate_predictors(model: Transformer, predictor_sets: dict, tokens: np.nda
     window = min(window, cfg.max_seq_len, len(tokens))
     windows = pick_windows(tokens, window, max_windows)
     n = len(windows)
-    check_count("max_windows (evaluation windows)", n, window * evaluation_bytes_per_token(cfg))
+    check_count("max_windows (evaluation windows)", n, window * EVALUATION_BYTES_KEPT)
     bad = [b for b in batch_sizes if not 1 <= b <= n]
     if bad:  # before the long work, not after it
         raise SvdsparseError(f"--batch-sizes {bad[0]}: expected 1 <= B <= {n}, the windows evaluated")
     from svdsparse_jax.progress import tqdm
-    bar = tqdm(total=cfg.n_layers + (1 + len(batch_sizes)) * len(predictor_sets) + 1, desc="evaluate",
-               unit="pass", leave=False, disable=None if progress else True)
-    layers: dict[str, list[dict]] = {name: [] for name in predictor_sets}
-    for i, ffn_in in layer_inputs(model, windows):
-        bar.update()
-        ffn = model.layers[i].ffn
-        x = ffn_in.reshape(-1, cfg.d_model)
-        for name, ps in predictor_sets.items():
-            m = _layer_metrics(ps.layers[i], x, ffn.w_gate[...], ffn.w_up[...], ffn.w_down_t[...], cfg, auroc_tokens)
-            layers[name].append({"layer": i} | {k: float(v) for k, v in m.items()})
+    bar = tqdm(total=2 + (1 + len(batch_sizes)) * len(predictor_sets), desc="evaluate", unit="pass", leave=False,
+               disable=None if progress else True)
+    layers = _layer_reports(model, predictor_sets, windows, batch, auroc_tokens)
+    bar.update()
 
     def run(preds):
         bar.update()
-        return _stream_pass(model, preds, windows, batch)
+        return stream_pass(model, preds, windows, batch)
 
     dense_lp, dense_top, _, _ = run(None)
     ppl_dense = math.exp(-dense_lp.mean())
@@ -378,11 +385,11 @@ def evaluate_predictors(model: Transformer, predictor_sets: dict, tokens: np.nda
     for name, ps in predictor_sets.items():
         lp, top, gate_rows, updown_rows = run(ps.layers)
         # a predictor that reads the exact gate (the oracle) reads every W_gate row
-        gate_rows = np.where([p.needs_gate for p in ps.layers], 1.0, gate_rows)
+        gate_rows = np.asarray([gate_rows_read(p, g) for p, g in zip(ps.layers, gate_rows)])
         for rec, g, u in zip(layers[name], gate_rows, updown_rows):
             rec.update(gate_rows_read=float(g), up_down_rows_read=float(u),
                        predictor_cost=predictor_cost(ps.layers[rec["layer"]], cfg, itemsize))
-        rows_read = float(np.mean((gate_rows + 2 * updown_rows) / 3))
+        rows_read = float(np.mean(ffn_rows(gate_rows, updown_rows) / 3))
         per = layers[name]
         summary = {k: float(np.mean([r[k] for r in per])) for k in
                    ("true_sparsity", "predicted_sparsity", "recall", "precision", "auroc", "ffn_rel_error",
@@ -416,11 +423,11 @@ def evaluate_batches(model: Transformer, pset, windows: np.ndarray, batch_sizes:
     for b in batch_sizes:
         step()  # progress
         gate_rows, up_down_rows = union_rows_read(model, pset.layers, windows, b)
-        gate_rows = np.where([p.needs_gate for p in pset.layers], 1.0, gate_rows)
+        gate_rows = np.asarray([gate_rows_read(p, g) for p, g in zip(pset.layers, gate_rows)])
         layers = sparse_layers(model.engine, model.cfg, pset.layers, pset.union, b, itemsize)
         preds = [p if s else None for p, s in zip(pset.layers, layers)]
-        lp, top, _, _ = _stream_pass(model, preds if any(layers) else None, windows, batch)
-        read = np.where(layers, (gate_rows + 2 * up_down_rows) / 3, 1.0)
+        lp, top, _, _ = stream_pass(model, preds if any(layers) else None, windows, batch)
+        read = np.where(layers, ffn_rows(gate_rows, up_down_rows) / 3, 1.0)
         out.append({"batch": b, "sparse_layers": int(sum(layers)), "layers": [int(v) for v in layers],
                     "gate_rows_union": float(np.mean(gate_rows)), "up_down_rows_union": float(np.mean(up_down_rows)),
                     "gate_rows_union_per_layer": [round(float(v), 4) for v in gate_rows],

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -125,10 +125,17 @@ def sequence_bytes(cfg, prompt_len: int, slots: int, itemsize: int) -> int:
             + 16 * cfg.vocab_size)
 
 
-def decode_steps(max_new: int, steps_per_check: int) -> int:
-    """Decode steps a call runs for max_new new tokens (the first comes from the prefill) when no sequence stops
-    early: whole groups of steps_per_check."""
-    return -(-(max_new - 1) // steps_per_check) * steps_per_check
+class DecodeState(NamedTuple):
+    """What the decode loop carries from one step to the next (beside the step index): token [B] int32, each
+    sequence's last token; cache, the KV cache; out [B, room] int32, the tokens so far (-1 where none); done [B]
+    bool, the sequences that stopped (EOS, a stop string); seen [B, V] bool, the tokens in each sequence (with the
+    repetition penalty; [B, 1] and unused without it)."""
+
+    token: jax.Array
+    cache: kv_cache.KVCache
+    out: jax.Array
+    done: jax.Array
+    seen: jax.Array
 
 
 def _generate_program(graphdef, state, predictors, tokens, pad, max_new, sampler, key, eos_ids, *, new_bucket,
@@ -174,26 +181,28 @@ def _generate_program(graphdef, state, predictors, tokens, pad, max_new, sampler
     done = watched(0, first, jnp.isin(first, eos_ids))
     seen = mark(seen, first)
 
-    def step(i, carry):
-        token, cache, out, done, seen = carry
+    def step(i, s: DecodeState) -> DecodeState:
         with jax.named_scope("decode_step"):
-            states, cache = model(token[:, None], cache, prompt_len + i - 1, predictors)
-            nxt = choose(model.logits(states[:, 0]), seen, i)
-        stopped = done | (i >= max_new)
-        out = out.at[:, i].set(jnp.where(stopped, -1, nxt))
+            states, cache = model(s.token[:, None], s.cache, prompt_len + i - 1, predictors)
+            nxt = choose(model.logits(states[:, 0]), s.seen, i)
+        stopped = s.done | (i >= max_new)
+        out = s.out.at[:, i].set(jnp.where(stopped, -1, nxt))
         done = watched(i, nxt, stopped) | jnp.isin(nxt, eos_ids)
-        return jnp.where(stopped, token, nxt), cache, out, done, mark(seen, nxt)
+        return DecodeState(token=jnp.where(stopped, s.token, nxt), cache=cache, out=out, done=done,
+                           seen=mark(s.seen, nxt))
 
-    def group(carry):  # steps i .. i + steps_per_check - 1, a loop of fixed trip count
-        i, *rest = carry
-        rest = jax.lax.fori_loop(0, steps_per_check, lambda j, c: step(i + j, c), tuple(rest))
-        return i + steps_per_check, *rest
+    def group(carry: tuple[jax.Array, DecodeState]) -> tuple[jax.Array, DecodeState]:
+        i, s = carry  # steps i .. i + steps_per_check - 1, a loop of fixed trip count
+        s = jax.lax.fori_loop(0, steps_per_check, lambda j, s: step(i + j, s), s)
+        return i + steps_per_check, s
 
-    def cond(carry):
-        i, _, _, _, done, _ = carry
-        return (i < max_new) & ~jnp.all(done)
+    def cond(carry: tuple[jax.Array, DecodeState]) -> jax.Array:
+        i, s = carry
+        return (i < max_new) & ~jnp.all(s.done)
 
-    _, _, _, out, _, _ = jax.lax.while_loop(cond, group, (jnp.int32(1), first, cache, out, done, seen))
+    start = DecodeState(token=first, cache=cache, out=out, done=done, seen=seen)
+    _, final = jax.lax.while_loop(cond, group, (jnp.int32(1), start))
+    out = final.out
     return out[:, :new_bucket]
 
 

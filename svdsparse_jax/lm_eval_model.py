@@ -12,7 +12,8 @@ predictor directory; without it the model runs dense), dtype (bfloat16), kernels
 xla; default: SVDSPARSE_KERNELS, else auto), ffn_policy (sparse: every layer guarded, the default, so that
 accuracy shows the predictors' effect; measured; dense), batch_size (lm-eval's --batch_size, else 8; on the
 command line model_args' batch_size is passed to lm-eval as --batch_size, so its report says the size that
-runs), max_gen_toks (256). The model loads through `session.load`.
+runs), max_gen_toks (256), act_threshold (a FATReLU model's threshold, as `--act-threshold`; default the
+checkpoint's). The model loads through `session.load`.
 
 How each request runs:
 - loglikelihood: context and continuation in one teacher-forced pass (every token through the guarded FFN
@@ -28,6 +29,7 @@ How each request runs:
 
 from __future__ import annotations
 
+import math
 from typing import Any, Sequence
 
 import jax.numpy as jnp
@@ -38,7 +40,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from svdsparse_jax import session
 from svdsparse_jax.errors import SvdsparseError
-from svdsparse_jax.evaluate import _forward_stats, evaluation_bytes_per_token
+from svdsparse_jax.evaluate import forward_stats, evaluation_bytes_per_token
 from svdsparse_jax.limits import check_count
 from svdsparse_jax.generate import Sampler, Watcher, bucket
 from svdsparse_jax.progress import tqdm
@@ -52,8 +54,8 @@ class SvdsparseLM(TemplateLM):
 
     def __init__(self, pretrained: str | None = None, predictors: str | None = None, dtype: str = "bfloat16",
                  kernels: str | None = None, ffn_policy: str = "sparse", batch_size: int | str = 8,
-                 max_gen_toks: int | str = 256, device: str | None = None, max_batch_size: Any = None,
-                 **unknown: Any):
+                 max_gen_toks: int | str = 256, act_threshold: float | str | None = None, device: str | None = None,
+                 max_batch_size: Any = None, **unknown: Any):
         super().__init__()
         from svdsparse_jax.policy import POLICIES
 
@@ -63,7 +65,10 @@ class SvdsparseLM(TemplateLM):
         self.max_gen_toks = _positive(max_gen_toks, "max_gen_toks")
         if ffn_policy not in POLICIES:
             raise SvdsparseError(f"--model_args ffn_policy={ffn_policy}: expected one of {', '.join(POLICIES)}")
-        lm = session.load(pretrained, dtype=dtype, kernels=kernels, ffn_policy=ffn_policy, predictors=predictors)
+        if act_threshold is not None:
+            act_threshold = _finite_float(act_threshold, "act_threshold")
+        lm = session.load(pretrained, dtype=dtype, kernels=kernels, ffn_policy=ffn_policy, predictors=predictors,
+                          act_threshold=act_threshold)
         if lm.tokenizer is None:
             raise SvdsparseError(f"{lm.path}: the model has no tokenizer files, which lm-eval's text tasks need")
         self.cfg, self.tokenizer = lm.cfg, lm.tokenizer
@@ -179,7 +184,7 @@ class SvdsparseLM(TemplateLM):
                     raise SvdsparseError(f"token ids {bad[:5]} outside the vocabulary [0, {self.cfg.vocab_size})")
                 tokens[row, length - len(seq):] = seq
                 pad[row] = length - len(seq)
-            lp, top, _, _ = _forward_stats(graphdef, state, self.guarded, jnp.asarray(tokens), jnp.asarray(pad))
+            lp, top, _, _ = forward_stats(graphdef, state, self.guarded, jnp.asarray(tokens), jnp.asarray(pad))
             lp, top = np.asarray(lp, np.float64), np.asarray(top)
             for row, i in enumerate(chunk):  # lp[:, j] scores token j + 1
                 n = lengths[i]
@@ -215,6 +220,16 @@ def _report_true_batch_size(args: Any) -> None:
         raise SvdsparseError(f"--batch_size {flag} and --model_args batch_size={model_args['batch_size']} disagree "
                              f"(the model runs the latter); give one of them")
     args.batch_size = str(runs)
+
+
+def _finite_float(value: Any, name: str) -> float:
+    try:
+        x = float(value)
+    except (TypeError, ValueError):
+        x = math.nan
+    if not math.isfinite(x):
+        raise SvdsparseError(f"--model_args {name}={value}: expected a finite number")
+    return x
 
 
 def _positive(value: Any, name: str) -> int:

@@ -12,15 +12,14 @@ accumulates in f32 (`preferred_element_type`); norms, RoPE, softmax and the FFN 
 
 from __future__ import annotations
 
-import dataclasses
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from pallas_kernels.compaction import Candidates
-from pallas_kernels.reference import Activation, rms_norm
+from pallas_kernels.candidates import Candidates
+from pallas_kernels.numerics import Activation, rms_norm
 from svdsparse_jax import kv_cache
 from svdsparse_jax.config import ModelConfig
 from svdsparse_jax.engine import XLA, EngineConfig, add_rmsnorm, guarded_ffn, project, project_t
@@ -75,33 +74,6 @@ def rope(x: jax.Array, pos: jax.Array, cfg: ModelConfig) -> jax.Array:
     xf = x.astype(F32)
     rotated = jnp.concatenate([-xf[..., hd // 2:], xf[..., : hd // 2]], axis=-1)
     return (xf * jnp.cos(angle) + rotated * jnp.sin(angle)).astype(x.dtype)
-
-
-@dataclasses.dataclass
-class FFNProbe:
-    """Asks every FFN of a forward pass to record, in layer order, what evaluation and calibration measure:
-    `inputs` (the normed FFN input [..., d], when "inputs" is in `record`), `candidates` (the predictor's
-    candidate mask, bool [..., d_ff]; None for a dense FFN) and `hidden` (h = act(gate) * up where a candidate,
-    f32 [..., d_ff]). The statistics are computed beside the FFN from its input, with XLA's products, so the FFN
-    itself runs what the engine picked (kernels or XLA) and produces the output as in decode. Inside a jitted
-    function the lists fill with traced arrays, which that function returns."""
-
-    record: tuple[str, ...] = ("candidates", "hidden")
-    inputs: list = dataclasses.field(default_factory=list)
-    candidates: list = dataclasses.field(default_factory=list)
-    hidden: list = dataclasses.field(default_factory=list)
-
-    def observe(self, cfg: ModelConfig, x: jax.Array, w_gate: jax.Array, w_up: jax.Array,
-                mask: jax.Array | None) -> None:
-        """One FFN's statistics: x [..., d] its input, mask its candidates (None: dense)."""
-        if "inputs" in self.record:
-            self.inputs.append(x)
-        if "candidates" in self.record:
-            self.candidates.append(mask)
-        if "hidden" in self.record:  # the products of XLA's FFN, which XLA computes once where both run
-            gate, up = (project(XLA, x, w) for w in (w_gate, w_up))
-            h = ffn_hidden(cfg, gate, up)
-            self.hidden.append(h if mask is None else jnp.where(mask, h, 0.0))
 
 
 class RMSNorm(nnx.Module):
@@ -171,13 +143,8 @@ class Attention(nnx.Module):
 
 
 class FFN(nnx.Module):
-    """The ReGLU FFN: y = (act(x W_gate^T) * (x W_up^T)) W_down_t, with W_down_t [d_ff, d].
-
-    Dense, or predictor-guarded (the paper's sparse executor): the predictor picks the candidate neurons C, the
-    activation is kept on C only, and up / down count only for the truly active T = {i in C : h_i != 0}. The
-    guarded FFN goes through `engine.guarded_ffn`: decode-sized inputs run the Pallas kernels where the engine
-    says so, which read only the rows of C (W_gate) and T (W_up, W_down_t); otherwise XLA computes every row and
-    masks (exactly the dense result when C is everything)."""
+    """The ReGLU FFN's weights, y = (act(x W_gate^T) * (x W_up^T)) W_down_t with W_down_t [d_ff, d], and its
+    dense computation. The predictor-guarded one (the paper's sparse executor) is `Block`'s other branch."""
 
     def __init__(self, cfg: ModelConfig, engine: EngineConfig, w: Callable[[str], jax.Array]):
         self.cfg, self.engine = cfg, engine
@@ -189,61 +156,90 @@ class FFN(nnx.Module):
         return ffn_hidden(self.cfg, linear(engine, x, self.w_gate[...], split="rows"),
                           linear(engine, x, self.w_up[...], split="rows"))
 
-    def __call__(self, x: jax.Array, predictor: Predictor | None = None, projected: jax.Array | None = None,
-                 probe: FFNProbe | None = None, rows: jax.Array | None = None) -> jax.Array:
-        """x [..., d] (the normed FFN input) -> y [..., d] in x's dtype. With a predictor only its candidates
-        count; projected: x @ predictor.input_projection^T f32 [..., r] when already computed (decode: in the
-        kernel that formed x). probe: records this FFN's statistics (`FFNProbe`). rows: bool [N] over the N
-        tokens of x (with a predictor): the others get no candidates (an output of 0), so the batch reads only
-        the union of these rows' candidates (the server's occupied slots)."""
-        engine, mask = self.engine, None
-        if predictor is None:
-            with jax.named_scope("gate_up_activation"):
-                h = self.hidden(x)
-            with jax.named_scope("down"):
-                y = project_t(engine, h.astype(x.dtype), self.w_down_t[...], x.dtype)
-        else:
-            flat = x.reshape(-1, x.shape[-1])
-            with jax.named_scope("predictor_scores"):
-                gate = linear(engine, flat, self.w_gate[...], split="rows") if predictor.needs_gate else None
-                candidates = predictor.candidates(flat, engine=engine, gate=gate, projected=None if projected is None
-                                                  else projected.reshape(len(flat), -1))
-                if rows is not None:
-                    candidates = Candidates(mask=candidates.as_mask() & rows.reshape(-1, 1))
-            y = guarded_ffn(engine, flat, candidates, self.w_gate[...], self.w_up[...], self.w_down_t[...],
-                            activation(self.cfg)).astype(x.dtype).reshape(x.shape)
-            if probe is not None:
-                mask = candidates.as_mask().reshape(*x.shape[:-1], -1)
-        if probe is not None:
-            probe.observe(self.cfg, x, self.w_gate[...], self.w_up[...], mask)
-        return y
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """The dense FFN: x [..., d] (the normed FFN input) -> y [..., d] in x's dtype."""
+        with jax.named_scope("gate_up_activation"):
+            h = self.hidden(x)
+        with jax.named_scope("down"):
+            return project_t(self.engine, h.astype(x.dtype), self.w_down_t[...], x.dtype)
+
+
+class FFNTrace(NamedTuple):
+    """What a block's FFN ran on, returned beside the block's output (no work of its own: both are values the
+    block computes anyway) for the statistics pass, `Transformer.forward_with_stats`. inputs: the normed FFN input
+    [B, T, d]; candidates: the predictor's candidates of the B * T tokens, None where the FFN ran dense."""
+
+    inputs: jax.Array
+    candidates: Candidates | None
 
 
 class Block(nnx.Module):
-    """One decoder layer. A decode step reads, top to bottom: norm, attention, residual, norm, predictor scores,
-    candidates, gate on the candidates, activation, up / down on the active rows, residual."""
+    """One decoder layer."""
 
     def __init__(self, cfg: ModelConfig, engine: EngineConfig, w: Callable[[str], jax.Array]):
-        self.engine = engine
+        self.cfg, self.engine = cfg, engine
         self.attn_norm = RMSNorm(w("attn_norm.scale"), cfg.rms_eps)
         self.attn = Attention(cfg, engine, lambda n: w(f"attn.{n}"))
         self.ffn_norm = RMSNorm(w("ffn_norm.scale"), cfg.rms_eps)
         self.ffn = FFN(cfg, engine, lambda n: w(f"ffn.{n}"))
 
     def __call__(self, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, start: jax.Array, pos: jax.Array,
-                 mask: jax.Array, predictor: Predictor | None = None, probe: FFNProbe | None = None,
-                 rows: jax.Array | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """x [B, T, d] (the residual stream) -> (x after this layer, updated k_cache, v_cache); rows: `FFN`'s."""
-        with jax.named_scope("attention"):  # norm, q/k/v, RoPE, cache write, softmax and values, o_proj
+                 mask: jax.Array, predictor: Predictor | None = None, rows: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array, jax.Array, FFNTrace]:
+        """x [B, T, d] (the residual stream) -> (x after this layer, updated k_cache, v_cache, the FFN's trace).
+
+        Top to bottom: norm and attention; the residual add, the FFN's norm and the predictor's input
+        projection (one kernel at decode); with a predictor, its candidates C and the guarded FFN, which computes
+        the gate on C only and up / down only on the truly active T = {i in C : h_i != 0} (decode-sized inputs:
+        the Pallas kernels, reading only those rows; otherwise XLA computes every row and masks); without one, the
+        dense FFN; the residual add. rows: bool [B * T] over the tokens (with a predictor): the others get no
+        candidates (an output of 0), so the batch reads only the union of these rows' candidates (the server's
+        occupied slots)."""
+        engine, ffn = self.engine, self.ffn
+        with jax.named_scope("attention"):  # norm + q/k/v (one product), RoPE, cache write, softmax and values, o
             attn, k_cache, v_cache = self.attn(x, k_cache, v_cache, start, pos, mask, self.attn_norm)
-        # The residual add, the FFN's norm and the predictor's input projection A (normed x): one kernel at decode.
-        with jax.named_scope("residual_norm_predictor_projection"):
-            x, normed, projected = add_rmsnorm(self.engine, x, attn, self.ffn_norm.scale[...], self.ffn_norm.eps,
+        with jax.named_scope("residual_norm_predictor_projection"):  # one kernel at decode
+            x, normed, projected = add_rmsnorm(engine, x, attn, self.ffn_norm.scale[...], self.ffn_norm.eps,
                                                None if predictor is None else predictor.input_projection)
-        with jax.named_scope("ffn"):  # predictor scores, candidates, gate, activation, up / down on active rows
-            y = self.ffn(normed, predictor, projected, probe, rows)
+        if predictor is None:
+            candidates = None
+            with jax.named_scope("dense_ffn"):  # gate, up, activation, down: every row
+                y = ffn(normed)
+        else:
+            flat = normed.reshape(-1, normed.shape[-1])
+            with jax.named_scope("predictor_candidates"):  # scores (B @ the projection) + bias > 0
+                gate = linear(engine, flat, ffn.w_gate[...], split="rows") if predictor.needs_gate else None
+                candidates = predictor.candidates(flat, engine=engine, gate=gate, projected=None if projected is None
+                                                  else projected.reshape(len(flat), -1))
+                if rows is not None:
+                    candidates = Candidates(mask=candidates.as_mask() & rows.reshape(-1, 1))
+            with jax.named_scope("guarded_ffn"):  # compaction, then gate on C, activation, up / down on T
+                y = guarded_ffn(engine, flat, candidates, ffn.w_gate[...], ffn.w_up[...], ffn.w_down_t[...],
+                                activation(self.cfg)).astype(normed.dtype).reshape(normed.shape)
         with jax.named_scope("residual"):
-            return x + y, k_cache, v_cache
+            return x + y, k_cache, v_cache, FFNTrace(normed, candidates)
+
+
+class FFNStats(NamedTuple):
+    """One layer's FFN statistics over a forward pass (`Transformer.forward_with_stats`), what evaluation and
+    calibration measure. inputs: the normed FFN input [B, T, d] in the model's dtype; candidates: the predictor's
+    candidate mask bool [B, T, d_ff] (None for a dense layer); hidden: h = act(gate) * up f32 [B, T, d_ff], zero
+    outside the candidates, from XLA's products of the inputs (so the FFN itself ran what the engine picked)."""
+
+    inputs: jax.Array
+    candidates: jax.Array | None
+    hidden: jax.Array
+
+
+def ffn_stats(cfg: ModelConfig, ffn: FFN, trace: FFNTrace) -> FFNStats:
+    """The statistics of one FFN from its trace."""
+    x = trace.inputs
+    gate, up = (project(XLA, x, w) for w in (ffn.w_gate[...], ffn.w_up[...]))
+    h = ffn_hidden(cfg, gate, up)
+    if trace.candidates is None:
+        return FFNStats(x, None, h)
+    mask = trace.candidates.as_mask().reshape(*x.shape[:-1], -1)
+    return FFNStats(x, mask, jnp.where(mask, h, 0.0))
 
 
 class Transformer(nnx.Module):
@@ -270,28 +266,44 @@ class Transformer(nnx.Module):
         return self.embed[...].dtype
 
     def __call__(self, tokens: jax.Array, cache: kv_cache.KVCache, start: jax.Array,
-                 predictors: list[Predictor] | None = None, probe: FFNProbe | None = None,
-                 rows: jax.Array | None = None) -> tuple[jax.Array, kv_cache.KVCache]:
+                 predictors: list[Predictor | None] | None = None, rows: jax.Array | None = None
+                 ) -> tuple[jax.Array, kv_cache.KVCache]:
         """Runs tokens [B, T] int32 that occupy cache slots [start, start + T) (start int32 [], or [B]: each
         sequence from its own slot on).
 
         Returns (the final-normed hidden states [B, T, d], the updated cache). Prefill is a call with the whole
-        left-padded prompt at start=0; a decode step is a call with T=1. `predictors` (one per layer) makes
-        every FFN predictor-guarded; rows (bool [B], with predictors): only these sequences' candidates count,
-        the others' FFNs output 0 (free decode slots). `probe` records every FFN's statistics (`FFNProbe`)."""
+        left-padded prompt at start=0; a decode step is a call with T=1. `predictors` (one per layer, None for a
+        layer that runs dense) makes those FFNs predictor-guarded; rows (bool [B], with predictors): only these
+        sequences' candidates count, the others' FFNs output 0 (free decode slots)."""
+        states, cache, _ = self.run(tokens, cache, start, predictors, rows)
+        return states, cache
+
+    def run(self, tokens: jax.Array, cache: kv_cache.KVCache, start: jax.Array,
+            predictors: list[Predictor | None] | None = None, rows: jax.Array | None = None
+            ) -> tuple[jax.Array, kv_cache.KVCache, list[FFNTrace]]:
+        """`__call__`, also returning every layer's `FFNTrace`."""
         t = tokens.shape[1]
         pos = kv_cache.positions(cache.pad, start, t)
         mask = kv_cache.attention_bias(self.cfg, cache.pad, start, t, cache.slots)
         x = self.embed[...][tokens]
-        ks, vs = [], []
+        ks, vs, traces = [], [], []
         token_rows = None if rows is None else jnp.repeat(rows, t)  # [B * T]: the FFN's flattened tokens
         for i, layer in enumerate(self.layers):
             with jax.named_scope(f"layer_{i}"):
-                x, k, v = layer(x, cache.k[i], cache.v[i], start, pos, mask,
-                                None if predictors is None else predictors[i], probe, token_rows)
+                x, k, v, trace = layer(x, cache.k[i], cache.v[i], start, pos, mask,
+                                       None if predictors is None else predictors[i], token_rows)
             ks.append(k)
             vs.append(v)
-        return self.final_norm(x), kv_cache.KVCache(k=ks, v=vs, pad=cache.pad)
+            traces.append(trace)
+        return self.final_norm(x), kv_cache.KVCache(k=ks, v=vs, pad=cache.pad), traces
+
+    def forward_with_stats(self, tokens: jax.Array, cache: kv_cache.KVCache, start: jax.Array,
+                           predictors: list[Predictor | None] | None = None, rows: jax.Array | None = None
+                           ) -> tuple[jax.Array, kv_cache.KVCache, list[FFNStats]]:
+        """`__call__` with every layer's FFN statistics (`FFNStats`, in layer order): the pass evaluation and
+        calibration run. Inside a jitted function, the statistics it does not return cost nothing."""
+        states, cache, traces = self.run(tokens, cache, start, predictors, rows)
+        return states, cache, [ffn_stats(self.cfg, layer.ffn, t) for layer, t in zip(self.layers, traces)]
 
     def logits(self, states: jax.Array) -> jax.Array:
         """states [..., d] (final-normed) -> logits [..., vocab] f32 (the tied embedding when there is no separate

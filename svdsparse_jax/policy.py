@@ -89,6 +89,18 @@ def measure_union(candidates: jax.Array, active: jax.Array, batch_sizes: Sequenc
     return cand, act
 
 
+def gate_rows_read(predictor, gate_rows: float) -> float:
+    """The fraction of W_gate's rows a guarded FFN reads given its candidates' fraction: all of them for a
+    predictor that reads the exact gate (`Predictor.needs_gate`, the oracle)."""
+    return 1.0 if predictor.needs_gate else gate_rows
+
+
+def ffn_rows(gate_rows, up_down_rows):
+    """The rows a guarded FFN reads, in units of one matrix's rows (0 to 3, the dense FFN's three matrices):
+    W_gate's (the candidates) plus W_up's and W_down's (the active candidates). Floats or arrays."""
+    return gate_rows + 2 * up_down_rows
+
+
 def sparse_layers(engine, cfg: ModelConfig, predictors: Sequence, union: UnionRows | None, batch: int,
                   itemsize: int) -> tuple[bool, ...]:
     """Per layer, whether a decode batch of `batch` sequences runs it sparse (see the module docstring).
@@ -108,7 +120,6 @@ def sparse_layers(engine, cfg: ModelConfig, predictors: Sequence, union: UnionRo
     dense_us = cost.dense_us(3 * cfg.d_ff * row_bytes)
     out = []
     for p, g, a in zip(predictors, *rows):
-        gate_rows = 1.0 if p.needs_gate else g  # a predictor that reads the exact gate reads all of W_gate
-        useful = (gate_rows + 2 * a) * cfg.d_ff * row_bytes + p.nbytes()
+        useful = ffn_rows(gate_rows_read(p, g), a) * cfg.d_ff * row_bytes + p.nbytes()
         out.append(cost.sparse_us(useful) < dense_us)
     return tuple(out)

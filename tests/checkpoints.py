@@ -48,7 +48,7 @@ def make_hf_checkpoint(path: Path, family: str, seed: int, tokenizer: bool = Fal
                   bos_token_id=None, pad_token_id=None)
     hf_tok = None
     if tokenizer:
-        from svdsparse_jax.corpus import train_bpe_tokenizer
+        from scripts.bundled_model.corpus import train_bpe_tokenizer
         hf_tok = train_bpe_tokenizer([inspect.getsource(os)], 512)
         common.update(vocab_size=len(hf_tok), bos_token_id=hf_tok.bos_token_id, eos_token_id=hf_tok.eos_token_id,
                       max_position_embeddings=512)

@@ -20,8 +20,8 @@ import numpy as np
 from pallas_kernels import compaction, norm, reference
 from pallas_kernels import gemv as gemv_mod
 from pallas_kernels import sparse_ffn as sf
-from pallas_kernels.compaction import Candidates
-from pallas_kernels.reference import Activation
+from pallas_kernels.candidates import Candidates
+from pallas_kernels.numerics import Activation, rms_norm
 from svdsparse_jax.engine import EngineConfig
 
 TOLERANCE = {"bfloat16": 1e-2, "float16": 1e-2, "float32": 1e-5}
@@ -146,7 +146,7 @@ def check_sparse_ffn(d: int, d_ff: int, dtype, count: int, *, rng: np.random.Gen
 def check_gemv(n: int, k: int, dtype, *, rng: np.random.Generator, batch: int = 1, interpret: bool,
                kernel: str = "plain", out_dtype=jnp.float32, **tile) -> CheckResult:
     """`gemv.gemv_pallas` against float64: kernel "plain" (x @ w^T) or "norm" (RMSNorm(x) @ w^T, the norm inside
-    the kernel, against float64 products of `reference.rms_norm`'s output), the result written as out_dtype."""
+    the kernel, against float64 products of `numerics.rms_norm`'s output), the result written as out_dtype."""
     if kernel not in ("plain", "norm"):
         raise ValueError(f"check_gemv: kernel {kernel!r}, expected 'plain' or 'norm'")
     w = device_normal(rng, (n, k), dtype)
@@ -156,7 +156,7 @@ def check_gemv(n: int, k: int, dtype, *, rng: np.random.Generator, batch: int = 
                              **tile)
     ok_dtype = y.dtype == jnp.dtype(out_dtype)
     y = np.asarray(y.astype(jnp.float32), np.float64)
-    xin = x if scale is None else reference.rms_norm(x, scale, 1e-5)
+    xin = x if scale is None else rms_norm(x, scale, 1e-5)
     ref = f64_product(xin, w)
     return CheckResult(f"gemv {kernel} n={n} k={k} {jnp.dtype(dtype).name} batch={batch} "
                        f"out={jnp.dtype(out_dtype).name}", _rel(y, ref), bool(np.isfinite(y).all()) and ok_dtype,

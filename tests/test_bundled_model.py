@@ -9,7 +9,7 @@ from checkpoints import draw_well_conditioned, fatrelu_float64, torch_logits
 from conftest import rel_err
 from svdsparse_jax.assets import BUNDLED_MODEL, CORPUS
 from svdsparse_jax.convert import load_model
-from svdsparse_jax.evaluate import evaluate_stream
+from scripts.lab import evaluate_stream
 from svdsparse_jax.model import Transformer
 
 CARD = json.loads((BUNDLED_MODEL / "card.json").read_text())

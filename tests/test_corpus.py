@@ -3,7 +3,7 @@
 import json
 
 from svdsparse_jax.assets import CORPUS
-from svdsparse_jax.corpus import SPLITS, list_modules, module_name, split_of, stdlib_dir
+from scripts.bundled_model.corpus import SPLITS, list_modules, module_name, split_of, stdlib_dir
 
 
 def test_split_is_disjoint_and_complete():

@@ -113,8 +113,7 @@ def test_rows_read_per_token_and_by_a_batch(llama_checkpoint, rng):
     """ffn_rows_read: per token, the mean of each sequence's own candidate / active fractions; `together`, the
     union over the sequences at each position, against masks collected from each sequence run alone."""
     from svdsparse_jax import kv_cache
-    from svdsparse_jax.evaluate import ffn_rows_read
-    from svdsparse_jax.model import FFNProbe
+    from scripts.lab import ffn_rows_read
     from svdsparse_jax.predictors import LowRankPredictor
     lm = load_model(llama_checkpoint.path, jnp.float32)
     cfg = lm.cfg
@@ -125,11 +124,11 @@ def test_rows_read_per_token_and_by_a_batch(llama_checkpoint, rng):
     seqs = rng.integers(0, cfg.vocab_size, (3, 20))
     cand, active = [], []  # [sequence][layer] -> [20, d_ff] bool
     for s in seqs:
-        probe = FFNProbe()
-        model(jnp.asarray(s[None], jnp.int32), kv_cache.init_cache(cfg, jnp.zeros(1, jnp.int32), 20, jnp.float32),
-              jnp.int32(0), preds, probe)
-        cand.append([np.asarray(c[0]) for c in probe.candidates])
-        active.append([np.asarray(h[0]) != 0 for h in probe.hidden])
+        _, _, stats = model.forward_with_stats(
+            jnp.asarray(s[None], jnp.int32), kv_cache.init_cache(cfg, jnp.zeros(1, jnp.int32), 20, jnp.float32),
+            jnp.int32(0), preds)
+        cand.append([np.asarray(st.candidates[0]) for st in stats])
+        active.append([np.asarray(st.hidden[0]) != 0 for st in stats])
     layers = range(cfg.n_layers)
     per_token = ffn_rows_read(model, preds, seqs, batch=2)
     union = ffn_rows_read(model, preds, seqs, together=True)
@@ -138,3 +137,55 @@ def test_rows_read_per_token_and_by_a_batch(llama_checkpoint, rng):
     for got, masks in zip(union, (cand, active)):
         np.testing.assert_allclose(got, [np.any([m[i] for m in masks], axis=0).mean() for i in layers], rtol=1e-6)
     assert np.all(union[0] > per_token[0]) and np.all(union[0] < 1)  # the random predictor flags part of d_ff
+
+
+def test_forward_with_stats_against_torch_float64(llama_checkpoint, rng):
+    """The statistics pass (`Transformer.forward_with_stats`, what evaluation and calibration read) against
+    float64 references: dense, every layer's FFN input and activations h = act(gate) * up against transformers
+    run in float64 (hooks on each MLP's input and on down_proj's); guarded by a random low-rank predictor, the
+    candidate mask and masked activations against a float64 NumPy recomputation from the pass's own FFN inputs,
+    and `forward_stats`' per-layer counts against those masks."""
+    import copy
+
+    from svdsparse_jax import kv_cache
+    from svdsparse_jax.evaluate import forward_stats
+    from svdsparse_jax.predictors import LowRankPredictor
+    from flax import nnx
+    lm = load_model(llama_checkpoint.path, jnp.float32)
+    cfg = lm.cfg
+    model = Transformer(cfg, lm.weights)
+    ids = rng.integers(0, cfg.vocab_size, (2, 24))
+    ref = copy.deepcopy(llama_checkpoint.torch_model).double()
+    seen: dict[str, list] = {"inputs": [], "hidden": []}
+    hooks = [m.register_forward_hook(lambda mod, args, out, k=k: seen[k].append(args[0].numpy()))
+             for layer in ref.model.layers for m, k in ((layer.mlp, "inputs"), (layer.mlp.down_proj, "hidden"))]
+    with torch.no_grad():
+        ref(torch.as_tensor(ids))
+    for h in hooks:
+        h.remove()
+    cache = kv_cache.init_cache(cfg, jnp.zeros(2, jnp.int32), 24, jnp.float32)
+    _, _, dense = model.forward_with_stats(jnp.asarray(ids, jnp.int32), cache, jnp.int32(0))
+    for i, st in enumerate(dense):
+        assert st.candidates is None
+        np.testing.assert_allclose(np.asarray(st.inputs), seen["inputs"][i], rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(np.asarray(st.hidden), seen["hidden"][i], rtol=1e-4, atol=1e-5)
+
+    r = 8
+    preds = [LowRankPredictor(jnp.asarray(rng.normal(size=(r, cfg.d_model)), jnp.float32),
+                              jnp.asarray(rng.normal(size=(cfg.d_ff, r)), jnp.float32),
+                              jnp.asarray(rng.normal(size=cfg.d_ff), jnp.float32)) for _ in range(cfg.n_layers)]
+    _, _, sparse = model.forward_with_stats(jnp.asarray(ids, jnp.int32), cache, jnp.int32(0), preds)
+    np.testing.assert_array_equal(np.asarray(sparse[0].inputs), np.asarray(dense[0].inputs))  # before any FFN
+    for i, (st, p) in enumerate(zip(sparse, preds)):
+        x = np.asarray(st.inputs, np.float64)
+        ffn = model.layers[i].ffn
+        scores = x @ np.asarray(p.a, np.float64).T @ np.asarray(p.b, np.float64).T + np.asarray(p.bias, np.float64)
+        clear = np.abs(scores) > 1e-3  # away from the boundary, where f32 rounding cannot flip the sign
+        np.testing.assert_array_equal(np.asarray(st.candidates)[clear], (scores > 0)[clear])
+        g, u = (x @ np.asarray(w[...], np.float64).T for w in (ffn.w_gate, ffn.w_up))
+        h = np.where(np.asarray(st.candidates), np.maximum(g, 0) * u, 0.0)
+        np.testing.assert_allclose(np.asarray(st.hidden), h, rtol=1e-4, atol=1e-5)
+    graphdef, state = nnx.split(model)
+    _, _, cands, active = forward_stats(graphdef, state, preds, jnp.asarray(ids, jnp.int32), jnp.zeros(2, jnp.int32))
+    np.testing.assert_array_equal(np.asarray(cands), [np.sum(np.asarray(st.candidates)) for st in sparse])
+    np.testing.assert_array_equal(np.asarray(active), [np.sum(np.asarray(st.hidden) != 0) for st in sparse])

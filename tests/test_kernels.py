@@ -15,9 +15,9 @@ from kernel_checks import (TOLERANCE, blocked_list_numpy, check_add_rmsnorm, che
 from pallas_kernels import compaction, reference, tuning
 from pallas_kernels import sparse_ffn as sf
 from pallas_kernels.common import column_chunk, column_pieces
-from pallas_kernels.compaction import Candidates
+from pallas_kernels.candidates import Candidates
 from pallas_kernels.gemv import gemv_pallas
-from pallas_kernels.reference import Activation
+from pallas_kernels.numerics import Activation
 from svdsparse_jax import engine as eng
 from svdsparse_jax import kv_cache
 from svdsparse_jax.convert import load_model

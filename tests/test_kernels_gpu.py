@@ -20,7 +20,7 @@ from kernel_checks import (TOLERANCE, check_add_rmsnorm, check_compact, check_ge
                            random_weights)
 from pallas_kernels import sparse_ffn as sf
 from pallas_kernels import tuning
-from pallas_kernels.reference import Activation
+from pallas_kernels.numerics import Activation
 
 pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu",
                                 reason="needs a GPU: the CPU runs these kernels interpreted (test_kernels.py)")

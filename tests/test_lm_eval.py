@@ -43,13 +43,25 @@ def dense():
     return SvdsparseLM(dtype="float32", batch_size=4, kernels="xla")
 
 
-def score_cli(capsys, ids: list[int]) -> list[float]:
+@pytest.fixture(scope="module")
+def relu():
+    """The bundled model with its FATReLU threshold at 0 (plain ReLU): the two scoring paths run the same sums in
+    different shapes (padded batches, one sequence), and at a threshold t > 0 a gate that rounds across t in one
+    of them jumps by t * up: one such neuron moved a continuation's log-likelihood by 2e-3 (base seed 1171124537).
+    At 0 the activation is continuous, so the paths agree to float32 rounding (about 1e-5 a token)."""
+    return SvdsparseLM(dtype="float32", batch_size=4, kernels="xla", act_threshold="0")
+
+
+def score_cli(capsys, ids: list[int], *flags: str) -> list[float]:
     assert main(["score", "--prompt-ids", ",".join(map(str, ids)), "--dtype", "float32", "--kernels", "xla",
-                 "--json"]) == 0
+                 "--json", *flags]) == 0
     return json.loads(capsys.readouterr().out)["logprobs"]
 
 
-def test_loglikelihoods_equal_svdsparse_score(dense, capsys, rng):
+def test_loglikelihoods_equal_svdsparse_score(relu, capsys, rng):
+    dense = relu
+    assert dense.cfg.activation == "fatrelu" and dense.cfg.act_threshold == 0
+    score = lambda ids: score_cli(capsys, ids, "--act-threshold", "0")  # noqa: E731
     tok = dense.tokenizer
     heldout = corpus_split("heldout")
     start = int(rng.integers(0, len(heldout) - 2000))
@@ -62,14 +74,14 @@ def test_loglikelihoods_equal_svdsparse_score(dense, capsys, rng):
     got = dense.loglikelihood(requests("loglikelihood", pairs))
     for (ctx, cont), (ll, greedy) in zip(pairs, got):
         ctx_ids, cont_ids = dense._encode_pair(ctx, cont)
-        want = score_cli(capsys, ctx_ids + cont_ids)[-len(cont_ids):]
+        want = score(ctx_ids + cont_ids)[-len(cont_ids):]
         assert ll == pytest.approx(sum(want), abs=1e-4, rel=1e-5)
         assert isinstance(greedy, bool)
     # rolling over a text of about 1,200 tokens: three windows of the 512-token context
     (rolled,) = dense.loglikelihood_rolling(requests("loglikelihood_rolling", [(text,)]))
     ids = [dense.prefix_token_id] + dense.tok_encode(text)
     assert len(ids) > 2 * dense.cfg.max_seq_len
-    assert rolled == pytest.approx(sum(score_cli(capsys, ids)), abs=1e-3, rel=1e-6)
+    assert rolled == pytest.approx(sum(score(ids)), abs=1e-3, rel=1e-6)
     # the greedy flag: a continuation made of the model's own greedy tokens is greedy (their ids: the text
     # generate_until returns need not encode back to the same tokens where it meets the context)
     ctx_ids = dense.tok_encode(text[:200])
@@ -119,6 +131,8 @@ def test_bad_model_args_are_named():
         SvdsparseLM(batch_size=0)
     with pytest.raises(SvdsparseError, match="ffn_policy=half"):
         SvdsparseLM(ffn_policy="half")
+    with pytest.raises(SvdsparseError, match="act_threshold=inf"):
+        SvdsparseLM(act_threshold="inf")
 
 
 def test_the_command_line_runs_the_model(dense, tmp_path, seed):

@@ -165,7 +165,7 @@ def test_union_rows_are_stored_with_the_predictors(tmp_path, rng):
 def test_top_k_candidates_are_the_batch_best_scores(llama_checkpoint, rng):
     """TopKPredictor: at every position the same k neurons for all B sequences, those with the highest score of
     any sequence (float64 NumPy on the base predictor's scores); k = d_ff decodes the dense tokens."""
-    from svdsparse_jax.predictors.base import TopKPredictor
+    from scripts.lab import TopKPredictor
     cfg, model = _model(llama_checkpoint)
     base = _predictor(cfg, rng)
     batch, tokens, k = 3, 5, 17

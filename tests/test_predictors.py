@@ -13,7 +13,7 @@ from svdsparse_jax import kv_cache
 from svdsparse_jax.calibration import layer_statistics
 from svdsparse_jax.config import named_config
 from svdsparse_jax.errors import SvdsparseError
-from svdsparse_jax.model import FFNProbe, Transformer
+from svdsparse_jax.model import Transformer
 from svdsparse_jax.predictors import (BuildConfig, LowRankPredictor, OraclePredictor, build_predictors,
                                       load_predictors, save_predictors)
 from svdsparse_jax.predictors.base import SignBitPredictor, pack_signs
@@ -88,28 +88,35 @@ def test_mlp_learns_the_labels(rng):
 
 
 def test_guarded_ffn_equals_dense_when_all_active_and_zero_when_none(seed, rng):
+    """Through the block as decode runs it: a predictor that keeps every neuron (or the oracle) gives the dense
+    layer exactly; one that keeps none leaves only the attention's residual."""
     model = _model(seed)
-    ffn = model.layers[0].ffn
-    x = jnp.asarray(rng.normal(size=(5, CFG.d_model)), jnp.float32)
+    block = model.layers[0]
+    x = jnp.asarray(rng.normal(size=(1, 5, CFG.d_model)), model.dtype)
+    cache = jnp.zeros((1, CFG.n_kv_heads, 5, CFG.head_dim), model.dtype)
+    pad, start = jnp.zeros(1, jnp.int32), jnp.int32(0)
+    args = (cache, cache, start, kv_cache.positions(pad, start, 5), kv_cache.attention_bias(CFG, pad, start, 5, 5))
+    dense = np.asarray(block(x, *args)[0])
     r = 4
     everything = LowRankPredictor(jnp.zeros((r, CFG.d_model)), jnp.zeros((CFG.d_ff, r)), jnp.ones(CFG.d_ff))
     nothing = dataclasses.replace(everything, bias=-jnp.ones(CFG.d_ff))
-    np.testing.assert_array_equal(np.asarray(ffn(x, everything)), np.asarray(ffn(x)))
-    np.testing.assert_array_equal(np.asarray(ffn(x, nothing)), 0.0)
+    np.testing.assert_array_equal(np.asarray(block(x, *args, everything)[0]), dense)
+    residual, _, _, trace = block(x, *args, nothing)
+    np.testing.assert_array_equal(np.asarray(trace.candidates.as_mask()), False)
+    np.testing.assert_array_equal(np.asarray(residual + block.ffn(trace.inputs)), dense)
     oracle = OraclePredictor(CFG.act_threshold)
-    np.testing.assert_array_equal(np.asarray(ffn(x, oracle)), np.asarray(ffn(x)))
+    np.testing.assert_array_equal(np.asarray(block(x, *args, oracle)[0]), dense)
 
 
 def test_layer_statistics_match_a_full_forward(seed, rng):
     model = _model(seed)
     windows = rng.integers(0, CFG.vocab_size, (4, 32))
     cache = kv_cache.init_cache(CFG, jnp.zeros(2, jnp.int32), 32, jnp.float32)
-    probe = FFNProbe(record=("inputs", "hidden"))
-    model(jnp.asarray(windows[2:], jnp.int32), cache, jnp.int32(0), probe=probe)
+    _, _, stats = model.forward_with_stats(jnp.asarray(windows[2:], jnp.int32), cache, jnp.int32(0))
     for st in layer_statistics(model, windows):
-        np.testing.assert_allclose(np.asarray(st.h2), np.asarray(probe.hidden[st.layer]).reshape(-1, CFG.d_ff),
+        np.testing.assert_allclose(np.asarray(st.h2), np.asarray(stats[st.layer].hidden).reshape(-1, CFG.d_ff),
                                    rtol=1e-4, atol=1e-5)
-        assert rel_err(st.x2, np.asarray(probe.inputs[st.layer]).reshape(-1, CFG.d_model)) <= 1e-5
+        assert rel_err(st.x2, np.asarray(stats[st.layer].inputs).reshape(-1, CFG.d_model)) <= 1e-5
         x1 = np.asarray(st.x1, np.float64)
         np.testing.assert_allclose(np.asarray(st.gram), x1.T @ x1, rtol=1e-4, atol=1e-4)
         norms = np.linalg.norm(np.asarray(model.layers[st.layer].ffn.w_down_t[...]), axis=1)
@@ -192,3 +199,17 @@ def _weights(model):
 def json_round(d):
     import json
     return json.loads(json.dumps(d))
+
+
+def test_predictor_format_imports_nothing_heavy():
+    """Reading predictor directories (what the torch executor imports) loads no model, calibration, engine or
+    kernels: the format's modules are leaves."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torch_npu_bridge.factors, svdsparse_jax.predictors.store; "
+            "print(' '.join(m for m in ('svdsparse_jax.model', 'svdsparse_jax.calibration', 'svdsparse_jax.engine', "
+            "'svdsparse_jax.predictors.build', 'pallas_kernels.gemv', 'pallas_kernels.compaction', 'flax') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""

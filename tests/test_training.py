@@ -12,7 +12,7 @@ import numpy as np
 
 from svdsparse_jax.assets import BUNDLED_MODEL
 from svdsparse_jax.config import named_config
-from svdsparse_jax.training import (TrainConfig, init_state, restore_checkpoint, sample_batch, save_checkpoint,
+from scripts.bundled_model.training import (TrainConfig, init_state, restore_checkpoint, sample_batch, save_checkpoint,
                                     train_step)
 
 ROOT = Path(__file__).resolve().parents[1]

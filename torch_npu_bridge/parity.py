@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from svdsparse_jax import kv_cache
-from svdsparse_jax.model import FFNProbe, Transformer
+from svdsparse_jax.model import Transformer
 from torch_npu_bridge.hf_patch import guarded_modules, load_hf_model, patch_hf_model
 
 
@@ -22,12 +22,11 @@ def jax_decode(model: Transformer, predictors: list, prompt: np.ndarray, steps: 
     states, cache = model(jnp.asarray(prompt[None], jnp.int32), cache, jnp.int32(0))
     logits = [np.asarray(model.logits(states[0, -1]))]
     tokens, sets = [int(np.argmax(logits[0]))], []
-    for i in range(steps):  # each step through the FFN the model's engine runs in decode, observed by a probe
-        probe = FFNProbe()
-        states, cache = model(jnp.asarray([[tokens[-1]]], jnp.int32), cache, jnp.int32(len(prompt) + i),
-                              predictors, probe)
-        sets.append([(np.flatnonzero(np.asarray(c)[0, 0]), np.flatnonzero(np.asarray(hid)[0, 0]))
-                     for c, hid in zip(probe.candidates, probe.hidden)])
+    for i in range(steps):  # each step through the FFN the model's engine runs in decode, with its statistics
+        states, cache, stats = model.forward_with_stats(jnp.asarray([[tokens[-1]]], jnp.int32), cache,
+                                                        jnp.int32(len(prompt) + i), predictors)
+        sets.append([(np.flatnonzero(np.asarray(s.candidates)[0, 0]), np.flatnonzero(np.asarray(s.hidden)[0, 0]))
+                     for s in stats])
         logits.append(np.asarray(model.logits(states[0, -1])))
         tokens.append(int(np.argmax(logits[-1])))
     return np.stack(logits), tokens, sets

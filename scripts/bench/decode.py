@@ -42,11 +42,10 @@ from pallas_kernels.tuning import FFNCost, GemvTTile
 from svdsparse_jax.config import NAMED_SHAPES, named_config
 from svdsparse_jax.convert import parse_dtype
 from svdsparse_jax.engine import EngineConfig
-from svdsparse_jax.evaluate import ffn_rows_read
-from svdsparse_jax.generate import Generator, bucket, decode_steps
+from scripts.lab import TopKPredictor, decode_steps, ffn_rows_read
+from svdsparse_jax.generate import Generator, bucket
 from svdsparse_jax.model import Transformer, with_engine
 from svdsparse_jax.predictors import BuildConfig, build_predictors
-from svdsparse_jax.predictors.base import TopKPredictor
 from svdsparse_jax.weights import init_weights
 
 NOT_KERNELS = ("parameter", "get-tuple-element", "tuple", "bitcast", "constant")
@@ -116,7 +115,7 @@ def build(model: Transformer, rank: int, s: float, calib_tokens: int, guard: flo
 
 def topk_predictors(pset, batch: int, multiplier: float, d_ff: int) -> list:
     """Polar Sparsity's fixed top-k for `batch` sequences in place of the union: per layer
-    `predictors.base.TopKPredictor` over the set's predictors with k = multiplier x the union's mean W_gate row
+    `scripts.lab.TopKPredictor` over the set's predictors with k = multiplier x the union's mean W_gate row
     count for that batch size (`pset.union`)."""
     union = pset.union and pset.union.at(batch)
     if union is None:

@@ -3,7 +3,7 @@
 For each batch size B the held-out windows go in groups of B sequences, teacher-forced. The union: each
 sequence keeps its own candidates and the batch reads the union of their rows (what decode runs). Top-k: per
 layer a fixed k, the same for every position of every batch of B, taken from the neurons' best score over the
-batch (`predictors.base.TopKPredictor`), shared by the sequences; k = m x the union's mean row count of that
+batch (`scripts.lab.TopKPredictor`), shared by the sequences; k = m x the union's mean row count of that
 layer for multipliers m (`--multipliers`). Reported: W_gate rows (union: mean; top-k: k), the union of active
 rows (W_up / W_down), perplexity and top-1 agreement with the dense model over the same windows. A kernel that
 reads listed rows costs in proportion to the rows (docs/BENCHMARKS.md), so at equal accuracy the one that reads
@@ -25,10 +25,10 @@ from scripts.bench import harness
 from svdsparse_jax.assets import BUNDLED_MODEL, corpus_split
 from svdsparse_jax.convert import load_model, parse_dtype
 from svdsparse_jax.engine import EngineConfig
-from svdsparse_jax.evaluate import _stream_pass, union_rows_read
+from svdsparse_jax.evaluate import stream_pass as _stream_pass, union_rows_read
+from scripts.lab import TopKPredictor
 from svdsparse_jax.model import Transformer
 from svdsparse_jax.predictors import build_predictors, load_predictors
-from svdsparse_jax.predictors.base import TopKPredictor
 
 COLUMNS = {"batch": "batch", "selection": "selection", "W_gate rows": lambda r: f"{r['gate_rows']:.4f}",
            "W_up/down rows": lambda r: f"{r['up_down_rows']:.4f}", "ppl": lambda r: f"{r['ppl']:.4f}",

@@ -1,5 +1,5 @@
 """Builds the offline training corpus: the running interpreter's standard-library sources split by module
-(rule in svdsparse_jax/corpus.py), a byte-level BPE tokenizer trained on the train split only, and the token
+(rule in scripts/bundled_model/corpus.py), a byte-level BPE tokenizer trained on the train split only, and the token
 arrays (uint16, documents separated by the EOS token) of each split.
 
   python -m scripts.bundled_model.build_corpus [--out data/corpus] [--vocab-size 8192]
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from svdsparse_jax.corpus import SPLITS, list_modules, read_source, stdlib_dir, train_bpe_tokenizer
+from scripts.bundled_model.corpus import SPLITS, list_modules, read_source, stdlib_dir, train_bpe_tokenizer
 from svdsparse_jax.fsutil import atomic_directory
 
 def main() -> int:

@@ -22,7 +22,7 @@ import numpy as np
 
 from svdsparse_jax.assets import ASSETS
 from svdsparse_jax.convert import load_model
-from svdsparse_jax.evaluate import evaluate_stream
+from scripts.lab import evaluate_stream
 from svdsparse_jax.generate import Generator
 from svdsparse_jax.model import Transformer
 
@@ -113,7 +113,7 @@ d_model {m['d_model']}, d_ff {m['d_ff']}, {m['n_layers']} layers, {m['n_heads']}
 
 ## Data
 The `.py` sources of CPython {c['corpus']['python']}'s standard library, split by module with the fixed rule
-`{c['corpus']['split_rule']}` (svdsparse_jax/corpus.py): train {c['corpus']['modules']['train']} modules /
+`{c['corpus']['split_rule']}` (scripts/bundled_model/corpus.py): train {c['corpus']['modules']['train']} modules /
 {c['corpus']['tokens']['train']:,} tokens, calibration {c['corpus']['modules']['calib']} /
 {c['corpus']['tokens']['calib']:,}, held-out {c['corpus']['modules']['heldout']} / {c['corpus']['tokens']['heldout']:,}.
 The tokenizer was trained on the train split only; documents are separated by `</s>`.

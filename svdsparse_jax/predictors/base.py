@@ -1,28 +1,35 @@
 """The predictor types behind one interface (`Predictor`): every predictor owns its whole computation, from the
 normed FFN input to the candidate set, even where the engine fuses a piece of it into a kernel:
 
-  candidates(x, engine=, projected=, gate=) -> compaction.Candidates   which neurons to compute, per token
+  candidates(x, engine=, projected=, gate=) -> candidates.Candidates   which neurons to compute, per token
   scores(x, gate=)                          -> f32 [..., d_ff]         higher = more likely active (AUROC)
   input_projection                          -> [r, d] or None           a product of the normed input the
                                                                          engine may compute ahead (low-rank: A)
   needs_gate                                                             reads the exact gate W_gate x (oracle)
 
 All are pytrees (arrays are leaves, shapes and flags are static), so a list of them, one per layer, passes
-through `jax.jit` next to the model's weights.
+through `jax.jit` next to the model's weights. `PredictorSet` is one per layer plus what built them.
+
+This module is the predictor format's types, so it imports nothing heavy: the engine (and with it the kernels) is
+imported where a low-rank predictor's products are traced, not when the types are (the torch executor reads
+predictor directories without the model or the kernels).
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
-from typing import ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.compaction import Candidates
+from pallas_kernels.candidates import Candidates
 from svdsparse_jax.config import ModelConfig
-from svdsparse_jax.engine import XLA, EngineConfig, project
+from svdsparse_jax.policy import UnionRows
+
+if TYPE_CHECKING:
+    from svdsparse_jax.engine import EngineConfig
 
 F32 = jnp.float32
 
@@ -39,9 +46,10 @@ class Predictor(abc.ABC):
         return None
 
     @abc.abstractmethod
-    def candidates(self, x: jax.Array, *, engine: EngineConfig = XLA, projected: jax.Array | None = None,
+    def candidates(self, x: jax.Array, *, engine: EngineConfig | None = None, projected: jax.Array | None = None,
                    gate: jax.Array | None = None) -> Candidates:
-        """The candidate neurons of each token of x [..., d] (the normed FFN input). projected: x @
+        """The candidate neurons of each token of x [..., d] (the normed FFN input), the products through `engine`
+        (None: XLA's, `engine.XLA`). projected: x @
         input_projection^T f32 [..., r] when already computed; gate: W_gate x f32 [..., d_ff], given exactly
         when `needs_gate`."""
 
@@ -79,8 +87,11 @@ class LowRankPredictor(Predictor):
     def input_projection(self) -> jax.Array:
         return self.a
 
-    def candidates(self, x: jax.Array, *, engine: EngineConfig = XLA, projected: jax.Array | None = None,
+    def candidates(self, x: jax.Array, *, engine: EngineConfig | None = None, projected: jax.Array | None = None,
                    gate: jax.Array | None = None) -> Candidates:
+        from svdsparse_jax.engine import XLA, project  # the kernels, only where a predictor's products are traced
+
+        engine = engine or XLA
         z = project(engine, x, self.a) if projected is None else projected
         if self.hidden_bias is not None:
             z = z + self.hidden_bias.astype(F32)
@@ -147,7 +158,7 @@ class SignBitPredictor(Predictor):
         n_neg, n_pos = self.counts(x)
         return -n_neg.astype(F32) / jnp.maximum(n_pos, 1).astype(F32)
 
-    def candidates(self, x: jax.Array, *, engine: EngineConfig = XLA, projected: jax.Array | None = None,
+    def candidates(self, x: jax.Array, *, engine: EngineConfig | None = None, projected: jax.Array | None = None,
                    gate: jax.Array | None = None) -> Candidates:
         n_neg, n_pos = self.counts(x)
         return Candidates(mask=n_neg * self.alpha_den <= self.alpha_num * n_pos)
@@ -170,7 +181,7 @@ class OraclePredictor(Predictor):
     def scores(self, x: jax.Array, gate: jax.Array | None = None) -> jax.Array:
         return gate - self.threshold
 
-    def candidates(self, x: jax.Array, *, engine: EngineConfig = XLA, projected: jax.Array | None = None,
+    def candidates(self, x: jax.Array, *, engine: EngineConfig | None = None, projected: jax.Array | None = None,
                    gate: jax.Array | None = None) -> Candidates:
         return Candidates(mask=gate >= self.threshold if self.threshold > 0 else gate > 0)
 
@@ -181,47 +192,19 @@ class OraclePredictor(Predictor):
 jax.tree_util.register_dataclass(OraclePredictor, data_fields=[], meta_fields=["threshold"])
 
 
+@dataclasses.dataclass
+class PredictorSet:
+    """One predictor per layer plus what built them. info: per-layer build facts (true sparsity on the
+    calibration half, target, predicted sparsity there); timings: seconds per stage; union: the row fractions a
+    decode batch reads, by batch size, on the calibration half (what the engine's sparsity policy reads; None
+    for sets saved before it was measured)."""
 
-@dataclasses.dataclass(frozen=True)
-class TopKPredictor(Predictor):
-    """Polar Sparsity's alternative to the union for batches: a fixed number k of candidates per layer and batch
-    size, shared by the batch's sequences: the k neurons whose best score over the batch's sequences (`base`'s
-    scores) is highest, at each position. Static shapes and no per-sequence sets. x's rows must come
-    sequence-major from `batch` sequences ([batch * tokens, d], as a forward pass flattens [B, T, d])."""
-
-    base: Predictor
-    k: int
-    batch: int
-
-    @property
-    def input_projection(self) -> jax.Array | None:
-        return self.base.input_projection
-
-    @property
-    def needs_gate(self) -> bool:  # type: ignore[override]
-        return self.base.needs_gate
-
-    def candidates(self, x: jax.Array, *, engine: EngineConfig = XLA, projected: jax.Array | None = None,
-                   gate: jax.Array | None = None) -> Candidates:
-        c = self.base.candidates(x, engine=engine, projected=projected, gate=gate)
-        s = c.as_mask().astype(F32) if c.scores is None else c.scores + c.bias.astype(F32)
-        d_ff = s.shape[-1]
-        flat = s.reshape(-1, d_ff)
-        if flat.shape[0] % self.batch:
-            raise ValueError(f"top-k predictor: {flat.shape[0]} rows do not come from {self.batch} sequences")
-        best = jnp.max(flat.reshape(self.batch, -1, d_ff), axis=0)  # [tokens, d_ff]
-        _, idx = jax.lax.top_k(best, self.k)
-        chosen = jnp.zeros(best.shape, bool).at[jnp.arange(best.shape[0])[:, None], idx].set(True)
-        return Candidates(mask=jnp.broadcast_to(chosen, (self.batch, *chosen.shape)).reshape(s.shape))
-
-    def scores(self, x: jax.Array, gate: jax.Array | None = None) -> jax.Array:
-        return self.base.scores(x, gate)
-
-    def nbytes(self) -> int:
-        return self.base.nbytes()
-
-
-jax.tree_util.register_dataclass(TopKPredictor, data_fields=["base"], meta_fields=["k", "batch"])
+    method: str
+    layers: list[Predictor]
+    config: dict
+    info: list[dict] = dataclasses.field(default_factory=list)
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+    union: UnionRows | None = None
 
 
 def ffn_bytes(cfg: ModelConfig, itemsize: int = 2) -> int:

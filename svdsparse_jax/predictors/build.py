@@ -20,7 +20,7 @@ from svdsparse_jax.limits import check_count
 from svdsparse_jax.engine import XLA
 from svdsparse_jax.model import Block, Transformer, activation, linear
 from svdsparse_jax.policy import BATCH_SIZES, UnionRows, measure_union
-from svdsparse_jax.predictors.base import LowRankPredictor, OraclePredictor, Predictor
+from svdsparse_jax.predictors.base import LowRankPredictor, OraclePredictor, Predictor, PredictorSet
 from svdsparse_jax.predictors.baselines import MLP_STEPS, mlp_predictor, signbit_predictor
 from svdsparse_jax.predictors.svd import whitened_svd
 from svdsparse_jax.predictors.thresholds import GUARD, Target, calibrate_bias, layer_target
@@ -81,21 +81,6 @@ class BuildConfig:
         if len(ranks) != n_layers:
             raise SvdsparseError(f"{len(ranks)} ranks given for {n_layers} layers")
         return ranks[layer]
-
-
-@dataclasses.dataclass
-class PredictorSet:
-    """One predictor per layer plus what built them. info: per-layer build facts (true sparsity on the
-    calibration half, target, predicted sparsity there); timings: seconds per stage; union: the row fractions a
-    decode batch reads, by batch size, on the calibration half (what the engine's sparsity policy reads; None
-    for sets saved before it was measured)."""
-
-    method: str
-    layers: list[Predictor]
-    config: dict
-    info: list[dict] = dataclasses.field(default_factory=list)
-    timings: dict[str, float] = dataclasses.field(default_factory=dict)
-    union: UnionRows | None = None
 
 
 def layer_factors(st: LayerStats, block: Block, cfg: ModelConfig, bc: BuildConfig, target: Target,

@@ -30,8 +30,7 @@ from svdsparse_jax.config import ModelConfig
 from svdsparse_jax.errors import SvdsparseError
 from svdsparse_jax.fsutil import atomic_directory, inside, read_versioned_json
 from svdsparse_jax.policy import UnionRows
-from svdsparse_jax.predictors.base import LowRankPredictor, OraclePredictor, SignBitPredictor
-from svdsparse_jax.predictors.build import PredictorSet
+from svdsparse_jax.predictors.base import LowRankPredictor, OraclePredictor, PredictorSet, SignBitPredictor
 from svdsparse_jax.weights import FINGERPRINT_SCHEME, READABLE_FINGERPRINT_SCHEMES
 
 FORMAT = 3  # 3: the manifest binds its tensor file (tensors_sha256)

@@ -26,7 +26,7 @@ from svdsparse_jax import kv_cache
 from svdsparse_jax.config import ModelConfig
 from svdsparse_jax.convert import DTYPES, nest_weights, unnest_weights
 from svdsparse_jax.engine import EngineConfig
-from svdsparse_jax.model import FFNProbe, Transformer
+from svdsparse_jax.model import Transformer
 from svdsparse_jax.weights import init_weights
 
 
@@ -77,9 +77,8 @@ def loss_fn(weights, tokens, l1, cfg: ModelConfig, tc: TrainConfig, engine: Engi
     model = Transformer(cfg, {k: v.astype(dtype) for k, v in unnest_weights(weights, cfg).items()}, engine)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
     cache = kv_cache.init_cache(cfg, jnp.zeros(inputs.shape[0], jnp.int32), inputs.shape[1], dtype)
-    probe = FFNProbe(record=("hidden",))
-    states, _ = model(inputs, cache, jnp.int32(0), probe=probe)
-    hidden = probe.hidden
+    states, _, stats = model.forward_with_stats(inputs, cache, jnp.int32(0))
+    hidden = [s.hidden for s in stats]
     logits = model.logits(states)
     ce = jnp.mean(jax.nn.logsumexp(logits, -1) - jnp.take_along_axis(logits, targets[..., None], -1)[..., 0])
     l1_term = jnp.mean(jnp.stack([jnp.mean(jnp.abs(a)) for a in hidden]))
