@@ -2,7 +2,7 @@
 `call`, power-of-two column pieces, masked row gathers and the in-kernel row dots and RMSNorm.
 
 Triton-lowered kernels need power-of-two array sizes, so a row of k columns (k a multiple of 16) is loaded as a
-few power-of-two pieces (`column_pieces`) or as a loop over equal chunks (`column_chunk`, `dot_rows`).
+few power-of-two pieces (`column_pieces`) or as a loop over equal chunks (`column_chunk`).
 """
 
 from __future__ import annotations
@@ -82,21 +82,6 @@ def dot_tiles(x_ref, tiles: list[jax.Array], cols: list[pl.Slice], batch: int) -
     return [dot_pieces(tiles, [x_ref[b, c] for c in cols]) for b in range(batch)]
 
 
-def dot_rows(x_ref, w_ref, rows: jax.Array, live: jax.Array, *, chunk: int, batch: int,
-             interpret: bool) -> list[jax.Array]:
-    """For each sequence b < batch: [w[rows[r]] . x[b] for r] as f32 [len(rows)], rows where `live` is False
-    giving 0 and costing no reads on the GPU. x_ref [>=batch, k], w_ref [n, k]. Columns go in a loop over equal
-    chunks of `chunk` (the loop Triton software-pipelines)."""
-    k = x_ref.shape[1]
-
-    def body(c, accs):
-        cols = pl.ds(pl.multiple_of(c * chunk, chunk), chunk)
-        dots = dot_tiles(x_ref, [load_rows(w_ref, rows, live, cols, interpret)], [cols], batch)
-        return tuple(acc + dot for acc, dot in zip(accs, dots))
-
-    return list(jax.lax.fori_loop(0, k // chunk, body, tuple(jnp.zeros(rows.shape, F32) for _ in range(batch))))
-
-
 def rms_pieces(xs: list[jax.Array], scale_ref, pieces: list[pl.Slice], eps: float, dtype) -> list[jax.Array]:
     """Inside a kernel: one sequence's RMSNorm from its f32 column pieces xs (the columns `pieces`) and the scale
     [k], in f32, rounded to dtype as `numerics.rms_norm` rounds it."""
@@ -105,21 +90,14 @@ def rms_pieces(xs: list[jax.Array], scale_ref, pieces: list[pl.Slice], eps: floa
 
 
 def call(kernel, *, out_shape, grid: tuple[int, ...], in_specs: list, out_specs,
-         num_warps: int, num_stages: int, interpret: bool, poison: bool = False,
-         init: jax.Array | None = None):
-    """pl.pallas_call with this package's conventions: Triton compiler parameters on the GPU, and output buffers
-    optionally given their starting contents: `init` for the first (a kernel that accumulates into it) or, with
-    `poison`, NaN in every float output and the smallest integer in every integer one (checks then prove that
-    the kernel wrote every element, also where it exited early).
+         num_warps: int, num_stages: int, interpret: bool, poison: bool = False):
+    """pl.pallas_call with this package's conventions: Triton compiler parameters on the GPU, and with `poison`
+    the output buffers started as NaN in every float output and the smallest integer in every integer one (checks
+    then prove that the kernel wrote every element, also where it exited early).
     out_shape: one jax.ShapeDtypeStruct, or a tuple of them (then out_specs is a tuple too)."""
     shapes = out_shape if isinstance(out_shape, tuple) else (out_shape,)
-    if init is not None:
-        starts = [init]
-    elif poison:
-        starts = [jnp.full(s.shape, jnp.nan if jnp.issubdtype(s.dtype, jnp.floating) else jnp.iinfo(s.dtype).min,
-                           s.dtype) for s in shapes]
-    else:
-        starts = []
+    starts = [jnp.full(s.shape, jnp.nan if jnp.issubdtype(s.dtype, jnp.floating) else jnp.iinfo(s.dtype).min,
+                       s.dtype) for s in shapes] if poison else []
 
     def body(*refs):  # the aliased starting buffers arrive as input refs the kernel does not read
         n_in = len(refs) - len(shapes) - len(starts)

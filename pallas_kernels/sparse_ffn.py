@@ -4,21 +4,18 @@ sequences sharing one union of candidates), on the blocked neuron list of `compa
 finds the neurons at its list positions from the prefix sum of the tile counts (`_List`, `_block`), so all work
 is on dense blocks of the list and no program spends its lanes on rows that are not candidates.
 
-Four variants (`SparseFFNConfig.variant`; docs/design.md gives the measurements that chose between them):
+Two variants (`SparseFFNConfig.variant`; docs/design.md gives the measurements that chose them, and the history
+of the "split" and "fused" variants they replaced):
 - "stream": one kernel with a fixed grid of `programs`; each takes list blocks p, p + programs, ...; for each it
   gathers the W_gate rows (its columns in a few power-of-two pieces, all loads in flight at once), applies the
   activation, then loads the W_up and the W_down_t rows of the active neurons together, so the down rows travel
   while h is computed; it keeps its [B, d] share of y in registers and writes it once; XLA adds the
   per-program partial sums.
-- "split": a gate / up kernel over blocks of `rows` listed neurons (programs past the count write zeros and
-  exit; W_up rows read only for neurons active in some sequence) writing h and the flat neuron list, then a down
-  kernel parallel over column blocks of y and over `splits` interleaved slices of the list, each program writing
-  a partial [B, cols] sum that XLA adds.
-- "fused": the gate / up program goes on to the down rows of its own block and adds its [B, d] contribution
-  into y with f32 atomics (y zeroed first).
-- "mma" (batches): as split, but each block's rows are gathered once and multiplied by the whole batch (padded
-  to MMA_MIN_BATCH sequences) on tensor cores: the gate / up kernel writes h [list, B'] list-major in the
-  weights' dtype, the down kernel computes h^T W_down_t over column blocks and slices of the list.
+- "mma" (batches): two kernels. The gate / up kernel runs over blocks of `rows` listed neurons (programs past
+  the count write zeros and exit); each block's rows are gathered once and multiplied by the whole batch (padded
+  to MMA_MIN_BATCH sequences) on tensor cores, and it writes h [list, B'] list-major in the weights' dtype with
+  the flat neuron list. The down kernel computes h^T W_down_t over column blocks of y and `splits` interleaved
+  slices of the list, each program writing a partial sum that XLA adds.
 
 Interpret mode (CPU tests) runs the same kernel bodies; there gathers read clamped rows and zero them instead
 of masking the load (`common.load_rows`).
@@ -32,22 +29,20 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plt
 
 from pallas_kernels import compaction
-from pallas_kernels.common import (F32, call, column_chunk, column_pieces, dot_rows, dot_tiles, load_rows,
-                                   pad_batch)
+from pallas_kernels.common import F32, call, column_chunk, column_pieces, dot_tiles, load_rows, pad_batch
 from pallas_kernels.numerics import Activation
 
 
 @dataclasses.dataclass(frozen=True)
 class SparseFFNConfig:
     """Static kernel choices. rows: listed neurons per gate / up block; chunk: columns per gate / up tile;
-    down_rows x down_cols: the down kernel's tile; splits: slices of the list per column block (split variant).
+    down_rows x down_cols: the mma down kernel's tile; splits: slices of the list per column block (mma).
     programs: the stream variant's grid.
     Sizes are upper bounds: each is cut to a power of two that divides its dimension."""
 
-    variant: str = "split"
+    variant: str = "stream"
     rows: int = 4
     chunk: int = 2048
     num_warps: int = 4
@@ -63,7 +58,7 @@ class SparseFFNConfig:
             raise ValueError(f"sparse FFN variant {self.variant!r}: expected one of {VARIANTS}")
 
 
-VARIANTS = ("split", "fused", "stream", "mma")
+VARIANTS = ("stream", "mma")
 MMA_MIN_BATCH = 16  # tensor-core products need operands of at least 16 rows: the mma variant pads the batch
 
 
@@ -98,17 +93,6 @@ def _block(lst: _List, start: jax.Array, rows: int) -> tuple[jax.Array, jax.Arra
     return jnp.where(valid, lst.tiles_ref[slot], 0), valid, slot
 
 
-def _hidden(x_ref, wg_ref, wu_ref, neurons, valid, own, *, act: Activation, chunk: int, batch: int,
-            interpret: bool):
-    """h [batch] x f32 [rows] for the rows `neurons` (zero where not valid or inactive), rounded to the weights'
-    dtype as the dense FFN rounds it before W_down_t; plus live (any h != 0). own: per sequence, bool [rows],
-    whether the row is in that sequence's own mask (None: in all)."""
-    dots = functools.partial(dot_rows, x_ref, chunk=chunk, batch=batch, interpret=interpret)
-    a, active = _activate(act, dots(wg_ref, neurons, valid), own, valid)
-    h = _round_hidden(act, a, dots(wu_ref, neurons, active), wg_ref.dtype)
-    return h, valid & functools.reduce(jnp.logical_or, [hb != 0 for hb in h])
-
-
 def _round_hidden(act: Activation, a: list, up: list, dtype) -> list[jax.Array]:
     """Per sequence h = act(g) * up(u), rounded to the weights' dtype as the dense FFN rounds it before W_down_t
     (kept in f32 for the down products)."""
@@ -127,13 +111,6 @@ def _activate(act: Activation, gate: list, own, valid) -> tuple[list, jax.Array]
 def _own(own_ref, slot, batch: int):
     """Per sequence, bool [rows]: whether the neurons at these slots are in its own mask (None without own_ref)."""
     return None if own_ref is None else [own_ref[slot, b] != 0 for b in range(batch)]
-
-
-def _gate_up(lst: _List, own_ref, x_ref, wg_ref, wu_ref, start, *, rows: int, batch: int, **kw):
-    """`_hidden` for the list block at `start`; returns (h, neuron indices, live)."""
-    neurons, valid, slot = _block(lst, start, rows)
-    h, live = _hidden(x_ref, wg_ref, wu_ref, neurons, valid, _own(own_ref, slot, batch), batch=batch, **kw)
-    return h, neurons, live
 
 
 def _stream_block(x_ref, wu_ref, wd_ref, neurons, valid, own, gate_w: list, accs, *, act: Activation, pieces,
@@ -155,69 +132,6 @@ def _write_sums(out_ref, accs, pieces, batch: int):
     for i, cols in enumerate(pieces):
         for b in range(out_ref.shape[1]):
             out_ref[0, b, cols] = accs[i * batch + b] if b < batch else jnp.zeros((cols.size,), F32)
-
-
-def _gate_up_kernel(counts_ref, tiles_ref, *refs, act, rows, chunk, batch, has_own, interpret):
-    """Program i: list block i. Writes its h [B', rows] and its neurons (0 past the total) in list order, so the
-    down kernel reads them directly instead of locating each block in the tiles again."""
-    own_ref, (x_ref, wg_ref, wu_ref, h_ref, idx_ref) = (refs[0], refs[1:]) if has_own else (None, refs)
-    start = pl.program_id(0) * rows
-    lst = _List.read(counts_ref, tiles_ref)
-
-    @pl.when(start >= lst.total)
-    def _():  # past the list: write this block's zeros (the down kernel may read them) and stop
-        h_ref[...] = jnp.zeros(h_ref.shape, F32)
-        idx_ref[...] = jnp.zeros(idx_ref.shape, jnp.int32)
-
-    @pl.when(start < lst.total)
-    def _():
-        h, neurons, _ = _gate_up(lst, own_ref, x_ref, wg_ref, wu_ref, start, act=act, rows=rows, chunk=chunk,
-                                 batch=batch, interpret=interpret)
-        for b in range(h_ref.shape[0]):
-            h_ref[b, :] = h[b] if b < batch else jnp.zeros((rows,), F32)
-        idx_ref[...] = neurons
-
-
-def _down_kernel(counts_ref, idx_ref, h_ref, wd_ref, out_ref, *, rows, cols, splits, batch, interpret):
-    """Program (j, s): columns [j*cols, (j+1)*cols) of y, list blocks s, s + splits, s + 2*splits, ... (idx_ref:
-    the flat neuron list the gate / up kernel wrote)."""
-    j, s = pl.program_id(0), pl.program_id(1)
-    total = jnp.sum(counts_ref[...])
-    n_blocks = pl.cdiv(total, rows)
-    mine = jnp.maximum(n_blocks - s + splits - 1, 0) // splits
-    col = pl.ds(pl.multiple_of(j * cols, cols), cols)
-
-    def body(t, accs):
-        start = (s + t * splits) * rows
-        neurons = idx_ref[pl.ds(start, rows)]
-        h = [h_ref[b, pl.ds(start, rows)] for b in range(batch)]
-        live = (start + jnp.arange(rows) < total) & functools.reduce(jnp.logical_or, [hb != 0 for hb in h])
-        w = load_rows(wd_ref, neurons, live, col, interpret).astype(F32)
-        return tuple(acc + jnp.sum(w * hb[:, None], axis=0) for acc, hb in zip(accs, h))
-
-    accs = jax.lax.fori_loop(0, mine, body, tuple(jnp.zeros((cols,), F32) for _ in range(batch)))
-    for b in range(out_ref.shape[1]):
-        out_ref[0, b, :] = accs[b] if b < batch else jnp.zeros((cols,), F32)
-
-
-def _fused_kernel(counts_ref, tiles_ref, *refs, act, rows, chunk, batch, has_own, interpret):
-    own_ref, (x_ref, wg_ref, wu_ref, wd_ref, y_ref) = (refs[0], refs[1:]) if has_own else (None, refs)
-    start = pl.program_id(0) * rows
-    lst = _List.read(counts_ref, tiles_ref)
-
-    @pl.when(start < lst.total)
-    def _():
-        h, neurons, live = _gate_up(lst, own_ref, x_ref, wg_ref, wu_ref, start, act=act, rows=rows, chunk=chunk,
-                                    batch=batch, interpret=interpret)
-
-        def body(c, carry):
-            cols = pl.ds(pl.multiple_of(c * chunk, chunk), chunk)
-            w = load_rows(wd_ref, neurons, live, cols, interpret).astype(F32)
-            for b in range(batch):
-                plt.atomic_add(y_ref, (jnp.int32(b), cols), jnp.sum(w * h[b][:, None], axis=0))
-            return carry
-
-        jax.lax.fori_loop(0, wd_ref.shape[1] // chunk, body, 0)
 
 
 def _stream_kernel(counts_ref, tiles_ref, *refs, act, rows, chunk, batch, has_own, programs, interpret):
@@ -344,49 +258,29 @@ def sparse_ffn_indexed(x: jax.Array, tiles: jax.Array, counts: jax.Array, w_gate
     (distinct neurons < d_ff); weights [d_ff, d]; own (B > 1 only) bool or int8 [len(tiles), B]: whether the
     neuron in slot j of the tiles is in sequence b's own set (None: in all; `compaction.compact` gives it).
 
-    Returns (y [B, d] f32, h): h is the split and mma variants' hidden buffer as f32 [B', list_length(d_ff, cfg)]
-    in list order (B' = B padded to a power of two, for mma at least MMA_MIN_BATCH; zero past the count), None for
-    the fused and stream variants.
+    Returns (y [B, d] f32, h): h is the mma variant's hidden buffer as f32 [B', list_length(d_ff, cfg)] in list
+    order (B' = B padded to a power of two, at least MMA_MIN_BATCH; zero past the count), None for the stream
+    variant.
     poison: start the kernels' output buffers as NaN (the checks' way to prove every element gets written)."""
     _check_shapes(x, w_gate, w_up, w_down_t)
     batch, d = x.shape
     length, rows = list_length(w_gate.shape[0], cfg), cfg.rows
-    chunk = column_chunk(d, cfg.chunk, f"sparse FFN weights {w_gate.shape}")
+    column_chunk(d, 16, f"sparse FFN weights {w_gate.shape}")  # the multiple-of-16 check, with the weights named
     if tiles.shape[0] % counts.shape[0] or tiles.shape[0] < w_gate.shape[0]:
         raise ValueError(f"sparse FFN: a blocked list of {tiles.shape[0]} slots in {counts.shape[0]} tiles cannot "
                          f"list {w_gate.shape[0]} neurons (use compaction.compact)")
     xp = pad_batch(x.astype(w_gate.dtype), MMA_MIN_BATCH if cfg.variant == "mma" else 1)
     bp = xp.shape[0]
     own_in = [] if own is None else [jnp.pad(own.astype(jnp.int8), ((0, 0), (0, bp - batch)))]
-    static = dict(act=act, rows=rows, chunk=chunk, batch=batch, has_own=own is not None, interpret=interpret)
-    tuning = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages, interpret=interpret)
-    full = pl.no_block_spec
     inputs = [counts, tiles, *own_in, xp, w_gate, w_up]
     if cfg.variant == "mma":
         return _mma(inputs, w_down_t, act=act, cfg=cfg, batch=batch, has_own=own is not None, interpret=interpret,
                     poison=poison)
-    if cfg.variant == "stream":
-        programs = min(cfg.programs, length // rows)
-        kernel = functools.partial(_stream_kernel, **{**static, "chunk": cfg.chunk}, programs=programs)
-        partial = call(kernel, out_shape=jax.ShapeDtypeStruct((programs, bp, d), F32), grid=(programs,),
-                       in_specs=[full] * (len(inputs) + 1), out_specs=pl.BlockSpec((1, bp, d), lambda p: (p, 0, 0)),
-                       poison=poison, **tuning)(*inputs, w_down_t)
-        return jnp.sum(partial[:, :batch], axis=0), None
-    if cfg.variant == "fused":
-        y = call(functools.partial(_fused_kernel, **static), out_shape=jax.ShapeDtypeStruct((bp, d), F32),
-                 grid=(length // rows,), in_specs=[full] * (len(inputs) + 1), out_specs=full,
-                 init=jnp.zeros((bp, d), F32), **tuning)(*inputs, w_down_t)
-        return y[:batch], None
-    h, idx = call(functools.partial(_gate_up_kernel, **static),
-                  out_shape=(jax.ShapeDtypeStruct((bp, length), F32), jax.ShapeDtypeStruct((length,), jnp.int32)),
-                  grid=(length // rows,), in_specs=[full] * len(inputs),
-                  out_specs=(pl.BlockSpec((bp, rows), lambda i: (0, i)), pl.BlockSpec((rows,), lambda i: (i,))),
-                  poison=poison, **tuning)(*inputs)
-    cols = column_chunk(d, cfg.down_cols, f"sparse FFN weights {w_down_t.shape}")
-    partial = call(functools.partial(_down_kernel, rows=cfg.down_rows, cols=cols, splits=cfg.splits, batch=batch,
-                                     interpret=interpret),
-                   out_shape=jax.ShapeDtypeStruct((cfg.splits, bp, d), F32), grid=(d // cols, cfg.splits),
-                   in_specs=[full] * 4, out_specs=pl.BlockSpec((1, bp, cols), lambda j, s: (s, 0, j)),
-                   poison=poison, num_warps=cfg.down_warps, num_stages=cfg.num_stages,
-                   interpret=interpret)(counts, idx, h, w_down_t)
-    return jnp.sum(partial[:, :batch], axis=0), h
+    programs = min(cfg.programs, length // rows)
+    kernel = functools.partial(_stream_kernel, act=act, rows=rows, chunk=cfg.chunk, batch=batch,
+                               has_own=own is not None, programs=programs, interpret=interpret)
+    partial = call(kernel, out_shape=jax.ShapeDtypeStruct((programs, bp, d), F32), grid=(programs,),
+                   in_specs=[pl.no_block_spec] * (len(inputs) + 1),
+                   out_specs=pl.BlockSpec((1, bp, d), lambda p: (p, 0, 0)), poison=poison,
+                   num_warps=cfg.num_warps, num_stages=cfg.num_stages, interpret=interpret)(*inputs, w_down_t)
+    return jnp.sum(partial[:, :batch], axis=0), None

@@ -28,9 +28,7 @@ from svdsparse_jax.model import Transformer, with_engine
 from svdsparse_jax.predictors import LowRankPredictor
 
 # Small blocks, so the tiny shapes below have several of each, and counts that are multiples of none.
-SMALL = {"split": sf.SparseFFNConfig("split", rows=8, chunk=32, down_rows=16, down_cols=32, splits=3),
-         "fused": sf.SparseFFNConfig("fused", rows=8, chunk=32),
-         "stream": sf.SparseFFNConfig("stream", rows=8, chunk=32, programs=3),
+SMALL = {"stream": sf.SparseFFNConfig("stream", rows=8, chunk=32, programs=3),
          "mma": sf.SparseFFNConfig("mma", rows=16, chunk=32, down_rows=16, down_cols=32, splits=3)}
 ACTS = [Activation("relu"), Activation("fatrelu", 0.4), Activation("drelu")]
 # The kernels interpreted, with every decode product of the tiny models through the GEMV kernel (the measured
@@ -66,10 +64,12 @@ def test_sparse_ffn_tuned_configs(d, rng):
             assert r.ok, r
 
 
-def test_sparse_ffn_f16(rng):
-    r = check_sparse_ffn(96, 200, jnp.float16, 33, rng=rng, act=Activation("relu"), cfg=SMALL["split"],
-                         interpret=True)
-    assert r.ok, r
+@pytest.mark.parametrize("variant", sorted(SMALL))
+def test_sparse_ffn_f16(variant, rng):
+    for batch in (1, 3):
+        r = check_sparse_ffn(96, 200, jnp.float16, 33, rng=rng, batch=batch, act=Activation("relu"),
+                             cfg=SMALL[variant], interpret=True)
+        assert r.ok, r
 
 
 @pytest.mark.parametrize("n,k", [(200, 96), (64, 256), (24, 48)])
@@ -221,7 +221,7 @@ def test_bad_inputs_are_refused():
     x, w = jnp.zeros((1, 64)), jnp.zeros((32, 64))
     with pytest.raises(ValueError, match="w_up"):
         sf.sparse_ffn_indexed(x, jnp.zeros(32, jnp.int32), jnp.ones(1, jnp.int32), w, jnp.zeros((32, 48)), w,
-                              act=Activation(), cfg=SMALL["split"], interpret=True)
+                              act=Activation(), cfg=SMALL["stream"], interpret=True)
     with pytest.raises(SvdsparseError, match="silu"):
         eng.guarded_ffn(INTERPRET, x, Candidates(mask=jnp.ones((1, 32), bool)), w, w, w, Activation("silu"))
 

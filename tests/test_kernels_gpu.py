@@ -27,8 +27,9 @@ pytestmark = pytest.mark.skipif(jax.default_backend() != "gpu",
 
 QUICK = [(4096, 11008), (256, 1024)]
 SHAPES = QUICK + [(5120, 13824), (4096, 14336), (3584, 18944), (1536, 3840)]
-CONFIGS = {"fused": sf.SparseFFNConfig("fused"), "split": sf.SparseFFNConfig("split"),
-           "mma": sf.SparseFFNConfig("mma")} | {row.config.variant: row.config for row in tuning.SPARSE_FFN}
+# each variant at its defaults and as the tuning table runs it
+CONFIGS = ({f"{v}-default": sf.SparseFFNConfig(v) for v in sf.VARIANTS}
+           | {row.config.variant: row.config for row in tuning.SPARSE_FFN})
 GEMV_SHAPES = [(12288, 4096), (4096, 4096), (11008, 4096), (4096, 11008), (32000, 4096), (256, 4096),
                (11008, 256), (152064, 3584)]
 

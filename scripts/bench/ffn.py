@@ -18,7 +18,7 @@ configuration for the batch size (`pallas_kernels.tuning.SPARSE_FFN`), each vari
 tuned or default configuration, or the fastest of a sweep (--sweep), which is how that table's rows were chosen.
 
   python -m scripts.bench.ffn --shape llama2-7b qwen2-7b --sparsity 0.5 0.8 0.9 0.95 [--batch 1 4]
-                              [--variants mma split] [--sweep] [--json-out F]
+                              [--variants mma stream] [--sweep] [--json-out F]
 """
 
 from __future__ import annotations
@@ -163,14 +163,6 @@ def time_dense(layers: Layers, repeats: int) -> float:
 
 def sweep_configs(variants: list[str]) -> list:
     out = []
-    if "fused" in variants:
-        for rows, chunk, warps in itertools.product((4, 8, 16), (1024, 2048), (4, 8)):
-            out.append(sf.SparseFFNConfig(variant="fused", rows=rows, chunk=chunk, num_warps=warps))
-    if "split" in variants:
-        for rows, chunk in itertools.product((4, 8, 16), (1024, 2048)):
-            for down_rows, down_cols, splits in ((32, 256, 8), (16, 128, 16), (64, 256, 4)):
-                out.append(sf.SparseFFNConfig(variant="split", rows=rows, chunk=chunk, down_rows=down_rows,
-                                              down_cols=down_cols, splits=splits))
     if "stream" in variants:
         for rows, programs, warps in itertools.product((2, 4, 8), (132, 264, 396, 528), (2, 4, 8)):
             out.append(sf.SparseFFNConfig(variant="stream", rows=rows, programs=programs, num_warps=warps))
