@@ -1,6 +1,5 @@
-"""The numerics every path shares (the model, the XLA path in `reference`, the kernels): the FFN activation as a
-static description kernels specialise on, RMSNorm, and the einsum that accumulates in f32. A leaf module: jax
-only."""
+"""The elementwise numerics every path shares (the model, the XLA path in `reference`, the kernels): the FFN
+activation as a static description kernels specialise on, and RMSNorm. A leaf module: jax only."""
 
 from __future__ import annotations
 
@@ -49,17 +48,3 @@ def rms_norm(x: jax.Array, scale: jax.Array, eps: float) -> jax.Array:
     xf = x.astype(F32)
     xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
     return (xf * scale.astype(F32)).astype(scale.dtype)
-
-
-def einsum(spec: str, a: jax.Array, b: jax.Array, widen_batched: bool = False) -> jax.Array:
-    """An einsum accumulating in f32. f32 operands get full f32 precision (GPUs would otherwise use TF32);
-    bf16 / f16 operands run at their native rate. widen_batched: products with a label both operands keep
-    (batched) are widened to f32 first, which is exact; XLA on the CPU cannot run some of them with an f32
-    result ("Unsupported element type for DotThunk: BF16 x BF16 = F32")."""
-    inputs, out = spec.split("->")
-    lhs, rhs = inputs.split(",")
-    batched = any(c.isalpha() and c in rhs and c in out for c in lhs)
-    if widen_batched and batched and a.dtype != F32:
-        a, b = a.astype(F32), b.astype(F32)
-    precision = jax.lax.Precision.HIGHEST if a.dtype == F32 and b.dtype == F32 else None
-    return jnp.einsum(spec, a, b, preferred_element_type=F32, precision=precision)

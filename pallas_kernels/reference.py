@@ -4,7 +4,7 @@ prefill, evaluation). (The checks' float64 oracles live with the tests: tests/ke
 Every jax function here is plain `jax.numpy`, accumulates in f32 and reads whole matrices (XLA has no cheap
 data-dependent row skipping); the Pallas versions compute the same values while reading only the rows that
 matter: `gemv.gemv_pallas`, `norm.add_rmsnorm_pallas`, `compaction.compact_pallas`,
-`sparse_ffn.sparse_ffn_indexed`; `attention.decode_attention_pallas` reads only the slots a sequence has.
+`sparse_ffn.sparse_ffn_indexed`.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from pallas_kernels.candidates import Candidates
 from pallas_kernels.compaction import TILE, n_tiles
-from pallas_kernels.numerics import Activation, einsum, rms_norm
+from pallas_kernels.numerics import Activation, rms_norm
 
 F32 = jnp.float32
 
@@ -31,17 +31,6 @@ def gemv_t(x: jax.Array, w_t: jax.Array) -> jax.Array:
     """x [B, k] @ w_t [k, n] -> [B, n] f32 for a weight stored input-major (W_down_t), x rounded to its dtype."""
     precision = jax.lax.Precision.HIGHEST if w_t.dtype == F32 else None
     return jnp.einsum("bk,kn->bn", x.astype(w_t.dtype), w_t, preferred_element_type=F32, precision=precision)
-
-
-def attention(q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, bias: jax.Array,
-              widen: bool = False) -> jax.Array:
-    """softmax(q k^T / sqrt(hd) + bias) v: q [B, T, n_kv, G, hd] (query head h*G + g reads KV head h), caches
-    [B, n_kv, S, hd], bias [B, T, S] f32 -> [B, T, n_kv, G, hd] in q's dtype; the scores and the softmax in f32,
-    the probabilities rounded to q's dtype before the values' product. widen: f32 products (XLA on the CPU)."""
-    scores = einsum("btkgh,bksh->bkgts", q, k_cache, widen)
-    scores = scores * (q.shape[-1] ** -0.5) + bias[:, None, None, :, :]
-    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype)
-    return einsum("bkgts,bksh->btkgh", probs, v_cache, widen).astype(q.dtype)
 
 
 def add_rmsnorm(x: jax.Array, delta: jax.Array, scale: jax.Array, eps: float,

@@ -53,17 +53,6 @@ class GemvTTile:
 
 
 @dataclasses.dataclass(frozen=True)
-class AttentionTile:
-    """`attention.decode_attention_pallas`'s tile: cache slots per loop step (cut to a power of two dividing the
-    cache's slots), warps, pipeline stages."""
-
-    block: int = 64
-    num_warps: int = 4
-    num_stages: int = 2
-    source: str = dataclasses.field(default="", compare=False, repr=False)
-
-
-@dataclasses.dataclass(frozen=True)
 class ProjectionRule:
     """Decode products x [B, k] @ w [n, k]^T with B <= max_batch, n * k >= min_weights and weights of a dtype
     in `dtypes` take `impl`: 'gemv' (the Pallas GEMV, `gemv.gemv_pallas`) or 'xla' (XLA's product). The first
@@ -185,15 +174,6 @@ FFN_COSTS = (
     FFNCost(max_batch=16, dense_tb_s=3.522, sparse_fixed_us=0.0, sparse_tb_s=2.539, source=_MMA_RUN),
 )
 # Batches larger than every row run the dense FFN under the measured policy.
-
-# Decode attention's kernel tile, for an engine that asks for the kernel (`EngineConfig.attention_tile`; by
-# default the engine runs XLA's attention, which measured faster).
-ATTENTION_TILE = AttentionTile(
-    block=64, num_warps=4, num_stages=2,
-    source="H200 2026-12-03 (docs/bench/decode_llama2-7b_attention_kernel.json, _attention_xla.json): passed the "
-           "GPU checks, then 7.1 us a layer in decode at 256 slots against about 5 for XLA's scores, softmax and "
-           "values; one program per (sequence, KV head) is 32 programs at batch 1, each reading its slots in turn; "
-           "dense 242.7 against 243.8 tok/s, sparse 382.8 against 393.2: not the default")
 
 COMPACTION_TILE = 128  # H100 2026-11-23 (docs/design.md, compaction): tiles 64-256 within 0.6 us; 1.5 us in decode
 ADD_NORM_ROWS = 4  # rows of A per program of the fused add + RMSNorm (+ A x): 3.7 us per layer in decode

@@ -18,10 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pallas_kernels.numerics import einsum
 from svdsparse_jax import kv_cache
 from svdsparse_jax.errors import SvdsparseError
-from svdsparse_jax.model import Block, Transformer
+from svdsparse_jax.model import Block, Transformer, einsum
 
 F32 = jnp.float32
 

@@ -1,12 +1,11 @@
 """The engine configuration: how decode runs, chosen once at the edge and passed down as one static value.
 
 `EngineConfig` is frozen and hashable. The model's modules hold it, so it is part of the graph every jitted
-program takes as a static argument (`Generator` programs key on it), and the routing functions below read
+program takes as a static argument (`Generator` programs key on it), and the three routing functions below read
 it, and nothing else, to pick a Pallas kernel or XLA for each decode operation while it is traced:
 
   project      x @ w^T, optionally RMSNorm(x) @ w^T: the Pallas GEMV or XLA's product, by `projections`
   project_t    x @ w_t for a weight stored input-major (W_down_t): the Pallas GEMV or XLA's, by the same rules
-  attend       softmax attention of the decode step's query over the KV cache: one Pallas launch, or XLA
   add_rmsnorm  residual add + RMSNorm (+ the predictor's input projection): one Pallas launch, or XLA
   guarded_ffn  candidates -> neuron list -> gate on the candidates, activation, up / down on the active rows
 
@@ -29,15 +28,14 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from pallas_kernels import attention, reference, tuning
+from pallas_kernels import reference, tuning
 from pallas_kernels.candidates import Candidates
 from pallas_kernels.compaction import compact_pallas
 from pallas_kernels.gemv import gemv_pallas, gemv_t_pallas
 from pallas_kernels.norm import add_rmsnorm_pallas
 from pallas_kernels.numerics import Activation
 from pallas_kernels.sparse_ffn import SparseFFNConfig, sparse_ffn_indexed
-from pallas_kernels.tuning import (AttentionTile, FFNCost, GemvShapeTile, GemvTile, GemvTTile, ProjectionRule,
-                                   SparseFFNRow)
+from pallas_kernels.tuning import FFNCost, GemvShapeTile, GemvTile, GemvTTile, ProjectionRule, SparseFFNRow
 from svdsparse_jax.errors import SvdsparseError
 from svdsparse_jax.policy import POLICIES
 
@@ -55,10 +53,9 @@ class EngineConfig:
     platform: the JAX backend the engine was resolved for ('cpu', 'gpu', ...).
     projections: which decode products take the Pallas GEMV (`tuning.ProjectionRule`, first match wins; none:
       XLA). Given RMSNorm(x) @ w^T, the GEMV forms the norm itself.
-    gemv_tile, gemv_t_tile, sparse_ffn (kernel configuration by batch size), compaction_tile, attention_tile:
-      the kernels' tiles; gemv_shape_tiles: the row GEMV's tiles for particular weight shapes
-      (`gemv_tile_for`), before gemv_tile. attention_tile: None (the default: XLA's attention, measured faster
-      at decode's short contexts, `tuning.ATTENTION_TILE`'s source) or the decode attention kernel's tile.
+    gemv_tile, gemv_t_tile, sparse_ffn (kernel configuration by batch size), compaction_tile: the kernels'
+      tiles; gemv_shape_tiles: the row GEMV's tiles for particular weight shapes (`gemv_tile_for`), before
+      gemv_tile.
     kernel_max_batch: more rows than this (prefill, evaluation windows) always run XLA.
     ffn_policy: which layers of a decode batch run the predictor-guarded FFN: 'measured' (where the measured
       costs `ffn_costs` say it beats dense at the batch's union row fractions), 'sparse' (all) or 'dense'
@@ -77,7 +74,6 @@ class EngineConfig:
     gemv_t_tile: GemvTTile = tuning.GEMV_T_TILE
     sparse_ffn: tuple[SparseFFNRow, ...] = tuning.SPARSE_FFN
     compaction_tile: int = tuning.COMPACTION_TILE
-    attention_tile: AttentionTile | None = None
     kernel_max_batch: int = 16
     ffn_policy: str = "measured"
     ffn_costs: tuple[FFNCost, ...] = tuning.FFN_COSTS
@@ -206,34 +202,6 @@ def _project_per_shard(engine: EngineConfig, x: jax.Array, w: jax.Array, norm: t
     return jax.shard_map(local, mesh=engine.mesh, in_specs=(*specs, *((rep,) if norm else ())),
                          out_specs=last if split == "rows" else rep,
                          check_vma=False)(x, w, *((scale,) if norm else ()))
-
-
-def attend(engine: EngineConfig, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, bias: jax.Array,
-           start: jax.Array) -> jax.Array:
-    """softmax(q k^T / sqrt(hd) + bias) v: q [B, T, n_kv, G, hd] for the tokens in slots [start, start + T)
-    (start [] or [B]; query head h*G + g reads KV head h), caches [B, n_kv, S, hd], bias [B, T, S] f32 (every
-    slot past a query's own masked) -> [B, T, n_kv, G, hd] in q's dtype. Given an attention tile, a decode step
-    (T = 1) of a batch the kernels take runs `attention.decode_attention_pallas`, which reads only the slots
-    [0, start + 1); otherwise
-    XLA's (`reference.attention`). Under a mesh each device attends with its own KV heads (`shard_map`); KV heads
-    replicated over the mesh run XLA's."""
-    b, t, heads, _, hd = q.shape
-    tile = engine.attention_tile
-    if (not engine.kernels or tile is None or t != 1 or b > engine.kernel_max_batch
-            or not attention.fits(k_cache.shape[2], hd, tile.block)):
-        return reference.attention(q, k_cache, v_cache, bias, widen=engine.platform == "cpu")
-    if engine.mesh is not None:
-        axis = engine.mesh.axis_names[0]
-        if heads % engine.mesh.shape[axis]:
-            return reference.attention(q, k_cache, v_cache, bias, widen=engine.platform == "cpu")
-        by_head, rep = PartitionSpec(None, None, axis), PartitionSpec(None, axis)
-        return jax.shard_map(lambda *a: attend(_local(engine), *a), mesh=engine.mesh,
-                             in_specs=(by_head, rep, rep, PartitionSpec(), PartitionSpec()), out_specs=by_head,
-                             check_vma=False)(q, k_cache, v_cache, bias, start)
-    out = attention.decode_attention_pallas(q[:, 0], k_cache, v_cache, bias[:, 0], start + 1, scale=hd ** -0.5,
-                                            block=tile.block, num_warps=tile.num_warps, num_stages=tile.num_stages,
-                                            interpret=engine.interpret)
-    return out[:, None]
 
 
 def add_rmsnorm(engine: EngineConfig, x: jax.Array, delta: jax.Array, scale: jax.Array, eps: float,

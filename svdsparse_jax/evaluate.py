@@ -24,13 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from pallas_kernels.numerics import einsum
 from svdsparse_jax import kv_cache
 from svdsparse_jax.errors import SvdsparseError, is_int
 from svdsparse_jax.limits import check_count
 from svdsparse_jax.generate import bucket
 from svdsparse_jax.engine import XLA
-from svdsparse_jax.model import Transformer, ffn_hidden, linear
+from svdsparse_jax.model import Transformer, einsum, ffn_hidden, linear
 from svdsparse_jax.policy import ffn_rows, gate_rows_read
 
 

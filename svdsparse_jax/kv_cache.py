@@ -21,9 +21,6 @@ from svdsparse_jax.config import ModelConfig
 # Finite (not -inf) so that a row whose keys are all masked (a padding query) stays finite, and
 # exp(MASKED - max) is exactly 0 for every masked key of a real query.
 MASKED = -1e30
-# Caches hold a multiple of this many slots, so the decode attention kernel's blocks of slots tile them
-# (`pallas_kernels.attention`); the slots past what a caller asked for stay masked and are never written.
-SLOT_MULTIPLE = 64
 
 
 @jax.tree_util.register_dataclass
@@ -42,9 +39,7 @@ class KVCache:
 
 
 def init_cache(cfg: ModelConfig, pad: jax.Array, slots: int, dtype: jnp.dtype) -> KVCache:
-    """An all-zero cache of at least `slots` slots per sequence (rounded up to a multiple of `SLOT_MULTIPLE`);
-    pad: [batch] int32."""
-    slots = -(-slots // SLOT_MULTIPLE) * SLOT_MULTIPLE
+    """An all-zero cache of `slots` slots per sequence; pad: [batch] int32."""
     shape = (pad.shape[0], cfg.n_kv_heads, slots, cfg.head_dim)
     return KVCache(k=[jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)],
                    v=[jnp.zeros(shape, dtype) for _ in range(cfg.n_layers)],

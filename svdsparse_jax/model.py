@@ -22,7 +22,7 @@ from pallas_kernels.candidates import Candidates
 from pallas_kernels.numerics import Activation, rms_norm
 from svdsparse_jax import kv_cache
 from svdsparse_jax.config import ModelConfig
-from svdsparse_jax.engine import XLA, EngineConfig, add_rmsnorm, attend, guarded_ffn, project, project_t
+from svdsparse_jax.engine import XLA, EngineConfig, add_rmsnorm, guarded_ffn, project, project_t
 from svdsparse_jax.sharding import mesh_size, place_model, split_qkv, vocab_split
 from svdsparse_jax.weights import FUSED, Path, fuse_qkv, unfuse_qkv
 
@@ -30,6 +30,20 @@ if TYPE_CHECKING:
     from svdsparse_jax.predictors.base import Predictor
 
 F32 = jnp.float32
+
+
+def einsum(spec: str, a: jax.Array, b: jax.Array, widen_batched: bool = False) -> jax.Array:
+    """An einsum accumulating in f32. f32 operands get full f32 precision (GPUs would otherwise use TF32);
+    bf16 / f16 operands run at their native rate. widen_batched: products with a label both operands keep
+    (batched) are widened to f32 first, which is exact; XLA on the CPU cannot run some of them with an f32
+    result ("Unsupported element type for DotThunk: BF16 x BF16 = F32")."""
+    inputs, out = spec.split("->")
+    lhs, rhs = inputs.split(",")
+    batched = any(c.isalpha() and c in rhs and c in out for c in lhs)
+    if widen_batched and batched and a.dtype != F32:
+        a, b = a.astype(F32), b.astype(F32)
+    precision = jax.lax.Precision.HIGHEST if a.dtype == F32 and b.dtype == F32 else None
+    return jnp.einsum(spec, a, b, preferred_element_type=F32, precision=precision)
 
 
 def linear(engine: EngineConfig, x: jax.Array, w: jax.Array, b: jax.Array | None = None,
@@ -115,8 +129,15 @@ class Attention(nnx.Module):
             k_cache = kv_cache.write(k_cache, k.transpose(0, 2, 1, 3), start)
             v_cache = kv_cache.write(v_cache, v.transpose(0, 2, 1, 3), start)
         with jax.named_scope("softmax_values"):
-            q = q.reshape(b, t, cfg.n_kv_heads, cfg.n_heads // cfg.n_kv_heads, cfg.head_dim)
-            out = attend(engine, q, k_cache, v_cache, mask, start).reshape(b, t, cfg.q_dim)
+            # Query head h reads kv head h // groups (HF's repeat_kv order).
+            groups = cfg.n_heads // cfg.n_kv_heads
+            widen = engine.platform == "cpu"
+            q = q.reshape(b, t, cfg.n_kv_heads, groups, cfg.head_dim)
+            scores = einsum("btkgh,bksh->bkgts", q, k_cache, widen)
+            scores = scores * (cfg.head_dim ** -0.5) + mask[:, None, None, :, :]
+            probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+            out = einsum("bkgts,bksh->btkgh", probs, v_cache, widen)
+            out = out.astype(dt).reshape(b, t, cfg.q_dim)
         with jax.named_scope("o_proj"):
             return linear(engine, out, self.wo[...], self._bias("bo"), out_dtype=dt, split="cols"), k_cache, v_cache
 

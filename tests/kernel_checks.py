@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import attention, compaction, norm, reference
+from pallas_kernels import compaction, norm, reference
 from pallas_kernels import gemv as gemv_mod
 from pallas_kernels import sparse_ffn as sf
 from pallas_kernels.candidates import Candidates
@@ -73,22 +73,6 @@ def _f64_product(x, w):
 @jax.jit
 def _f64_product_t(x, w_t):
     return _widen(x) @ _widen(w_t)
-
-
-@jax.jit
-def _f64_attention(q, k, v, visible):
-    q, k, v = (_widen(a) for a in (q, k, v))
-    scores = jnp.einsum("bhgd,bhsd->bhgs", q, k) / np.sqrt(q.shape[-1])
-    scores = jnp.where(visible[:, None, None, :], scores, -jnp.inf)
-    p = jnp.exp(scores - scores.max(-1, keepdims=True))
-    return jnp.einsum("bhgs,bhsd->bhgd", p / p.sum(-1, keepdims=True), v)
-
-
-def f64_attention(q, k_cache, v_cache, visible: np.ndarray) -> np.ndarray:
-    """One query per sequence in float64 on the device: q [B, n_kv, G, hd] against caches [B, n_kv, S, hd] over
-    the slots where visible [B, S] (each row has one at least); float64 [B, n_kv, G, hd]."""
-    with jax.enable_x64(True):
-        return np.asarray(_f64_attention(q, k_cache, v_cache, jnp.asarray(visible)))
 
 
 def f64_product(x: jax.Array, w: jax.Array) -> np.ndarray:
@@ -239,38 +223,6 @@ def check_compact(d_ff: int, count: int, *, rng: np.random.Generator, batch: int
             wrong += np.count_nonzero(np.asarray(got) != exp)
             total += exp.size
     return CheckResult(name, wrong / total, True, 0.0)
-
-
-def check_decode_attention(batch: int, heads: int, groups: int, head_dim: int, slots: int, dtype, *,
-                           rng: np.random.Generator, interpret: bool, window: int | None = None,
-                           **tile) -> CheckResult:
-    """`attention.decode_attention_pallas` against float64: each sequence at its own length (one at the full
-    cache), with left padding and, given `window`, a sliding window, all as the additive bias `kv_cache` makes.
-    Slots outside a sequence's visible range hold large finite values (the bias must mask them); whole blocks
-    past its length hold NaN (the kernel must not read them); the output starts as NaN."""
-    shape = (batch, heads, slots, head_dim)
-    q = device_normal(rng, (batch, heads, groups, head_dim), dtype)
-    length = rng.integers(1, slots + 1, batch)
-    length[0] = slots
-    pad = np.array([rng.integers(0, n) for n in length])
-    s = np.arange(slots)[None, :]
-    visible = (s < length[:, None]) & (s >= pad[:, None])
-    if window is not None:
-        visible &= s > length[:, None] - 1 - window
-    block = attention.block_for(slots, tile.get("block", 64))
-    read = s < -(-length[:, None] // block) * block  # the blocks the kernel reads
-    k, v = (device_normal(rng, shape, F32) for _ in range(2))
-    k, v = (jnp.where(jnp.asarray(visible)[:, None, :, None], a, 1e4) for a in (k, v))
-    k, v = (jnp.where(jnp.asarray(read)[:, None, :, None], a, jnp.nan).astype(dtype) for a in (k, v))
-    bias = jnp.asarray(np.where(visible, 0.0, -1e30), jnp.float32)
-    out = attention.decode_attention_pallas(q, k, v, bias, jnp.asarray(length, jnp.int32),
-                                            scale=head_dim ** -0.5, interpret=interpret, poison=True, **tile)
-    ok_dtype = out.dtype == jnp.dtype(dtype)
-    out = np.asarray(out.astype(jnp.float32), np.float64)
-    ref = f64_attention(q, jnp.where(jnp.isnan(k), 0, k), jnp.where(jnp.isnan(v), 0, v), visible)
-    return CheckResult(f"decode_attention batch={batch} heads={heads} groups={groups} hd={head_dim} slots={slots} "
-                       f"{jnp.dtype(dtype).name} window={window}", _rel(out, ref),
-                       bool(np.isfinite(out).all()) and ok_dtype, TOLERANCE[jnp.dtype(dtype).name])
 
 
 def check_add_rmsnorm(d: int, n: int | None, dtype, *, rng: np.random.Generator, batch: int = 1,

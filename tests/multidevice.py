@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from checkpoints import make_hf_checkpoint  # the script's own directory is on sys.path
-from pallas_kernels.tuning import ATTENTION_TILE, ProjectionRule
+from pallas_kernels.tuning import ProjectionRule
 from svdsparse_jax import kv_cache
 from svdsparse_jax.convert import load_model
 from svdsparse_jax.engine import EngineConfig
@@ -89,9 +89,8 @@ def main(family: str, out_dir: str, seed: int, sizes: list[int]) -> dict:
             gen = Generator(Transformer(cfg, lm.weights, engine), None if p is None else preds)
             run[f"{mode}_tokens_equal"] = gen.generate(prompts, 12).tokens == want_tokens[mode]
         # the kernels (interpreted) per shard, at decode sizes: the GEMV for every split product, the fused add +
-        # norm, decode attention over each device's KV heads, and the guarded FFN's kernels (the mma kernels for 3
-        # sequences, the stream kernel for one)
-        kernels = EngineConfig(backend="interpret", ffn_policy="sparse", mesh=mesh, attention_tile=ATTENTION_TILE,
+        # norm, and the guarded FFN's kernels (the mma kernels for 3 sequences, the stream kernel for one)
+        kernels = EngineConfig(backend="interpret", ffn_policy="sparse", mesh=mesh,
                                projections=(ProjectionRule(8, 0, "gemv", ("float32",)),))
         step = tokens[:, :1]
         for (mode, p), rows in itertools.product((("dense", None), ("sparse", placed)), (3, 1)):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from conftest import rel_err
-from kernel_checks import (TOLERANCE, blocked_list_numpy, check_add_rmsnorm, check_decode_attention, check_gemv,
-                           check_gemv_t, check_sparse_ffn, scores_for)
+from kernel_checks import (TOLERANCE, blocked_list_numpy, check_add_rmsnorm, check_gemv, check_gemv_t,
+                           check_sparse_ffn, scores_for)
 from pallas_kernels import compaction, reference, tuning
 from pallas_kernels import sparse_ffn as sf
 from pallas_kernels.common import column_chunk, column_pieces
@@ -20,7 +20,6 @@ from pallas_kernels.gemv import gemv_pallas
 from pallas_kernels.numerics import Activation
 from svdsparse_jax import engine as eng
 from svdsparse_jax import kv_cache
-from svdsparse_jax.config import named_config
 from svdsparse_jax.convert import load_model
 from svdsparse_jax.engine import XLA, EngineConfig
 from svdsparse_jax.errors import SvdsparseError
@@ -34,8 +33,7 @@ SMALL = {"stream": sf.SparseFFNConfig("stream", rows=8, chunk=32, programs=3),
 ACTS = [Activation("relu"), Activation("fatrelu", 0.4), Activation("drelu")]
 # The kernels interpreted, with every decode product of the tiny models through the GEMV kernel (the measured
 # table sends matrices under 4096 x 4096 weights to XLA).
-INTERPRET = EngineConfig(backend="interpret", projections=(tuning.ProjectionRule(8, 0, "gemv"),), ffn_policy="sparse",
-                         attention_tile=tuning.ATTENTION_TILE)
+INTERPRET = EngineConfig(backend="interpret", projections=(tuning.ProjectionRule(8, 0, "gemv"),), ffn_policy="sparse")
 SPARSE_XLA = EngineConfig(ffn_policy="sparse")  # XLA, every layer of every batch sparse
 
 
@@ -188,50 +186,6 @@ def test_interpreted_decode_projections_match_xla(llama_checkpoint, rng):
     assert texts[0] != texts[1] and "pallas" not in texts[0]
     for a, b in zip(*outputs):  # the checks' measure and bf16 tolerance (seen: about 5e-3, bf16 roundings)
         assert rel_err(a, b) <= TOLERANCE["bfloat16"]
-
-
-@pytest.mark.parametrize("batch,heads,groups,hd,slots,dtype,window,block", [
-    (1, 2, 1, 64, 256, jnp.bfloat16, None, 64),    # LLaMA2's grouping (none), several blocks
-    (3, 2, 7, 32, 192, jnp.bfloat16, None, 64),    # Qwen2-7B's 7 query heads per KV head (padded to 8)
-    (2, 1, 4, 128, 64, jnp.float16, 24, 16),       # Mistral's 4, a sliding window, 16-slot blocks
-    (2, 2, 2, 16, 48, jnp.float32, None, 64),      # a cache of 48 slots: blocks of 16
-])
-def test_decode_attention_matches_float64(batch, heads, groups, hd, slots, dtype, window, block, rng):
-    r = check_decode_attention(batch, heads, groups, hd, slots, dtype, rng=rng, interpret=True, window=window,
-                               block=block)
-    assert r.ok, r
-
-
-def test_attention_routes_decode_steps_to_the_kernel(rng):
-    """`engine.attend`: a 1-token step of a batch the kernels take runs the kernel (its program has a
-    decode_attention_pallas) and equals XLA's attention within the dtype's rounding, for one start and for a start per
-    sequence (the server's slots); a 4-token step, too large a batch, a cache the blocks do not tile, or no
-    attention tile run XLA's."""
-    b, heads, groups, hd, slots = 3, 2, 2, 32, 128
-    q = jnp.asarray(rng.standard_normal((b, 1, heads, groups, hd)), jnp.bfloat16)
-    k, v = (jnp.asarray(rng.standard_normal((b, heads, slots, hd)), jnp.bfloat16) for _ in range(2))
-    cfg = dataclasses.replace(named_config("llama2-7b"), sliding_window=40)
-    pad = jnp.asarray([0, 3, 10], jnp.int32)
-    for start in (jnp.int32(70), jnp.asarray([12, 99, 127], jnp.int32)):
-        bias = kv_cache.attention_bias(cfg, pad, start, 1, slots)
-        want = np.asarray(reference.attention(q, k, v, bias, widen=True), np.float32)
-        run = jax.jit(lambda *a: eng.attend(INTERPRET, *a))
-        assert "decode_attention_pallas" in run.lower(q, k, v, bias, start).as_text()
-        assert rel_err(np.asarray(run(q, k, v, bias, start), np.float32), want) <= TOLERANCE["bfloat16"]
-    xla_cases = [(INTERPRET, q.repeat(4, axis=1), kv_cache.attention_bias(cfg, pad, jnp.int32(8), 4, slots), k),
-                 (dataclasses.replace(INTERPRET, kernel_max_batch=2), q, None, k),
-                 (dataclasses.replace(INTERPRET, attention_tile=None), q, None, k),
-                 (INTERPRET, q, kv_cache.attention_bias(cfg, pad, jnp.int32(8), 1, 72), k[:, :, :72])]
-    for engine, qq, bias, kk in xla_cases:
-        bias = kv_cache.attention_bias(cfg, pad, jnp.int32(8), 1, kk.shape[2]) if bias is None else bias
-        text = jax.jit(lambda *a: eng.attend(engine, *a)).lower(qq, kk, kk, bias, jnp.int32(8)).as_text()
-        assert "decode_attention_pallas" not in text
-
-
-def test_caches_are_rounded_up_to_the_kernel_blocks():
-    cfg = named_config("llama2-7b", n_layers=1)
-    for asked, held in ((1, 64), (64, 64), (200, 256)):
-        assert kv_cache.init_cache(cfg, jnp.zeros(1, jnp.int32), asked, jnp.bfloat16).slots == held
 
 
 @pytest.mark.parametrize("k", [4096, 3584, 5120, 1536, 96, 16])

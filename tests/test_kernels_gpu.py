@@ -1,6 +1,6 @@
 """The Pallas kernels compiled for the GPU against the float64 oracle, at the model table's shapes: every (d, d_ff)
 for the sparse FFN, the compaction and the down product (`gemv_t`), the decode products for the GEMV, every width
-for the fused add + RMSNorm, the attention layouts of the model table for decode attention;
+for the fused add + RMSNorm;
 bf16 and f16, candidate counts 0, 1, all and not a multiple of any block size, batch 1 and 3, relu / FATReLU /
 dReLU, outputs started as NaN. Then one decode step of a LLaMA2-7B-shaped model through the Pallas engine against
 the XLA engine. Weights are drawn and the float64 oracles computed on the GPU (tests/kernel_checks.py), so the
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from conftest import rel_err
-from kernel_checks import (TOLERANCE, check_add_rmsnorm, check_compact, check_decode_attention, check_gemv,
-                           check_gemv_t, check_sparse_ffn, random_weights)
+from kernel_checks import (TOLERANCE, check_add_rmsnorm, check_compact, check_gemv, check_gemv_t, check_sparse_ffn,
+                           random_weights)
 from pallas_kernels import sparse_ffn as sf
 from pallas_kernels import tuning
 from pallas_kernels.numerics import Activation
@@ -107,26 +107,6 @@ def test_add_rmsnorm(d, rng):
         for dtype, batch in ((jnp.bfloat16, 1), (jnp.bfloat16, 3), (jnp.float16, 1)):
             r = check_add_rmsnorm(d, n, dtype, rng=rng, batch=batch, interpret=False)
             assert r.ok, r
-
-
-# (KV heads, query heads per KV head, head_dim): LLaMA2-7B, Qwen2-7B, Mistral-7B, Qwen2-1.5B
-ATTENTION_SHAPES = [(32, 1, 128), (4, 7, 128), (8, 4, 128), (2, 6, 128)]
-
-
-@pytest.mark.parametrize("heads,groups,hd", ATTENTION_SHAPES,
-                         ids=[f"{'quick-' if i == 0 else ''}{h}x{g}x{d}"
-                              for i, (h, g, d) in enumerate(ATTENTION_SHAPES)])
-def test_decode_attention(heads, groups, hd, rng):
-    """At the tuned tile: caches of 256 and 4096 slots, batch 1 and 4, bf16 and f16, with and without a sliding
-    window."""
-    tile = dataclasses.asdict(tuning.ATTENTION_TILE)
-    tile.pop("source")
-    for dtype in (jnp.bfloat16, jnp.float16):
-        for slots in (256, 4096):
-            for batch, window in ((1, None), (4, None), (4, 100)):
-                r = check_decode_attention(batch, heads, groups, hd, slots, dtype, rng=rng, interpret=False,
-                                           window=window, **tile)
-                assert r.ok, r
 
 
 @pytest.mark.parametrize("sparse", [False, True], ids=["quick-dense", "quick-sparse"])

@@ -38,8 +38,7 @@ import numpy as np
 
 from scripts.bench import bytes as decode_bytes
 from scripts.bench import harness, trace
-from pallas_kernels import tuning
-from pallas_kernels.tuning import AttentionTile, FFNCost, GemvTTile
+from pallas_kernels.tuning import FFNCost, GemvTTile
 from svdsparse_jax.config import NAMED_SHAPES, named_config
 from svdsparse_jax.convert import parse_dtype
 from svdsparse_jax.engine import EngineConfig
@@ -224,8 +223,6 @@ def main() -> int:
                          "gives the multiplier of equal accuracy)")
     ap.add_argument("--gemv-t-tile", metavar="TILE", help="the down product's tile instead of tuning.GEMV_T_TILE, "
                     "as scripts.bench.gemv_t prints it: 'rows=64 cols=128 splits=32 num_warps=4 num_stages=3'")
-    ap.add_argument("--attention-tile", metavar="TILE", help="decode attention through the kernel: 'table' "
-                    "(tuning.ATTENTION_TILE) or a tile, 'block=64 num_warps=4 num_stages=2' (default: XLA's)")
     ap.add_argument("--inactive", type=float, default=0.9)
     ap.add_argument("--s", type=float, default=0.95)
     ap.add_argument("--rank", type=int, default=256)
@@ -245,10 +242,6 @@ def main() -> int:
     if args.gemv_t_tile:
         tile = dict(kv.split("=") for kv in args.gemv_t_tile.split())
         engine_fields["gemv_t_tile"] = GemvTTile(**{k: int(v) for k, v in tile.items()})
-    if args.attention_tile:
-        tile = {} if args.attention_tile == "table" else dict(kv.split("=") for kv in args.attention_tile.split())
-        engine_fields["attention_tile"] = (AttentionTile(**{k: int(v) for k, v in tile.items()}) if tile
-                                           else tuning.ATTENTION_TILE)
     if args.ffn_costs:
         fitted = json.loads(Path(args.ffn_costs).read_text())["ffn_costs"]
         engine_fields["ffn_costs"] = tuple(FFNCost(**row) for row in fitted)

@@ -196,7 +196,9 @@ def main() -> None:
                                     args.dtype], check=True, stdout=subprocess.DEVNULL)
                 flags += ["--predictors", pred, "--ffn-policy", args.ffn_policy]
             t0 = time.perf_counter()
-            server = Server(flags, Path(args.log_dir or tmp) / f"{mode}.log")
+            log_dir = Path(args.log_dir or tmp)
+            log_dir.mkdir(parents=True, exist_ok=True)
+            server = Server(flags, log_dir / f"{mode}.log")
             started = time.perf_counter() - t0
             try:
                 # compile what the workload meets: fewer clients first (the slot buckets its tail runs in), then
