@@ -114,8 +114,9 @@ class Attention(nnx.Module):
 
     def __call__(self, x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, start: jax.Array, pos: jax.Array,
                  mask: jax.Array, norm: RMSNorm) -> tuple[jax.Array, jax.Array, jax.Array]:
-        """norm(x) for x [B, T, d], the tokens in slots [start, start+T); pos [B, T]; mask [B, T, slots].
-        Returns (out [B, T, d], updated k_cache, updated v_cache)."""
+        """norm(x) for x [B, T, d], the tokens in slots [start, start+T); pos [B, T]; mask [B, T, W]: the
+        queries attend over cache slots [0, W) (W <= slots: the caches are written where they lie and only that
+        window is read). Returns (out [B, T, d], updated k_cache, updated v_cache)."""
         cfg, engine, dt = self.cfg, self.engine, x.dtype
         b, t, _ = x.shape
         with jax.named_scope("norm_qkv"):  # the GEMV kernel forms the norm itself, where it takes this product
@@ -128,15 +129,18 @@ class Attention(nnx.Module):
             q, k = rope(q, pos, cfg), rope(k, pos, cfg)
             k_cache = kv_cache.write(k_cache, k.transpose(0, 2, 1, 3), start)
             v_cache = kv_cache.write(v_cache, v.transpose(0, 2, 1, 3), start)
+        window = mask.shape[-1]
+        k_read, v_read = ((k_cache, v_cache) if window == k_cache.shape[2]
+                          else (k_cache[:, :, :window], v_cache[:, :, :window]))
         with jax.named_scope("softmax_values"):
             # Query head h reads kv head h // groups (HF's repeat_kv order).
             groups = cfg.n_heads // cfg.n_kv_heads
             widen = engine.platform == "cpu"
             q = q.reshape(b, t, cfg.n_kv_heads, groups, cfg.head_dim)
-            scores = einsum("btkgh,bksh->bkgts", q, k_cache, widen)
+            scores = einsum("btkgh,bksh->bkgts", q, k_read, widen)
             scores = scores * (cfg.head_dim ** -0.5) + mask[:, None, None, :, :]
             probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-            out = einsum("bkgts,bksh->btkgh", probs, v_cache, widen)
+            out = einsum("bkgts,bksh->btkgh", probs, v_read, widen)
             out = out.astype(dt).reshape(b, t, cfg.q_dim)
         with jax.named_scope("o_proj"):
             return linear(engine, out, self.wo[...], self._bias("bo"), out_dtype=dt, split="cols"), k_cache, v_cache
@@ -266,25 +270,27 @@ class Transformer(nnx.Module):
         return self.embed[...].dtype
 
     def __call__(self, tokens: jax.Array, cache: kv_cache.KVCache, start: jax.Array,
-                 predictors: list[Predictor | None] | None = None, rows: jax.Array | None = None
-                 ) -> tuple[jax.Array, kv_cache.KVCache]:
+                 predictors: list[Predictor | None] | None = None, rows: jax.Array | None = None,
+                 window: int | None = None) -> tuple[jax.Array, kv_cache.KVCache]:
         """Runs tokens [B, T] int32 that occupy cache slots [start, start + T) (start int32 [], or [B]: each
         sequence from its own slot on).
 
         Returns (the final-normed hidden states [B, T, d], the updated cache). Prefill is a call with the whole
         left-padded prompt at start=0; a decode step is a call with T=1. `predictors` (one per layer, None for a
         layer that runs dense) makes those FFNs predictor-guarded; rows (bool [B], with predictors): only these
-        sequences' candidates count, the others' FFNs output 0 (free decode slots)."""
-        states, cache, _ = self.run(tokens, cache, start, predictors, rows)
+        sequences' candidates count, the others' FFNs output 0 (free decode slots). window (static): attention
+        reads only cache slots [0, window), which must hold every slot a query sees (the server's context
+        bucket: no copy of the caches); None: all of them."""
+        states, cache, _ = self.run(tokens, cache, start, predictors, rows, window)
         return states, cache
 
     def run(self, tokens: jax.Array, cache: kv_cache.KVCache, start: jax.Array,
-            predictors: list[Predictor | None] | None = None, rows: jax.Array | None = None
-            ) -> tuple[jax.Array, kv_cache.KVCache, list[FFNTrace]]:
+            predictors: list[Predictor | None] | None = None, rows: jax.Array | None = None,
+            window: int | None = None) -> tuple[jax.Array, kv_cache.KVCache, list[FFNTrace]]:
         """`__call__`, also returning every layer's `FFNTrace`."""
         t = tokens.shape[1]
         pos = kv_cache.positions(cache.pad, start, t)
-        mask = kv_cache.attention_bias(self.cfg, cache.pad, start, t, cache.slots)
+        mask = kv_cache.attention_bias(self.cfg, cache.pad, start, t, window or cache.slots)
         x = self.embed[...][tokens]
         ks, vs, traces = [], [], []
         token_rows = None if rows is None else jnp.repeat(rows, t)  # [B * T]: the FFN's flattened tokens

@@ -410,3 +410,30 @@ def test_decode_slots_through_the_kernels_equal_generate_alone(lm):
     assert decoder.sparse_layers(2) == (True,) * cfg.n_layers
     for s, p in prompts.items():
         assert got[s] == ref.generate([p], 9).tokens[0]
+
+
+def test_window_reads_decode_what_copies_decode(lm):
+    """`SlotConfig.window_reads` (decode in the whole caches, attention reading only the context bucket) draws
+    the tokens of `Generator` for each prompt alone, as the copying chunks do, through context buckets smaller
+    than the cache (and one step that moves to a larger bucket), and leaves the caches as they leave them."""
+    from svdsparse_jax.generate import seed_key
+    from svdsparse_jax.serving.slots import SlotConfig, SlotDecoder
+
+    cfg = lm.cfg
+    ref = Generator(Transformer(cfg, lm.weights, EngineConfig.resolve("xla")))
+    prompts = {0: list(range(40, 60)), 1: [7, 8, 9]}
+    runs = {}
+    for window in (False, True):
+        sc = SlotConfig(2, cfg.max_seq_len, 4, context_buckets=6, window_reads=window)
+        assert sc.context_bucket(21) < cfg.max_seq_len  # the chunks below read less than the cache
+        decoder = SlotDecoder(Transformer(cfg, lm.weights, EngineConfig.resolve("xla")), sc)
+        got = {s: [int(decoder.admit(s, p, 14, seed_key(0), Sampler())[0].token)] for s, p in prompts.items()}
+        for needed in (24, 28, 40):
+            out = jax.tree.map(np.asarray, decoder.decode(np.array([True, True]), needed, True))
+            for s in prompts:
+                got[s] += [int(t) for t in out.token[s] if t >= 0]
+        runs[window] = got, [np.asarray(a[:, :, :40]) for a in decoder.slots.k]
+    for s, p in prompts.items():
+        assert runs[True][0][s] == runs[False][0][s] == ref.generate([p], 13).tokens[0]
+    for a, b in zip(runs[True][1], runs[False][1]):
+        np.testing.assert_array_equal(a, b)

@@ -9,10 +9,14 @@ that about `--candidates` of the neurons are candidates (random weights have no 
 are not accurate; only the bytes they make the executor read matter here, and the measured candidate and
 active fractions are reported).
 
-`--mode sync_free` runs the executor's sync-free path with capacity `--candidates` x `--margin` of d_ff (rounded
+`--cache static` gives both models transformers' static KV cache, with which `generate` compiles the decode step
+(torch.compile, CUDA graphs on a GPU): the setting the sync-free path is for, as it has no host synchronisation
+to break the graph. `--mode sync_free` runs the executor's sync-free path with capacity `--candidates` x
+`--margin` of d_ff (rounded
 up to 64 rows; the dropped candidates are reported as overflow).
 
-  python -m scripts.bench.torch_bridge [--device cuda] [--mode exact|sync_free] [--margin 1.5] [--json-out F]
+  python -m scripts.bench.torch_bridge [--device cuda] [--mode exact|sync_free] [--margin 1.5] [--cache dynamic|static]
+                                       [--json-out F]
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ def parity(device: str) -> dict:
 
 
 def speed(device: str, candidates: float, new_tokens: int, repeats: int, mode: str = "exact",
-          margin: float = 1.5) -> dict:
+          margin: float = 1.5, cache: str = "dynamic") -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
     from torch_npu_bridge.executor import GuardedFFN, round_capacity
     from torch_npu_bridge.factors import LayerFactors
@@ -85,14 +89,16 @@ def speed(device: str, candidates: float, new_tokens: int, repeats: int, mode: s
                                                mode, capacity))
     prompt = torch.randint(0, cfg.vocab_size, (1, 64), device=device)
 
+    kw = {"cache_implementation": "static"} if cache == "static" else {}
+
     def timed() -> float:
         with torch.no_grad():
-            model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+            model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, **kw)
             times = []
             for _ in range(repeats):
                 torch.cuda.synchronize() if device == "cuda" else None
                 t = time.perf_counter()
-                model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+                model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kw)
                 torch.cuda.synchronize() if device == "cuda" else None
                 times.append(time.perf_counter() - t)
         return new_tokens / statistics.median(times)
@@ -108,7 +114,8 @@ def speed(device: str, candidates: float, new_tokens: int, repeats: int, mode: s
     active = float(np.mean([len(r[1]) for r in recs])) / cfg.intermediate_size
     unpatch(model)
     dense_tps = timed()
-    return {"shape": "llama2-7b", "dtype": "bfloat16", "mode": mode, "capacity": capacity, "overflow": dropped,
+    return {"shape": "llama2-7b", "dtype": "bfloat16", "mode": mode, "cache": cache, "capacity": capacity,
+            "overflow": dropped,
             "new_tokens": new_tokens, "prompt": 64,
             "threshold": round(threshold, 4), "candidate_fraction": round(cand, 4),
             "active_fraction": round(active, 4), "unpatched_tokens_per_s": round(dense_tps, 2),
@@ -124,6 +131,7 @@ def main() -> int:
     ap.add_argument("--skip-parity", action="store_true")
     ap.add_argument("--mode", choices=("exact", "sync_free"), default="exact")
     ap.add_argument("--margin", type=float, default=1.5)
+    ap.add_argument("--cache", choices=("dynamic", "static"), default="dynamic")
     harness.add_report_args(ap)
     args = ap.parse_args()
     import transformers
@@ -133,7 +141,7 @@ def main() -> int:
         report["parity"] = parity(args.device)
         print(json.dumps(report["parity"]), flush=True)
     report["speed"] = speed(args.device, args.candidates, args.new_tokens, args.repeats, args.mode,
-                            args.margin)
+                            args.margin, args.cache)
     print(json.dumps(report["speed"]), flush=True)
     harness.save(report, args.json_out)
     return 0 if args.skip_parity or report["parity"]["ok"] else 1

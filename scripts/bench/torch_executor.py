@@ -9,6 +9,7 @@ Also the FFN alone: microseconds per decode token for all layers' MLPs, on the i
 spin barriers, and every path drops to about 2-4 tok/s).
 
   python -m scripts.bench.torch_executor [--device cpu|cuda] [--threads 1] [--new-tokens 64] [--repeats 5]
+                                         [--cache dynamic|static]
                                          [--json-out F]
 """
 
@@ -41,16 +42,19 @@ def build_predictors(out: Path) -> None:
     save_predictors(out, pset, lm.cfg, lm.fingerprint)
 
 
-def timed(model, prompt: torch.Tensor, new_tokens: int, repeats: int, device: str) -> tuple[float, list[int]]:
-    """(median tokens/s over `repeats` greedy generations after one warm-up, the generated tokens)."""
+def timed(model, prompt: torch.Tensor, new_tokens: int, repeats: int, device: str,
+          cache: str = "dynamic") -> tuple[float, list[int]]:
+    """(median tokens/s over `repeats` greedy generations after one warm-up, the generated tokens); cache
+    "static": transformers' static KV cache, with which `generate` compiles the decode step."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    kw = {"cache_implementation": "static"} if cache == "static" else {}
     with torch.no_grad():
-        model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False)
+        model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, **kw)
         times = []
         for _ in range(repeats):
             sync()
             t = time.perf_counter()
-            out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            out = model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, **kw)
             sync()
             times.append(time.perf_counter() - t)
     return new_tokens / statistics.median(times), out[0, prompt.shape[1]:].tolist()
@@ -78,6 +82,8 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     ap.add_argument("--margin", type=float, default=1.5)
+    ap.add_argument("--cache", choices=("dynamic", "static"), default="dynamic",
+                    help="static: transformers' static KV cache, with which generate compiles the decode step")
     harness.add_report_args(ap)
     args = ap.parse_args()
     import transformers
@@ -97,7 +103,7 @@ def main() -> int:
         model = load_hf_model(BUNDLED_MODEL, torch.float32).to(args.device)
         prompt = torch.as_tensor(corpus_split("heldout")[1000:1024].astype(np.int64)[None], device=args.device)
         rows = {}
-        tps, ref = timed(model, prompt, args.new_tokens, args.repeats, args.device)
+        tps, ref = timed(model, prompt, args.new_tokens, args.repeats, args.device, args.cache)
         inputs = [[] for _ in model.model.layers]  # each MLP's decode inputs [1, 1, d]
         hooks = [layer.mlp.register_forward_pre_hook(
             lambda m, a, i=i: inputs[i].append(a[0].clone()) if a[0].shape[1] == 1 else None)
@@ -111,7 +117,7 @@ def main() -> int:
         for name, kw in (("exact", {}), ("sync_free_dff", {"mode": "sync_free"}),
                          ("sync_free_measured", {"mode": "sync_free", "capacity": "measured", "margin": args.margin})):
             patch_hf_model(model, pred, device=args.device, **kw)
-            tps, tokens = timed(model, prompt, args.new_tokens, args.repeats, args.device)
+            tps, tokens = timed(model, prompt, args.new_tokens, args.repeats, args.device, args.cache)
             us = ffn_us(guarded_modules(model), inputs, args.repeats, args.device)
             row = {"tokens_per_s": round(tps, 2), "speedup_vs_unpatched": round(tps / rows["unpatched"]["tokens_per_s"],
                                                                                3),

@@ -52,13 +52,17 @@ class SlotConfig:
     """Static shape of the decode slots. slots: how many (the largest decode batch); context: cache slots per
     sequence (the model's positions); chunk: decode steps per call (per host round trip); top_logprobs: the most
     alternatives a token's log-probabilities list; context_buckets: how many context lengths a step may read
-    (context / 2^k for k < context_buckets, at least one prompt bucket)."""
+    (context / 2^k for k < context_buckets, at least one prompt bucket); window_reads: a decode chunk runs in the
+    whole caches, attention reading only the context bucket's slots, instead of copying the bucket's slots out
+    of every layer's cache and back (2 x 2 x the bucket's bytes a chunk). Off until it is measured on a GPU:
+    there the slice must fuse into attention's products, or it costs a copy every step."""
 
     slots: int
     context: int
     chunk: int = 4
     top_logprobs: int = 20
     context_buckets: int = 4
+    window_reads: bool = False
 
     def slot_buckets(self) -> list[int]:
         return sorted({self.slot_bucket(i) for i in range(self.slots)})
@@ -190,13 +194,15 @@ def fork(slots: Slots, src: jax.Array, dst: jax.Array, logits: jax.Array, max_ne
 
 
 def decode_chunk(graphdef, state, predictors, slots: Slots, live: jax.Array, eos: jax.Array, *, bucket: int,
-                 context: int, chunk: int, greedy: bool, top: int) -> tuple[Slots, Drawn]:
+                 context: int, chunk: int, greedy: bool, top: int, window_reads: bool = False
+                 ) -> tuple[Slots, Drawn]:
     """`chunk` decode steps of slots [0, bucket), reading cache slots [0, context). live: bool [N], the slots
     whose sequences go on (occupied and not finished); eos: int32 [E]. predictors: one per layer (None: that
-    layer dense), or None. Returns the slots and the tokens drawn, Drawn fields [bucket, chunk] (-1 where a slot
-    drew nothing: not live, or past its EOS or max_new)."""
+    layer dense), or None. window_reads: the steps run in the whole caches with attention reading [0, context)
+    (`SlotConfig.window_reads`), else in a copy of that window. Returns the slots and the tokens drawn, Drawn
+    fields [bucket, chunk] (-1 where a slot drew nothing: not live, or past its EOS or max_new)."""
     model: Transformer = nnx.merge(graphdef, state)
-    cut = lambda a: a[:bucket, :, :context]  # noqa: E731
+    cut = (lambda a: a[:bucket]) if window_reads else (lambda a: a[:bucket, :, :context])  # noqa: E731
     k, v = [cut(a) for a in slots.k], [cut(a) for a in slots.v]
     sub = jax.tree.map(lambda a: a[:bucket], (slots.length, slots.token, slots.step, slots.max_new, slots.key,
                                               slots.sampler))
@@ -210,7 +216,8 @@ def decode_chunk(graphdef, state, predictors, slots: Slots, live: jax.Array, eos
         active = ~done
         with jax.named_scope("decode_step"):
             states, cache = model(token[:, None], kv_cache.KVCache(k, v, pad), jnp.where(active, length, 0),
-                                  predictors, rows=None if predictors is None else active)
+                                  predictors, rows=None if predictors is None else active,
+                                  window=context if window_reads else None)
             got = draw(model.logits(states[:, 0]), sampler, jax.vmap(jax.random.fold_in)(key, step), greedy, top)
         out = Drawn(out.token.at[:, j].set(jnp.where(active, got.token, -1)), out.logprob.at[:, j].set(got.logprob),
                     out.top_ids.at[:, j].set(got.top_ids), out.top_logprobs.at[:, j].set(got.top_logprobs))
@@ -248,7 +255,7 @@ class SlotDecoder:
         self._admit = jax.jit(functools.partial(admit, top=sc.top_logprobs), static_argnums=(0,), donate_argnums=(2,))
         self._fork = jax.jit(functools.partial(fork, top=sc.top_logprobs), donate_argnums=(0,))
         self._decode = jax.jit(decode_chunk, static_argnums=(0,), donate_argnums=(3,),
-                               static_argnames=("bucket", "context", "chunk", "greedy", "top"))
+                               static_argnames=("bucket", "context", "chunk", "greedy", "top", "window_reads"))
         self.seen: set[tuple] = set()
         self.compiles = {"admit": 0, "fork": 0, "decode": 0}
 
@@ -327,5 +334,5 @@ class SlotDecoder:
         self._count(("decode", bucket, context, layers, greedy))
         self.slots, out = self._decode(self.graphdef, self.state, preds, self.slots, jnp.asarray(live), self.eos,
                                        bucket=bucket, context=context, chunk=self.sc.chunk, greedy=greedy,
-                                       top=self.sc.top_logprobs)
+                                       top=self.sc.top_logprobs, window_reads=self.sc.window_reads)
         return out
