@@ -309,7 +309,11 @@ class Generator:
                          ) -> None:
         """Refuses a batch of count x per_count sequences (prompts of at most `longest` tokens, max_new_tokens
         each) whose caches and activations (`sequence_bytes`, at the call's buckets) do not fit in memory;
-        `what` names the count (a flag or argument)."""
+        `what` names the count (a flag or argument). Sequences longer than the model's context are refused
+        first, naming max_new_tokens: memory is not what a count then lacks."""
+        if longest + max_new_tokens > self.cfg.max_seq_len:
+            raise SvdsparseError(f"the longest prompt has {longest} tokens; with max_new_tokens={max_new_tokens} "
+                                 f"that exceeds the model's context of {self.cfg.max_seq_len} tokens")
         prompt_len = bucket(longest)
         slots = prompt_len + bucket(max_new_tokens) + self.engine.steps_per_check
         check_count(what, count, per_count * sequence_bytes(self.cfg, prompt_len, slots, self.itemsize))

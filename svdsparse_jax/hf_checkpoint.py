@@ -59,7 +59,8 @@ def _safetensors_index(hf_dir: FsPath, index_path: FsPath) -> dict[str, FsPath]:
     files = sorted(hf_dir.glob("*.safetensors"))
     if len(files) > 1 and not (hf_dir / "model.safetensors").is_file():
         raise SvdsparseError(f"{hf_dir}: {len(files)} safetensors shards but no model.safetensors.index.json")
-    path = hf_dir / "model.safetensors" if (hf_dir / "model.safetensors").is_file() else files[0]
+    file_name = "model.safetensors" if (hf_dir / "model.safetensors").is_file() else files[0].name
+    path = inside(hf_dir, file_name, f"{hf_dir}: weights")
     with _reading(path):
         with safe_open(str(path), framework="flax") as f:
             return {name: path for name in f.keys()}
@@ -87,7 +88,7 @@ def _bin_index(hf_dir: FsPath) -> dict[str, FsPath]:
     index_path = hf_dir / "pytorch_model.bin.index.json"
     if index_path.is_file():
         return _index_files(hf_dir, index_path, ".bin")
-    path = hf_dir / "pytorch_model.bin"
+    path = inside(hf_dir, "pytorch_model.bin", f"{hf_dir}: weights")
     return {name: path for name in _torch_load(path)}
 
 

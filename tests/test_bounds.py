@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
+from safetensors.numpy import load_file
 
 from checkpoints import make_hf_checkpoint
 from test_faults import run_cli
@@ -82,6 +83,26 @@ def test_tokenizer_and_predictor_files_that_lead_outside_are_refused(hf, lm, pre
         (p / name).symlink_to(predictors[1] / name)
         with pytest.raises(SvdsparseError, match=f"{p / name} leads outside {p}"):
             load_predictors(p, lm.cfg, lm.fingerprint)
+
+
+def test_an_unindexed_weight_file_that_links_outside_is_refused(hf, tmp_path, capsys):
+    """Without an index the weights are model.safetensors, the one *.safetensors file or pytorch_model.bin: each,
+    a link to another model's file, is refused like an index's shard, by generate and convert alike."""
+    other = make_hf_checkpoint(tmp_path / "other", "llama_relu", seed=6, tokenizer=True).path
+    torch.save({k: torch.from_numpy(v.copy()) for k, v in load_file(str(other / "model.safetensors")).items()},
+               other / "pytorch_model.bin")
+    for name, target, flags in (("model.safetensors", "model.safetensors", []),
+                                ("weights.safetensors", "model.safetensors", []),
+                                ("pytorch_model.bin", "pytorch_model.bin", ["--allow-pickle"])):
+        d = tmp_path / name.replace(".", "_")
+        d.mkdir()
+        (d / "config.json").write_bytes((hf / "config.json").read_bytes())
+        (d / name).symlink_to(other / target)
+        for argv in (["generate", str(d), "--prompt-ids", "1,2", "--max-new-tokens", "1"],
+                     ["convert", str(d), str(tmp_path / f"out_{d.name}")]):
+            code, line = run_cli(capsys, *argv, *flags)
+            assert code == 2 and f"{d / name} leads outside {d}" in line, (name, argv[0], line)
+        assert not (tmp_path / f"out_{d.name}").exists()
 
 
 def test_copied_files_keep_their_narrow_modes(hf, tmp_path, capsys):
@@ -193,6 +214,12 @@ def test_counts_are_checked_against_memory_naming_the_largest_that_fits(hf, tmp_
         assert code == 2 and f"{flag} {argv[-1]}: needs about" in line and "fits" in line, line
         most = int(line.split("at most ")[1].split()[0].replace(",", ""))
         assert 0 < most < int(argv[-1])
+
+
+def test_a_generation_longer_than_the_context_names_max_new_tokens(hf, capsys):
+    """--max-new-tokens 10^15 is refused for the context it exceeds, not as a --num-samples that does not fit."""
+    code, line = run_cli(capsys, "generate", str(hf), "--prompt-ids", "1,2", "--max-new-tokens", str(HUGE))
+    assert code == 2 and f"with max_new_tokens={HUGE} that exceeds the model's context" in line, line
 
 
 def test_eval_refuses_a_window_count_beyond_memory(hf, predictors, tmp_path, capsys):
