@@ -224,7 +224,9 @@ class GenerateResult:
 class Watcher:
     """The host side of a watched program: ends a sequence once its text holds a stop string, and streams the
     first sequence's text as it is produced. decode: token ids -> text; stream: called with each new piece of
-    text (held back while it could still become a stop string or an incomplete character)."""
+    text (held back while it could still become a stop string or an incomplete character). A failure in either
+    (stdout full or closed under `stream`) ends every sequence and is raised by `finish`, once the program has
+    returned: raised inside the callback it would reach the caller as an XLA runtime error with a traceback."""
 
     def __init__(self, decode: Callable[[list[int]], str], batch: int, stops: Sequence[str] = (),
                  stream: Callable[[str], None] | None = None):
@@ -234,17 +236,24 @@ class Watcher:
         self.tokens: list[list[int]] = [[] for _ in range(batch)]
         self.stopped = np.zeros(batch, bool)
         self.streamed = 0  # characters of sequence 0's text already passed to `stream`
+        self.error: Exception | None = None  # what failed in a call, raised by `finish`
 
     def __call__(self, step, tokens) -> np.ndarray:
         """tokens [B] of one step (-1 where a sequence has stopped) -> [B] bool, the sequences to stop."""
-        for b, t in enumerate(np.asarray(tokens).tolist()):
-            if t < 0 or self.stopped[b]:
-                continue
-            self.tokens[b].append(t)
-            if self.stops and any(s in self.decode(self.tokens[b]) for s in self.stops):
-                self.stopped[b] = True
-        if self.stream is not None:
-            self._stream(final=False)
+        if self.error is not None:
+            return np.ones_like(self.stopped)
+        try:
+            for b, t in enumerate(np.asarray(tokens).tolist()):
+                if t < 0 or self.stopped[b]:
+                    continue
+                self.tokens[b].append(t)
+                if self.stops and any(s in self.decode(self.tokens[b]) for s in self.stops):
+                    self.stopped[b] = True
+            if self.stream is not None:
+                self._stream(final=False)
+        except Exception as e:  # kept for `finish`: the program stops at its next check
+            self.error = e
+            return np.ones_like(self.stopped)
         return self.stopped.copy()
 
     def text(self, b: int) -> str:
@@ -254,7 +263,9 @@ class Watcher:
         return text[:cut]
 
     def finish(self) -> None:
-        """Streams what was held back (call once the program has returned)."""
+        """Streams what was held back (call once the program has returned); raises what failed in a call."""
+        if self.error is not None:
+            raise self.error
         if self.stream is not None:
             self._stream(final=True)
 

@@ -295,6 +295,19 @@ def test_results_that_cannot_be_written_are_an_error(tmp_path):
     assert "Exception ignored" not in run.stderr
 
 
+def test_a_stream_that_cannot_be_written_is_one_line():
+    """--stream writes from the decode loop's host callback: a full device there ends the program and is the
+    same one line, not an XLA runtime error carrying the callback's traceback."""
+    with open("/dev/full", "w") as full:
+        run = subprocess.run([sys.executable, "-m", "svdsparse_jax.cli", "generate", "--prompt", "def f(x):",
+                              "--max-new-tokens", "8", "--stream", "--dtype", "float32"], stdout=full,
+                             stderr=subprocess.PIPE, text=True, timeout=300, cwd=ROOT)
+    lines = run.stderr.strip().splitlines()
+    assert run.returncode == 2 and lines[-1] == ("svdsparse generate: error: cannot write the results to standard "
+                                                 "output (No space left on device)"), lines[-3:]
+    assert "Traceback" not in run.stderr and "io_callback" not in run.stderr, run.stderr[-2000:]
+
+
 # ----------------------------------------------------------------------------------- 5. the Python API
 
 def test_the_python_api_checks_its_arguments(lm, tmp_path):
