@@ -447,15 +447,30 @@ def check_plot_dir(out_dir: str | os.PathLike, flag: str = "--plots") -> None:
     from pathlib import Path
 
     out = Path(out_dir).absolute()
+    existing = next(p for p in (out, *out.parents) if _lexists(p))
+    try:
+        name_max = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    long = next((n for n in out.relative_to(existing).parts if len(n.encode()) > name_max), None)
+    if long is not None:  # the directories the plots would create
+        raise SvdsparseError(f"{out} ({flag}): a name of {len(long.encode())} bytes; at most {name_max} fit this "
+                             "filesystem")
     if out.exists() and not out.is_dir():
         raise SvdsparseError(f"{out} ({flag}): exists and is not a directory")
     taken = [str(out / name) for name in PLOT_FILES if (out / name).exists() or (out / name).is_symlink()]
     if taken:
         raise SvdsparseError(f"{taken[0]} ({flag}): already exists; plots never replace files (choose another "
                              "directory)")
-    existing = out if out.is_dir() else next(p for p in out.parents if p.exists())
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
         raise SvdsparseError(f"{out} ({flag}): cannot be written ({existing} is not a writable directory)")
+
+
+def _lexists(path) -> bool:
+    try:
+        return os.path.lexists(path)
+    except OSError:  # a name too long for the filesystem
+        return False
 
 
 TITLES = {"predicted_sparsity": "Predicted against true sparsity, per layer",

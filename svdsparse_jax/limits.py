@@ -25,21 +25,60 @@ def _size(n: float) -> str:
 def available_memory(devices: int = 1) -> int:
     """Bytes free for arrays: on accelerators, the first device's limit less its use (jax's memory statistics),
     times `devices` (a mesh's devices each hold their shards); on the CPU, the host's available memory
-    (/proc/meminfo's MemAvailable, else the physical memory), which host devices share."""
+    (/proc/meminfo's MemAvailable, else the physical memory), which host devices share, or less where the
+    process's address-space limit (`ulimit -v`) or its cgroup's memory limit leaves less."""
     import jax
 
     device = jax.devices()[0]
     stats = device.memory_stats() if device.platform != "cpu" else None
     if stats and "bytes_limit" in stats:
         return devices * max(0, int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0)))
+    free = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    meminfo = _proc_fields(Path("/proc/meminfo"))
+    if "MemAvailable" in meminfo:
+        free = meminfo["MemAvailable"]
+    return min(v for v in (free, _address_space_free(), cgroup_free()) if v is not None)
+
+
+def _proc_fields(path: Path) -> dict[str, int]:
+    """'Name:  N kB' lines of a /proc file as bytes, by name ({} where it cannot be read)."""
     try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+        lines = path.read_text().splitlines()
     except OSError:
-        pass
-    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return {}
+    fields = {}
+    for line in lines:
+        name, _, rest = line.partition(":")
+        parts = rest.split()
+        if parts and parts[0].isdigit():
+            fields[name] = int(parts[0]) * (1024 if parts[1:2] == ["kB"] else 1)
+    return fields
+
+
+def _address_space_free() -> int | None:
+    """The soft RLIMIT_AS less the process's virtual size, or None without a limit."""
+    import resource
+
+    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
+    if soft == resource.RLIM_INFINITY:
+        return None
+    return max(0, soft - _proc_fields(Path("/proc/self/status")).get("VmSize", 0))
+
+
+def cgroup_free(root: Path = Path("/sys/fs/cgroup")) -> int | None:
+    """The memory limit of the process's cgroup less its use (cgroup v2's memory.max and memory.current, or v1's
+    memory/memory.limit_in_bytes and usage_in_bytes under root), or None without a limit."""
+    for limit_file, use_file in (("memory.max", "memory.current"),
+                                 ("memory/memory.limit_in_bytes", "memory/memory.usage_in_bytes")):
+        try:
+            limit = (root / limit_file).read_text().strip()
+            use = int((root / use_file).read_text().strip())
+        except (OSError, ValueError):
+            continue
+        if limit.isdigit() and int(limit) < 1 << 60:  # v1 writes "no limit" as a huge number, v2 as "max"
+            return max(0, int(limit) - use)
+        return None
+    return None
 
 
 def check_memory(nbytes: float, what: str, available: int | None = None) -> None:

@@ -127,6 +127,43 @@ def test_plots_never_replace_files(tmp_path, capsys):
     assert (plots / "recall.png").read_bytes() == b"mine"
 
 
+def test_plot_names_too_long_for_the_filesystem_are_refused_first(tmp_path, capsys):
+    plots = tmp_path / ("p" * 300) / "plots"
+    code, line = run_cli(capsys, "eval", "--predictors", str(tmp_path / "none"), "--plots", str(plots))
+    assert code == 2 and "(--plots): a name of 300 bytes; at most" in line, line
+    assert not any(tmp_path.iterdir())  # nothing created
+
+
+def test_memory_checks_count_the_address_space_limit_and_the_cgroup(tmp_path):
+    """Under `ulimit -v` the free memory is what the limit leaves the process, not the host's; a cgroup's limit
+    (v2 or v1 files) counts its use."""
+    from svdsparse_jax.limits import cgroup_free
+
+    code = ("import resource; from svdsparse_jax.limits import available_memory, _proc_fields; from pathlib import "
+            "Path; a = available_memory(); size = _proc_fields(Path('/proc/self/status'))['VmSize']; "
+            "resource.setrlimit(resource.RLIMIT_AS, (size + a // 2, resource.RLIM_INFINITY)); "
+            "print(a, available_memory())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT,
+                         env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    host, limited = map(int, out.stdout.split())
+    assert 0 <= limited <= host // 2 + (1 << 20), out  # (the process may have grown a little since)
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    (v2 / "memory.max").write_text("4294967296\n")
+    (v2 / "memory.current").write_text("1073741824\n")
+    assert cgroup_free(v2) == 3 << 30
+    (v2 / "memory.max").write_text("max\n")
+    assert cgroup_free(v2) is None
+    v1 = tmp_path / "v1" / "memory"
+    v1.mkdir(parents=True)
+    (v1 / "memory.limit_in_bytes").write_text(str(2 << 30))
+    (v1 / "memory.usage_in_bytes").write_text(str(3 << 30))
+    assert cgroup_free(tmp_path / "v1") == 0
+    (v1 / "memory.limit_in_bytes").write_text(str(1 << 62))  # v1's "no limit"
+    assert cgroup_free(tmp_path / "v1") is None
+    assert cgroup_free(tmp_path / "none") is None
+
+
 def test_cleanup_removes_only_our_own_dead_partials(tmp_path):
     """A directory named like a partial output of a dead process of this host is removed only when it holds the
     mark `atomic_directory` writes: another program's (or user's) directory of that name stays."""
@@ -262,6 +299,10 @@ def test_predictor_tensors_and_fields_must_belong_to_their_manifest(lm, predicto
                                 "union_rows fractions must lie in [0, 1]"),
              "bad_rank": (lambda m, d: m["layers"][1].__setitem__("rank", -3), "layer 1: lowrank entry"),
              "bad_hash": (lambda m, d: m.__setitem__("tensors_sha256", 5), "tensors_sha256 5"),
+             "bad_threshold": (lambda m, d: m.__setitem__("threshold", "hot"), "threshold 'hot': expected a finite"),
+             "nan_threshold": (lambda m, d: m.__setitem__("threshold", float("nan")), "threshold nan"),
+             "bad_activation": (lambda m, d: m.__setitem__("activation", "gelu"), "activation 'gelu'"),
+             "bad_dtype": (lambda m, d: m.__setitem__("dtype", "int8"), "dtype 'int8'"),
              "stray": (stray, "tensors no layer of the manifest uses: ['layers.9.a']")}
     for name, (edit, want) in cases.items():
         with pytest.raises(SvdsparseError) as e:

@@ -34,9 +34,10 @@ def write_svdp(out_dir: str | os.PathLike, layers: list[LayerFactors], union_row
     for i, f in enumerate(layers):
         if f.relu or f.hidden_bias is not None:
             raise SvdsparseError(f"layer {i}: an MLP predictor (ReLU + hidden bias) has no SVDP-layout equivalent")
-        state = {"fc1.weight": torch.from_numpy(np.asarray(f.a, np.float32)).half(),
-                 "fc2.weight": torch.from_numpy(np.asarray(f.b, np.float32)).half(),
-                 "fc2.bias": torch.from_numpy(np.asarray(f.bias, np.float32)).half()}
+        # np.array copies: torch warns on every read-only array it wraps
+        state = {"fc1.weight": torch.from_numpy(np.array(f.a, np.float32)).half(),
+                 "fc2.weight": torch.from_numpy(np.array(f.b, np.float32)).half(),
+                 "fc2.bias": torch.from_numpy(np.array(f.bias, np.float32)).half()}
         for k in ("fc1.weight", "fc2.weight"):  # an infinite bias is meaningful (always / never); a factor is not
             bad = int((~torch.isfinite(state[k])).sum())
             if bad:

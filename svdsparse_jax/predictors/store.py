@@ -26,6 +26,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
+from pallas_kernels.numerics import ACTIVATIONS
 from svdsparse_jax.config import ModelConfig
 from svdsparse_jax.errors import SvdsparseError
 from svdsparse_jax.fsutil import atomic_directory, inside, read_versioned_json
@@ -206,6 +207,7 @@ def check_no_stray_tensors(tensors: dict, m: dict, where: str | os.PathLike) -> 
                              f"{f' and {len(stray) - 8} more' if len(stray) > 8 else ''}")
 
 
+FACTOR_DTYPES = ("bfloat16", "float16", "float32")  # the manifest's `dtype` of the factors
 INT_TENSORS = (".bits", ".alpha")  # the sign-bit predictor's packed signs and its threshold ratio
 
 
@@ -245,6 +247,13 @@ def read_manifest(pred_dir: str | os.PathLike) -> dict:
         raise SvdsparseError(f"{mpath}: method must be a string and config an object")
     if not isinstance(m["fingerprint"], str):
         raise SvdsparseError(f"{mpath}: fingerprint {m['fingerprint']!r}: expected a string")
+    if "activation" in m and m["activation"] not in ACTIVATIONS:
+        raise SvdsparseError(f"{mpath}: activation {m['activation']!r}: expected one of {ACTIVATIONS}")
+    t = m.get("threshold", 0.0)
+    if not (isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t)):
+        raise SvdsparseError(f"{mpath}: threshold {t!r}: expected a finite number")
+    if m.get("dtype") not in (None, *FACTOR_DTYPES):
+        raise SvdsparseError(f"{mpath}: dtype {m['dtype']!r}: expected one of {FACTOR_DTYPES} or null")
     if m["format"] >= 3 and not (m.get("tensors_sha256") is None or (
             isinstance(m["tensors_sha256"], str) and len(m["tensors_sha256"]) == 64)):
         raise SvdsparseError(f"{mpath}: tensors_sha256 {m.get('tensors_sha256')!r}: expected 64 hex digits or null")
