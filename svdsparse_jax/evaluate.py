@@ -26,6 +26,7 @@ from flax import nnx
 
 from svdsparse_jax import kv_cache
 from svdsparse_jax.errors import SvdsparseError, is_int
+from svdsparse_jax.fsutil import max_name_bytes
 from svdsparse_jax.limits import check_count
 from svdsparse_jax.generate import bucket
 from svdsparse_jax.engine import XLA
@@ -448,10 +449,7 @@ def check_plot_dir(out_dir: str | os.PathLike, flag: str = "--plots") -> None:
 
     out = Path(out_dir).absolute()
     existing = next(p for p in (out, *out.parents) if _lexists(p))
-    try:
-        name_max = os.pathconf(existing, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        name_max = 255
+    name_max = max_name_bytes(existing)
     long = next((n for n in out.relative_to(existing).parts if len(n.encode()) > name_max), None)
     if long is not None:  # the directories the plots would create
         raise SvdsparseError(f"{out} ({flag}): a name of {len(long.encode())} bytes; at most {name_max} fit this "

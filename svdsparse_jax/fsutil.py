@@ -68,14 +68,19 @@ def check_new_output(out: str | os.PathLike, flag: str = "output") -> Path:
     return out
 
 
+def max_name_bytes(directory: Path) -> int:
+    """The longest file name, in bytes, the filesystem holding `directory` takes (255 where it does not say)."""
+    try:
+        return os.pathconf(directory, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        return 255
+
+
 def check_name_length(out: Path, flag: str, existing: Path | None = None) -> None:
     """Refuses an output name too long for its filesystem once the temporary name's additions are counted
     (`atomic_directory` writes beside it as .NAME.partial-HOST-PID-XXXXXXXX)."""
     existing = existing or next((p for p in out.parents if p.exists()), Path(out.anchor))
-    try:
-        name_max = os.pathconf(existing, "PC_NAME_MAX")
-    except (OSError, ValueError):
-        name_max = 255
+    name_max = max_name_bytes(existing)
     room = name_max - _PARTIAL_EXTRA - len(socket.gethostname().encode())
     if len(out.name.encode()) > room:
         raise SvdsparseError(f"{out} ({flag}): the name has {len(out.name.encode())} bytes; at most {room} fit this "

@@ -92,6 +92,12 @@ def torch_copy_rate(n_bytes: int = 2 << 30, repeats: int = 10) -> float | None:
     return 2 * n_bytes / statistics.median(times)
 
 
+def hf_cache_kwargs(cache: str) -> dict:
+    """transformers `generate` keyword arguments for a KV cache kind: "static" (with which generate compiles
+    the decode step: torch.compile, CUDA graphs on a GPU) or "dynamic" (eager, the default)."""
+    return {"cache_implementation": "static"} if cache == "static" else {}
+
+
 def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=ROOT, capture_output=True, text=True)

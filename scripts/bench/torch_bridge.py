@@ -89,7 +89,7 @@ def speed(device: str, candidates: float, new_tokens: int, repeats: int, mode: s
                                                mode, capacity))
     prompt = torch.randint(0, cfg.vocab_size, (1, 64), device=device)
 
-    kw = {"cache_implementation": "static"} if cache == "static" else {}
+    kw = harness.hf_cache_kwargs(cache)
 
     def timed() -> float:
         with torch.no_grad():

@@ -47,7 +47,7 @@ def timed(model, prompt: torch.Tensor, new_tokens: int, repeats: int, device: st
     """(median tokens/s over `repeats` greedy generations after one warm-up, the generated tokens); cache
     "static": transformers' static KV cache, with which `generate` compiles the decode step."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    kw = {"cache_implementation": "static"} if cache == "static" else {}
+    kw = harness.hf_cache_kwargs(cache)
     with torch.no_grad():
         model.generate(prompt, max_new_tokens=4, min_new_tokens=4, do_sample=False, **kw)
         times = []

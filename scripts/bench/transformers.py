@@ -99,7 +99,7 @@ def main() -> int:
         prompt = prompt.to(device)
         for mode in args.modes:
             n = args.new_tokens if mode == "static" else args.eager_new_tokens
-            kw = {"cache_implementation": "static"} if mode == "static" else {}
+            kw = harness.hf_cache_kwargs(mode)
             decode, e2e = decode_rate(model, prompt, n, args.repeats, **kw)
             step_bytes = decode_bytes.step_bytes(cfg, 2, 1, args.prompt_len + n)
             row = {"shape": shape, "mode": mode, "new_tokens": n, "prompt_len": args.prompt_len,

@@ -26,8 +26,7 @@ from pathlib import Path
 
 import jax.numpy as jnp
 
-from pallas_kernels.numerics import ACTIVATIONS
-from svdsparse_jax.config import ModelConfig
+from svdsparse_jax.config import DENSE_ONLY_ACTIVATIONS, SPARSE_ACTIVATIONS, ModelConfig
 from svdsparse_jax.errors import SvdsparseError
 from svdsparse_jax.fsutil import atomic_directory, inside, read_versioned_json
 from svdsparse_jax.policy import UnionRows
@@ -247,8 +246,9 @@ def read_manifest(pred_dir: str | os.PathLike) -> dict:
         raise SvdsparseError(f"{mpath}: method must be a string and config an object")
     if not isinstance(m["fingerprint"], str):
         raise SvdsparseError(f"{mpath}: fingerprint {m['fingerprint']!r}: expected a string")
-    if "activation" in m and m["activation"] not in ACTIVATIONS:
-        raise SvdsparseError(f"{mpath}: activation {m['activation']!r}: expected one of {ACTIVATIONS}")
+    known = SPARSE_ACTIVATIONS + DENSE_ONLY_ACTIVATIONS  # what a ModelConfig accepts
+    if "activation" in m and m["activation"] not in known:
+        raise SvdsparseError(f"{mpath}: activation {m['activation']!r}: expected one of {known}")
     t = m.get("threshold", 0.0)
     if not (isinstance(t, (int, float)) and not isinstance(t, bool) and math.isfinite(t)):
         raise SvdsparseError(f"{mpath}: threshold {t!r}: expected a finite number")
