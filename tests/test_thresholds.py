@@ -36,8 +36,13 @@ def test_matches_the_greedy_loop(target, rng):
     k = (np.arange(GRID + 1) * n) // GRID
     sparsity = k[chosen].mean() / n
     predicted_active = scores + np.asarray(bias)[None, :] > 0
-    # the biases realise the chosen grid points: neuron i is off on exactly k[chosen_i] calibration tokens
-    np.testing.assert_array_equal((~predicted_active).sum(0), k[chosen])
+    # the biases realise the chosen grid points: neuron i is off on the k[chosen_i] tokens of lowest score, less
+    # any that tie with the lowest score kept on (float32 scores do tie: one seed had a tie at the cut)
+    col = np.sort(scores, axis=0)
+    first_on = col[np.minimum(k[chosen], n - 1), np.arange(scores.shape[1])]
+    expected_off = np.where(k[chosen] < n, (scores < first_on[None, :]).sum(0), n)
+    np.testing.assert_array_equal((~predicted_active).sum(0), expected_off)
+    assert (k[chosen] - expected_off).sum() <= 0.01 * k[chosen].sum()  # ties are rare: the plan is realised
     guard_hit = (chosen == GRID).sum() > 0.01 * scores.shape[1]
     if target.kind == "sparsity" and not guard_hit:
         assert sparsity >= target.value

@@ -159,7 +159,10 @@ def _calibrate(sorted_scores, m2, act_sorted, value, *, kind: str, grid: int, st
     taken = jnp.arange(perm.size) < end
     chosen = start + jnp.zeros(f, jnp.int32).at[neuron].add(taken.astype(jnp.int32))
     kk = k[chosen]  # tokens predicted inactive
-    tau = jnp.take_along_axis(sorted_scores, jnp.maximum(kk - 1, 0)[None, :], axis=0)[0]
+    last_off = jnp.take_along_axis(sorted_scores, jnp.maximum(kk - 1, 0)[None, :], axis=0)[0]
+    first_on = jnp.take_along_axis(sorted_scores, jnp.minimum(kk, n - 1)[None, :], axis=0)[0]
+    # a score tied across the cut cannot be split: the tied tokens all stay on, so ties never cost recall
+    tau = jnp.where(kk < n, jnp.minimum(last_off, jnp.nextafter(first_on, -jnp.inf)), last_off)
     bias = jnp.where(kk > 0, -tau, NO_THRESHOLD).astype(dtype)
     return bias, chosen
 
@@ -168,6 +171,9 @@ def calibrate_bias(scores: jax.Array, importance: jax.Array, active: jax.Array, 
                    grid: int = GRID, start_cap: float = START_CAP, guard: float = GUARD
                    ) -> tuple[jax.Array, jax.Array]:
     """Per-neuron biases b such that neuron i is predicted active iff score_i + b_i > 0.
+
+    Neuron i is off on the k[chosen_i] calibration tokens of lowest score, except where a score ties across
+    that cut: then the tied tokens stay on, and the neuron is off on fewer.
 
     Args:
       scores: [n, d_ff] predictor scores of the calibration tokens WITHOUT bias (float32 or float64).
