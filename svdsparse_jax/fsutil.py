@@ -5,11 +5,11 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
 import sys
-import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -18,9 +18,9 @@ from svdsparse_jax.errors import SvdsparseError
 
 PARTIAL = ".partial-"  # temporary output directories: .NAME.partial-HOST-PID-XXXX beside NAME
 OWNER_MARK = ".svdsparse-writing"  # inside a partial directory while it is written: what cleanup looks for
-_PARTIAL_EXTRA = len(PARTIAL) + 2 + 10 + 8  # the dots, a pid and mkdtemp's 8 characters, beside NAME and HOST
-# The partial directories this process is writing now: what `exit_on_signal` removes. Process state, like
-# tempfile's; nothing traced reads it.
+_PARTIAL_EXTRA = len(PARTIAL) + 2 + 10 + 8  # the dots, a pid and the 8 random characters, beside NAME and HOST
+# The partial directories this process is writing now: what `exit_on_signal` removes. Process state; nothing
+# traced reads it.
 _WRITING: set[Path] = set()
 
 
@@ -164,6 +164,23 @@ def _normal_modes(root: Path) -> None:
                 os.chmod(path, 0o666 & ~mask)
 
 
+def _new_partial(out_dir: Path) -> Path:
+    """Creates .NAME.partial-HOST-PID-XXXXXXXX beside out_dir, listed in _WRITING before it exists: a signal
+    that lands between the two still finds it to remove (mkdtemp's name is known only once it is made)."""
+    prefix = f".{out_dir.name}{PARTIAL}{socket.gethostname()}-{os.getpid()}-"
+    while True:
+        tmp = out_dir.parent / (prefix + secrets.token_hex(4))
+        _WRITING.add(tmp)
+        try:
+            os.mkdir(tmp, 0o700)
+            return tmp
+        except FileExistsError:
+            _WRITING.discard(tmp)
+        except BaseException:
+            _WRITING.discard(tmp)
+            raise
+
+
 @contextlib.contextmanager
 def atomic_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
     """Yields a fresh temporary directory beside `out_dir`; when the block completes it is renamed to out_dir,
@@ -176,9 +193,7 @@ def atomic_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
     check_name_length(out_dir, "output")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_partials(out_dir.parent)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}{PARTIAL}{socket.gethostname()}-{os.getpid()}-",
-                                dir=out_dir.parent))
-    _WRITING.add(tmp)
+    tmp = _new_partial(out_dir)
     try:
         (tmp / OWNER_MARK).write_text(f"{socket.gethostname()} {os.getpid()}\n")
         yield tmp

@@ -298,6 +298,27 @@ def test_a_killed_writer_leaves_nothing_that_outlives_it(tmp_path, sig):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["other"]
 
 
+def test_a_signal_just_after_the_partial_directory_is_made_still_removes_it(tmp_path, monkeypatch):
+    """The handler (`exit_on_signal`) run at the first moment the partial directory exists, before anything else
+    in `atomic_directory`: it finds the directory and removes it (a CI run's SIGTERM once landed there)."""
+    from svdsparse_jax import fsutil
+    real_mkdir = os.mkdir
+
+    def mkdir_then_signal(path, *args, **kwargs):
+        real_mkdir(path, *args, **kwargs)
+        if PARTIAL in os.fspath(path):
+            fsutil.exit_on_signal(signal.SIGTERM, "test")
+
+    def no_exit(code):
+        raise SystemExit(code)
+    monkeypatch.setattr(os, "mkdir", mkdir_then_signal)
+    monkeypatch.setattr(os, "_exit", no_exit)
+    with pytest.raises(SystemExit, match=str(128 + signal.SIGTERM)):
+        with atomic_directory(tmp_path / "out"):
+            pytest.fail("the block ran after the signal")
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
 def test_a_conversion_killed_while_writing_then_a_clean_rerun(tmp_path, sig):
     """`svdsparse convert` killed while its output is being written (its partial directory exists): SIGTERM

@@ -115,6 +115,18 @@ def run_workload(server: Server, prompts: list[list[int]], args) -> dict:
             "tpot_p99_ms": 1e3 * q(tpot, 99) if tpot else None}
 
 
+def idle_ttft(server: Server, prompts: list[list[int]], args) -> dict:
+    """TTFT with an idle queue: `--idle-requests` of the workload's prompts sent one at a time (each after the
+    last ended), asking for one token each; median and p99 over them."""
+    if not args.idle_requests:
+        return {}
+    with httpx.Client(timeout=600) as client:
+        ttft = [one_request(client, server.url, {"model": "bench", "prompt": p, "max_tokens": 1, "temperature": 0,
+                                                 "stream": True})["ttft"] for p in prompts[:args.idle_requests]]
+    return {"idle_requests": len(ttft), "idle_ttft_median_ms": 1e3 * statistics.median(ttft),
+            "idle_ttft_p99_ms": 1e3 * float(np.percentile(ttft, 99))}
+
+
 def generate_baseline(prompts: list[list[int]], args) -> dict:
     """The same prompts through `Generator` (what `svdsparse generate` runs), dense, in batches of max_batch in
     arrival order: output tokens over the programs' run time (a first pass compiles)."""
@@ -166,6 +178,9 @@ def main() -> None:
     ap.add_argument("--predictors", help="predictor directory for the sparse mode (default: built for the bundled "
                                          "model)")
     ap.add_argument("--ffn-policy", default="sparse", choices=["measured", "sparse", "dense"])
+    ap.add_argument("--idle-requests", type=int, default=16,
+                    help="after the workload, this many of its prompts one at a time, for TTFT with an idle queue "
+                         "(0: skip)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-dir", help="keep the servers' logs here (default: discarded)")
     ap.add_argument("--log-level", default="warning", help="the servers' --log-level (info: every compilation)")
@@ -211,7 +226,7 @@ def main() -> None:
                     run_workload(server, prompts, args)
                     if compiled == (compiled := server.programs()):
                         break
-                row = {"mode": mode, **run_workload(server, prompts, args)}
+                row = {"mode": mode, **run_workload(server, prompts, args), **idle_ttft(server, prompts, args)}
                 row["programs_compiled_while_measured"] = server.programs() - compiled
                 row["startup_s"], row["warmup_round_programs"] = started, compiled
             finally:
@@ -223,6 +238,7 @@ def main() -> None:
                                "out tok/s": fmt("output_tokens_per_s", ".0f"),
                                "TTFT med ms": fmt("ttft_median_ms"), "TTFT p99 ms": fmt("ttft_p99_ms"),
                                "TPOT med ms": fmt("tpot_median_ms", ".2f"), "TPOT p99 ms": fmt("tpot_p99_ms", ".2f"),
+                               "idle TTFT p99 ms": fmt("idle_ttft_p99_ms"),
                                "tokens": "output_tokens", "compiled while measured":
                                    "programs_compiled_while_measured"}))
     total = time.perf_counter() - t_start
