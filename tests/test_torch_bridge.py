@@ -299,6 +299,36 @@ def test_sync_free_path_equals_the_exact_path(bundled):
         patch_hf_model(hf_model(), root / "pred", device="cpu", mode="sync_free", capacity=2048)
 
 
+def test_sync_free_model_compiles_as_one_graph_under_the_static_cache(bundled):
+    """transformers' `generate` with its static cache and a compile config (what compiles the decode step into
+    CUDA graphs on a GPU; here dynamo's eager backend on the CPU, fullgraph) over the sync-free patched model:
+    one graph with no break, the eager patched model's tokens and its overflow counts."""
+    from transformers import CompileConfig
+
+    from torch_npu_bridge.hf_patch import overflow_count
+
+    _, _, _, root = bundled
+    prompt = torch.tensor(corpus_split("heldout")[2000:2024].astype(np.int64)[None])
+
+    def run(compile_config):
+        model = patch_hf_model(hf_model(), root / "pred", device="cpu", mode="sync_free", capacity=512)
+        with torch.no_grad():
+            out = model.generate(prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+                                 cache_implementation="static", compile_config=compile_config)
+        return out[0, prompt.shape[1]:].tolist(), overflow_count(model)
+
+    want = run(None)  # no compile config: on a CPU generate runs eager
+    config = CompileConfig(fullgraph=True, backend="eager", mode=None)
+    config._compile_all_devices = True  # transformers compiles on CUDA (and a few others) unless told this
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    got = run(config)
+    stats = torch._dynamo.utils.counters["stats"]
+    assert stats["unique_graphs"] == 1 and stats["calls_captured"] > 0, dict(stats)  # it compiled, one graph
+    assert not torch._dynamo.utils.counters["graph_break"]
+    assert got == want and want[1][0] > 0  # the same tokens, and the same candidates dropped (capacity 512)
+
+
 def test_sync_free_path_never_waits_for_the_host(bundled, monkeypatch):
     """The sync-free decode step calls nothing that needs the host to see a device value (nonzero, item, bool,
     tolist, boolean-mask indexing), and torch.compile traces it as one graph (fullgraph: no break, so CUDA /

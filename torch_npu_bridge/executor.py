@@ -116,6 +116,13 @@ class GuardedFFN(torch.nn.Module):
         self.relu = factors.relu
         self.activation, self.threshold = activation, threshold
         self.record: list | None = None
+        # Plain tensor attributes, not parameters: under torch.compile's CUDA graphs (mode "reduce-overhead", what
+        # transformers' static cache compiles with) an input not marked static is copied into the graph on every
+        # replay, and an input mutated in place (the counters) stops the capture. Marked, they are used in place.
+        for t in (self.w_gate, self.w_up, self.w_down_t, self.a, self.b, self.hidden_bias, self.bias, self.overflow,
+                  self.max_candidates):
+            if t is not None:
+                torch._dynamo.mark_static_address(t)
 
     def scores(self, x: torch.Tensor) -> torch.Tensor:
         """x [N, d] -> [N, d_ff] float32 scores (candidates are > 0), rounding between the two products to the
