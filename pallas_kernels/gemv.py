@@ -8,6 +8,9 @@ tile is loaded once for all B sequences. Given a scale, each program also forms 
 per sequence, from L2), so the q/k/v product of a decode step needs no separate norm launches. The result is
 written in the dtype asked for (f32, or the activations' dtype so no conversion launch follows).
 
+`gate_up_pallas` is the same row GEMV over W_gate and W_up together: each program reads its rows of both and
+writes the FFN's hidden activations act(g) * u, so the dense FFN's first half is one launch.
+
 For w_t [k, n] a row of w_t feeds every output, so `gemv_t_pallas` cuts the work the other way: program (j, s)
 owns columns [j*cols, (j+1)*cols) of y and row blocks s, s + splits, s + 2 splits, ... of w_t, streams its
 [rows, cols] tiles in a software-pipelined loop and writes an f32 partial sum; XLA adds the `splits` partial
@@ -24,6 +27,7 @@ from jax.experimental import pallas as pl
 
 from pallas_kernels.common import (F32, call, column_chunk, column_pieces, dot_pieces, pad_batch, pow2_divisor,
                                    rms_pieces)
+from pallas_kernels.numerics import Activation
 
 
 def _gemv_kernel(x_ref, w_ref, *refs, rows: int, cap: int, eps: float, has_scale: bool):
@@ -64,6 +68,40 @@ def gemv_pallas(x: jax.Array, w: jax.Array, scale: jax.Array | None = None, eps:
              in_specs=[pl.no_block_spec] * len(inputs), out_specs=pl.BlockSpec((bp, rows), lambda i: (0, i)),
              num_warps=num_warps, num_stages=1, interpret=interpret, poison=poison)(*inputs)
     return y[:b]
+
+
+def _gate_up_kernel(x_ref, wg_ref, wu_ref, h_ref, *, rows: int, cap: int, act: Activation):
+    """Program p: rows [p*rows, (p+1)*rows) of W_gate and W_up, both tiles' loads issued before x's, then
+    h = act(x W_gate^T) * up(x W_up^T) for each sequence."""
+    start = pl.multiple_of(pl.program_id(0) * rows, rows)
+    pieces = column_pieces(wg_ref.shape[1], cap)
+    gate_tiles = [wg_ref[pl.ds(start, rows), c] for c in pieces]
+    up_tiles = [wu_ref[pl.ds(start, rows), c] for c in pieces]
+    for b in range(x_ref.shape[0]):
+        xs = [x_ref[b, c].astype(F32) for c in pieces]
+        h_ref[b, :] = act.hidden(dot_pieces(gate_tiles, xs), dot_pieces(up_tiles, xs)).astype(h_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("act", "out_dtype", "rows", "cap", "num_warps", "interpret", "poison"))
+def gate_up_pallas(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, act: Activation, *, out_dtype=F32,
+                   rows: int = 2, cap: int = 4096, num_warps: int = 8, interpret: bool = False,
+                   poison: bool = False) -> jax.Array:
+    """The dense FFN's hidden activations in one pass over W_gate and W_up: x [B, k], w_gate and w_up [n, k] ->
+    h [B, n] out_dtype = act(x w_gate^T) * up(x w_up^T) (`numerics.Activation.hidden`, the products accumulated
+    in f32); one launch where two GEMVs and XLA's activation take three. rows, cap, num_warps as for
+    `gemv_pallas` (each program reads `rows` rows of both matrices). poison: the output starts as NaN."""
+    b, k = x.shape
+    n = w_gate.shape[0]
+    if w_gate.shape != (n, k) or w_up.shape != (n, k):
+        raise ValueError(f"gate_up: x {x.shape}, w_gate {w_gate.shape}, w_up {w_up.shape}; expected both [n, {k}]")
+    rows = pow2_divisor(n, rows)
+    xp = pad_batch(x.astype(w_gate.dtype))
+    bp = xp.shape[0]
+    h = call(functools.partial(_gate_up_kernel, rows=rows, cap=cap, act=act),
+             out_shape=jax.ShapeDtypeStruct((bp, n), out_dtype), grid=(n // rows,),
+             in_specs=[pl.no_block_spec] * 3, out_specs=pl.BlockSpec((bp, rows), lambda i: (0, i)),
+             num_warps=num_warps, num_stages=1, interpret=interpret, poison=poison)(xp, w_gate, w_up)
+    return h[:b]
 
 
 def _gemv_t_kernel(x_ref, w_ref, out_ref, *, rows: int, cols: int, splits: int, batch: int):

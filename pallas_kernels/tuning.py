@@ -101,6 +101,11 @@ GEMV_SHAPE_TILES = (
                          "243.8 tok/s against 244.5 before, a step-level difference within noise)"),
 )
 
+# The dense FFN's gate and up products as one launch that also forms act(g) * u (`gemv.gate_up_pallas`), where
+# the projection table sends the gate product to the GEMV. None: two GEMVs and XLA's activation, the measured
+# path, until a decode A/B on the GPU picks a tile (scripts/bench/decode.py --gate-up-tile).
+GATE_UP_TILE: GemvTile | None = None
+
 GEMV_T_TILE = GemvTTile(
     rows=64, cols=128, splits=32, num_warps=4, num_stages=2,
     source="H200 2026-12-02 (docs/bench/gemv_t_sweep.json): the fastest of 36 tiles at batch 1, 11008x4096 28.3 us "

@@ -6,6 +6,8 @@ it, and nothing else, to pick a Pallas kernel or XLA for each decode operation w
 
   project      x @ w^T, optionally RMSNorm(x) @ w^T: the Pallas GEMV or XLA's product, by `projections`
   project_t    x @ w_t for a weight stored input-major (W_down_t): the Pallas GEMV or XLA's, by the same rules
+  gate_up      the dense FFN's act(x W_gate^T) * up(x W_up^T): one Pallas pass over both (given a gate_up_tile) or
+               the two products of `project` and the activation
   add_rmsnorm  residual add + RMSNorm (+ the predictor's input projection): one Pallas launch, or XLA
   guarded_ffn  candidates -> neuron list -> gate on the candidates, activation, up / down on the active rows
 
@@ -31,7 +33,7 @@ from jax.sharding import PartitionSpec
 from pallas_kernels import reference, tuning
 from pallas_kernels.candidates import Candidates
 from pallas_kernels.compaction import compact_pallas
-from pallas_kernels.gemv import gemv_pallas, gemv_t_pallas
+from pallas_kernels.gemv import gate_up_pallas, gemv_pallas, gemv_t_pallas
 from pallas_kernels.norm import add_rmsnorm_pallas
 from pallas_kernels.numerics import Activation
 from pallas_kernels.sparse_ffn import SparseFFNConfig, sparse_ffn_indexed
@@ -55,7 +57,8 @@ class EngineConfig:
       XLA). Given RMSNorm(x) @ w^T, the GEMV forms the norm itself.
     gemv_tile, gemv_t_tile, sparse_ffn (kernel configuration by batch size), compaction_tile: the kernels'
       tiles; gemv_shape_tiles: the row GEMV's tiles for particular weight shapes (`gemv_tile_for`), before
-      gemv_tile.
+      gemv_tile; gate_up_tile: the tile of the one-pass gate and up kernel where the dense FFN's gate product
+      goes to the GEMV (None: two GEMVs and XLA's activation).
     kernel_max_batch: more rows than this (prefill, evaluation windows) always run XLA.
     ffn_policy: which layers of a decode batch run the predictor-guarded FFN: 'measured' (where the measured
       costs `ffn_costs` say it beats dense at the batch's union row fractions), 'sparse' (all) or 'dense'
@@ -72,6 +75,7 @@ class EngineConfig:
     gemv_tile: GemvTile = tuning.GEMV_TILE
     gemv_shape_tiles: tuple[GemvShapeTile, ...] = tuning.GEMV_SHAPE_TILES
     gemv_t_tile: GemvTTile = tuning.GEMV_T_TILE
+    gate_up_tile: GemvTile | None = tuning.GATE_UP_TILE
     sparse_ffn: tuple[SparseFFNRow, ...] = tuning.SPARSE_FFN
     compaction_tile: int = tuning.COMPACTION_TILE
     kernel_max_batch: int = 16
@@ -177,6 +181,30 @@ def project_t(engine: EngineConfig, x: jax.Array, w_t: jax.Array, out_dtype=F32)
     else:
         y = reference.gemv_t(flat, w_t).astype(out_dtype)
     return y.reshape(*x.shape[:-1], w_t.shape[1])
+
+
+def gate_up(engine: EngineConfig, x: jax.Array, w_gate: jax.Array, w_up: jax.Array, act: Activation,
+            out_dtype=F32) -> jax.Array:
+    """The dense FFN's hidden activations h = act(x W_gate^T) * up(x W_up^T), x [..., d], weights [d_ff, d] ->
+    [..., d_ff] out_dtype (products accumulated in f32; `Activation.hidden`). Where the engine has a
+    gate_up_tile and the projection table sends the gate product to the GEMV, one Pallas launch reads both
+    matrices and forms h; otherwise two `project` products and the activation. Under a mesh the weights' rows
+    are split: with the one-pass kernel each device runs it on its rows (`shard_map`), h split on its last
+    axis like the products'."""
+    if engine.gate_up_tile is not None and engine.mesh is not None and engine.kernels:
+        axis = engine.mesh.axis_names[0]
+        rows, last = PartitionSpec(axis, None), PartitionSpec(*([None] * (x.ndim - 1)), axis)
+        local_engine = _local(engine)
+        return jax.shard_map(lambda x, wg, wu: gate_up(local_engine, x, wg, wu, act, out_dtype), mesh=engine.mesh,
+                             in_specs=(PartitionSpec(), rows, rows), out_specs=last, check_vma=False)(x, w_gate, w_up)
+    rows_in = x.size // x.shape[-1]
+    if engine.gate_up_tile is not None and engine.projection_impl(rows_in, w_gate) == "gemv":
+        t = engine.gate_up_tile
+        h = gate_up_pallas(x.reshape(rows_in, x.shape[-1]), w_gate, w_up, act, out_dtype=jnp.dtype(out_dtype), rows=t.rows, cap=t.cap,
+                           num_warps=t.num_warps, interpret=engine.interpret)
+        return h.reshape(*x.shape[:-1], w_gate.shape[0])
+    return act.hidden(project(engine, x, w_gate, split="rows"), project(engine, x, w_up, split="rows")
+                      ).astype(out_dtype)
 
 
 def _local(engine: EngineConfig) -> EngineConfig:

@@ -22,7 +22,7 @@ from pallas_kernels.candidates import Candidates
 from pallas_kernels.numerics import Activation, rms_norm
 from svdsparse_jax import kv_cache
 from svdsparse_jax.config import ModelConfig
-from svdsparse_jax.engine import XLA, EngineConfig, add_rmsnorm, guarded_ffn, project, project_t
+from svdsparse_jax.engine import XLA, EngineConfig, add_rmsnorm, gate_up, guarded_ffn, project, project_t
 from svdsparse_jax.sharding import mesh_size, place_model, split_qkv, vocab_split
 from svdsparse_jax.weights import FUSED, Path, fuse_qkv, unfuse_qkv
 
@@ -154,18 +154,16 @@ class FFN(nnx.Module):
         self.cfg, self.engine = cfg, engine
         self.w_gate, self.w_up, self.w_down_t = (nnx.Param(w(n)) for n in ("w_gate", "w_up", "w_down_t"))
 
-    def hidden(self, x: jax.Array) -> jax.Array:
-        """h = act(gate) * up, [..., d_ff] f32: the input of down_proj (zero for inactive neurons)."""
-        engine = self.engine
-        return ffn_hidden(self.cfg, linear(engine, x, self.w_gate[...], split="rows"),
-                          linear(engine, x, self.w_up[...], split="rows"))
+    def hidden(self, x: jax.Array, out_dtype=F32) -> jax.Array:
+        """h = act(gate) * up, [..., d_ff] out_dtype: the input of down_proj (zero for inactive neurons)."""
+        return gate_up(self.engine, x, self.w_gate[...], self.w_up[...], activation(self.cfg), out_dtype)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         """The dense FFN: x [..., d] (the normed FFN input) -> y [..., d] in x's dtype."""
         with jax.named_scope("gate_up_activation"):
-            h = self.hidden(x)
+            h = self.hidden(x, x.dtype)
         with jax.named_scope("down"):
-            return project_t(self.engine, h.astype(x.dtype), self.w_down_t[...], x.dtype)
+            return project_t(self.engine, h, self.w_down_t[...], x.dtype)
 
 
 class FFNTrace(NamedTuple):

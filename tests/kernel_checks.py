@@ -163,6 +163,24 @@ def check_gemv(n: int, k: int, dtype, *, rng: np.random.Generator, batch: int = 
                        TOLERANCE[jnp.dtype(dtype).name])
 
 
+def check_gate_up(n: int, k: int, dtype, act: Activation, *, rng: np.random.Generator, batch: int = 1,
+                  interpret: bool, out_dtype=jnp.float32, **tile) -> CheckResult:
+    """`gemv.gate_up_pallas` against float64: act(x W_gate^T) * up(x W_up^T) from float64 products of the same
+    inputs, the result written as out_dtype."""
+    w_gate, w_up = device_normal(rng, (n, k), dtype, 1 / np.sqrt(k)), device_normal(rng, (n, k), dtype, 1 / np.sqrt(k))
+    x = jnp.asarray(rng.standard_normal((batch, k), np.float32), dtype)
+    h = gemv_mod.gate_up_pallas(x, w_gate, w_up, act, out_dtype=jnp.dtype(out_dtype), interpret=interpret,
+                                poison=True, **tile)
+    ok_dtype = h.dtype == jnp.dtype(out_dtype)
+    h = np.asarray(h.astype(jnp.float32), np.float64)
+    with jax.enable_x64(True):  # the activation rule on the float64 products, in float64
+        ref = np.asarray(act.hidden(jnp.asarray(f64_product(x, w_gate)), jnp.asarray(f64_product(x, w_up))))
+    assert ref.dtype == np.float64
+    return CheckResult(f"gate_up {act.kind} n={n} k={k} {jnp.dtype(dtype).name} batch={batch} "
+                       f"out={jnp.dtype(out_dtype).name}", _rel(h, ref),
+                       bool(np.isfinite(h).all()) and ok_dtype, TOLERANCE[jnp.dtype(dtype).name])
+
+
 def check_gemv_t(k: int, n: int, dtype, *, rng: np.random.Generator, batch: int = 1, interpret: bool,
                  out_dtype=jnp.float32, **tile) -> CheckResult:
     """`gemv.gemv_t_pallas` (x [B, k] @ w_t [k, n]) against float64, the result written as out_dtype."""

@@ -5,6 +5,7 @@ and the collectives of the compiled forward pass. Prints one JSON object."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import re
@@ -17,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from checkpoints import make_hf_checkpoint  # the script's own directory is on sys.path
-from pallas_kernels.tuning import ProjectionRule
+from pallas_kernels.tuning import GemvTile, ProjectionRule
 from svdsparse_jax import kv_cache
 from svdsparse_jax.convert import load_model
 from svdsparse_jax.engine import EngineConfig
@@ -97,6 +98,12 @@ def main(family: str, out_dir: str, seed: int, sizes: list[int]) -> dict:
             want_step = np.asarray(_logits(model, step[:rows], None if p is None else preds), np.float64)
             got = np.asarray(_logits(Transformer(cfg, lm.weights, kernels), step[:rows], p), np.float64)
             run[f"kernels_{mode}_{rows}_rel_err"] = float(np.linalg.norm(got - want_step) / np.linalg.norm(want_step))
+        # the dense FFN's gate and up as one kernel per shard (`engine.gate_up`)
+        one_pass = dataclasses.replace(kernels, gate_up_tile=GemvTile(rows=2, cap=4096, num_warps=8))
+        for rows in (3, 1):
+            want_step = np.asarray(_logits(model, step[:rows], None), np.float64)
+            got = np.asarray(_logits(Transformer(cfg, lm.weights, one_pass), step[:rows], None), np.float64)
+            run[f"gate_up_dense_{rows}_rel_err"] = float(np.linalg.norm(got - want_step) / np.linalg.norm(want_step))
         gen = Generator(Transformer(cfg, lm.weights, kernels), preds)
         run["kernels_tokens_equal"] = gen.generate(prompts, 6).tokens == [t[:6] for t in want_tokens["sparse"]]
         out["runs"].append(run)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from conftest import rel_err
-from kernel_checks import (TOLERANCE, blocked_list_numpy, check_add_rmsnorm, check_gemv, check_gemv_t,
+from kernel_checks import (TOLERANCE, blocked_list_numpy, check_add_rmsnorm, check_gate_up, check_gemv, check_gemv_t,
                            check_sparse_ffn, scores_for)
 from pallas_kernels import compaction, reference, tuning
 from pallas_kernels import sparse_ffn as sf
@@ -82,6 +82,20 @@ def test_gemv_kernel_matches_float64(n, k, dtype, rng):
             for out_dtype in (jnp.float32, dtype):
                 r = check_gemv(n, k, dtype, rng=rng, batch=batch, interpret=True, kernel=kernel,
                                out_dtype=out_dtype, rows=8, cap=64)
+                assert r.ok, r
+
+
+@pytest.mark.parametrize("act", [Activation("relu"), Activation("fatrelu", 0.4), Activation("drelu")],
+                         ids=lambda a: a.kind)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_gate_up_kernel_matches_float64(act, dtype, rng):
+    """The one-pass gate and up kernel: act(x W_gate^T) * up(x W_up^T) against the float64 rule, k = 96 in column
+    pieces 64 + 32, one and two rows per program, f32 results and results in the weights' dtype."""
+    for batch in (1, 3):
+        for rows in (1, 2, 8):
+            for out_dtype in (jnp.float32, dtype):
+                r = check_gate_up(200, 96, dtype, act, rng=rng, batch=batch, interpret=True, out_dtype=out_dtype,
+                                  rows=rows, cap=64)
                 assert r.ok, r
 
 
@@ -169,7 +183,8 @@ def test_engine_resolution_and_refusals():
 def test_interpreted_decode_projections_match_xla(llama_checkpoint, rng):
     """The decode projections through the GEMV kernels (interpreted; q/k/v with the attention norm inside) give
     XLA's hidden states, bf16, within the bf16 tolerance, for a 4-token step of two sequences and the next
-    1-token step; the programs really differ."""
+    1-token step; so does the engine that runs the dense FFN's gate and up as one kernel (`gate_up_tile`); the
+    programs really differ."""
     lm = load_model(llama_checkpoint.path, jnp.bfloat16)
     tokens = jnp.asarray(rng.integers(0, lm.cfg.vocab_size, (2, 5)), jnp.int32)
 
@@ -179,13 +194,17 @@ def test_interpreted_decode_projections_match_xla(llama_checkpoint, rng):
         return first, model(tokens[:, 4:], cache, jnp.int32(4))[0]
 
     outputs, texts = [], []
-    for engine in (XLA, INTERPRET):
+    one_pass = dataclasses.replace(INTERPRET, gate_up_tile=tuning.GemvTile(rows=2, cap=4096, num_warps=8))
+    for engine in (XLA, INTERPRET, one_pass):  # the last: the dense FFN's gate and up in one kernel
         model = Transformer(lm.cfg, lm.weights, engine)
         outputs.append([np.asarray(h, np.float32) for h in jax.jit(two_steps)(model)])
         texts.append(jax.jit(two_steps).lower(model).as_text())
-    assert texts[0] != texts[1] and "pallas" not in texts[0]
-    for a, b in zip(*outputs):  # the checks' measure and bf16 tolerance (seen: about 5e-3, bf16 roundings)
-        assert rel_err(a, b) <= TOLERANCE["bfloat16"]
+    assert len(set(texts)) == 3 and "pallas" not in texts[0]
+    kernels = [str(jax.make_jaxpr(two_steps)(Transformer(lm.cfg, lm.weights, e))) for e in (INTERPRET, one_pass)]
+    assert "name=gate_up_pallas" not in kernels[0] and "name=gate_up_pallas" in kernels[1]
+    for kernel_outputs in outputs[1:]:  # the checks' measure and bf16 tolerance (seen: about 5e-3)
+        for a, b in zip(outputs[0], kernel_outputs):
+            assert rel_err(a, b) <= TOLERANCE["bfloat16"]
 
 
 @pytest.mark.parametrize("k", [4096, 3584, 5120, 1536, 96, 16])

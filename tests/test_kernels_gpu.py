@@ -1,6 +1,6 @@
 """The Pallas kernels compiled for the GPU against the float64 oracle, at the model table's shapes: every (d, d_ff)
-for the sparse FFN, the compaction and the down product (`gemv_t`), the decode products for the GEMV, every width
-for the fused add + RMSNorm;
+for the sparse FFN, the compaction and the down product (`gemv_t`), the decode products for the GEMV, the dense
+FFN's one-pass gate and up at the tiles a decode A/B tries, every width for the fused add + RMSNorm;
 bf16 and f16, candidate counts 0, 1, all and not a multiple of any block size, batch 1 and 3, relu / FATReLU /
 dReLU, outputs started as NaN. Then one decode step of a LLaMA2-7B-shaped model through the Pallas engine against
 the XLA engine. Weights are drawn and the float64 oracles computed on the GPU (tests/kernel_checks.py), so the
@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 
 from conftest import rel_err
-from kernel_checks import (TOLERANCE, check_add_rmsnorm, check_compact, check_gemv, check_gemv_t, check_sparse_ffn,
-                           random_weights)
+from kernel_checks import (TOLERANCE, check_add_rmsnorm, check_compact, check_gate_up, check_gemv, check_gemv_t,
+                           check_sparse_ffn, random_weights)
 from pallas_kernels import sparse_ffn as sf
 from pallas_kernels import tuning
 from pallas_kernels.numerics import Activation
@@ -99,6 +99,24 @@ def test_gemv_t(d, d_ff, rng):
             for out_dtype in (jnp.float32, dtype):
                 r = check_gemv_t(d_ff, d, dtype, rng=rng, batch=batch, interpret=False, out_dtype=out_dtype, **tile)
                 assert r.ok, r
+
+
+GATE_UP_TILES = sorted({tuning.GemvTile(rows=r, cap=4096, num_warps=w) for r, w in ((1, 4), (2, 8), (4, 8))}
+                       | ({tuning.GATE_UP_TILE} if tuning.GATE_UP_TILE else set()), key=lambda t: (t.rows, t.num_warps))
+
+
+@pytest.mark.parametrize("d,d_ff", [(4096, 11008), (3584, 18944), (256, 1024)],
+                         ids=["quick-4096x11008", "3584x18944", "quick-256x1024"])
+def test_gate_up(d, d_ff, rng):
+    """The dense FFN's gate and up in one kernel at the tiles a decode A/B tries (and the table's, once it has
+    one), each activation, bf16 and f16, batch 1 and 4, f32 results and results in the weights' dtype."""
+    for tile in GATE_UP_TILES:
+        for dtype in (jnp.bfloat16, jnp.float16):
+            for batch, act in ((1, Activation("fatrelu", 0.5)), (4, Activation("relu")), (1, Activation("drelu"))):
+                r = check_gate_up(d_ff, d, dtype, act, rng=rng, batch=batch, interpret=False,
+                                  out_dtype=dtype if batch == 1 else jnp.float32, rows=tile.rows, cap=tile.cap,
+                                  num_warps=tile.num_warps)
+                assert r.ok, (tile, r)
 
 
 @pytest.mark.parametrize("d", sorted({s[0] for s in SHAPES}), ids=lambda d: f"quick-{d}" if d == 4096 else str(d))

@@ -30,7 +30,8 @@ def test_sharded_logits_and_tokens_equal_unsharded(family, sizes, tmp_path, seed
     assert out["devices"] == 4
     for run in out["runs"]:
         assert run["w_gate_shards"] == run["n"] and run["w_gate_shard_rows"] == 128 // run["n"]  # d_ff 128 split
-        for mode in ("dense", "sparse", "kernels_dense_3", "kernels_dense_1", "kernels_sparse_3", "kernels_sparse_1"):
+        for mode in ("dense", "sparse", "kernels_dense_3", "kernels_dense_1", "kernels_sparse_3", "kernels_sparse_1",
+                     "gate_up_dense_3", "gate_up_dense_1"):
             assert run[f"{mode}_rel_err"] <= 1e-5, run
         assert run["dense_tokens_equal"] and run["sparse_tokens_equal"] and run["kernels_tokens_equal"], run
         # heads split with no resharding: each device's q/k/v rows are its heads', and the only collectives are

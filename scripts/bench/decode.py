@@ -38,7 +38,7 @@ import numpy as np
 
 from scripts.bench import bytes as decode_bytes
 from scripts.bench import harness, trace
-from pallas_kernels.tuning import FFNCost, GemvTTile
+from pallas_kernels.tuning import FFNCost, GemvTile, GemvTTile
 from svdsparse_jax.config import NAMED_SHAPES, named_config
 from svdsparse_jax.convert import parse_dtype
 from svdsparse_jax.engine import EngineConfig
@@ -50,7 +50,10 @@ from svdsparse_jax.weights import init_weights
 
 NOT_KERNELS = ("parameter", "get-tuple-element", "tuple", "bitcast", "constant")
 COLUMNS = {"shape": "shape", "batch": "batch", "mode": lambda r: r["candidates"] or "dense",
-           "proj": "projections", "check": "steps_per_check", "e2e tok/s": "end_to_end_tokens_per_s",
+           "proj": "projections", "check": "steps_per_check",
+           "gate+up": lambda r: "2 GEMVs" if not r["gate_up_tile"] else "rows={rows} warps={num_warps}".format(
+               **r["gate_up_tile"]),
+           "e2e tok/s": "end_to_end_tokens_per_s",
            "decode tok/s": "decode_tokens_per_s", "step ms": "decode_step_ms", "GB/step": "gb_per_step",
            "TB/s": "decode_tb_per_s", "of copy": "fraction_of_copy", "launches": "launches_per_step",
            "sparse layers": "sparse_layers", "x dense": "speedup_vs_dense"}
@@ -223,6 +226,10 @@ def main() -> int:
                          "gives the multiplier of equal accuracy)")
     ap.add_argument("--gemv-t-tile", metavar="TILE", help="the down product's tile instead of tuning.GEMV_T_TILE, "
                     "as scripts.bench.gemv_t prints it: 'rows=64 cols=128 splits=32 num_warps=4 num_stages=3'")
+    ap.add_argument("--gate-up-tile", nargs="+", default=["none"], metavar="TILE",
+                    help="dense runs with the dense FFN's gate and up as one kernel (`gemv.gate_up_pallas`) at each "
+                         "tile, e.g. 'rows=2 cap=4096 num_warps=8'; 'none': two GEMVs and XLA's activation (the "
+                         "table's default); sparse runs take the first")
     ap.add_argument("--inactive", type=float, default=0.9)
     ap.add_argument("--s", type=float, default=0.95)
     ap.add_argument("--rank", type=int, default=256)
@@ -242,6 +249,8 @@ def main() -> int:
     if args.gemv_t_tile:
         tile = dict(kv.split("=") for kv in args.gemv_t_tile.split())
         engine_fields["gemv_t_tile"] = GemvTTile(**{k: int(v) for k, v in tile.items()})
+    gate_up_tiles = [None if t == "none" else GemvTile(**{k: int(v) for k, v in (kv.split("=") for kv in t.split())})
+                     for t in args.gate_up_tile]
     if args.ffn_costs:
         fitted = json.loads(Path(args.ffn_costs).read_text())["ffn_costs"]
         engine_fields["ffn_costs"] = tuple(FFNCost(**row) for row in fitted)
@@ -252,19 +261,24 @@ def main() -> int:
         pset, about = build(model, args.rank, args.s, args.calib_tokens, args.guard) if args.sparse else (None, {})
         dense = {}
         modes = [None, "union", *args.topk] if args.sparse else [None]
-        for batch, projections, check, sparse in itertools.product(args.batch, args.projections,
-                                                                    args.steps_per_check, modes):
-            if sparse and projections != args.projections[0] or sparse not in (None, "union") and batch == 1:
+        for batch, projections, check, gate_up, sparse in itertools.product(
+                args.batch, args.projections, args.steps_per_check, gate_up_tiles, modes):
+            if sparse and (projections != args.projections[0] or gate_up != gate_up_tiles[0]) \
+                    or sparse not in (None, "union") and batch == 1:
                 continue
             engine = EngineConfig.resolve(args.kernels, projections=projections, steps_per_check=check,
-                                          ffn_policy=args.ffn_policy, **engine_fields)
+                                          ffn_policy=args.ffn_policy, gate_up_tile=gate_up, **engine_fields)
             mode = "dense" if not sparse else "union" if sparse == "union" else f"topk{sparse}"
-            profile = args.profile and f"{args.profile}/{shape}_decay{decay}_b{batch}_{projections}_c{check}_{mode}"
+            tile_name = "" if gate_up is None else f"_gateup{gate_up.rows}x{gate_up.num_warps}"
+            profile = args.profile and (f"{args.profile}/{shape}_decay{decay}_b{batch}_{projections}_c{check}"
+                                        f"{tile_name}_{mode}")
             row = {**bench_model(with_engine(model, engine), batch, args.prompt_len, args.new_tokens, args.repeats,
                                  pset if sparse else None, profile, None if sparse == "union" else sparse),
                    **(about if sparse else {}),
-                   "shape": shape, "gate_decay": decay}
-            key = (batch, projections, check)
+                   "shape": shape, "gate_decay": decay,
+                   "gate_up_tile": None if gate_up is None else {k: v for k, v in dataclasses.asdict(gate_up).items()
+                                                                 if k != "source"}}
+            key = (batch, projections, check, gate_up)
             if not sparse:
                 dense[key] = row
             else:  # against the dense run of the same model with the same engine
