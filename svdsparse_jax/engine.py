@@ -200,8 +200,8 @@ def gate_up(engine: EngineConfig, x: jax.Array, w_gate: jax.Array, w_up: jax.Arr
     rows_in = x.size // x.shape[-1]
     if engine.gate_up_tile is not None and engine.projection_impl(rows_in, w_gate) == "gemv":
         t = engine.gate_up_tile
-        h = gate_up_pallas(x.reshape(rows_in, x.shape[-1]), w_gate, w_up, act, out_dtype=jnp.dtype(out_dtype), rows=t.rows, cap=t.cap,
-                           num_warps=t.num_warps, interpret=engine.interpret)
+        h = gate_up_pallas(x.reshape(rows_in, x.shape[-1]), w_gate, w_up, act, out_dtype=jnp.dtype(out_dtype),
+                           rows=t.rows, cap=t.cap, num_warps=t.num_warps, interpret=engine.interpret)
         return h.reshape(*x.shape[:-1], w_gate.shape[0])
     return act.hidden(project(engine, x, w_gate, split="rows"), project(engine, x, w_up, split="rows")
                       ).astype(out_dtype)
