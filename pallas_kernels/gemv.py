@@ -88,8 +88,9 @@ def gate_up_pallas(x: jax.Array, w_gate: jax.Array, w_up: jax.Array, act: Activa
                    poison: bool = False) -> jax.Array:
     """The dense FFN's hidden activations in one pass over W_gate and W_up: x [B, k], w_gate and w_up [n, k] ->
     h [B, n] out_dtype = act(x w_gate^T) * up(x w_up^T) (`numerics.Activation.hidden`, the products accumulated
-    in f32); one launch where two GEMVs and XLA's activation take three. rows, cap, num_warps as for
-    `gemv_pallas` (each program reads `rows` rows of both matrices). poison: the output starts as NaN."""
+    in f32); one launch where two GEMVs, XLA's activation and its conversion to out_dtype take four. rows, cap,
+    num_warps as for `gemv_pallas` (each program reads `rows` rows of both matrices). poison: the output starts
+    as NaN."""
     b, k = x.shape
     n = w_gate.shape[0]
     if w_gate.shape != (n, k) or w_up.shape != (n, k):

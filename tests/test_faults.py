@@ -300,7 +300,7 @@ def test_a_killed_writer_leaves_nothing_that_outlives_it(tmp_path, sig):
 
 def test_a_signal_just_after_the_partial_directory_is_made_still_removes_it(tmp_path, monkeypatch):
     """The handler (`exit_on_signal`) run at the first moment the partial directory exists, before anything else
-    in `atomic_directory`: it finds the directory and removes it (a CI run's SIGTERM once landed there)."""
+    in `atomic_directory`: it finds the directory and removes it."""
     from svdsparse_jax import fsutil
     real_mkdir = os.mkdir
 

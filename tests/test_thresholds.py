@@ -37,7 +37,7 @@ def test_matches_the_greedy_loop(target, rng):
     sparsity = k[chosen].mean() / n
     predicted_active = scores + np.asarray(bias)[None, :] > 0
     # the biases realise the chosen grid points: neuron i is off on the k[chosen_i] tokens of lowest score, less
-    # any that tie with the lowest score kept on (float32 scores do tie: one seed had a tie at the cut)
+    # any that tie with the lowest score kept on (float32 scores can tie at the cut)
     col = np.sort(scores, axis=0)
     first_on = col[np.minimum(k[chosen], n - 1), np.arange(scores.shape[1])]
     expected_off = np.where(k[chosen] < n, (scores < first_on[None, :]).sum(0), n)

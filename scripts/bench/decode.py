@@ -59,6 +59,11 @@ COLUMNS = {"shape": "shape", "batch": "batch", "mode": lambda r: r["candidates"]
            "sparse layers": "sparse_layers", "x dense": "speedup_vs_dense"}
 
 
+def parse_tile(cls, text: str):
+    """A tile dataclass from 'field=N field=N ...' (how the sweeps print their tiles)."""
+    return cls(**{k: int(v) for k, v in (kv.split("=") for kv in text.split())})
+
+
 def launches_per_step(compiled) -> int:
     """Top-level kernels in the body of the decode while-loop (the loop whose body has the most of them)."""
     text = compiled.as_text()
@@ -247,10 +252,8 @@ def main() -> int:
     dtype = parse_dtype(args.dtype)
     engine_fields = {}
     if args.gemv_t_tile:
-        tile = dict(kv.split("=") for kv in args.gemv_t_tile.split())
-        engine_fields["gemv_t_tile"] = GemvTTile(**{k: int(v) for k, v in tile.items()})
-    gate_up_tiles = [None if t == "none" else GemvTile(**{k: int(v) for k, v in (kv.split("=") for kv in t.split())})
-                     for t in args.gate_up_tile]
+        engine_fields["gemv_t_tile"] = parse_tile(GemvTTile, args.gemv_t_tile)
+    gate_up_tiles = [None if t == "none" else parse_tile(GemvTile, t) for t in args.gate_up_tile]
     if args.ffn_costs:
         fitted = json.loads(Path(args.ffn_costs).read_text())["ffn_costs"]
         engine_fields["ffn_costs"] = tuple(FFNCost(**row) for row in fitted)

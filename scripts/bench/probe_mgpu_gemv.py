@@ -14,7 +14,8 @@ Each configuration is checked against a float64 NumPy product of the same bf16 i
   python -m scripts.bench.probe_mgpu_gemv [--lower-only] [--batch 1] [--shapes qkv o gate_up down] [--json-out F]
 
 --lower-only lowers every configuration for CUDA without running it (works on a CPU machine: catches shape and
-layout errors of the Mosaic GPU lowering; jax 0.10's Mosaic GPU interpreter does not run transposed refs).
+layout errors of the Mosaic GPU lowering; jax 0.10's Mosaic GPU interpreter runs neither the pipeline nor
+wgmma, so no CPU run checks the arithmetic).
 """
 
 from __future__ import annotations
