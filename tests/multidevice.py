@@ -89,9 +89,10 @@ def main(family: str, out_dir: str, seed: int, sizes: list[int]) -> dict:
             run[f"{mode}_rel_err"] = float(np.linalg.norm(got - want[mode]) / np.linalg.norm(want[mode]))
             gen = Generator(Transformer(cfg, lm.weights, engine), None if p is None else preds)
             run[f"{mode}_tokens_equal"] = gen.generate(prompts, 12).tokens == want_tokens[mode]
-        # the kernels (interpreted) per shard, at decode sizes: the GEMV for every split product, the fused add +
-        # norm, and the guarded FFN's kernels (the mma kernels for 3 sequences, the stream kernel for one)
-        kernels = EngineConfig(backend="interpret", ffn_policy="sparse", mesh=mesh,
+        # the kernels (interpreted) per shard, at decode sizes: the GEMV for every split product (gate and up as
+        # two), the fused add + norm, and the guarded FFN's kernels (the mma kernels for 3 sequences, the stream
+        # kernel for one)
+        kernels = EngineConfig(backend="interpret", ffn_policy="sparse", mesh=mesh, gate_up_tile=None,
                                projections=(ProjectionRule(8, 0, "gemv", ("float32",)),))
         step = tokens[:, :1]
         for (mode, p), rows in itertools.product((("dense", None), ("sparse", placed)), (3, 1)):

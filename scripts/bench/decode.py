@@ -38,7 +38,7 @@ import numpy as np
 
 from scripts.bench import bytes as decode_bytes
 from scripts.bench import harness, trace
-from pallas_kernels.tuning import FFNCost, GemvTile, GemvTTile
+from pallas_kernels.tuning import GATE_UP_TILE, FFNCost, GemvTile, GemvTTile
 from svdsparse_jax.config import NAMED_SHAPES, named_config
 from svdsparse_jax.convert import parse_dtype
 from svdsparse_jax.engine import EngineConfig
@@ -231,10 +231,10 @@ def main() -> int:
                          "gives the multiplier of equal accuracy)")
     ap.add_argument("--gemv-t-tile", metavar="TILE", help="the down product's tile instead of tuning.GEMV_T_TILE, "
                     "as scripts.bench.gemv_t prints it: 'rows=64 cols=128 splits=32 num_warps=4 num_stages=3'")
-    ap.add_argument("--gate-up-tile", nargs="+", default=["none"], metavar="TILE",
+    ap.add_argument("--gate-up-tile", nargs="+", default=["table"], metavar="TILE",
                     help="dense runs with the dense FFN's gate and up as one kernel (`gemv.gate_up_pallas`) at each "
-                         "tile, e.g. 'rows=2 cap=4096 num_warps=8'; 'none': two GEMVs and XLA's activation (the "
-                         "table's default); sparse runs take the first")
+                         "tile, e.g. 'rows=2 cap=4096 num_warps=8'; 'table': tuning.GATE_UP_TILE; 'none': two GEMVs "
+                         "and XLA's activation; sparse runs take the first")
     ap.add_argument("--inactive", type=float, default=0.9)
     ap.add_argument("--s", type=float, default=0.95)
     ap.add_argument("--rank", type=int, default=256)
@@ -253,7 +253,8 @@ def main() -> int:
     engine_fields = {}
     if args.gemv_t_tile:
         engine_fields["gemv_t_tile"] = parse_tile(GemvTTile, args.gemv_t_tile)
-    gate_up_tiles = [None if t == "none" else parse_tile(GemvTile, t) for t in args.gate_up_tile]
+    gate_up_tiles = [None if t == "none" else GATE_UP_TILE if t == "table" else parse_tile(GemvTile, t)
+                     for t in args.gate_up_tile]
     if args.ffn_costs:
         fitted = json.loads(Path(args.ffn_costs).read_text())["ffn_costs"]
         engine_fields["ffn_costs"] = tuple(FFNCost(**row) for row in fitted)

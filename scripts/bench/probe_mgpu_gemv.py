@@ -166,7 +166,7 @@ def main() -> None:
                         row["us"] = harness.per_product_s(f, x, mats, args.repeats) * 1e6
                         row["tb_s"] = nbytes / row["us"] / 1e6
             except Exception as e:  # a configuration the lowering refuses: recorded, the sweep goes on
-                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                row["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [repr(e)])[0][:200]}"
             rows.append(row)
             print(row, flush=True)
         del mats

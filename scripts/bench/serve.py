@@ -171,7 +171,7 @@ def main() -> None:
     ap.add_argument("--prompt-min", type=int, default=8)
     ap.add_argument("--prompt-max", type=int, default=100)
     ap.add_argument("--max-batch", type=int, default=8)
-    ap.add_argument("--decode-chunk", type=int, default=4)
+    ap.add_argument("--decode-chunk", type=int, default=8, help="the server's --decode-chunk (its default)")
     ap.add_argument("--modes", nargs="+", default=["dense", "sparse", "generate"],
                     choices=["dense", "sparse", "generate"],
                     help="generate: the prompts through Generator in batches of --max-batch (no server)")

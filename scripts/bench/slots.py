@@ -1,5 +1,5 @@
 """The server's decode slots without the server: time per decode step of `SlotDecoder` with every slot occupied,
-copying each chunk's context bucket (the default) or reading it in place (`SlotConfig.window_reads`), against
+copying each chunk's context bucket or reading it in place (`SlotConfig.window_reads`, the default), against
 `Generator` on the same prompts at the same batch (the step the server should match). No HTTP, no tokenizer, no
 queue: what is left of the server's gap to `generate` is the host's (scripts/bench/serve.py measures it whole).
 
@@ -9,7 +9,7 @@ compiles every program it meets. Greedy, dense; whether the variants' tokens equ
 reported (bf16 roundings that differ with the batch's composition can move a near-tie of random weights).
 
   python -m scripts.bench.slots [--shape llama2-7b | --model DIR] [--dtype bfloat16] [--slots 8]
-                                [--prompt-len 100] [--steps 128] [--chunk 4] [--context-buckets 4] [--json-out F]
+                                [--prompt-len 100] [--steps 128] [--chunk 8] [--context-buckets 6] [--json-out F]
 """
 
 from __future__ import annotations
@@ -56,8 +56,8 @@ def main() -> int:
     ap.add_argument("--slots", type=int, default=8)
     ap.add_argument("--prompt-len", type=int, default=100)
     ap.add_argument("--steps", type=int, default=128)
-    ap.add_argument("--chunk", type=int, default=4)
-    ap.add_argument("--context-buckets", type=int, default=4)
+    ap.add_argument("--chunk", type=int, default=8)
+    ap.add_argument("--context-buckets", type=int, default=6)
     ap.add_argument("--context", type=int, help="cache slots per sequence (default: the model's positions)")
     harness.add_report_args(ap)
     args = ap.parse_args()

@@ -32,7 +32,7 @@ def add_parser(sub) -> None:
                    help="decode slots: sequences decoded together (a request of n choices takes n)")
     p.add_argument("--max-queue", type=number(int, 0), default=64,
                    help="requests that may wait for a slot; beyond them a request is answered 429")
-    p.add_argument("--decode-chunk", type=POSITIVE, default=4,
+    p.add_argument("--decode-chunk", type=POSITIVE, default=8,
                    help="decode steps per host round trip (streams receive tokens in groups of this many)")
     p.add_argument("--chat-template", metavar="FILE",
                    help="a Jinja chat template for /v1/chat/completions (default: the tokenizer's, if any)")

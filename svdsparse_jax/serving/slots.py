@@ -54,15 +54,15 @@ class SlotConfig:
     alternatives a token's log-probabilities list; context_buckets: how many context lengths a step may read
     (context / 2^k for k < context_buckets, at least one prompt bucket); window_reads: a decode chunk runs in the
     whole caches, attention reading only the context bucket's slots, instead of copying the bucket's slots out
-    of every layer's cache and back (2 x 2 x the bucket's bytes a chunk). Off until it is measured on a GPU:
-    there the slice must fuse into attention's products, or it costs a copy every step."""
+    of every layer's cache and back (2 x 2 x the bucket's bytes a chunk). The defaults are the H200's fastest
+    (docs/BENCHMARKS.md, the slots benchmark: reads 1% faster than copies, 6 buckets 8% faster than 4)."""
 
     slots: int
     context: int
-    chunk: int = 4
+    chunk: int = 8
     top_logprobs: int = 20
-    context_buckets: int = 4
-    window_reads: bool = False
+    context_buckets: int = 6
+    window_reads: bool = True
 
     def slot_buckets(self) -> list[int]:
         return sorted({self.slot_bucket(i) for i in range(self.slots)})
