@@ -105,9 +105,11 @@ GEMV_SHAPE_TILES = (
 # the projection table sends the gate product to the GEMV. None would mean two GEMVs and XLA's activation.
 GATE_UP_TILE: GemvTile | None = GemvTile(
     rows=2, cap=4096, num_warps=8,
-    source="H200 2026-12-03 at cc2b61e (scripts/bench/decode.py --gate-up-tile, LLaMA2-7B b1 dense, GPU checks of "
-           "gate_up passed; copy 4.242 TB/s): two GEMVs 244.1 tok/s (0.766 of the copy, 426 launches a step); "
-           "rows=1 warps=4 250.5; rows=2 warps=8 251.8 (0.791, 362 launches), the best; rows=4 warps=8 250.9")
+    source="H200 2026-12-03, LLaMA2-7B dense b1 (scripts/bench/decode.py --gate-up-tile; GPU checks passed): a first "
+           "A/B of 3 tiles (report not kept; copy 4.242 TB/s): two GEMVs 244.1 tok/s, rows=1 warps=4 250.5, rows=2 "
+           "warps=8 251.8, rows=4 warps=8 250.9; then device_session.sh (docs/bench/decode_llama2-7b_gate_up_"
+           "cc2b61e.json, copy 4.248): 243.5 -> 251.1 tok/s (0.764 -> 0.787 of the copy, 426 -> 362 launches), "
+           "gate + up 44.4 us a layer (4.06 TB/s). Batch 4 takes XLA's products (the projection table): unchanged")
 
 GEMV_T_TILE = GemvTTile(
     rows=64, cols=128, splits=32, num_warps=4, num_stages=2,

@@ -113,6 +113,7 @@ def main() -> int:
             h.remove()
         rows["unpatched"] = {"tokens_per_s": round(tps, 2), "ffn_us_per_token": round(
             ffn_us([layer.mlp for layer in model.model.layers], inputs, args.repeats, args.device), 1)}
+        print("unpatched", json.dumps(rows["unpatched"]), flush=True)  # each row as it comes: a cut run keeps them
         exact_tokens = None
         for name, kw in (("exact", {}), ("sync_free_dff", {"mode": "sync_free"}),
                          ("sync_free_measured", {"mode": "sync_free", "capacity": "measured", "margin": args.margin})):

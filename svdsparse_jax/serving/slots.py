@@ -55,7 +55,9 @@ class SlotConfig:
     (context / 2^k for k < context_buckets, at least one prompt bucket); window_reads: a decode chunk runs in the
     whole caches, attention reading only the context bucket's slots, instead of copying the bucket's slots out
     of every layer's cache and back (2 x 2 x the bucket's bytes a chunk). The defaults are the H200's fastest
-    (docs/BENCHMARKS.md, the slots benchmark: reads 1% faster than copies, 6 buckets 8% faster than 4)."""
+    (docs/BENCHMARKS.md, issue 31, LLaMA2-7B, 8 slots): window reads 3% faster a step than copies at 8 steps a
+    chunk, 6 context buckets 8% faster than 4; the server at 8 steps a chunk 5% faster than at 16, and 4
+    slower than 16 in the slots benchmark (7.51 against 5.79 ms a step, copying)."""
 
     slots: int
     context: int
