@@ -3,11 +3,11 @@ the Triton-lowered `pallas_kernels.gemv` at the LLaMA2-7B decode shapes. Issue 2
 measured for dense decode at 0.85 of the copy rate.
 
 y [B, n] = x [B, k] @ w [n, k]^T (or x @ w_t for a weight stored input-major, w_t [k, n]: W_down_t). Program
-(i, s) owns rows [i*tile_m, (i+1)*tile_m) of w and the s-th of `splits` equal pieces of k; Pallas' Mosaic GPU
-pipeline streams [tile_m, tile_k] tiles of w through `stages` SMEM buffers (TMA copies in flight while the
-tensor cores take the previous tile), and a wgmma multiplies each by x^T, padded to 8 sequences (the smallest
-wgmma N), into an f32 [tile_m, 8] accumulator. The f32 partial sums [splits, n, 8] are added by XLA, which also
-transposes them back to [B, n].
+(i, s) of a `plgpu.kernel` grid owns rows [i*tile_m, (i+1)*tile_m) of w and the s-th of `splits` equal pieces
+of k; `plgpu.emit_pipeline` streams [tile_m, tile_k] tiles of w through `stages` SMEM buffers (TMA copies in
+flight while the tensor cores take the previous tile), and a wgmma multiplies each by x^T, padded to 8
+sequences (the smallest wgmma N), into an f32 [tile_m, 8] accumulator. The f32 partial sums [splits, n, 8] are
+added by XLA, which also transposes them back to [B, n].
 
 Each configuration is checked against a float64 NumPy product of the same bf16 inputs before it is timed.
 
@@ -27,6 +27,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -47,6 +48,11 @@ def _mma_transforms(minor: int, dtype) -> tuple:
     raise ValueError(f"no wgmma swizzle for a minor dimension of {minor} {jnp.dtype(dtype).name}")
 
 
+def _t(ref):
+    """A [r, c] SMEM ref seen as [c, r] (wgmma reads it transposed)."""
+    return plgpu.transpose_ref(ref, (1, 0))
+
+
 @functools.partial(jax.jit, static_argnames=("transposed", "tile_m", "tile_k", "stages", "splits"))
 def gemv_mgpu(x: jax.Array, w: jax.Array, *, transposed: bool = False, tile_m: int = 64, tile_k: int = 256,
               stages: int = 4, splits: int = 1) -> jax.Array:
@@ -56,32 +62,38 @@ def gemv_mgpu(x: jax.Array, w: jax.Array, *, transposed: bool = False, tile_m: i
     if b > N_PAD or k % (splits * tile_k) or n % tile_m:
         raise ValueError(f"gemv_mgpu: x {x.shape}, w {w.shape}, tile_m {tile_m}, tile_k {tile_k}, splits {splits}")
     steps = k // (splits * tile_k)
+    piece = steps * tile_k  # the k columns one program reads
     xp = jnp.zeros((N_PAD, k), w.dtype).at[:b].set(x.astype(w.dtype))
+    w_block = (tile_k, tile_m) if transposed else (tile_m, tile_k)
+    w_spec = plgpu.BlockSpec(w_block, (lambda t: (t, 0)) if transposed else (lambda t: (0, t)),
+                             transforms=_mma_transforms(w_block[1], w.dtype), delay_release=1)
+    x_spec = plgpu.BlockSpec((N_PAD, tile_k), lambda t: (0, t), transforms=_mma_transforms(tile_k, w.dtype),
+                             delay_release=1)
 
-    def kernel(w_smem, x_smem, o_smem, acc):
-        a = plgpu.transpose_ref(w_smem, (1, 0)) if transposed else w_smem  # [tile_m, tile_k]
-        plgpu.wgmma(acc, a, plgpu.transpose_ref(x_smem, (1, 0)))  # [tile_k, N_PAD]
-        plgpu.wgmma_wait(1)  # the previous tile's product is done: its buffer can be refilled
+    # jax 0.11's pl.pallas_call lowers on CUDA only with Triton's CompilerParams: a Mosaic GPU kernel enters through
+    # plgpu.kernel (a grid of programs over GMEM refs) and streams its tiles with plgpu.emit_pipeline.
+    def body(w_gmem, x_gmem, out_gmem):
+        i, s = lax.axis_index("rows"), lax.axis_index("split")
+        cols, rows = pl.ds(s * piece, piece), pl.ds(i * tile_m, tile_m)
+        w_mine = w_gmem.at[cols, rows] if transposed else w_gmem.at[rows, cols]
 
-        @pl.when(pl.program_id(2) == steps - 1)
-        def _():
-            o_smem[0] = acc[...]
+        def scope(acc, out_smem):
+            def step(_, w_smem, x_smem):
+                plgpu.wgmma(acc, _t(w_smem) if transposed else w_smem, _t(x_smem))  # [tile_m, tile_k] x [tile_k, 8]
+                plgpu.wgmma_wait(1)  # the previous tile's product is done: its buffers can be refilled
 
-    w_block = ((tile_k, tile_m), lambda i, s, t: (s * steps + t, i)) if transposed else \
-        ((tile_m, tile_k), lambda i, s, t: (i, s * steps + t))
-    partial = pl.pallas_call(
-        kernel,
-        out_shape=jax.ShapeDtypeStruct((splits, n, N_PAD), jnp.float32),
-        grid=(n // tile_m, splits, steps),
-        in_specs=[plgpu.BlockSpec(w_block[0], w_block[1], transforms=_mma_transforms(w_block[0][1], w.dtype),
-                                  delay_release=1),
-                  plgpu.BlockSpec((N_PAD, tile_k), lambda i, s, t: (0, s * steps + t),
-                                  transforms=_mma_transforms(tile_k, w.dtype), delay_release=1)],
-        out_specs=plgpu.BlockSpec((1, tile_m, N_PAD), lambda i, s, t: (s, i, 0)),
-        scratch_shapes=[plgpu.ACC((tile_m, N_PAD), jnp.float32)],
-        compiler_params=plgpu.CompilerParams(dimension_semantics=["parallel", "parallel", "sequential"],
-                                             max_concurrent_steps=stages),
-    )(w, xp)
+            plgpu.emit_pipeline(step, grid=(steps,), in_specs=[w_spec, x_spec],
+                                max_concurrent_steps=stages)(w_mine, x_gmem.at[:, cols])
+            plgpu.wgmma_wait(0)
+            out_smem[...] = acc[...]
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[s, pl.ds(i * tile_m, tile_m)])
+            plgpu.wait_smem_to_gmem(0)
+
+        pl.run_scoped(scope, plgpu.ACC((tile_m, N_PAD), jnp.float32), plgpu.SMEM((tile_m, N_PAD), jnp.float32))
+
+    partial = plgpu.kernel(body, jax.ShapeDtypeStruct((splits, n, N_PAD), jnp.float32),
+                           grid=(n // tile_m, splits), grid_names=("rows", "split"))(w, xp)
     return jnp.sum(partial, axis=0)[:, :b].T
 
 
