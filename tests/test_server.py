@@ -390,7 +390,7 @@ def test_decode_slots_through_the_kernels_equal_generate_alone(lm):
     FFN)."""
     from svdsparse_jax.generate import seed_key
     from svdsparse_jax.predictors import LowRankPredictor
-    from svdsparse_jax.serving.slots import SlotConfig, SlotDecoder
+    from svdsparse_jax.serving.slots import SlotConfig, SlotDecoder, Start
 
     cfg = lm.cfg
     rng = np.random.default_rng(0)
@@ -400,7 +400,8 @@ def test_decode_slots_through_the_kernels_equal_generate_alone(lm):
     decoder = SlotDecoder(Transformer(cfg, lm.weights, EngineConfig.resolve("interpret", ffn_policy="sparse")),
                           SlotConfig(4, cfg.max_seq_len, 4), preds)
     prompts = {0: [5, 6, 7, 8], 2: [100, 200, 300]}
-    got = {s: [int(decoder.admit(s, p, 9, seed_key(0), Sampler())[0].token)] for s, p in prompts.items()}
+    first, _ = decoder.admit([Start(s, p, 9, seed_key(0), Sampler()) for s, p in prompts.items()])  # one prefill
+    got = {s: [int(t)] for s, t in zip(prompts, first.token)}
     live = np.array([True, False, True, False])
     for _ in range(2):
         out = jax.tree.map(np.asarray, decoder.decode(live, 40, True))
@@ -417,7 +418,7 @@ def test_window_reads_decode_what_copies_decode(lm):
     the tokens of `Generator` for each prompt alone, as the copying chunks do, through context buckets smaller
     than the cache (and one step that moves to a larger bucket), and leaves the caches as they leave them."""
     from svdsparse_jax.generate import seed_key
-    from svdsparse_jax.serving.slots import SlotConfig, SlotDecoder
+    from svdsparse_jax.serving.slots import SlotConfig, SlotDecoder, Start
 
     cfg = lm.cfg
     ref = Generator(Transformer(cfg, lm.weights, EngineConfig.resolve("xla")))
@@ -427,7 +428,8 @@ def test_window_reads_decode_what_copies_decode(lm):
         sc = SlotConfig(2, cfg.max_seq_len, 4, context_buckets=6, window_reads=window)
         assert sc.context_bucket(21) < cfg.max_seq_len  # the chunks below read less than the cache
         decoder = SlotDecoder(Transformer(cfg, lm.weights, EngineConfig.resolve("xla")), sc)
-        got = {s: [int(decoder.admit(s, p, 14, seed_key(0), Sampler())[0].token)] for s, p in prompts.items()}
+        got = {s: [int(decoder.admit([Start(s, p, 14, seed_key(0), Sampler())])[0].token[0])]  # one at a time
+               for s, p in prompts.items()}
         for needed in (24, 28, 40):
             out = jax.tree.map(np.asarray, decoder.decode(np.array([True, True]), needed, True))
             for s in prompts:
@@ -437,3 +439,49 @@ def test_window_reads_decode_what_copies_decode(lm):
         assert runs[True][0][s] == runs[False][0][s] == ref.generate([p], 13).tokens[0]
     for a, b in zip(runs[True][1], runs[False][1]):
         np.testing.assert_array_equal(a, b)
+
+
+def test_admit_starts_many_prompts_in_one_prefill(lm):
+    """Three prompts of different lengths admitted in one call (a rows bucket of 4: one padding row) into slots
+    3, 0 and 5 leave each slot as admitting it alone does (its cache rows over its prompt, length, first token,
+    step, max_new and sampler), write nothing into the other slots, and decode to `Generator`'s tokens for each
+    prompt alone, greedy and sampled."""
+    from svdsparse_jax.generate import seed_key
+    from svdsparse_jax.serving.slots import SlotConfig, SlotDecoder, Start
+
+    cfg = lm.cfg
+    sc = SlotConfig(6, cfg.max_seq_len, 4)
+    model = Transformer(cfg, lm.weights, EngineConfig.resolve("xla"))
+    prompts = {3: [11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 29], 0: [7, 8, 9],
+               5: list(range(300, 340))}
+    samplers = {3: Sampler(), 0: Sampler(temperature=0.8, top_k=20), 5: Sampler(temperature=1.2, top_p=0.9)}
+    starts = [Start(s, p, 12, seed_key(s + 1), samplers[s]) for s, p in prompts.items()]
+    together = SlotDecoder(model, sc)
+    first, logits = together.admit(starts)
+    assert logits.shape == (4, cfg.vocab_size) and together.compiles["admit"] == 1
+    alone = SlotDecoder(model, sc)
+    for i, start in enumerate(starts):
+        one, one_logits = alone.admit([start])
+        assert int(one.token[0]) == int(first.token[i])
+        np.testing.assert_allclose(np.asarray(one_logits[0]), np.asarray(logits[i]), rtol=1e-5, atol=1e-5)
+    a, b = together.slots, alone.slots
+    for field in ("length", "token", "step", "max_new"):
+        np.testing.assert_array_equal(np.asarray(getattr(a, field)), np.asarray(getattr(b, field)))
+    np.testing.assert_array_equal(np.asarray(jax.random.key_data(a.key))[[3, 0, 5]],
+                                  np.asarray(jax.random.key_data(b.key))[[3, 0, 5]])
+    for f in ("temperature", "top_k", "top_p"):
+        np.testing.assert_array_equal(np.asarray(getattr(a.sampler, f)), np.asarray(getattr(b.sampler, f)))
+    for ka, kb in zip(a.k + a.v, b.k + b.v):
+        ka, kb = np.asarray(ka), np.asarray(kb)
+        for s, p in prompts.items():
+            np.testing.assert_allclose(ka[s, :, :len(p)], kb[s, :, :len(p)], rtol=1e-5, atol=1e-5)
+        assert not ka[[1, 2, 4]].any()  # the free slots, the padding row's among them, hold nothing
+    got = {s: [int(t)] for s, t in zip(prompts, first.token)}
+    live = np.isin(np.arange(6), list(prompts))
+    for needed in (28, 36, 48):
+        out = jax.tree.map(np.asarray, together.decode(live, needed + 20, False))
+        for s in prompts:
+            got[s] += [int(t) for t in out.token[s] if t >= 0]
+    ref = Generator(model)
+    for s, p in prompts.items():
+        assert got[s] == ref.generate([p], 12, sampler=samplers[s], seed=s + 1).tokens[0], s

@@ -28,14 +28,15 @@ from svdsparse_jax.convert import load_model, parse_dtype
 from svdsparse_jax.engine import EngineConfig
 from svdsparse_jax.generate import Generator, Sampler, seed_key
 from svdsparse_jax.model import Transformer
-from svdsparse_jax.serving.slots import SlotConfig, SlotDecoder
+from svdsparse_jax.serving.slots import SlotConfig, SlotDecoder, Start
 
 
 def run_slots(decoder: SlotDecoder, prompts: list[list[int]], steps: int) -> tuple[list[float], list[list[int]]]:
     """Admits every prompt into its own slot, then decodes chunks until `steps` tokens a slot. Returns (each
     chunk's seconds, each slot's tokens)."""
     decoder.reset()
-    tokens = [[int(decoder.admit(s, p, steps, seed_key(0), Sampler())[0].token)] for s, p in enumerate(prompts)]
+    first, _ = decoder.admit([Start(s, p, steps, seed_key(0), Sampler()) for s, p in enumerate(prompts)])
+    tokens = [[int(t)] for t in first.token]
     live = np.ones(len(prompts), bool)
     times = []
     while len(tokens[0]) < steps:

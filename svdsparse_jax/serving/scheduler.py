@@ -2,12 +2,12 @@
 slots (`slots.SlotDecoder`).
 
 The thread loops: drop what was cancelled, admit waiting requests (first come, first served) into free slots
-(one prefill per request into a slot, copied for its other choices: first tokens go out at once), then run one chunk of
-decode steps over the live slots and hand each choice its new tokens; a choice that ends (EOS, max_tokens, a
-stop string) frees its slot at once, for the next admission. A request of n choices waits until n slots are
-free. Requests beyond `max_queue` waiting are refused (`QueueFull`: the API's 429). Cancellation (a client that
-went away) frees the request's slots before the next chunk. `close` lets every accepted request finish, then
-ends the thread (SIGTERM's drain).
+(one prefill call for all the requests that fit, each prompt into a slot, copied for its other choices: first
+tokens go out at once), then run one chunk of decode steps over the live slots and hand each choice its new
+tokens; a choice that ends (EOS, max_tokens, a stop string) frees its slot at once, for the next admission. A
+request of n choices waits until n slots are free. Requests beyond `max_queue` waiting are refused (`QueueFull`:
+the API's 429). Cancellation (a client that went away) frees the request's slots before the next chunk. `close`
+lets every accepted request finish, then ends the thread (SIGTERM's drain).
 
 Other threads talk to the scheduler through `submit` and `cancel` only; a request's events (`Piece` per choice
 and step, then `Finished`) are passed to its `emit` callable, from the scheduler's thread.
@@ -28,7 +28,7 @@ import numpy as np
 
 from svdsparse_jax.generate import Sampler, seed_key
 from svdsparse_jax.serving.metrics import Metrics
-from svdsparse_jax.serving.slots import Drawn, SlotDecoder
+from svdsparse_jax.serving.slots import Drawn, SlotDecoder, Start
 from svdsparse_jax.serving.text import TextStream
 
 log = logging.getLogger("svdsparse.serve")
@@ -141,7 +141,7 @@ class Scheduler:
         self.waiting: collections.deque[Request] = collections.deque()
         self.cv = threading.Condition()
         self.closing = False
-        self.starting: Request | None = None  # the request being admitted (failed with the slots on an error)
+        self.starting: list[Request] = []  # the requests being admitted (failed with the slots on an error)
         self.inflight: InFlight | None = None  # the decode chunk running on the device
         self.warm = warmup  # compile every program first
         self.ready = threading.Event()  # set once the thread serves (after the warm-up)
@@ -205,12 +205,12 @@ class Scheduler:
                     self.metrics.programs.labels(kind).set(n)
             except Exception as e:  # a device error: fail what runs, start the slots afresh, keep serving
                 log.exception("decode failed")
-                failed = [r for r in self.owner_request if r is not None] + [self.starting] * bool(self.starting)
+                failed = [r for r in self.owner_request if r is not None] + self.starting
                 for r in {id(r): r for r in failed}.values():
                     self._finish(r, error=f"{type(e).__name__}: {e}")
                 self.decoder.reset()
                 self.inflight = None
-            self.starting = None
+            self.starting = []
 
     def _drop_cancelled(self) -> None:
         with self.cv:
@@ -227,40 +227,54 @@ class Scheduler:
         return [i for i, c in enumerate(self.owner) if c is None]
 
     def _admit(self) -> None:
-        while True:
-            with self.cv:
-                if not self.waiting or len(self._free_slots()) < self.waiting[0].params.n:
-                    return
+        """Takes waiting requests, first come first served, while their choices fit in the free slots, and starts
+        them all in one prefill call."""
+        batch, gone = [], []
+        with self.cv:
+            free = len(self._free_slots())
+            while self.waiting and free >= self.waiting[0].params.n:
                 r = self.waiting.popleft()
-                self.metrics.queue.set(len(self.waiting))
-            if r.cancelled:
-                self._finish(r, outcome="cancelled")
-                continue
-            self.starting = r
-            self._start(r)
-            self.starting = None
+                if r.cancelled:
+                    gone.append(r)
+                    continue
+                batch.append(r)
+                free -= r.params.n
+            self.metrics.queue.set(len(self.waiting))
+        for r in gone:
+            self._finish(r, outcome="cancelled")
+        if batch:
+            self.starting = batch
+            self._start(batch)
+            self.starting = []
 
-    def _start(self, r: Request) -> None:
-        """Prefills a request and puts each of its choices in a free slot, emitting their first tokens."""
-        p = r.params
-        seed = secrets.randbits(64) if p.seed is None else p.seed
-        sampler = Sampler(temperature=max(p.temperature, 0.0), top_k=p.top_k, top_p=p.top_p)
-        self.metrics.prompt_tokens.inc(len(r.prompt))
-        slots = self._free_slots()[:p.n]
-        for j, slot in enumerate(slots):
-            c = Choice(j, TextStream(self.decode_text, p.stop), slot)
-            r.choices.append(c)
-            self.owner[slot], self.owner_request[slot] = c, r
-            key = seed_key((seed + j) % 2 ** 64)
-            if j == 0:
-                first, logits = self.decoder.admit(slot, r.prompt, p.max_tokens, key, sampler)
-            else:
-                first = self.decoder.fork(slots[0], slot, logits, p.max_tokens, key, sampler)
-            c.first_at = time.perf_counter()
-            if j == 0:
-                self.metrics.ttft.observe(c.first_at - r.arrived)
-            self._take(r, c, first)
-        self._flush(r)
+    def _start(self, batch: list[Request]) -> None:
+        """Prefills the requests' prompts together, each into a free slot, copies each prompt's slot for its other
+        choices, and emits every choice's first token."""
+        free, plans = self._free_slots(), []
+        for r in batch:
+            p = r.params
+            seed = secrets.randbits(64) if p.seed is None else p.seed
+            sampler = Sampler(temperature=max(p.temperature, 0.0), top_k=p.top_k, top_p=p.top_p)
+            self.metrics.prompt_tokens.inc(len(r.prompt))
+            slots, free = free[:p.n], free[p.n:]
+            for j, slot in enumerate(slots):
+                c = Choice(j, TextStream(self.decode_text, p.stop), slot)
+                r.choices.append(c)
+                self.owner[slot], self.owner_request[slot] = c, r
+            plans.append((r, slots, seed, sampler))
+        firsts, logits = self.decoder.admit([Start(slots[0], r.prompt, r.params.max_tokens, seed_key(seed), sampler)
+                                             for r, slots, seed, sampler in plans])
+        now = time.perf_counter()
+        for i, (r, slots, seed, sampler) in enumerate(plans):
+            r.choices[0].first_at = now
+            self.metrics.ttft.observe(now - r.arrived)
+            self._take(r, r.choices[0], Drawn(*(a[i] for a in firsts)))
+            for j, slot in enumerate(slots[1:], 1):
+                first = self.decoder.fork(slots[0], slot, logits[i], r.params.max_tokens,
+                                          seed_key((seed + j) % 2 ** 64), sampler)
+                r.choices[j].first_at = time.perf_counter()
+                self._take(r, r.choices[j], first)
+            self._flush(r)
         self.metrics.occupied.set(self.busy)
 
     def _dispatch(self) -> InFlight | None:

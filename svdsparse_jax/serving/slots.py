@@ -4,9 +4,10 @@ them per bucket and holds the device state.
 The server keeps a fixed number of decode slots (`--max-batch`), each the state of one sequence: its own KV
 cache rows, length, last token, sampling parameters and key. Three programs act on them:
 
-  admit          one prompt's prefill (right-padded to a power-of-two bucket; dense, like `generate`'s) straight
-                 into a free slot's cache rows, and its first token, drawn with the slot's own sampling parameters;
-                 compiled per prompt bucket
+  admit          the prefill of the prompts that start together (one program for all of them: the weights are
+                 read once, however many start), each right-padded to the power-of-two bucket of the longest
+                 (dense, like `generate`'s), straight into its free slot's cache rows, and each one's first token,
+                 drawn with its slot's own sampling parameters; compiled per (rows bucket, prompt bucket)
   fork           another choice of the same prompt (a request of n choices): a copy of the slot's rows and its
                  own first token from the prompt's logits; compiled once
   decode_chunk   `chunk` decode steps of the first `bucket` slots in a loop of fixed trip count (no host round
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import logging
 from typing import NamedTuple
 
@@ -154,34 +156,38 @@ def draw(logits: jax.Array, sampler: Sampler, keys: jax.Array, greedy: bool, top
 
 def _start(slots: Slots, slot: jax.Array, logits: jax.Array, length: jax.Array, max_new: jax.Array,
            key: jax.Array, sampler: Sampler, top: int) -> tuple[Slots, Drawn]:
-    """Slot `slot` (int32 []) starts a sequence whose cache holds `length` tokens: its first token (number 0) is
-    drawn from logits f32 [V] with its sampler (scalar fields) and key. Returns the slots and that token (Drawn
-    fields of shape [])."""
-    first = draw(logits[None], jax.tree.map(lambda x: jnp.asarray(x)[None], sampler), jax.random.fold_in(key, 0)[None],
+    """Slots `slot` (int32 [A]; an index >= N is a padding row, which changes nothing) start sequences whose caches
+    hold `length` tokens (int32 [A]): each first token (number 0) is drawn from its row of logits f32 [A, V] with
+    its sampler ([A] fields) and key ([A]). Returns the slots and those tokens (Drawn fields [A])."""
+    first = draw(logits, sampler, jax.vmap(jax.random.fold_in)(key, jnp.zeros(slot.shape, jnp.int32)),
                  greedy=False, top=top)
-    row = lambda a, v: jax.lax.dynamic_update_index_in_dim(a, v, slot, 0)  # noqa: E731
-    slots = dataclasses.replace(slots, length=row(slots.length, length), token=row(slots.token, first.token[0]),
-                                step=row(slots.step, jnp.int32(1)), max_new=row(slots.max_new, max_new),
+    row = lambda a, v: a.at[slot].set(v, mode="drop")  # noqa: E731
+    slots = dataclasses.replace(slots, length=row(slots.length, length), token=row(slots.token, first.token),
+                                step=row(slots.step, jnp.ones_like(slot)), max_new=row(slots.max_new, max_new),
                                 key=row(slots.key, key), sampler=jax.tree.map(row, slots.sampler, sampler))
-    return slots, jax.tree.map(lambda x: x[0], first)
+    return slots, first
 
 
 def admit(graphdef, state, slots: Slots, tokens: jax.Array, length: jax.Array, slot: jax.Array, max_new: jax.Array,
           key: jax.Array, sampler: Sampler, *, top: int) -> tuple[Slots, Drawn, jax.Array]:
-    """The prefill of one prompt into slot `slot`, then its first token: tokens int32 [1, P] (the prompt
-    right-padded to its bucket P; the padding's keys and values land past the prompt, where decoding overwrites
-    them before any query sees them), length int32 [] its real length; dense, like `generate`'s prefill.
-    Returns the slots, the first token, and the prompt's last logits f32 [V] (for `fork`)."""
+    """The prefill of A prompts, each into its slot, then their first tokens: tokens int32 [A, P] (each prompt
+    right-padded to P; the padding's keys and values land past the prompt, where decoding overwrites them before
+    any query sees them), length int32 [A] the real lengths, slot int32 [A] (>= N: a padding row, written
+    nowhere), max_new int32 [A], key [A], sampler [A] fields; dense, like `generate`'s prefill. The prefill
+    writes every cache slot [0, P) of its rows, so it starts from zeros, not from the slots' old rows. Returns
+    the slots, the first tokens (Drawn fields [A]) and the prompts' last logits f32 [A, V] (for `fork`)."""
     model: Transformer = nnx.merge(graphdef, state)
-    p = tokens.shape[1]
-    row = lambda a: jax.lax.dynamic_slice_in_dim(a, slot, 1, 0)[:, :, :p]  # noqa: E731
-    cache = kv_cache.KVCache([row(a) for a in slots.k], [row(a) for a in slots.v], jnp.zeros(1, jnp.int32))
+    a, p = tokens.shape
+    _, n_kv, _, head_dim = slots.k[0].shape
+    empty = jnp.zeros((a, n_kv, p, head_dim), slots.k[0].dtype)
+    cache = kv_cache.KVCache([empty] * len(slots.k), [empty] * len(slots.v), jnp.zeros(a, jnp.int32))
     with jax.named_scope("prefill"):
         states, cache = model(tokens, cache, jnp.int32(0))
-        logits = model.logits(jax.lax.dynamic_index_in_dim(states[0], length - 1, keepdims=False))
-    put = lambda a, v: jax.lax.dynamic_update_slice(a, v, (slot, 0, 0, 0))  # noqa: E731
-    slots = dataclasses.replace(slots, k=[put(a, v) for a, v in zip(slots.k, cache.k)],
-                                v=[put(a, v) for a, v in zip(slots.v, cache.v)])
+        last = jnp.take_along_axis(states, (length - 1)[:, None, None], axis=1)[:, 0]  # [A, d]
+        logits = model.logits(last)
+    put = lambda c, v: c.at[slot, :, :p].set(v, mode="drop")  # noqa: E731
+    slots = dataclasses.replace(slots, k=[put(c, v) for c, v in zip(slots.k, cache.k)],
+                                v=[put(c, v) for c, v in zip(slots.v, cache.v)])
     slots, first = _start(slots, slot, logits, length, max_new, key, sampler, top)
     return slots, first, logits
 
@@ -189,10 +195,13 @@ def admit(graphdef, state, slots: Slots, tokens: jax.Array, length: jax.Array, s
 def fork(slots: Slots, src: jax.Array, dst: jax.Array, logits: jax.Array, max_new: jax.Array, key: jax.Array,
          sampler: Sampler, *, top: int) -> tuple[Slots, Drawn]:
     """Another choice of the prompt in slot `src`: slot `dst` gets a copy of its cache rows and draws its own
-    first token from the prompt's logits f32 [V] (`admit`'s) with its own key and sampler."""
+    first token from the prompt's logits f32 [V] (a row of `admit`'s) with its own key and sampler."""
     copy = lambda a: jax.lax.dynamic_update_slice_in_dim(a, jax.lax.dynamic_slice_in_dim(a, src, 1, 0), dst, 0)  # noqa: E731
     slots = dataclasses.replace(slots, k=[copy(a) for a in slots.k], v=[copy(a) for a in slots.v])
-    return _start(slots, dst, logits, slots.length[src], max_new, key, sampler, top)
+    one = lambda x: jnp.asarray(x)[None]  # noqa: E731
+    slots, first = _start(slots, one(dst), one(logits), one(slots.length[src]), one(max_new), one(key),
+                          jax.tree.map(one, sampler), top)
+    return slots, jax.tree.map(lambda x: x[0], first)
 
 
 def decode_chunk(graphdef, state, predictors, slots: Slots, live: jax.Array, eos: jax.Array, *, bucket: int,
@@ -236,12 +245,24 @@ def decode_chunk(graphdef, state, predictors, slots: Slots, live: jax.Array, eos
     return slots, out
 
 
+class Start(NamedTuple):
+    """A sequence to start in a free slot: its prompt (token ids, 1 <= len < context), the most new tokens it may
+    draw, its PRNG key and its sampling parameters."""
+
+    slot: int
+    prompt: list[int]
+    max_new: int
+    key: jax.Array
+    sampler: Sampler
+
+
 class SlotDecoder:
     """Compiles the slot programs for one model (dense, or with one predictor per layer and their union
     statistics for the engine's policy) and holds the device state of the slots. Not thread-safe: one thread
     (the scheduler's) drives it. `compiles` counts the programs built, by kind."""
 
-    KEY_FIELDS = {"admit": ("prompt_bucket",), "fork": (), "decode": ("slots", "context", "sparse_layers", "greedy")}
+    KEY_FIELDS = {"admit": ("rows", "prompt_bucket"), "fork": (), "decode": ("slots", "context", "sparse_layers",
+                                                                             "greedy")}
 
     def __init__(self, model: Transformer, sc: SlotConfig, predictors: list | None = None,
                  union: UnionRows | None = None):
@@ -278,13 +299,13 @@ class SlotDecoder:
         return sparse_layers(self.engine, self.cfg, self.predictors, self.union, live, self.itemsize)
 
     def warmup(self) -> int:
-        """Compiles every program a request can meet: admit per prompt bucket, fork, decode per slot
-        bucket, context bucket, distinct sparse layers of the live counts that bucket covers, greedy or sampled.
-        Returns the number of programs; the slots are left free."""
+        """Compiles every program a request can meet: admit per rows bucket (the slot buckets) and prompt bucket,
+        fork, decode per slot bucket, context bucket, distinct sparse layers of the live counts that bucket
+        covers, greedy or sampled. Returns the number of programs; the slots are left free."""
         sc, before = self.sc, len(self.seen)
-        for pb in sc.prompt_buckets():
-            _, logits = self.admit(0, [0] * pb, 1, seed_key(0), Sampler())
-        self.fork(0, sc.slots - 1, logits, 1, seed_key(0), Sampler())
+        for rows, pb in itertools.product(sc.slot_buckets(), sc.prompt_buckets()):
+            _, logits = self.admit([Start(i, [0] * pb, 1, seed_key(0), Sampler()) for i in range(rows)])
+        self.fork(0, sc.slots - 1, logits[0], 1, seed_key(0), Sampler())
         for b in sc.slot_buckets():
             counts = {self.sparse_layers(n): n for n in range(b, 0, -1)}
             for n in counts.values():
@@ -302,18 +323,26 @@ class SlotDecoder:
         return Sampler(*(jnp.asarray(getattr(sampler, f.name), jnp.int32 if f.name == "top_k" else F32)
                          for f in dataclasses.fields(Sampler)))
 
-    def admit(self, slot: int, prompt: list[int], max_new: int, key: jax.Array, sampler: Sampler
-              ) -> tuple[Drawn, jax.Array]:
-        """Slot `slot` starts the sequence of a prompt (token ids, 1 <= len < context; at most max_new new tokens).
-        Returns its first token (NumPy) and the prompt's logits (on the device, for `fork`)."""
-        pb = self.sc.prompt_bucket(len(prompt))
-        tokens = np.zeros((1, pb), np.int32)
-        tokens[0, :len(prompt)] = prompt
-        self._count(("admit", pb))
-        self.slots, first, logits = self._admit(self.graphdef, self.state, self.slots, jnp.asarray(tokens),
-                                                jnp.int32(len(prompt)), jnp.int32(slot), jnp.int32(max_new), key,
-                                                self._sampler(sampler))
-        return jax.tree.map(np.asarray, first), logits
+    def admit(self, starts: list[Start]) -> tuple[Drawn, jax.Array]:
+        """Starts each sequence in its (free, distinct) slot, all in one prefill call. Returns their first tokens
+        (Drawn fields [len(starts)], NumPy) and their prompts' logits (f32 [rows, V] on the device, row i for
+        starts[i], for `fork`)."""
+        n, free = len(starts), self.sc.slots
+        rows = self.sc.slot_bucket(n - 1)  # a power of two: few programs for any number of arrivals
+        pb = self.sc.prompt_bucket(max(len(s.prompt) for s in starts))
+        pad = [Start(free, [0], 1, seed_key(0), Sampler())] * (rows - n)  # slot index N: written nowhere
+        tokens = np.zeros((rows, pb), np.int32)
+        for i, s in enumerate(starts):
+            tokens[i, :len(s.prompt)] = s.prompt
+        column = lambda f, dtype: jnp.asarray(np.array([f(s) for s in starts + pad], dtype))  # noqa: E731
+        sampler = Sampler(*(jnp.asarray([getattr(s.sampler, f.name) for s in starts + pad],
+                                        jnp.int32 if f.name == "top_k" else F32) for f in dataclasses.fields(Sampler)))
+        self._count(("admit", rows, pb))
+        self.slots, first, logits = self._admit(
+            self.graphdef, self.state, self.slots, jnp.asarray(tokens), column(lambda s: len(s.prompt), np.int32),
+            column(lambda s: s.slot, np.int32), column(lambda s: s.max_new, np.int32),
+            jnp.stack([s.key for s in starts + pad]), sampler)
+        return jax.tree.map(lambda a: np.asarray(a)[:n], first), logits
 
     def fork(self, src: int, dst: int, logits: jax.Array, max_new: int, key: jax.Array, sampler: Sampler) -> Drawn:
         """Slot `dst` starts another choice of the prompt `admit` put in slot `src` (its logits); returns its
