@@ -207,6 +207,17 @@ def test_models_health_and_metrics(dense):
         assert name in text
 
 
+def test_no_decode_chunk_runs_past_max_tokens(dense):
+    """A request for 1 + 2 chunks of tokens on an idle server runs two decode chunks, not three: the chunk that
+    would follow the one reaching max_tokens (dispatched before its tokens are read) is never started."""
+    chunk = 8  # `svdsparse serve`'s default --decode-chunk
+    before = dense.metric("svdsparse_decode_steps_total")
+    got = dense.client.completions.create(model=NAME, prompt="def read_config(path):\n", max_tokens=1 + 2 * chunk,
+                                          temperature=0)
+    assert got.usage.completion_tokens == 1 + 2 * chunk and got.choices[0].finish_reason == "length"
+    assert dense.metric("svdsparse_decode_steps_total") - before == 2 * chunk
+
+
 def test_streaming_equals_the_whole_answer(dense, lm, reference):
     prompt = "def read_config(path):\n"
     want = text_of(lm, greedy_alone(reference, ids_of(lm, prompt), 40)[0])

@@ -278,17 +278,24 @@ class Scheduler:
         self.metrics.occupied.set(self.busy)
 
     def _dispatch(self) -> InFlight | None:
-        """Starts a decode chunk over the live slots (those whose choice goes on, as far as the host knows: a
-        choice that ended in the chunk still in flight runs one chunk more, and its tokens are dropped)."""
-        live = np.array([c is not None and c.finish_reason is None for c in self.owner])
-        if not live.any():
-            return None
+        """Starts a decode chunk over the live slots: those whose choice goes on, as far as the host knows. A
+        choice whose max_tokens the chunk in flight reaches is left out (when every choice ends so, no chunk runs
+        and the next requests start at once); one that ends in it by EOS or a stop string runs one chunk more,
+        and its tokens are dropped."""
         chunk, needed, greedy = self.decoder.sc.chunk, 0, True
-        for i in np.flatnonzero(live):
-            c, r = self.owner[i], self.owner_request[i]
+        live = np.zeros(self.n_slots, bool)
+        for i, c in enumerate(self.owner):
+            if c is None or c.finish_reason is not None:
+                continue
+            r = self.owner_request[i]
             lag = chunk if self.inflight is not None and self.inflight.owners[i] is c else 0  # tokens not yet seen
+            if len(c.tokens) + lag >= r.params.max_tokens:
+                continue
+            live[i] = True
             needed = max(needed, len(r.prompt) + len(c.tokens) - 1 + lag + chunk)
             greedy &= r.params.greedy
+        if not live.any():
+            return None
         self.metrics.occupancy.observe(int(live.sum()))
         self.metrics.decode_steps.inc(chunk)
         return InFlight(self.decoder.decode(live, needed, greedy), list(self.owner), list(self.owner_request))
