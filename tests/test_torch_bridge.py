@@ -253,7 +253,8 @@ def _decode_inputs(hf, prompt, steps):
 def test_sync_free_path_equals_the_exact_path(bundled):
     """With a capacity that holds every candidate (d_ff, or each layer's largest union rounded up to 64 rows), the
     sync-free executor decodes the exact path's tokens, with its candidate and active sets and its FFN outputs to
-    f32 rounding; a too small capacity counts the dropped candidates."""
+    f32 rounding, for either selection of the rows and either gather; a too small capacity counts the dropped
+    candidates."""
     from torch_npu_bridge.hf_patch import overflow_count
 
     lm, _, _, root = bundled
@@ -270,8 +271,10 @@ def test_sync_free_path_equals_the_exact_path(bundled):
         peaks.append(max(len(r[0]) for r in m.record))
     covering = [-(-p // 64) * 64 for p in peaks]
     assert max(covering) < lm.cfg.d_ff and sum(covering) < 0.6 * len(peaks) * lm.cfg.d_ff  # really fewer rows
-    for capacity in (None, covering):
-        model = patch_hf_model(hf_model(), root / "pred", device="cpu", mode="sync_free", capacity=capacity)
+    for capacity, selection, gather in ((None, "topk", "copy"), (covering, "topk", "copy"),
+                                        (covering, "prefix", "copy"), (covering, "prefix", "fused")):
+        model = patch_hf_model(hf_model(), root / "pred", device="cpu", mode="sync_free", capacity=capacity,
+                               selection=selection, gather=gather)
         got, _ = _decode_inputs(model, prompt, STEPS)
         assert got == want
         assert overflow_count(model) == (0, peaks)
@@ -297,12 +300,18 @@ def test_sync_free_path_equals_the_exact_path(bundled):
         patch_hf_model(hf_model(), root / "pred", device="cpu", capacity=64)
     with pytest.raises(SvdsparseError, match="capacity 2048"):
         patch_hf_model(hf_model(), root / "pred", device="cpu", mode="sync_free", capacity=2048)
+    with pytest.raises(SvdsparseError, match="selection and gather are for mode='sync_free'"):
+        patch_hf_model(hf_model(), root / "pred", device="cpu", gather="fused")
+    with pytest.raises(SvdsparseError, match="selection 'sorted'"):
+        patch_hf_model(hf_model(), root / "pred", device="cpu", mode="sync_free", selection="sorted")
 
 
-def test_sync_free_model_compiles_as_one_graph_under_the_static_cache(bundled):
+@pytest.mark.parametrize("selection,gather", [("topk", "copy"), ("prefix", "fused")])
+def test_sync_free_model_compiles_as_one_graph_under_the_static_cache(bundled, selection, gather):
     """transformers' `generate` with its static cache and a compile config (what compiles the decode step into
     CUDA graphs on a GPU; here dynamo's eager backend on the CPU, fullgraph) over the sync-free patched model:
-    one graph with no break, the eager patched model's tokens and its overflow counts."""
+    one graph with no break, the eager patched model's tokens and its overflow counts, for both ways of
+    selecting and reading the rows."""
     from transformers import CompileConfig
 
     from torch_npu_bridge.hf_patch import overflow_count
@@ -311,7 +320,8 @@ def test_sync_free_model_compiles_as_one_graph_under_the_static_cache(bundled):
     prompt = torch.tensor(corpus_split("heldout")[2000:2024].astype(np.int64)[None])
 
     def run(compile_config):
-        model = patch_hf_model(hf_model(), root / "pred", device="cpu", mode="sync_free", capacity=512)
+        model = patch_hf_model(hf_model(), root / "pred", device="cpu", mode="sync_free", capacity=512,
+                               selection=selection, gather=gather)
         with torch.no_grad():
             out = model.generate(prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False,
                                  cache_implementation="static", compile_config=compile_config)
@@ -329,12 +339,14 @@ def test_sync_free_model_compiles_as_one_graph_under_the_static_cache(bundled):
     assert got == want and want[1][0] > 0  # the same tokens, and the same candidates dropped (capacity 512)
 
 
-def test_sync_free_path_never_waits_for_the_host(bundled, monkeypatch):
+@pytest.mark.parametrize("selection,gather", [("topk", "copy"), ("prefix", "fused")])
+def test_sync_free_path_never_waits_for_the_host(bundled, monkeypatch, selection, gather):
     """The sync-free decode step calls nothing that needs the host to see a device value (nonzero, item, bool,
     tolist, boolean-mask indexing), and torch.compile traces it as one graph (fullgraph: no break, so CUDA /
     NPU graphs can capture it)."""
     _, _, _, root = bundled
-    model = patch_hf_model(hf_model(), root / "pred", device="cpu", mode="sync_free", capacity=512)
+    model = patch_hf_model(hf_model(), root / "pred", device="cpu", mode="sync_free", capacity=512,
+                           selection=selection, gather=gather)
     mods = guarded_modules(model)
     x = torch.randn(2, 1, 256)  # a batch of two decode tokens
 
@@ -363,3 +375,31 @@ def test_sync_free_path_never_waits_for_the_host(bundled, monkeypatch):
             np.testing.assert_array_equal(m(x).numpy(), w.numpy())
         with pytest.raises(AssertionError, match="synchronises"):  # the check sees the exact path's nonzero
             patch_hf_model(unpatch(hf_model()), root / "pred", device="cpu").model.layers[0].mlp(x)
+
+
+@pytest.mark.parametrize("selection", ["topk", "prefix"])
+def test_select_rows_holds_every_candidate_that_fits(selection):
+    """`executor.select_rows` on random scores: with room for all, it holds each candidate exactly once (its
+    other slots: non-candidates for "topk", masked out for "prefix"); with too little room, `capacity` distinct
+    candidates: for "topk" the best-scored, for "prefix" the first in row order."""
+    from torch_npu_bridge.executor import select_rows
+
+    gen = torch.Generator().manual_seed(7)
+    d_ff = 1000
+    key = torch.randn(d_ff, generator=gen)
+    key[0] = 1.0  # row 0 a candidate: the one "prefix" repeats in its spare slots
+    candidates = set(torch.nonzero(key > 0).squeeze(1).tolist())
+    count = torch.tensor(len(candidates))
+    for capacity in (len(candidates) + 37, len(candidates) - 50):
+        idx, valid = select_rows(key, count, capacity, selection, torch.arange(d_ff))
+        assert idx.shape == (capacity,) and idx.dtype == torch.int64
+        valid = torch.ones(capacity, dtype=torch.bool) if valid is None else valid
+        held = idx[valid & (key[idx] > 0)].tolist()
+        assert len(held) == len(set(held)) == min(capacity, len(candidates))
+        if capacity < len(candidates):
+            ranked = sorted(candidates, key=lambda r: -float(key[r])) if selection == "topk" else sorted(candidates)
+            assert set(held) == set(ranked[:capacity])
+        else:
+            assert set(held) == candidates
+            if selection == "prefix":  # its valid slots are the candidates, in row order; the rest masked out
+                assert idx[valid].tolist() == sorted(candidates) and int(valid.sum()) == len(candidates)

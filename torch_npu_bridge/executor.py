@@ -22,6 +22,16 @@ one gather of `capacity` rows per matrix instead of two compactions. With capaci
 it computes what the exact path computes (to f32 rounding: the sums include the zero terms of inactive rows);
 beyond it, the lowest-scored candidates are dropped and `overflow` (a device counter, read after generation)
 counts them. capacity == d_ff runs the three dense matmuls with the same masks (exact, no gather).
+
+Two choices of the sync-free path, to be measured against each other on the device (scripts/bench/torch_bridge.py):
+  selection "topk"    idx = topk(key, capacity), as above
+            "prefix"  the candidates in row order, placed by a prefix sum (one scan and one scatter instead of a
+                      selection; beyond the capacity the highest-numbered candidates are dropped, not the lowest-
+                      scored; slots past the count are masked out)
+  gather    "copy"    index_select the rows into a new matrix, then a matmul (what CANN runs well)
+            "fused"   the products read the rows through the index, as sums of elementwise products, which
+                      torch.compile's inductor fuses into one kernel per product with no copy of the rows (in
+                      eager torch it forms the [N, capacity, d] products: for compiled graphs only)
 """
 
 from __future__ import annotations
@@ -67,6 +77,37 @@ def activate(kind: str, threshold: float, g: torch.Tensor) -> torch.Tensor:
 
 
 MODES = ("exact", "sync_free")
+SELECTIONS = ("topk", "prefix")
+GATHERS = ("copy", "fused")
+
+
+def select_rows(key: torch.Tensor, count: torch.Tensor, capacity: int, selection: str, rows: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The rows a sync-free layer reads: key f32 [d_ff] (> 0 for the union's candidates), count int64 [] of them,
+    rows int64 [d_ff] (0..d_ff-1) -> (idx int64 [capacity], valid bool [capacity] or None when every slot of idx
+    that holds no candidate holds a non-candidate, which its own mask already zeroes)."""
+    if selection == "topk":
+        return torch.topk(key, capacity, sorted=False).indices, None
+    candidate = key > 0
+    place = torch.cumsum(candidate, 0) - 1  # each candidate's place in row order
+    place = torch.where(candidate & (place < capacity), place, capacity)  # the rest to a spare slot, dropped
+    idx = torch.zeros(capacity + 1, dtype=torch.int64, device=key.device).scatter_(0, place, rows)[:capacity]
+    return idx, torch.arange(capacity, device=key.device) < count  # past the count: row 0, masked out
+
+
+def rows_product(x: torch.Tensor, w: torch.Tensor, idx: torch.Tensor, gather: str) -> torch.Tensor:
+    """x [N, d] @ w[idx]^T -> [N, capacity] f32, w [d_ff, d] (`gather`: copy the rows first, or read them
+    through the index)."""
+    if gather == "fused":
+        return (x.float()[:, None, :] * w[idx].float()[None]).sum(-1)
+    return (x @ w.index_select(0, idx).T).float()
+
+
+def product_of_rows(h: torch.Tensor, w_t: torch.Tensor, idx: torch.Tensor, gather: str) -> torch.Tensor:
+    """h [N, capacity] (the model's dtype) @ w_t[idx] -> [N, d] in h's dtype, w_t [d_ff, d]."""
+    if gather == "fused":
+        return (h.float()[:, :, None] * w_t[idx].float()[None]).sum(1).to(h.dtype)
+    return h @ w_t.index_select(0, idx)
 
 
 def round_capacity(fraction: float, d_ff: int, margin: float = 1.5, multiple: int = 64) -> int:
@@ -97,12 +138,18 @@ class GuardedFFN(torch.nn.Module):
     (recording copies to the host, so it synchronises in either mode)."""
 
     def __init__(self, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor, factors: LayerFactors,
-                 activation: str, threshold: float, mode: str = "exact", capacity: int | None = None):
+                 activation: str, threshold: float, mode: str = "exact", capacity: int | None = None,
+                 selection: str = "topk", gather: str = "copy"):
         super().__init__()
         dev, dt = w_gate.device, w_gate.dtype
         d_ff = w_gate.shape[0]
         if mode not in MODES:
             raise SvdsparseError(f"executor mode {mode!r}: expected one of {MODES}")
+        if selection not in SELECTIONS or gather not in GATHERS:
+            raise SvdsparseError(f"executor selection {selection!r}, gather {gather!r}: expected one of "
+                                 f"{SELECTIONS} and one of {GATHERS}")
+        self.selection, self.gather = selection, gather
+        self.rows = torch.arange(d_ff, device=dev)
         capacity = d_ff if capacity is None else int(capacity)
         if not 1 <= capacity <= d_ff:
             raise SvdsparseError(f"capacity {capacity}: expected 1 to d_ff = {d_ff} rows")
@@ -120,7 +167,7 @@ class GuardedFFN(torch.nn.Module):
         # transformers' static cache compiles with) an input not marked static is copied into the graph on every
         # replay, and an input mutated in place (the counters) stops the capture. Marked, they are used in place.
         for t in (self.w_gate, self.w_up, self.w_down_t, self.a, self.b, self.hidden_bias, self.bias, self.overflow,
-                  self.max_candidates):
+                  self.max_candidates, self.rows):
             if t is not None:
                 torch._dynamo.mark_static_address(t)
 
@@ -174,18 +221,20 @@ class GuardedFFN(torch.nn.Module):
         self.max_candidates.copy_(torch.maximum(self.max_candidates, count))
         self.overflow.add_((count - self.capacity).clamp_(min=0))
         if self.capacity == self.w_gate.shape[0]:  # every row: dense matmuls, the same masks
-            idx, w_gate, w_up, w_down_t, mask = None, self.w_gate, self.w_up, self.w_down_t, own
+            idx, mask = None, own
+            g, u = (flat @ self.w_gate.T).float(), (flat @ self.w_up.T).float()
         else:
-            idx = torch.topk(key, self.capacity, sorted=False).indices  # [capacity] int64
-            w_gate, w_up = self.w_gate.index_select(0, idx), self.w_up.index_select(0, idx)
-            w_down_t, mask = self.w_down_t.index_select(0, idx), own.index_select(1, idx)
-        g = (flat @ w_gate.T).float()  # [N, capacity]
+            idx, valid = select_rows(key, count, self.capacity, self.selection, self.rows)  # [capacity]
+            mask = own.index_select(1, idx) if valid is None else own.index_select(1, idx) & valid
+            g = rows_product(flat, self.w_gate, idx, self.gather)  # [N, capacity] f32
+            u = rows_product(flat, self.w_up, idx, self.gather)
         a = activate(self.activation, self.threshold, g) * mask
-        u = (flat @ w_up.T).float()
         h = a * (torch.relu(u) if self.activation == "drelu" else u)
         if self.record is not None:
             self._record_sync_free(scores, idx, mask, g, h if self.activation == "drelu" else a)
-        return h.to(flat.dtype) @ w_down_t
+        if idx is None:
+            return h.to(flat.dtype) @ self.w_down_t
+        return product_of_rows(h.to(flat.dtype), self.w_down_t, idx, self.gather)
 
     def _record_sync_free(self, scores: torch.Tensor, idx: torch.Tensor | None, mask: torch.Tensor, g: torch.Tensor,
                           live: torch.Tensor) -> None:
@@ -193,7 +242,8 @@ class GuardedFFN(torch.nn.Module):
         [N, capacity]: a (h for dReLU), non-zero for the active rows."""
         if idx is None:
             idx = torch.arange(scores.shape[1], device=scores.device)
-        cand, active = idx[mask.any(0)].sort().values, idx[(live != 0).any(0)].sort().values
+        held = mask.any(0)  # the slots that hold a candidate ("prefix" repeats row 0 in the others)
+        cand, active = idx[held].sort().values, idx[(live != 0).any(0)].sort().values
         gate = torch.full_like(scores, float("nan"))
-        gate[:, idx] = torch.where(mask.any(0), g, float("nan"))
+        gate[:, idx[held]] = g[:, held]
         self.record.append((cand.cpu(), active.cpu(), scores.cpu(), gate.cpu()))

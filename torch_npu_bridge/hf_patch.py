@@ -72,7 +72,8 @@ def hf_fingerprint(model, activation: str, threshold: float) -> str:
 
 def patch_hf_model(model, predictors: str | os.PathLike | PredictorFactors, device: str | torch.device | None = None,
                    check_fingerprint: bool = True, mode: str = "exact",
-                   capacity: int | str | Sequence[int] | None = None, batch: int = 1, margin: float = 1.5):
+                   capacity: int | str | Sequence[int] | None = None, batch: int = 1, margin: float = 1.5,
+                   selection: str = "topk", gather: str = "copy"):
     """Makes every MLP of `model` predictor-guarded for decode with a predictor directory (`svdsparse
     build-predictors`), on `device` (default: npu if torch_npu sees one, else cuda, else cpu; the model is moved
     there). Returns the model. Refuses a model with another layer count, other shapes or (unless
@@ -82,11 +83,15 @@ def patch_hf_model(model, predictors: str | os.PathLike | PredictorFactors, devi
     gathers a fixed `capacity` of rows per layer without any (graph-capturable; `executor` says how): capacity
     None is d_ff (exact always), an int (or one per layer) that many rows, "measured" the set's measured mean
     candidate union at `batch` sequences x `margin`, rounded up to 64 rows (`executor.measured_capacities`).
-    Candidates beyond the capacity are dropped and counted (`overflow_count`)."""
+    Candidates beyond the capacity are dropped and counted (`overflow_count`). selection ("topk" or "prefix")
+    and gather ("copy" or "fused": for torch.compile) choose how the sync-free path picks and reads the rows
+    (`executor`)."""
     if mode not in MODES:
         raise SvdsparseError(f"executor mode {mode!r}: expected one of {MODES}")
     if capacity is not None and mode != "sync_free":
         raise SvdsparseError("capacity is for mode='sync_free' (the exact path reads every candidate)")
+    if (selection, gather) != ("topk", "copy") and mode != "sync_free":
+        raise SvdsparseError("selection and gather are for mode='sync_free' (the exact path compacts on the host)")
     ex = predictors if isinstance(predictors, PredictorFactors) else read_factors(predictors)
     layers = _layers(model)
     if any(isinstance(layer.mlp, PatchedMLP) for layer in layers):
@@ -121,7 +126,7 @@ def patch_hf_model(model, predictors: str | os.PathLike | PredictorFactors, devi
         mlp = layer.mlp
         guarded = GuardedFFN(mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach(),
                              mlp.down_proj.weight.detach().T.contiguous(), factors, ex.activation, ex.threshold,
-                             mode, cap)
+                             mode, cap, selection, gather)
         layer.mlp = PatchedMLP(mlp, guarded)
     return model
 

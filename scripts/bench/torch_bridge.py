@@ -16,7 +16,7 @@ to break the graph. `--mode sync_free` runs the executor's sync-free path with c
 up to 64 rows; the dropped candidates are reported as overflow).
 
   python -m scripts.bench.torch_bridge [--device cuda] [--mode exact|sync_free] [--margin 1.5] [--cache dynamic|static]
-                                       [--json-out F]
+                                       [--variants topk:copy prefix:fused ...] [--json-out F]
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from scripts.bench import harness
+from torch_npu_bridge.executor import GATHERS, SELECTIONS
 
 
 def parity(device: str) -> dict:
@@ -54,13 +55,16 @@ def parity(device: str) -> dict:
 
 
 def speed(device: str, candidates: float, new_tokens: int, repeats: int, mode: str = "exact",
-          margin: float = 1.5, cache: str = "dynamic") -> dict:
+          margin: float = 1.5, cache: str = "dynamic", variants: tuple[tuple[str, str], ...] = (("topk", "copy"),),
+          layers: int = 32) -> dict:
+    """Tokens/s of the patched model for each (selection, gather) of the sync-free path (one variant, ignored, for
+    the exact path) and of the model unpatched, on one random model and one predictor set."""
     from transformers import LlamaConfig, LlamaForCausalLM
     from torch_npu_bridge.executor import GuardedFFN, round_capacity
     from torch_npu_bridge.factors import LayerFactors
     from torch_npu_bridge.hf_patch import PatchedMLP, guarded_modules, overflow_count, unpatch
 
-    cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+    cfg = LlamaConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers,
                       num_attention_heads=32, num_key_value_heads=32, hidden_act="relu", max_position_embeddings=4096)
     torch.manual_seed(0)
     with torch.device(device):
@@ -76,17 +80,14 @@ def speed(device: str, candidates: float, new_tokens: int, repeats: int, mode: s
         h.remove()
     torch.set_grad_enabled(False)
     capacity = round_capacity(candidates, cfg.intermediate_size, margin) if mode == "sync_free" else None
+    factors = []
     for i, layer in enumerate(model.model.layers):  # top-256 SVD of W_gate; bias for `candidates` per neuron
         w = layer.mlp.gate_proj.weight.float()
         u, s, v = torch.svd_lowrank(w, q=256, niter=2)
         a, b = v.T, u * s
         scores = inputs[i] @ a.T @ b.T  # [256 tokens, d_ff]
         bias = -torch.quantile(scores, 1 - candidates, dim=0)
-        f = LayerFactors(a.cpu().numpy(), b.cpu().numpy(), bias.cpu().numpy())
-        mlp = layer.mlp
-        layer.mlp = PatchedMLP(mlp, GuardedFFN(mlp.gate_proj.weight, mlp.up_proj.weight,
-                                               mlp.down_proj.weight.T.contiguous(), f, "fatrelu", threshold,
-                                               mode, capacity))
+        factors.append(LayerFactors(a.cpu().numpy(), b.cpu().numpy(), bias.cpu().numpy()))
     prompt = torch.randint(0, cfg.vocab_size, (1, 64), device=device)
 
     kw = harness.hf_cache_kwargs(cache)
@@ -103,23 +104,36 @@ def speed(device: str, candidates: float, new_tokens: int, repeats: int, mode: s
                 times.append(time.perf_counter() - t)
         return new_tokens / statistics.median(times)
 
-    sparse_tps = timed()  # without recording: a record copies to the host every layer
-    dropped, _ = overflow_count(model)
-    for g in guarded_modules(model):
-        g.record = []
-    with torch.no_grad():  # one more generation, recorded, for the candidate and active fractions
-        model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
-    recs = [r for g in guarded_modules(model) for r in g.record]
-    cand = float(np.mean([len(r[0]) for r in recs])) / cfg.intermediate_size
-    active = float(np.mean([len(r[1]) for r in recs])) / cfg.intermediate_size
-    unpatch(model)
+    runs = []
+    for selection, gather in variants if mode == "sync_free" else (("topk", "copy"),):
+        for layer, f in zip(model.model.layers, factors):
+            mlp = layer.mlp
+            layer.mlp = PatchedMLP(mlp, GuardedFFN(mlp.gate_proj.weight, mlp.up_proj.weight,
+                                                   mlp.down_proj.weight.T.contiguous(), f, "fatrelu", threshold,
+                                                   mode, capacity, selection, gather))
+        torch._dynamo.reset()  # a compiled step of the last variant must not be reused
+        tps = timed()  # without recording: a record copies to the host every layer
+        runs.append({"selection": selection, "gather": gather, "patched_tokens_per_s": round(tps, 2),
+                     "overflow": overflow_count(model)[0]})
+        print(json.dumps(runs[-1]), flush=True)
+        if len(runs) == 1:
+            for g in guarded_modules(model):
+                g.record = []
+            with torch.no_grad():  # one more generation, recorded, for the candidate and active fractions
+                model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            recs = [r for g in guarded_modules(model) for r in g.record]
+            cand = float(np.mean([len(r[0]) for r in recs])) / cfg.intermediate_size
+            active = float(np.mean([len(r[1]) for r in recs])) / cfg.intermediate_size
+        unpatch(model)
+    torch._dynamo.reset()
     dense_tps = timed()
-    return {"shape": "llama2-7b", "dtype": "bfloat16", "mode": mode, "cache": cache, "capacity": capacity,
-            "overflow": dropped,
+    for r in runs:
+        r["speedup"] = round(r["patched_tokens_per_s"] / dense_tps, 3)
+    return {"shape": "llama2-7b" if layers == 32 else f"llama2-7b, {layers} layers", "dtype": "bfloat16",
+            "mode": mode, "cache": cache, "capacity": capacity,
             "new_tokens": new_tokens, "prompt": 64,
             "threshold": round(threshold, 4), "candidate_fraction": round(cand, 4),
-            "active_fraction": round(active, 4), "unpatched_tokens_per_s": round(dense_tps, 2),
-            "patched_tokens_per_s": round(sparse_tps, 2), "speedup": round(sparse_tps / dense_tps, 3)}
+            "active_fraction": round(active, 4), "unpatched_tokens_per_s": round(dense_tps, 2), "runs": runs}
 
 
 def main() -> int:
@@ -132,6 +146,11 @@ def main() -> int:
     ap.add_argument("--mode", choices=("exact", "sync_free"), default="exact")
     ap.add_argument("--margin", type=float, default=1.5)
     ap.add_argument("--cache", choices=("dynamic", "static"), default="dynamic")
+    ap.add_argument("--layers", type=int, default=32, help="LLaMA2-7B's 32 layers, or fewer for a dry run")
+    ap.add_argument("--variants", nargs="+", default=["topk:copy"], metavar="SELECTION:GATHER",
+                    choices=[f"{s}:{g}" for s in SELECTIONS for g in GATHERS],
+                    help="the sync-free path's row selection and gather to time, each in its own run "
+                         "(torch_npu_bridge.executor)")
     harness.add_report_args(ap)
     args = ap.parse_args()
     import transformers
@@ -141,7 +160,7 @@ def main() -> int:
         report["parity"] = parity(args.device)
         print(json.dumps(report["parity"]), flush=True)
     report["speed"] = speed(args.device, args.candidates, args.new_tokens, args.repeats, args.mode,
-                            args.margin, args.cache)
+                            args.margin, args.cache, tuple(tuple(v.split(":")) for v in args.variants), args.layers)
     print(json.dumps(report["speed"]), flush=True)
     harness.save(report, args.json_out)
     return 0 if args.skip_parity or report["parity"]["ok"] else 1
