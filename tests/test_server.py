@@ -453,10 +453,10 @@ def test_window_reads_decode_what_copies_decode(lm):
 
 
 def test_admit_starts_many_prompts_in_one_prefill(lm):
-    """Three prompts of different lengths admitted in one call (a rows bucket of 4: one padding row) into slots
-    3, 0 and 5 leave each slot as admitting it alone does (its cache rows over its prompt, length, first token,
-    step, max_new and sampler), write nothing into the other slots, and decode to `Generator`'s tokens for each
-    prompt alone, greedy and sampled."""
+    """Three prompts of different lengths admitted in one call (6 rows: three padding rows) into slots 3, 0 and 5
+    leave each slot as admitting it alone does (its cache rows over its prompt, length, first token, step,
+    max_new and sampler), write nothing into the other slots, and decode to `Generator`'s tokens for each prompt
+    alone, greedy and sampled. Arrivals are grouped when they are half the slots or more and fit admit_tokens."""
     from svdsparse_jax.generate import seed_key
     from svdsparse_jax.serving.slots import SlotConfig, SlotDecoder, Start
 
@@ -469,7 +469,9 @@ def test_admit_starts_many_prompts_in_one_prefill(lm):
     starts = [Start(s, p, 12, seed_key(s + 1), samplers[s]) for s, p in prompts.items()]
     together = SlotDecoder(model, sc)
     first, logits = together.admit(starts)
-    assert logits.shape == (4, cfg.vocab_size) and together.compiles["admit"] == 1
+    assert logits.shape == (6, cfg.vocab_size) and together.compiles["admit"] == 1
+    assert sc.admit_groups([19, 3, 40]) == [[0, 1, 2]] and sc.admit_groups([19, 3]) == [[0], [1]]
+    assert SlotConfig(6, cfg.max_seq_len, admit_tokens=256).admit_groups([19, 3, 40]) == [[0], [1], [2]]
     alone = SlotDecoder(model, sc)
     for i, start in enumerate(starts):
         one, one_logits = alone.admit([start])

@@ -2,10 +2,10 @@
 slots (`slots.SlotDecoder`).
 
 The thread loops: drop what was cancelled, admit waiting requests (first come, first served) into free slots
-(one prefill call for all the requests that fit, each prompt into a slot, copied for its other choices: first
-tokens go out at once), then run one chunk of decode steps over the live slots and hand each choice its new
-tokens; a choice that ends (EOS, max_tokens, a stop string) frees its slot at once, for the next admission. A
-request of n choices waits until n slots are free. Requests beyond `max_queue` waiting are refused (`QueueFull`:
+(each prompt into a slot, a burst of them in one prefill call, copied for its other choices: first tokens go out
+at once), then run one chunk of decode steps over the live slots and hand each choice its new tokens; a choice
+that ends (EOS, max_tokens, a stop string) frees its slot at once, for the next admission. A request of n
+choices waits until n slots are free. Requests beyond `max_queue` waiting are refused (`QueueFull`:
 the API's 429). Cancellation (a client that went away) frees the request's slots before the next chunk. `close`
 lets every accepted request finish, then ends the thread (SIGTERM's drain).
 
@@ -228,7 +228,7 @@ class Scheduler:
 
     def _admit(self) -> None:
         """Takes waiting requests, first come first served, while their choices fit in the free slots, and starts
-        them all in one prefill call."""
+        them (`_start`)."""
         batch, gone = [], []
         with self.cv:
             free = len(self._free_slots())
@@ -248,8 +248,8 @@ class Scheduler:
             self.starting = []
 
     def _start(self, batch: list[Request]) -> None:
-        """Prefills the requests' prompts together, each into a free slot, copies each prompt's slot for its other
-        choices, and emits every choice's first token."""
+        """Prefills the requests' prompts, each into a free slot (together where `SlotConfig.admit_groups` groups
+        them), copies each prompt's slot for its other choices, and emits every choice's first token."""
         free, plans = self._free_slots(), []
         for r in batch:
             p = r.params
@@ -262,19 +262,21 @@ class Scheduler:
                 r.choices.append(c)
                 self.owner[slot], self.owner_request[slot] = c, r
             plans.append((r, slots, seed, sampler))
-        firsts, logits = self.decoder.admit([Start(slots[0], r.prompt, r.params.max_tokens, seed_key(seed), sampler)
-                                             for r, slots, seed, sampler in plans])
-        now = time.perf_counter()
-        for i, (r, slots, seed, sampler) in enumerate(plans):
-            r.choices[0].first_at = now
-            self.metrics.ttft.observe(now - r.arrived)
-            self._take(r, r.choices[0], Drawn(*(a[i] for a in firsts)))
-            for j, slot in enumerate(slots[1:], 1):
-                first = self.decoder.fork(slots[0], slot, logits[i], r.params.max_tokens,
-                                          seed_key((seed + j) % 2 ** 64), sampler)
-                r.choices[j].first_at = time.perf_counter()
-                self._take(r, r.choices[j], first)
-            self._flush(r)
+        for group in self.decoder.sc.admit_groups([len(r.prompt) for r in batch]):
+            mine = [plans[i] for i in group]
+            firsts, logits = self.decoder.admit([Start(slots[0], r.prompt, r.params.max_tokens, seed_key(seed),
+                                                       sampler) for r, slots, seed, sampler in mine])
+            now = time.perf_counter()
+            for i, (r, slots, seed, sampler) in enumerate(mine):
+                r.choices[0].first_at = now
+                self.metrics.ttft.observe(now - r.arrived)
+                self._take(r, r.choices[0], Drawn(*(a[i] for a in firsts)))
+                for j, slot in enumerate(slots[1:], 1):
+                    first = self.decoder.fork(slots[0], slot, logits[i], r.params.max_tokens,
+                                              seed_key((seed + j) % 2 ** 64), sampler)
+                    r.choices[j].first_at = time.perf_counter()
+                    self._take(r, r.choices[j], first)
+                self._flush(r)
         self.metrics.occupied.set(self.busy)
 
     def _dispatch(self) -> InFlight | None:

@@ -4,10 +4,11 @@ them per bucket and holds the device state.
 The server keeps a fixed number of decode slots (`--max-batch`), each the state of one sequence: its own KV
 cache rows, length, last token, sampling parameters and key. Three programs act on them:
 
-  admit          the prefill of the prompts that start together (one program for all of them: the weights are
-                 read once, however many start), each right-padded to the power-of-two bucket of the longest
-                 (dense, like `generate`'s), straight into its free slot's cache rows, and each one's first token,
-                 drawn with its slot's own sampling parameters; compiled per (rows bucket, prompt bucket)
+  admit          the prefill of one prompt, or of a burst that starts together (one call for all of them: the
+                 weights are read once; `SlotConfig.admit_groups`), each right-padded to the power-of-two bucket
+                 of the longest (dense, like `generate`'s), straight into its free slot's cache rows, and each
+                 one's first token, drawn with its slot's own sampling parameters; compiled per prompt bucket
+                 for 1 row and for `slots` rows
   fork           another choice of the same prompt (a request of n choices): a copy of the slot's rows and its
                  own first token from the prompt's logits; compiled once
   decode_chunk   `chunk` decode steps of the first `bucket` slots in a loop of fixed trip count (no host round
@@ -56,7 +57,8 @@ class SlotConfig:
     alternatives a token's log-probabilities list; context_buckets: how many context lengths a step may read
     (context / 2^k for k < context_buckets, at least one prompt bucket); window_reads: a decode chunk runs in the
     whole caches, attention reading only the context bucket's slots, instead of copying the bucket's slots out
-    of every layer's cache and back (2 x 2 x the bucket's bytes a chunk). The defaults are the H200's fastest
+    of every layer's cache and back (2 x 2 x the bucket's bytes a chunk); admit_tokens: the most prompt tokens
+    (rows x bucket) one admit call of several prompts prefills (`admit_groups`). The defaults are the H200's fastest
     (docs/BENCHMARKS.md, issue 31, LLaMA2-7B, 8 slots): window reads 3% faster a step than copies at 8 steps a
     chunk, 6 context buckets 8% faster than 4; the server at 8 steps a chunk 5% faster than at 16, and 4
     slower than 16 in the slots benchmark (7.51 against 5.79 ms a step, copying)."""
@@ -67,6 +69,17 @@ class SlotConfig:
     top_logprobs: int = 20
     context_buckets: int = 6
     window_reads: bool = True
+    admit_tokens: int = 4096
+
+    def admit_groups(self, lengths: list[int]) -> list[list[int]]:
+        """How prompts of these lengths that arrive together are admitted: indices into `lengths`, one admit call
+        per group. All in one call (`slots` rows, the padding's rows written nowhere) when they are at least half
+        the slots and slots x their bucket is at most admit_tokens; else one call each. Two row counts, 1 and
+        slots, keep the admit programs to two per prompt bucket."""
+        whole = self.slots * self.prompt_bucket(max(lengths, default=1))
+        if len(lengths) > 1 and 2 * len(lengths) >= self.slots and whole <= self.admit_tokens:
+            return [list(range(len(lengths)))]
+        return [[i] for i in range(len(lengths))]
 
     def slot_buckets(self) -> list[int]:
         return sorted({self.slot_bucket(i) for i in range(self.slots)})
@@ -299,12 +312,14 @@ class SlotDecoder:
         return sparse_layers(self.engine, self.cfg, self.predictors, self.union, live, self.itemsize)
 
     def warmup(self) -> int:
-        """Compiles every program a request can meet: admit per rows bucket (the slot buckets) and prompt bucket,
-        fork, decode per slot bucket, context bucket, distinct sparse layers of the live counts that bucket
-        covers, greedy or sampled. Returns the number of programs; the slots are left free."""
+        """Compiles every program a request can meet: admit per prompt bucket for one row, and for `slots` rows
+        where `SlotConfig.admit_groups` would group, fork, decode per slot bucket, context bucket, distinct sparse
+        layers of the live counts that bucket covers, greedy or sampled. Returns the number of programs; the
+        slots are left free."""
         sc, before = self.sc, len(self.seen)
-        for rows, pb in itertools.product(sc.slot_buckets(), sc.prompt_buckets()):
-            _, logits = self.admit([Start(i, [0] * pb, 1, seed_key(0), Sampler()) for i in range(rows)])
+        for rows, pb in itertools.product(sorted({1, sc.slots}), sc.prompt_buckets()):
+            if rows == 1 or len(sc.admit_groups([pb] * rows)) == 1:
+                _, logits = self.admit([Start(i, [0] * pb, 1, seed_key(0), Sampler()) for i in range(rows)])
         self.fork(0, sc.slots - 1, logits[0], 1, seed_key(0), Sampler())
         for b in sc.slot_buckets():
             counts = {self.sparse_layers(n): n for n in range(b, 0, -1)}
@@ -324,11 +339,12 @@ class SlotDecoder:
                          for f in dataclasses.fields(Sampler)))
 
     def admit(self, starts: list[Start]) -> tuple[Drawn, jax.Array]:
-        """Starts each sequence in its (free, distinct) slot, all in one prefill call. Returns their first tokens
-        (Drawn fields [len(starts)], NumPy) and their prompts' logits (f32 [rows, V] on the device, row i for
-        starts[i], for `fork`)."""
+        """Starts each sequence in its (free, distinct) slot, all in one prefill call of one row, or of `slots`
+        rows for several (`SlotConfig.admit_groups` says when that pays). Returns their first tokens (Drawn fields
+        [len(starts)], NumPy) and their prompts' logits (f32 [rows, V] on the device, row i for starts[i], for
+        `fork`)."""
         n, free = len(starts), self.sc.slots
-        rows = self.sc.slot_bucket(n - 1)  # a power of two: few programs for any number of arrivals
+        rows = 1 if n == 1 else free
         pb = self.sc.prompt_bucket(max(len(s.prompt) for s in starts))
         pad = [Start(free, [0], 1, seed_key(0), Sampler())] * (rows - n)  # slot index N: written nowhere
         tokens = np.zeros((rows, pb), np.int32)
