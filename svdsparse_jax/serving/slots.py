@@ -41,7 +41,7 @@ from flax import nnx
 
 from svdsparse_jax import kv_cache
 from svdsparse_jax.config import ModelConfig
-from svdsparse_jax.generate import MIN_BUCKET, Sampler, bucket, seed_key
+from svdsparse_jax.generate import Sampler, bucket, seed_key
 from svdsparse_jax.model import Transformer
 from svdsparse_jax.policy import UnionRows, sparse_layers
 from svdsparse_jax.sharding import shard_predictors
@@ -55,13 +55,14 @@ class SlotConfig:
     """Static shape of the decode slots. slots: how many (the largest decode batch); context: cache slots per
     sequence (the model's positions); chunk: decode steps per call (per host round trip); top_logprobs: the most
     alternatives a token's log-probabilities list; context_buckets: how many context lengths a step may read
-    (context / 2^k for k < context_buckets, at least one prompt bucket); window_reads: a decode chunk runs in the
-    whole caches, attention reading only the context bucket's slots, instead of copying the bucket's slots out
-    of every layer's cache and back (2 x 2 x the bucket's bytes a chunk); admit_tokens: the most prompt tokens
-    (rows x bucket) one admit call of several prompts prefills (`admit_groups`). The defaults are the H200's fastest
-    (docs/BENCHMARKS.md, issue 31, LLaMA2-7B, 8 slots): window reads 3% faster a step than copies at 8 steps a
-    chunk, 6 context buckets 8% faster than 4; the server at 8 steps a chunk 5% faster than at 16, and 4
-    slower than 16 in the slots benchmark (7.51 against 5.79 ms a step, copying)."""
+    (context / 2^k for k < context_buckets, none below min_context slots: a smaller window saves less than its
+    programs' compiles cost); window_reads: a decode chunk runs in the whole caches, attention reading only the
+    context bucket's slots, instead of copying the bucket's slots out of every layer's cache and back (2 x 2 x
+    the bucket's bytes a chunk); admit_tokens: the most prompt tokens (rows x bucket) one admit call of several
+    prompts prefills (`admit_groups`). The defaults are the H200's fastest (docs/BENCHMARKS.md, issue 31,
+    LLaMA2-7B, 8 slots): window reads 3% faster a step than copies at 8 steps a chunk, 6 context buckets 8%
+    faster than 4; the server at 8 steps a chunk 5% faster than at 16, and 4 slower than 16 in the slots
+    benchmark (7.51 against 5.79 ms a step, copying)."""
 
     slots: int
     context: int
@@ -70,6 +71,7 @@ class SlotConfig:
     context_buckets: int = 6
     window_reads: bool = True
     admit_tokens: int = 4096
+    min_context: int = 128
 
     def admit_groups(self, lengths: list[int]) -> list[list[int]]:
         """How prompts of these lengths that arrive together are admitted: indices into `lengths`, one admit call
@@ -85,7 +87,8 @@ class SlotConfig:
         return sorted({self.slot_bucket(i) for i in range(self.slots)})
 
     def context_sizes(self) -> list[int]:
-        return sorted({max(MIN_BUCKET, self.context >> k) for k in range(self.context_buckets)} | {self.context})
+        floor = min(self.context, self.min_context)
+        return sorted({max(floor, self.context >> k) for k in range(self.context_buckets)} | {self.context})
 
     def prompt_buckets(self) -> list[int]:
         return sorted({self.prompt_bucket(n) for n in range(1, self.context + 1)})
