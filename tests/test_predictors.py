@@ -18,7 +18,7 @@ from svdsparse_jax.predictors import (BuildConfig, LowRankPredictor, OraclePredi
                                       load_predictors, save_predictors)
 from svdsparse_jax.predictors.base import SignBitPredictor, pack_signs
 from svdsparse_jax.predictors.baselines import mlp_predictor, signbit_predictor
-from svdsparse_jax.predictors.thresholds import Target
+from svdsparse_jax.predictors.thresholds import GRID, Target
 from svdsparse_jax.weights import init_weights, model_fingerprint
 
 CFG = named_config("tiny", activation="fatrelu", act_threshold=0.02, max_seq_len=128, vocab_size=64)
@@ -142,8 +142,10 @@ def test_build_reaches_the_targets_on_the_calibration_half(method, seed, rng):
             assert info["target_met"] or guard_fired, (guard, info)
             if info["target_met"] and method == "signbit":  # integer counts: the target is met up to one tie group
                 assert 0.3 <= info["calib_predicted_sparsity"] < 0.4
-            elif info["target_met"]:
-                assert info["calib_predicted_sparsity"] >= 0.3 - 1e-6
+            elif info["target_met"]:  # short by less than one grid step of one neuron (n / GRID tokens): equal
+                # scores at a cut stay on together (identical inputs, a token id opening two windows, tie exactly)
+                n = bc.tokens // 2
+                assert info["calib_predicted_sparsity"] > 0.3 - (n // GRID) / (n * CFG.d_ff)
             else:
                 assert info["calib_predicted_sparsity"] < 0.3
 
