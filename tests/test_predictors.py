@@ -143,7 +143,8 @@ def test_build_reaches_the_targets_on_the_calibration_half(method, seed, rng):
             if info["target_met"] and method == "signbit":  # integer counts: the target is met up to one tie group
                 assert 0.3 <= info["calib_predicted_sparsity"] < 0.4
             elif info["target_met"]:  # short by less than one grid step of one neuron (n / GRID tokens): equal
-                # scores at a cut stay on together (identical inputs, a token id opening two windows, tie exactly)
+                # scores at a cut stay on together (identical inputs, a token id opening several windows, tie
+                # exactly: seed 657663186 had 3-way ties at the cuts of 3 neurons, 2 of 524288 pairs short)
                 n = bc.tokens // 2
                 assert info["calib_predicted_sparsity"] > 0.3 - (n // GRID) / (n * CFG.d_ff)
             else:

@@ -225,7 +225,9 @@ class GuardedFFN(torch.nn.Module):
             g, u = (flat @ self.w_gate.T).float(), (flat @ self.w_up.T).float()
         else:
             idx, valid = select_rows(key, count, self.capacity, self.selection, self.rows)  # [capacity]
-            mask = own.index_select(1, idx) if valid is None else own.index_select(1, idx) & valid
+            mask = own.index_select(1, idx)
+            if valid is not None:
+                mask = mask & valid
             g = rows_product(flat, self.w_gate, idx, self.gather)  # [N, capacity] f32
             u = rows_product(flat, self.w_up, idx, self.gather)
         a = activate(self.activation, self.threshold, g) * mask

@@ -295,6 +295,7 @@ class SlotDecoder:
         self._fork = jax.jit(functools.partial(fork, top=sc.top_logprobs), donate_argnums=(0,))
         self._decode = jax.jit(decode_chunk, static_argnums=(0,), donate_argnums=(3,),
                                static_argnames=("bucket", "context", "chunk", "greedy", "top", "window_reads"))
+        self.padding = Start(sc.slots, [0], 1, seed_key(0), Sampler())  # an admit row written nowhere (slot N)
         self.seen: set[tuple] = set()
         self.compiles = {"admit": 0, "fork": 0, "decode": 0}
 
@@ -336,31 +337,32 @@ class SlotDecoder:
         return len(self.seen) - before
 
     @staticmethod
-    def _sampler(sampler: Sampler) -> Sampler:
-        """A sampler with array fields (traced, so its values never recompile)."""
-        return Sampler(*(jnp.asarray(getattr(sampler, f.name), jnp.int32 if f.name == "top_k" else F32)
-                         for f in dataclasses.fields(Sampler)))
+    def _sampler(samplers: list[Sampler], one: bool = False) -> Sampler:
+        """The samplers as one whose fields are arrays (traced, so their values never recompile): [n], or scalars
+        with one=True (one sampler)."""
+        def field(name: str) -> jax.Array:
+            values = np.array([getattr(s, name) for s in samplers], np.int32 if name == "top_k" else np.float32)
+            return jnp.asarray(values[0] if one else values)
+        return Sampler(*(field(f.name) for f in dataclasses.fields(Sampler)))
 
     def admit(self, starts: list[Start]) -> tuple[Drawn, jax.Array]:
         """Starts each sequence in its (free, distinct) slot, all in one prefill call of one row, or of `slots`
         rows for several (`SlotConfig.admit_groups` says when that pays). Returns their first tokens (Drawn fields
         [len(starts)], NumPy) and their prompts' logits (f32 [rows, V] on the device, row i for starts[i], for
         `fork`)."""
-        n, free = len(starts), self.sc.slots
-        rows = 1 if n == 1 else free
+        n = len(starts)
+        rows = 1 if n == 1 else self.sc.slots
         pb = self.sc.prompt_bucket(max(len(s.prompt) for s in starts))
-        pad = [Start(free, [0], 1, seed_key(0), Sampler())] * (rows - n)  # slot index N: written nowhere
+        every = starts + [self.padding] * (rows - n)
         tokens = np.zeros((rows, pb), np.int32)
         for i, s in enumerate(starts):
             tokens[i, :len(s.prompt)] = s.prompt
-        column = lambda f, dtype: jnp.asarray(np.array([f(s) for s in starts + pad], dtype))  # noqa: E731
-        sampler = Sampler(*(jnp.asarray([getattr(s.sampler, f.name) for s in starts + pad],
-                                        jnp.int32 if f.name == "top_k" else F32) for f in dataclasses.fields(Sampler)))
+        column = lambda f: jnp.asarray(np.array([f(s) for s in every], np.int32))  # noqa: E731
+        sampler = self._sampler([s.sampler for s in every])
         self._count(("admit", rows, pb))
         self.slots, first, logits = self._admit(
-            self.graphdef, self.state, self.slots, jnp.asarray(tokens), column(lambda s: len(s.prompt), np.int32),
-            column(lambda s: s.slot, np.int32), column(lambda s: s.max_new, np.int32),
-            jnp.stack([s.key for s in starts + pad]), sampler)
+            self.graphdef, self.state, self.slots, jnp.asarray(tokens), column(lambda s: len(s.prompt)),
+            column(lambda s: s.slot), column(lambda s: s.max_new), jnp.stack([s.key for s in every]), sampler)
         return jax.tree.map(lambda a: np.asarray(a)[:n], first), logits
 
     def fork(self, src: int, dst: int, logits: jax.Array, max_new: int, key: jax.Array, sampler: Sampler) -> Drawn:
@@ -368,7 +370,7 @@ class SlotDecoder:
         first token (NumPy)."""
         self._count(("fork",))
         self.slots, first = self._fork(self.slots, jnp.int32(src), jnp.int32(dst), logits, jnp.int32(max_new), key,
-                                       self._sampler(sampler))
+                                       self._sampler([sampler], one=True))
         return jax.tree.map(np.asarray, first)
 
     def decode(self, live: np.ndarray, needed: int, greedy: bool) -> Drawn:
