@@ -79,6 +79,11 @@ def activate(kind: str, threshold: float, g: torch.Tensor) -> torch.Tensor:
 MODES = ("exact", "sync_free")
 SELECTIONS = ("topk", "prefix")
 GATHERS = ("copy", "fused")
+# The sync-free path's defaults. H200, LLaMA2-7B bf16, static cache (CUDA graphs), 2026-12-03
+# (docs/bench/torch_bridge_variants_e30fef6.json): unpatched 141.6 tok/s; topk:copy 102.6, prefix:copy 126.0,
+# topk:fused 118.6, prefix:fused 140.7. Prefix wins with either gather; "fused" only under torch.compile (eager
+# torch forms its [N, capacity, d] products), so the default gather stays "copy": pass "fused" when compiling.
+DEFAULT_SELECTION, DEFAULT_GATHER = "prefix", "copy"
 
 
 def select_rows(key: torch.Tensor, count: torch.Tensor, capacity: int, selection: str, rows: torch.Tensor
@@ -139,7 +144,7 @@ class GuardedFFN(torch.nn.Module):
 
     def __init__(self, w_gate: torch.Tensor, w_up: torch.Tensor, w_down_t: torch.Tensor, factors: LayerFactors,
                  activation: str, threshold: float, mode: str = "exact", capacity: int | None = None,
-                 selection: str = "topk", gather: str = "copy"):
+                 selection: str = DEFAULT_SELECTION, gather: str = DEFAULT_GATHER):
         super().__init__()
         dev, dt = w_gate.device, w_gate.dtype
         d_ff = w_gate.shape[0]

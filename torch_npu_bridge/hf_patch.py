@@ -17,7 +17,8 @@ from svdsparse_jax.assets.default_model.sparse_mlp import set_sparse_activation
 from svdsparse_jax.config import from_hf_config
 from svdsparse_jax.errors import SvdsparseError
 from svdsparse_jax.weights import model_fingerprint, weight_specs
-from torch_npu_bridge.executor import MODES, GuardedFFN, measured_capacities, pick_device
+from torch_npu_bridge.executor import (DEFAULT_GATHER, DEFAULT_SELECTION, MODES, GuardedFFN, measured_capacities,
+                                       pick_device)
 from torch_npu_bridge.factors import PredictorFactors, read_factors
 
 
@@ -73,7 +74,7 @@ def hf_fingerprint(model, activation: str, threshold: float) -> str:
 def patch_hf_model(model, predictors: str | os.PathLike | PredictorFactors, device: str | torch.device | None = None,
                    check_fingerprint: bool = True, mode: str = "exact",
                    capacity: int | str | Sequence[int] | None = None, batch: int = 1, margin: float = 1.5,
-                   selection: str = "topk", gather: str = "copy"):
+                   selection: str | None = None, gather: str | None = None):
     """Makes every MLP of `model` predictor-guarded for decode with a predictor directory (`svdsparse
     build-predictors`), on `device` (default: npu if torch_npu sees one, else cuda, else cpu; the model is moved
     there). Returns the model. Refuses a model with another layer count, other shapes or (unless
@@ -85,12 +86,13 @@ def patch_hf_model(model, predictors: str | os.PathLike | PredictorFactors, devi
     candidate union at `batch` sequences x `margin`, rounded up to 64 rows (`executor.measured_capacities`).
     Candidates beyond the capacity are dropped and counted (`overflow_count`). selection ("topk" or "prefix")
     and gather ("copy" or "fused": for torch.compile) choose how the sync-free path picks and reads the rows
-    (`executor`)."""
+    (`executor`; None: `executor.DEFAULT_SELECTION` and `DEFAULT_GATHER`, prefix and copy; pass gather="fused"
+    under torch.compile, the H200's fastest there)."""
     if mode not in MODES:
         raise SvdsparseError(f"executor mode {mode!r}: expected one of {MODES}")
     if capacity is not None and mode != "sync_free":
         raise SvdsparseError("capacity is for mode='sync_free' (the exact path reads every candidate)")
-    if (selection, gather) != ("topk", "copy") and mode != "sync_free":
+    if (selection, gather) != (None, None) and mode != "sync_free":
         raise SvdsparseError("selection and gather are for mode='sync_free' (the exact path compacts on the host)")
     ex = predictors if isinstance(predictors, PredictorFactors) else read_factors(predictors)
     layers = _layers(model)
@@ -126,7 +128,7 @@ def patch_hf_model(model, predictors: str | os.PathLike | PredictorFactors, devi
         mlp = layer.mlp
         guarded = GuardedFFN(mlp.gate_proj.weight.detach(), mlp.up_proj.weight.detach(),
                              mlp.down_proj.weight.detach().T.contiguous(), factors, ex.activation, ex.threshold,
-                             mode, cap, selection, gather)
+                             mode, cap, selection or DEFAULT_SELECTION, gather or DEFAULT_GATHER)
         layer.mlp = PatchedMLP(mlp, guarded)
     return model
 

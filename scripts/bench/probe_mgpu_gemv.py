@@ -92,7 +92,7 @@ def gemv_mgpu(x: jax.Array, w: jax.Array, *, transposed: bool = False, tile_m: i
 
         pl.run_scoped(scope, plgpu.ACC((tile_m, N_PAD), jnp.float32), plgpu.SMEM((tile_m, N_PAD), jnp.float32))
 
-    partial = plgpu.kernel(body, jax.ShapeDtypeStruct((splits, n, N_PAD), jnp.float32),
+    partial = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((splits, n, N_PAD), jnp.float32),
                            grid=(n // tile_m, splits), grid_names=("rows", "split"))(w, xp)
     return jnp.sum(partial, axis=0)[:, :b].T
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from scripts.bench import harness
-from torch_npu_bridge.executor import GATHERS, SELECTIONS
+from torch_npu_bridge.executor import DEFAULT_GATHER, DEFAULT_SELECTION, GATHERS, SELECTIONS
 
 
 def parity(device: str) -> dict:
@@ -55,7 +55,8 @@ def parity(device: str) -> dict:
 
 
 def speed(device: str, candidates: float, new_tokens: int, repeats: int, mode: str = "exact",
-          margin: float = 1.5, cache: str = "dynamic", variants: tuple[tuple[str, str], ...] = (("topk", "copy"),),
+          margin: float = 1.5, cache: str = "dynamic", variants: tuple[tuple[str, str], ...] = (
+              (DEFAULT_SELECTION, DEFAULT_GATHER),),
           layers: int = 32) -> dict:
     """Tokens/s of the patched model for each (selection, gather) of the sync-free path (one variant, ignored, for
     the exact path) and of the model unpatched, on one random model and one predictor set."""
@@ -147,7 +148,8 @@ def main() -> int:
     ap.add_argument("--margin", type=float, default=1.5)
     ap.add_argument("--cache", choices=("dynamic", "static"), default="dynamic")
     ap.add_argument("--layers", type=int, default=32, help="LLaMA2-7B's 32 layers, or fewer for a dry run")
-    ap.add_argument("--variants", nargs="+", default=["topk:copy"], metavar="SELECTION:GATHER",
+    ap.add_argument("--variants", nargs="+", default=[f"{DEFAULT_SELECTION}:{DEFAULT_GATHER}"],
+                    metavar="SELECTION:GATHER",
                     choices=[f"{s}:{g}" for s in SELECTIONS for g in GATHERS],
                     help="the sync-free path's row selection and gather to time, each in its own run "
                          "(torch_npu_bridge.executor)")
