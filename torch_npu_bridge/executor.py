@@ -23,7 +23,7 @@ it computes what the exact path computes (to f32 rounding: the sums include the 
 beyond it, the lowest-scored candidates are dropped and `overflow` (a device counter, read after generation)
 counts them. capacity == d_ff runs the three dense matmuls with the same masks (exact, no gather).
 
-Two choices of the sync-free path, to be measured against each other on the device (scripts/bench/torch_bridge.py):
+Two choices of the sync-free path (timed by scripts/bench/torch_bridge.py; the defaults: DEFAULT_SELECTION, _GATHER):
   selection "topk"    idx = topk(key, capacity), as above
             "prefix"  the candidates in row order, placed by a prefix sum (one scan and one scatter instead of a
                       selection; beyond the capacity the highest-numbered candidates are dropped, not the lowest-
