@@ -53,6 +53,24 @@ class GemvTTile:
 
 
 @dataclasses.dataclass(frozen=True)
+class MgpuTile:
+    """`gemv_mgpu.gemv_mgpu`'s tile: rows of w per program, columns per pipelined tile, SMEM buffers in flight,
+    pieces of k (partial sums)."""
+
+    tile_m: int = 64
+    tile_k: int = 128
+    stages: int = 4
+    splits: int = 2
+    source: str = dataclasses.field(default="", compare=False, repr=False)
+
+    def kernel_args(self) -> dict:
+        return {"tile_m": self.tile_m, "tile_k": self.tile_k, "stages": self.stages, "splits": self.splits}
+
+
+IMPLS = ("gemv", "mgpu", "xla")
+
+
+@dataclasses.dataclass(frozen=True)
 class ProjectionRule:
     """Decode products x [B, k] @ w [n, k]^T with B <= max_batch, n * k >= min_weights and weights of a dtype
     in `dtypes` take `impl`: 'gemv' (the Pallas GEMV, `gemv.gemv_pallas`) or 'xla' (XLA's product). The first
@@ -65,8 +83,8 @@ class ProjectionRule:
     source: str = dataclasses.field(default="", compare=False, repr=False)
 
     def __post_init__(self):
-        if self.impl not in ("gemv", "xla"):
-            raise ValueError(f"projection rule impl {self.impl!r}: expected 'gemv' or 'xla'")
+        if self.impl not in IMPLS:
+            raise ValueError(f"projection rule impl {self.impl!r}: expected one of {IMPLS}")
 
     def matches(self, batch: int, n_weights: int, dtype: str) -> bool:
         return batch <= self.max_batch and n_weights >= self.min_weights and dtype in self.dtypes
@@ -130,6 +148,19 @@ PROJECTIONS = (
                "18944x3584 40.9 / 45.0; at batch 2 XLA wins every shape (12288x4096 32.4 / 42.5, 18944x3584 40.8 "
                "/ 76.8) and by 2-7x at batch 8; H100 2026-11-23: 256x4096 6.0 / 3.9, 11008x256 8.8 / 5.2"),
 )
+# The same products on the Mosaic GPU GEMV where its tile fits (the dense FFN's gate and up stay in the one-pass
+# Pallas kernel, `GATE_UP_TILE`): `--projections mgpu` of the decode benchmark, the candidate to replace PROJECTIONS.
+MGPU_PROJECTIONS = (
+    ProjectionRule(max_batch=1, min_weights=3584 * 3584, impl="mgpu",
+                   source="H200 2026-12-03 (docs/bench/mgpu_gemv_e30fef6.json): one product alone, against the "
+                          "Pallas GEMV: 12288x4096 37.0 / 43.3 us, 4096x4096 18.0 / 19.1, W_down_t 11008x4096 33.2 / "
+                          "35.5, 11008x4096 32.3 / 31.7"),
+)
+MGPU_TILE = MgpuTile(
+    tile_m=64, tile_k=128, stages=4, splits=2,
+    source="H200 2026-12-03 (docs/bench/mgpu_gemv_e30fef6.json, 83 tiles, batch 1, all passed float64): the fastest "
+           "at q/k/v 12288x4096, o 4096x4096 and down 4096x11008 (x @ W_down_t), 4th at 11008x4096 (0.3 us off)")
+
 # Every decode product on XLA (the `--projections xla` of the CLI and the benchmarks).
 XLA_PROJECTIONS: tuple[ProjectionRule, ...] = ()
 

@@ -4,8 +4,9 @@
 program takes as a static argument (`Generator` programs key on it), and the three routing functions below read
 it, and nothing else, to pick a Pallas kernel or XLA for each decode operation while it is traced:
 
-  project      x @ w^T, optionally RMSNorm(x) @ w^T: the Pallas GEMV or XLA's product, by `projections`
-  project_t    x @ w_t for a weight stored input-major (W_down_t): the Pallas GEMV or XLA's, by the same rules
+  project      x @ w^T, optionally RMSNorm(x) @ w^T: the Pallas GEMV (Triton or Mosaic GPU) or XLA's product, by
+               `projections`
+  project_t    x @ w_t for a weight stored input-major (W_down_t): the same choice, by the same rules
   gate_up      the dense FFN's act(x W_gate^T) * up(x W_up^T): one Pallas pass over both (given a gate_up_tile) or
                the two products of `project` and the activation
   add_rmsnorm  residual add + RMSNorm (+ the predictor's input projection): one Pallas launch, or XLA
@@ -33,17 +34,18 @@ from jax.sharding import PartitionSpec
 from pallas_kernels import reference, tuning
 from pallas_kernels.candidates import Candidates
 from pallas_kernels.compaction import compact_pallas
+from pallas_kernels import gemv_mgpu
 from pallas_kernels.gemv import gate_up_pallas, gemv_pallas, gemv_t_pallas
 from pallas_kernels.norm import add_rmsnorm_pallas
-from pallas_kernels.numerics import Activation
+from pallas_kernels.numerics import Activation, rms_norm
 from pallas_kernels.sparse_ffn import SparseFFNConfig, sparse_ffn_indexed
-from pallas_kernels.tuning import FFNCost, GemvShapeTile, GemvTile, GemvTTile, ProjectionRule, SparseFFNRow
+from pallas_kernels.tuning import FFNCost, GemvShapeTile, GemvTile, GemvTTile, MgpuTile, ProjectionRule, SparseFFNRow
 from svdsparse_jax.errors import SvdsparseError
 from svdsparse_jax.policy import POLICIES
 
 F32 = jnp.float32
 BACKENDS = ("pallas", "interpret", "xla")
-PROJECTION_TABLES = {"table": tuning.PROJECTIONS, "xla": tuning.XLA_PROJECTIONS}
+PROJECTION_TABLES = {"table": tuning.PROJECTIONS, "mgpu": tuning.MGPU_PROJECTIONS, "xla": tuning.XLA_PROJECTIONS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +60,8 @@ class EngineConfig:
     gemv_tile, gemv_t_tile, sparse_ffn (kernel configuration by batch size), compaction_tile: the kernels'
       tiles; gemv_shape_tiles: the row GEMV's tiles for particular weight shapes (`gemv_tile_for`), before
       gemv_tile; gate_up_tile: the tile of the one-pass gate and up kernel where the dense FFN's gate product
-      goes to the GEMV (None: two GEMVs and XLA's activation).
+      goes to the GEMV (None: two GEMVs and XLA's activation); mgpu_tile: the Mosaic GPU GEMV's, for the
+      products the projection table sends to it.
     kernel_max_batch: more rows than this (prefill, evaluation windows) always run XLA.
     ffn_policy: which layers of a decode batch run the predictor-guarded FFN: 'measured' (where the measured
       costs `ffn_costs` say it beats dense at the batch's union row fractions), 'sparse' (all) or 'dense'
@@ -76,6 +79,7 @@ class EngineConfig:
     gemv_shape_tiles: tuple[GemvShapeTile, ...] = tuning.GEMV_SHAPE_TILES
     gemv_t_tile: GemvTTile = tuning.GEMV_T_TILE
     gate_up_tile: GemvTile | None = tuning.GATE_UP_TILE
+    mgpu_tile: MgpuTile = tuning.MGPU_TILE
     sparse_ffn: tuple[SparseFFNRow, ...] = tuning.SPARSE_FFN
     compaction_tile: int = tuning.COMPACTION_TILE
     kernel_max_batch: int = 16
@@ -102,13 +106,17 @@ class EngineConfig:
         return self.backend == "interpret"
 
     def projection_impl(self, batch: int, w: jax.Array) -> str:
-        """'gemv' or 'xla' for x [batch, k] @ w^T (XLA's under a mesh, whose partitioner splits it; `project` runs
+        """'gemv', 'mgpu' or 'xla' for x [batch, k] @ w^T (`tuning.ProjectionRule`; XLA's under a mesh, whose partitioner splits it; `project` runs
         split weights' products per shard, each under the mesh-less engine)."""
         if not self.kernels or self.mesh is not None:
             return "xla"
         dtype = jnp.dtype(w.dtype).name
         rule = next((r for r in self.projections if r.matches(batch, w.size, dtype)), None)
         return "xla" if rule is None else rule.impl
+
+    def mgpu_fits(self, n: int, k: int, batch: int) -> bool:
+        """Whether the Mosaic GPU GEMV's tile fits a product of n outputs over k inputs for `batch` sequences."""
+        return gemv_mgpu.fits(n, k, batch, **self.mgpu_tile.kernel_args())
 
     def gemv_tile_for(self, n: int, k: int) -> GemvTile:
         """The row GEMV's tile for a weight [n, k] (`tuning.gemv_tile_for`)."""
@@ -123,7 +131,8 @@ class EngineConfig:
     @classmethod
     def resolve(cls, backend: str = "auto", projections: str = "table", **fields: Any) -> "EngineConfig":
         """The engine for this process: backend 'auto' is 'pallas' on a GPU and 'xla' elsewhere; 'pallas' without
-        a GPU is refused. projections: 'table' (the measured table) or 'xla' (XLA's products only). Other fields
+        a GPU is refused. projections: 'table' (the measured table), 'mgpu' (the Mosaic GPU GEMV where the table has the
+        Triton one) or 'xla' (XLA's products only). Other fields
         as given."""
         platform = jax.default_backend()
         if backend not in ("auto", *BACKENDS):
@@ -149,7 +158,8 @@ def from_environment(backend: str | None = None, **fields: Any) -> EngineConfig:
 def project(engine: EngineConfig, x: jax.Array, w: jax.Array, norm: tuple[jax.Array, float] | None = None,
             out_dtype=F32, split: str | None = None) -> jax.Array:
     """x [..., k] @ w [n, k]^T -> [..., n] out_dtype, accumulated in f32; given norm = (scale [k], eps),
-    RMSNorm(x) @ w^T (the GEMV kernel forms the norm inside, saving XLA's norm launches).
+    RMSNorm(x) @ w^T (the Triton GEMV forms the norm inside, saving XLA's norm launches; before the Mosaic GPU
+    GEMV, `gemv_mgpu`, XLA forms it).
 
     split: how w lies on the engine's mesh (`sharding`): "rows" (its n output rows split: x replicated, the
     result split on its last axis), "cols" (its k input columns split: x split on its last axis, the partial
@@ -159,7 +169,13 @@ def project(engine: EngineConfig, x: jax.Array, w: jax.Array, norm: tuple[jax.Ar
         return _project_per_shard(engine, x, w, norm, out_dtype, split)
     flat = x.reshape(-1, x.shape[-1])
     scale, eps = (None, 0.0) if norm is None else norm
-    if engine.projection_impl(flat.shape[0], w) == "gemv":
+    impl = engine.projection_impl(flat.shape[0], w)
+    if impl == "mgpu" and engine.mgpu_fits(*w.shape, flat.shape[0]):
+        # XLA forms the norm (in the fusion that pads x to the kernel's 8 rows), rounded as the reference's
+        xin = flat if scale is None else rms_norm(flat, scale, eps)
+        y = gemv_mgpu.gemv_mgpu(xin, w, out_dtype=jnp.dtype(out_dtype), interpret=engine.interpret,
+                                **engine.mgpu_tile.kernel_args())
+    elif impl in ("gemv", "mgpu"):
         tile = engine.gemv_tile_for(*w.shape)
         y = gemv_pallas(flat, w, scale, eps, out_dtype=jnp.dtype(out_dtype), rows=tile.rows, cap=tile.cap,
                         num_warps=tile.num_warps, interpret=engine.interpret)
@@ -170,10 +186,14 @@ def project(engine: EngineConfig, x: jax.Array, w: jax.Array, norm: tuple[jax.Ar
 
 def project_t(engine: EngineConfig, x: jax.Array, w_t: jax.Array, out_dtype=F32) -> jax.Array:
     """x [..., k] @ w_t [k, n] -> [..., n] out_dtype, accumulated in f32, for a weight stored input-major (the
-    dense FFN's W_down_t): the Pallas GEMV (`gemv.gemv_t_pallas`) where the projection table sends a product of
-    that size, else XLA's. Under a mesh XLA partitions it (w_t split by rows: one all-reduce)."""
+    dense FFN's W_down_t): the Pallas GEMV (`gemv.gemv_t_pallas`, or `gemv_mgpu` where the table says 'mgpu' and
+    its tile fits) where the projection table sends a product of that size, else XLA's. Under a mesh XLA partitions it (w_t split by rows: one all-reduce)."""
     flat = x.reshape(-1, x.shape[-1])
-    if engine.projection_impl(flat.shape[0], w_t) == "gemv":
+    impl = engine.projection_impl(flat.shape[0], w_t)
+    if impl == "mgpu" and engine.mgpu_fits(w_t.shape[1], w_t.shape[0], flat.shape[0]):
+        y = gemv_mgpu.gemv_mgpu(flat, w_t, transposed=True, out_dtype=jnp.dtype(out_dtype),
+                                interpret=engine.interpret, **engine.mgpu_tile.kernel_args())
+    elif impl in ("gemv", "mgpu"):
         tile = engine.gemv_t_tile
         y = gemv_t_pallas(flat, w_t, out_dtype=jnp.dtype(out_dtype), rows=tile.rows, cols=tile.cols,
                           splits=tile.splits, num_warps=tile.num_warps, num_stages=tile.num_stages,
@@ -198,7 +218,9 @@ def gate_up(engine: EngineConfig, x: jax.Array, w_gate: jax.Array, w_up: jax.Arr
         return jax.shard_map(lambda x, wg, wu: gate_up(local_engine, x, wg, wu, act, out_dtype), mesh=engine.mesh,
                              in_specs=(PartitionSpec(), rows, rows), out_specs=last, check_vma=False)(x, w_gate, w_up)
     rows_in = x.size // x.shape[-1]
-    if engine.gate_up_tile is not None and engine.projection_impl(rows_in, w_gate) == "gemv":
+    # the one pass over both matrices also where the table sends the products to Mosaic GPU (measured faster than
+    # two Mosaic GEMVs: 44.4 us a layer against 2 x 32.3)
+    if engine.gate_up_tile is not None and engine.projection_impl(rows_in, w_gate) in ("gemv", "mgpu"):
         t = engine.gate_up_tile
         h = gate_up_pallas(x.reshape(rows_in, x.shape[-1]), w_gate, w_up, act, out_dtype=jnp.dtype(out_dtype),
                            rows=t.rows, cap=t.cap, num_warps=t.num_warps, interpret=engine.interpret)

@@ -19,6 +19,7 @@ import numpy as np
 
 from pallas_kernels import compaction, norm, reference
 from pallas_kernels import gemv as gemv_mod
+from pallas_kernels import gemv_mgpu
 from pallas_kernels import sparse_ffn as sf
 from pallas_kernels.candidates import Candidates
 from pallas_kernels.numerics import Activation, rms_norm
@@ -192,6 +193,22 @@ def check_gemv_t(k: int, n: int, dtype, *, rng: np.random.Generator, batch: int 
     return CheckResult(f"gemv_t k={k} n={n} {jnp.dtype(dtype).name} batch={batch} out={jnp.dtype(out_dtype).name}",
                        _rel(y, f64_product_t(x, w_t)), bool(np.isfinite(y).all()) and ok_dtype,
                        TOLERANCE[jnp.dtype(dtype).name])
+
+
+def check_gemv_mgpu(n: int, k: int, dtype, *, rng: np.random.Generator, batch: int = 1, interpret: bool,
+                    transposed: bool = False, out_dtype=jnp.float32, **tile) -> CheckResult:
+    """`gemv_mgpu.gemv_mgpu` against float64: x [B, k] @ w [n, k]^T, or transposed x @ w_t [k, n] (W_down_t), the
+    result written as out_dtype (interpret mode: the partial sums started as NaN)."""
+    w = device_normal(rng, (k, n) if transposed else (n, k), dtype, 1 / np.sqrt(k))
+    x = jnp.asarray(rng.standard_normal((batch, k), np.float32), dtype)
+    y = gemv_mgpu.gemv_mgpu(x, w, transposed=transposed, out_dtype=jnp.dtype(out_dtype), interpret=interpret,
+                            poison=interpret, **tile)
+    ok = y.dtype == jnp.dtype(out_dtype) and y.shape == (batch, n)
+    y = np.asarray(y.astype(jnp.float32), np.float64)
+    ref = f64_product_t(x, w) if transposed else f64_product(x, w)
+    return CheckResult(f"gemv_mgpu{' transposed' if transposed else ''} n={n} k={k} {jnp.dtype(dtype).name} "
+                       f"batch={batch} out={jnp.dtype(out_dtype).name} {tile}", _rel(y, ref),
+                       bool(np.isfinite(y).all()) and ok, TOLERANCE[jnp.dtype(dtype).name])
 
 
 def blocked_list_numpy(candidates: np.ndarray, tile: int) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 
 from conftest import rel_err
-from kernel_checks import (TOLERANCE, check_add_rmsnorm, check_compact, check_gate_up, check_gemv, check_gemv_t,
+from kernel_checks import (TOLERANCE, check_add_rmsnorm, check_compact, check_gate_up, check_gemv, check_gemv_mgpu,
+                           check_gemv_t,
                            check_sparse_ffn, random_weights)
 from pallas_kernels import sparse_ffn as sf
 from pallas_kernels import tuning
@@ -101,6 +102,21 @@ def test_gemv_t(d, d_ff, rng):
                 assert r.ok, r
 
 
+@pytest.mark.parametrize("n,k,transposed", [(12288, 4096, False), (4096, 4096, False), (4096, 11008, True),
+                                            (3584, 18944, True), (11008, 4096, False), (256, 4096, False)],
+                         ids=["quick-12288x4096", "4096x4096", "quick-down-4096x11008", "down-3584x18944",
+                              "11008x4096", "256x4096"])
+def test_gemv_mgpu(n, k, transposed, rng):
+    """The Mosaic GPU GEMV (TMA pipeline + wgmma) at the engine's tile and at a second one, on the decode
+    products the mgpu table sends it (transposed: x @ W_down_t), bf16 and f16, batch 1, 4 and 8."""
+    for tile in (tuning.MGPU_TILE, tuning.MgpuTile(tile_m=128, tile_k=128, stages=3, splits=2)):
+        for dtype in (jnp.bfloat16, jnp.float16):
+            for batch in (1, 4, 8):
+                r = check_gemv_mgpu(n, k, dtype, rng=rng, batch=batch, interpret=False, transposed=transposed,
+                                    out_dtype=dtype if batch == 4 else jnp.float32, **tile.kernel_args())
+                assert r.ok, r
+
+
 GATE_UP_TILES = sorted({tuning.GemvTile(rows=r, cap=4096, num_warps=w) for r, w in ((1, 4), (2, 8), (4, 8))}
                        | ({tuning.GATE_UP_TILE} if tuning.GATE_UP_TILE else set()), key=lambda t: (t.rows, t.num_warps))
 
@@ -127,8 +143,9 @@ def test_add_rmsnorm(d, rng):
             assert r.ok, r
 
 
+@pytest.mark.parametrize("projections", ["table", "mgpu"])
 @pytest.mark.parametrize("sparse", [False, True], ids=["quick-dense", "quick-sparse"])
-def test_decode_step_through_the_pallas_engine(sparse, seed, rng):
+def test_decode_step_through_the_pallas_engine(sparse, projections, seed, rng):
     """Two layers of the LLaMA2-7B shape, bf16, batch 1 and 3: one decode step after a prefill, the Pallas
     engine's hidden states against the XLA engine's (bf16 tolerance), dense and sparse. ReLU, and a predictor
     whose candidates (a random fifth of d_ff) sit far from its decision boundary: in a random-weight model one
@@ -159,6 +176,7 @@ def test_decode_step_through_the_pallas_engine(sparse, seed, rng):
             return m(tokens[:, 8:], cache, jnp.int32(8), preds)[0]
 
         want = step(model, tokens, preds)
-        got = step(with_engine(model, EngineConfig.resolve("pallas")), tokens, preds)
+        engine = EngineConfig.resolve("pallas", projections=projections)
+        got = step(with_engine(model, engine), tokens, preds)
         assert bool(jnp.all(jnp.isfinite(got)))
         assert rel_err(np.asarray(got, np.float32), np.asarray(want, np.float32)) <= TOLERANCE["bfloat16"]

@@ -41,7 +41,7 @@ from scripts.bench import harness, trace
 from pallas_kernels.tuning import GATE_UP_TILE, FFNCost, GemvTile, GemvTTile
 from svdsparse_jax.config import NAMED_SHAPES, named_config
 from svdsparse_jax.convert import parse_dtype
-from svdsparse_jax.engine import EngineConfig
+from svdsparse_jax.engine import PROJECTION_TABLES, EngineConfig
 from scripts.lab import TopKPredictor, decode_steps, ffn_rows_read
 from svdsparse_jax.generate import Generator, bucket
 from svdsparse_jax.model import Transformer, with_engine
@@ -198,7 +198,7 @@ def bench_model(model: Transformer, batch: int, prompt_len: int, new_tokens: int
         "slots": slots, "gb_per_step": round(step_bytes / 1e9, 4),
         "decode_tb_per_s": round(step_bytes / step_s / 1e12, 3),
         "launches_per_step": launches, "kernels": engine.backend,
-        "projections": "xla" if not engine.projections else "table", "sparse": preds is not None,
+        "projections": next(name for name, table in PROJECTION_TABLES.items() if table == engine.projections), "sparse": preds is not None,
         "candidates": f"top-k x{topk}" if topk else "union" if preds is not None else None, **extra,
     }
 
@@ -213,9 +213,9 @@ def main() -> int:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--kernels", default="auto", choices=["auto", "pallas", "interpret", "xla"],
                     help="the engine's backend (EngineConfig.resolve)")
-    ap.add_argument("--projections", nargs="+", default=["table"], choices=["table", "xla"],
-                    help="decode products by the measured table (Pallas GEMVs where they won) or XLA's only; "
-                         "both: table xla")
+    ap.add_argument("--projections", nargs="+", default=["table"], choices=sorted(PROJECTION_TABLES),
+                    help="decode products by the measured table (Pallas GEMVs where they won), the Mosaic GPU GEMV "
+                         "where the table has the Pallas one (mgpu), or XLA's only; several: each, dense and sparse")
     ap.add_argument("--steps-per-check", nargs="+", type=int, default=[EngineConfig().steps_per_check],
                     help="decode steps between two checks of the stop condition (1: a device-to-host wait "
                          "after every token)")
@@ -267,7 +267,7 @@ def main() -> int:
         modes = [None, "union", *args.topk] if args.sparse else [None]
         for batch, projections, check, gate_up, sparse in itertools.product(
                 args.batch, args.projections, args.steps_per_check, gate_up_tiles, modes):
-            if sparse and (projections != args.projections[0] or gate_up != gate_up_tiles[0]) \
+            if sparse and gate_up != gate_up_tiles[0] \
                     or sparse not in (None, "union") and batch == 1:
                 continue
             engine = EngineConfig.resolve(args.kernels, projections=projections, steps_per_check=check,
