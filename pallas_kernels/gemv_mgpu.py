@@ -4,9 +4,11 @@
 Program (i, s) of the grid owns rows [i*tile_m, (i+1)*tile_m) of w and the s-th of `splits` equal pieces of k.
 `plgpu.emit_pipeline` streams its [tile_m, tile_k] tiles of w (and x's [8, tile_k] tiles) through `stages` SMEM
 buffers, so TMA copies are in flight while the tensor cores take the previous tile; a wgmma multiplies each tile
-by x^T, the batch padded to 8 sequences (wgmma's smallest N), into an f32 [tile_m, 8] accumulator. Each program
-writes its accumulator to its block of the f32 partial sums [splits, n, 8]; XLA adds the splits, transposes back
-to [B, n] and rounds to out_dtype (one fusion, or fused into the consumer).
+by x^T, the batch padded to 8 sequences (wgmma's smallest N), into an f32 [tile_m, 8] accumulator. x itself is
+not padded: its 8-row TMA boxes read past the batch's B rows, which TMA fills with zeros (pad_x: XLA pads it
+first, one more launch per product, as the first decode run did). Each program writes its accumulator to its
+block of the f32 partial sums [splits, n, 8]; XLA adds the splits (elementwise, so the addition fuses into the
+consumer), transposes back to [B, n] and rounds to out_dtype.
 
 Measured against the Triton-lowered row GEMV (`gemv.gemv_pallas`) on the H200 at the LLaMA2-7B shapes, one product
 alone (docs/bench/mgpu_gemv_e30fef6.json): q/k/v 37.0 us against 43.3, o 18.0 against 19.1, down 33.2 against
@@ -32,7 +34,7 @@ from pallas_kernels.common import F32, call
 N_PAD = 8  # wgmma's smallest N: the batch is padded to it, so at most 8 sequences
 
 
-def fits(n: int, k: int, batch: int, *, tile_m: int, tile_k: int, splits: int, **_) -> bool:
+def fits(n: int, k: int, batch: int, *, tile_m: int, tile_k: int, splits: int, **_: object) -> bool:
     """Whether x [batch, k] @ w [n, k]^T (or w_t [k, n]) runs at this tile: n a multiple of tile_m, k of
     splits * tile_k, at most 8 sequences."""
     return batch <= N_PAD and n % tile_m == 0 and k % (splits * tile_k) == 0
@@ -57,7 +59,8 @@ def _mma_transforms(minor: int, dtype) -> tuple:
 
 def _partial_sums_mgpu(w: jax.Array, xp: jax.Array, *, transposed: bool, tile_m: int, tile_k: int, stages: int,
                        splits: int) -> jax.Array:
-    """The Mosaic GPU kernel: f32 [splits, n, 8] partial sums of w (or w_t) times xp [8, k]^T."""
+    """The Mosaic GPU kernel: f32 [splits, n, 8] partial sums of w (or w_t) times xp [B, k]^T (B <= 8: the rows
+    past B of each 8-row box of x come in as zeros)."""
     plgpu = _mosaic_gpu()
     k = xp.shape[1]
     n = w.shape[1] if transposed else w.shape[0]
@@ -100,7 +103,8 @@ def _partial_sums_mgpu(w: jax.Array, xp: jax.Array, *, transposed: bool, tile_m:
 
 def _partial_sums_interpret(w: jax.Array, xp: jax.Array, *, transposed: bool, tile_m: int, tile_k: int,
                             splits: int, poison: bool) -> jax.Array:
-    """The same grid, tiles and partial sums as `_partial_sums_mgpu`, as an interpreted pallas_call."""
+    """The same grid, tiles and partial sums as `_partial_sums_mgpu`, as an interpreted pallas_call (xp padded to
+    8 rows: what TMA's zero fill gives the GPU kernel)."""
     k = xp.shape[1]
     n = w.shape[1] if transposed else w.shape[0]
     steps = k // (splits * tile_k)
@@ -122,25 +126,28 @@ def _partial_sums_interpret(w: jax.Array, xp: jax.Array, *, transposed: bool, ti
 
 
 @functools.partial(jax.jit, static_argnames=("transposed", "out_dtype", "tile_m", "tile_k", "stages", "splits",
-                                             "interpret", "poison"))
+                                             "pad_x", "interpret", "poison"))
 def gemv_mgpu(x: jax.Array, w: jax.Array, *, transposed: bool = False, out_dtype=F32, tile_m: int = 64,
-              tile_k: int = 128, stages: int = 4, splits: int = 2, interpret: bool = False,
+              tile_k: int = 128, stages: int = 4, splits: int = 2, pad_x: bool = False, interpret: bool = False,
               poison: bool = False) -> jax.Array:
     """x [B, k] (B <= 8) @ w [n, k]^T -> [B, n] out_dtype, x rounded to w's dtype, products accumulated in f32,
     then rounded; transposed: w is w_t [k, n] and the product x @ w_t. n must be a multiple of tile_m and k of
-    splits * tile_k (`fits`); stages: SMEM buffers in flight. poison (interpret mode): the partial sums start as
-    NaN (the checks' proof that every element is written)."""
+    splits * tile_k (`fits`); stages: SMEM buffers in flight; pad_x: pad x to 8 rows in XLA instead of TMA's zero
+    fill. poison (interpret mode): the partial sums start as NaN (the checks' proof that every element is
+    written)."""
     b, k = x.shape
     n = w.shape[1] if transposed else w.shape[0]
     if w.shape[0 if transposed else 1] != k or not fits(n, k, b, tile_m=tile_m, tile_k=tile_k, splits=splits):
         raise ValueError(f"gemv_mgpu: x {x.shape}, w {w.shape} (transposed {transposed}) at tile_m {tile_m}, "
                          f"tile_k {tile_k}, splits {splits}: needs n % tile_m == 0, k % (splits * tile_k) == 0, "
                          f"B <= {N_PAD}")
-    xp = jnp.pad(x.astype(w.dtype), ((0, N_PAD - b), (0, 0)))
+    x = x.astype(w.dtype)
+    padded = jnp.pad(x, ((0, N_PAD - b), (0, 0)))
     if interpret:
-        partial = _partial_sums_interpret(w, xp, transposed=transposed, tile_m=tile_m, tile_k=tile_k, splits=splits,
-                                          poison=poison)
+        partial = _partial_sums_interpret(w, padded, transposed=transposed, tile_m=tile_m, tile_k=tile_k,
+                                          splits=splits, poison=poison)
     else:
-        partial = _partial_sums_mgpu(w, xp, transposed=transposed, tile_m=tile_m, tile_k=tile_k, stages=stages,
-                                     splits=splits)
-    return jnp.sum(partial, axis=0)[:, :b].T.astype(out_dtype)
+        partial = _partial_sums_mgpu(w, padded if pad_x else x, transposed=transposed, tile_m=tile_m, tile_k=tile_k,
+                                     stages=stages, splits=splits)
+    y = functools.reduce(jnp.add, [partial[s] for s in range(splits)])  # elementwise: fuses into the consumer
+    return y[:, :b].T.astype(out_dtype)

@@ -55,16 +55,18 @@ class GemvTTile:
 @dataclasses.dataclass(frozen=True)
 class MgpuTile:
     """`gemv_mgpu.gemv_mgpu`'s tile: rows of w per program, columns per pipelined tile, SMEM buffers in flight,
-    pieces of k (partial sums)."""
+    pieces of k (partial sums); pad_x: x padded to 8 rows by XLA (else TMA's zero fill)."""
 
     tile_m: int = 64
     tile_k: int = 128
     stages: int = 4
     splits: int = 2
+    pad_x: bool = False
     source: str = dataclasses.field(default="", compare=False, repr=False)
 
     def kernel_args(self) -> dict:
-        return {"tile_m": self.tile_m, "tile_k": self.tile_k, "stages": self.stages, "splits": self.splits}
+        return {"tile_m": self.tile_m, "tile_k": self.tile_k, "stages": self.stages, "splits": self.splits,
+                "pad_x": bool(self.pad_x)}
 
 
 IMPLS = ("gemv", "mgpu", "xla")

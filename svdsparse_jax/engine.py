@@ -106,8 +106,9 @@ class EngineConfig:
         return self.backend == "interpret"
 
     def projection_impl(self, batch: int, w: jax.Array) -> str:
-        """'gemv', 'mgpu' or 'xla' for x [batch, k] @ w^T (`tuning.ProjectionRule`; XLA's under a mesh, whose partitioner splits it; `project` runs
-        split weights' products per shard, each under the mesh-less engine)."""
+        """'gemv', 'mgpu' or 'xla' for x [batch, k] @ w^T (`tuning.ProjectionRule`; XLA's under a mesh, whose
+        partitioner splits it; `project` runs split weights' products per shard, each under the mesh-less
+        engine)."""
         if not self.kernels or self.mesh is not None:
             return "xla"
         dtype = jnp.dtype(w.dtype).name
@@ -131,9 +132,8 @@ class EngineConfig:
     @classmethod
     def resolve(cls, backend: str = "auto", projections: str = "table", **fields: Any) -> "EngineConfig":
         """The engine for this process: backend 'auto' is 'pallas' on a GPU and 'xla' elsewhere; 'pallas' without
-        a GPU is refused. projections: 'table' (the measured table), 'mgpu' (the Mosaic GPU GEMV where the table has the
-        Triton one) or 'xla' (XLA's products only). Other fields
-        as given."""
+        a GPU is refused. projections: 'table' (the measured table), 'mgpu' (the Mosaic GPU GEMV where the table
+        has the Triton one) or 'xla' (XLA's products only). Other fields as given."""
         platform = jax.default_backend()
         if backend not in ("auto", *BACKENDS):
             raise SvdsparseError(f"kernel backend {backend!r}: expected one of {('auto', *BACKENDS)}")
@@ -187,7 +187,8 @@ def project(engine: EngineConfig, x: jax.Array, w: jax.Array, norm: tuple[jax.Ar
 def project_t(engine: EngineConfig, x: jax.Array, w_t: jax.Array, out_dtype=F32) -> jax.Array:
     """x [..., k] @ w_t [k, n] -> [..., n] out_dtype, accumulated in f32, for a weight stored input-major (the
     dense FFN's W_down_t): the Pallas GEMV (`gemv.gemv_t_pallas`, or `gemv_mgpu` where the table says 'mgpu' and
-    its tile fits) where the projection table sends a product of that size, else XLA's. Under a mesh XLA partitions it (w_t split by rows: one all-reduce)."""
+    its tile fits) where the projection table sends a product of that size, else XLA's. Under a mesh XLA
+    partitions it (w_t split by rows: one all-reduce)."""
     flat = x.reshape(-1, x.shape[-1])
     impl = engine.projection_impl(flat.shape[0], w_t)
     if impl == "mgpu" and engine.mgpu_fits(w_t.shape[1], w_t.shape[0], flat.shape[0]):

@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 
 from conftest import rel_err
-from kernel_checks import (TOLERANCE, blocked_list_numpy, check_add_rmsnorm, check_gate_up, check_gemv, check_gemv_t,
-                           check_sparse_ffn, scores_for)
+from kernel_checks import (TOLERANCE, blocked_list_numpy, check_add_rmsnorm, check_gate_up, check_gemv, check_gemv_mgpu,
+                           check_gemv_t, check_sparse_ffn, scores_for)
 from pallas_kernels import compaction, reference, tuning
 from pallas_kernels import sparse_ffn as sf
 from pallas_kernels.common import column_chunk, column_pieces
 from pallas_kernels.candidates import Candidates
 from pallas_kernels.gemv import gemv_pallas
+from pallas_kernels.gemv_mgpu import gemv_mgpu
 from pallas_kernels.numerics import Activation
 from svdsparse_jax import engine as eng
 from svdsparse_jax import kv_cache
@@ -140,6 +141,38 @@ def test_gemv_t_kernel_matches_float64(k, n, rows, cols, splits, rng):
                 assert r.ok, r
 
 
+@pytest.mark.parametrize("n,k,tile", [(256, 512, tuning.MgpuTile()), (48, 96, tuning.MgpuTile(16, 16, 2, 3)),
+                                       (64, 32, tuning.MgpuTile(64, 32, 2, 1))],
+                         ids=["default-tile", "three-splits", "one-tile"])
+@pytest.mark.parametrize("transposed", [False, True], ids=["w", "w_t"])
+def test_gemv_mgpu_kernel_matches_float64(n, k, tile, transposed, rng):
+    """The Mosaic GPU GEMV's grid, tiles and partial sums (interpreted, partial sums started as NaN): x @ w^T and
+    x @ w_t, several pipelined tiles per program in two and three pieces of k and a single tile, bf16 and f16,
+    one, three and eight sequences (the padded batch full), f32 results and results in the weights' dtype."""
+    for dtype in (jnp.bfloat16, jnp.float16):
+        for batch in (1, 3, 8):
+            for out_dtype in (jnp.float32, dtype):
+                r = check_gemv_mgpu(n, k, dtype, rng=rng, batch=batch, interpret=True, transposed=transposed,
+                                    out_dtype=out_dtype, **tile.kernel_args())
+                assert r.ok, r
+
+
+def test_gemv_mgpu_lowers_for_cuda_and_refuses_what_does_not_fit():
+    """The GPU program itself (TMA pipeline, swizzled SMEM tiles, wgmma) lowers for CUDA on this CPU at the
+    engine's tile for q/k/v and for the transposed down product, so a broken kernel body fails here, not first on
+    a GPU; shapes off the tile and more than 8 sequences are refused with the shapes named."""
+    x = jax.ShapeDtypeStruct((1, 4096), jnp.bfloat16)
+    for w, transposed in (((12288, 4096), False), ((4096, 12288), True)):
+        lowered = jax.jit(gemv_mgpu, static_argnames=("transposed",)).trace(
+            x, jax.ShapeDtypeStruct(w, jnp.bfloat16), transposed=transposed).lower(lowering_platforms=("cuda",))
+        assert "mosaic_gpu" in lowered.as_text()
+    w = jnp.zeros((256, 512), jnp.bfloat16)
+    for bad_x, bad_w in ((jnp.zeros((9, 512), jnp.bfloat16), w), (jnp.zeros((1, 512), jnp.bfloat16), w[:200]),
+                         (jnp.zeros((1, 384), jnp.bfloat16), w[:, :384]), (jnp.zeros((1, 500), jnp.bfloat16), w)):
+        with pytest.raises(ValueError, match="gemv_mgpu: x"):
+            gemv_mgpu(bad_x, bad_w, interpret=True)
+
+
 def test_gemv_out_dtype_is_the_f32_result_rounded(rng):
     """Asked for bf16, the kernel writes exactly its f32 result rounded (what `.astype` after it would give)."""
     w = jnp.asarray(rng.standard_normal((64, 96)), jnp.bfloat16)
@@ -163,6 +196,10 @@ def test_projection_table_routes_each_product():
     assert XLA.projection_impl(1, big) == "xla"
     only_xla = EngineConfig.resolve("interpret", projections="xla")
     assert only_xla.projection_impl(1, big) == "xla" and only_xla.backend == "interpret"
+    mgpu = dataclasses.replace(pallas, projections=eng.PROJECTION_TABLES["mgpu"])
+    assert mgpu.projection_impl(1, big) == "mgpu" and mgpu.mgpu_fits(4096, 4096, 1)
+    assert mgpu.projection_impl(2, big) == mgpu.projection_impl(1, small) == "xla"
+    assert not mgpu.mgpu_fits(4096, 4000, 1) and not mgpu.mgpu_fits(4096, 4096, 9)
 
 
 def test_engine_resolution_and_refusals():
@@ -183,8 +220,9 @@ def test_engine_resolution_and_refusals():
 def test_interpreted_decode_projections_match_xla(llama_checkpoint, rng):
     """The decode projections through the GEMV kernels (interpreted; q/k/v with the attention norm inside) give
     XLA's hidden states, bf16, within the bf16 tolerance, for a 4-token step of two sequences and the next
-    1-token step; so does the engine that runs the dense FFN's gate and up as one kernel (`gate_up_tile`); the
-    programs really differ."""
+    1-token step; so does the engine that runs the dense FFN's gate and up as one kernel (`gate_up_tile`), and the
+    one that sends the 1-token step's products to the Mosaic GPU GEMV (at a tile that fits these widths; the
+    4-token step is past its table's batch); the programs really differ."""
     lm = load_model(llama_checkpoint.path, jnp.bfloat16)
     tokens = jnp.asarray(rng.integers(0, lm.cfg.vocab_size, (2, 5)), jnp.int32)
 
@@ -196,13 +234,20 @@ def test_interpreted_decode_projections_match_xla(llama_checkpoint, rng):
     outputs, texts = [], []
     two_gemvs = dataclasses.replace(INTERPRET, gate_up_tile=None)
     one_pass = dataclasses.replace(INTERPRET, gate_up_tile=tuning.GemvTile(rows=2, cap=4096, num_warps=8))
-    for engine in (XLA, two_gemvs, one_pass):  # the last: the dense FFN's gate and up in one kernel
+    mgpu = dataclasses.replace(one_pass, projections=(tuning.ProjectionRule(2, 0, "mgpu"),),
+                               mgpu_tile=tuning.MgpuTile(tile_m=16, tile_k=16, stages=2, splits=2))
+    engines = (XLA, two_gemvs, one_pass, mgpu)  # one_pass: the dense FFN's gate and up in one kernel
+    for engine in engines:
         model = Transformer(lm.cfg, lm.weights, engine)
         outputs.append([np.asarray(h, np.float32) for h in jax.jit(two_steps)(model)])
         texts.append(jax.jit(two_steps).lower(model).as_text())
-    assert len(set(texts)) == 3 and "pallas" not in texts[0]
-    kernels = [str(jax.make_jaxpr(two_steps)(Transformer(lm.cfg, lm.weights, e))) for e in (two_gemvs, one_pass)]
+    assert len(set(texts)) == 4 and "pallas" not in texts[0]
+    kernels = [str(jax.make_jaxpr(two_steps)(Transformer(lm.cfg, lm.weights, e))) for e in engines[1:]]
     assert "name=gate_up_pallas" not in kernels[0] and "name=gate_up_pallas" in kernels[1]
+    # q/k/v, o and down (transposed) of every layer through the Mosaic GPU GEMV; gate and up still in one pass
+    assert kernels[2].count("name=gemv_mgpu") == 3 * lm.cfg.n_layers and "name=gemv_mgpu" not in kernels[1]
+    assert "name=gemv_pallas" in kernels[0] and "name=gemv_pallas" not in kernels[2]
+    assert "name=gate_up_pallas" in kernels[2]
     for kernel_outputs in outputs[1:]:  # the checks' measure and bf16 tolerance (seen: about 5e-3)
         for a, b in zip(outputs[0], kernel_outputs):
             assert rel_err(a, b) <= TOLERANCE["bfloat16"]

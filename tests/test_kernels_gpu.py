@@ -2,9 +2,10 @@
 for the sparse FFN, the compaction and the down product (`gemv_t`), the decode products for the GEMV, the dense
 FFN's one-pass gate and up at the tiles a decode A/B tries, every width for the fused add + RMSNorm;
 bf16 and f16, candidate counts 0, 1, all and not a multiple of any block size, batch 1 and 3, relu / FATReLU /
-dReLU, outputs started as NaN. Then one decode step of a LLaMA2-7B-shaped model through the Pallas engine against
-the XLA engine. Weights are drawn and the float64 oracles computed on the GPU (tests/kernel_checks.py), so the
-host's work is the compiling. These run where JAX has a GPU: `bash scripts/bench/device_session.sh` runs them on
+dReLU, outputs started as NaN; the Mosaic GPU GEMV (`gemv_mgpu`) at the products its table sends it. Then one
+decode step of a LLaMA2-7B-shaped model through the Pallas engine (either table) against the XLA engine.
+Weights are drawn and the float64 oracles computed on the GPU (tests/kernel_checks.py), so the host's work is
+the compiling. These run where JAX has a GPU: `bash scripts/bench/device_session.sh` runs them on
 8 workers sharing the GPU, then the decode benchmark (`python -m pytest tests/test_kernels_gpu.py -k quick`: one
 shape per family); the CPU runs the same kernels interpreted in test_kernels.py."""
 
@@ -107,11 +108,13 @@ def test_gemv_t(d, d_ff, rng):
                          ids=["quick-12288x4096", "4096x4096", "quick-down-4096x11008", "down-3584x18944",
                               "11008x4096", "256x4096"])
 def test_gemv_mgpu(n, k, transposed, rng):
-    """The Mosaic GPU GEMV (TMA pipeline + wgmma) at the engine's tile and at a second one, on the decode
-    products the mgpu table sends it (transposed: x @ W_down_t), bf16 and f16, batch 1, 4 and 8."""
-    for tile in (tuning.MGPU_TILE, tuning.MgpuTile(tile_m=128, tile_k=128, stages=3, splits=2)):
+    """The Mosaic GPU GEMV (TMA pipeline + wgmma) at the engine's tile, with x padded by XLA instead of TMA's
+    zero fill, and at a second tile, on the decode products the mgpu table sends it (transposed: x @ W_down_t),
+    bf16 and f16, batch 1, 3, 4 and 8 (the zero-filled rows must not reach the batch's columns)."""
+    for tile in (tuning.MGPU_TILE, dataclasses.replace(tuning.MGPU_TILE, pad_x=True),
+                 tuning.MgpuTile(tile_m=128, tile_k=128, stages=3, splits=2)):
         for dtype in (jnp.bfloat16, jnp.float16):
-            for batch in (1, 4, 8):
+            for batch in (1, 3, 4, 8):
                 r = check_gemv_mgpu(n, k, dtype, rng=rng, batch=batch, interpret=False, transposed=transposed,
                                     out_dtype=dtype if batch == 4 else jnp.float32, **tile.kernel_args())
                 assert r.ok, r

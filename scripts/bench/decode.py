@@ -8,7 +8,7 @@ rows the predictors select, measured teacher-forced on the decoded tokens, for a
 sequences, plus the predictors), the rate that implies and its fraction of a torch copy measured in the same run.
 
   python -m scripts.bench.decode --shape llama2-7b [--batch 1 4] [--sparse --gate-decay 0.5]
-                                 [--projections table xla] [--steps-per-check 1 8] [--profile DIR] [--json-out F]
+                                 [--projections table mgpu xla] [--steps-per-check 1 8] [--profile DIR] [--json-out F]
 
 --sparse: the model gets a FATReLU gate whose threshold leaves about `--inactive` of the neurons at zero
 (random weights give gate ~ N(0, (std sqrt(d))^2) after the unit-scale RMSNorm: threshold = that std times the
@@ -38,7 +38,7 @@ import numpy as np
 
 from scripts.bench import bytes as decode_bytes
 from scripts.bench import harness, trace
-from pallas_kernels.tuning import GATE_UP_TILE, FFNCost, GemvTile, GemvTTile
+from pallas_kernels.tuning import GATE_UP_TILE, FFNCost, GemvTile, GemvTTile, MgpuTile
 from svdsparse_jax.config import NAMED_SHAPES, named_config
 from svdsparse_jax.convert import parse_dtype
 from svdsparse_jax.engine import PROJECTION_TABLES, EngineConfig
@@ -198,7 +198,8 @@ def bench_model(model: Transformer, batch: int, prompt_len: int, new_tokens: int
         "slots": slots, "gb_per_step": round(step_bytes / 1e9, 4),
         "decode_tb_per_s": round(step_bytes / step_s / 1e12, 3),
         "launches_per_step": launches, "kernels": engine.backend,
-        "projections": next(name for name, table in PROJECTION_TABLES.items() if table == engine.projections), "sparse": preds is not None,
+        "projections": next(name for name, table in PROJECTION_TABLES.items() if table == engine.projections),
+        "sparse": preds is not None,
         "candidates": f"top-k x{topk}" if topk else "union" if preds is not None else None, **extra,
     }
 
@@ -219,8 +220,8 @@ def main() -> int:
     ap.add_argument("--steps-per-check", nargs="+", type=int, default=[EngineConfig().steps_per_check],
                     help="decode steps between two checks of the stop condition (1: a device-to-host wait "
                          "after every token)")
-    ap.add_argument("--sparse", action="store_true", help="also decode with predictors (see above), under the "
-                    "first --projections value")
+    ap.add_argument("--sparse", action="store_true", help="also decode with predictors (see above), under each "
+                    "--projections value")
     ap.add_argument("--ffn-policy", default="measured", choices=["measured", "sparse", "dense"],
                     help="which layers decode sparse (svdsparse_jax.policy)")
     ap.add_argument("--ffn-costs", metavar="JSON", help="a bench.ffn report whose fitted costs (ffn_costs) replace "
@@ -231,6 +232,8 @@ def main() -> int:
                          "gives the multiplier of equal accuracy)")
     ap.add_argument("--gemv-t-tile", metavar="TILE", help="the down product's tile instead of tuning.GEMV_T_TILE, "
                     "as scripts.bench.gemv_t prints it: 'rows=64 cols=128 splits=32 num_warps=4 num_stages=3'")
+    ap.add_argument("--mgpu-tile", metavar="TILE", help="the Mosaic GPU GEMV's tile instead of tuning.MGPU_TILE "
+                    "(--projections mgpu), e.g. 'tile_m=64 tile_k=128 stages=4 splits=2 pad_x=1'")
     ap.add_argument("--gate-up-tile", nargs="+", default=["table"], metavar="TILE",
                     help="dense runs with the dense FFN's gate and up as one kernel (`gemv.gate_up_pallas`) at each "
                          "tile, e.g. 'rows=2 cap=4096 num_warps=8'; 'table': tuning.GATE_UP_TILE; 'none': two GEMVs "
@@ -253,6 +256,8 @@ def main() -> int:
     engine_fields = {}
     if args.gemv_t_tile:
         engine_fields["gemv_t_tile"] = parse_tile(GemvTTile, args.gemv_t_tile)
+    if args.mgpu_tile:
+        engine_fields["mgpu_tile"] = parse_tile(MgpuTile, args.mgpu_tile)
     gate_up_tiles = [None if t == "none" else GATE_UP_TILE if t == "table" else parse_tile(GemvTile, t)
                      for t in args.gate_up_tile]
     if args.ffn_costs:
@@ -282,6 +287,8 @@ def main() -> int:
                    "shape": shape, "gate_decay": decay,
                    "gate_up_tile": None if gate_up is None else {k: v for k, v in dataclasses.asdict(gate_up).items()
                                                                  if k != "source"}}
+            if projections == "mgpu":
+                row["mgpu_tile"] = engine.mgpu_tile.kernel_args()
             key = (batch, projections, check, gate_up)
             if not sparse:
                 dense[key] = row

@@ -1,13 +1,6 @@
-"""Probe (lab code, not the product): a Mosaic GPU GEMV, TMA-pipelined row tiles on the tensor cores, against
-the Triton-lowered `pallas_kernels.gemv` at the LLaMA2-7B decode shapes. Issue 28 lists it as the lever not yet
-measured for dense decode at 0.85 of the copy rate.
-
-y [B, n] = x [B, k] @ w [n, k]^T (or x @ w_t for a weight stored input-major, w_t [k, n]: W_down_t). Program
-(i, s) of a `plgpu.kernel` grid owns rows [i*tile_m, (i+1)*tile_m) of w and the s-th of `splits` equal pieces
-of k; `plgpu.emit_pipeline` streams [tile_m, tile_k] tiles of w through `stages` SMEM buffers (TMA copies in
-flight while the tensor cores take the previous tile), and a wgmma multiplies each by x^T, padded to 8
-sequences (the smallest wgmma N), into an f32 [tile_m, 8] accumulator. The f32 partial sums [splits, n, 8] are
-added by XLA, which also transposes them back to [B, n].
+"""Tile sweep of the Mosaic GPU GEMV (`pallas_kernels.gemv_mgpu`: TMA-pipelined row tiles on the tensor cores)
+against the Triton-lowered `pallas_kernels.gemv` and XLA at the LLaMA2-7B decode shapes, one product alone
+(y [B, n] = x [B, k] @ w [n, k]^T, or x @ w_t for W_down_t); `tuning.MGPU_TILE` comes from it.
 
 Each configuration is checked against a float64 NumPy product of the same bf16 inputs before it is timed.
 
@@ -27,74 +20,13 @@ import sys
 
 import jax
 import jax.numpy as jnp
-from jax import lax
 import numpy as np
-from jax.experimental import pallas as pl
-from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.gemv_mgpu import fits, gemv_mgpu
 from scripts.bench import harness
 
-N_PAD = 8  # wgmma's smallest N: the batch is padded to it
 SHAPES = {"qkv": (12288, 4096, False), "o": (4096, 4096, False), "gate_up": (11008, 4096, False),
           "down": (4096, 11008, True)}  # name: (n, k, stored input-major)
-
-
-def _mma_transforms(minor: int, dtype) -> tuple:
-    """SMEM tiling and swizzle for a wgmma operand whose minor dimension has `minor` elements."""
-    for swizzle in (128, 64, 32):
-        elems = swizzle // jnp.dtype(dtype).itemsize
-        if minor % elems == 0:
-            return plgpu.TilingTransform((8, elems)), plgpu.SwizzleTransform(swizzle)
-    raise ValueError(f"no wgmma swizzle for a minor dimension of {minor} {jnp.dtype(dtype).name}")
-
-
-def _t(ref):
-    """A [r, c] SMEM ref seen as [c, r] (wgmma reads it transposed)."""
-    return plgpu.transpose_ref(ref, (1, 0))
-
-
-@functools.partial(jax.jit, static_argnames=("transposed", "tile_m", "tile_k", "stages", "splits"))
-def gemv_mgpu(x: jax.Array, w: jax.Array, *, transposed: bool = False, tile_m: int = 64, tile_k: int = 256,
-              stages: int = 4, splits: int = 1) -> jax.Array:
-    """x [B, k] (B <= 8) @ w [n, k]^T -> [B, n] f32; transposed: w is w_t [k, n], x @ w_t."""
-    b, k = x.shape
-    n = w.shape[1] if transposed else w.shape[0]
-    if b > N_PAD or k % (splits * tile_k) or n % tile_m:
-        raise ValueError(f"gemv_mgpu: x {x.shape}, w {w.shape}, tile_m {tile_m}, tile_k {tile_k}, splits {splits}")
-    steps = k // (splits * tile_k)
-    piece = steps * tile_k  # the k columns one program reads
-    xp = jnp.zeros((N_PAD, k), w.dtype).at[:b].set(x.astype(w.dtype))
-    w_block = (tile_k, tile_m) if transposed else (tile_m, tile_k)
-    w_spec = plgpu.BlockSpec(w_block, (lambda t: (t, 0)) if transposed else (lambda t: (0, t)),
-                             transforms=_mma_transforms(w_block[1], w.dtype), delay_release=1)
-    x_spec = plgpu.BlockSpec((N_PAD, tile_k), lambda t: (0, t), transforms=_mma_transforms(tile_k, w.dtype),
-                             delay_release=1)
-
-    # jax 0.11's pl.pallas_call lowers on CUDA only with Triton's CompilerParams: a Mosaic GPU kernel enters through
-    # plgpu.kernel (a grid of programs over GMEM refs) and streams its tiles with plgpu.emit_pipeline.
-    def body(w_gmem, x_gmem, out_gmem):
-        i, s = lax.axis_index("rows"), lax.axis_index("split")
-        cols, rows = pl.ds(s * piece, piece), pl.ds(i * tile_m, tile_m)
-        w_mine = w_gmem.at[cols, rows] if transposed else w_gmem.at[rows, cols]
-
-        def scope(acc, out_smem):
-            def step(_, w_smem, x_smem):
-                plgpu.wgmma(acc, _t(w_smem) if transposed else w_smem, _t(x_smem))  # [tile_m, tile_k] x [tile_k, 8]
-                plgpu.wgmma_wait(1)  # the previous tile's product is done: its buffers can be refilled
-
-            plgpu.emit_pipeline(step, grid=(steps,), in_specs=[w_spec, x_spec],
-                                max_concurrent_steps=stages)(w_mine, x_gmem.at[:, cols])
-            plgpu.wgmma_wait(0)
-            out_smem[...] = acc[...]
-            plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(out_smem, out_gmem.at[s, pl.ds(i * tile_m, tile_m)])
-            plgpu.wait_smem_to_gmem(0)
-
-        pl.run_scoped(scope, plgpu.ACC((tile_m, N_PAD), jnp.float32), plgpu.SMEM((tile_m, N_PAD), jnp.float32))
-
-    partial = plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((splits, n, N_PAD), jnp.float32),
-                           grid=(n // tile_m, splits), grid_names=("rows", "split"))(w, xp)
-    return jnp.sum(partial, axis=0)[:, :b].T
 
 
 def configs() -> list[dict]:
@@ -103,11 +35,6 @@ def configs() -> list[dict]:
         if tile_m * tile_k * 2 * stages <= 160 * 1024:
             out.append({"tile_m": tile_m, "tile_k": tile_k, "stages": stages, "splits": splits})
     return out
-
-
-def fits(shape: tuple, cfg: dict) -> bool:
-    n, k, _ = shape
-    return n % cfg["tile_m"] == 0 and k % (cfg["splits"] * cfg["tile_k"]) == 0
 
 
 def oracle(x: np.ndarray, w: np.ndarray, transposed: bool) -> tuple[np.ndarray, np.ndarray]:
@@ -158,7 +85,7 @@ def main() -> None:
         nbytes = w.size * 2
         mats, want = None, None
         impls = [("mgpu", cfg, functools.partial(gemv_mgpu, transposed=transposed, **cfg))
-                 for cfg in configs() if fits(SHAPES[name], cfg)]
+                 for cfg in configs() if fits(n, k, args.batch, **cfg)]
         if not args.lower_only:
             impls = [(key, {}, fn) for key, fn in baselines(transposed, n, k).items()] + impls
         for impl, cfg, f in impls:
