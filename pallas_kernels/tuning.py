@@ -69,6 +69,17 @@ class MgpuTile:
                 "pad_x": bool(self.pad_x)}
 
 
+@dataclasses.dataclass(frozen=True)
+class AttentionTile:
+    """`attention.decode_attention_pallas`'s tile: cache slots per loop step (a power of two >= 16), warps,
+    software-pipeline stages of the loop."""
+
+    block: int = 64
+    num_warps: int = 4
+    num_stages: int = 1
+    source: str = dataclasses.field(default="", compare=False, repr=False)
+
+
 IMPLS = ("gemv", "mgpu", "xla")
 
 
@@ -217,6 +228,15 @@ FFN_COSTS = (
     FFNCost(max_batch=16, dense_tb_s=3.522, sparse_fixed_us=0.0, sparse_tb_s=2.539, source=_MMA_RUN),
 )
 # Batches larger than every row run the dense FFN under the measured policy.
+
+# Decode attention (one query per sequence) as one Pallas launch (`attention.decode_attention_pallas`); None:
+# XLA's scores, softmax and values.
+ATTENTION_TILE: AttentionTile | None = AttentionTile(
+    block=256, num_warps=8, num_stages=1,
+    source="H200 2026-12-04, LLaMA2-7B dense b1 and b4, 200 cache slots (scripts/bench/decode.py --attention-tile; "
+           "GPU checks passed; docs/bench/decode_attention_tiles_61322d7.json, copy 4.124 TB/s): the kernel 4.9 / 6.1 "
+           "us a layer at b1 / b4 (block 128 w4 s2 5.7 / 6.7, 64 w4 7.2 / 7.6, 32 w4 s3 8.5 / 10.5) where XLA's "
+           "scores, softmax and values take 7.9 us in 3 launches (docs/bench/decode_attention_ab_61322d7.json)")
 
 COMPACTION_TILE = 128  # H100 2026-11-23 (docs/design.md, compaction): tiles 64-256 within 0.6 us; 1.5 us in decode
 ADD_NORM_ROWS = 4  # rows of A per program of the fused add + RMSNorm (+ A x): 3.7 us per layer in decode

@@ -10,6 +10,7 @@ it, and nothing else, to pick a Pallas kernel or XLA for each decode operation w
   gate_up      the dense FFN's act(x W_gate^T) * up(x W_up^T): one Pallas pass over both (given a gate_up_tile) or
                the two products of `project` and the activation
   add_rmsnorm  residual add + RMSNorm (+ the predictor's input projection): one Pallas launch, or XLA
+  decode_attention  one query per sequence against its KV cache: one Pallas launch (given an attention_tile)
   guarded_ffn  candidates -> neuron list -> gate on the candidates, activation, up / down on the active rows
 
 Environment variables are read only at the edge, once per command, never while JAX traces and never by the
@@ -34,12 +35,13 @@ from jax.sharding import PartitionSpec
 from pallas_kernels import reference, tuning
 from pallas_kernels.candidates import Candidates
 from pallas_kernels.compaction import compact_pallas
-from pallas_kernels import gemv_mgpu
+from pallas_kernels import attention, gemv_mgpu
 from pallas_kernels.gemv import gate_up_pallas, gemv_pallas, gemv_t_pallas
 from pallas_kernels.norm import add_rmsnorm_pallas
 from pallas_kernels.numerics import Activation, rms_norm
 from pallas_kernels.sparse_ffn import SparseFFNConfig, sparse_ffn_indexed
-from pallas_kernels.tuning import FFNCost, GemvShapeTile, GemvTile, GemvTTile, MgpuTile, ProjectionRule, SparseFFNRow
+from pallas_kernels.tuning import (AttentionTile, FFNCost, GemvShapeTile, GemvTile, GemvTTile, MgpuTile, ProjectionRule,
+                                   SparseFFNRow)
 from svdsparse_jax.errors import SvdsparseError
 from svdsparse_jax.policy import POLICIES
 
@@ -61,7 +63,7 @@ class EngineConfig:
       tiles; gemv_shape_tiles: the row GEMV's tiles for particular weight shapes (`gemv_tile_for`), before
       gemv_tile; gate_up_tile: the tile of the one-pass gate and up kernel where the dense FFN's gate product
       goes to the GEMV (None: two GEMVs and XLA's activation); mgpu_tile: the Mosaic GPU GEMV's, for the
-      products the projection table sends to it.
+      products the projection table sends to it; attention_tile: decode attention's (None: XLA's).
     kernel_max_batch: more rows than this (prefill, evaluation windows) always run XLA.
     ffn_policy: which layers of a decode batch run the predictor-guarded FFN: 'measured' (where the measured
       costs `ffn_costs` say it beats dense at the batch's union row fractions), 'sparse' (all) or 'dense'
@@ -80,6 +82,7 @@ class EngineConfig:
     gemv_t_tile: GemvTTile = tuning.GEMV_T_TILE
     gate_up_tile: GemvTile | None = tuning.GATE_UP_TILE
     mgpu_tile: MgpuTile = tuning.MGPU_TILE
+    attention_tile: AttentionTile | None = tuning.ATTENTION_TILE
     sparse_ffn: tuple[SparseFFNRow, ...] = tuning.SPARSE_FFN
     compaction_tile: int = tuning.COMPACTION_TILE
     kernel_max_batch: int = 16
@@ -118,6 +121,15 @@ class EngineConfig:
     def mgpu_fits(self, n: int, k: int, batch: int) -> bool:
         """Whether the Mosaic GPU GEMV's tile fits a product of n outputs over k inputs for `batch` sequences."""
         return gemv_mgpu.fits(n, k, batch, **self.mgpu_tile.kernel_args())
+
+    def attention_kernel(self, tokens: int, head_dim: int, kv_heads: int) -> bool:
+        """Whether attention over `tokens` new tokens per sequence runs the decode-attention kernel: one token,
+        a tile, a head size it fits, and on a mesh KV heads that split evenly (`sharding.axis_rules`)."""
+        if not self.kernels or self.attention_tile is None or tokens != 1:
+            return False
+        if self.mesh is not None and kv_heads % self.mesh.devices.size:
+            return False
+        return attention.fits(head_dim, self.attention_tile.block)
 
     def gemv_tile_for(self, n: int, k: int) -> GemvTile:
         """The row GEMV's tile for a weight [n, k] (`tuning.gemv_tile_for`)."""
@@ -228,6 +240,25 @@ def gate_up(engine: EngineConfig, x: jax.Array, w_gate: jax.Array, w_up: jax.Arr
         return h.reshape(*x.shape[:-1], w_gate.shape[0])
     return act.hidden(project(engine, x, w_gate, split="rows"), project(engine, x, w_up, split="rows")
                       ).astype(out_dtype)
+
+
+def decode_attention(engine: EngineConfig, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, bias: jax.Array,
+                     start: jax.Array) -> jax.Array:
+    """One new query per sequence through the decode-attention kernel (`engine.attention_kernel` said yes): q [B, H,
+    head_dim] at cache slot start ([] or [B]), caches [B, KVH, S, head_dim], bias f32 [B, W] (the additive mask
+    over slots [0, W)) -> [B, H, head_dim] in q's dtype. Under a mesh each device runs its own heads
+    (`shard_map`: q, the caches and the result split on their head axis)."""
+    ends = jnp.broadcast_to(jnp.asarray(start, jnp.int32) + 1, (q.shape[0],))
+    if engine.mesh is not None:
+        axis = engine.mesh.axis_names[0]
+        heads, caches = PartitionSpec(None, axis, None), PartitionSpec(None, axis, None, None)
+        local_engine = _local(engine)
+        return jax.shard_map(lambda q, k, v, bias, ends: decode_attention(local_engine, q, k, v, bias, ends - 1),
+                             mesh=engine.mesh, in_specs=(heads, caches, caches, PartitionSpec(), PartitionSpec()),
+                             out_specs=heads, check_vma=False)(q, k_cache, v_cache, bias, ends)
+    t = engine.attention_tile
+    return attention.decode_attention_pallas(q, k_cache, v_cache, bias, ends, block=t.block, num_warps=t.num_warps,
+                                             num_stages=t.num_stages, interpret=engine.interpret)
 
 
 def _local(engine: EngineConfig) -> EngineConfig:

@@ -22,7 +22,8 @@ from pallas_kernels.candidates import Candidates
 from pallas_kernels.numerics import Activation, rms_norm
 from svdsparse_jax import kv_cache
 from svdsparse_jax.config import ModelConfig
-from svdsparse_jax.engine import XLA, EngineConfig, add_rmsnorm, gate_up, guarded_ffn, project, project_t
+from svdsparse_jax.engine import (XLA, EngineConfig, add_rmsnorm, decode_attention, gate_up, guarded_ffn, project,
+                                  project_t)
 from svdsparse_jax.sharding import mesh_size, place_model, split_qkv, vocab_split
 from svdsparse_jax.weights import FUSED, Path, fuse_qkv, unfuse_qkv
 
@@ -129,21 +130,31 @@ class Attention(nnx.Module):
             q, k = rope(q, pos, cfg), rope(k, pos, cfg)
             k_cache = kv_cache.write(k_cache, k.transpose(0, 2, 1, 3), start)
             v_cache = kv_cache.write(v_cache, v.transpose(0, 2, 1, 3), start)
-        window = mask.shape[-1]
-        k_read, v_read = ((k_cache, v_cache) if window == k_cache.shape[2]
-                          else (k_cache[:, :, :window], v_cache[:, :, :window]))
         with jax.named_scope("softmax_values"):
-            # Query head h reads kv head h // groups (HF's repeat_kv order).
-            groups = cfg.n_heads // cfg.n_kv_heads
-            widen = engine.platform == "cpu"
-            q = q.reshape(b, t, cfg.n_kv_heads, groups, cfg.head_dim)
-            scores = einsum("btkgh,bksh->bkgts", q, k_read, widen)
-            scores = scores * (cfg.head_dim ** -0.5) + mask[:, None, None, :, :]
-            probs = jax.nn.softmax(scores, axis=-1).astype(dt)
-            out = einsum("bkgts,bksh->btkgh", probs, v_read, widen)
+            if engine.attention_kernel(t, cfg.head_dim, cfg.n_kv_heads):  # one kernel, up to each query's slot
+                out = decode_attention(engine, q[:, 0], k_cache, v_cache, mask[:, 0], start)
+            else:
+                out = self._softmax_values(q, k_cache, v_cache, mask)
             out = out.astype(dt).reshape(b, t, cfg.q_dim)
         with jax.named_scope("o_proj"):
             return linear(engine, out, self.wo[...], self._bias("bo"), out_dtype=dt, split="cols"), k_cache, v_cache
+
+    def _softmax_values(self, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array, mask: jax.Array) -> jax.Array:
+        """XLA's attention: q [B, T, H, head_dim] over cache slots [0, W) with the additive mask [B, T, W] ->
+        [B, T, KVH, groups, head_dim] f32 (scores and softmax in f32, the probabilities rounded to q's dtype)."""
+        cfg, dt = self.cfg, q.dtype
+        b, t = q.shape[:2]
+        window = mask.shape[-1]
+        k_read, v_read = ((k_cache, v_cache) if window == k_cache.shape[2]
+                          else (k_cache[:, :, :window], v_cache[:, :, :window]))
+        # Query head h reads kv head h // groups (HF's repeat_kv order).
+        groups = cfg.n_heads // cfg.n_kv_heads
+        widen = self.engine.platform == "cpu"
+        q = q.reshape(b, t, cfg.n_kv_heads, groups, cfg.head_dim)
+        scores = einsum("btkgh,bksh->bkgts", q, k_read, widen)
+        scores = scores * (cfg.head_dim ** -0.5) + mask[:, None, None, :, :]
+        probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+        return einsum("bkgts,bksh->btkgh", probs, v_read, widen)
 
 
 class FFN(nnx.Module):

@@ -277,3 +277,41 @@ def check_add_rmsnorm(d: int, n: int | None, dtype, *, rng: np.random.Generator,
                        max(_rel(o, r) for o, r in zip(outs, want)),
                        len(outs) == len(want) and all(np.isfinite(o).all() for o in outs),
                        TOLERANCE[jnp.dtype(dtype).name])
+
+
+@jax.jit
+def _f64_decode_attention(q, k_cache, v_cache, bias):
+    q, k, v = (_widen(a) for a in (q, k_cache, v_cache))
+    batch, heads, head_dim = q.shape
+    kv_heads, window = k.shape[1], bias.shape[-1]
+    k, v = (jnp.repeat(a[:, :, :window], heads // kv_heads, axis=1) for a in (k, v))  # query head h: kv h // groups
+    scores = jnp.einsum("bhd,bhsd->bhs", q, k) * head_dim ** -0.5 + bias.astype(F64)[:, None, :]
+    return jnp.einsum("bhs,bhsd->bhd", jax.nn.softmax(scores, axis=-1), v)
+
+
+def check_decode_attention(batch: int, heads: int, kv_heads: int, slots: int, head_dim: int, dtype, *,
+                           rng: np.random.Generator, interpret: bool, sliding_window: int | None = None,
+                           window: int | None = None, **tile) -> CheckResult:
+    """`attention.decode_attention_pallas` against float64 softmax attention over the whole window with the model's
+    mask (kv_cache.attention_bias: a random left padding and query slot per sequence, a sliding window): the
+    kernel's skipping of the slots past each query must not change a value. The output starts as NaN."""
+    from pallas_kernels import attention
+    from svdsparse_jax import kv_cache
+    from svdsparse_jax.config import named_config
+
+    window = slots if window is None else window
+    q = device_normal(rng, (batch, heads, head_dim), dtype)
+    k_cache, v_cache = (device_normal(rng, (batch, kv_heads, slots, head_dim), dtype) for _ in range(2))
+    query_slot = rng.integers(0, window, batch).astype(np.int32)
+    pad = np.minimum(rng.integers(0, window // 2 + 1, batch), query_slot).astype(np.int32)
+    cfg = named_config("tiny", sliding_window=sliding_window)
+    bias = kv_cache.attention_bias(cfg, jnp.asarray(pad), jnp.asarray(query_slot), 1, window)[:, 0]
+    got = attention.decode_attention_pallas(q, k_cache, v_cache, bias, jnp.asarray(query_slot + 1),
+                                            interpret=interpret, poison=True, **tile)
+    ok = got.dtype == q.dtype and got.shape == q.shape
+    got = np.asarray(got.astype(F32), np.float64)
+    with jax.enable_x64(True):
+        want = np.asarray(_f64_decode_attention(q, k_cache, v_cache, bias))
+    return CheckResult(f"decode_attention B={batch} H={heads} KVH={kv_heads} S={slots} W={window} hd={head_dim} "
+                       f"{jnp.dtype(dtype).name} sliding={sliding_window} {tile}", _rel(got, want),
+                       bool(np.isfinite(got).all()) and ok, TOLERANCE[jnp.dtype(dtype).name])

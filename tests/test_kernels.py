@@ -10,13 +10,14 @@ import numpy as np
 import pytest
 
 from conftest import rel_err
-from kernel_checks import (TOLERANCE, blocked_list_numpy, check_add_rmsnorm, check_gate_up, check_gemv, check_gemv_mgpu,
-                           check_gemv_t, check_sparse_ffn, scores_for)
+from kernel_checks import (TOLERANCE, blocked_list_numpy, check_add_rmsnorm, check_decode_attention, check_gate_up,
+                           check_gemv, check_gemv_mgpu, check_gemv_t, check_sparse_ffn, scores_for)
 from pallas_kernels import compaction, reference, tuning
 from pallas_kernels import sparse_ffn as sf
 from pallas_kernels.common import column_chunk, column_pieces
 from pallas_kernels.candidates import Candidates
 from pallas_kernels.gemv import gemv_pallas
+from pallas_kernels.attention import decode_attention_pallas
 from pallas_kernels.gemv_mgpu import gemv_mgpu
 from pallas_kernels.numerics import Activation
 from svdsparse_jax import engine as eng
@@ -155,6 +156,28 @@ def test_gemv_mgpu_kernel_matches_float64(n, k, tile, transposed, rng):
                 r = check_gemv_mgpu(n, k, dtype, rng=rng, batch=batch, interpret=True, transposed=transposed,
                                     out_dtype=out_dtype, **tile.kernel_args())
                 assert r.ok, r
+
+
+@pytest.mark.parametrize("heads,kv_heads,head_dim,sliding,dtype,block", [
+    (4, 4, 32, None, jnp.bfloat16, 16), (6, 2, 16, 7, jnp.float32, 16), (12, 4, 32, None, jnp.float16, 32),
+    (7, 1, 16, None, jnp.float32, 64)], ids=["mha-bf16", "gqa3-sliding-f32", "gqa3-f16", "gqa7-f32"])
+def test_decode_attention_matches_float64(heads, kv_heads, head_dim, sliding, dtype, block, rng):
+    """Decode attention interpreted against float64 softmax attention with the model's mask: group sizes 1, 3 and
+    7, a sliding window, random left padding and query slots, caches longer than the window read, blocks that do
+    and do not divide the slots."""
+    for batch, slots, window in ((1, 40, None), (3, 50, 37)):
+        r = check_decode_attention(batch, heads, kv_heads, slots, head_dim, dtype, rng=rng, interpret=True,
+                                   sliding_window=sliding, window=window, block=block)
+        assert r.ok, r
+
+
+def test_decode_attention_refuses_what_does_not_fit():
+    q, cache = jnp.zeros((1, 4, 24), jnp.float32), jnp.zeros((1, 2, 32, 24), jnp.float32)
+    with pytest.raises(ValueError, match="decode_attention: q"):
+        decode_attention_pallas(q, cache, cache, jnp.zeros((1, 32)), jnp.ones(1, jnp.int32), interpret=True)
+    q, cache = jnp.zeros((1, 3, 16), jnp.float32), jnp.zeros((1, 2, 32, 16), jnp.float32)
+    with pytest.raises(ValueError, match="decode_attention: q"):
+        decode_attention_pallas(q, cache, cache, jnp.zeros((1, 32)), jnp.ones(1, jnp.int32), interpret=True)
 
 
 def test_gemv_mgpu_lowers_for_cuda_and_refuses_what_does_not_fit():

@@ -17,9 +17,8 @@ import numpy as np
 import pytest
 
 from conftest import rel_err
-from kernel_checks import (TOLERANCE, check_add_rmsnorm, check_compact, check_gate_up, check_gemv, check_gemv_mgpu,
-                           check_gemv_t,
-                           check_sparse_ffn, random_weights)
+from kernel_checks import (TOLERANCE, check_add_rmsnorm, check_compact, check_decode_attention, check_gate_up,
+                           check_gemv, check_gemv_mgpu, check_gemv_t, check_sparse_ffn, random_weights)
 from pallas_kernels import sparse_ffn as sf
 from pallas_kernels import tuning
 from pallas_kernels.numerics import Activation
@@ -143,6 +142,27 @@ def test_add_rmsnorm(d, rng):
     for n in (None, 256):
         for dtype, batch in ((jnp.bfloat16, 1), (jnp.bfloat16, 3), (jnp.float16, 1)):
             r = check_add_rmsnorm(d, n, dtype, rng=rng, batch=batch, interpret=False)
+            assert r.ok, r
+
+
+ATTENTION_SHAPES = {"quick-llama2-7b": (32, 32, 128, None), "mistral-7b": (32, 8, 128, 4096),
+                    "qwen2-7b": (28, 4, 128, None), "bundled": (4, 2, 64, None)}
+
+
+@pytest.mark.parametrize("shape", sorted(ATTENTION_SHAPES))
+def test_decode_attention(shape, rng):
+    """Decode attention (one query per sequence) at the table's tile and two others: MHA, GQA with a group of 4
+    and of 7 (Qwen2), a sliding window, caches of 200 and 4096 slots read up to random query slots behind random
+    left padding, a window shorter than the cache, bf16 and f16, batch 1 and 4."""
+    heads, kv_heads, head_dim, sliding = ATTENTION_SHAPES[shape]
+    for tile in (tuning.ATTENTION_TILE, tuning.AttentionTile(block=32, num_warps=4),
+                 tuning.AttentionTile(block=128, num_warps=8, num_stages=2),
+                 tuning.AttentionTile(block=256, num_warps=8)):
+        for dtype, batch, slots, window in ((jnp.bfloat16, 1, 200, None), (jnp.bfloat16, 4, 4096, None),
+                                            (jnp.float16, 4, 200, 136)):
+            r = check_decode_attention(batch, heads, kv_heads, slots, head_dim, dtype, rng=rng, interpret=False,
+                                       sliding_window=sliding and min(sliding, slots // 3), window=window,
+                                       block=tile.block, num_warps=tile.num_warps, num_stages=tile.num_stages)
             assert r.ok, r
 
 

@@ -38,7 +38,7 @@ import numpy as np
 
 from scripts.bench import bytes as decode_bytes
 from scripts.bench import harness, trace
-from pallas_kernels.tuning import GATE_UP_TILE, FFNCost, GemvTile, GemvTTile, MgpuTile
+from pallas_kernels.tuning import ATTENTION_TILE, GATE_UP_TILE, AttentionTile, FFNCost, GemvTile, GemvTTile, MgpuTile
 from svdsparse_jax.config import NAMED_SHAPES, named_config
 from svdsparse_jax.convert import parse_dtype
 from svdsparse_jax.engine import PROJECTION_TABLES, EngineConfig
@@ -53,6 +53,8 @@ COLUMNS = {"shape": "shape", "batch": "batch", "mode": lambda r: r["candidates"]
            "proj": "projections", "check": "steps_per_check",
            "gate+up": lambda r: "2 GEMVs" if not r["gate_up_tile"] else "rows={rows} warps={num_warps}".format(
                **r["gate_up_tile"]),
+           "attention": lambda r: "XLA" if not r["attention_tile"] else (
+               "block={block} w{num_warps} s{num_stages}".format(**r["attention_tile"])),
            "e2e tok/s": "end_to_end_tokens_per_s",
            "decode tok/s": "decode_tokens_per_s", "step ms": "decode_step_ms", "GB/step": "gb_per_step",
            "TB/s": "decode_tb_per_s", "of copy": "fraction_of_copy", "launches": "launches_per_step",
@@ -238,6 +240,10 @@ def main() -> int:
                     help="dense runs with the dense FFN's gate and up as one kernel (`gemv.gate_up_pallas`) at each "
                          "tile, e.g. 'rows=2 cap=4096 num_warps=8'; 'table': tuning.GATE_UP_TILE; 'none': two GEMVs "
                          "and XLA's activation; sparse runs take the first")
+    ap.add_argument("--attention-tile", nargs="+", default=["table"], metavar="TILE",
+                    help="runs (dense and sparse) with decode attention as one kernel "
+                         "(`attention.decode_attention_pallas`) at each tile, e.g. 'block=64 num_warps=4 "
+                         "num_stages=1'; 'table': tuning.ATTENTION_TILE; 'none': XLA's scores, softmax and values")
     ap.add_argument("--inactive", type=float, default=0.9)
     ap.add_argument("--s", type=float, default=0.95)
     ap.add_argument("--rank", type=int, default=256)
@@ -260,6 +266,8 @@ def main() -> int:
         engine_fields["mgpu_tile"] = parse_tile(MgpuTile, args.mgpu_tile)
     gate_up_tiles = [None if t == "none" else GATE_UP_TILE if t == "table" else parse_tile(GemvTile, t)
                      for t in args.gate_up_tile]
+    attention_tiles = [None if t == "none" else ATTENTION_TILE if t == "table" else parse_tile(AttentionTile, t)
+                       for t in args.attention_tile]
     if args.ffn_costs:
         fitted = json.loads(Path(args.ffn_costs).read_text())["ffn_costs"]
         engine_fields["ffn_costs"] = tuple(FFNCost(**row) for row in fitted)
@@ -270,15 +278,18 @@ def main() -> int:
         pset, about = build(model, args.rank, args.s, args.calib_tokens, args.guard) if args.sparse else (None, {})
         dense = {}
         modes = [None, "union", *args.topk] if args.sparse else [None]
-        for batch, projections, check, gate_up, sparse in itertools.product(
-                args.batch, args.projections, args.steps_per_check, gate_up_tiles, modes):
+        for batch, projections, check, attention, gate_up, sparse in itertools.product(
+                args.batch, args.projections, args.steps_per_check, attention_tiles, gate_up_tiles, modes):
             if sparse and gate_up != gate_up_tiles[0] \
                     or sparse not in (None, "union") and batch == 1:
                 continue
             engine = EngineConfig.resolve(args.kernels, projections=projections, steps_per_check=check,
-                                          ffn_policy=args.ffn_policy, gate_up_tile=gate_up, **engine_fields)
+                                          ffn_policy=args.ffn_policy, gate_up_tile=gate_up,
+                                          attention_tile=attention, **engine_fields)
             mode = "dense" if not sparse else "union" if sparse == "union" else f"topk{sparse}"
-            tile_name = "" if gate_up is None else f"_gateup{gate_up.rows}x{gate_up.num_warps}"
+            tile_name = ("" if gate_up is None else f"_gateup{gate_up.rows}x{gate_up.num_warps}") + (
+                "_attnxla" if attention is None
+                else f"_attn{attention.block}x{attention.num_warps}x{attention.num_stages}")
             profile = args.profile and (f"{args.profile}/{shape}_decay{decay}_b{batch}_{projections}_c{check}"
                                         f"{tile_name}_{mode}")
             row = {**bench_model(with_engine(model, engine), batch, args.prompt_len, args.new_tokens, args.repeats,
@@ -286,10 +297,12 @@ def main() -> int:
                    **(about if sparse else {}),
                    "shape": shape, "gate_decay": decay,
                    "gate_up_tile": None if gate_up is None else {k: v for k, v in dataclasses.asdict(gate_up).items()
-                                                                 if k != "source"}}
+                                                                 if k != "source"},
+                   "attention_tile": None if attention is None else {
+                       k: v for k, v in dataclasses.asdict(attention).items() if k != "source"}}
             if projections == "mgpu":
                 row["mgpu_tile"] = engine.mgpu_tile.kernel_args()
-            key = (batch, projections, check, gate_up)
+            key = (batch, projections, check, attention, gate_up)
             if not sparse:
                 dense[key] = row
             else:  # against the dense run of the same model with the same engine
