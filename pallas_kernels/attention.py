@@ -19,21 +19,13 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as plt
 
-from pallas_kernels.common import F32, call, load_rows
+from pallas_kernels.common import F32, call, load_rows, load_vector
 
 
 def fits(head_dim: int, block: int) -> bool:
     """Whether the kernel runs at this head size and slot block (Triton tiles: powers of two, at least 16)."""
     return all(v >= 16 and v & (v - 1) == 0 for v in (head_dim, block))
-
-
-def _load_vector(ref, idx: jax.Array, live: jax.Array, other: float, interpret: bool) -> jax.Array:
-    """ref[idx] for a 1-D ref, `other` where `live` is False (masked out of the load on the GPU)."""
-    if interpret:
-        return jnp.where(live, ref[idx], other)
-    return plt.load(ref.at[idx], mask=live, other=other)
 
 
 def _decode_attention_kernel(ends_ref, q_ref, k_ref, v_ref, bias_ref, o_ref, *, groups: int, kv_heads: int,
@@ -55,7 +47,7 @@ def _decode_attention_kernel(ends_ref, q_ref, k_ref, v_ref, bias_ref, o_ref, *, 
         # K, V and the mask loaded together (all in flight at once), then the online softmax
         k = load_rows(k_ref, base + inside, live, cols, interpret).astype(F32)  # [block, head_dim]
         v = load_rows(v_ref, base + inside, live, cols, interpret).astype(F32)
-        bias = _load_vector(bias_ref, b * window + inside, live, 0.0, interpret)
+        bias = load_vector(bias_ref, b * window + inside, live, 0.0, interpret)
         s = jnp.where(live, jnp.sum(k * q[None, :], axis=1) * scale + bias, -jnp.inf)
         m_new = jnp.maximum(m, jnp.max(s))
         p = jnp.exp(s - m_new)

@@ -71,6 +71,13 @@ def load_rows(ref, rows: jax.Array, live: jax.Array, cols, interpret: bool) -> j
     return plt.load(ref.at[rows, cols], mask=mask, other=0)
 
 
+def load_vector(ref, idx: jax.Array, live: jax.Array, other: float, interpret: bool) -> jax.Array:
+    """ref[idx] for a 1-D ref, `other` where `live` is False: `load_rows` for a vector (`idx` in bounds)."""
+    if interpret:
+        return jnp.where(live, ref[idx], other)
+    return plt.load(ref.at[idx], mask=live, other=other)
+
+
 def dot_pieces(tiles: list[jax.Array], xs: list[jax.Array]) -> jax.Array:
     """Inside a kernel: f32 [rows], row tiles tiles[i] [rows, n_i] dotted with the vector pieces xs[i] [n_i]."""
     return sum(jnp.sum(t.astype(F32) * v.astype(F32)[None, :], axis=1) for t, v in zip(tiles, xs))

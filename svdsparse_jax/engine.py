@@ -248,14 +248,20 @@ def decode_attention(engine: EngineConfig, q: jax.Array, k_cache: jax.Array, v_c
     head_dim] at cache slot start ([] or [B]), caches [B, KVH, S, head_dim], bias f32 [B, W] (the additive mask
     over slots [0, W)) -> [B, H, head_dim] in q's dtype. Under a mesh each device runs its own heads
     (`shard_map`: q, the caches and the result split on their head axis)."""
-    ends = jnp.broadcast_to(jnp.asarray(start, jnp.int32) + 1, (q.shape[0],))
-    if engine.mesh is not None:
-        axis = engine.mesh.axis_names[0]
-        heads, caches = PartitionSpec(None, axis, None), PartitionSpec(None, axis, None, None)
-        local_engine = _local(engine)
-        return jax.shard_map(lambda q, k, v, bias, ends: decode_attention(local_engine, q, k, v, bias, ends - 1),
-                             mesh=engine.mesh, in_specs=(heads, caches, caches, PartitionSpec(), PartitionSpec()),
-                             out_specs=heads, check_vma=False)(q, k_cache, v_cache, bias, ends)
+    ends = jnp.broadcast_to(jnp.asarray(start, jnp.int32) + 1, (q.shape[0],))  # the slots each query reads
+    if engine.mesh is None:
+        return _decode_attention_kernel(engine, q, k_cache, v_cache, bias, ends)
+    axis = engine.mesh.axis_names[0]
+    heads, caches = PartitionSpec(None, axis, None), PartitionSpec(None, axis, None, None)
+    local_engine = _local(engine)
+    return jax.shard_map(lambda *args: _decode_attention_kernel(local_engine, *args), mesh=engine.mesh,
+                         in_specs=(heads, caches, caches, PartitionSpec(), PartitionSpec()), out_specs=heads,
+                         check_vma=False)(q, k_cache, v_cache, bias, ends)
+
+
+def _decode_attention_kernel(engine: EngineConfig, q: jax.Array, k_cache: jax.Array, v_cache: jax.Array,
+                             bias: jax.Array, ends: jax.Array) -> jax.Array:
+    """`attention.decode_attention_pallas` at the engine's tile (one device's heads)."""
     t = engine.attention_tile
     return attention.decode_attention_pallas(q, k_cache, v_cache, bias, ends, block=t.block, num_warps=t.num_warps,
                                              num_stages=t.num_stages, interpret=engine.interpret)
