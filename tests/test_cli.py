@@ -238,6 +238,26 @@ def test_every_flag_has_help():
     assert "(default: 64)" in " ".join(sub.choices["generate"].format_help().split())
 
 
+def test_build_predictors_rank_auto(tmp_path, capsys):
+    """`--rank auto` keeps one of d/16, d/8, d/4 per layer, says which in its table and the manifest, and is
+    refused with a sparsity target before the model loads."""
+    from svdsparse_jax.assets import BUNDLED_MODEL
+    from svdsparse_jax.config import from_hf_config
+
+    cfg = from_hf_config(json.loads((BUNDLED_MODEL / "config.json").read_text()))
+    assert main(["build-predictors", "--out", str(tmp_path / "p"), "--tokens", "1024", "--rank", "auto"]) == 0
+    table = capsys.readouterr().out
+    manifest = json.loads((tmp_path / "p" / "manifest.json").read_text())
+    search = [cfg.d_model // 16, cfg.d_model // 8, cfg.d_model // 4]
+    assert manifest["config"]["rank_search"] == search and len(manifest["config"]["ranks"]) == cfg.n_layers
+    assert set(manifest["config"]["ranks"]) <= set(search)
+    rows = [ln.split() for ln in table.splitlines() if ln.split() and ln.split()[0].isdigit()]
+    assert [int([t for t in r if t != "*"][-1]) for r in rows] == manifest["config"]["ranks"]
+    assert "fewest bytes" in table
+    assert main(["build-predictors", "--out", str(tmp_path / "q"), "--rank", "auto", "--s", "0.6"]) == 2
+    assert "--rank auto: needs --method whitened or plain and a recall or loss target" in capsys.readouterr().err
+
+
 def test_outputs_have_normal_modes(tmp_path, capsys):
     umask = os.umask(0o022)
     try:

@@ -151,6 +151,43 @@ def test_build_reaches_the_targets_on_the_calibration_half(method, seed, rng):
                 assert info["calib_predicted_sparsity"] < 0.3
 
 
+def test_rank_search_keeps_the_rank_that_reads_the_fewest_bytes(tmp_path, seed, rng):
+    """Each layer of a rank-searched build is the fixed-rank build at the rank whose decode reads the fewest bytes,
+    counted here from the fixed builds' tensors and batch-1 row fractions; the set stores and loads with its
+    per-layer ranks."""
+    model = _model(seed)
+    tokens = rng.integers(0, CFG.vocab_size, 4096)
+    search = (4, 8, 16)
+    common = dict(method="whitened", rule="recall", value=0.95, tokens=4096, window=128, seed=seed)
+    fixed = {r: build_predictors(model, tokens, BuildConfig(ranks=r, **common), progress=False) for r in search}
+    ps = build_predictors(model, tokens, BuildConfig(rank_search=search, **common), progress=False)
+    itemsize = model.dtype.itemsize
+    for i, (pred, info) in enumerate(zip(ps.layers, ps.info)):
+        want = {}
+        for r, f in fixed.items():
+            tensors = (f.layers[i].a, f.layers[i].b, f.layers[i].bias)
+            rows = f.union.candidates[0][i] + 2 * f.union.active[0][i]  # batch 1: W_gate, then W_up and W_down
+            want[r] = sum(t.size for t in tensors) * itemsize + rows * CFG.d_ff * CFG.d_model * itemsize
+        got = {int(r): b for r, b in info["decode_bytes"].items()}
+        assert got.keys() == want.keys()
+        for r in search:
+            assert abs(got[r] - want[r]) <= 1e-3 * want[r], (i, r, got, want)
+        assert info["rank"] == pred.rank == min(search, key=lambda r: (got[r], r))
+        chosen = fixed[pred.rank].layers[i]
+        np.testing.assert_allclose(np.asarray(pred.a), np.asarray(chosen.a), rtol=1e-4, atol=1e-5)
+        assert info["calib_recall"] >= 0.95 - 1e-3
+    assert ps.config["ranks"] == [p.rank for p in ps.layers] and ps.config["rank_search"] == list(search)
+    fp = model_fingerprint(CFG, _init(seed))
+    save_predictors(tmp_path / "searched", ps, CFG, fp)
+    loaded = load_predictors(tmp_path / "searched", CFG, fp)
+    assert [p.rank for p in loaded.layers] == [p.rank for p in ps.layers]
+    for bad in (dict(rule="sparsity", value=0.3), dict(rule="s", value=0.6), dict(method="mlp")):
+        with pytest.raises(SvdsparseError, match="rank_search: needs method whitened or plain and rule recall"):
+            BuildConfig(rank_search=search, **(common | bad))
+    with pytest.raises(SvdsparseError, match="rank_search=.*ascending"):
+        BuildConfig(rank_search=(8, 4), **common)
+
+
 def test_store_round_trip_and_refusals(tmp_path, seed, rng):
     model = _model(seed)
     fp = model_fingerprint(CFG, _init(seed))

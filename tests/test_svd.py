@@ -57,3 +57,16 @@ def test_whitening_lowers_the_error_on_the_data(rng):
         approx = held @ np.asarray(a, np.float64).T @ np.asarray(b, np.float64).T
         err[name] = np.linalg.norm(approx - held @ w.T)
     assert err["whitened"] < err["plain"]
+
+
+def test_lower_ranks_are_the_leading_factors(rng):
+    """The rank search (`BuildConfig.rank_search`) cuts one SVD: the rank-r factors are the first r of a
+    higher rank's, in float64, whitened and plain."""
+    w, x = _problem(rng)
+    with jax.enable_x64(True):
+        for gram in (jnp.asarray(x.T @ x, jnp.float64), None):
+            a16, b16 = whitened_svd(jnp.asarray(w, jnp.float64), gram, 16)
+            for r in (4, 9):
+                a, b = whitened_svd(jnp.asarray(w, jnp.float64), gram, r)
+                np.testing.assert_allclose(np.asarray(a16[:r]), np.asarray(a), rtol=1e-9, atol=1e-12)
+                np.testing.assert_allclose(np.asarray(b16[:, :r]), np.asarray(b), rtol=1e-9, atol=1e-12)

@@ -136,7 +136,8 @@ def main() -> int:
             build_info = {"build_timings_s": b["timings"], "build_config": b["config"],
                           "calib_recall": round(sum(x["calib_recall"] for x in b["layers"]) / len(b["layers"]), 4),
                           "calib_predicted_sparsity": round(sum(x["calib_predicted_sparsity"] for x in b["layers"])
-                                                            / len(b["layers"]), 4)}
+                                                            / len(b["layers"]), 4),
+                          "build_layers": b["layers"]}
         copy_rate = harness.torch_copy_rate()
         rep = harness.report(args, copy_tb_per_s=copy_rate and round(copy_rate / 1e12, 3), checkpoint=info,
                              **build_info, runs=rows)

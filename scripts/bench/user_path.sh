@@ -6,22 +6,25 @@
 # (scripts/bench/user_path.py) in one call. The figure is the CLI's tokens_per_s (new tokens over the program's
 # run, prefill included, compilation not). Reports: $OUT/user_path.json (every run and the build), user_path.log.
 #   bash scripts/bench/user_path.sh [--shape S] [--batches "1 4 8"] [--new-tokens N] [--device cuda|cpu]
-#                                   [--work DIR] [--commit C]
+#                                   [--work DIR] [--commit C] [--build-args "ARGS"] [--tag NAME]
+# --build-args: more build-predictors flags (e.g. "--rank auto"); with --tag NAME its predictors, runs and report
+# are kept apart (pred_NAME, runs_NAME, user_path_NAME.json), beside the defaults' and on the same checkpoint.
 # The checkpoint and the predictors stay in --work (default /tmp/user_path) and are reused by a later call on
 # the same machine. CPU dry run: --shape tiny --batches "1 2" --new-tokens 8 --device cpu.
 set -o pipefail
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false  # torch writes the checkpoint beside JAX
-shape=llama2-7b batches="1 4 8" new=128 device=cuda work=/tmp/user_path commit=
+shape=llama2-7b batches="1 4 8" new=128 device=cuda work=/tmp/user_path commit= build_args= tag=
 while [ $# -gt 0 ]; do
     case $1 in
         --shape) shape=$2 ;; --batches) batches=$2 ;; --new-tokens) new=$2 ;; --device) device=$2 ;;
-        --work) work=$2 ;; --commit) commit=$2 ;;
+        --work) work=$2 ;; --commit) commit=$2 ;; --build-args) build_args=$2 ;; --tag) tag=$2 ;;
         *) echo "user_path.sh: unknown flag $1" >&2; exit 2 ;;
     esac
     shift 2
 done
-out=${OUT:-$work/out}; mkdir -p "$out" "$work/runs"
-log=$out/user_path.log
+suffix=${tag:+_$tag} pred=$work/pred${tag:+_$tag} runs=$work/runs${tag:+_$tag}
+out=${OUT:-$work/out}; mkdir -p "$out" "$runs"
+log=$out/user_path$suffix.log
 cli() { python -m svdsparse_jax.cli "$@"; }
 step() { echo "== $(date +%T) $*" | tee -a "$log"; }
 start=$(date +%s)
@@ -31,13 +34,13 @@ if [ ! -f "$work/model/config.json" ]; then
     python -m scripts.bench.user_path checkpoint --shape "$shape" --out "$work/model" --device "$device" \
         2>&1 | grep -v -i warn | tee -a "$log" || exit 1
 fi
-if [ ! -f "$work/pred/manifest.json" ]; then
-    step "build-predictors (defaults, 120 standard-library files)"
+if [ ! -f "$pred/manifest.json" ]; then
+    step "build-predictors (defaults${build_args:+ and $build_args}, 120 standard-library files)"
     python -m scripts.bench.user_path calib-files --count 120 --out "$work/calib.txt" || exit 1
-    rm -rf "$work/pred"
-    # shellcheck disable=SC2046
-    cli build-predictors "$work/model" --calib-text $(cat "$work/calib.txt") --out "$work/pred" --json \
-        > "$work/runs/build.json" 2>> "$log" || { tail -20 "$log"; exit 1; }
+    rm -rf "$pred"
+    # shellcheck disable=SC2046,SC2086
+    cli build-predictors "$work/model" --calib-text $(cat "$work/calib.txt") --out "$pred" $build_args --json \
+        > "$runs/build.json" 2>> "$log" || { tail -20 "$log"; exit 1; }
 fi
 python -m scripts.bench.user_path prompts --out "$work/prompts"
 prompts=("$work"/prompts/prompt_*.py)
@@ -46,14 +49,14 @@ for b in $batches; do
     for p in "${prompts[@]:0:$b}"; do files+=(--prompt-file "$p"); done
     for mode in dense sparse; do
         step "generate batch $b $mode"
-        extra=(); [ "$mode" = sparse ] && extra=(--predictors "$work/pred")
+        extra=(); [ "$mode" = sparse ] && extra=(--predictors "$pred")
         cli generate "$work/model" "${files[@]}" --max-new-tokens "$new" --greedy --json "${extra[@]}" \
-            > "$work/runs/gen_b${b}_${mode}.json" 2>> "$log" || { tail -20 "$log"; exit 1; }
+            > "$runs/gen_b${b}_${mode}.json" 2>> "$log" || { tail -20 "$log"; exit 1; }
         python -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['tokens_per_s'], d['sparse_layers'])" \
-            "$work/runs/gen_b${b}_${mode}.json" | tee -a "$log"
+            "$runs/gen_b${b}_${mode}.json" | tee -a "$log"
     done
 done
 step "summary"
-python -m scripts.bench.user_path summary --runs "$work/runs" --checkpoint-info "$work/checkpoint_info.json" \
-    --json-out "$out/user_path.json" ${commit:+--commit "$commit"} 2>&1 | grep -v -i warn | tee -a "$log"
+python -m scripts.bench.user_path summary --runs "$runs" --checkpoint-info "$work/checkpoint_info.json" \
+    --json-out "$out/user_path$suffix.json" ${commit:+--commit "$commit"} 2>&1 | grep -v -i warn | tee -a "$log"
 echo "user path: $(( $(date +%s) - start )) s wall" | tee -a "$log"

@@ -12,7 +12,7 @@ from svdsparse_jax.cli.textio import calibration_tokens, check_text_file, print_
 from svdsparse_jax.errors import SvdsparseError
 from svdsparse_jax.fsutil import check_free_space, check_new_output
 from svdsparse_jax.limits import check_count
-from svdsparse_jax.predictors.build import METHODS
+from svdsparse_jax.predictors.build import METHODS, auto_ranks
 
 # The default predictors (docs/RESULTS.md, "Off the calibration domain"): a recall target calibrated on 65,536
 # tokens held both domains' top-1 agreement higher at more sparsity than the paper's s = 0.7 on 16,384 tokens.
@@ -29,7 +29,10 @@ def add_parser(sub) -> None:
     p.add_argument("--method", default="whitened", choices=METHODS,
                    help="whitened SVD (the paper's), plain SVD, or a baseline: sign bits, a trained MLP, the exact "
                         "gate (oracle)")
-    p.add_argument("--rank", type=ids, help="rank, or one rank per layer (comma-separated); default d_model/4")
+    p.add_argument("--rank", type=rank_arg,
+                   help="rank, one rank per layer (comma-separated), or 'auto': each layer keeps the one of d/16, d/8 "
+                        "and d/4 whose predictor reads the fewest bytes per decoded token (recall and loss targets; "
+                        "calibrates each layer 3 times); default d_model/4")
     target = p.add_mutually_exclusive_group()
     target.add_argument("--s", type=FRACTION, help="the paper's rule: predicted sparsity = s x true sparsity (s - 0.1 "
                                                 f"on layers 0-1); the paper uses {PAPER_S}")
@@ -44,6 +47,11 @@ def add_parser(sub) -> None:
                    help="calibration tokens at most (half build, half calibrate)")
     p.add_argument("--window", type=number(int, 2), default=512, help="calibration windows of this many tokens")
     p.add_argument("--json", action="store_true", help="print one JSON object (docs/cli.md)")
+
+
+def rank_arg(text: str) -> list[int] | str:
+    """An argparse type: 'auto' or comma-separated ranks."""
+    return "auto" if text.strip().lower() == "auto" else ids(text)
 
 
 def demo_build_config(cfg):
@@ -72,6 +80,10 @@ def run(args: argparse.Namespace) -> None:
     from svdsparse_jax.predictors.store import predictor_bytes
 
     check_new_output(args.out, "--out")  # before the build
+    rule, value = target_of(args)
+    if args.rank == "auto" and (args.method not in ("whitened", "plain") or rule not in ("recall", "loss")):
+        raise SvdsparseError(f"--rank auto: needs --method whitened or plain and a recall or loss target (got --method "
+                             f"{args.method}, target {rule}): with a sparsity target every rank reads the same rows")
     for path in args.calib_text or ():
         check_text_file(path, "--calib-text")
     lm = load_session(args)
@@ -82,10 +94,10 @@ def run(args: argparse.Namespace) -> None:
         calib = corpus_split("calib")
     else:
         raise SvdsparseError("--calib-text is required for a model other than the bundled one")
-    rule, value = target_of(args)
-    ranks = args.rank or [max(1, lm.cfg.d_model // 4)]
+    search = auto_ranks(lm.cfg) if args.rank == "auto" else ()
+    ranks = [max(1, lm.cfg.d_model // 4)] if args.rank in (None, "auto") else args.rank
     bc = BuildConfig(method=args.method, ranks=ranks[0] if len(ranks) == 1 else tuple(ranks), rule=rule,
-                     value=value, tokens=args.tokens, window=args.window)
+                     value=value, tokens=args.tokens, window=args.window, rank_search=search)
     itemsize = lm.dtype.itemsize
     check_free_space(args.out, predictor_bytes(lm.cfg, bc.method, tuple(bc.rank_of(i, lm.cfg.n_layers) for i in
                                                                         range(lm.cfg.n_layers)), itemsize), "--out")

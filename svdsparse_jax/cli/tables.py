@@ -16,16 +16,24 @@ def build_table(info: list[dict], config: dict) -> str:
     """build-predictors' per-layer table on the calibration half, with what each column and the target mean."""
     lines = [f"Per layer, on the calibration half ({config['calibration_tokens'] // 2:,} tokens):",
              f"{'layer':>5}  {'true sparsity':>13}  {'target':>16}  {'predicted sparsity':>18}  {'recall':>7}"]
+    ranked = bool(info) and all("rank" in r for r in info)  # a rank search: the rank each layer kept
+    if ranked:
+        lines[1] += f"  {'rank':>5}"
     short = False
     for r in info:
         t = r["target"]
         missed = not r["target_met"] and t["kind"] != "loss" and config.get("method") != "oracle"
         short |= missed
         lines.append(f"{r['layer']:>5}  {r['true_sparsity']:>13.4f}  {t['kind'] + ' ' + format(t['value'], '.4f'):>16}"
-                     f"  {r['calib_predicted_sparsity']:>18.4f}  {r['calib_recall']:>7.4f}{'  *' if missed else ''}")
+                     f"  {r['calib_predicted_sparsity']:>18.4f}  {r['calib_recall']:>7.4f}"
+                     + (f"  {r['rank']:>5}" if ranked else "") + ("  *" if missed else ""))
     lines += [METRIC_WORDS[0] + "; " + METRIC_WORDS[1] + "; recall: the fraction of the nonzero pairs kept",
               f"target: the calibration sets each neuron's threshold until the layer reaches it; "
               f"{config['rule']} {config['value']} means {TARGET_WORDS.get(config['rule'], config['rule'])}."]
+    if ranked:
+        lines.append(f"rank: of {', '.join(map(str, config['rank_search']))}, the one whose predictor reads the "
+                     "fewest bytes per decoded token (its factors, the candidate rows of W_gate, the active rows of "
+                     "W_up and W_down) at the same target.")
     if short:
         lines.append("* stopped short of its target: going further would switch off more than 1% of the layer's "
                      "neurons for every token (the calibration's guard against dropping whole neurons).")

@@ -19,7 +19,7 @@ from svdsparse_jax.errors import SvdsparseError, is_int, is_real
 from svdsparse_jax.limits import check_count
 from svdsparse_jax.engine import XLA
 from svdsparse_jax.model import Block, Transformer, activation, linear
-from svdsparse_jax.policy import BATCH_SIZES, UnionRows, measure_union
+from svdsparse_jax.policy import BATCH_SIZES, UnionRows, ffn_rows, gate_rows_read, measure_union
 from svdsparse_jax.predictors.base import LowRankPredictor, OraclePredictor, Predictor, PredictorSet
 from svdsparse_jax.predictors.baselines import MLP_STEPS, mlp_predictor, signbit_predictor
 from svdsparse_jax.predictors.svd import whitened_svd
@@ -39,7 +39,10 @@ class BuildConfig:
     'recall': minimum recall; 'loss': maximum importance loss, `thresholds.Target`). tokens: calibration tokens
     used at most (split in two halves); window: tokens per context window. dtype: storage dtype of the factors
     (the model's by default). guard: calibration stops once this fraction of a layer's neurons is never
-    predicted active (the reference's 1%)."""
+    predicted active (the reference's 1%). rank_search (SVD methods, recall or loss rules): when given, `ranks`
+    is not used; each layer is calibrated at every rank listed and keeps the one whose predictor reads the
+    fewest bytes per decoded token at batch 1 (`decode_bytes`): a higher rank costs its factors and saves
+    candidate rows of W_gate, at the same recall or loss."""
 
     method: str = "whitened"
     ranks: int | tuple[int, ...] = 256
@@ -52,6 +55,7 @@ class BuildConfig:
     mlp_steps: int = MLP_STEPS
     seed: int = 0
     guard: float = GUARD
+    rank_search: tuple[int, ...] = ()
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -71,12 +75,22 @@ class BuildConfig:
             "mlp_steps": (is_int(self.mlp_steps) and self.mlp_steps >= 0, "an integer >= 0"),
             "seed": (is_int(self.seed) and 0 <= self.seed < 2 ** 32, "an integer from 0 to 2^32 - 1"),
             "guard": (is_real(self.guard) and 0 <= self.guard <= 1, "a number in [0, 1]"),
+            "rank_search": (isinstance(self.rank_search, tuple) and all(is_int(r) and r >= 1 for r in self.rank_search)
+                            and list(self.rank_search) == sorted(set(self.rank_search)),
+                            "a tuple of ascending integers >= 1"),
         }
         for name, (ok, want) in checks.items():
             if not ok:
                 raise SvdsparseError(f"BuildConfig {name}={getattr(self, name)!r}: expected {want}")
+        if self.rank_search and (self.method not in ("whitened", "plain") or self.rule not in ("recall", "loss")):
+            # with a sparsity target every rank reads the same candidate rows, so the search would pick the smallest
+            raise SvdsparseError(f"BuildConfig rank_search: needs method whitened or plain and rule recall or loss, "
+                                 f"got method {self.method!r}, rule {self.rule!r}")
 
     def rank_of(self, layer: int, n_layers: int) -> int:
+        """The layer's rank; with a rank search, the largest searched (what the build may keep)."""
+        if self.rank_search:
+            return self.rank_search[-1]
         ranks = (self.ranks,) * n_layers if isinstance(self.ranks, int) else tuple(self.ranks)
         if len(ranks) != n_layers:
             raise SvdsparseError(f"{len(ranks)} ranks given for {n_layers} layers")
@@ -130,6 +144,38 @@ def calibrate_layer(pred: Predictor, st: LayerStats, block: Block, target: Targe
     return pred, info
 
 
+AUTO_RANK_DIVISORS = (16, 8, 4)  # `--rank auto` searches d/16, d/8 and d/4 (d/4: the default rank)
+
+
+def auto_ranks(cfg: ModelConfig) -> tuple[int, ...]:
+    """The ranks `--rank auto` searches: d/16, d/8 and d/4, at least 1 and at most min(d, d_ff), ascending."""
+    top = min(cfg.d_model, cfg.d_ff)
+    return tuple(sorted({min(top, max(1, cfg.d_model // k)) for k in AUTO_RANK_DIVISORS}))
+
+
+def decode_bytes(pred: Predictor, facts: dict, cfg: ModelConfig, itemsize: int) -> float:
+    """Bytes one decoded token reads in a layer's guarded FFN at batch 1, from its calibration facts: the
+    predictor's tensors, the candidate rows of W_gate and the active candidates' rows of W_up and W_down_t."""
+    rows = ffn_rows(gate_rows_read(pred, facts["union_candidates"][0]), facts["union_active"][0])
+    return pred.nbytes() + rows * cfg.d_ff * cfg.d_model * itemsize
+
+
+def search_rank(pred: LowRankPredictor, st: LayerStats, block: Block, target: Target, bc: BuildConfig,
+                cfg: ModelConfig, itemsize: int) -> tuple[Predictor, dict]:
+    """Calibrates the layer's SVD predictor truncated to each rank of `bc.rank_search` (`pred` has the largest;
+    the truncated SVD of a smaller rank is its leading factors) and keeps the one whose decode reads the fewest
+    bytes (`decode_bytes`), ties to the smaller rank. Its facts gain "rank" and "decode_bytes" {rank: bytes}."""
+    best, tried = None, {}
+    for r in bc.rank_search:
+        cut = dataclasses.replace(pred, a=pred.a[:r], b=pred.b[:, :r])
+        cut, facts = calibrate_layer(cut, st, block, target, bc.guard)
+        tried[r] = decode_bytes(cut, facts, cfg, itemsize)
+        if best is None or tried[r] < tried[best[0].rank]:
+            best = (cut, facts)
+    pred, facts = best
+    return pred, facts | {"rank": pred.rank, "decode_bytes": {str(r): int(b) for r, b in tried.items()}}
+
+
 def check_build(cfg: ModelConfig, bc: BuildConfig) -> None:
     if not cfg.is_sparse_activation:
         raise SvdsparseError(f"activation {cfg.activation!r} has no sparsity to predict; expected one of relu, "
@@ -179,13 +225,18 @@ def build_predictors(model: Transformer, calib_tokens: np.ndarray, bc: BuildConf
         pred = jax.block_until_ready(layer_factors(st, block, cfg, bc, target, dtype))
         timings["factors"] += time.perf_counter() - t
         t = time.perf_counter()
-        pred, facts = calibrate_layer(pred, st, block, target, bc.guard)
+        if bc.rank_search:
+            pred, facts = search_rank(pred, st, block, target, bc, cfg, model.dtype.itemsize)
+        else:
+            pred, facts = calibrate_layer(pred, st, block, target, bc.guard)
         layers.append(pred)
         info.append(facts)
         timings["bias calibration"] += time.perf_counter() - t
         t = time.perf_counter()
     config = dataclasses.asdict(bc) | {"calibration_tokens": int(windows.size), "window": window,
                                        "dtype": jnp.dtype(dtype).name}
+    if bc.rank_search:  # the ranks kept, so the manifest says what each layer is
+        config |= {"ranks": [p.rank for p in layers], "rank_search": list(bc.rank_search)}
     return PredictorSet(bc.method, layers, config, info, timings, union_of(info))
 
 
