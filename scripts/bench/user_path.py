@@ -114,6 +114,8 @@ def main() -> int:
     p = sub.add_parser("summary")
     p.add_argument("--runs", type=Path, required=True)
     p.add_argument("--checkpoint-info", type=Path, help="the checkpoint step's JSON")
+    p.add_argument("--compile-cache", choices=["off", "on"], default="on",
+                   help="whether the runs used the persistent compilation cache (recorded in the report)")
     harness.add_report_args(p)
     args = ap.parse_args()
     if args.step == "checkpoint":
@@ -140,6 +142,7 @@ def main() -> int:
                           "build_layers": b["layers"]}
         copy_rate = harness.torch_copy_rate()
         rep = harness.report(args, copy_tb_per_s=copy_rate and round(copy_rate / 1e12, 3), checkpoint=info,
+                             compile_cache=args.compile_cache,
                              **build_info, runs=rows)
         harness.save(rep, args.json_out)
         print(harness.table(rows, {"batch": "batch", "mode": "mode", "tok/s": "tokens_per_s",

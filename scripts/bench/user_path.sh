@@ -6,18 +6,23 @@
 # (scripts/bench/user_path.py) in one call. The figure is the CLI's tokens_per_s (new tokens over the program's
 # run, prefill included, compilation not). Reports: $OUT/user_path.json (every run and the build), user_path.log.
 #   bash scripts/bench/user_path.sh [--shape S] [--batches "1 4 8"] [--new-tokens N] [--device cuda|cpu]
-#                                   [--work DIR] [--commit C] [--build-args "ARGS"] [--tag NAME]
+#                                   [--work DIR] [--commit C] [--build-args "ARGS"] [--tag NAME] [--cache off|on]
 # --build-args: more build-predictors flags (e.g. "--rank auto"); with --tag NAME its predictors, runs and report
 # are kept apart (pred_NAME, runs_NAME, user_path_NAME.json), beside the defaults' and on the same checkpoint.
+# --cache: `generate` without the persistent compilation cache (off, the default here) or with the user's (on).
+# With it on, a run whose program an earlier run compiled (sparse with no sparse layer is dense's program) loads it
+# from the cache, and that program's one timed call runs 6-8% slower than a freshly compiled one's (docs/
+# BENCHMARKS.md, eighth session): off, every run compiles and is timed alike.
 # The checkpoint and the predictors stay in --work (default /tmp/user_path) and are reused by a later call on
 # the same machine. CPU dry run: --shape tiny --batches "1 2" --new-tokens 8 --device cpu.
 set -o pipefail
 export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false  # torch writes the checkpoint beside JAX
-shape=llama2-7b batches="1 4 8" new=128 device=cuda work=/tmp/user_path commit= build_args= tag=
+shape=llama2-7b batches="1 4 8" new=128 device=cuda work=/tmp/user_path commit= build_args= tag= cache=off
 while [ $# -gt 0 ]; do
     case $1 in
         --shape) shape=$2 ;; --batches) batches=$2 ;; --new-tokens) new=$2 ;; --device) device=$2 ;;
         --work) work=$2 ;; --commit) commit=$2 ;; --build-args) build_args=$2 ;; --tag) tag=$2 ;;
+        --cache) cache=$2 ;;
         *) echo "user_path.sh: unknown flag $1" >&2; exit 2 ;;
     esac
     shift 2
@@ -50,6 +55,7 @@ for b in $batches; do
     for mode in dense sparse; do
         step "generate batch $b $mode"
         extra=(); [ "$mode" = sparse ] && extra=(--predictors "$pred")
+        [ "$cache" = off ] && extra+=(--compile-cache off)
         cli generate "$work/model" "${files[@]}" --max-new-tokens "$new" --greedy --json "${extra[@]}" \
             > "$runs/gen_b${b}_${mode}.json" 2>> "$log" || { tail -20 "$log"; exit 1; }
         python -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['tokens_per_s'], d['sparse_layers'])" \
@@ -58,5 +64,5 @@ for b in $batches; do
 done
 step "summary"
 python -m scripts.bench.user_path summary --runs "$runs" --checkpoint-info "$work/checkpoint_info.json" \
-    --json-out "$out/user_path$suffix.json" ${commit:+--commit "$commit"} 2>&1 | grep -v -i warn | tee -a "$log"
+    --json-out "$out/user_path$suffix.json" --compile-cache "$cache" ${commit:+--commit "$commit"} 2>&1 | grep -v -i warn | tee -a "$log"
 echo "user path: $(( $(date +%s) - start )) s wall" | tee -a "$log"
