@@ -9,7 +9,7 @@ from svdsparse_jax.predictors.base import (LowRankPredictor, OraclePredictor, Pr
                                            PredictorSet, SignBitPredictor)
 from svdsparse_jax.predictors.store import load_predictors, save_predictors  # noqa: F401
 
-_BUILD = ("METHODS", "BuildConfig", "build_predictors")
+_BUILD = ("METHODS", "BuildConfig", "build_predictors", "auto_ranks")
 
 
 def __getattr__(name: str):
