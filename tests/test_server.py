@@ -128,7 +128,8 @@ def sparse(tmp_path_factory, lm):
     cfg = lm.cfg
     everything = LowRankPredictor(jnp.zeros((4, cfg.d_model)), jnp.zeros((cfg.d_ff, 4)), jnp.ones(cfg.d_ff))
     save_predictors(root / "all", PredictorSet("whitened", [everything] * cfg.n_layers, {}), cfg, lm.fingerprint)
-    server = Server(root / "serve.log", "--predictors", str(root / "all"), "--ffn-policy", "sparse")
+    server = Server(root / "serve.log", "--predictors", str(root / "all"), "--ffn-policy", "sparse",
+                    "--admit-together", "3")  # groups of 3 and 4 of the 4 slots (the default: 2 and more)
     assert f"sparse layers by live sequences: 1: {cfg.n_layers}/{cfg.n_layers}" in server.log.read_text()
     yield server
     server.stop()
@@ -473,6 +474,9 @@ def test_admit_starts_many_prompts_in_one_prefill(lm):
     assert logits.shape == (6, cfg.vocab_size) and together.compiles["admit"] == 1
     assert sc.admit_groups([19, 3, 40]) == [[0, 1, 2]] and sc.admit_groups([19, 3]) == [[0], [1]]
     assert SlotConfig(6, cfg.max_seq_len, admit_tokens=256).admit_groups([19, 3, 40]) == [[0], [1], [2]]
+    assert SlotConfig(6, cfg.max_seq_len, admit_together=2).admit_groups([19, 3]) == [[0, 1]]
+    assert SlotConfig(6, cfg.max_seq_len, admit_together=4).admit_groups([19, 3, 40]) == [[0], [1], [2]]
+    assert SlotConfig(6, cfg.max_seq_len, admit_together=2).admit_groups([19]) == [[0]]
     alone = SlotDecoder(model, sc)
     for i, start in enumerate(starts):
         one, one_logits = alone.admit([start])

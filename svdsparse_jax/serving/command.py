@@ -34,6 +34,9 @@ def add_parser(sub) -> None:
                    help="requests that may wait for a slot; beyond them a request is answered 429")
     p.add_argument("--decode-chunk", type=POSITIVE, default=8,
                    help="decode steps per host round trip (streams receive tokens in groups of this many)")
+    p.add_argument("--admit-together", type=number(int, 2), metavar="N",
+                   help="the fewest waiting prompts prefilled together in one call of --max-batch rows (default: "
+                        "half the slots; fewer are prefilled one call each)")
     p.add_argument("--chat-template", metavar="FILE",
                    help="a Jinja chat template for /v1/chat/completions (default: the tokenizer's, if any)")
     p.add_argument("--served-model-name", help="the model's name in the API (default: the model directory's name)")
@@ -84,7 +87,8 @@ def run(args: argparse.Namespace) -> None:
     check_count("--max-batch", args.max_batch, sequence_bytes(cfg, cfg.max_seq_len, cfg.max_seq_len,
                                                               lm.dtype.itemsize))
     name = args.served_model_name or Path(lm.path).name
-    sc = SlotConfig(slots=args.max_batch, context=cfg.max_seq_len, chunk=args.decode_chunk)
+    sc = SlotConfig(slots=args.max_batch, context=cfg.max_seq_len, chunk=args.decode_chunk,
+                    admit_together=args.admit_together)
     decoder = SlotDecoder(lm.model, sc, pset and pset.layers, pset and pset.union)
     logging.basicConfig(format="%(levelname)s:     %(message)s")
     logging.getLogger("svdsparse.serve").setLevel(args.log_level.upper())

@@ -59,7 +59,8 @@ class SlotConfig:
     programs' compiles cost); window_reads: a decode chunk runs in the whole caches, attention reading only the
     context bucket's slots, instead of copying the bucket's slots out of every layer's cache and back (2 x 2 x
     the bucket's bytes a chunk); admit_tokens: the most prompt tokens (rows x bucket) one admit call of several
-    prompts prefills (`admit_groups`). The defaults are the H200's fastest (docs/BENCHMARKS.md, issue 31,
+    prompts prefills (`admit_groups`); admit_together: the fewest prompts arriving together that one such call
+    admits (None: half the slots). The defaults are the H200's fastest (docs/BENCHMARKS.md, issue 31,
     LLaMA2-7B, 8 slots): window reads 3% faster a step than copies at 8 steps a chunk, 6 context buckets 8%
     faster than 4; the server at 8 steps a chunk 5% faster than at 16, and 4 slower than 16 in the slots
     benchmark (7.51 against 5.79 ms a step, copying)."""
@@ -72,14 +73,18 @@ class SlotConfig:
     window_reads: bool = True
     admit_tokens: int = 4096
     min_context: int = 128
+    admit_together: int | None = None
 
     def admit_groups(self, lengths: list[int]) -> list[list[int]]:
         """How prompts of these lengths that arrive together are admitted: indices into `lengths`, one admit call
-        per group. All in one call (`slots` rows, the padding's rows written nowhere) when they are at least half
-        the slots and slots x their bucket is at most admit_tokens; else one call each. Two row counts, 1 and
-        slots, keep the admit programs to two per prompt bucket."""
+        per group. All in one call (`slots` rows, the padding's rows written nowhere) when they are at least
+        `admit_together` (default half the slots) and slots x their bucket is at most admit_tokens; else one call
+        each. Two row counts, 1 and slots, keep the admit programs to two per prompt bucket. Half the slots suits
+        a CPU, where a prefill's cost grows with its rows; on a GPU a prefill of a few short prompts reads the
+        weights once, as one prompt's does."""
         whole = self.slots * self.prompt_bucket(max(lengths, default=1))
-        if len(lengths) > 1 and 2 * len(lengths) >= self.slots and whole <= self.admit_tokens:
+        least = self.admit_together or (self.slots + 1) // 2
+        if len(lengths) > 1 and len(lengths) >= least and whole <= self.admit_tokens:
             return [list(range(len(lengths)))]
         return [[i] for i in range(len(lengths))]
 
