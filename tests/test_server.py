@@ -178,6 +178,10 @@ def concurrent_greedy_equals_generate_alone(server: Server, lm, reference, rng):
 
 def test_concurrent_greedy_requests_equal_generate_alone(dense, lm, reference, rng):
     concurrent_greedy_equals_generate_alone(dense, lm, reference, rng)
+    # every admitted request's prompt was prefilled once, in calls of 1 to SLOTS prompts
+    done = {o: dense.metric(f'svdsparse_requests_total{{outcome="{o}"}}') for o in ("finished", "cancelled", "error")}
+    prompts, calls = dense.metric("svdsparse_admit_prompts_sum"), dense.metric("svdsparse_admit_prompts_count")
+    assert done["finished"] <= prompts <= sum(done.values()) and calls <= prompts <= SLOTS * calls
     assert dense.metric("svdsparse_batch_occupancy_bucket{le=\"1.0\"}") < dense.metric(
         "svdsparse_batch_occupancy_count")  # chunks did run several sequences together
 

@@ -66,6 +66,11 @@ class Server:
         text = httpx.get(self.url + "/metrics").text
         return int(sum(float(v) for v in re.findall(r"^svdsparse_programs\{[^}]*\} (\S+)$", text, re.M)))
 
+    def admits(self) -> tuple[float, float]:
+        """(prompts prefilled, prefill calls) so far."""
+        text = httpx.get(self.url + "/metrics").text
+        return tuple(float(re.search(rf"^svdsparse_admit_prompts_{k} (\S+)$", text, re.M)[1]) for k in ("sum", "count"))
+
     def stop(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=120)
@@ -228,7 +233,11 @@ def main() -> None:
                     run_workload(server, prompts, args)
                     if compiled == (compiled := server.programs()):
                         break
-                row = {"mode": mode, **run_workload(server, prompts, args), **idle_ttft(server, prompts, args)}
+                before = server.admits()
+                row = {"mode": mode, **run_workload(server, prompts, args)}
+                after = server.admits()
+                row["prompts_per_prefill"] = (after[0] - before[0]) / max(after[1] - before[1], 1)
+                row |= idle_ttft(server, prompts, args)
                 row["programs_compiled_while_measured"] = server.programs() - compiled
                 row["startup_s"], row["warmup_round_programs"] = started, compiled
             finally:
@@ -241,6 +250,7 @@ def main() -> None:
                                "TTFT med ms": fmt("ttft_median_ms"), "TTFT p99 ms": fmt("ttft_p99_ms"),
                                "TPOT med ms": fmt("tpot_median_ms", ".2f"), "TPOT p99 ms": fmt("tpot_p99_ms", ".2f"),
                                "idle TTFT p99 ms": fmt("idle_ttft_p99_ms"),
+                               "prompts a prefill": fmt("prompts_per_prefill", ".2f"),
                                "tokens": "output_tokens", "compiled while measured":
                                    "programs_compiled_while_measured"}))
     total = time.perf_counter() - t_start

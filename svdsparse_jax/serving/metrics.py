@@ -8,6 +8,7 @@ live in one process, as in tests).
   svdsparse_queue_depth                         requests waiting for a slot
   svdsparse_slots / svdsparse_slots_occupied    decode slots, and those holding a sequence
   svdsparse_batch_occupancy                     histogram: live sequences per decode chunk
+  svdsparse_admit_prompts                       histogram: prompts per prefill call (`--admit-together`)
   svdsparse_time_to_first_token_seconds         histogram: arrival to first token, per request
   svdsparse_time_per_output_token_seconds       histogram: (last token - first token) / (tokens - 1), per choice
   svdsparse_e2e_request_latency_seconds         histogram: arrival to the last token, per finished request
@@ -42,6 +43,8 @@ class Metrics:
         self.occupied = Gauge("svdsparse_slots_occupied", "Decode slots holding a sequence", registry=r)
         self.occupancy = Histogram("svdsparse_batch_occupancy", "Live sequences per decode chunk",
                                    buckets=tuple(range(1, max_batch + 1)), registry=r)
+        self.admit_prompts = Histogram("svdsparse_admit_prompts", "Prompts per prefill call",
+                                       buckets=tuple(range(1, max_batch + 1)), registry=r)
         self.ttft = Histogram("svdsparse_time_to_first_token_seconds", "Arrival to first token, per request",
                               buckets=LATENCY_BUCKETS, registry=r)
         self.tpot = Histogram("svdsparse_time_per_output_token_seconds", "Time per output token after the first, "

@@ -264,6 +264,7 @@ class Scheduler:
             plans.append((r, slots, seed, sampler))
         for group in self.decoder.sc.admit_groups([len(r.prompt) for r in batch]):
             mine = [plans[i] for i in group]
+            self.metrics.admit_prompts.observe(len(mine))
             firsts, logits = self.decoder.admit([Start(slots[0], r.prompt, r.params.max_tokens, seed_key(seed),
                                                        sampler) for r, slots, seed, sampler in mine])
             now = time.perf_counter()
