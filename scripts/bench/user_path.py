@@ -139,7 +139,7 @@ def main() -> int:
                           "calib_recall": round(sum(x["calib_recall"] for x in b["layers"]) / len(b["layers"]), 4),
                           "calib_predicted_sparsity": round(sum(x["calib_predicted_sparsity"] for x in b["layers"])
                                                             / len(b["layers"]), 4),
-                          "build_layers": b["layers"]}
+                          "build_layers": b["layers"], "union_rows": b.get("union_rows")}
         copy_rate = harness.torch_copy_rate()
         rep = harness.report(args, copy_tb_per_s=copy_rate and round(copy_rate / 1e12, 3), checkpoint=info,
                              compile_cache=args.compile_cache,

@@ -104,7 +104,8 @@ def run(args: argparse.Namespace) -> None:
     pset = lm.build_predictors(calib, bc).predictors
     out = lm.save_predictors(args.out, pset)
     if args.json:
-        print_json({"out": str(out), "config": pset.config, "timings": pset.timings, "layers": pset.info})
+        print_json({"out": str(out), "config": pset.config, "timings": pset.timings, "layers": pset.info,
+                    "union_rows": pset.union.to_json()})
         return
     print(build_table(pset.info, pset.config))
     print(f"saved {out}; seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in pset.timings.items()))
