@@ -240,7 +240,7 @@ def test_every_flag_has_help():
 
 def test_build_predictors_rank_auto(tmp_path, capsys):
     """`--rank auto` keeps one of d/16, d/8, d/4 per layer, says which in its table and the manifest, and is
-    refused with a sparsity target before the model loads."""
+    refused with a sparsity target, naming the flags."""
     from svdsparse_jax.assets import BUNDLED_MODEL
     from svdsparse_jax.config import from_hf_config
 

@@ -62,14 +62,17 @@ class Server:
         except httpx.TransportError:
             return False
 
-    def programs(self) -> int:
+    def samples(self, pattern: str) -> list[float]:
+        """The values of the /metrics samples whose name (and labels) match `pattern`, a regular expression."""
         text = httpx.get(self.url + "/metrics").text
-        return int(sum(float(v) for v in re.findall(r"^svdsparse_programs\{[^}]*\} (\S+)$", text, re.M)))
+        return [float(v) for v in re.findall(rf"^{pattern} (\S+)$", text, re.M)]
+
+    def programs(self) -> int:
+        return int(sum(self.samples(r"svdsparse_programs\{[^}]*\}")))
 
     def admits(self) -> tuple[float, float]:
         """(prompts prefilled, prefill calls) so far."""
-        text = httpx.get(self.url + "/metrics").text
-        return tuple(float(re.search(rf"^svdsparse_admit_prompts_{k} (\S+)$", text, re.M)[1]) for k in ("sum", "count"))
+        return self.samples("svdsparse_admit_prompts_sum")[0], self.samples("svdsparse_admit_prompts_count")[0]
 
     def stop(self) -> None:
         self.proc.terminate()

@@ -12,7 +12,7 @@ from svdsparse_jax.cli.textio import calibration_tokens, check_text_file, print_
 from svdsparse_jax.errors import SvdsparseError
 from svdsparse_jax.fsutil import check_free_space, check_new_output
 from svdsparse_jax.limits import check_count
-from svdsparse_jax.predictors.build import METHODS, auto_ranks
+from svdsparse_jax.predictors.build import METHODS, auto_ranks, rank_search_fits
 
 # The default predictors (docs/RESULTS.md, "Off the calibration domain"): a recall target calibrated on 65,536
 # tokens held both domains' top-1 agreement higher at more sparsity than the paper's s = 0.7 on 16,384 tokens.
@@ -81,7 +81,7 @@ def run(args: argparse.Namespace) -> None:
 
     check_new_output(args.out, "--out")  # before the build
     rule, value = target_of(args)
-    if args.rank == "auto" and (args.method not in ("whitened", "plain") or rule not in ("recall", "loss")):
+    if args.rank == "auto" and not rank_search_fits(args.method, rule):  # said before the model loads
         raise SvdsparseError(f"--rank auto: needs --method whitened or plain and a recall or loss target (got --method "
                              f"{args.method}, target {rule}): with a sparsity target every rank reads the same rows")
     for path in args.calib_text or ():

@@ -82,8 +82,7 @@ class BuildConfig:
         for name, (ok, want) in checks.items():
             if not ok:
                 raise SvdsparseError(f"BuildConfig {name}={getattr(self, name)!r}: expected {want}")
-        if self.rank_search and (self.method not in ("whitened", "plain") or self.rule not in ("recall", "loss")):
-            # with a sparsity target every rank reads the same candidate rows, so the search would pick the smallest
+        if self.rank_search and not rank_search_fits(self.method, self.rule):
             raise SvdsparseError(f"BuildConfig rank_search: needs method whitened or plain and rule recall or loss, "
                                  f"got method {self.method!r}, rule {self.rule!r}")
 
@@ -144,6 +143,12 @@ def calibrate_layer(pred: Predictor, st: LayerStats, block: Block, target: Targe
     return pred, info
 
 
+def rank_search_fits(method: str, rule: str) -> bool:
+    """Whether a rank search applies: SVD factors (cut to each rank) and a recall or loss target (with a sparsity
+    target every rank reads the same candidate rows, so the search would pick the smallest)."""
+    return method in ("whitened", "plain") and rule in ("recall", "loss")
+
+
 AUTO_RANK_DIVISORS = (16, 8, 4)  # `--rank auto` searches d/16, d/8 and d/4 (d/4: the default rank)
 
 
@@ -165,15 +170,12 @@ def search_rank(pred: LowRankPredictor, st: LayerStats, block: Block, target: Ta
     """Calibrates the layer's SVD predictor truncated to each rank of `bc.rank_search` (`pred` has the largest;
     the truncated SVD of a smaller rank is its leading factors) and keeps the one whose decode reads the fewest
     bytes (`decode_bytes`), ties to the smaller rank. Its facts gain "rank" and "decode_bytes" {rank: bytes}."""
-    best, tried = None, {}
-    for r in bc.rank_search:
-        cut = dataclasses.replace(pred, a=pred.a[:r], b=pred.b[:, :r])
-        cut, facts = calibrate_layer(cut, st, block, target, bc.guard)
-        tried[r] = decode_bytes(cut, facts, cfg, itemsize)
-        if best is None or tried[r] < tried[best[0].rank]:
-            best = (cut, facts)
-    pred, facts = best
-    return pred, facts | {"rank": pred.rank, "decode_bytes": {str(r): int(b) for r, b in tried.items()}}
+    calibrated = {r: calibrate_layer(dataclasses.replace(pred, a=pred.a[:r], b=pred.b[:, :r]), st, block, target,
+                                     bc.guard) for r in bc.rank_search}
+    tried = {r: decode_bytes(p, facts, cfg, itemsize) for r, (p, facts) in calibrated.items()}
+    best = min(tried, key=lambda r: (tried[r], r))
+    pred, facts = calibrated[best]
+    return pred, facts | {"rank": best, "decode_bytes": {str(r): int(b) for r, b in tried.items()}}
 
 
 def check_build(cfg: ModelConfig, bc: BuildConfig) -> None:
