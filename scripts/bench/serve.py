@@ -259,7 +259,9 @@ def main() -> None:
     total = time.perf_counter() - t_start
     print(f"{args.requests} requests, {args.clients} clients, prompts {args.prompt_min}-{args.prompt_max} tokens, "
           f"max_tokens {args.max_tokens}, {args.max_batch} slots, chunk {args.decode_chunk}; {total:.0f} s in all")
-    harness.save(harness.report(args, rows=rows, total_s=total, settings=vars(args)), args.json_out)
+    copy_rate = harness.torch_copy_rate()  # after the servers stopped: the device is this process's alone
+    harness.save(harness.report(args, rows=rows, total_s=total, settings=vars(args),
+                                copy_tb_per_s=copy_rate and round(copy_rate / 1e12, 3)), args.json_out)
 
 
 if __name__ == "__main__":
