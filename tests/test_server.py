@@ -459,10 +459,11 @@ def test_window_reads_decode_what_copies_decode(lm):
 
 
 def test_admit_starts_many_prompts_in_one_prefill(lm):
-    """Three prompts of different lengths admitted in one call (6 rows: three padding rows) into slots 3, 0 and 5
+    """Three prompts of different lengths admitted in one call (4 rows: one padding row) into slots 3, 0 and 5
     leave each slot as admitting it alone does (its cache rows over its prompt, length, first token, step,
     max_new and sampler), write nothing into the other slots, and decode to `Generator`'s tokens for each prompt
-    alone, greedy and sampled. Arrivals are grouped when they are half the slots or more and fit admit_tokens."""
+    alone, greedy and sampled. Arrivals are grouped when they are half the slots or more and fit admit_tokens,
+    in the power-of-two rows that hold them."""
     from svdsparse_jax.generate import seed_key
     from svdsparse_jax.serving.slots import SlotConfig, SlotDecoder, Start
 
@@ -475,9 +476,11 @@ def test_admit_starts_many_prompts_in_one_prefill(lm):
     starts = [Start(s, p, 12, seed_key(s + 1), samplers[s]) for s, p in prompts.items()]
     together = SlotDecoder(model, sc)
     first, logits = together.admit(starts)
-    assert logits.shape == (6, cfg.vocab_size) and together.compiles["admit"] == 1
+    assert logits.shape == (4, cfg.vocab_size) and together.compiles["admit"] == 1
+    assert [sc.admit_rows(n) for n in range(1, 7)] == [1, 2, 4, 4, 6, 6]
     assert sc.admit_groups([19, 3, 40]) == [[0, 1, 2]] and sc.admit_groups([19, 3]) == [[0], [1]]
-    assert SlotConfig(6, cfg.max_seq_len, admit_tokens=256).admit_groups([19, 3, 40]) == [[0], [1], [2]]
+    assert SlotConfig(6, cfg.max_seq_len, admit_tokens=256).admit_groups([19, 3, 40]) == [[0, 1, 2]]  # 4 x 64
+    assert SlotConfig(6, cfg.max_seq_len, admit_tokens=255).admit_groups([19, 3, 40]) == [[0], [1], [2]]
     assert SlotConfig(6, cfg.max_seq_len, admit_together=2).admit_groups([19, 3]) == [[0, 1]]
     assert SlotConfig(6, cfg.max_seq_len, admit_together=4).admit_groups([19, 3, 40]) == [[0], [1], [2]]
     assert SlotConfig(6, cfg.max_seq_len, admit_together=2).admit_groups([19]) == [[0]]

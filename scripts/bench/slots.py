@@ -3,6 +3,10 @@ copying each chunk's context bucket or reading it in place (`SlotConfig.window_r
 `Generator` on the same prompts at the same batch (the step the server should match). No HTTP, no tokenizer, no
 queue: what is left of the server's gap to `generate` is the host's (scripts/bench/serve.py measures it whole).
 
+With --admits N...: only the admit (prefill) calls instead, each of N prompts of --prompt-len tokens in one call of
+`SlotConfig.admit_rows(N)` rows, the median of 5 after one that compiles (device synchronised): what a round of
+the server's arrivals costs by how it is grouped.
+
 Every slot admits a random prompt of --prompt-len tokens, then chunks of --chunk steps run until --steps tokens;
 the figure is the median time of a chunk over its steps (device synchronised), after one untimed pass that
 compiles every program it meets. Greedy, dense; whether the variants' tokens equal each other's and `Generator`'s is
@@ -10,6 +14,7 @@ reported (bf16 roundings that differ with the batch's composition can move a nea
 
   python -m scripts.bench.slots [--shape llama2-7b | --model DIR] [--dtype bfloat16] [--slots 8]
                                 [--prompt-len 100] [--steps 128] [--chunk 8] [--context-buckets 6] [--json-out F]
+                                [--admits 1 2 4 8]
 """
 
 from __future__ import annotations
@@ -49,6 +54,24 @@ def run_slots(decoder: SlotDecoder, prompts: list[list[int]], steps: int) -> tup
     return times, [t[:steps] for t in tokens]
 
 
+def time_admits(decoder: SlotDecoder, prompts: list[list[int]], counts: list[int]) -> list[dict]:
+    """Seconds of one admit call of the first n prompts (slots 0..n-1) for each n in counts: the median of 5
+    after one that compiles."""
+    rows = []
+    for n in counts:
+        starts = [Start(s, p, 1, seed_key(0), Sampler()) for s, p in enumerate(prompts[:n])]
+        times = []
+        for _ in range(6):
+            t = time.perf_counter()
+            decoder.admit(starts)  # returns the first tokens as NumPy: synchronised
+            times.append(time.perf_counter() - t)
+        sc = decoder.sc
+        rows.append({"mode": f"admit {n}", "prompts": n, "rows": sc.admit_rows(n),
+                     "prompt_bucket": sc.prompt_bucket(len(prompts[0])),
+                     "admit_ms": round(1e3 * statistics.median(times[1:]), 2)})
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="llama2-7b", help="a named shape with random weights (without --model)")
@@ -60,8 +83,11 @@ def main() -> int:
     ap.add_argument("--chunk", type=int, default=8)
     ap.add_argument("--context-buckets", type=int, default=6)
     ap.add_argument("--context", type=int, help="cache slots per sequence (default: the model's positions)")
+    ap.add_argument("--admits", type=int, nargs="+", help="time only admit calls of these numbers of prompts")
     harness.add_report_args(ap)
     args = ap.parse_args()
+    if args.admits and not all(1 <= n <= args.slots for n in args.admits):
+        ap.error(f"--admits: each count must be 1 to --slots ({args.slots})")
     dtype = parse_dtype(args.dtype)
     if args.model:
         lm = load_model(args.model, dtype)
@@ -73,6 +99,13 @@ def main() -> int:
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, cfg.vocab_size, args.prompt_len).tolist() for _ in range(args.slots)]
     context = args.context or cfg.max_seq_len
+    if args.admits:
+        rows = time_admits(SlotDecoder(model, SlotConfig(args.slots, context, args.chunk)), prompts, args.admits)
+        harness.save(harness.report(args, model=args.model or args.shape, dtype=args.dtype, slots=args.slots,
+                                    prompt_len=args.prompt_len, rows=rows), args.json_out)
+        print(harness.table(rows, {"prompts": "prompts", "rows": "rows", "prompt bucket": "prompt_bucket",
+                                   "admit ms": "admit_ms"}))
+        return 0
     rows, outputs = [], {}
     for window in (False, True):
         sc = SlotConfig(args.slots, context, args.chunk, context_buckets=args.context_buckets, window_reads=window)

@@ -8,7 +8,7 @@ cache rows, length, last token, sampling parameters and key. Three programs act 
                  weights are read once; `SlotConfig.admit_groups`), each right-padded to the power-of-two bucket
                  of the longest (dense, like `generate`'s), straight into its free slot's cache rows, and each
                  one's first token, drawn with its slot's own sampling parameters; compiled per prompt bucket
-                 for 1 row and for `slots` rows
+                 and row count (a power of two up to `slots`, `SlotConfig.admit_rows`)
   fork           another choice of the same prompt (a request of n choices): a copy of the slot's rows and its
                  own first token from the prompt's logits; compiled once
   decode_chunk   `chunk` decode steps of the first `bucket` slots in a loop of fixed trip count (no host round
@@ -75,14 +75,19 @@ class SlotConfig:
     min_context: int = 128
     admit_together: int | None = None
 
+    def admit_rows(self, n: int) -> int:
+        """Rows of the admit call that prefills n prompts together: the power of two >= n, at most `slots` (the
+        padding's rows are written nowhere). A prefill of a few hundred tokens a row is compute-bound on a GPU
+        too (8 x 128 tokens of LLaMA2-7B: about 65 ms on an H200), so 4 prompts padded to 8 rows cost twice
+        their own rows' (docs/BENCHMARKS.md, issue 31, twelfth session)."""
+        return min(self.slots, bucket(n, 1))
+
     def admit_groups(self, lengths: list[int]) -> list[list[int]]:
         """How prompts of these lengths that arrive together are admitted: indices into `lengths`, one admit call
-        per group. All in one call (`slots` rows, the padding's rows written nowhere) when they are at least
-        `admit_together` (default half the slots) and slots x their bucket is at most admit_tokens; else one call
-        each. Two row counts, 1 and slots, keep the admit programs to two per prompt bucket. Half the slots suits
-        a CPU, where a prefill's cost grows with its rows; on a GPU a prefill of a few short prompts reads the
-        weights once, as one prompt's does."""
-        whole = self.slots * self.prompt_bucket(max(lengths, default=1))
+        per group. All in one call (`admit_rows` rows) when they are at least `admit_together` (default half the
+        slots) and those rows x their bucket is at most admit_tokens; else one call each. Power-of-two row
+        counts keep the admit programs to log2(slots) + 1 per prompt bucket."""
+        whole = self.admit_rows(len(lengths)) * self.prompt_bucket(max(lengths, default=1))
         least = self.admit_together or (self.slots + 1) // 2
         if len(lengths) > 1 and len(lengths) >= least and whole <= self.admit_tokens:
             return [list(range(len(lengths)))]
@@ -321,12 +326,13 @@ class SlotDecoder:
         return sparse_layers(self.engine, self.cfg, self.predictors, self.union, live, self.itemsize)
 
     def warmup(self) -> int:
-        """Compiles every program a request can meet: admit per prompt bucket for one row, and for `slots` rows
-        where `SlotConfig.admit_groups` would group, fork, decode per slot bucket, context bucket, distinct sparse
+        """Compiles every program a request can meet: admit per prompt bucket for one row, and for each row
+        count `SlotConfig.admit_groups` would group that many prompts in, fork, decode per slot bucket, context bucket, distinct sparse
         layers of the live counts that bucket covers, greedy or sampled. Returns the number of programs; the
         slots are left free."""
         sc, before = self.sc, len(self.seen)
-        for rows, pb in itertools.product(sorted({1, sc.slots}), sc.prompt_buckets()):
+        row_counts = sorted({sc.admit_rows(n) for n in range(1, sc.slots + 1)})
+        for rows, pb in itertools.product(row_counts, sc.prompt_buckets()):
             if rows == 1 or len(sc.admit_groups([pb] * rows)) == 1:
                 _, logits = self.admit([Start(i, [0] * pb, 1, seed_key(0), Sampler()) for i in range(rows)])
         self.fork(0, sc.slots - 1, logits[0], 1, seed_key(0), Sampler())
@@ -351,12 +357,12 @@ class SlotDecoder:
         return Sampler(*(field(f.name) for f in dataclasses.fields(Sampler)))
 
     def admit(self, starts: list[Start]) -> tuple[Drawn, jax.Array]:
-        """Starts each sequence in its (free, distinct) slot, all in one prefill call of one row, or of `slots`
-        rows for several (`SlotConfig.admit_groups` says when that pays). Returns their first tokens (Drawn fields
+        """Starts each sequence in its (free, distinct) slot, all in one prefill call of `SlotConfig.admit_rows`
+        rows (`SlotConfig.admit_groups` says when grouping pays). Returns their first tokens (Drawn fields
         [len(starts)], NumPy) and their prompts' logits (f32 [rows, V] on the device, row i for starts[i], for
         `fork`)."""
         n = len(starts)
-        rows = 1 if n == 1 else self.sc.slots
+        rows = self.sc.admit_rows(n)
         pb = self.sc.prompt_bucket(max(len(s.prompt) for s in starts))
         every = starts + [self.padding] * (rows - n)
         tokens = np.zeros((rows, pb), np.int32)
