@@ -510,3 +510,50 @@ def test_admit_starts_many_prompts_in_one_prefill(lm):
     ref = Generator(model)
     for s, p in prompts.items():
         assert got[s] == ref.generate([p], 12, sampler=samplers[s], seed=s + 1).tokens[0], s
+
+
+def test_an_admission_wait_gathers_arrivals_at_an_idle_device(lm, reference):
+    """Two requests 0.3 s apart at an idle scheduler of 2 slots: with an admission wait (30 s) they are
+    prefilled in one call as soon as the second fills the slots, long before the wait ends, and decode as each
+    alone would; without one, in two calls. A lone request (the wait now 1 s) waits the whole wait, then runs."""
+    import threading
+
+    from svdsparse_jax.serving.metrics import Metrics
+    from svdsparse_jax.serving.scheduler import Params, Piece, Request, Scheduler
+    from svdsparse_jax.serving.slots import SlotConfig, SlotDecoder
+
+    model = Transformer(lm.cfg, lm.weights, EngineConfig.resolve("xla"))
+    prompts = [ids_of(lm, "def add(a, b):"), ids_of(lm, "import os\n"), ids_of(lm, "class Point:")]
+    want = [greedy_alone(reference, p, 6)[0] for p in prompts]
+    for wait in (0.0, 30.0):
+        metrics = Metrics(2)
+        sched = Scheduler(SlotDecoder(model, SlotConfig(2, lm.cfg.max_seq_len, 4)), lm.tokenizer.decode,
+                          tuple(lm.cfg.eos_ids), 8, metrics, admit_wait_s=wait)
+        sched.start()
+        tokens, first, done = [[] for _ in prompts], [0.0] * 3, [threading.Event() for _ in prompts]
+
+        def submit(i: int) -> float:
+            def emit(ev) -> None:
+                if isinstance(ev, Piece):
+                    first[i] = first[i] or time.perf_counter()
+                    tokens[i].extend(ev.tokens)
+                else:
+                    done[i].set()
+            request = Request(prompts[i], Params(max_tokens=6, temperature=0), emit)
+            sched.submit(request)
+            return request.arrived
+
+        arrived = submit(0)
+        time.sleep(0.3)
+        submit(1)
+        assert done[0].wait(120) and done[1].wait(120)
+        assert tokens[:2] == want[:2]
+        calls = metrics.registry.get_sample_value("svdsparse_admit_prompts_count")
+        assert calls == (2 if wait == 0 else 1), wait
+        if wait:
+            assert first[0] - arrived < wait / 2  # admitted when the pair filled the slots, not at the wait's end
+            sched.admit_wait_s = 1.0
+            arrived = submit(2)
+            assert done[2].wait(120) and tokens[2] == want[2]
+            assert first[2] - arrived >= 1.0
+        sched.close(60)

@@ -181,6 +181,7 @@ def main() -> None:
     ap.add_argument("--max-batch", type=int, default=8)
     ap.add_argument("--decode-chunk", type=int, default=8, help="the server's --decode-chunk (its default)")
     ap.add_argument("--admit-together", type=int, help="the server's --admit-together (default: its own)")
+    ap.add_argument("--admit-wait-ms", type=float, help="the server's --admit-wait-ms (default: its own)")
     ap.add_argument("--modes", nargs="+", default=["dense", "sparse", "generate"],
                     choices=["dense", "sparse", "generate"],
                     help="generate: the prompts through Generator in batches of --max-batch (no server)")
@@ -201,7 +202,8 @@ def main() -> None:
     common = [*model, "--dtype", args.dtype, "--max-batch", str(args.max_batch), "--max-queue",
               str(args.requests), "--decode-chunk", str(args.decode_chunk), "--served-model-name", "bench",
               "--log-level", args.log_level,
-              *(["--admit-together", str(args.admit_together)] if args.admit_together else [])]
+              *(["--admit-together", str(args.admit_together)] if args.admit_together else []),
+              *(["--admit-wait-ms", str(args.admit_wait_ms)] if args.admit_wait_ms is not None else [])]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

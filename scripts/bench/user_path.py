@@ -116,6 +116,8 @@ def main() -> int:
     p.add_argument("--checkpoint-info", type=Path, help="the checkpoint step's JSON")
     p.add_argument("--compile-cache", choices=["off", "on"], default="on",
                    help="whether the runs used the persistent compilation cache (recorded in the report)")
+    p.add_argument("--preallocate", choices=["off", "on"], default="off",
+                   help="whether the runs preallocated JAX's GPU memory (recorded in the report)")
     harness.add_report_args(p)
     args = ap.parse_args()
     if args.step == "checkpoint":
@@ -142,7 +144,7 @@ def main() -> int:
                           "build_layers": b["layers"], "union_rows": b.get("union_rows")}
         copy_rate = harness.torch_copy_rate()
         rep = harness.report(args, copy_tb_per_s=copy_rate and round(copy_rate / 1e12, 3), checkpoint=info,
-                             compile_cache=args.compile_cache,
+                             compile_cache=args.compile_cache, preallocate=args.preallocate,
                              **build_info, runs=rows)
         harness.save(rep, args.json_out)
         print(harness.table(rows, {"batch": "batch", "mode": "mode", "tok/s": "tokens_per_s",

@@ -7,26 +7,35 @@
 # run, prefill included, compilation not). Reports: $OUT/user_path.json (every run and the build), user_path.log.
 #   bash scripts/bench/user_path.sh [--shape S] [--batches "1 4 8"] [--new-tokens N] [--device cuda|cpu]
 #                                   [--work DIR] [--commit C] [--build-args "ARGS"] [--tag NAME] [--cache off|on]
+#                                   [--preallocate on|off]
 # --build-args: more build-predictors flags (e.g. "--rank auto"); with --tag NAME its predictors, runs and report
 # are kept apart (pred_NAME, runs_NAME, user_path_NAME.json), beside the defaults' and on the same checkpoint.
 # --cache: `generate` without the persistent compilation cache (off, the default here) or with the user's (on).
 # With it on, a run whose program an earlier run compiled (sparse with no sparse layer is dense's program) loads it
 # from the cache, and that program's one timed call runs 6-8% slower than a freshly compiled one's (docs/
 # BENCHMARKS.md, eighth session): off, every run compiles and is timed alike.
+# --preallocate: JAX's GPU memory preallocation for build-predictors and generate (on, JAX's default and so the
+# user's; off: XLA_PYTHON_CLIENT_PREALLOCATE=false, as every run before the twelfth session). The checkpoint's
+# writer runs torch beside JAX, always with it off. Until then a sparse run whose policy picked no sparse layer (the
+# very program of the dense run) ran 3-7% slower than dense in 3 of 4 sessions while three dense processes spread
+# 2% (docs/BENCHMARKS.md, twelfth session): this flag tells the allocator's part.
 # The checkpoint and the predictors stay in --work (default /tmp/user_path) and are reused by a later call on
 # the same machine. CPU dry run: --shape tiny --batches "1 2" --new-tokens 8 --device cpu.
 set -o pipefail
-export PYTHONUNBUFFERED=1 XLA_PYTHON_CLIENT_PREALLOCATE=false  # torch writes the checkpoint beside JAX
+export PYTHONUNBUFFERED=1
 shape=llama2-7b batches="1 4 8" new=128 device=cuda work=/tmp/user_path commit= build_args= tag= cache=off
+preallocate=on
 while [ $# -gt 0 ]; do
     case $1 in
         --shape) shape=$2 ;; --batches) batches=$2 ;; --new-tokens) new=$2 ;; --device) device=$2 ;;
         --work) work=$2 ;; --commit) commit=$2 ;; --build-args) build_args=$2 ;; --tag) tag=$2 ;;
-        --cache) cache=$2 ;;
+        --cache) cache=$2 ;; --preallocate) preallocate=$2 ;;
         *) echo "user_path.sh: unknown flag $1" >&2; exit 2 ;;
     esac
     shift 2
 done
+case $preallocate in on) ;; off) export XLA_PYTHON_CLIENT_PREALLOCATE=false ;;
+    *) echo "user_path.sh: --preallocate must be on or off, not $preallocate" >&2; exit 2 ;; esac
 suffix=${tag:+_$tag} pred=$work/pred${tag:+_$tag} runs=$work/runs${tag:+_$tag}
 out=${OUT:-$work/out}; mkdir -p "$out" "$runs"
 log=$out/user_path$suffix.log
@@ -36,7 +45,7 @@ start=$(date +%s)
 
 if [ ! -f "$work/model/config.json" ]; then
     step "checkpoint ($shape)"
-    python -m scripts.bench.user_path checkpoint --shape "$shape" --out "$work/model" --device "$device" \
+    XLA_PYTHON_CLIENT_PREALLOCATE=false python -m scripts.bench.user_path checkpoint --shape "$shape" --out "$work/model" --device "$device" \
         2>&1 | grep -v -i warn | tee -a "$log" || exit 1
 fi
 if [ ! -f "$pred/manifest.json" ]; then
@@ -63,6 +72,6 @@ for b in $batches; do
     done
 done
 step "summary"
-python -m scripts.bench.user_path summary --runs "$runs" --checkpoint-info "$work/checkpoint_info.json" \
-    --json-out "$out/user_path$suffix.json" --compile-cache "$cache" ${commit:+--commit "$commit"} 2>&1 | grep -v -i warn | tee -a "$log"
+XLA_PYTHON_CLIENT_PREALLOCATE=false python -m scripts.bench.user_path summary --runs "$runs" --checkpoint-info "$work/checkpoint_info.json" \
+    --json-out "$out/user_path$suffix.json" --compile-cache "$cache" --preallocate "$preallocate" ${commit:+--commit "$commit"} 2>&1 | grep -v -i warn | tee -a "$log"
 echo "user path: $(( $(date +%s) - start )) s wall" | tee -a "$log"

@@ -35,8 +35,11 @@ def add_parser(sub) -> None:
     p.add_argument("--decode-chunk", type=POSITIVE, default=8,
                    help="decode steps per host round trip (streams receive tokens in groups of this many)")
     p.add_argument("--admit-together", type=number(int, 2), metavar="N",
-                   help="the fewest waiting prompts prefilled together in one call of --max-batch rows (default: "
-                        "half the slots; fewer are prefilled one call each)")
+                   help="the fewest waiting prompts prefilled together in one call (of the power-of-two rows that "
+                        "hold them; default: half the slots; fewer are prefilled one call each)")
+    p.add_argument("--admit-wait-ms", type=number(float, 0, 1000), default=0.0, metavar="MS",
+                   help="while no sequence decodes, hold arriving requests up to this long after the first for more "
+                        "to fill the free slots, so a burst is prefilled in one call (default 0: admit at once)")
     p.add_argument("--chat-template", metavar="FILE",
                    help="a Jinja chat template for /v1/chat/completions (default: the tokenizer's, if any)")
     p.add_argument("--served-model-name", help="the model's name in the API (default: the model directory's name)")
@@ -93,7 +96,8 @@ def run(args: argparse.Namespace) -> None:
     logging.basicConfig(format="%(levelname)s:     %(message)s")
     logging.getLogger("svdsparse.serve").setLevel(args.log_level.upper())
     scheduler = Scheduler(decoder, lambda ids: tok.decode(ids, skip_special_tokens=True), tuple(cfg.eos_ids),
-                          args.max_queue, Metrics(args.max_batch), warmup=args.warmup)
+                          args.max_queue, Metrics(args.max_batch), warmup=args.warmup,
+                          admit_wait_s=args.admit_wait_ms / 1e3)
     service = Service(scheduler, tok, name, cfg.max_seq_len, cfg.vocab_size, args.max_batch,
                       template if template is not None else getattr(tok, "chat_template", None))
     sparse = ("dense" if pset is None else

@@ -6,7 +6,10 @@ The thread loops: drop what was cancelled, admit waiting requests (first come, f
 at once), then run one chunk of decode steps over the live slots and hand each choice its new tokens; a choice
 that ends (EOS, max_tokens, a stop string) frees its slot at once, for the next admission. A request of n
 choices waits until n slots are free. Requests beyond `max_queue` waiting are refused (`QueueFull`:
-the API's 429). Cancellation (a client that went away) frees the request's slots before the next chunk. `close`
+the API's 429). With an admission wait (`admit_wait_s`, `svdsparse serve --admit-wait-ms`), requests that
+arrive while no slot decodes are held up to that long after the first of them, until they would fill the free
+slots: a burst of arrivals (the clients of a finished round) is prefilled in one call and decoded in full chunks,
+instead of a call for the first few and a chunk run for those alone while the rest wait. Cancellation (a client that went away) frees the request's slots before the next chunk. `close`
 lets every accepted request finish, then ends the thread (SIGTERM's drain).
 
 Other threads talk to the scheduler through `submit` and `cancel` only; a request's events (`Piece` per choice
@@ -129,12 +132,13 @@ class Request:
 
 class Scheduler:
     """Drives a `SlotDecoder` from one thread (see the module docstring). decode_text: token ids -> text (special
-    tokens skipped); eos: token ids that end a choice."""
+    tokens skipped); eos: token ids that end a choice; admit_wait_s: how long arrivals at an idle device wait for
+    more (seconds, 0: none)."""
 
     def __init__(self, decoder: SlotDecoder, decode_text: Callable[[list[int]], str], eos: tuple[int, ...],
-                 max_queue: int, metrics: Metrics, warmup: bool = False):
+                 max_queue: int, metrics: Metrics, warmup: bool = False, admit_wait_s: float = 0.0):
         self.decoder, self.decode_text, self.eos = decoder, decode_text, set(eos)
-        self.max_queue, self.metrics = max_queue, metrics
+        self.max_queue, self.metrics, self.admit_wait_s = max_queue, metrics, admit_wait_s
         self.n_slots = decoder.sc.slots
         self.owner: list[Choice | None] = [None] * self.n_slots  # the choice in each slot
         self.owner_request: list[Request | None] = [None] * self.n_slots
@@ -195,6 +199,7 @@ class Scheduler:
                     self.cv.wait()
                 if self.closing and not (self.waiting or self.busy or self.inflight):
                     return
+                self._gather()
             try:
                 self._drop_cancelled()
                 self._admit()
@@ -222,6 +227,18 @@ class Scheduler:
             self._finish(r, outcome="cancelled")
         for r in {id(r): r for r in self.owner_request if r is not None and r.cancelled}.values():
             self._finish(r, outcome="cancelled")
+
+    def _gather(self) -> None:
+        """With no slot decoding, waits (holding `cv`) until the waiting requests' choices fill the free slots, or
+        `admit_wait_s` has passed since the first of them arrived, or the server closes."""
+        if not self.admit_wait_s or self.busy or self.inflight:
+            return
+        free = len(self._free_slots())
+        while self.waiting and not self.closing and sum(r.params.n for r in self.waiting) < free:
+            left = self.waiting[0].arrived + self.admit_wait_s - time.perf_counter()
+            if left <= 0:
+                return
+            self.cv.wait(left)
 
     def _free_slots(self) -> list[int]:
         return [i for i, c in enumerate(self.owner) if c is None]
