@@ -1,19 +1,19 @@
-"""The host half of continuous batching: a bounded queue of requests and one thread that drives the decode
-slots (`slots.SlotDecoder`).
+"""The host half of continuous batching: a bounded queue of requests and one thread that drives the decode slots
+(`slots.SlotDecoder`).
 
-The thread loops: drop what was cancelled, admit waiting requests (first come, first served) into free slots
-(each prompt into a slot, a burst of them in one prefill call, copied for its other choices: first tokens go out
-at once), then run one chunk of decode steps over the live slots and hand each choice its new tokens; a choice
-that ends (EOS, max_tokens, a stop string) frees its slot at once, for the next admission. A request of n
-choices waits until n slots are free. Requests beyond `max_queue` waiting are refused (`QueueFull`:
-the API's 429). With an admission wait (`admit_wait_s`, `svdsparse serve --admit-wait-ms`), requests that
-arrive while no slot decodes are held up to that long after the first of them, until they would fill the free
-slots: a burst of arrivals (the clients of a finished round) is prefilled in one call and decoded in full chunks,
-instead of a call for the first few and a chunk run for those alone while the rest wait. Cancellation (a client that went away) frees the request's slots before the next chunk. `close`
-lets every accepted request finish, then ends the thread (SIGTERM's drain).
+The thread loops: drop what was cancelled, admit waiting requests (first come, first served) into free slots (each
+prompt into a slot, a burst of them in one prefill call, copied for its other choices: first tokens go out at once),
+then run one chunk of decode steps over the live slots and hand each choice its new tokens; a choice that ends (EOS,
+max_tokens, a stop string) frees its slot at once, for the next admission. A request of n choices waits until n
+slots are free. Requests beyond `max_queue` waiting are refused (`QueueFull`: the API's 429). With an admission wait
+(`admit_wait_s`, `svdsparse serve --admit-wait-ms`), requests that arrive while no slot decodes are held up to that
+long after the first of them, until they would fill the free slots: a burst of arrivals (the clients of a finished
+round) is prefilled in one call and decoded in full chunks, instead of a call for the first few and a chunk run for
+those alone while the rest wait. Cancellation (a client that went away) frees the request's slots before the next
+chunk. `close` lets every accepted request finish, then ends the thread (SIGTERM's drain).
 
-Other threads talk to the scheduler through `submit` and `cancel` only; a request's events (`Piece` per choice
-and step, then `Finished`) are passed to its `emit` callable, from the scheduler's thread.
+Other threads talk to the scheduler through `submit` and `cancel` only; a request's events (`Piece` per choice and
+step, then `Finished`) are passed to its `emit` callable, from the scheduler's thread.
 """
 
 from __future__ import annotations

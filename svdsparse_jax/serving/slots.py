@@ -326,10 +326,10 @@ class SlotDecoder:
         return sparse_layers(self.engine, self.cfg, self.predictors, self.union, live, self.itemsize)
 
     def warmup(self) -> int:
-        """Compiles every program a request can meet: admit per prompt bucket for one row, and for each row
-        count `SlotConfig.admit_groups` would group that many prompts in, fork, decode per slot bucket, context bucket, distinct sparse
-        layers of the live counts that bucket covers, greedy or sampled. Returns the number of programs; the
-        slots are left free."""
+        """Compiles every program a request can meet: admit per prompt bucket for one row, and for each row count
+        `SlotConfig.admit_groups` would group that many prompts in, fork, decode per slot bucket, context bucket,
+        distinct sparse layers of the live counts that bucket covers, greedy or sampled. Returns the number of
+        programs; the slots are left free."""
         sc, before = self.sc, len(self.seen)
         row_counts = sorted({sc.admit_rows(n) for n in range(1, sc.slots + 1)})
         for rows, pb in itertools.product(row_counts, sc.prompt_buckets()):
