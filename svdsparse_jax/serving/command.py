@@ -37,9 +37,9 @@ def add_parser(sub) -> None:
     p.add_argument("--admit-together", type=number(int, 2), metavar="N",
                    help="the fewest waiting prompts prefilled together in one call (of the power-of-two rows that "
                         "hold them; default: half the slots; fewer are prefilled one call each)")
-    p.add_argument("--admit-wait-ms", type=number(float, 0, 1000), default=0.0, metavar="MS",
+    p.add_argument("--admit-wait-ms", type=number(float, 0, 1000), default=10.0, metavar="MS",
                    help="while no sequence decodes, hold arriving requests up to this long after the first for more "
-                        "to fill the free slots, so a burst is prefilled in one call (default 0: admit at once)")
+                        "to fill the free slots, so a burst is prefilled in one call (default 10; 0: admit at once)")
     p.add_argument("--chat-template", metavar="FILE",
                    help="a Jinja chat template for /v1/chat/completions (default: the tokenizer's, if any)")
     p.add_argument("--served-model-name", help="the model's name in the API (default: the model directory's name)")
