@@ -66,8 +66,8 @@ class EngineConfig:
       products the projection table sends to it; attention_tile: decode attention's (None: XLA's).
     kernel_max_batch: more rows than this (prefill, evaluation windows) always run XLA.
     ffn_policy: which layers of a decode batch run the predictor-guarded FFN: 'measured' (where the measured
-      costs `ffn_costs` say it beats dense at the batch's union row fractions), 'sparse' (all) or 'dense'
-      (none); `svdsparse_jax.policy`.
+      costs `ffn_costs` say it beats dense by at least the fraction `ffn_margin` at the batch's union row
+      fractions), 'sparse' (all) or 'dense' (none); `svdsparse_jax.policy`.
     steps_per_check: decode steps between two checks of the stop condition (generate.py).
     mesh: the device mesh of tensor-parallel decode (`sharding.make_mesh`), or None for one device. With a mesh,
       XLA's SPMD partitioning runs the products and norms, and the guarded FFN runs its kernels per shard
@@ -88,6 +88,7 @@ class EngineConfig:
     kernel_max_batch: int = 16
     ffn_policy: str = "measured"
     ffn_costs: tuple[FFNCost, ...] = tuning.FFN_COSTS
+    ffn_margin: float = tuning.FFN_POLICY_MARGIN
     steps_per_check: int = 8
     mesh: Any = None
 
@@ -96,6 +97,8 @@ class EngineConfig:
             raise SvdsparseError(f"engine backend {self.backend!r}: expected one of {BACKENDS}")
         if self.ffn_policy not in POLICIES:
             raise SvdsparseError(f"engine ffn_policy {self.ffn_policy!r}: expected one of {POLICIES}")
+        if not 0.0 <= self.ffn_margin < 1.0:
+            raise SvdsparseError(f"engine ffn_margin must lie in [0, 1), got {self.ffn_margin}")
         if self.steps_per_check < 1:
             raise SvdsparseError(f"engine steps_per_check must be >= 1, got {self.steps_per_check}")
 

@@ -5,7 +5,8 @@ measured unions), so a layer that pays sparse for one sequence may cost more tha
 policy (`EngineConfig.ffn_policy`):
 
   measured  per layer, sparse where the measured cost of the guarded FFN (`tuning.FFNCost`) at the union row
-            fractions the calibration showed for that batch size (`UnionRows`) is below the dense FFN's
+            fractions the calibration showed for that batch size (`UnionRows`) is below the dense FFN's by at
+            least `EngineConfig.ffn_margin` of it (`tuning.FFN_POLICY_MARGIN`: near-ties stay dense)
   sparse    every layer sparse (tests, and measuring the sparse path where it loses)
   dense     every layer dense
 
@@ -121,5 +122,5 @@ def sparse_layers(engine, cfg: ModelConfig, predictors: Sequence, union: UnionRo
     out = []
     for p, g, a in zip(predictors, *rows):
         useful = ffn_rows(gate_rows_read(p, g), a) * cfg.d_ff * row_bytes + p.nbytes()
-        out.append(cost.sparse_us(useful) < dense_us)
+        out.append(cost.sparse_us(useful) < (1.0 - engine.ffn_margin) * dense_us)
     return tuple(out)

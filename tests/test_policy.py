@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import tuning
 from pallas_kernels.tuning import FFNCost, ProjectionRule
 from svdsparse_jax.convert import load_model
 from svdsparse_jax.engine import EngineConfig
@@ -78,8 +79,9 @@ def test_all_active_predictors_give_the_dense_tokens(llama_checkpoint, rng, batc
 
 def test_sparse_layers_compares_measured_costs(rng):
     """The measured policy against the cost model written out in float64: per layer, sparse iff fixed +
-    (union W_gate rows + 2 x union W_up / W_down rows + predictor bytes) / sparse rate < 3 d_ff d / dense rate,
-    with the row fractions of the smallest measured batch size >= the batch (none above the largest)."""
+    (union W_gate rows + 2 x union W_up / W_down rows + predictor bytes) / sparse rate < (1 - margin) x 3 d_ff d
+    / dense rate, with the row fractions of the smallest measured batch size >= the batch (none above the
+    largest), for no margin, the default one and a large one."""
     from svdsparse_jax.config import named_config
     cfg = named_config("tiny")
     n = cfg.n_layers
@@ -91,12 +93,28 @@ def test_sparse_layers_compares_measured_costs(rng):
     act = [tuple(c * rng.uniform(0.3, 0.9) for c in row) for row in cand]
     cand[1], act[1] = (0.05, 0.95), (0.02, 0.9)  # at batch sizes 2-4: layer 0 cheap, layer 1 dearer than dense
     union = UnionRows(sizes, tuple(cand), tuple(act))
-    for batch, at in ((1, 0), (2, 1), (3, 1), (4, 1), (8, 2)):
-        row = cfg.d_model * 4
-        dense = 3 * cfg.d_ff * row / 3.0e12 * 1e6
-        want = tuple(0.5e-3 + ((g + 2 * a) * cfg.d_ff * row + p.nbytes()) / 2.0e12 * 1e6 < dense
-                     for g, a, p in zip(cand[at], act[at], preds))
-        assert sparse_layers(engine, cfg, preds, union, batch, 4) == want
+    decisions = set()
+    for margin in (0.0, tuning.FFN_POLICY_MARGIN, 0.3):
+        for batch, at in ((1, 0), (2, 1), (3, 1), (4, 1), (8, 2)):
+            row = cfg.d_model * 4
+            dense = 3 * cfg.d_ff * row / 3.0e12 * 1e6
+            want = tuple(0.5e-3 + ((g + 2 * a) * cfg.d_ff * row + p.nbytes()) / 2.0e12 * 1e6 < (1 - margin) * dense
+                         for g, a, p in zip(cand[at], act[at], preds))
+            got = sparse_layers(dataclasses.replace(engine, ffn_margin=margin), cfg, preds, union, batch, 4)
+            assert got == want, (margin, batch)
+            decisions.add((batch, got))
+    assert len(decisions) > 5  # the margins changed some decisions
+    # a near-tie: union fractions whose predicted cost is 2% under dense's (equal rates, no fixed cost) run
+    # sparse without a margin and dense with the default one
+    row = cfg.d_model * 4
+    g = [(2.94 * cfg.d_ff * row - p.nbytes()) / (3 * cfg.d_ff * row) for p in preds]
+    assert all(0.9 < x < 1 for x in g)
+    tie = UnionRows((8,), (tuple(g),), (tuple(g),))
+    even = dataclasses.replace(engine, ffn_costs=(FFNCost(8, dense_tb_s=3.0, sparse_fixed_us=0.0, sparse_tb_s=3.0),))
+    assert sparse_layers(dataclasses.replace(even, ffn_margin=0.0), cfg, preds, tie, 8, 4) == (True,) * n
+    assert sparse_layers(even, cfg, preds, tie, 8, 4) == (False,) * n
+    with pytest.raises(SvdsparseError, match="ffn_margin"):
+        EngineConfig(ffn_margin=1.0)
     assert sparse_layers(engine, cfg, preds, union, 4, 4) == (True, False)
     assert sparse_layers(engine, cfg, preds, union, 9, 4) == (False,) * n  # beyond the cost table
     assert sparse_layers(engine, cfg, preds, UnionRows((1, 2), cand[:2], act[:2]), 4, 4) == (False,) * n
