@@ -79,21 +79,26 @@ def calib_files(count: int) -> list[Path]:
 
 
 def summary(runs: Path) -> list[dict]:
-    """One row per `generate --json` output `runs/gen_b{B}_{mode}.json` (mode dense or sparse), with sparse's
-    speed-up over dense at the same batch."""
+    """One row per `generate --json` output `runs/gen_b{B}_{mode}_{run}.json` (mode dense or sparse, run 1, 2, ...
+    when a mode ran again; `gen_b{B}_{mode}.json` is run 1), with sparse's speed-up over the mean of dense's runs
+    at the same batch."""
     rows = []
-    for path in sorted(runs.glob("gen_b*_*.json")):
-        batch, mode = path.stem.removeprefix("gen_b").split("_")
+    for path in runs.glob("gen_b*_*.json"):
+        batch, mode, *run = path.stem.removeprefix("gen_b").split("_")
         out = json.loads(path.read_text())
-        rows.append({"batch": int(batch), "mode": mode, "tokens_per_s": round(out["tokens_per_s"], 1),
+        rows.append({"batch": int(batch), "mode": mode, "run": int(run[0]) if run else 1,
+                     "tokens_per_s": round(out["tokens_per_s"], 1),
                      "new_tokens": out["new_tokens"], "run_s": round(out["run_s"], 3),
                      "compile_s": round(out["compile_s"], 1), "sparse_layers": out["sparse_layers"],
                      "finish": sorted({s["finish_reason"] for r in out["results"] for s in r["samples"]})})
-    rows.sort(key=lambda r: (r["batch"], r["mode"]))
-    dense = {r["batch"]: r["tokens_per_s"] for r in rows if r["mode"] == "dense"}
+    rows.sort(key=lambda r: (r["batch"], r["mode"], r["run"]))
+    dense = {}
+    for r in rows:
+        if r["mode"] == "dense":
+            dense.setdefault(r["batch"], []).append(r["tokens_per_s"])
     for r in rows:
         if r["mode"] == "sparse" and dense.get(r["batch"]):
-            r["x_dense"] = round(r["tokens_per_s"] / dense[r["batch"]], 3)
+            r["x_dense"] = round(r["tokens_per_s"] / (sum(dense[r["batch"]]) / len(dense[r["batch"]])), 3)
     return rows
 
 
@@ -147,7 +152,7 @@ def main() -> int:
                              compile_cache=args.compile_cache, preallocate=args.preallocate,
                              **build_info, runs=rows)
         harness.save(rep, args.json_out)
-        print(harness.table(rows, {"batch": "batch", "mode": "mode", "tok/s": "tokens_per_s",
+        print(harness.table(rows, {"batch": "batch", "mode": "mode", "run": "run", "tok/s": "tokens_per_s",
                                    "new tokens": "new_tokens", "run s": "run_s", "sparse layers": "sparse_layers",
                                    "x dense": "x_dense"}))
     return 0

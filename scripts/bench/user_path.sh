@@ -7,7 +7,7 @@
 # run, prefill included, compilation not). Reports: $OUT/user_path.json (every run and the build), user_path.log.
 #   bash scripts/bench/user_path.sh [--shape S] [--batches "1 4 8"] [--new-tokens N] [--device cuda|cpu]
 #                                   [--work DIR] [--commit C] [--build-args "ARGS"] [--tag NAME] [--cache off|on]
-#                                   [--preallocate on|off]
+#                                   [--preallocate on|off] [--order "dense sparse"]
 # --build-args: more build-predictors flags (e.g. "--rank auto"); with --tag NAME its predictors, runs and report
 # are kept apart (pred_NAME, runs_NAME, user_path_NAME.json), beside the defaults' and on the same checkpoint.
 # --cache: `generate` without the persistent compilation cache (off, the default here) or with the user's (on).
@@ -19,17 +19,19 @@
 # writer runs torch beside JAX, always with it off. Until then a sparse run whose policy picked no sparse layer (the
 # very program of the dense run) ran 3-7% slower than dense in 3 of 4 sessions while three dense processes spread
 # 2% (docs/BENCHMARKS.md, twelfth session): this flag tells the allocator's part.
+# --order: the runs at each batch size, in order; a mode named again runs again in a fresh process ("dense sparse
+# sparse dense": an ABBA pair, which tells a process's own spread from sparsity's effect).
 # The checkpoint and the predictors stay in --work (default /tmp/user_path) and are reused by a later call on
 # the same machine. CPU dry run: --shape tiny --batches "1 2" --new-tokens 8 --device cpu.
 set -o pipefail
 export PYTHONUNBUFFERED=1
 shape=llama2-7b batches="1 4 8" new=128 device=cuda work=/tmp/user_path commit= build_args= tag= cache=off
-preallocate=on
+preallocate=on order="dense sparse"
 while [ $# -gt 0 ]; do
     case $1 in
         --shape) shape=$2 ;; --batches) batches=$2 ;; --new-tokens) new=$2 ;; --device) device=$2 ;;
         --work) work=$2 ;; --commit) commit=$2 ;; --build-args) build_args=$2 ;; --tag) tag=$2 ;;
-        --cache) cache=$2 ;; --preallocate) preallocate=$2 ;;
+        --cache) cache=$2 ;; --preallocate) preallocate=$2 ;; --order) order=$2 ;;
         *) echo "user_path.sh: unknown flag $1" >&2; exit 2 ;;
     esac
     shift 2
@@ -58,18 +60,26 @@ if [ ! -f "$pred/manifest.json" ]; then
 fi
 python -m scripts.bench.user_path prompts --out "$work/prompts"
 prompts=("$work"/prompts/prompt_*.py)
+for mode in $order; do
+    case $mode in dense|sparse) ;; *) echo "user_path.sh: --order takes dense and sparse, not $mode" >&2; exit 2 ;; esac
+done
+rm -f "$runs"/gen_b*.json  # this call's runs only
 for b in $batches; do
     files=()
     for p in "${prompts[@]:0:$b}"; do files+=(--prompt-file "$p"); done
-    for mode in dense sparse; do
-        step "generate batch $b $mode"
+    declare -A done_runs=()
+    for mode in $order; do
+        k=$(( ${done_runs[$mode]:-0} + 1 )); done_runs[$mode]=$k
+        step "generate batch $b $mode (run $k)"
         extra=(); [ "$mode" = sparse ] && extra=(--predictors "$pred")
         [ "$cache" = off ] && extra+=(--compile-cache off)
+        run_file=$runs/gen_b${b}_${mode}_$k.json
         cli generate "$work/model" "${files[@]}" --max-new-tokens "$new" --greedy --json "${extra[@]}" \
-            > "$runs/gen_b${b}_${mode}.json" 2>> "$log" || { tail -20 "$log"; exit 1; }
+            > "$run_file" 2>> "$log" || { tail -20 "$log"; exit 1; }
         python -c "import json,sys; d=json.load(open(sys.argv[1])); print(d['tokens_per_s'], d['sparse_layers'])" \
-            "$runs/gen_b${b}_${mode}.json" | tee -a "$log"
+            "$run_file" | tee -a "$log"
     done
+    unset done_runs
 done
 step "summary"
 XLA_PYTHON_CLIENT_PREALLOCATE=false python -m scripts.bench.user_path summary --runs "$runs" --checkpoint-info "$work/checkpoint_info.json" \
