@@ -78,8 +78,8 @@ class SlotConfig:
     def admit_rows(self, n: int) -> int:
         """Rows of the admit call that prefills n prompts together: the power of two >= n, at most `slots` (the
         padding's rows are written nowhere). A prefill of a hundred tokens a row is not weight-bound on a GPU
-        either: on an H200 (LLaMA2-7B, prompts of 100 tokens) 4 prompts took 23.0 ms in 4 rows and 31.6 in 8
-        (docs/BENCHMARKS.md, issue 31, twelfth session)."""
+        either: on an H200 (LLaMA2-7B, 100-token prompts) calls of 1 / 2 / 4 / 8 rows took 13.6 / 16.1 / 23.0 /
+        31.6 ms, and padding rows are computed as prompts are (docs/BENCHMARKS.md, issue 31, twelfth session)."""
         return min(self.slots, bucket(n, 1))
 
     def admit_groups(self, lengths: list[int]) -> list[list[int]]:
