@@ -234,9 +234,9 @@ FFN_COSTS = (
 # Those errors (docs/design.md, batches): LLaMA2-7B decode saved 20.9 us a layer at batch 2 where the rows predicted
 # 16.8 (4.1 us, 5.6% of the dense layer's 73 us), 15.7 against 15.5 at batch 4; Qwen2-7B at batch 8 lost 12.4 where
 # 16.4 was predicted saved (since carried by that row's fixed cost). On the user's path (docs/bench/
-# user_path_rank_auto_6d6dbba.json) the batch-4 layers the policy ran sparse were predicted 3.1, 0.7 and 0.2 us
-# faster (4%, 1%, 0.3%) and the run was 2.8% slower than dense, twice; every layer at batches 1 and 2 is predicted
-# 56% and 10% faster and keeps running sparse.
+# user_path_rank_auto_6d6dbba.json; `python -m scripts.bench.policy_margins` on it) the batch-4 layers the policy ran
+# sparse were predicted 3.1, 0.2 and 0.7 us faster (4%, 0.3%, 1%) and the run was 2.8% slower than dense, twice;
+# every layer at batches 1 and 2 is predicted at least 56% and 10% faster and keeps running sparse.
 FFN_POLICY_MARGIN = 0.05
 
 # Decode attention (one query per sequence) as one Pallas launch (`attention.decode_attention_pallas`); None:

@@ -102,6 +102,16 @@ def ffn_rows(gate_rows, up_down_rows):
     return gate_rows + 2 * up_down_rows
 
 
+def layer_us(cost, cfg: ModelConfig, gate_rows: float, up_down_rows: float, predictor_bytes: float,
+             itemsize: int) -> tuple[float, float]:
+    """(dense, guarded) microseconds of one FFN layer by the cost row `cost` (`tuning.FFNCost`): the dense FFN's
+    three matrices, and the guarded one's useful bytes (these row fractions of W_gate and of W_up / W_down_t,
+    plus the predictor's)."""
+    matrix = cfg.d_ff * cfg.d_model * itemsize
+    return (cost.dense_us(3 * matrix),
+            cost.sparse_us(ffn_rows(gate_rows, up_down_rows) * matrix + predictor_bytes))
+
+
 def sparse_layers(engine, cfg: ModelConfig, predictors: Sequence, union: UnionRows | None, batch: int,
                   itemsize: int) -> tuple[bool, ...]:
     """Per layer, whether a decode batch of `batch` sequences runs it sparse (see the module docstring).
@@ -117,10 +127,8 @@ def sparse_layers(engine, cfg: ModelConfig, predictors: Sequence, union: UnionRo
         return (False,) * n
     if rows is None:
         return (True,) * n
-    row_bytes = cfg.d_model * itemsize
-    dense_us = cost.dense_us(3 * cfg.d_ff * row_bytes)
     out = []
     for p, g, a in zip(predictors, *rows):
-        useful = ffn_rows(gate_rows_read(p, g), a) * cfg.d_ff * row_bytes + p.nbytes()
-        out.append(cost.sparse_us(useful) < (1.0 - engine.ffn_margin) * dense_us)
+        dense_us, sparse_us = layer_us(cost, cfg, gate_rows_read(p, g), a, p.nbytes(), itemsize)
+        out.append(sparse_us < (1.0 - engine.ffn_margin) * dense_us)
     return tuple(out)

@@ -124,6 +124,12 @@ def _rel(out: np.ndarray, ref: np.ndarray, rounding: float = 0.0) -> float:
 F32_ULPS = 4
 
 
+def sparse_ffn_error(y: np.ndarray, ref: np.ndarray, terms: np.ndarray) -> float:
+    """The sparse FFN check's error: relative to the oracle `ref`, beyond F32_ULPS ulps of its sums' `terms`
+    (both from `f64_sparse_ffn(..., terms_too=True)`)."""
+    return _rel(y, ref, F32_ULPS * 2.0 ** -24 * float(np.linalg.norm(terms)))
+
+
 def random_weights(rng: np.random.Generator, d: int, d_ff: int, dtype) -> list[jax.Array]:
     """W_gate, W_up, W_down_t [d_ff, d] with entries of std 1/sqrt(d), in dtype, drawn on the device."""
     return [device_normal(rng, (d_ff, d), dtype, 1 / np.sqrt(d)) for _ in range(3)]
@@ -160,8 +166,7 @@ def check_sparse_ffn(d: int, d_ff: int, dtype, count: int, *, rng: np.random.Gen
     name = (f"sparse_ffn {cfg.variant} d={d} d_ff={d_ff} {jnp.dtype(dtype).name} count={count} batch={batch} "
             f"{act.kind}")
     ref, terms = f64_sparse_ffn(x, cand, wg, wu, wd, act, terms_too=True)
-    rounding = F32_ULPS * 2.0 ** -24 * float(np.linalg.norm(terms))
-    return CheckResult(name, _rel(y, ref, rounding), finite, TOLERANCE[jnp.dtype(dtype).name])
+    return CheckResult(name, sparse_ffn_error(y, ref, terms), finite, TOLERANCE[jnp.dtype(dtype).name])
 
 
 def check_gemv(n: int, k: int, dtype, *, rng: np.random.Generator, batch: int = 1, interpret: bool,

@@ -10,8 +10,9 @@ import numpy as np
 import pytest
 
 from conftest import rel_err
-from kernel_checks import (TOLERANCE, blocked_list_numpy, check_add_rmsnorm, check_decode_attention, check_gate_up,
-                           check_gemv, check_gemv_mgpu, check_gemv_t, check_sparse_ffn, scores_for)
+from kernel_checks import (TOLERANCE, blocked_list_numpy, candidate_mask, check_add_rmsnorm, check_decode_attention,
+                           check_gate_up, check_gemv, check_gemv_mgpu, check_gemv_t, check_sparse_ffn, f64_sparse_ffn,
+                           random_weights, scores_for, sparse_ffn_error)
 from pallas_kernels import compaction, reference, tuning
 from pallas_kernels import sparse_ffn as sf
 from pallas_kernels.common import column_chunk, column_pieces
@@ -47,6 +48,19 @@ def test_sparse_ffn_kernels_match_float64(variant, dtype, count, rng):
         r = check_sparse_ffn(96, 200, dtype, count, rng=rng, batch=batch, act=act, cfg=SMALL[variant],
                              interpret=True)
         assert r.ok, r
+
+
+def test_the_sparse_ffn_check_rejects_a_kernel_1e3_off(rng):
+    """The check's allowance for f32's rounding (`kernel_checks.F32_ULPS`) still fails an output 1e-3 off the
+    float64 oracle everywhere, on fresh f32 draws of 1 to 8 candidates (where cancellation makes it largest)."""
+    for draw in range(24):
+        act = ACTS[draw % 3]
+        wg, wu, wd = random_weights(rng, 96, 200, jnp.float32)
+        x = jnp.asarray(rng.standard_normal((1, 96), np.float32))
+        cand = candidate_mask(rng, 1, 200, 1 + draw % 8)
+        ref, terms = f64_sparse_ffn(x, cand, wg, wu, wd, act, terms_too=True)
+        if np.linalg.norm(ref) > 0:
+            assert sparse_ffn_error(ref * (1 + 1e-3), ref, terms) > TOLERANCE["float32"], draw
 
 
 @pytest.mark.parametrize("d", [256, 1536, 3584, 4096, 5120])

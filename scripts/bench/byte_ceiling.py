@@ -18,6 +18,7 @@ import json
 import sys
 
 from svdsparse_jax.config import named_config
+from svdsparse_jax.policy import ffn_rows
 
 
 def ceiling(report: dict, itemsize: int = 2) -> dict:
@@ -35,7 +36,7 @@ def ceiling(report: dict, itemsize: int = 2) -> dict:
             r = rank[i] if isinstance(rank, list) else rank
             candidates = 1 - layer["calib_predicted_sparsity"]
             active = (1 - layer["true_sparsity"]) * layer["calib_recall"]
-            ffn = (candidates + 2 * active) * matrix + (r * (d + f) + f) * itemsize
+            ffn = ffn_rows(candidates, active) * matrix + (r * (d + f) + f) * itemsize
         sparse += attention + ffn
     dense = cfg.n_layers * (attention + 3 * matrix) + head
     return {"dense_gb": round(dense / 1e9, 3), "sparse_gb": round(sparse / 1e9, 3), "ceiling": round(dense / sparse, 3)}
