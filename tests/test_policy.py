@@ -93,7 +93,6 @@ def test_sparse_layers_compares_measured_costs(rng):
     act = [tuple(c * rng.uniform(0.3, 0.9) for c in row) for row in cand]
     cand[1], act[1] = (0.05, 0.95), (0.02, 0.9)  # at batch sizes 2-4: layer 0 cheap, layer 1 dearer than dense
     union = UnionRows(sizes, tuple(cand), tuple(act))
-    decisions = set()
     for margin in (0.0, tuning.FFN_POLICY_MARGIN, 0.3):
         for batch, at in ((1, 0), (2, 1), (3, 1), (4, 1), (8, 2)):
             row = cfg.d_model * 4
@@ -102,8 +101,6 @@ def test_sparse_layers_compares_measured_costs(rng):
                          for g, a, p in zip(cand[at], act[at], preds))
             got = sparse_layers(dataclasses.replace(engine, ffn_margin=margin), cfg, preds, union, batch, 4)
             assert got == want, (margin, batch)
-            decisions.add((batch, got))
-    assert len(decisions) > 5  # the margins changed some decisions
     # a near-tie: union fractions whose predicted cost is 2% under dense's (equal rates, no fixed cost) run
     # sparse without a margin and dense with the default one
     row = cfg.d_model * 4
